@@ -1,0 +1,45 @@
+"""The UDP endpoint as the protocol names it: inner (the host's own socket), outer (its public mapping), peer."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import NamedTuple
+
+
+class Endpoint(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str, default_port: int | None = None) -> Endpoint:
+        """Parse HOST:PORT (or [V6]:PORT); HOST alone when a default port is given."""
+        text = text.strip()
+        if text.startswith("["):
+            host, sep, rest = text[1:].partition("]")
+            if not sep:
+                raise ValueError(f"bad endpoint {text!r}: missing ']'")
+            port_text = rest[1:] if rest.startswith(":") else None
+        elif text.count(":") == 1:
+            host, _, port_text = text.partition(":")
+        else:
+            host, port_text = text, None
+        if not host:
+            raise ValueError(f"bad endpoint {text!r}: no host")
+        if port_text is None:
+            if default_port is None:
+                raise ValueError(f"bad endpoint {text!r}: expected HOST:PORT")
+            return cls(host, default_port)
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(f"bad endpoint {text!r}: port must be 0-65535")
+        return cls(host, int(port_text))
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
