@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Prove that traffic crosses the punched path: bind the inner endpoint, greet the peer, wait for its greeting.
+
+plexus runs it as `hello.py innerip innerport outerip outerport peerip peerport secret`. It prints one JSON line:
+its arguments, what it received and from where; exit 0 when the peer was heard, 1 when not within the deadline.
+Both sides keep greeting a little after hearing the peer, so the peer hears them too.
+"""
+
+import json
+import socket
+import sys
+import time
+
+DEADLINE = 15.0
+INTERVAL = 0.1
+LINGER = 1.0
+
+
+def main() -> int:
+    names = ("innerip", "innerport", "outerip", "outerport", "peerip", "peerport", "secret")
+    if len(sys.argv) != len(names) + 1:
+        print(f"usage: {sys.argv[0]} {' '.join(names)}", file=sys.stderr)
+        return 2
+    args = dict(zip(names, sys.argv[1:], strict=True))
+    peer = (args["peerip"], int(args["peerport"]))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((args["innerip"], int(args["innerport"])))
+    sock.settimeout(INTERVAL)
+    greeting = f"hello from {args['outerip']}:{args['outerport']} secret {args['secret']}".encode()
+    received: str | None = None
+    heard_at = 0.0
+    start = time.monotonic()
+    while time.monotonic() - start < DEADLINE and (received is None or time.monotonic() - heard_at < LINGER):
+        sock.sendto(greeting, peer)
+        try:
+            data, source = sock.recvfrom(2048)
+        except TimeoutError:
+            continue
+        if source == peer and received is None:
+            received, heard_at = data.decode(errors="replace"), time.monotonic()
+    print(json.dumps({"args": args, "received": received}), flush=True)
+    return 0 if received else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
