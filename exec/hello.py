@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Prove that traffic crosses the punched path: bind the inner endpoint, greet the peer, wait for its greeting.
+"""Prove that traffic crosses the punched path: bind the inner endpoint, greet the peer, hear its greeting.
 
-plexus runs it as `hello.py innerip innerport outerip outerport peerip peerport secret`. It prints one JSON line:
-its arguments, what it received and from where; exit 0 when the peer was heard, 1 when not within the deadline.
+plexus runs it as `hello.py innerip innerport outerip outerport peerip peerport secret`. It prints one JSON
+line: its arguments and what it heard from the peer; exit 0 when the peer was heard, 1 when not in time.
 Both sides keep greeting a little after hearing the peer, so the peer hears them too.
 """
 

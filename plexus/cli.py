@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import click
 import typer
 
 from plexus import __version__, launcher, session, stun
@@ -110,7 +109,7 @@ class Options:
     def number(self, name: str, default: float) -> float:
         value = self.get(name)
         try:
-            number = float(value) if value is not None else default
+            number = float(value) if value is not None else float(default)
         except ValueError as error:
             raise UsageError(f"--{name}: expected a number, got {value!r}") from error
         if number <= 0:
@@ -210,7 +209,9 @@ Text = Annotated[str | None, typer.Option()]
 
 @app.command(context_settings={"help_option_names": ["--help", "-h"]})
 def run(
-    accept: Annotated[bool, typer.Option("--accept", help="Serve requests forever (the remote host).")] = False,
+    accept: Annotated[
+        bool, typer.Option("--accept", help="Serve requests forever (the remote host).")
+    ] = False,
     explore_: Annotated[
         bool, typer.Option("--explore", help="Print the NAT's behaviour as STUN shows it, then exit.")
     ] = False,
@@ -234,12 +235,15 @@ def run(
     smime_cert: Annotated[str | None, typer.Option(help="Host's S/MIME certificate.")] = None,
     smime_key: Annotated[str | None, typer.Option(help="Host's S/MIME key.")] = None,
     smime_ca: Annotated[str | None, typer.Option(help="CA to verify the peer's S/MIME certificate.")] = None,
-    punch_hops: Annotated[str | None, typer.Option(help="TTL of the first punch packet [default: 7].")] = None,
+    punch_hops: Annotated[
+        str | None, typer.Option(help="TTL of the first punch packet [default: 7].")
+    ] = None,
     exec_command: Annotated[str | None, typer.Option(help="Command to launch once connected.")] = None,
     exec_args: Annotated[
         str | None,
         typer.Option(
-            help="Its arguments, with %innerip% %innerport% %outerip% %outerport% %peerip% %peerport% %secret%."
+            help="Its arguments, with wildcards %innerip% %innerport% %outerip% %outerport% "
+            "%peerip% %peerport% %secret%."
         ),
     ] = None,
     exec_pwd: Annotated[str | None, typer.Option(help="Its working directory.")] = None,
@@ -274,7 +278,10 @@ def run(
 
 
 OPTION_NAMES = frozenset(
-    name for param in typer.main.get_command(app).params for opt in param.opts if (name := opt[2:]) != "config"
+    name
+    for param in typer.main.get_command(app).params
+    for opt in param.opts
+    if (name := opt[2:]) != "config"
 )
 
 
@@ -282,10 +289,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     command = typer.main.get_command(app)
     try:
         command.main(args=argv, prog_name="plexus", standalone_mode=False)
-    except click.exceptions.UsageError as error:
-        _fail(error.format_message(), ExitCode.USAGE)
-    except click.exceptions.Abort:
+    except typer.Abort:
         _fail("interrupted", ExitCode.ERROR)
+    except typer.TyperException as error:  # typer's own click raises its usage errors as these
+        _fail(error.format_message(), ExitCode.USAGE)
     except PlexusError as error:
         log.debug("failure", exc_info=True)
         _fail(str(error), error.exit_code)

@@ -95,15 +95,29 @@ def start(command: Command, tunnel: Tunnel) -> subprocess.Popen[bytes]:
 
 async def watch(process: subprocess.Popen[bytes], grace: float | None = None) -> int | None:
     """Log the command's exit status; with a grace period, stop watching after it (the command lives on)."""
-    waiter = asyncio.to_thread(process.wait)
     try:
-        status = await (asyncio.wait_for(waiter, grace) if grace is not None else waiter)
+        await asyncio.wait_for(_exited(process), grace)
     except TimeoutError:
         log.info("command (pid %d) is running", process.pid)
         return None
+    status = process.wait()
     level = logging.INFO if status == 0 else logging.WARNING
     log.log(level, "command (pid %d) exited with status %d", process.pid, status)
     return status
+
+
+async def _exited(process: subprocess.Popen[bytes]) -> None:
+    # A pidfd turns readable when the process ends: the loop waits on it, no thread is left blocking in wait()
+    # (a thread would keep asyncio.run from returning while the detached command runs on).
+    loop = asyncio.get_running_loop()
+    pidfd = os.pidfd_open(process.pid)
+    ended = loop.create_future()
+    loop.add_reader(pidfd, lambda: None if ended.done() else ended.set_result(None))
+    try:
+        await ended
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
 
 
 def check_executable(path: str) -> None:
@@ -114,6 +128,7 @@ def check_executable(path: str) -> None:
         if not os.access(path, os.X_OK):
             raise UsageError(f"--exec-command {path} is not executable")
     elif not any(
-        os.access(os.path.join(folder, path), os.X_OK) for folder in os.environ.get("PATH", "").split(os.pathsep)
+        os.access(os.path.join(folder, path), os.X_OK)
+        for folder in os.environ.get("PATH", "").split(os.pathsep)
     ):
         raise UsageError(f"--exec-command {path} is not found in PATH")

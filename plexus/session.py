@@ -74,9 +74,7 @@ async def invite(config: SessionConfig) -> Tunnel:
             response = await mediator.invite(Offer(outer, puzzle), timeout=config.response_timeout)
         tunnel = Tunnel(inner, outer, response.outer, puzzle ^ response.puzzle)
         log.info("peer endpoint %s, punching", tunnel.peer)
-        await puncher.punch(
-            sock, tunnel.peer, tunnel.secret, accept=False, timeout=config.handshake_timeout
-        )
+        await puncher.punch(sock, tunnel.peer, tunnel.secret, accept=False, timeout=config.handshake_timeout)
     process = launcher.start(config.command, tunnel)
     await launcher.watch(process, grace=INVITER_WATCH_SECONDS)
     return tunnel
@@ -115,7 +113,7 @@ async def _answer(config: SessionConfig, mediator: Mediator, invitation: Invitat
         inner, outer = await discover(sock, config.stun_server)
         puzzle = secrets.randbits(64)
         tunnel = Tunnel(inner, outer, invitation.offer.outer, puzzle ^ invitation.offer.puzzle)
-        # The TTL-limited hello goes out before the response, so our NAT is open when the inviter's hellos arrive.
+        # The TTL-limited hello leaves before the response: our NAT is open when the inviter's hellos arrive.
         handshake = asyncio.create_task(
             puncher.punch(
                 sock,

@@ -19,9 +19,17 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 
 def full_options(tmp_path: Path) -> list[str]:
     return [
-        "--host-id=remote", "--peer-id=local", "--stun-server=203.0.113.10", "--stun-client=10.0.1.2:5000",
-        "--email-smtps=203.0.113.10:465", "--email-imaps=203.0.113.10:993", "--email-login=l",
-        "--email-password=p", "--email-from=a@lab.test", "--email-to=b@lab.test", f"--exec-command={sys.executable}",
+        "--host-id=remote",
+        "--peer-id=local",
+        "--stun-server=203.0.113.10",
+        "--stun-client=10.0.1.2:5000",
+        "--email-smtps=203.0.113.10:465",
+        "--email-imaps=203.0.113.10:993",
+        "--email-login=l",
+        "--email-password=p",
+        "--email-from=a@lab.test",
+        "--email-to=b@lab.test",
+        f"--exec-command={sys.executable}",
     ]
 
 
@@ -60,7 +68,8 @@ def test_missing_named_files_and_bad_values_are_usage_errors(
     for extra, message in [
         (["--email-ca=/nonexistent/ca.pem"], "--email-ca /nonexistent/ca.pem: no such file"),
         (["--exec-pwd=/nonexistent"], "no such directory"),
-        (["--punch-hops=0"], "--punch-hops must be a whole number"),
+        (["--punch-hops=2.5"], "--punch-hops must be a whole number"),
+        (["--punch-hops=0"], "--punch-hops must be positive"),
         (["--smime-cert=" + sys.executable], "missing --smime-key, --smime-peer"),
         (["--stun-client=nonsense"], "--stun-client: bad endpoint"),
     ]:
@@ -77,7 +86,10 @@ def test_config_file_uses_the_option_names(tmp_path: Path) -> None:
     )
     values = cli.read_config(path)
     assert values == {
-        "accept": "true", "host-id": "remote", "peer-id": "local", "email-passwd": "se=cret",
+        "accept": "true",
+        "host-id": "remote",
+        "peer-id": "local",
+        "email-passwd": "se=cret",
         "stun-server": "203.0.113.10",
     }
     options = cli.Options({"host_id": "override"}, values)
@@ -95,8 +107,11 @@ def test_config_file_rejects_unknown_names(tmp_path: Path) -> None:
 
 
 def test_session_config_from_a_full_command_line(tmp_path: Path) -> None:
-    options = cli.Options({}, {name.removeprefix("--").split("=")[0]: name.split("=", 1)[1]
-                               for name in full_options(tmp_path)} | {"email-passwd": "p"})
+    options = cli.Options(
+        {},
+        {name.removeprefix("--").split("=")[0]: name.split("=", 1)[1] for name in full_options(tmp_path)}
+        | {"email-passwd": "p"},
+    )
     config = cli.session_config(options)
     assert config.inner == Endpoint("10.0.1.2", 5000)
     assert config.stun_server == Endpoint("203.0.113.10", 3478)

@@ -1,3 +1,4 @@
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -19,7 +20,13 @@ TUNNEL = Tunnel(
 
 def test_default_arguments_follow_plexus_2_2_order() -> None:
     assert launcher.expand_args(None, TUNNEL) == [
-        "10.0.1.2", "5000", "198.51.100.2", "5000", "198.51.100.6", "6000", "18446744073709551615",
+        "10.0.1.2",
+        "5000",
+        "198.51.100.2",
+        "5000",
+        "198.51.100.6",
+        "6000",
+        "18446744073709551615",
     ]
 
 
@@ -34,7 +41,9 @@ def test_unbalanced_quote_is_a_launch_error() -> None:
 
 
 async def test_started_command_gets_arguments_cwd_and_log_file(tmp_path: Path) -> None:
-    script = "import json, os, sys; print(json.dumps([os.getcwd(), os.getsid(0) == os.getpid(), sys.argv[1:]]))"
+    script = (
+        "import json, os, sys; print(json.dumps([os.getcwd(), os.getsid(0) == os.getpid(), sys.argv[1:]]))"
+    )
     log_file = tmp_path / "command.log"
     command = Command(sys.executable, f"-c '{script}' %outerport% %secret%", pwd=tmp_path, log_file=log_file)
     process = launcher.start(command, TUNNEL)
@@ -43,10 +52,11 @@ async def test_started_command_gets_arguments_cwd_and_log_file(tmp_path: Path) -
     assert (cwd, own_session, argv) == (str(tmp_path), True, ["5000", "18446744073709551615"])
 
 
-async def test_watch_with_grace_leaves_a_long_command_running() -> None:
-    process = launcher.start(Command(sys.executable, "-c 'import time; time.sleep(5)'"), TUNNEL)
+def test_watch_with_grace_returns_while_the_command_runs_on() -> None:
+    # asyncio.run, as the inviter uses it: it must not wait for the detached command at shutdown.
+    process = launcher.start(Command(sys.executable, "-c 'import time; time.sleep(30)'"), TUNNEL)
     try:
-        assert await launcher.watch(process, grace=0.1) is None
+        assert asyncio.run(launcher.watch(process, grace=0.1)) is None
         assert process.poll() is None
     finally:
         process.kill()
@@ -63,7 +73,10 @@ def test_check_executable(tmp_path: Path) -> None:
     launcher.check_executable(sys.executable)
     plain = tmp_path / "plain"
     plain.write_text("")
-    for path, reason in [(str(tmp_path / "absent"), "does not exist"), (str(plain), "not executable"),
-                         ("no-such-command-xyz", "not found in PATH")]:
+    for path, reason in [
+        (str(tmp_path / "absent"), "does not exist"),
+        (str(plain), "not executable"),
+        ("no-such-command-xyz", "not found in PATH"),
+    ]:
         with pytest.raises(UsageError, match=reason):
             launcher.check_executable(path)

@@ -1,0 +1,580 @@
+"""STUN client: the outer endpoint of a socket (RFC 5389), the behaviour of the NAT in front of it (RFC 5780).
+
+The protocol logic is sans-I/O: `Transaction` (one binding request with its retransmission schedule),
+`Exchange` (transactions on numbered sockets) and `Discovery` (the RFC 5780 test sequence) are fed datagrams
+and the time and hand back datagrams to send and the time they next want to be woken. `query_outer()` and
+`explore()` are the thin asyncio driver: they run on the caller's socket through loop.sock_sendto /
+sock_recvfrom and leave it open and free of readers, so the puncher goes on with the very same socket and the
+very same NAT mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+from aioice import stun
+
+from plexus.endpoint import Endpoint
+from plexus.errors import StunError
+
+DEFAULT_PORT = 3478
+
+Behaviour = Literal["independent", "address-dependent", "address-and-port-dependent"]
+
+# CHANGE-REQUEST flags (RFC 5780 section 7.2).
+CHANGE_IP = 0x04
+CHANGE_PORT = 0x02
+
+
+class StunParseError(ValueError):
+    """A datagram that is not a well-formed STUN message."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a request is (re)sent and when its transaction gives up, relative to its start.
+
+    RFC 5389 section 7.2.1: RTO doubles after each send, at most `attempts` (Rc) sends. The RTO is capped
+    (as RFC 5389 allows) so that the last sends are not all crowded at the start, and `timeout` bounds the
+    whole transaction.
+    """
+
+    rto: float = 0.2
+    max_rto: float = 1.6
+    attempts: int = 7
+    timeout: float = 9.5
+
+    def send_offsets(self) -> list[float]:
+        offsets: list[float] = []
+        offset, rto = 0.0, self.rto
+        while len(offsets) < self.attempts and offset < self.timeout:
+            offsets.append(offset)
+            offset += rto
+            rto = min(2 * rto, self.max_rto)
+        return offsets
+
+
+# First request to a server: sends at 0, 0.2, 0.6, 1.4, 3.0, 4.6, 6.2 s, gives up at 9.5 s.
+DEFAULT_SCHEDULE = Schedule()
+
+# Follow-up tests (alternate address, filtering, hairpin) talk to a server that has just answered, so a
+# missing answer means a filter, not a slow path: sends at 0, 0.1, 0.3, 0.7 s, verdict at 1.2 s. On a slow
+# path the figures grow with the round-trip time measured by the first request (see probe_schedule).
+PROBE_SCHEDULE = Schedule(rto=0.1, max_rto=0.4, attempts=4, timeout=1.2)
+
+
+def probe_schedule(rtt: float, base: Schedule = PROBE_SCHEDULE) -> Schedule:
+    """The follow-up tests' schedule, stretched so that a long round trip still gets its answers in time."""
+    rto = max(base.rto, 1.5 * rtt)
+    return Schedule(rto=rto, max_rto=max(base.max_rto, 4 * rto), attempts=base.attempts,
+                    timeout=max(base.timeout, 5 * rtt))
+
+
+# Codec ---------------------------------------------------------------------------------------------------
+
+
+def decode(data: bytes) -> stun.Message:
+    """Parse a datagram as a STUN message; raises StunParseError and nothing else."""
+    if len(data) < stun.HEADER_LENGTH or data[0] & 0xC0 or data[4:8] != struct.pack("!I", stun.COOKIE):
+        raise StunParseError("not a STUN message")
+    try:
+        return stun.parse_message(data)
+    except (ValueError, struct.error) as exc:
+        raise StunParseError(f"malformed STUN message: {exc}") from exc
+
+
+def binding_request(change: int = 0, transaction_id: bytes | None = None) -> stun.Message:
+    attributes: dict[str, Any] = {"CHANGE-REQUEST": change} if change else {}
+    return stun.Message(stun.Method.BINDING, stun.Class.REQUEST, transaction_id, attributes)
+
+
+def _address(message: stun.Message, *names: str) -> Endpoint | None:
+    for name in names:
+        value = message.attributes.get(name)
+        if value is not None:
+            return Endpoint(value[0], value[1])
+    return None
+
+
+def mapped_address(message: stun.Message) -> Endpoint | None:
+    """XOR-MAPPED-ADDRESS, or MAPPED-ADDRESS from servers that predate it."""
+    return _address(message, "XOR-MAPPED-ADDRESS", "MAPPED-ADDRESS")
+
+
+def other_address(message: stun.Message) -> Endpoint | None:
+    """The server's alternate address: OTHER-ADDRESS, or CHANGED-ADDRESS from RFC 3489 servers."""
+    return _address(message, "OTHER-ADDRESS", "CHANGED-ADDRESS")
+
+
+# Transactions --------------------------------------------------------------------------------------------
+
+
+class Outcome(enum.StrEnum):
+    PENDING = "pending"
+    ANSWERED = "answered"
+    REFUSED = "refused"  # an error response
+    TIMED_OUT = "timed out"
+    CANCELLED = "cancelled"
+
+
+class Transaction:
+    """One request to `destination`, retransmitted on a schedule until its answer arrives or time runs out.
+
+    A request is answered by a response or error response with its transaction id. An indication has no
+    response: it counts as answered when the indication itself comes back, which is how the hairpin test
+    sees its datagram return through the NAT.
+    """
+
+    def __init__(self, destination: Endpoint, message: stun.Message, now: float,
+                 schedule: Schedule = DEFAULT_SCHEDULE) -> None:
+        self.destination = destination
+        self.message = message
+        self.schedule = schedule
+        self.started = now
+        self.deadline = now + schedule.timeout
+        self.outcome = Outcome.PENDING
+        self.response: stun.Message | None = None
+        self.source: Endpoint | None = None
+        self.answered_at: float | None = None
+        self.sent = 0
+        self._send_times = [now + offset for offset in schedule.send_offsets()]
+        self._data = bytes(message)
+        if message.message_class == stun.Class.INDICATION:
+            self._answers: tuple[stun.Class, ...] = (stun.Class.INDICATION,)
+        else:
+            self._answers = (stun.Class.RESPONSE, stun.Class.ERROR)
+
+    @property
+    def transaction_id(self) -> bytes:
+        return self.message.transaction_id
+
+    @property
+    def pending(self) -> bool:
+        return self.outcome is Outcome.PENDING
+
+    @property
+    def rtt(self) -> float | None:
+        """Round-trip time, known only when the first send was answered (Karn: retransmits are ambiguous)."""
+        if self.answered_at is None or self.sent != 1:
+            return None
+        return self.answered_at - self.started
+
+    @property
+    def mapped(self) -> Endpoint | None:
+        if self.outcome is not Outcome.ANSWERED or self.response is None:
+            return None
+        return mapped_address(self.response)
+
+    def next_time(self) -> float | None:
+        """When poll() next has something to do; None once the transaction is over."""
+        if not self.pending:
+            return None
+        return self._send_times[0] if self._send_times else self.deadline
+
+    def poll(self, now: float) -> bytes | None:
+        """The datagram due at `now`, if any; gives up at the deadline."""
+        if not self.pending:
+            return None
+        if now >= self.deadline:
+            self.outcome = Outcome.TIMED_OUT
+            return None
+        due = [t for t in self._send_times if t <= now]
+        if not due:
+            return None
+        # Sends that fell due together (a late wake-up) go out once: a burst would not help.
+        del self._send_times[: len(due)]
+        self.sent += 1
+        return self._data
+
+    def receive(self, message: stun.Message, source: Endpoint, now: float) -> bool:
+        """Take `message` if it answers this transaction; returns whether it did."""
+        if (not self.pending or message.transaction_id != self.transaction_id
+                or message.message_method != self.message.message_method
+                or message.message_class not in self._answers):
+            return False
+        self.response, self.source, self.answered_at = message, source, now
+        self.outcome = Outcome.REFUSED if message.message_class == stun.Class.ERROR else Outcome.ANSWERED
+        return True
+
+    def cancel(self) -> None:
+        if self.pending:
+            self.outcome = Outcome.CANCELLED
+
+    def describe_failure(self) -> str:
+        """Why the transaction gave no usable answer, for the user."""
+        if self.outcome is Outcome.REFUSED and self.response is not None:
+            code, reason = self.response.attributes.get("ERROR-CODE", ("?", ""))
+            return f"error {code} {reason}".rstrip()
+        if self.outcome is Outcome.ANSWERED and self.mapped is None:
+            return "an answer without a mapped address"
+        return str(self.outcome)
+
+
+class Outgoing(NamedTuple):
+    sock: int  # which of the driver's sockets sends it
+    data: bytes
+    destination: Endpoint
+
+
+class Exchange:
+    """Transactions running at once on a few sockets, numbered as the driver numbers them."""
+
+    def __init__(self) -> None:
+        self._transactions: list[tuple[int, Transaction]] = []
+
+    def start(self, sock: int, transaction: Transaction) -> Transaction:
+        self._transactions.append((sock, transaction))
+        return transaction
+
+    def datagrams_to_send(self, now: float) -> list[Outgoing]:
+        outgoing = []
+        for sock, transaction in self._transactions:
+            data = transaction.poll(now)
+            if data is not None:
+                outgoing.append(Outgoing(sock, data, transaction.destination))
+        return outgoing
+
+    def receive(self, sock: int, data: bytes, source: Endpoint, now: float) -> None:
+        """Hand a datagram to the transaction it answers; anything else (not STUN, foreign ids) is dropped."""
+        try:
+            message = decode(data)
+        except StunParseError:
+            return
+        for owner, transaction in self._transactions:
+            if owner == sock and transaction.receive(message, source, now):
+                return
+
+    def next_timer(self) -> float | None:
+        times = [t for _, tx in self._transactions if (t := tx.next_time()) is not None]
+        return min(times, default=None)
+
+
+# NAT behaviour discovery ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NatReport:
+    """What the STUN tests found out about the NAT in front of the punching socket."""
+
+    inner: Endpoint
+    outer: Endpoint
+    nat: bool
+    mapping: Behaviour | None
+    filtering: Behaviour | None
+    hairpin: bool | None
+
+    @property
+    def port_preserved(self) -> bool:
+        return self.outer.port == self.inner.port
+
+    @property
+    def punchable(self) -> bool | None:
+        """Whether the outer endpoint holds for the peer: None when the server could not test the mapping."""
+        if not self.nat:
+            return True
+        return None if self.mapping is None else self.mapping == "independent"
+
+    def to_json(self) -> dict[str, str | bool | None]:
+        """The report as a JSON object (json.dumps it): the form `plexus --explore --json` prints."""
+        return {
+            "inner": str(self.inner), "outer": str(self.outer), "nat": self.nat,
+            "mapping": self.mapping, "filtering": self.filtering, "hairpin": self.hairpin,
+        }
+
+    def render(self) -> str:
+        """The report for people, one finding a line."""
+        def behaviour(value: Behaviour | None) -> str:
+            return "untested (the STUN server offers no working alternate address)" if value is None \
+                else f"endpoint-{value}" if value == "independent" else value
+
+        verdict = {True: "yes", False: "no: mapping is not endpoint-independent",
+                   None: "unknown: the mapping could not be tested"}[self.punchable]
+        preserved = "port preserved" if self.port_preserved else "port changed"
+        hairpin = "untested" if self.hairpin is None else "yes" if self.hairpin else "no"
+        lines = [
+            f"inner endpoint  {self.inner}",
+            f"outer endpoint  {self.outer}" + (f" ({preserved})" if self.nat else ""),
+            f"NAT             {'yes' if self.nat else 'no'}",
+            f"mapping         {behaviour(self.mapping)}",
+            f"filtering       {behaviour(self.filtering)}",
+            f"hairpin         {hairpin}",
+            f"hole punching   {verdict}",
+        ]
+        return "\n".join(lines)
+
+
+PUNCH, PROBE = 0, 1  # the caller's socket, and the second socket that alone takes unsolicited answers
+
+
+class Discovery(Exchange):
+    """RFC 5780 behaviour discovery as a state machine over two sockets.
+
+    Order matters: the punching socket only ever hears from addresses it has sent to first (primary, then
+    alternate address; a datagram from an address it never contacted, arriving first, can make a Linux NAT
+    pick a new port for it). The filtering tests, whose answers come from addresses never contacted, use the
+    PROBE socket; they run at once, together with the hairpin test, after the mapping tests.
+    """
+
+    def __init__(self, server: Endpoint, now: float, schedule: Schedule = DEFAULT_SCHEDULE,
+                 probe: Schedule = PROBE_SCHEDULE, *, mapping_only: bool = False) -> None:
+        super().__init__()
+        self.server = server
+        self.mapping_only = mapping_only
+        self._probe_base = probe
+        self._probe = probe
+        self.primary = self.start(PUNCH, Transaction(server, binding_request(), now, schedule))
+        self.other: Endpoint | None = None
+        self.mapping: Behaviour | None = None
+        self.filtering: Behaviour | None = None
+        self.hairpin: bool | None = None
+        self._mapping_tests: tuple[Transaction, Transaction] | None = None
+        self._filtering_tests: list[Transaction] = []
+        self._hairpin_test: Transaction | None = None
+        self.done = False
+
+    @property
+    def outer(self) -> Endpoint | None:
+        return self.primary.mapped
+
+    def datagrams_to_send(self, now: float) -> list[Outgoing]:
+        # Polling expires transactions, which may start the next tests: their first sends are due now too.
+        outgoing = super().datagrams_to_send(now)
+        self._advance(now)
+        return outgoing + super().datagrams_to_send(now)
+
+    def receive(self, sock: int, data: bytes, source: Endpoint, now: float) -> None:
+        super().receive(sock, data, source, now)
+        self._advance(now)
+
+    def next_timer(self) -> float | None:
+        return None if self.done else super().next_timer()
+
+    def _advance(self, now: float) -> None:
+        if self.done or self.primary.pending:
+            return
+        if self.outer is None:
+            self.done = True
+            return
+        if self._hairpin_test is None:
+            if self._mapping_tests is None:
+                self._start_mapping_tests(now)
+            else:
+                self._conclude_mapping(now)
+        if self.done or self._hairpin_test is None:
+            return
+        self._conclude_filtering()
+        if not self._hairpin_test.pending:
+            self.hairpin = self._hairpin_test.outcome is Outcome.ANSWERED
+        self.done = self.hairpin is not None and not any(t.pending for t in self._filtering_tests)
+
+    def _start_mapping_tests(self, now: float) -> None:
+        assert self.primary.response is not None
+        rtt = self.primary.rtt if self.primary.rtt is not None else now - self.primary.started
+        self._probe = probe_schedule(rtt, self._probe_base)
+        other = other_address(self.primary.response)
+        if other is None or other.host == self.server.host:
+            # Without a second address the server can test neither mapping nor filtering.
+            self._mapping_concluded(now, filtering=False)
+            return
+        self.other = other
+        self._mapping_tests = (
+            self.start(PUNCH, Transaction(other, binding_request(), now, self._probe)),
+            self.start(PUNCH, Transaction(Endpoint(other.host, self.server.port), binding_request(), now,
+                                          self._probe)),
+        )
+
+    def _conclude_mapping(self, now: float) -> None:
+        assert self._mapping_tests is not None
+        to_alternate, to_alternate_ip = self._mapping_tests
+        if to_alternate.pending:
+            return
+        if to_alternate.mapped == self.outer:
+            to_alternate_ip.cancel()
+            self.mapping = "independent"
+        elif to_alternate_ip.pending:
+            return
+        elif to_alternate.mapped is not None and to_alternate_ip.mapped is not None:
+            self.mapping = "address-dependent" if to_alternate_ip.mapped == to_alternate.mapped \
+                else "address-and-port-dependent"
+        # An alternate address that does not answer leaves mapping and filtering untested.
+        self._mapping_concluded(now, filtering=to_alternate.mapped is not None)
+
+    def _mapping_concluded(self, now: float, filtering: bool) -> None:
+        """Start the filtering and hairpin tests, which run at once, unless only the mapping was asked for."""
+        assert self.outer is not None
+        if self.mapping_only:
+            self.done = True
+            return
+        if filtering:
+            self._filtering_tests = [
+                self.start(PROBE, Transaction(self.server, binding_request(change), now, self._probe))
+                for change in (0, CHANGE_PORT, CHANGE_IP | CHANGE_PORT)]
+        hairpin = stun.Message(stun.Method.BINDING, stun.Class.INDICATION)
+        self._hairpin_test = self.start(PUNCH, Transaction(self.outer, hairpin, now, self._probe))
+
+    def _conclude_filtering(self) -> None:
+        if not self._filtering_tests or self.filtering is not None or self.other is None:
+            return
+        control, port_changed, both_changed = self._filtering_tests
+        if both_changed.mapped is not None and both_changed.source == self.other:
+            port_changed.cancel()
+            control.cancel()
+            self.filtering = "independent"
+            return
+        if any(t.pending for t in self._filtering_tests):
+            return
+        if both_changed.mapped is not None or (port_changed.mapped is not None
+                                               and port_changed.source != Endpoint(self.server.host,
+                                                                                   self.other.port)):
+            return  # the server answered but ignored CHANGE-REQUEST: filtering untested
+        if port_changed.mapped is not None:
+            self.filtering = "address-dependent"
+        elif control.mapped is not None:
+            self.filtering = "address-and-port-dependent"
+
+    def report(self, inner: Endpoint) -> NatReport:
+        """The findings; only once the primary server has given the outer endpoint."""
+        outer = self.outer
+        assert outer is not None
+        return NatReport(inner=inner, outer=outer, nat=outer != inner, mapping=self.mapping,
+                         filtering=self.filtering, hairpin=self.hairpin)
+
+
+# asyncio driver ------------------------------------------------------------------------------------------
+
+
+async def _drive(machine: Exchange, socks: Sequence[socket.socket]) -> None:
+    """Run `machine` on `socks` until it has nothing left to wait for.
+
+    Receives go through loop.sock_recvfrom, whose readers are all removed before returning, so the caller can
+    hand the socket straight to another reader.
+    """
+    loop = asyncio.get_running_loop()
+    reads: dict[asyncio.Task[tuple[bytes, Any]], int] = {}
+    try:
+        while True:
+            for out in machine.datagrams_to_send(loop.time()):
+                try:
+                    await loop.sock_sendto(socks[out.sock], out.data, out.destination)
+                except OSError as exc:
+                    raise StunError(f"cannot send to {out.destination}: {exc.strerror or exc}") from exc
+            timer = machine.next_timer()
+            if timer is None:
+                return
+            for index, sock in enumerate(socks):
+                if index not in reads.values():
+                    reads[asyncio.ensure_future(loop.sock_recvfrom(sock, 2048))] = index
+            done, _ = await asyncio.wait(reads, timeout=max(0.0, timer - loop.time()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = reads.pop(task)
+                try:
+                    data, address = task.result()
+                except OSError:
+                    continue  # e.g. an ICMP error reported on the socket: the schedule covers it
+                machine.receive(index, data, Endpoint(address[0], address[1]), loop.time())
+    finally:
+        for task in reads:
+            task.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+
+
+async def resolve(server: Endpoint) -> Endpoint:
+    """The server's IPv4 endpoint (a hostname is looked up)."""
+    if server.is_ip:
+        return server
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(server.host, server.port, family=socket.AF_INET,
+                                       type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise StunError(f"cannot resolve STUN server {server.host}: {exc.strerror or exc}") from exc
+    host, port = infos[0][4][:2]
+    return Endpoint(str(host), int(port))
+
+
+def _check_socket(sock: socket.socket) -> None:
+    if sock.family != socket.AF_INET or sock.type != socket.SOCK_DGRAM:
+        raise ValueError("the STUN client needs an IPv4 UDP socket")
+    if sock.getblocking():
+        raise ValueError("the STUN client needs a non-blocking socket")
+    if sock.getsockname()[1] == 0:
+        raise ValueError("the STUN client needs a bound socket")
+
+
+def inner_endpoint(sock: socket.socket, toward: Endpoint) -> Endpoint:
+    """The socket's own endpoint; for a wildcard bind, the local address the system uses toward `toward`."""
+    host, port = sock.getsockname()[:2]
+    if host == "0.0.0.0":
+        # Connecting a UDP socket sends nothing: it only picks the route and so the source address.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect((toward.host, toward.port))
+            except OSError as exc:
+                raise StunError(f"no route to STUN server {toward}: {exc.strerror or exc}") from exc
+            host = probe.getsockname()[0]
+    return Endpoint(host, port)
+
+
+async def query_outer(sock: socket.socket, server: Endpoint, *,
+                      schedule: Schedule = DEFAULT_SCHEDULE) -> Endpoint:
+    """The outer endpoint of `sock` as `server` sees it: one binding request on the caller's socket."""
+    _check_socket(sock)
+    address = await resolve(server)
+    exchange = Exchange()
+    transaction = exchange.start(0, Transaction(address, binding_request(), asyncio.get_running_loop().time(),
+                                                schedule))
+    await _drive(exchange, [sock])
+    if transaction.mapped is None:
+        raise StunError(_failure(server, address, transaction))
+    return transaction.mapped
+
+
+def _failure(server: Endpoint, address: Endpoint, transaction: Transaction) -> str:
+    name = str(server) if server == address else f"{server} ({address.host})"
+    if transaction.outcome is Outcome.TIMED_OUT:
+        return f"no answer from STUN server {name} after {transaction.schedule.timeout:g} s"
+    return f"STUN server {name} gave {transaction.describe_failure()}"
+
+
+async def explore(sock: socket.socket, server: Endpoint, *, schedule: Schedule = DEFAULT_SCHEDULE,
+                  probe: Schedule = PROBE_SCHEDULE) -> NatReport:
+    """RFC 5780 discovery for the punching socket `sock`, which stays open and keeps its mapping.
+
+    The filtering tests run on a second socket bound to the same address, created and closed here.
+    """
+    return await _discover(sock, server, schedule, probe, mapping_only=False)
+
+
+async def probe_mapping(sock: socket.socket, server: Endpoint, *, schedule: Schedule = DEFAULT_SCHEDULE,
+                        probe: Schedule = PROBE_SCHEDULE) -> NatReport:
+    """The outer endpoint and the mapping behaviour only (filtering and hairpin None): what a session needs.
+
+    Its answers all come from addresses `sock` has sent to, so it takes about two round trips.
+    """
+    return await _discover(sock, server, schedule, probe, mapping_only=True)
+
+
+async def _discover(sock: socket.socket, server: Endpoint, schedule: Schedule, probe: Schedule, *,
+                    mapping_only: bool) -> NatReport:
+    _check_socket(sock)
+    address = await resolve(server)
+    inner = inner_endpoint(sock, address)
+    now = asyncio.get_running_loop().time()
+    discovery = Discovery(address, now, schedule, probe, mapping_only=mapping_only)
+    if mapping_only:
+        await _drive(discovery, [sock])
+    else:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as second:
+            second.setblocking(False)
+            second.bind((sock.getsockname()[0], 0))
+            await _drive(discovery, [sock, second])
+    if discovery.outer is None:
+        raise StunError(_failure(server, address, discovery.primary))
+    return discovery.report(inner)

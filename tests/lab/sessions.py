@@ -1,0 +1,159 @@
+"""Real plexus processes on the lab's hosts: the demo, the end-to-end tests and the benchmark share this.
+
+Each side is a `python -m plexus` process in its host's namespace, talking to the lab's coturn, SMTP server
+and Dovecot; the launched command is exec/hello.py unless a test says otherwise, and its one JSON line of
+output (the arguments it got, what it heard from the peer) is the proof that traffic crossed both NATs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.lab.lab import Account, Lab
+
+ROOT = Path(__file__).resolve().parents[2]
+HELLO = ROOT / "exec" / "hello.py"
+EXEC_SH = ROOT / "exec" / "exec.sh"
+
+
+@dataclass(frozen=True)
+class Side:
+    host: str  # "a" or "b"
+    account: Account
+    host_id: str
+
+
+@dataclass
+class Plexus:
+    """A running plexus process and the files it writes."""
+
+    side: Side
+    process: subprocess.Popen[str]
+    log_file: Path
+    exec_log: Path
+    started: float = field(default_factory=time.monotonic)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def stderr(self) -> str:
+        assert self.process.stderr is not None
+        return self.process.stderr.read() if self.process.poll() is not None else ""
+
+    def log(self) -> str:
+        return self.log_file.read_text() if self.log_file.exists() else ""
+
+    def hello_results(self) -> list[dict[str, Any]]:
+        """The JSON lines exec/hello.py printed, one per launched command that has finished."""
+        if not self.exec_log.exists():
+            return []
+        return [json.loads(line) for line in self.exec_log.read_text().splitlines() if line.startswith("{")]
+
+    def wait_hello(self, count: int = 1, timeout: float = 30.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            results = self.hello_results()
+            if len(results) >= count:
+                return results
+            time.sleep(0.05)
+        raise AssertionError(
+            f"{self.side.host}: {len(self.hello_results())} of {count} launched commands reported within "
+            f"{timeout} s\nplexus log:\n{self.log()}"
+        )
+
+
+def pair(lab: Lab, *, shared: bool = False) -> tuple[Side, Side]:
+    """An inviter on host a and an acceptor on host b, with ids unique to this call (mail of other runs is
+    never mistaken for ours): two accounts, or one shared mailbox."""
+    tag = uuid.uuid4().hex[:8]
+    accounts = (lab.accounts["shared"],) * 2 if shared else (lab.accounts["local"], lab.accounts["remote"])
+    return Side("a", accounts[0], f"local-{tag}"), Side("b", accounts[1], f"remote-{tag}")
+
+
+def options(lab: Lab, me: Side, peer: Side) -> dict[str, str]:
+    """The options of one side, by plexus 2.2's names."""
+    return {
+        "host-id": me.host_id,
+        "peer-id": peer.host_id,
+        "stun-server": str(Lab.STUN_PRIMARY),
+        "email-smtps": f"{Lab.MAIL_HOST}:{Lab.SMTPS_PORT}",
+        "email-imaps": f"{Lab.MAIL_HOST}:{Lab.IMAPS_PORT}",
+        "email-login": me.account.login,
+        "email-passwd": me.account.password,
+        "email-from": me.account.address,
+        "email-to": peer.account.address,
+        "email-ca": str(lab.ca_file),
+        "exec-command": str(HELLO),
+    }
+
+
+def start(
+    lab: Lab,
+    me: Side,
+    peer: Side,
+    workdir: Path,
+    *,
+    accept: bool,
+    overrides: dict[str, str] | None = None,
+    argv: list[str] | None = None,
+) -> Plexus:
+    """Start plexus on me.host; `argv` replaces the generated options entirely (for --config tests)."""
+    name = f"{me.host}-{'acceptor' if accept else 'inviter'}-{uuid.uuid4().hex[:4]}"
+    log_file, exec_log = workdir / f"{name}.log", workdir / f"{name}.exec.log"
+    if argv is None:
+        values = options(lab, me, peer) | {"log-level": "debug", "log-file": str(log_file)}
+        values |= {"exec-log-file": str(exec_log)} | (overrides or {})
+        argv = [f"--{key}={value}" for key, value in values.items()] + (["--accept"] if accept else [])
+    process = lab.popen(
+        me.host,
+        [sys.executable, "-m", "plexus", *argv],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return Plexus(me, process, log_file, exec_log)
+
+
+def kill_launched(lab: Lab, host: str, name: str) -> None:
+    """Kill the processes called `name` in that host's namespace only (pkill would see every namespace's)."""
+    pids = subprocess.run(
+        ["ip", "netns", "pids", lab.netns(host)], capture_output=True, text=True
+    ).stdout.split()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+                os.kill(int(pid), signal.SIGTERM)
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+
+
+def wait_until_listening(acceptor: Plexus, timeout: float = 20.0) -> None:
+    """The acceptor logs `waiting for requests` once its mailbox watch is in place."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "waiting for requests" in acceptor.log():
+            return
+        if acceptor.process.poll() is not None:
+            raise AssertionError(f"acceptor exited {acceptor.process.returncode}: {acceptor.stderr()}")
+        time.sleep(0.05)
+    raise AssertionError(f"acceptor not listening within {timeout} s\n{acceptor.log()}")

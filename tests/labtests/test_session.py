@@ -1,0 +1,172 @@
+"""plexus end to end: real processes on two NATed lab hosts, real mail and STUN servers, launched commands."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plexus.errors import ExitCode
+from tests.lab import sessions
+from tests.lab.lab import Lab
+from tests.lab.sessions import Plexus, Side
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def running() -> Iterator[list[Plexus]]:
+    """Every plexus a test starts is stopped at its end, whatever happens."""
+    started: list[Plexus] = []
+    yield started
+    for plexus in started:
+        plexus.stop()
+
+
+def connect(
+    lab: Lab, tmp_path: Path, running: list[Plexus], inviter: Side, acceptor_side: Side, **overrides: str
+) -> tuple[Plexus, Plexus]:
+    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True, overrides=overrides)
+    running.append(acceptor)
+    sessions.wait_until_listening(acceptor)
+    invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False, overrides=overrides)
+    running.append(invite)
+    code = invite.wait(90)
+    assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    return invite, acceptor
+
+
+def assert_connected(lab: Lab, inviter: dict[str, Any], acceptor: dict[str, Any]) -> None:
+    """Outer = the own NAT's public endpoint, peer = the other's, one secret, and each heard the other."""
+    a, b = inviter["args"], acceptor["args"]
+    assert (a["innerip"], a["outerip"]) == (lab.inner_ip("a"), lab.public_ip("a"))
+    assert (b["innerip"], b["outerip"]) == (lab.inner_ip("b"), lab.public_ip("b"))
+    assert (a["peerip"], a["peerport"]) == (b["outerip"], b["outerport"])
+    assert (b["peerip"], b["peerport"]) == (a["outerip"], a["outerport"])
+    assert a["secret"] == b["secret"]
+    assert inviter["received"] == f"hello from {b['outerip']}:{b['outerport']} secret {b['secret']}"
+    assert acceptor["received"] == f"hello from {a['outerip']}:{a['outerport']} secret {a['secret']}"
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["two-accounts", "shared-mailbox"])
+def test_inviter_and_acceptor_connect_and_launch(
+    lab: Lab, tmp_path: Path, running: list[Plexus], shared: bool
+) -> None:
+    inviter, acceptor_side = sessions.pair(lab, shared=shared)
+    invite, acceptor = connect(
+        lab, tmp_path, running, inviter, acceptor_side, **{"stun-client": "0.0.0.0:40000"}
+    )
+    assert_connected(lab, invite.wait_hello()[0], acceptor.wait_hello()[0])
+    assert invite.hello_results()[0]["args"]["innerport"] == "40000"
+
+
+def test_one_acceptor_serves_invites_in_a_row_and_at_once(
+    lab: Lab, tmp_path: Path, running: list[Plexus]
+) -> None:
+    inviter, acceptor_side = sessions.pair(lab)
+    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True)
+    running.append(acceptor)
+    sessions.wait_until_listening(acceptor)
+    for round_ in range(2):
+        invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False)
+        running.append(invite)
+        assert invite.wait(90) == 0, invite.stderr()
+        assert_connected(lab, invite.wait_hello()[0], acceptor.wait_hello(round_ + 1)[round_])
+    together = [sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False) for _ in range(2)]
+    running.extend(together)
+    assert [invite.wait(90) for invite in together] == [0, 0], [invite.stderr() for invite in together]
+    results = acceptor.wait_hello(4)
+    ports = {result["args"]["peerport"] for result in results[2:]}
+    assert ports == {invite.wait_hello()[0]["args"]["outerport"] for invite in together}
+    assert all(result["received"] for result in results)
+    assert acceptor.process.poll() is None, "the acceptor loop must go on"
+
+
+def test_symmetric_nat_is_refused_with_its_exit_code(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
+    lab.set_nat("a", "symmetric")
+    inviter, acceptor_side = sessions.pair(lab)
+    invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False)
+    running.append(invite)
+    assert invite.wait(60) == ExitCode.NAT_UNSUITABLE
+    message = invite.stderr()
+    assert message.count("\n") == 1 and "address" in message and "dependent" in message, message
+
+
+def test_wrong_mail_password_has_its_exit_code(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
+    inviter, acceptor_side = sessions.pair(lab)
+    invite = sessions.start(
+        lab, inviter, acceptor_side, tmp_path, accept=False, overrides={"email-passwd": "wrong"}
+    )
+    running.append(invite)
+    assert invite.wait(60) == ExitCode.MAIL_AUTH
+    assert invite.stderr().count("\n") == 1
+
+
+def test_no_acceptor_means_mail_timeout(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
+    inviter, acceptor_side = sessions.pair(lab)
+    invite = sessions.start(
+        lab, inviter, acceptor_side, tmp_path, accept=False, overrides={"response-timeout": "3"}
+    )
+    running.append(invite)
+    assert invite.wait(60) == ExitCode.MAIL_TIMEOUT
+    assert "response" in invite.stderr()
+
+
+def test_config_file_replaces_the_command_line(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
+    inviter, acceptor_side = sessions.pair(lab)
+    config = tmp_path / "acceptor.conf"
+    values = sessions.options(lab, acceptor_side, inviter) | {
+        "exec-log-file": str(tmp_path / "config.exec.log"),
+        "log-file": str(tmp_path / "config.log"),
+    }
+    config.write_text(
+        "# the acceptor, all from a file\naccept = true\n"
+        + "".join(f"{name} = {value}\n" for name, value in values.items())
+    )
+    config.chmod(0o600)
+    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True, argv=[f"--config={config}"])
+    acceptor.log_file, acceptor.exec_log = tmp_path / "config.log", tmp_path / "config.exec.log"
+    running.append(acceptor)
+    sessions.wait_until_listening(acceptor)
+    invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False)
+    running.append(invite)
+    assert invite.wait(90) == 0, invite.stderr()
+    assert_connected(lab, invite.wait_hello()[0], acceptor.wait_hello()[0])
+
+
+def tunnel_peer(lab: Lab, host: str) -> str | None:
+    """The far tunnel address once OpenVPN has configured tun0 (`inet 10.255.0.1 peer 10.255.0.2/32`)."""
+    match = re.search(
+        r"peer (\S+)/", lab.exec(host, ["ip", "-4", "-o", "addr", "show", "dev", "tun0"]).stdout
+    )
+    return match.group(1) if match else None
+
+
+def test_exec_sh_brings_up_openvpn_and_a_ping_crosses(
+    lab: Lab, tmp_path: Path, running: list[Plexus]
+) -> None:
+    inviter, acceptor_side = sessions.pair(lab)
+    invite, acceptor = connect(
+        lab, tmp_path, running, inviter, acceptor_side, **{"exec-command": str(sessions.EXEC_SH)}
+    )
+    try:
+        deadline = time.monotonic() + 30
+        ping = None
+        while time.monotonic() < deadline and (ping is None or ping.returncode != 0):
+            far = tunnel_peer(lab, "a")
+            if far and tunnel_peer(lab, "b"):
+                ping = lab.exec("a", ["ping", "-c", "3", "-i", "0.2", "-W", "2", far])
+            else:
+                time.sleep(0.2)
+        assert ping is not None and ping.returncode == 0, (
+            f"no ping across the tunnel\ninviter openvpn:\n{invite.exec_log.read_text()}\n"
+            f"acceptor openvpn:\n{acceptor.exec_log.read_text() if acceptor.exec_log.exists() else ''}"
+        )
+        assert " 0% packet loss" in ping.stdout
+    finally:
+        for host in ("a", "b"):
+            sessions.kill_launched(lab, host, "openvpn")

@@ -1,0 +1,553 @@
+"""STUN client: codec, transaction schedule, RFC 5780 classification, and the asyncio driver on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import socket
+import struct
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from typing import Any
+
+import pytest
+from aioice import stun as codec
+from hypothesis import given
+from hypothesis import strategies as st
+
+from plexus.endpoint import Endpoint
+from plexus.errors import StunError
+from plexus.stun import (
+    CHANGE_IP,
+    CHANGE_PORT,
+    DEFAULT_SCHEDULE,
+    PROBE_SCHEDULE,
+    Behaviour,
+    Discovery,
+    NatReport,
+    Outcome,
+    Schedule,
+    StunParseError,
+    Transaction,
+    binding_request,
+    decode,
+    explore,
+    mapped_address,
+    other_address,
+    probe_mapping,
+    probe_schedule,
+    query_outer,
+)
+
+BEHAVIOURS: list[Behaviour] = ["independent", "address-dependent", "address-and-port-dependent"]
+
+
+def response(request: codec.Message, **attributes: Any) -> codec.Message:
+    return codec.Message(codec.Method.BINDING, codec.Class.RESPONSE, request.transaction_id,
+                         {name.replace("_", "-"): value for name, value in attributes.items()})
+
+
+# Codec ---------------------------------------------------------------------------------------------------
+
+
+def test_binding_request_round_trip_with_change_request() -> None:
+    request = binding_request(CHANGE_IP | CHANGE_PORT)
+    parsed = decode(bytes(request))
+    assert parsed.message_method == codec.Method.BINDING
+    assert parsed.message_class == codec.Class.REQUEST
+    assert parsed.transaction_id == request.transaction_id
+    assert parsed.attributes == {"CHANGE-REQUEST": 0x06}
+
+
+def test_plain_binding_request_carries_no_attribute() -> None:
+    assert len(bytes(binding_request())) == codec.HEADER_LENGTH
+
+
+def test_response_round_trip_reads_rfc5780_attributes() -> None:
+    message = response(binding_request(), XOR_MAPPED_ADDRESS=("198.51.100.2", 40000),
+                       OTHER_ADDRESS=("203.0.113.11", 3479), RESPONSE_ORIGIN=("203.0.113.10", 3478))
+    parsed = decode(bytes(message))
+    assert mapped_address(parsed) == Endpoint("198.51.100.2", 40000)
+    assert other_address(parsed) == Endpoint("203.0.113.11", 3479)
+    assert parsed.attributes["RESPONSE-ORIGIN"] == ("203.0.113.10", 3478)
+
+
+def test_rfc3489_attributes_are_the_fallback() -> None:
+    message = response(binding_request(), MAPPED_ADDRESS=("198.51.100.2", 1),
+                       CHANGED_ADDRESS=("203.0.113.11", 2))
+    parsed = decode(bytes(message))
+    assert mapped_address(parsed) == Endpoint("198.51.100.2", 1)
+    assert other_address(parsed) == Endpoint("203.0.113.11", 2)
+
+
+def test_xor_mapped_address_wins_over_mapped_address() -> None:
+    message = response(binding_request(), MAPPED_ADDRESS=("10.0.0.1", 1),
+                       XOR_MAPPED_ADDRESS=("198.51.100.2", 2))
+    assert mapped_address(decode(bytes(message))) == Endpoint("198.51.100.2", 2)
+
+
+@pytest.mark.parametrize("data", [b"", b"hello", bytes(19), b"\xc0" + bytes(19), bytes(20),
+                                  b"\x00\x01\x00\x04\x21\x12\xa4\x42" + bytes(12)])
+def test_non_stun_datagrams_are_a_parse_error(data: bytes) -> None:
+    with pytest.raises(StunParseError):
+        decode(data)
+
+
+@given(st.binary(max_size=120))
+def test_any_bytes_parse_or_raise_stun_parse_error(data: bytes) -> None:
+    with suppress(StunParseError):
+        decode(data)
+
+
+known_types = st.sampled_from([t for t, *_ in codec.ATTRIBUTES] + [0x7777])
+
+
+@st.composite
+def stun_like(draw: st.DrawFn) -> bytes:
+    """A valid header over random attributes, so the fuzzing reaches the attribute decoders."""
+    body = b""
+    for attr_type, value in draw(st.lists(st.tuples(known_types, st.binary(max_size=24)), max_size=5)):
+        body += struct.pack("!HH", attr_type, len(value)) + value + bytes(-len(value) % 4)
+    message_type = draw(st.integers(0, 0x3FFF))
+    transaction_id = draw(st.binary(min_size=12, max_size=12))
+    return struct.pack("!HHI", message_type, len(body), codec.COOKIE) + transaction_id + body
+
+
+@given(stun_like())
+def test_structured_garbage_parses_or_raises_stun_parse_error(data: bytes) -> None:
+    with suppress(StunParseError):
+        decode(data)
+
+
+# Transaction schedule ------------------------------------------------------------------------------------
+
+
+def run_until_done(transaction: Transaction) -> list[float]:
+    sends = []
+    while (now := transaction.next_time()) is not None:
+        if transaction.poll(now) is not None:
+            sends.append(now)
+    return sends
+
+
+def test_default_schedule_doubles_rto_from_200ms_with_a_cap_and_gives_up_at_9_5_s() -> None:
+    transaction = Transaction(Endpoint("192.0.2.1", 3478), binding_request(), 100.0)
+    sends = run_until_done(transaction)
+    assert [round(t - 100, 3) for t in sends] == [0, 0.2, 0.6, 1.4, 3.0, 4.6, 6.2]
+    assert transaction.outcome is Outcome.TIMED_OUT
+    assert transaction.deadline == 100 + DEFAULT_SCHEDULE.timeout == 109.5
+
+
+def test_probe_schedule_stays_short_and_grows_with_the_round_trip() -> None:
+    assert PROBE_SCHEDULE.send_offsets() == pytest.approx([0, 0.1, 0.3, 0.7])
+    assert PROBE_SCHEDULE.timeout == 1.2
+    assert probe_schedule(0.001) == PROBE_SCHEDULE
+    slow = probe_schedule(0.5)
+    assert slow.timeout == 2.5 and slow.send_offsets()[1] == 0.75
+
+
+def test_schedule_never_sends_after_the_timeout() -> None:
+    assert Schedule(rto=1, max_rto=1, attempts=10, timeout=3).send_offsets() == [0, 1, 2]
+
+
+def test_late_wakeup_sends_once_not_a_burst() -> None:
+    transaction = Transaction(Endpoint("192.0.2.1", 3478), binding_request(), 0.0)
+    assert transaction.poll(0.0) is not None
+    assert transaction.poll(1.5) is not None  # 0.2, 0.6 and 1.4 were all due
+    assert transaction.poll(1.5) is None
+    assert transaction.next_time() == pytest.approx(3.0)
+
+
+def test_answer_stops_retransmission_and_foreign_ids_are_ignored() -> None:
+    request = binding_request()
+    transaction = Transaction(Endpoint("192.0.2.1", 3478), request, 0.0)
+    transaction.poll(0.0)
+    stranger = response(binding_request(), XOR_MAPPED_ADDRESS=("192.0.2.99", 9))
+    source = Endpoint("192.0.2.1", 3478)
+    assert not transaction.receive(decode(bytes(stranger)), source, 0.05)
+    assert not transaction.receive(request, source, 0.05)  # a request is not an answer
+    answer = response(request, XOR_MAPPED_ADDRESS=("198.51.100.2", 4000))
+    assert transaction.receive(decode(bytes(answer)), source, 0.05)
+    assert transaction.mapped == Endpoint("198.51.100.2", 4000)
+    assert transaction.rtt == pytest.approx(0.05)
+    assert transaction.next_time() is None and transaction.poll(0.2) is None
+
+
+def test_rtt_is_unknown_after_a_retransmission() -> None:
+    request = binding_request()
+    transaction = Transaction(Endpoint("192.0.2.1", 3478), request, 0.0)
+    transaction.poll(0.0)
+    transaction.poll(0.2)
+    answer = response(request, XOR_MAPPED_ADDRESS=("198.51.100.2", 1))
+    transaction.receive(answer, Endpoint("192.0.2.1", 3478), 0.3)
+    assert transaction.rtt is None
+
+
+def test_error_response_refuses_the_transaction() -> None:
+    request = binding_request()
+    transaction = Transaction(Endpoint("192.0.2.1", 3478), request, 0.0)
+    error = codec.Message(codec.Method.BINDING, codec.Class.ERROR, request.transaction_id,
+                          {"ERROR-CODE": (420, "Unknown Attribute")})
+    assert transaction.receive(decode(bytes(error)), Endpoint("192.0.2.1", 3478), 0.1)
+    assert transaction.outcome is Outcome.REFUSED
+    assert transaction.describe_failure() == "error 420 Unknown Attribute"
+
+
+# Discovery against a simulated NAT and RFC 5780 server ---------------------------------------------------
+
+PRIMARY = Endpoint("203.0.113.10", 3478)
+ALTERNATE = Endpoint("203.0.113.11", 3479)
+PUBLIC_IP = "198.51.100.2"
+INNER = [Endpoint("10.0.1.2", 5000), Endpoint("10.0.1.2", 5001)]
+
+
+class SimulatedNetwork:
+    """A NAT of the given behaviours in front of two sockets, and an RFC 5780 server beyond it."""
+
+    def __init__(self, mapping: Behaviour | None, filtering: Behaviour = "independent", hairpin: bool = False,
+                 *, alternate: bool = True, alternate_answers: bool = True,
+                 honours_change: bool = True) -> None:
+        self.mapping, self.filtering, self.hairpin = mapping, filtering, hairpin
+        self.alternate, self.alternate_answers = alternate, alternate_answers
+        self.honours_change = honours_change
+        self.ports: dict[tuple[Any, ...], int] = {}
+        self.owner: dict[Endpoint, int] = {}
+        self.contacted: dict[Endpoint, set[Endpoint]] = defaultdict(set)
+
+    def outbound(self, sock: int, destination: Endpoint) -> Endpoint:
+        inner = INNER[sock]
+        if self.mapping is None:
+            public = inner
+        else:
+            key: tuple[Any, ...] = {"independent": (inner,), "address-dependent": (inner, destination.host),
+                                    "address-and-port-dependent": (inner, destination)}[self.mapping]
+            # The first mapping keeps the inner port, as Linux does when it is free.
+            port = self.ports.setdefault(key, inner.port if not self.ports else 40000 + len(self.ports))
+            public = Endpoint(PUBLIC_IP, port)
+        self.owner[public] = sock
+        self.contacted[public].add(destination)
+        return public
+
+    def inbound(self, source: Endpoint, public: Endpoint) -> int | None:
+        if public not in self.owner:
+            return None
+        contacted = self.contacted[public]
+        same_host = any(c.host == source.host for c in contacted)
+        allowed = (self.mapping is None or self.filtering == "independent"
+                   or (self.filtering == "address-dependent" and same_host) or source in contacted)
+        return self.owner[public] if allowed else None
+
+    def server(self, request: codec.Message, public: Endpoint,
+               destination: Endpoint) -> tuple[Endpoint, bytes]:
+        change = request.attributes.get("CHANGE-REQUEST", 0) if self.honours_change else 0
+        host = destination.host
+        if change & CHANGE_IP:
+            host = ALTERNATE.host if host == PRIMARY.host else PRIMARY.host
+        port = destination.port
+        if change & CHANGE_PORT:
+            port = ALTERNATE.port if port == PRIMARY.port else PRIMARY.port
+        attributes: dict[str, Any] = {"XOR-MAPPED-ADDRESS": tuple(public)}
+        if self.alternate:
+            attributes["OTHER-ADDRESS"] = tuple(ALTERNATE)
+        answer = codec.Message(codec.Method.BINDING, codec.Class.RESPONSE, request.transaction_id, attributes)
+        return Endpoint(host, port), bytes(answer)
+
+    def deliver(self, sock: int, data: bytes, destination: Endpoint) -> list[tuple[int, bytes, Endpoint]]:
+        public = self.outbound(sock, destination)
+        if destination.host in (PUBLIC_IP, INNER[0].host):
+            target = self.owner.get(destination) if self.hairpin or self.mapping is None else None
+            return [] if target is None else [(target, data, public)]
+        if destination.host != PRIMARY.host and not (self.alternate and self.alternate_answers):
+            return []
+        source, answer = self.server(decode(data), public, destination)
+        target = self.inbound(source, public)
+        return [] if target is None else [(target, answer, source)]
+
+
+def discover(network: SimulatedNetwork, mapping_only: bool = False) -> tuple[NatReport, float]:
+    """Run Discovery to its end against the network (20 ms round trip); returns the report and the time."""
+    now = 0.0
+    discovery = Discovery(PRIMARY, now, mapping_only=mapping_only)
+    in_flight: list[tuple[float, int, bytes, Endpoint]] = []
+    while True:
+        for out in discovery.datagrams_to_send(now):
+            arrivals = network.deliver(out.sock, out.data, out.destination)
+            in_flight += [(now + 0.02, *arrival) for arrival in arrivals]
+        timer = discovery.next_timer()
+        if timer is None:
+            break
+        in_flight.sort(key=lambda item: item[0])
+        if in_flight and in_flight[0][0] <= timer:
+            now, sock, data, source = in_flight.pop(0)
+            discovery.receive(sock, data, source, now)
+        else:
+            now = timer
+    return discovery.report(INNER[0]), now
+
+
+@pytest.mark.parametrize(("mapping", "filtering", "hairpin"),
+                         list(itertools.product(BEHAVIOURS, BEHAVIOURS, [False, True])))
+def test_every_nat_behaviour_is_classified(mapping: Behaviour, filtering: Behaviour, hairpin: bool) -> None:
+    report, elapsed = discover(SimulatedNetwork(mapping, filtering, hairpin))
+    assert (report.mapping, report.filtering, report.hairpin) == (mapping, filtering, hairpin)
+    assert report.nat and report.outer == Endpoint(PUBLIC_IP, INNER[0].port)
+    assert report.punchable is (mapping == "independent")
+    assert elapsed < 0.05 + PROBE_SCHEDULE.timeout + 0.05  # the probes of the last stage run at once
+
+
+@pytest.mark.parametrize("mapping", BEHAVIOURS)
+def test_mapping_only_takes_two_round_trips(mapping: Behaviour) -> None:
+    report, elapsed = discover(SimulatedNetwork(mapping, "address-and-port-dependent"), mapping_only=True)
+    assert (report.mapping, report.filtering, report.hairpin) == (mapping, None, None)
+    assert elapsed == pytest.approx(0.04)
+
+
+def test_no_nat() -> None:
+    report, _ = discover(SimulatedNetwork(None))
+    assert report == NatReport(INNER[0], INNER[0], nat=False, mapping="independent", filtering="independent",
+                               hairpin=True)
+    assert report.punchable
+
+
+def test_server_without_alternate_address_still_gives_the_outer_endpoint() -> None:
+    report, _ = discover(SimulatedNetwork("independent", alternate=False, hairpin=True))
+    assert report.outer == Endpoint(PUBLIC_IP, INNER[0].port)
+    assert (report.mapping, report.filtering, report.hairpin) == (None, None, True)
+    assert report.punchable is None
+
+
+def test_silent_alternate_address_leaves_behaviour_untested() -> None:
+    report, elapsed = discover(SimulatedNetwork("independent", alternate_answers=False))
+    assert (report.mapping, report.filtering) == (None, None)
+    assert elapsed < 2 * PROBE_SCHEDULE.timeout + 0.1
+
+
+def test_server_ignoring_change_request_leaves_filtering_untested() -> None:
+    report, _ = discover(SimulatedNetwork("independent", "address-and-port-dependent", honours_change=False))
+    assert (report.mapping, report.filtering) == ("independent", None)
+
+
+def test_filtering_tests_never_run_on_the_punching_socket() -> None:
+    network = SimulatedNetwork("independent", "independent")
+    sent: list[tuple[int, Endpoint, int]] = []
+    original = network.deliver
+
+    def spy(sock: int, data: bytes, destination: Endpoint) -> list[tuple[int, bytes, Endpoint]]:
+        sent.append((sock, destination, decode(data).attributes.get("CHANGE-REQUEST", 0)))
+        return original(sock, data, destination)
+
+    network.deliver = spy  # type: ignore[method-assign]
+    discover(network)
+    assert all(change == 0 for sock, _, change in sent if sock == 0)
+    assert {change for sock, _, change in sent if sock == 1} == {0, CHANGE_PORT, CHANGE_IP | CHANGE_PORT}
+    assert [d for s, d, _ in sent if s == 0][:2] == [PRIMARY, ALTERNATE]
+
+
+def test_silent_primary_fails_at_the_bound() -> None:
+    discovery = Discovery(PRIMARY, 0.0)
+    now = 0.0
+    while (timer := discovery.next_timer()) is not None:
+        discovery.datagrams_to_send(now)
+        now = timer
+    assert discovery.outer is None and discovery.primary.outcome is Outcome.TIMED_OUT and now == 9.5
+
+
+def test_report_json_and_text() -> None:
+    report = NatReport(Endpoint("10.0.1.2", 5000), Endpoint("198.51.100.2", 5000), True, "independent",
+                       "address-and-port-dependent", False)
+    assert json.dumps(report.to_json()) == (
+        '{"inner": "10.0.1.2:5000", "outer": "198.51.100.2:5000", "nat": true, "mapping": "independent", '
+        '"filtering": "address-and-port-dependent", "hairpin": false}')
+    text = report.render()
+    assert "198.51.100.2:5000 (port preserved)" in text and "endpoint-independent" in text
+    untested = NatReport(Endpoint("10.0.1.2", 5000), Endpoint("198.51.100.2", 1), True, None, None, None)
+    assert untested.to_json()["mapping"] is None
+    assert "untested" in untested.render() and "unknown" in untested.render()
+
+
+# asyncio driver against a fake server on loopback --------------------------------------------------------
+
+
+class FakeStunServer:
+    """An RFC 5780 server on 127.0.0.1 and 127.0.0.2, each at a primary and an alternate port."""
+
+    def __init__(self, *, alternate: bool = True, silent: bool = False, noise: bool = False,
+                 error: tuple[int, str] | None = None) -> None:
+        self.alternate, self.silent, self.noise, self.error = alternate, silent, noise, error
+        self.socks: dict[Endpoint, socket.socket] = {}
+        self.requests = 0
+
+    @property
+    def primary(self) -> Endpoint:
+        return next(iter(self.socks))
+
+    @property
+    def other(self) -> Endpoint:
+        return list(self.socks)[3]
+
+    def bind(self) -> None:
+        while not self.socks:
+            ports = []
+            for _ in range(2):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    ports.append(probe.getsockname()[1])
+            try:
+                for host, port in itertools.product(["127.0.0.1", "127.0.0.2"], ports):
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    self.socks[Endpoint(host, port)] = sock
+                    sock.bind((host, port))
+                    sock.setblocking(False)
+            except OSError:
+                self.close()
+
+    def close(self) -> None:
+        for sock in self.socks.values():
+            sock.close()
+        self.socks.clear()
+
+    def answer(self, local: Endpoint) -> None:
+        data, address = self.socks[local].recvfrom(2048)
+        client = Endpoint(*address)
+        request = decode(data)
+        self.requests += 1
+        if self.silent or request.message_class != codec.Class.REQUEST:
+            return
+        hosts, ports = sorted({e.host for e in self.socks}), sorted({e.port for e in self.socks})
+        change = request.attributes.get("CHANGE-REQUEST", 0)
+        host = hosts[1 - hosts.index(local.host)] if change & CHANGE_IP else local.host
+        port = ports[1 - ports.index(local.port)] if change & CHANGE_PORT else local.port
+        attributes: dict[str, Any] = {"XOR-MAPPED-ADDRESS": tuple(client)}
+        if self.alternate:
+            attributes["OTHER-ADDRESS"] = tuple(self.other)
+        klass = codec.Class.RESPONSE
+        if self.error:
+            klass, attributes = codec.Class.ERROR, {"ERROR-CODE": self.error}
+        sender = self.socks[Endpoint(host, port)]
+        if self.noise:
+            sender.sendto(b"\x00\x01not stun at all", address)
+            stranger = codec.Message(codec.Method.BINDING, codec.Class.RESPONSE, None,
+                                     {"XOR-MAPPED-ADDRESS": ("192.0.2.66", 6666)})
+            sender.sendto(bytes(stranger), address)
+        sender.sendto(bytes(codec.Message(codec.Method.BINDING, klass, request.transaction_id, attributes)),
+                      address)
+
+
+@asynccontextmanager
+async def fake_server(**options: Any) -> AsyncIterator[FakeStunServer]:
+    server = FakeStunServer(**options)
+    server.bind()
+    loop = asyncio.get_running_loop()
+    for local, sock in server.socks.items():
+        loop.add_reader(sock.fileno(), server.answer, local)
+    try:
+        yield server
+    finally:
+        for sock in server.socks.values():
+            loop.remove_reader(sock.fileno())
+        server.close()
+
+
+@contextmanager
+def client_socket(host: str = "127.0.0.1") -> Iterator[socket.socket]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        sock.setblocking(False)
+        yield sock
+
+
+async def test_query_outer_on_the_callers_socket_leaves_it_open_and_free() -> None:
+    async with fake_server() as server:
+        with client_socket() as sock:
+            assert await query_outer(sock, server.primary) == Endpoint(*sock.getsockname())
+            loop = asyncio.get_running_loop()
+            assert not loop.remove_reader(sock.fileno())  # no reader left behind
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+                peer.sendto(b"punch", sock.getsockname())
+                data, _ = await asyncio.wait_for(loop.sock_recvfrom(sock, 100), 2)
+            assert data == b"punch"
+
+
+async def test_query_outer_skips_garbage_and_foreign_transactions() -> None:
+    async with fake_server(noise=True) as server:
+        with client_socket() as sock:
+            assert await query_outer(sock, server.primary) == Endpoint(*sock.getsockname())
+
+
+async def test_query_outer_resolves_a_hostname() -> None:
+    async with fake_server() as server:
+        with client_socket() as sock:
+            outer = await query_outer(sock, Endpoint("localhost", server.primary.port))
+            assert outer == Endpoint(*sock.getsockname())
+
+
+async def test_silent_server_gives_stun_error_within_the_bound() -> None:
+    schedule = Schedule(rto=0.05, max_rto=0.2, attempts=7, timeout=0.6)
+    async with fake_server(silent=True) as server:
+        with client_socket() as sock:
+            start = time.monotonic()
+            with pytest.raises(StunError) as raised:
+                await query_outer(sock, server.primary, schedule=schedule)
+            elapsed = time.monotonic() - start
+            assert str(raised.value) == f"no answer from STUN server {server.primary} after 0.6 s"
+            assert 0.55 < elapsed < 1.5
+            assert server.requests == len(schedule.send_offsets())
+            with pytest.raises(StunError, match=r"after 0\.6 s"):
+                await explore(sock, server.primary, schedule=schedule)
+            assert sock.fileno() != -1
+
+
+async def test_error_response_is_a_stun_error() -> None:
+    async with fake_server(error=(400, "Bad Request")) as server:
+        expected = r"STUN server 127\.0\.0\.1:\d+ gave error 400 Bad Request"
+        with client_socket() as sock, pytest.raises(StunError, match=expected):
+            await query_outer(sock, server.primary)
+
+
+async def test_unresolvable_server_is_a_stun_error() -> None:
+    with client_socket() as sock, pytest.raises(StunError, match="cannot resolve STUN server"):
+        await query_outer(sock, Endpoint("no-such-host.invalid", 3478))
+
+
+async def test_explore_on_loopback_sees_no_nat() -> None:
+    async with fake_server(noise=True) as server:
+        with client_socket() as sock:
+            report = await explore(sock, server.primary)
+            own = Endpoint(*sock.getsockname())
+            assert report == NatReport(own, own, nat=False, mapping="independent", filtering="independent",
+                                       hairpin=True)
+            assert sock.fileno() != -1
+
+
+async def test_explore_on_a_wildcard_socket_finds_the_inner_address() -> None:
+    async with fake_server() as server:
+        with client_socket("0.0.0.0") as sock:
+            report = await explore(sock, server.primary)
+            assert report.inner == Endpoint("127.0.0.1", sock.getsockname()[1])
+            assert not report.nat
+
+
+async def test_probe_mapping_uses_only_the_callers_socket() -> None:
+    async with fake_server() as server:
+        with client_socket() as sock:
+            report = await probe_mapping(sock, server.primary)
+            assert (report.nat, report.mapping, report.filtering, report.hairpin) == (
+                False, "independent", None, None)
+            assert server.requests == 3
+
+
+async def test_explore_without_alternate_address() -> None:
+    async with fake_server(alternate=False) as server:
+        with client_socket() as sock:
+            report = await explore(sock, server.primary)
+            assert (report.nat, report.mapping, report.filtering) == (False, None, None)
+
+
+async def test_blocking_socket_is_refused() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        with pytest.raises(ValueError, match="non-blocking"):
+            await query_outer(sock, Endpoint("127.0.0.1", 3478))
