@@ -188,6 +188,9 @@ def setup_logging(options: Options) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LOG_LEVELS[level_name])
+    # aioimaplib reports every untagged line it skips at INFO: that is protocol chatter, shown only at trace.
+    chatter = LOG_LEVELS["trace"] if level_name == "trace" else max(LOG_LEVELS[level_name], logging.WARNING)
+    logging.getLogger("aioimaplib").setLevel(chatter)
 
 
 async def explore(options: Options, as_json: bool) -> None:
