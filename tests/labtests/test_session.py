@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
+from plexus import cli
+from plexus.endpoint import Endpoint
 from plexus.errors import ExitCode
+from plexus.mediator import Mediator, Offer
 from tests.lab import sessions
 from tests.lab.lab import Lab
 from tests.lab.sessions import Plexus, Side
@@ -170,3 +173,31 @@ def test_exec_sh_brings_up_openvpn_and_a_ping_crosses(
     finally:
         for host in ("a", "b"):
             sessions.kill_launched(lab, host, "openvpn")
+
+
+async def test_a_failing_session_never_stops_the_acceptor(
+    lab: Lab, tmp_path: Path, running: list[Plexus]
+) -> None:
+    inviter, acceptor_side = sessions.pair(lab)
+    acceptor = sessions.start(
+        lab, acceptor_side, inviter, tmp_path, accept=True, overrides={"handshake-timeout": "2"}
+    )
+    running.append(acceptor)
+    sessions.wait_until_listening(acceptor)
+    # A request naming an endpoint where nobody answers: the acceptor responds, then its handshake times out.
+    mail = cli.mail_config(cli.Options({}, sessions.options(lab, inviter, acceptor_side)))
+    dead_end = Endpoint(lab.public_ip("a"), 9)
+
+    async def forged_invite() -> Offer:
+        async with Mediator(mail) as mediator:
+            return await mediator.invite(Offer(dead_end, 1234), timeout=30)
+
+    await lab.call("a", forged_invite)
+    deadline = time.monotonic() + 15
+    while f"session with {dead_end} failed" not in acceptor.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert f"session with {dead_end} failed: no handshake" in acceptor.log()
+    invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False)
+    running.append(invite)
+    assert invite.wait(90) == 0, invite.stderr()
+    assert_connected(lab, invite.wait_hello()[0], acceptor.wait_hello()[0])
