@@ -34,8 +34,10 @@ def session(lab: Lab, workdir: Path, nat: str) -> bool:
         started = time.monotonic()
         invite = sessions.start(lab, inviter, acceptor_side, workdir, accept=False)
         code = invite.wait(120)
-        print(f"== host a ({lab.inner_ip('a')} behind {nat} NAT {lab.public_ip('a')}): plexus exited {code} "
-              f"after {time.monotonic() - started:.2f} s")
+        print(
+            f"== host a ({lab.inner_ip('a')} behind {nat} NAT {lab.public_ip('a')}): plexus exited {code} "
+            f"after {time.monotonic() - started:.2f} s"
+        )
         show("host a: plexus log", _info(invite.log()))
         show("host b: plexus log", _info(acceptor.log()))
         if code != 0:

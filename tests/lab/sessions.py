@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.lab.lab import Account, Lab
+from tests.lab.lab import Account, Lab, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = ROOT / "exec" / "hello.py"
@@ -46,13 +46,7 @@ class Plexus:
         return self.process.wait(timeout)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def stderr(self) -> str:
         assert self.process.stderr is not None

@@ -1,0 +1,676 @@
+"""The NAT lab: two hosts behind Linux NAT routers, an "internet" router, and a server namespace (pub).
+
+    a (10.0.1.2) -- nat-a (WAN 198.51.100.2) -- inet -- nat-b (WAN 198.51.100.6) -- b (10.0.2.2)
+                                                  |
+                                    pub (203.0.113.10, 203.0.113.11): coturn STUN, SMTP submission, Dovecot
+
+Every namespace name carries a per-instance prefix (px + 6 hex digits + "-"), so labs run side by side. Veth
+pairs are created directly inside their namespaces, so interface names never meet in the root namespace.
+In mode "none" a host is public: it moves to an address in a /27 that inet routes via its router
+(198.51.100.66 for a, 198.51.100.98 for b) and the router only routes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import grp
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+from aioice import stun
+
+from plexus.endpoint import Endpoint
+from tests.lab import netns
+from tests.lab.pki import make_pki
+
+T = TypeVar("T")
+NatMode = Literal["cone", "fullcone", "symmetric", "none"]
+NAT_MODES: tuple[NatMode, ...] = ("cone", "fullcone", "symmetric", "none")
+NAMESPACES = ("a", "nat-a", "inet", "nat-b", "b", "pub")
+REGISTRY = Path("/run/plexus-lab")
+PREFIX_RE = re.compile(r"^px[0-9a-f]{6}-")
+NOBODY = 65534  # owner of the mailboxes: Dovecot refuses root as mail user
+SERVER_WAIT_S = 20.0
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Account:
+    address: str
+    login: str
+    password: str
+
+
+@dataclass(frozen=True)
+class _Site:
+    """One side of the topology: a host behind its NAT router."""
+
+    lan_net: str  # host's private /24 prefix, e.g. "10.0.1"
+    wan_ip: str  # router's WAN address (the host's public address behind NAT)
+    inet_ip: str  # inet's end of the WAN /30
+    public_net: str  # the /27 a host in mode "none" lives in, e.g. "198.51.100.64"
+    public_gw: str
+    public_ip: str
+
+
+SITES: dict[str, _Site] = {
+    "a": _Site("10.0.1", "198.51.100.2", "198.51.100.1", "198.51.100.64", "198.51.100.65", "198.51.100.66"),
+    "b": _Site("10.0.2", "198.51.100.6", "198.51.100.5", "198.51.100.96", "198.51.100.97", "198.51.100.98"),
+}
+
+# Conntrack must not learn unsolicited WAN traffic, neither forwarded nor addressed to the router itself: an
+# entry created by a stray inbound packet would take the host's port and Linux NAT would then look symmetric.
+_NFT_TEMPLATE = """\
+table ip plexus_nat
+delete table ip plexus_nat
+table ip plexus_nat {{
+{chains}
+}}
+"""
+_NFT_FILTER = """\
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname "wan" ct state established,related accept
+        iifname "wan" drop
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        iifname "wan" ct state established,related accept
+{extra_forward}        iifname "wan" drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat;
+        oifname "wan" masquerade{masquerade_flags}
+    }}
+"""
+# Endpoint-independent filtering: whatever reaches the WAN address on a UDP port goes to the host's same port
+# (masquerade keeps the host's port when it is free, which it is in the lab).
+_NFT_FULLCONE = """\
+    chain prerouting {{
+        type nat hook prerouting priority dstnat;
+        iifname "wan" meta l4proto udp dnat to {host_ip}
+    }}
+"""
+_NFT_COUNTER = """\
+table ip plexus_count {
+    counter wan_udp { }
+    chain prerouting {
+        type filter hook prerouting priority raw - 10;
+        iifname "wan" meta l4proto udp counter name "wan_udp"
+    }
+}
+"""
+
+
+def _site(host: str) -> _Site:
+    if host not in SITES:
+        raise ValueError(f"unknown lab host {host!r}; expected 'a' or 'b'")
+    return SITES[host]
+
+
+def _nft_loss(loss_pct: float) -> str:
+    rules = ""
+    if loss_pct:
+        # numgen draws per packet; a per-mille threshold keeps fractional percentages meaningful
+        threshold = min(max(round(loss_pct * 10), 1), 1000)
+        rules = f"""
+    chain inbound {{
+        type filter hook prerouting priority raw - 20;
+        iifname "wan" numgen random mod 1000 <= {threshold - 1} drop
+    }}
+    chain outbound {{
+        type filter hook postrouting priority srcnat + 10;
+        oifname "wan" numgen random mod 1000 <= {threshold - 1} drop
+    }}"""
+    return f"table ip plexus_link\ndelete table ip plexus_link\ntable ip plexus_link {{{rules}\n}}\n"
+
+
+def nft_ruleset(mode: NatMode, host_ip: str) -> str:
+    if mode == "none":
+        return _NFT_TEMPLATE.format(chains="")
+    chains = _NFT_FILTER.format(
+        extra_forward='        iifname "wan" ct status dnat accept\n' if mode == "fullcone" else "",
+        masquerade_flags=" fully-random" if mode == "symmetric" else "",
+    )
+    if mode == "fullcone":
+        chains += _NFT_FULLCONE.format(host_ip=host_ip)
+    return _NFT_TEMPLATE.format(chains=chains.rstrip("\n"))
+
+
+def run(
+    argv: Sequence[str], *, check: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(list(argv), capture_output=True, text=True, input=input, check=False)
+    if check and result.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_process(popen: subprocess.Popen[Any], grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after grace_s; always reaps it."""
+    if popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+
+
+def lab_available() -> str | None:
+    """None if this machine can run the lab, else the reason it cannot."""
+    if os.geteuid() != 0:
+        return "the NAT lab needs root (network namespaces)"
+    missing = [
+        tool for tool in ("ip", "nft", "conntrack", "tc", "turnserver", "dovecot") if not shutil.which(tool)
+    ]
+    if missing:
+        return f"the NAT lab needs these tools: {', '.join(missing)}"
+    probe = f"pxprobe{secrets.token_hex(3)}"
+    result = run(["ip", "netns", "add", probe], check=False)
+    if result.returncode != 0:
+        return f"ip netns unusable: {result.stderr.strip()}"
+    run(["ip", "netns", "del", probe], check=False)
+    return None
+
+
+class _Server:
+    """A daemon in the foreground inside a namespace; popen.pid is the daemon itself (ip netns exec execs)."""
+
+    def __init__(self, name: str, argv: list[str], log: Path) -> None:
+        self.name, self.argv, self.log = name, argv, log
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self, namespace: str) -> None:
+        with self.log.open("ab") as log:
+            self.popen = subprocess.Popen(
+                ["ip", "netns", "exec", namespace, *self.argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Own process group: Ctrl-C in a terminal reaches only the lab, which stops its servers.
+                start_new_session=True,
+            )
+
+    def stop(self) -> None:
+        if self.popen is not None:
+            stop_process(self.popen)
+        self.popen = None
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def check_running(self) -> None:
+        if not self.running:
+            code = None if self.popen is None else self.popen.returncode
+            raise LabError(f"{self.name} is not running (exit code {code}).\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return f"(no log at {self.log})"
+        return f"--- last lines of {self.log} ---\n" + "\n".join(text[-lines:])
+
+
+class Lab:
+    STUN_PRIMARY: ClassVar[Endpoint] = Endpoint("203.0.113.10", 3478)
+    STUN_ALTERNATE: ClassVar[Endpoint] = Endpoint("203.0.113.11", 3479)
+    MAIL_HOST: ClassVar[str] = "203.0.113.10"
+    MAIL_NAME: ClassVar[str] = "mail.lab.test"
+    SMTPS_PORT: ClassVar[int] = 465
+    SUBMISSION_PORT: ClassVar[int] = 587
+    IMAPS_PORT: ClassVar[int] = 993
+    LMTP_PORT: ClassVar[int] = 24
+    HOPS_TO_PEER_NAT: ClassVar[int] = 3
+    PUB_IPS: ClassVar[tuple[str, str]] = ("203.0.113.10", "203.0.113.11")
+
+    def __init__(self, prefix: str | None = None) -> None:
+        self.prefix = prefix or f"px{secrets.token_hex(3)}-"
+        self.tmp: Path | None = None
+        self.accounts: dict[str, Account] = {
+            name: Account(f"{name}@lab.test", f"{name}@lab.test", f"{name}-{secrets.token_hex(4)}")
+            for name in ("local", "remote", "shared")
+        }
+        self.modes: dict[str, NatMode] = {"a": "cone", "b": "cone"}
+        self._servers: dict[str, _Server] = {}
+        self._created: list[str] = []
+        self.startup_s = 0.0
+
+    # ---- names and addresses -------------------------------------------------------------------------------
+    def netns(self, name: str) -> str:
+        if name not in NAMESPACES:
+            raise ValueError(f"unknown lab namespace {name!r}; expected one of {', '.join(NAMESPACES)}")
+        return self.prefix + name
+
+    def inner_ip(self, host: str) -> str:
+        site = _site(host)
+        return site.public_ip if self.modes[host] == "none" else f"{site.lan_net}.2"
+
+    def public_ip(self, host: str) -> str:
+        site = _site(host)
+        return site.public_ip if self.modes[host] == "none" else site.wan_ip
+
+    @property
+    def ca_file(self) -> Path:
+        return self._path("ca.pem")
+
+    def _path(self, name: str) -> Path:
+        if self.tmp is None:
+            raise LabError("the lab is not up")
+        return self.tmp / name
+
+    # ---- running things in namespaces --------------------------------------------------------------------
+    def ip(self, ns: str, *args: str) -> None:
+        run(["ip", "-n", self.netns(ns), *args])
+
+    def exec(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        return subprocess.run(["ip", "netns", "exec", self.netns(host), *argv], **kwargs)
+
+    def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        return subprocess.Popen(["ip", "netns", "exec", self.netns(host), *argv], **kwargs)
+
+    async def call(self, host: str, factory: Callable[[], Awaitable[T]]) -> T:
+        return await netns.call_in_netns(self.netns(host), factory)
+
+    def run_sync(self, host: str, func: Callable[[], T]) -> T:
+        """Call a blocking func in a thread inside the host's namespace."""
+        return netns.run_in_netns(self.netns(host), func)
+
+    def socket(self, host: str, family: int = socket.AF_INET, type: int = socket.SOCK_DGRAM) -> socket.socket:
+        return netns.socket_in_netns(self.netns(host), family, type)
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+    def __enter__(self) -> Lab:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> None:
+        if self.tmp is not None:
+            raise LabError(f"lab {self.prefix} is already up")
+        started = time.monotonic()
+        atexit.register(self.down)
+        try:
+            self._register()
+            self._build_network()
+            self._start_servers()
+        except BaseException:
+            self.down()
+            raise
+        self.startup_s = time.monotonic() - started
+
+    def down(self) -> None:
+        """Stop servers, delete namespaces and files; safe to call twice or after a failed up()."""
+        atexit.unregister(self.down)
+        for server in self._servers.values():
+            with contextlib.suppress(Exception):
+                server.stop()
+        self._servers.clear()
+        for name in reversed(self._created):
+            _kill_namespace(name)
+        self._created.clear()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+        with contextlib.suppress(OSError):
+            (REGISTRY / f"{self.prefix}json").unlink()
+
+    def _register(self) -> None:
+        # Written before any namespace exists, so `clean` can tell a crashed lab (owner dead) from a live one.
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"plexus-lab-{self.prefix}"))
+        self.tmp.chmod(0o755)  # Dovecot's unprivileged processes need to traverse it
+        REGISTRY.mkdir(parents=True, exist_ok=True)
+        (REGISTRY / f"{self.prefix}json").write_text(json.dumps({"owner": os.getpid(), "tmp": str(self.tmp)}))
+
+    def _build_network(self) -> None:
+        for name in NAMESPACES:
+            run(["ip", "netns", "add", self.netns(name)])
+            self._created.append(self.netns(name))
+            self.ip(name, "link", "set", "lo", "up")
+            self._sysctl(name, "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
+        for router in ("nat-a", "nat-b", "inet"):
+            self._sysctl(router, "net.ipv4.ip_forward=1")
+        self._veth("a", "eth0", "nat-a", "lan")
+        self._veth("b", "eth0", "nat-b", "lan")
+        self._veth("nat-a", "wan", "inet", "nat-a")
+        self._veth("nat-b", "wan", "inet", "nat-b")
+        self._veth("pub", "eth0", "inet", "pub")
+        for host, site in SITES.items():
+            router = f"nat-{host}"
+            self.ip(router, "addr", "add", f"{site.lan_net}.1/24", "dev", "lan")
+            self.ip(router, "addr", "add", f"{site.public_gw}/27", "dev", "lan")
+            self.ip(router, "addr", "add", f"{site.wan_ip}/30", "dev", "wan")
+            self.ip(router, "route", "add", "default", "via", site.inet_ip)
+            self.ip("inet", "addr", "add", f"{site.inet_ip}/30", "dev", router)
+            self.ip("inet", "route", "add", f"{site.public_net}/27", "via", site.wan_ip)
+            self._set_host_address(host)
+            run(["ip", "netns", "exec", self.netns(router), "nft", "-f", "-"], input=_NFT_COUNTER)
+            self._apply_nat(host)
+        self.ip("inet", "addr", "add", "203.0.113.1/24", "dev", "pub")
+        for ip in self.PUB_IPS:
+            self.ip("pub", "addr", "add", f"{ip}/24", "dev", "eth0")
+        self.ip("pub", "route", "add", "default", "via", "203.0.113.1")
+
+    def _sysctl(self, ns: str, *settings: str) -> None:
+        run(["ip", "netns", "exec", self.netns(ns), "sysctl", "-q", "-w", *settings])
+
+    def _veth(self, ns1: str, name1: str, ns2: str, name2: str) -> None:
+        run(["ip", "link", "add", name1, "netns", self.netns(ns1), "type", "veth",
+             "peer", "name", name2, "netns", self.netns(ns2)])  # fmt: skip
+        self.ip(ns1, "link", "set", name1, "up")
+        self.ip(ns2, "link", "set", name2, "up")
+
+    def _set_host_address(self, host: str) -> None:
+        site = SITES[host]
+        public = self.modes[host] == "none"
+        self.ip(host, "addr", "flush", "dev", "eth0")
+        self.ip(host, "addr", "add", f"{self.inner_ip(host)}/{27 if public else 24}", "dev", "eth0")
+        self.ip(host, "route", "replace", "default", "via", site.public_gw if public else f"{site.lan_net}.1")
+
+    def _apply_nat(self, host: str) -> None:
+        router = self.netns(f"nat-{host}")
+        ruleset = nft_ruleset(self.modes[host], f"{SITES[host].lan_net}.2")
+        run(["ip", "netns", "exec", router, "nft", "-f", "-"], input=ruleset)
+        # conntrack -F exits 1 when the table was already empty
+        run(["ip", "netns", "exec", router, "conntrack", "-F"], check=False)
+
+    # ---- NAT and links -----------------------------------------------------------------------------------
+    def set_nat(self, host: str, mode: str) -> None:
+        """Switch the host's NAT router to mode; the host's inner address changes on entering/leaving none."""
+        _site(host)
+        if mode not in NAT_MODES:
+            raise ValueError(f"unknown NAT mode {mode!r}; expected one of {', '.join(NAT_MODES)}")
+        was_public = self.modes[host] == "none"
+        self.modes[host] = mode
+        if was_public != (mode == "none"):
+            self._set_host_address(host)
+        self._apply_nat(host)
+
+    def set_link(self, host: str, delay_ms: float = 0, loss_pct: float = 0) -> None:
+        """Degrade the host's WAN link: loss_pct each way (nftables), delay_ms each way (tc netem).
+
+        Loss uses nftables because some kernels (this lab's CI VM among them) have no sch_netem; delay needs
+        netem and raises LabError without it (see netem_available).
+        """
+        _site(host)
+        if delay_ms and not self.netem_available:
+            raise LabError("this kernel has no tc netem (sch_netem), so the lab cannot delay packets")
+        router = self.netns(f"nat-{host}")
+        run(["ip", "netns", "exec", router, "nft", "-f", "-"], input=_nft_loss(loss_pct))
+        for ns, dev in ((router, "wan"), (self.netns("inet"), f"nat-{host}")):
+            if delay_ms:
+                run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root",
+                     "netem", "delay", f"{delay_ms}ms"])  # fmt: skip
+            elif self.netem_available:
+                run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
+
+    @functools.cached_property
+    def netem_available(self) -> bool:
+        probe = ["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]
+        if run(["ip", "netns", "exec", self.netns("pub"), *probe], check=False).returncode != 0:
+            return False
+        run(
+            ["ip", "netns", "exec", self.netns("pub"), "tc", "qdisc", "del", "dev", "lo", "root"], check=False
+        )
+        return True
+
+    def wan_udp_count(self, host: str) -> int:
+        _site(host)
+        router = self.netns(f"nat-{host}")
+        out = run(
+            ["ip", "netns", "exec", router, "nft", "-j", "list", "counter", "ip", "plexus_count", "wan_udp"]
+        )
+        for item in json.loads(out.stdout)["nftables"]:
+            if "counter" in item:
+                return int(item["counter"]["packets"])
+        raise LabError(f"no wan_udp counter in {router}")
+
+    def reset(self) -> None:
+        """Back to the start: both NATs cone, clean links, STUN running; fails if a mail server died."""
+        for host in SITES:
+            self.set_nat(host, "cone")
+            self.set_link(host)
+        if not self._servers["stun"].running:
+            self.start_stun()
+        for server in self._servers.values():
+            server.check_running()
+
+    # ---- servers -----------------------------------------------------------------------------------------
+    def _start_servers(self) -> None:
+        tmp = self._path("")
+        make_pki(tmp, [self.MAIL_NAME], list(self.PUB_IPS))
+        self._write_mail_config()
+        self._servers["stun"] = _Server("turnserver", self._turnserver_argv(), tmp / "turnserver.log")
+        self._servers["dovecot"] = _Server(
+            "dovecot", ["dovecot", "-F", "-c", str(tmp / "dovecot.conf")], tmp / "dovecot.log"
+        )
+        self._servers["smtpd"] = _Server("smtpd", self._smtpd_argv(), tmp / "smtpd.log")
+        for server in self._servers.values():
+            server.start(self.netns("pub"))
+        self._wait_for("stun", self._probe_stun)
+        self._wait_for("dovecot", self._probe_imaps)
+        self._wait_for("smtpd", self._probe_smtp)
+
+    def stop_stun(self) -> None:
+        self._servers["stun"].stop()
+
+    def start_stun(self) -> None:
+        self._servers["stun"].stop()  # reaps a turnserver that died on its own
+        self._servers["stun"].start(self.netns("pub"))
+        self._wait_for("stun", self._probe_stun)
+
+    def _turnserver_argv(self) -> list[str]:
+        listen = [arg for ip in self.PUB_IPS for arg in ("--listening-ip", ip)]
+        return ["turnserver", "-n", "--stun-only", *listen,
+                "--listening-port", str(self.STUN_PRIMARY.port),
+                "--alt-listening-port", str(self.STUN_ALTERNATE.port),
+                "--no-tls", "--no-dtls", "--no-cli", "--log-file", "stdout", "--simple-log",
+                "--pidfile", str(self._path("turnserver.pid")),
+                "--userdb", str(self._path("turndb"))]  # fmt: skip
+
+    def _smtpd_argv(self) -> list[str]:
+        return ["python3", str(Path(__file__).with_name("smtpd.py")), "--host", "0.0.0.0",
+                "--cert", str(self._path("server.pem")), "--key", str(self._path("server.key")),
+                "--accounts", str(self._path("accounts.json")),
+                "--lmtp", f"127.0.0.1:{self.LMTP_PORT}"]  # fmt: skip
+
+    def _write_mail_config(self) -> None:
+        tmp = self._path("")
+        mail = tmp / "mail"
+        mail.mkdir()
+        os.chown(mail, NOBODY, NOBODY)
+        passwd = tmp / "passwd"
+        passwd.write_text("".join(f"{a.login}:{{PLAIN}}{a.password}::::::\n" for a in self.accounts.values()))
+        # Read by the auth process, which runs as the dovecot user
+        os.chown(passwd, 0, grp.getgrnam("dovecot").gr_gid)
+        passwd.chmod(0o640)
+        accounts = tmp / "accounts.json"
+        accounts.write_text(json.dumps({a.login: a.password for a in self.accounts.values()}))
+        accounts.chmod(0o600)
+        (tmp / "dovecot.conf").write_text(_DOVECOT_CONF.format(tmp=tmp, uid=NOBODY, lmtp_port=self.LMTP_PORT))
+
+    def _wait_for(self, name: str, probe: Callable[[], None]) -> None:
+        server = self._servers[name]
+        deadline = time.monotonic() + SERVER_WAIT_S
+        error: Exception | None = None
+        while time.monotonic() < deadline:
+            server.check_running()
+            try:
+                self.run_sync("inet", probe)
+                return
+            except (OSError, LabError, ssl.SSLError) as exc:
+                error = exc
+                time.sleep(0.1)
+        raise LabError(
+            f"{server.name} did not answer within {SERVER_WAIT_S:.0f} s ({error}).\n{server.log_tail()}"
+        )
+
+    def _probe_stun(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(0.3)
+            request = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+            sock.sendto(bytes(request), tuple(self.STUN_PRIMARY))
+            reply = stun.parse_message(sock.recv(2048))
+            if reply.transaction_id != request.transaction_id or "XOR-MAPPED-ADDRESS" not in reply.attributes:
+                raise LabError(f"unexpected STUN reply {reply}")
+
+    def _tls_client(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+    def _greeting(self, port: int, *, tls: bool) -> bytes:
+        with socket.create_connection((self.MAIL_HOST, port), timeout=2) as raw:
+            if not tls:
+                return raw.recv(512)
+            with self._tls_client().wrap_socket(raw, server_hostname=self.MAIL_HOST) as conn:
+                return conn.recv(512)
+
+    def _probe_imaps(self) -> None:
+        if not self._greeting(self.IMAPS_PORT, tls=True).startswith(b"* OK"):
+            raise LabError("IMAPS greeting is not * OK")
+
+    def _probe_smtp(self) -> None:
+        for port, tls in ((self.SMTPS_PORT, True), (self.SUBMISSION_PORT, False)):
+            if not self._greeting(port, tls=tls).startswith(b"220"):
+                raise LabError(f"SMTP greeting on port {port} is not 220")
+
+    def describe(self) -> str:
+        lines = ["namespaces:"]
+        lines += [f"  {name:6} {self.netns(name)}" for name in NAMESPACES]
+        lines += [
+            f"host a: inner {self.inner_ip('a')}, public {self.public_ip('a')} (NAT {self.modes['a']})",
+            f"host b: inner {self.inner_ip('b')}, public {self.public_ip('b')} (NAT {self.modes['b']})",
+            f"STUN: {self.STUN_PRIMARY} and {self.STUN_ALTERNATE} (RFC 5780)",
+            f"mail: SMTPS {self.MAIL_HOST}:{self.SMTPS_PORT}, submission :{self.SUBMISSION_PORT} (STARTTLS), "
+            f"IMAPS :{self.IMAPS_PORT}; CA {self.ca_file}",
+            "accounts:",
+        ]
+        lines += [f"  {name:7} {a.login} / {a.password}" for name, a in self.accounts.items()]
+        lines.append(f"example: ip netns exec {self.netns('a')} bash")
+        return "\n".join(lines)
+
+
+_DOVECOT_CONF = """\
+# generated by tests/lab/lab.py for one lab instance
+base_dir = {tmp}/dovecot-run
+state_dir = {tmp}/dovecot-state
+instance_name = dovecot-lab-{tmp.name}
+log_path = {tmp}/dovecot.log
+protocols = imap lmtp
+listen = *
+ssl = required
+ssl_cert = <{tmp}/server.pem
+ssl_key = <{tmp}/server.key
+ssl_dh = </usr/share/dovecot/dh.pem
+auth_mechanisms = plain login
+disable_plaintext_auth = yes
+auth_verbose = yes
+default_login_user = dovenull
+default_internal_user = dovecot
+first_valid_uid = 1
+postmaster_address = postmaster@lab.test
+mail_location = maildir:~/Maildir
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {tmp}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={uid} home={tmp}/mail/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = 0
+  }}
+  inet_listener imaps {{
+    port = 993
+    ssl = yes
+  }}
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {lmtp_port}
+  }}
+}}
+protocol imap {{
+  mail_max_userip_connections = 100
+}}
+"""
+
+
+def _kill_namespace(name: str) -> None:
+    """Kill every process still inside the namespace (never this one), then delete it."""
+    pids = run(["ip", "netns", "pids", name], check=False).stdout.split()
+    for pid in {int(p) for p in pids} - {os.getpid()}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    run(["ip", "netns", "del", name], check=False)
+
+
+def clean_stale() -> list[str]:
+    """Remove namespaces, processes and files of labs whose owner process is gone; return what was removed."""
+    removed: list[str] = []
+    owners: dict[str, int] = {}
+    tmps: dict[str, str] = {}
+    if REGISTRY.is_dir():
+        for entry in REGISTRY.glob("px*-json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                data = json.loads(entry.read_text())
+                prefix = entry.name.removesuffix("json")
+                owners[prefix], tmps[prefix] = int(data["owner"]), str(data["tmp"])
+    for name in _namespaces():
+        match = PREFIX_RE.match(name)
+        if match is None:
+            continue
+        owner = owners.get(match.group(0))
+        if owner is not None and _alive(owner):
+            continue
+        _kill_namespace(name)
+        removed.append(name)
+    for prefix, owner in owners.items():
+        if not _alive(owner):
+            shutil.rmtree(tmps[prefix], ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (REGISTRY / f"{prefix}json").unlink()
+            removed.append(tmps[prefix])
+    return removed
+
+
+def _namespaces() -> Iterator[str]:
+    for line in run(["ip", "netns", "list"], check=False).stdout.splitlines():
+        if line.strip():
+            yield line.split()[0]
