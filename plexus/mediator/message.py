@@ -1,0 +1,255 @@
+"""The rendezvous mail, sans I/O: build a request or response, read a received one, and judge its freshness.
+
+docs/protocol.md ("## Mail") describes the format; this module is its reference.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email
+import email.header
+import email.policy
+import email.utils
+import ipaddress
+import re
+import uuid
+from dataclasses import dataclass, field
+from email.message import EmailMessage, Message
+from typing import Literal
+
+from plexus.endpoint import Endpoint
+from plexus.mediator import smime
+
+PROTOCOL = "PLEXUS"
+VERSION = "2.1"  # plexus 2.2 speaks "2.1" on the wire
+# How far a Date or signingTime may be from our clock: skew between the hosts plus delivery delay. A request
+# this old is useless anyway (inviters wait 60 s); a replay older than this is refused even after a restart.
+CLOCK_TOLERANCE = datetime.timedelta(minutes=5)
+
+Kind = Literal["request", "response"]
+KINDS: dict[str, Kind] = {"request": "request", "response": "response"}
+_NUMBER = re.compile(r"[0-9]{1,20}")
+_HEADER_LINE = re.compile(rb"[!-9;-~]+:")
+
+
+class MessageError(ValueError):
+    """Why a received message is not taken: str(error) is logged."""
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What each side tells the other: its outer endpoint and its puzzle."""
+
+    outer: Endpoint
+    puzzle: int
+
+
+@dataclass(frozen=True)
+class Route:
+    """Who a message is from and to, and the subject (the sender's host id) it carries."""
+
+    sender: str
+    recipient: str
+    subject: str
+
+    def matches(self, headers: Message) -> bool:
+        """Exact subject; addresses compared case-insensitively (From: one address; To: among them)."""
+        try:
+            senders = _addresses(headers, "From")
+            recipients = _addresses(headers, "To")
+            subject = _subject(headers)
+        except (ValueError, TypeError, IndexError, AttributeError, LookupError):
+            return False
+        return (
+            subject == self.subject
+            and senders == [self.sender.lower()]
+            and self.recipient.lower() in recipients
+        )
+
+
+@dataclass(frozen=True)
+class Letter:
+    """A received PLEXUS message, read and (with S/MIME) decrypted and verified."""
+
+    kind: Kind
+    offer: Offer
+    message_id: str | None
+    in_reply_to: str | None
+    date: datetime.datetime | None
+    signing_time: datetime.datetime | None = None
+
+
+def format_body(kind: Kind, offer: Offer) -> str:
+    return f"{PROTOCOL} {VERSION} {kind} {offer.outer.host} {offer.outer.port} {offer.puzzle}"
+
+
+def parse_body(text: str) -> tuple[Kind, Offer]:
+    """The first non-empty line must be the PLEXUS line; anything after it (an MTA's footer) is ignored."""
+    line = next((line for line in text.splitlines() if line.strip()), "")
+    words = line.split()
+    if len(words) != 6 or words[0] != PROTOCOL:
+        raise MessageError(f"not a PLEXUS line: {line[:80]!r}")
+    _, version, kind, host, port, puzzle = words
+    if version != VERSION:
+        raise MessageError(f"unsupported PLEXUS version {version[:20]!r}")
+    if kind not in KINDS:
+        raise MessageError(f"unknown PLEXUS message kind {kind[:20]!r}")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise MessageError(f"bad IP address {host[:50]!r}") from None
+    if not _NUMBER.fullmatch(port) or not 0 < int(port) < 65536:
+        raise MessageError(f"bad port {port[:20]!r}")
+    if not _NUMBER.fullmatch(puzzle) or int(puzzle) >= 2**64:
+        raise MessageError(f"bad puzzle {puzzle[:30]!r}")
+    return KINDS[kind], Offer(Endpoint(str(address), int(port)), int(puzzle))
+
+
+def new_message_id(sender: str) -> str:
+    domain = sender.rpartition("@")[2] or "plexus.invalid"
+    return f"<{uuid.uuid4().hex}@{domain}>"
+
+
+def build(
+    kind: Kind,
+    offer: Offer,
+    route: Route,
+    *,
+    message_id: str,
+    date: datetime.datetime,
+    in_reply_to: str | None = None,
+    keys: smime.Keys | None = None,
+) -> bytes:
+    """The whole message, CRLF line ends, every line under 1000 octets (headers folded, base64 at 76)."""
+    message = EmailMessage(policy=email.policy.SMTP)
+    message["From"] = route.sender
+    message["To"] = route.recipient
+    message["Subject"] = route.subject
+    message["Date"] = email.utils.format_datetime(date)
+    message["Message-ID"] = message_id
+    if in_reply_to is not None:
+        message["In-Reply-To"] = in_reply_to
+    body = format_body(kind, offer) + "\r\n"
+    if keys is None:
+        message.set_content(body, charset="us-ascii", cte="7bit")
+    else:
+        # plexus 2.2 sends the encrypted part inside multipart/mixed; add_attachment builds just that.
+        message["MIME-Version"] = "1.0"
+        message.add_attachment(
+            smime.seal(body.encode("ascii"), keys),
+            maintype="application",
+            subtype="pkcs7-mime",
+            filename="smime.p7m",
+            params={"smime-type": "enveloped-data"},
+        )
+    return message.as_bytes(policy=email.policy.SMTP)
+
+
+def parse_headers(raw: bytes) -> Message:
+    return email.message_from_bytes(raw, policy=email.policy.compat32)
+
+
+def read(raw: bytes, keys: smime.Keys | None) -> Letter:
+    """Read a message already matched by route. Raises MessageError or smime.SmimeError with the reason."""
+    message = parse_headers(raw)
+    signing_time = None
+    enveloped = _find_part(message, smime.PKCS7_MIME)
+    if keys is not None:
+        if enveloped is None:
+            raise MessageError("message is not S/MIME encrypted, but --smime-* options require it")
+        payload = enveloped.get_payload(decode=True)
+        if not isinstance(payload, bytes) or not payload:
+            raise MessageError("empty S/MIME part")
+        content, signing_time = smime.unseal(payload, keys)
+        text = _text_of_entity(content)
+    elif enveloped is not None:
+        raise MessageError("message is S/MIME encrypted, but no --smime-* options are given")
+    else:
+        text = _text_of(message)
+    kind, offer = parse_body(text)
+    return Letter(
+        kind=kind,
+        offer=offer,
+        message_id=_message_id(message, "Message-ID"),
+        in_reply_to=_message_id(message, "In-Reply-To"),
+        date=_date(message),
+        signing_time=signing_time,
+    )
+
+
+@dataclass
+class Screen:
+    """Decides which letters start a session: the right kind, fresh, never seen before.
+
+    Arrival after the wait began is the driver's part (IMAP UIDs); this checks what the letter itself says.
+    """
+
+    tolerance: datetime.timedelta = CLOCK_TOLERANCE
+    seen: set[tuple[Kind, int]] = field(default_factory=set)
+
+    def admit(self, letter: Letter, kind: Kind, now: datetime.datetime, reply_to: str | None = None) -> None:
+        """Raise MessageError if the letter must be ignored; otherwise remember its puzzle."""
+        if letter.kind != kind:
+            raise MessageError(f"expected a {kind}, got a {letter.kind}")
+        if (letter.kind, letter.offer.puzzle) in self.seen:
+            raise MessageError(f"puzzle {letter.offer.puzzle} already seen: a replay")
+        # plexus 2.2 sends no In-Reply-To: then arrival after our request (the driver's UID cursor) has to do.
+        if reply_to is not None and letter.in_reply_to not in (None, reply_to):
+            raise MessageError(f"answers {letter.in_reply_to}, not our request {reply_to}")
+        for name, when in (("Date", letter.date), ("signingTime", letter.signing_time)):
+            if when is not None and abs(when - now) > self.tolerance:
+                raise MessageError(
+                    f"{name} {when:%Y-%m-%d %H:%M:%S} UTC is more than "
+                    f"{self.tolerance.total_seconds():g} s from now"
+                )
+        self.seen.add((letter.kind, letter.offer.puzzle))
+
+
+def _addresses(headers: Message, name: str) -> list[str]:
+    values = [str(value) for value in headers.get_all(name, [])]
+    return [address.lower() for _, address in email.utils.getaddresses(values) if address]
+
+
+def _subject(headers: Message) -> str:
+    raw = re.sub(r"\r?\n(?=[ \t])", "", str(headers.get("Subject", "")))
+    return str(email.header.make_header(email.header.decode_header(raw))).strip()
+
+
+def _message_id(message: Message, name: str) -> str | None:
+    value = message.get(name)
+    if value is None:
+        return None
+    match = re.search(r"<[^<>\s]+>", str(value))
+    return match.group(0) if match else None
+
+
+def _date(message: Message) -> datetime.datetime | None:
+    value = message.get("Date")
+    if value is None:  # plexus 2.2 sends none
+        return None
+    try:
+        date = email.utils.parsedate_to_datetime(str(value))
+    except (ValueError, TypeError, IndexError) as error:
+        raise MessageError(f"unreadable Date header {str(value)[:60]!r}") from error
+    return date if date.tzinfo else date.replace(tzinfo=datetime.UTC)
+
+
+def _find_part(message: Message, types: set[str]) -> Message | None:
+    return next((part for part in message.walk() if part.get_content_type() in types), None)
+
+
+def _text_of(message: Message) -> str:
+    part = _find_part(message, {"text/plain"})
+    if part is None:
+        raise MessageError(f"no text/plain part (message is {message.get_content_type()})")
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        raise MessageError("unreadable text part")
+    return payload.decode("ascii", "replace")
+
+
+def _text_of_entity(content: bytes) -> str:
+    """Signed content is a MIME entity (openssl -text) or, as plexus signs it, the bare line."""
+    if _HEADER_LINE.match(content):
+        return _text_of(parse_headers(content))
+    return content.decode("ascii", "replace")

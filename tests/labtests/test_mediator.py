@@ -1,0 +1,431 @@
+"""The mail rendezvous against the lab's real SMTP and Dovecot: inviter on host a, acceptor on host b."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import datetime
+import imaplib
+import logging
+import re
+import ssl
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aioimaplib
+import pytest
+
+from plexus.endpoint import Endpoint
+from plexus.errors import MailAuthError, MailConnectionError, MailTimeoutError
+from plexus.mediator import Invitation, MailConfig, Mediator, Offer, SmimeConfig, message, smime
+from plexus.mediator import email as mail
+from tests.lab.lab import Account, Lab
+from tests.unit.test_smime import make_identity, sign
+
+pytestmark = pytest.mark.lab
+T = TypeVar("T")
+INVITER_OFFER = Offer(Endpoint("198.51.100.2", 40001), 1111)
+ACCEPTOR_OFFER = Offer(Endpoint("198.51.100.6", 40002), 2222)
+
+
+def mail_config(
+    lab: Lab,
+    me: Account,
+    peer: Account,
+    host_id: str,
+    peer_id: str,
+    *,
+    smtp_port: int = Lab.SMTPS_PORT,
+    password: str | None = None,
+    ca: Path | None = None,
+    smime_config: SmimeConfig | None = None,
+) -> MailConfig:
+    return MailConfig(
+        smtp=Endpoint(Lab.MAIL_HOST, smtp_port),
+        imap=Endpoint(Lab.MAIL_HOST, Lab.IMAPS_PORT),
+        login=me.login,
+        password=me.password if password is None else password,
+        address=me.address,
+        peer_address=peer.address,
+        host_id=host_id,
+        peer_id=peer_id,
+        ca=ca or lab.ca_file,
+        smime=smime_config,
+    )
+
+
+@dataclass
+class Pair:
+    """The two sides' configurations for one test, with host ids no other test uses."""
+
+    inviter: MailConfig
+    acceptor: MailConfig
+    tag: str
+
+    @classmethod
+    def make(cls, lab: Lab, shared: bool, **options: Any) -> Pair:
+        tag = uuid.uuid4().hex[:10]
+        a_id, b_id = f"a-{tag}", f"b-{tag}"
+        a, b = (lab.accounts["shared"],) * 2 if shared else (lab.accounts["local"], lab.accounts["remote"])
+        return cls(
+            mail_config(lab, a, b, a_id, b_id, **options), mail_config(lab, b, a, b_id, a_id, **options), tag
+        )
+
+
+@dataclass
+class Acceptor:
+    """Mediator.requests() on host b, answering each request, until stop() (no cross-thread cancel)."""
+
+    config: MailConfig
+    offer: Offer = ACCEPTOR_OFFER
+    invitations: list[Invitation] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+    stop: Callable[[], object] = lambda: None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        self.stop = lambda: loop.call_soon_threadsafe(stopped.set)
+        async with Mediator(self.config) as mediator:
+            serving = asyncio.ensure_future(self._serve(mediator))
+            self.ready.set()
+            stopping = asyncio.ensure_future(stopped.wait())
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if serving.done():
+                serving.result()  # the acceptor failed: let the test see why
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+
+    async def _serve(self, mediator: Mediator) -> None:
+        async for invitation in mediator.requests():
+            self.invitations.append(invitation)
+            await mediator.answer(invitation, self.offer)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def accepting(lab: Lab, config: MailConfig) -> AsyncIterator[Acceptor]:
+    acceptor = Acceptor(config)
+    task = asyncio.ensure_future(lab.call("b", acceptor.run))
+    try:
+        await until(lambda: acceptor.ready.is_set() or task.done())
+        if task.done():
+            task.result()
+        yield acceptor
+    finally:
+        acceptor.stop()
+        await task
+
+
+async def invite(lab: Lab, config: MailConfig, timeout: float = 30.0) -> Offer:
+    async def run() -> Offer:
+        async with Mediator(config) as mediator:
+            return await mediator.invite(INVITER_OFFER, timeout=timeout)
+
+    return await lab.call("a", run)
+
+
+class Mailbox:
+    """Direct IMAP access to one account, for setting the scene and checking what plexus left."""
+
+    def __init__(self, lab: Lab, account: Account) -> None:
+        self.lab = lab
+        self.account = account
+
+    def _session(self, work: Callable[[imaplib.IMAP4_SSL], T]) -> T:
+        def run() -> T:
+            context = ssl.create_default_context(cafile=str(self.lab.ca_file))
+            with imaplib.IMAP4_SSL(Lab.MAIL_HOST, Lab.IMAPS_PORT, ssl_context=context, timeout=10) as imap:
+                imap.login(self.account.login, self.account.password)
+                imap.select("INBOX")
+                return work(imap)
+
+        return self.lab.run_sync("a", run)
+
+    def append(self, raw: bytes, flags: str = "") -> int:
+        def work(imap: imaplib.IMAP4_SSL) -> int:
+            _, data = imap.append("INBOX", f"({flags})" if flags else None, None, raw)
+            match = re.search(rb"APPENDUID \d+ (\d+)", data[0])
+            assert match is not None, data
+            return int(match.group(1))
+
+        return self._session(work)
+
+    def flags(self) -> dict[int, set[str]]:
+        def work(imap: imaplib.IMAP4_SSL) -> dict[int, set[str]]:
+            _, data = imap.uid("FETCH", "1:*", "(FLAGS)")
+            found = {}
+            for item in data:
+                match = re.search(rb"UID (\d+) FLAGS \(([^)]*)\)|FLAGS \(([^)]*)\) UID (\d+)", item or b"")
+                if match:
+                    uid = match.group(1) or match.group(4)
+                    flags = match.group(2) if match.group(2) is not None else match.group(3)
+                    found[int(uid)] = set(flags.decode().split())
+            return found
+
+        return self._session(work)
+
+    def with_subject(self, text: str) -> list[int]:
+        def work(imap: imaplib.IMAP4_SSL) -> list[int]:
+            _, data = imap.uid("SEARCH", "SUBJECT", f'"{text}"')
+            return [int(uid) for uid in data[0].split()]
+
+        return self._session(work)
+
+    def purge(self, uids: list[int]) -> None:
+        if not uids:
+            return
+
+        def work(imap: imaplib.IMAP4_SSL) -> None:
+            uid_set = ",".join(map(str, uids))
+            imap.uid("STORE", uid_set, "+FLAGS.SILENT", r"(\Deleted)")
+            imap.uid("EXPUNGE", uid_set)
+
+        self._session(work)
+
+
+@pytest.fixture
+def mailboxes(lab: Lab) -> dict[str, Mailbox]:
+    return {name: Mailbox(lab, account) for name, account in lab.accounts.items()}
+
+
+async def purge_responses(box: Mailbox, tag: str, count: int) -> None:
+    """Remove the responses an acceptor sent where no inviter consumed them, once they are delivered."""
+    await until(lambda: len(box.with_subject(tag)) >= count, timeout=10)
+    box.purge(box.with_subject(tag))
+
+
+def letter(
+    config: MailConfig,
+    kind: message.Kind = "request",
+    puzzle: int = 7,
+    *,
+    date: datetime.datetime | None = None,
+    in_reply_to: str | None = None,
+    keys: smime.Keys | None = None,
+) -> bytes:
+    """A message as `config`'s host would send it."""
+    return message.build(
+        kind,
+        Offer(INVITER_OFFER.outer, puzzle),
+        config.outgoing,
+        message_id=message.new_message_id(config.address),
+        date=date or datetime.datetime.now(datetime.UTC),
+        in_reply_to=in_reply_to,
+        keys=keys,
+    )
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["two-accounts", "shared-mailbox"])
+@pytest.mark.parametrize("smtp_port", [Lab.SMTPS_PORT, Lab.SUBMISSION_PORT], ids=["smtps", "starttls"])
+async def test_round_trip(lab: Lab, mailboxes: dict[str, Mailbox], shared: bool, smtp_port: int) -> None:
+    pair = Pair.make(lab, shared, smtp_port=smtp_port)
+    async with accepting(lab, pair.acceptor) as acceptor:
+        assert await invite(lab, pair.inviter) == ACCEPTOR_OFFER
+        assert [invitation.offer for invitation in acceptor.invitations] == [INVITER_OFFER]
+    for box in mailboxes.values():  # both messages consumed and expunged
+        assert box.with_subject(pair.tag) == []
+
+
+async def test_empty_mailbox_times_out_cleanly(lab: Lab, mailboxes: dict[str, Mailbox]) -> None:
+    pair = Pair.make(lab, shared=False)
+    with pytest.raises(MailTimeoutError, match=pair.inviter.peer_id):
+        await invite(lab, pair.inviter, timeout=3)
+    mailboxes["remote"].purge(mailboxes["remote"].with_subject(pair.tag))
+
+
+async def test_foreign_mail_stays_as_it_was(lab: Lab, mailboxes: dict[str, Mailbox]) -> None:
+    pair = Pair.make(lab, shared=True)
+    box = mailboxes["shared"]
+    foreign = f"foreign-{pair.tag}"
+    raw = f"From: x@lab.test\r\nTo: shared@lab.test\r\nSubject: {foreign}\r\n\r\nhello\r\n".encode()
+    near_miss = letter(pair.inviter).replace(pair.inviter.host_id.encode(), foreign.encode())
+    before_start = [box.append(raw, r"\Flagged"), box.append(raw, r"\Deleted")]
+    async with accepting(lab, pair.acceptor) as acceptor:
+        during = [box.append(raw), box.append(raw, r"\Seen \Answered"), box.append(near_miss)]
+        before = box.flags()
+        assert await invite(lab, pair.inviter) == ACCEPTOR_OFFER
+        assert len(acceptor.invitations) == 1
+    after = box.flags()
+    for uid in before_start + during:
+        assert after[uid] == before[uid]
+    assert box.with_subject(pair.tag) == sorted(before_start + during)
+    box.purge(before_start + during)
+
+
+async def test_replayed_stale_and_forged_requests_are_ignored(
+    lab: Lab, mailboxes: dict[str, Mailbox]
+) -> None:
+    pair = Pair.make(lab, shared=False)
+    box = mailboxes["remote"]
+    inviter, stranger = (
+        pair.inviter,
+        mail_config(lab, lab.accounts["shared"], lab.accounts["remote"], pair.inviter.host_id, "x"),
+    )
+    first = letter(inviter, puzzle=1)
+    old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
+    future = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+    box.append(letter(inviter, puzzle=99))  # before the acceptor started
+    async with accepting(lab, pair.acceptor) as acceptor:
+        box.append(first)
+        await until(lambda: len(acceptor.invitations) == 1)
+        ignored = [
+            box.append(first),  # the same message again
+            box.append(letter(inviter, puzzle=1)),  # a new message with a used puzzle
+            box.append(letter(inviter, puzzle=2, date=old)),
+            box.append(letter(inviter, puzzle=3, date=future)),
+            box.append(letter(stranger, puzzle=4)),  # right subject, wrong sender
+            box.append(letter(inviter, "response", puzzle=5)),
+        ]
+        box.append(letter(inviter, puzzle=6))
+        await until(lambda: len(acceptor.invitations) == 2)
+        await asyncio.sleep(1)
+    assert [invitation.offer.puzzle for invitation in acceptor.invitations] == [1, 6]
+    remaining = box.with_subject(pair.tag)
+    assert set(ignored) <= set(remaining)
+    box.purge(remaining)
+    await purge_responses(mailboxes["local"], pair.tag, 2)
+
+
+async def test_response_to_another_request_is_ignored(lab: Lab, mailboxes: dict[str, Mailbox]) -> None:
+    pair = Pair.make(lab, shared=False)
+    inviter_box = mailboxes["local"]
+    before = inviter_box.append(letter(pair.acceptor, "response", puzzle=1))  # arrived before the request
+    task = asyncio.ensure_future(invite(lab, pair.inviter, timeout=8))
+    await until(lambda: bool(mailboxes["remote"].with_subject(pair.inviter.host_id)))
+    stale = inviter_box.append(letter(pair.acceptor, "response", puzzle=2, in_reply_to="<other@lab.test>"))
+    with pytest.raises(MailTimeoutError):
+        await task
+    inviter_box.purge([before, stale])
+    mailboxes["remote"].purge(mailboxes["remote"].with_subject(pair.tag))
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    directory = tmp_path_factory.mktemp("smime")
+    ca = make_identity(directory, "ca", ca=True)
+    return {"ca": ca, "a": make_identity(directory, "a", ca), "b": make_identity(directory, "b", ca)}
+
+
+def smime_pair(lab: Lab, identities: dict[str, Any]) -> Pair:
+    pair = Pair.make(lab, shared=False)
+    ca = identities["ca"].cert_path
+    a, b = identities["a"], identities["b"]
+    return Pair(
+        dataclasses.replace(pair.inviter, smime=SmimeConfig(a.cert_path, a.key_path, b.cert_path, ca)),
+        dataclasses.replace(pair.acceptor, smime=SmimeConfig(b.cert_path, b.key_path, a.cert_path, ca)),
+        pair.tag,
+    )
+
+
+async def test_smime_round_trip_and_tampering(
+    lab: Lab, mailboxes: dict[str, Mailbox], identities: dict[str, Any]
+) -> None:
+    pair = smime_pair(lab, identities)
+    box = mailboxes["remote"]
+    assert pair.inviter.smime is not None
+    body = message.format_body("request", Offer(INVITER_OFFER.outer, 5)).encode() + b"\r\n"
+    tampered_entity = sign(body, identities["a"]).replace(b" 5\r\n", b" 6\r\n")
+    sealed = smime.encrypt(tampered_entity, identities["b"].cert)
+    plain = letter(pair.inviter, puzzle=9)
+    tampered = plain.split(b"Content-Type")[0] + (
+        b"MIME-Version: 1.0\r\nContent-Type: application/pkcs7-mime; smime-type=enveloped-data\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + mail_base64(sealed)
+    )
+    async with accepting(lab, pair.acceptor) as acceptor:
+        rejected = [box.append(tampered), box.append(plain)]
+        assert await invite(lab, pair.inviter) == ACCEPTOR_OFFER
+        assert [invitation.offer for invitation in acceptor.invitations] == [INVITER_OFFER]
+    assert box.with_subject(pair.tag) == rejected
+    box.purge(rejected)
+
+
+def mail_base64(data: bytes) -> bytes:
+    return base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+
+async def send(lab: Lab, config: MailConfig, data: bytes) -> None:
+    """Mail data from host a the way plexus does."""
+    await lab.call("a", lambda: mail.send(config, mail.tls_context(config), data))
+
+
+async def test_dropped_imap_connection_is_survived(lab: Lab, mailboxes: dict[str, Mailbox]) -> None:
+    pair = Pair.make(lab, shared=False)
+    block = "table inet plexus_test {\n chain out {\n  type filter hook output priority 0;\n"
+    block += "  tcp dport 993 reject with tcp reset\n }\n}\n"
+    async with accepting(lab, pair.acceptor) as acceptor:
+        await asyncio.sleep(1)  # in IDLE by now
+        lab.exec("b", ["nft", "-f", "-"], input=block, check=True)
+        try:
+            killed = lab.exec("b", ["ss", "-K", "-n", "dst", Lab.MAIL_HOST, "dport", "=", "993"])
+            assert "993" in killed.stdout
+            await send(lab, pair.inviter, letter(pair.inviter))  # arrives while the acceptor is cut off
+            await asyncio.sleep(1.5)
+        finally:
+            lab.exec("b", ["nft", "delete", "table", "inet", "plexus_test"], check=True)
+        await until(lambda: len(acceptor.invitations) == 1, timeout=40)
+    await purge_responses(mailboxes["local"], pair.tag, 1)
+
+
+async def test_wrong_password(lab: Lab) -> None:
+    pair = Pair.make(lab, shared=False, password="wrong")
+    with pytest.raises(MailAuthError, match="IMAP server"):
+        await invite(lab, pair.inviter)
+    with pytest.raises(MailAuthError, match="SMTP server"):
+        await send(lab, pair.inviter, b"x")
+
+
+async def test_untrusted_server_certificate(lab: Lab, identities: dict[str, Any]) -> None:
+    pair = Pair.make(lab, shared=False, ca=identities["ca"].cert_path)
+    with pytest.raises(MailConnectionError, match="TLS"):
+        await invite(lab, pair.inviter)
+    with pytest.raises(MailConnectionError, match="TLS"):
+        await send(lab, pair.inviter, b"x")
+
+
+async def test_unreachable_server(lab: Lab) -> None:
+    pair = Pair.make(lab, shared=False)
+    config = dataclasses.replace(pair.inviter, imap=Endpoint(Lab.MAIL_HOST, 1))
+    with pytest.raises(MailConnectionError, match="cannot reach IMAP"):
+        await invite(lab, config)
+
+
+async def test_waiting_sleeps_in_idle(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
+    """No polling while the server offers IDLE: a quiet mailbox costs (almost) no commands after IDLE starts.
+
+    Another test's mail or clean-up in the same mailbox may wake the IDLE once (DONE, UID FETCH, IDLE)."""
+    pair = Pair.make(lab, shared=False)
+    with caplog.at_level(logging.DEBUG, logger="aioimaplib.aioimaplib"):
+        async with accepting(lab, pair.acceptor):
+            await asyncio.sleep(1)
+            sent_before = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Sending")]
+            await asyncio.sleep(4)
+            sent_after = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Sending")]
+    assert any(" IDLE" in line for line in sent_before), sent_before
+    assert len(sent_after) - len(sent_before) <= 6, sent_after[len(sent_before) :]
+
+
+async def test_server_without_idle_is_polled(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    has_capability = aioimaplib.IMAP4.has_capability
+    monkeypatch.setattr(
+        aioimaplib.IMAP4, "has_capability", lambda imap, name: name != "IDLE" and has_capability(imap, name)
+    )
+    monkeypatch.setattr(mail, "POLL_INTERVAL", 0.5)
+    pair = Pair.make(lab, shared=True)
+    async with accepting(lab, pair.acceptor) as acceptor:
+        assert await invite(lab, pair.inviter) == ACCEPTOR_OFFER
+        assert len(acceptor.invitations) == 1

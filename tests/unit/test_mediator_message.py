@@ -1,0 +1,200 @@
+"""The rendezvous mail, sans I/O: body format, headers, reading, freshness."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import email
+import email.policy
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from plexus.endpoint import Endpoint
+from plexus.mediator.message import (
+    CLOCK_TOLERANCE,
+    Letter,
+    MessageError,
+    Offer,
+    Route,
+    Screen,
+    build,
+    format_body,
+    parse_body,
+    parse_headers,
+    read,
+)
+
+NOW = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.UTC)
+ALICE = Route("Alice@Example.org", "bob@example.org", "host-a")
+OFFER = Offer(Endpoint("198.51.100.2", 40000), 2**64 - 1)
+
+
+def letter(kind: str = "request", puzzle: int = 1, **changes: Any) -> Letter:
+    fields: dict[str, object] = {
+        "kind": kind,
+        "offer": Offer(Endpoint("198.51.100.2", 40000), puzzle),
+        "message_id": "<r@example.org>",
+        "in_reply_to": None,
+        "date": NOW,
+    }
+    fields.update(changes)
+    return Letter(**fields)  # type: ignore[arg-type]
+
+
+def test_body_is_the_2_2_line() -> None:
+    assert format_body("request", OFFER) == "PLEXUS 2.1 request 198.51.100.2 40000 18446744073709551615"
+    assert parse_body("PLEXUS 2.1 response 203.0.113.5 1 0\r\n") == (
+        "response",
+        Offer(Endpoint("203.0.113.5", 1), 0),
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "PLEXUS 2.1 request 1.2.3.4 5",
+        "PLEXUS 2.2 request 1.2.3.4 5 6",
+        "PLEXUS 2.1 invite 1.2.3.4 5 6",
+        "PLEXUS 2.1 request host.example 5 6",
+        "PLEXUS 2.1 request 1.2.3.4 0 6",
+        "PLEXUS 2.1 request 1.2.3.4 65536 6",
+        "PLEXUS 2.1 request 1.2.3.4 5 18446744073709551616",
+        "PLEXUS 2.1 request 1.2.3.4 5 -1",
+        "PLEXUS 2.1 request 1.2.3.4 \u0665 6",
+        "plexus 2.1 request 1.2.3.4 5 6",
+        "PLEXUS 2.1 request 1.2.3.4 5 6 7",
+    ],
+)
+def test_bad_bodies_are_rejected(text: str) -> None:
+    with pytest.raises(MessageError):
+        parse_body(text)
+
+
+@given(st.text())
+def test_any_text_gives_an_offer_or_a_clean_rejection(text: str) -> None:
+    try:
+        kind, offer = parse_body(text)
+    except MessageError:
+        return
+    assert kind in ("request", "response")
+    assert 0 < offer.outer.port < 65536 and 0 <= offer.puzzle < 2**64
+
+
+@given(
+    st.sampled_from(["request", "response"]),
+    st.ip_addresses(v=4).map(str),
+    st.integers(1, 65535),
+    st.integers(0, 2**64 - 1),
+)
+def test_body_round_trip(kind: str, host: str, port: int, puzzle: int) -> None:
+    offer = Offer(Endpoint(host, port), puzzle)
+    assert parse_body(format_body(kind, offer)) == (kind, offer)  # type: ignore[arg-type]
+
+
+def test_request_headers_and_round_trip() -> None:
+    raw = build("request", OFFER, ALICE, message_id="<1@example.org>", date=NOW)
+    headers = parse_headers(raw)
+    assert headers["From"] == "Alice@Example.org"
+    assert headers["To"] == "bob@example.org"
+    assert headers["Subject"] == "host-a"
+    assert headers["Message-ID"] == "<1@example.org>"
+    assert headers["In-Reply-To"] is None
+    assert email.utils.parsedate_to_datetime(headers["Date"]) == NOW
+    assert read(raw, None) == Letter("request", OFFER, "<1@example.org>", None, NOW)
+
+
+def test_response_names_the_request() -> None:
+    raw = build("response", OFFER, ALICE, message_id="<2@x>", date=NOW, in_reply_to="<1@example.org>")
+    assert read(raw, None).in_reply_to == "<1@example.org>"
+
+
+def test_every_line_fits_smtp() -> None:
+    route = Route("a@example.org", "b@example.org", "h" * 1500)
+    raw = build("request", OFFER, route, message_id="<1@x>", date=NOW)
+    assert raw.endswith(b"\r\n") and b"\n" not in raw.replace(b"\r\n", b"")
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    assert route.matches(parse_headers(raw))
+
+
+def test_mail_from_plexus_2_2_is_read() -> None:
+    raw = b"From: a@x\r\nTo: b@x\r\nSubject: host-a\r\n\r\nPLEXUS 2.1 request 198.51.100.2 40000 7\r\n"
+    assert read(raw, None) == Letter("request", Offer(Endpoint("198.51.100.2", 40000), 7), None, None, None)
+
+
+def test_route_matching() -> None:
+    def headers(sender: str, recipient: str, subject: str) -> email.message.Message:
+        return email.message_from_string(f"From: {sender}\nTo: {recipient}\nSubject: {subject}\n\n")
+
+    incoming = Route("peer@example.org", "me@example.org", "peer-host")
+    assert incoming.matches(headers("Peer <PEER@example.org>", "me@Example.org", "peer-host"))
+    assert incoming.matches(headers("peer@example.org", "x@y, me@example.org", "peer-host"))
+    assert not incoming.matches(headers("peer@example.org", "me@example.org", "peer-host2"))
+    assert not incoming.matches(headers("peer@example.org", "me@example.org", "Peer-host"))
+    assert not incoming.matches(headers("evil@example.org", "me@example.org", "peer-host"))
+    assert not incoming.matches(headers("peer@example.org, evil@x", "me@example.org", "peer-host"))
+    assert not incoming.matches(headers("peer@example.org", "other@example.org", "peer-host"))
+    assert not incoming.matches(email.message_from_string("Subject: peer-host\n\n"))
+    assert not incoming.matches(headers("peer@example.org", "me@example.org", "=?x-unknown?q?peer-host?="))
+    assert incoming.matches(headers("peer@example.org", "me@example.org", "=?utf-8?q?peer-host?="))
+
+
+def test_non_ascii_subject_round_trips() -> None:
+    route = Route("a@example.org", "b@example.org", "hôte-ä")
+    raw = build("request", OFFER, route, message_id="<1@x>", date=NOW)
+    raw.decode("ascii")
+    assert route.matches(parse_headers(raw))
+
+
+def test_screen_admits_fresh_letters_once() -> None:
+    screen = Screen()
+    screen.admit(letter(), "request", NOW)
+    with pytest.raises(MessageError, match="replay"):
+        screen.admit(letter(), "request", NOW)
+    screen.admit(letter(puzzle=2, date=None), "request", NOW)  # plexus 2.2 sends no Date
+
+
+def test_screen_rejects_wrong_kind() -> None:
+    with pytest.raises(MessageError, match="expected a request"):
+        Screen().admit(letter("response"), "request", NOW)
+
+
+@pytest.mark.parametrize("field", ["date", "signing_time"])
+@pytest.mark.parametrize("offset", [-CLOCK_TOLERANCE * 2, CLOCK_TOLERANCE * 2])
+def test_screen_rejects_old_and_future_times(field: str, offset: datetime.timedelta) -> None:
+    with pytest.raises(MessageError, match="from now"):
+        changes: dict[str, Any] = {field: NOW + offset}
+        Screen().admit(letter(**changes), "request", NOW)
+
+
+def test_screen_ties_a_response_to_its_request() -> None:
+    screen = Screen()
+    with pytest.raises(MessageError, match="not our request"):
+        screen.admit(letter("response", in_reply_to="<old@x>"), "response", NOW, reply_to="<new@x>")
+    screen.admit(letter("response", in_reply_to="<new@x>"), "response", NOW, reply_to="<new@x>")
+    screen.admit(letter("response", puzzle=3), "response", NOW, reply_to="<new@x>")  # 2.2: no In-Reply-To
+
+
+def test_unreadable_date_is_rejected() -> None:
+    raw = b"From: a@x\r\nTo: b@x\r\nSubject: s\r\nDate: yesterday\r\n\r\nPLEXUS 2.1 request 1.2.3.4 5 6\r\n"
+    with pytest.raises(MessageError, match="Date"):
+        read(raw, None)
+
+
+def test_smime_mail_without_keys_is_rejected() -> None:
+    raw = (
+        b"From: a@x\r\nTo: b@x\r\nSubject: s\r\nContent-Type: application/pkcs7-mime\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\nAAAA\r\n"
+    )
+    with pytest.raises(MessageError, match="no --smime"):
+        read(raw, None)
+
+
+@given(st.binary())
+def test_any_bytes_read_or_rejected_cleanly(data: bytes) -> None:
+    with contextlib.suppress(MessageError):
+        read(data, None)
+    Route("a@x", "b@x", "s").matches(email.message_from_bytes(data, policy=email.policy.compat32))
