@@ -64,6 +64,9 @@ async def call_in_netns(name: str, factory: Callable[[], Awaitable[T]]) -> T:
     """
     outer_loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = outer_loop.create_future()
+    # When the caller is cancelled, the shielded future still receives the thread's outcome later: retrieve
+    # it, or asyncio reports "Future exception was never retrieved" from a test that has long passed.
+    done.add_done_callback(lambda future: None if future.cancelled() else future.exception())
     inner: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[T]]] = []
     started = threading.Event()
 
