@@ -1,4 +1,4 @@
-"""The UDP endpoint as the protocol names it: inner (the host's own socket), outer (its public mapping), peer."""
+"""A UDP endpoint as the protocol names them: inner (own socket), outer (its public mapping), peer."""
 
 from __future__ import annotations
 
