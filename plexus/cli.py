@@ -207,7 +207,11 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-Text = Annotated[str | None, typer.Option()]
+def _option(metavar: str, help: str, *names: str) -> Any:
+    return typer.Option(*names, metavar=metavar, help=help)
+
+
+Value = str | None
 
 
 @app.command(context_settings={"help_option_names": ["--help", "-h"]})
@@ -219,49 +223,52 @@ def run(
         bool, typer.Option("--explore", help="Print the NAT's behaviour as STUN shows it, then exit.")
     ] = False,
     json_: Annotated[bool, typer.Option("--json", help="With --explore: one JSON object.")] = False,
-    host_id: Annotated[str | None, typer.Option(help="This host's id: the subject of its mail.")] = None,
-    peer_id: Annotated[str | None, typer.Option(help="The peer's id: the subject plexus waits for.")] = None,
-    stun_server: Annotated[str | None, typer.Option(help="STUN server HOST[:PORT].")] = None,
-    stun_client: Annotated[
-        str | None, typer.Option(help="Inner endpoint IP:PORT to punch from (default: any).")
+    host_id: Annotated[Value, _option("ID", "This host's id: the subject of its mail.")] = None,
+    peer_id: Annotated[Value, _option("ID", "The peer's id: the subject plexus waits for.")] = None,
+    stun_server: Annotated[Value, _option("HOST[:PORT]", "STUN server (port 3478 by default).")] = None,
+    stun_client: Annotated[Value, _option("IP:PORT", "Inner endpoint to punch from [default: any].")] = None,
+    email_smtps: Annotated[Value, _option("HOST:PORT", "SMTP server (TLS; STARTTLS on 25 and 587).")] = None,
+    email_imaps: Annotated[Value, _option("HOST:PORT", "IMAP server (TLS).")] = None,
+    email_login: Annotated[Value, _option("LOGIN", "Login for both mail servers.")] = None,
+    email_passwd: Annotated[
+        Value, _option("PASSWORD", "Its password (better in --config).", "--email-passwd", "--email-password")
     ] = None,
-    email_smtps: Annotated[str | None, typer.Option(help="SMTP server HOST:PORT (TLS).")] = None,
-    email_imaps: Annotated[str | None, typer.Option(help="IMAP server HOST:PORT (TLS).")] = None,
-    email_login: Text = None,
-    email_passwd: Annotated[str | None, typer.Option("--email-passwd", "--email-password")] = None,
-    email_from: Annotated[str | None, typer.Option(help="Email address used by the host.")] = None,
-    email_to: Annotated[str | None, typer.Option(help="Email address used by the peer.")] = None,
-    email_cert: Annotated[str | None, typer.Option(help="Client certificate for the mail servers.")] = None,
-    email_key: Annotated[str | None, typer.Option(help="Key of the client certificate.")] = None,
-    email_ca: Annotated[str | None, typer.Option(help="CA to verify the mail servers with.")] = None,
-    smime_peer: Annotated[str | None, typer.Option(help="Peer's S/MIME certificate.")] = None,
-    smime_cert: Annotated[str | None, typer.Option(help="Host's S/MIME certificate.")] = None,
-    smime_key: Annotated[str | None, typer.Option(help="Host's S/MIME key.")] = None,
-    smime_ca: Annotated[str | None, typer.Option(help="CA to verify the peer's S/MIME certificate.")] = None,
-    punch_hops: Annotated[
-        str | None, typer.Option(help="TTL of the first punch packet [default: 7].")
+    email_from: Annotated[Value, _option("ADDRESS", "Email address used by the host.")] = None,
+    email_to: Annotated[
+        Value, _option("ADDRESS", "Email address used by the peer [default: --email-from].")
     ] = None,
-    exec_command: Annotated[str | None, typer.Option(help="Command to launch once connected.")] = None,
+    email_cert: Annotated[Value, _option("FILE", "Client certificate for the mail servers.")] = None,
+    email_key: Annotated[Value, _option("FILE", "Key of the client certificate.")] = None,
+    email_ca: Annotated[
+        Value, _option("FILE", "CA to verify the mail servers with [default: system].")
+    ] = None,
+    smime_peer: Annotated[Value, _option("FILE", "Peer's S/MIME certificate.")] = None,
+    smime_cert: Annotated[Value, _option("FILE", "Host's S/MIME certificate (RSA).")] = None,
+    smime_key: Annotated[Value, _option("FILE", "Host's S/MIME key.")] = None,
+    smime_ca: Annotated[Value, _option("FILE", "CA to verify the peer's S/MIME certificate.")] = None,
+    punch_hops: Annotated[Value, _option("TTL", "TTL of the first punch packet [default: 7].")] = None,
+    exec_command: Annotated[Value, _option("PATH", "Command to launch once connected.")] = None,
     exec_args: Annotated[
-        str | None,
-        typer.Option(
-            help="Its arguments, with wildcards %innerip% %innerport% %outerip% %outerport% "
-            "%peerip% %peerport% %secret%."
+        Value,
+        _option(
+            "ARGS",
+            "Its arguments, with wildcards %innerip% %innerport% %outerip% %outerport% %peerip% %peerport% "
+            "%secret% [default: all seven in that order].",
         ),
     ] = None,
-    exec_pwd: Annotated[str | None, typer.Option(help="Its working directory.")] = None,
-    exec_log_file: Annotated[str | None, typer.Option(help="File for its stdout and stderr.")] = None,
+    exec_pwd: Annotated[Value, _option("DIR", "Its working directory.")] = None,
+    exec_log_file: Annotated[Value, _option("FILE", "File for its stdout and stderr.")] = None,
     response_timeout: Annotated[
-        str | None, typer.Option(help="Seconds the inviter waits for the response [default: 60].")
+        Value, _option("SECONDS", "How long the inviter waits for the response [default: 60].")
     ] = None,
     handshake_timeout: Annotated[
-        str | None, typer.Option(help="Seconds for the handshake [default: 60].")
+        Value, _option("SECONDS", "How long the handshake may take [default: 60].")
     ] = None,
     log_level: Annotated[
-        str | None, typer.Option(help="fatal|error|warning|info|debug|trace [default: info].")
+        Value, _option("LEVEL", "fatal|error|warning|info|debug|trace [default: info].")
     ] = None,
-    log_file: Annotated[str | None, typer.Option(help="Write the log here instead of stderr.")] = None,
-    config: Annotated[str | None, typer.Option(help="File of name=value lines with these options.")] = None,
+    log_file: Annotated[Value, _option("FILE", "Write the log here instead of stderr.")] = None,
+    config: Annotated[Value, _option("FILE", "File of `name = value` lines with these options.")] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
