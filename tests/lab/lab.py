@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from aioice import stun
 
 from plexus.endpoint import Endpoint
-from tests.lab import netns
+from tests.lab import netns, wire
 from tests.lab.pki import make_pki
 
 T = TypeVar("T")
@@ -263,6 +263,7 @@ class Lab:
         }
         self.modes: dict[str, NatMode] = {"a": "cone", "b": "cone"}
         self._servers: dict[str, _Server] = {}
+        self._wires: dict[str, wire.Wire] = {}  # hosts whose WAN link is a delay wire, not a veth
         self._created: list[str] = []
         self.startup_s = 0.0
 
@@ -340,6 +341,10 @@ class Lab:
             with contextlib.suppress(Exception):
                 server.stop()
         self._servers.clear()
+        for link in self._wires.values():
+            with contextlib.suppress(Exception):
+                link.stop()
+        self._wires.clear()
         for name in reversed(self._created):
             _kill_namespace(name)
         self._created.clear()
@@ -373,10 +378,7 @@ class Lab:
             router = f"nat-{host}"
             self.ip(router, "addr", "add", f"{site.lan_net}.1/24", "dev", "lan")
             self.ip(router, "addr", "add", f"{site.public_gw}/27", "dev", "lan")
-            self.ip(router, "addr", "add", f"{site.wan_ip}/30", "dev", "wan")
-            self.ip(router, "route", "add", "default", "via", site.inet_ip)
-            self.ip("inet", "addr", "add", f"{site.inet_ip}/30", "dev", router)
-            self.ip("inet", "route", "add", f"{site.public_net}/27", "via", site.wan_ip)
+            self._address_wan(host)
             self._set_host_address(host)
             run(["ip", "netns", "exec", self.netns(router), "nft", "-f", "-"], input=_NFT_COUNTER)
             self._apply_nat(host)
@@ -393,6 +395,14 @@ class Lab:
              "peer", "name", name2, "netns", self.netns(ns2)])  # fmt: skip
         self.ip(ns1, "link", "set", name1, "up")
         self.ip(ns2, "link", "set", name2, "up")
+
+    def _address_wan(self, host: str) -> None:
+        """Addresses and routes of the link between the host's NAT router and inet (a veth or a wire)."""
+        site, router = SITES[host], f"nat-{host}"
+        self.ip(router, "addr", "add", f"{site.wan_ip}/30", "dev", "wan")
+        self.ip(router, "route", "add", "default", "via", site.inet_ip)
+        self.ip("inet", "addr", "add", f"{site.inet_ip}/30", "dev", router)
+        self.ip("inet", "route", "add", f"{site.public_net}/27", "via", site.wan_ip)
 
     def _set_host_address(self, host: str) -> None:
         site = SITES[host]
@@ -421,22 +431,37 @@ class Lab:
         self._apply_nat(host)
 
     def set_link(self, host: str, delay_ms: float = 0, loss_pct: float = 0) -> None:
-        """Degrade the host's WAN link: loss_pct each way (nftables), delay_ms each way (tc netem).
+        """Degrade the host's WAN link: loss_pct each way (nftables), delay_ms each way.
 
-        Loss uses nftables because some kernels (this lab's CI VM among them) have no sch_netem; delay needs
-        netem and raises LabError without it (see netem_available).
+        Loss uses nftables because some kernels (this lab's CI VM among them) have no sch_netem. Delay uses tc
+        netem where the kernel has it, else a delay wire (tests/lab/wire.py) in place of the WAN veth.
         """
         _site(host)
-        if delay_ms and not self.netem_available:
-            raise LabError("this kernel has no tc netem (sch_netem), so the lab cannot delay packets")
         router = self.netns(f"nat-{host}")
         run(["ip", "netns", "exec", router, "nft", "-f", "-"], input=_nft_loss(loss_pct))
-        for ns, dev in ((router, "wan"), (self.netns("inet"), f"nat-{host}")):
-            if delay_ms:
-                run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root",
-                     "netem", "delay", f"{delay_ms}ms"])  # fmt: skip
-            elif self.netem_available:
-                run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
+        if self.netem_available:
+            for ns, dev in ((router, "wan"), (self.netns("inet"), f"nat-{host}")):
+                if delay_ms:
+                    run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root",
+                         "netem", "delay", f"{delay_ms}ms"])  # fmt: skip
+                else:
+                    run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
+            return
+        old = self._wires.pop(host, None)
+        if old is None and not delay_ms:
+            return  # the plain veth is in place already
+        if old is None:
+            self.ip(f"nat-{host}", "link", "del", "wan")  # takes inet's end with it
+        else:
+            old.stop()  # its taps vanish with it
+        if delay_ms:
+            try:
+                self._wires[host] = wire.start(router, "wan", self.netns("inet"), f"nat-{host}", delay_ms)
+            except OSError as error:
+                raise LabError(str(error)) from error
+        else:
+            self._veth(f"nat-{host}", "wan", "inet", f"nat-{host}")
+        self._address_wan(host)
 
     @functools.cached_property
     def netem_available(self) -> bool:
