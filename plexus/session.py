@@ -1,7 +1,8 @@
 """One plexus session from each side: STUN on the punching socket, the mail rendezvous, the punch, the launch.
 
 Inviter (once): STUN -> request by mail -> wait for the response -> handshake -> launch.
-Acceptor (forever): wait for a request -> STUN -> TTL punch -> response by mail -> handshake -> launch.
+Acceptor: STUN once (an unsuitable NAT is refused at the start), then forever: wait for a request -> STUN ->
+TTL punch -> response by mail -> handshake -> launch.
 The acceptor serves each request in its own task, so a slow or failing session never stops the loop.
 """
 
@@ -81,7 +82,13 @@ async def invite(config: SessionConfig) -> Tunnel:
 
 
 async def accept(config: SessionConfig) -> None:
-    """Serve requests forever; each in its own task."""
+    """Refuse an unsuitable NAT at once, as plexus 2.2 does; then serve requests forever, each in a task.
+
+    Refusing at the start, not per request, is what saves the inviters: an acceptor that never answers leaves
+    each of them waiting out its whole response timeout. Each session still checks again (networks change).
+    """
+    with contextlib.closing(bind(config.inner)) as sock:
+        await discover(sock, config.stun_server)
     sessions: set[asyncio.Task[None]] = set()
     # Sessions on a fixed inner port take turns: two sockets cannot hold one endpoint.
     turn = asyncio.Lock() if config.inner.port else None

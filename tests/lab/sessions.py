@@ -141,13 +141,19 @@ def kill_launched(lab: Lab, host: str, name: str) -> None:
             continue  # gone meanwhile
 
 
-def wait_until_listening(acceptor: Plexus, timeout: float = 20.0) -> None:
-    """The acceptor logs `waiting for requests` once its mailbox watch is in place."""
+def started(acceptor: Plexus, timeout: float = 20.0) -> int | None:
+    """None once the acceptor listens (it logs `waiting for requests`), or its exit code if it quit first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if "waiting for requests" in acceptor.log():
-            return
+            return None
         if acceptor.process.poll() is not None:
-            raise AssertionError(f"acceptor exited {acceptor.process.returncode}: {acceptor.stderr()}")
+            return acceptor.process.returncode
         time.sleep(0.05)
     raise AssertionError(f"acceptor not listening within {timeout} s\n{acceptor.log()}")
+
+
+def wait_until_listening(acceptor: Plexus, timeout: float = 20.0) -> None:
+    code = started(acceptor, timeout)
+    if code is not None:
+        raise AssertionError(f"acceptor exited {code}: {acceptor.stderr()}")

@@ -89,13 +89,17 @@ def test_one_acceptor_serves_invites_in_a_row_and_at_once(
     assert acceptor.process.poll() is None, "the acceptor loop must go on"
 
 
-def test_symmetric_nat_is_refused_with_its_exit_code(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
-    lab.set_nat("a", "symmetric")
+@pytest.mark.parametrize("accept", [False, True], ids=["inviter", "acceptor"])
+def test_symmetric_nat_is_refused_with_its_exit_code(
+    lab: Lab, tmp_path: Path, running: list[Plexus], accept: bool
+) -> None:
     inviter, acceptor_side = sessions.pair(lab)
-    invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False)
-    running.append(invite)
-    assert invite.wait(60) == ExitCode.NAT_UNSUITABLE
-    message = invite.stderr()
+    me, peer = (acceptor_side, inviter) if accept else (inviter, acceptor_side)
+    lab.set_nat(me.host, "symmetric")
+    refused = sessions.start(lab, me, peer, tmp_path, accept=accept)
+    running.append(refused)
+    assert refused.wait(60) == ExitCode.NAT_UNSUITABLE
+    message = refused.stderr()
     assert message.count("\n") == 1 and "address" in message and "dependent" in message, message
 
 
