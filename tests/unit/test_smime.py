@@ -123,7 +123,7 @@ def openssl(*args: str, data: bytes) -> bytes:
 
 
 def test_round_trip(pki: Pki) -> None:
-    # signingTime is the moment of signing (whole seconds), not the Date given: NOW is from the module's import.
+    # signingTime is the moment of signing (whole seconds), not the Date given: NOW dates from the import.
     signed = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     raw = message.build(
         "request", OFFER, ROUTE, message_id="<1@x>", date=NOW, keys=pki.keys(pki.alice, pki.bob)
