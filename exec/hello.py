@@ -17,6 +17,7 @@ LINGER = 1.0
 
 
 def main() -> int:
+    started = time.time()
     names = ("innerip", "innerport", "outerip", "outerport", "peerip", "peerport", "secret")
     if len(sys.argv) != len(names) + 1:
         print(f"usage: {sys.argv[0]} {' '.join(names)}", file=sys.stderr)
@@ -38,7 +39,7 @@ def main() -> int:
             continue
         if source == peer and received is None:
             received, heard_at = data.decode(errors="replace"), time.monotonic()
-    print(json.dumps({"args": args, "received": received}), flush=True)
+    print(json.dumps({"args": args, "received": received, "started": started}), flush=True)
     return 0 if received else 1
 
 

@@ -1,0 +1,208 @@
+"""The plexus benchmark: `python3 -m bench` (as root; scripts/bench installs what it needs first).
+
+In its own NAT lab it measures the time to connect (with its phases, beside the floor the same path could not
+beat), which NAT pairs connect and how the others fail, and what an idle acceptor and one session cost.
+Progress goes to stderr, the report to stdout (a plain-text table), and with --json FILE also to that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench import floor, report, runs
+from bench.stats import summarize
+from bench.timeline import PHASES, TimelineError
+from tests.lab.lab import Lab, LabError, lab_available
+
+SECTIONS = ("connect", "matrix", "footprint")
+T = TypeVar("T")
+
+
+def progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=_positive(int), default=10, help="sessions per delay (default 10)")
+    parser.add_argument(
+        "--delays", type=_delays, default=(0.0, 25.0), help="one-way delays per link in ms (default 0,25)"
+    )
+    parser.add_argument(
+        "--idle", type=_positive(float), default=60.0, help="seconds of idle acceptor to measure (default 60)"
+    )
+    parser.add_argument(
+        "--fail-timeout", type=_positive(float), default=15.0,
+        help="--response-timeout and --handshake-timeout in the matrix (default 15)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sections", type=_sections, default=SECTIONS, help=f"what to run (default {','.join(SECTIONS)})"
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def convert(text: str) -> T:
+        value = kind(text)
+        if not value > 0:  # type: ignore[operator]
+            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its error message
+    return convert
+
+
+def _delays(text: str) -> tuple[float, ...]:
+    try:
+        delays = tuple(float(item) for item in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected milliseconds like 0,25, not {text!r}") from error
+    if any(delay < 0 for delay in delays):
+        raise argparse.ArgumentTypeError("delays cannot be negative")
+    return delays
+
+
+def _sections(text: str) -> tuple[str, ...]:
+    chosen = tuple(item.strip() for item in text.split(","))
+    unknown = [item for item in chosen if item not in SECTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown section {unknown[0]!r}; choose from {','.join(SECTIONS)}")
+    return chosen
+
+
+def machine() -> dict[str, Any]:
+    model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor() or "unknown CPU",
+    )  # fmt: skip
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def set_delay(lab: Lab, delay_ms: float) -> None:
+    for host in ("a", "b"):
+        lab.set_link(host, delay_ms=delay_ms)
+
+
+def bench_connect(lab: Lab, workdir: Path, args: argparse.Namespace, delivery: float) -> list[dict[str, Any]]:
+    results = []
+    for delay in args.delays:
+        set_delay(lab, delay)
+        paths = floor.Paths(floor.ping_rtt(lab, "a"), floor.ping_rtt(lab, "b"), delivery)
+        progress(f"{delay:g} ms links: RTT to the servers {paths.rtt_inviter * 1000:.1f} ms (a), "
+                 f"{paths.rtt_acceptor * 1000:.1f} ms (b); {args.runs} sessions")  # fmt: skip
+        timelines = runs.connect(lab, workdir, args.runs, on_run=lambda i, t: progress(
+            f"  run {i}: {t.total:.2f} s"))  # fmt: skip
+        bound = floor.floor(paths)
+        results.append({
+            "delay_ms": delay,
+            "rtt_inviter": paths.rtt_inviter,
+            "rtt_acceptor": paths.rtt_acceptor,
+            "rtt_peers": paths.rtt_peers,
+            "total": summarize([t.total for t in timelines]).to_json(),
+            "floor": round(sum(bound.values()), 4),
+            "phases": {
+                name: {"measured": summarize([t.phases[name] for t in timelines]).to_json(),
+                       "floor": round(bound[name], 4)}
+                for name, _ in PHASES
+            },
+            "runs": [round(t.total, 4) for t in timelines],
+        })  # fmt: skip
+    set_delay(lab, 0)
+    return results
+
+
+def bench_matrix(lab: Lab, workdir: Path, timeout: float) -> list[dict[str, Any]]:
+    cells = []
+    for inviter_mode in report.MODES:
+        for acceptor_mode in report.MODES:
+            cell = runs.matrix_cell(lab, workdir, inviter_mode, acceptor_mode, timeout)
+            progress(f"matrix {inviter_mode} -> {acceptor_mode}: {cell.side} {cell.outcome} "
+                     f"after {cell.seconds:.1f} s")
+            cells.append({"inviter": inviter_mode, "acceptor": acceptor_mode, "code": cell.code,
+                          "outcome": cell.outcome, "side": cell.side,
+                          "seconds": round(cell.seconds, 3)})  # fmt: skip
+    for host in ("a", "b"):
+        lab.set_nat(host, "cone")
+    return cells
+
+
+def bench_footprint(lab: Lab, workdir: Path, idle: float) -> dict[str, Any]:
+    progress(f"footprint: an idle acceptor for {idle:g} s, then one session")
+    found = runs.footprint(lab, workdir, idle)
+    return {
+        "idle_seconds": found.idle_seconds,
+        "idle_cpu_seconds": round(found.idle_cpu, 3),
+        "clock_tick_seconds": 1 / runs.CLOCK_TICKS,
+        "idle_rss_bytes": found.idle_rss,
+        "idle_peak_rss_bytes": found.idle_peak_rss,
+        "inviter": {
+            "code": found.session.code,
+            "seconds": round(found.session.seconds, 3),
+            "cpu_seconds": round(found.session.cpu, 3),
+            "max_rss_bytes": found.session.max_rss,
+        },
+        "acceptor_session_cpu_seconds": round(found.acceptor_session_cpu, 3),
+        "acceptor_rss_after_bytes": found.acceptor_rss_after,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": machine(), "runs": args.runs}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="plexus-bench-") as tmp, Lab() as lab:
+        workdir = Path(tmp)
+        progress(f"lab up in {lab.startup_s:.1f} s")
+        if "connect" in args.sections:
+            delivery = floor.measure_delivery(lab, "a")
+            progress(f"mail server delivery (DATA until the IDLE push): {delivery * 1000:.0f} ms")
+            results["delivery_seconds"] = round(delivery, 4)
+            results["connect"] = bench_connect(lab, workdir, args, delivery)
+        if "matrix" in args.sections:
+            results["matrix_timeout"] = args.fail_timeout
+            results["matrix"] = bench_matrix(lab, workdir, args.fail_timeout)
+        if "footprint" in args.sections:
+            results["footprint"] = bench_footprint(lab, workdir, args.idle)
+    results["bench_seconds"] = round(time.monotonic() - started, 1)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.json is not None and not args.json.parent.is_dir():
+        print(f"bench: --json {args.json}: no such directory {args.json.parent}", file=sys.stderr)
+        return 2
+    reason = lab_available()
+    if reason is not None:
+        print(f"bench: {reason}", file=sys.stderr)
+        return 2
+    try:
+        results = run(args)
+    except (LabError, TimelineError, RuntimeError, TimeoutError, OSError) as error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 1
+    print(report.render(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The benchmark's results as plain-text tables (the JSON form is the results dict itself)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.timeline import PHASES
+
+MIB = 1024 * 1024
+CORNER = "inviter \\ acceptor"
+# The issue's order: from no NAT to the one that defeats punching
+MODES = ("none", "cone", "fullcone", "symmetric")
+CELL = 34
+
+
+def render(results: dict[str, Any]) -> str:
+    host = results["machine"]
+    lines = [
+        f"plexus benchmark, {host['date']}: {host['cores']} cores ({host['cpu']}), "
+        f"Linux {host['kernel']}, Python {host['python']}; took {results['bench_seconds']:.0f} s",
+    ]
+    if "connect" in results:
+        lines += _connect(results)
+    if "matrix" in results:
+        lines += _matrix(results["matrix"], results["matrix_timeout"])
+    if "footprint" in results:
+        lines += _footprint(results["footprint"])
+    return "\n".join(lines)
+
+
+def _row(name: str, values: list[str]) -> str:
+    return f"{name:<19}" + "".join(f"{value:>9}" for value in values)
+
+
+def _ratio(measured: float, bound: float) -> str:
+    return f"{measured / bound:.1f}x" if bound >= 0.0005 else "-"
+
+
+def _connect(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "Time to connect: from the inviter's start until both launched commands run, in seconds.",
+        f"Floor: the round trips the path must make plus the mail server's own delivery time "
+        f"({results['delivery_seconds'] * 1000:.0f} ms, DATA until the IDLE push; docs/performance.md).",
+    ]
+    for entry in results["connect"]:
+        lines += [
+            "",
+            f"== {entry['delay_ms']:g} ms one-way delay per link: RTT host-servers "
+            f"{entry['rtt_inviter'] * 1000:.1f} ms (a) / {entry['rtt_acceptor'] * 1000:.1f} ms (b), "
+            f"host-host {entry['rtt_peers'] * 1000:.1f} ms; {entry['total']['n']} runs",
+            _row("phase", ["median", "min", "p90", "max", "IQR", "floor", "ratio"]),
+        ]
+        for name, _ in PHASES:
+            phase = entry["phases"][name]
+            lines.append(_row(name, [*_spread(phase["measured"]), f"{phase['floor']:.3f}",
+                                     _ratio(phase["measured"]["median"], phase["floor"])]))  # fmt: skip
+        total = entry["total"]
+        lines.append(_row("total", [*_spread(total), f"{entry['floor']:.3f}",
+                                    _ratio(total["median"], entry["floor"])]))  # fmt: skip
+    lines += ["", "phases:"] + [f"  {name:<18} {meaning}" for name, meaning in PHASES]
+    return lines
+
+
+def _spread(summary: dict[str, float]) -> list[str]:
+    return [f"{summary[key]:.3f}" for key in ("median", "min", "p90", "max", "iqr")]
+
+
+def _matrix(cells: list[dict[str, Any]], timeout: float) -> list[str]:
+    lines = [
+        "",
+        f"== Success matrix, NAT mode of the inviter's host by the acceptor's (0 ms links; "
+        f"--response-timeout {timeout:g} --handshake-timeout {timeout:g})",
+        "outcome (exit code), seconds from the inviter's start until it launched its command (ok) or exited;",
+        "acceptor: the acceptor refused its NAT at its start, seconds from its start until it exited",
+        (f"{CORNER:<20}" + "".join(f"{mode:<{CELL}}" for mode in MODES)).rstrip(),
+    ]
+    by_pair = {(cell["inviter"], cell["acceptor"]): cell for cell in cells}
+    for inviter in MODES:
+        row = f"{inviter:<20}"
+        for acceptor in MODES:
+            cell = by_pair.get((inviter, acceptor))
+            text = "-" if cell is None else _cell(cell)
+            row += f"{text:<{CELL}}"
+        lines.append(row.rstrip())
+    ok = sum(cell["code"] == 0 for cell in cells)
+    lines.append(f"{ok} of {len(cells)} pairs connect")
+    return lines
+
+
+def _cell(cell: dict[str, Any]) -> str:
+    who = "acceptor " if cell.get("side") == "acceptor" else ""
+    return f"{who}{cell['outcome']} ({cell['code']}) {cell['seconds']:.1f} s"
+
+
+def _footprint(found: dict[str, Any]) -> list[str]:
+    idle, inviter = found["idle_seconds"], found["inviter"]
+    share = 100 * found["idle_cpu_seconds"] / idle
+    return [
+        "",
+        "== Footprint",
+        f"idle acceptor (waiting in IMAP IDLE) over {idle:g} s: CPU {found['idle_cpu_seconds']:.2f} s "
+        f"(counted in {found['clock_tick_seconds']:g} s ticks) "
+        f"= {share:.3f} % of one core, RSS {found['idle_rss_bytes'] / MIB:.1f} MiB "
+        f"(peak {found['idle_peak_rss_bytes'] / MIB:.1f} MiB)",
+        f"one session, inviter process: {inviter['seconds']:.2f} s wall, CPU {inviter['cpu_seconds']:.2f} s "
+        f"(user + system), max RSS {inviter['max_rss_bytes'] / MIB:.1f} MiB",
+        f"one session, the acceptor's share: CPU {found['acceptor_session_cpu_seconds']:.2f} s, "
+        f"RSS afterwards {found['acceptor_rss_after_bytes'] / MIB:.1f} MiB",
+    ]

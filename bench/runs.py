@@ -1,0 +1,188 @@
+"""Real plexus sessions in the lab (tests/lab/sessions.py): timed connects, the NAT matrix, the footprint."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.timeline import Timeline, find, parse_log, timeline
+from plexus.errors import ExitCode
+from tests.lab import sessions
+from tests.lab.lab import Lab
+from tests.lab.sessions import Plexus, Side
+
+SESSION_TIMEOUT = 120.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How an inviter ended, with what the kernel counted for it (os.wait4: the benchmark is its parent)."""
+
+    code: int
+    seconds: float  # from its start until it exited
+    max_rss: int  # bytes
+    cpu: float  # user + system seconds
+
+
+@contextlib.contextmanager
+def acceptor(lab: Lab, workdir: Path, **overrides: str) -> Iterator[tuple[Plexus, Side, Side]]:
+    """A listening acceptor on host b for a fresh pair of ids; stopped on leaving."""
+    inviter_side, acceptor_side = sessions.pair(lab)
+    process = sessions.start(lab, acceptor_side, inviter_side, workdir, accept=True, overrides=overrides)
+    try:
+        sessions.wait_until_listening(process)
+        yield process, inviter_side, acceptor_side
+    finally:
+        process.stop()
+
+
+def invite(
+    lab: Lab, workdir: Path, inviter_side: Side, acceptor_side: Side, **overrides: str
+) -> tuple[Plexus, float, Ended]:
+    """Run one inviter to its end; returns it, its wall-clock start and how it ended."""
+    started = time.time()
+    inviter = sessions.start(lab, inviter_side, acceptor_side, workdir, accept=False, overrides=overrides)
+    return inviter, started, reap(inviter, started)
+
+
+def reap(plexus: Plexus, started: float, timeout: float = SESSION_TIMEOUT) -> Ended:
+    """Wait for the process with wait4 (ip netns exec execs, so its pid is plexus's own) for its rusage."""
+    pid = plexus.process.pid
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done == pid:
+            break
+        if time.monotonic() > deadline:
+            plexus.stop()
+            raise TimeoutError(f"plexus (pid {pid}) still running after {timeout:g} s\n{plexus.log()}")
+        time.sleep(0.01)
+    ended = time.time()
+    code = os.waitstatus_to_exitcode(status)
+    plexus.process.returncode = code  # reaped here: Popen must not wait for it again
+    return Ended(code, ended - started, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)
+
+
+def connect(
+    lab: Lab, workdir: Path, runs: int, on_run: Callable[[int, Timeline], None] = lambda i, t: None
+) -> list[Timeline]:
+    """`runs` sessions in a row against one acceptor, each one's timeline."""
+    timelines = []
+    with acceptor(lab, workdir) as (listening, inviter_side, acceptor_side):
+        for run in range(1, runs + 1):
+            inviter, started, ended = invite(lab, workdir, inviter_side, acceptor_side)
+            if ended.code != 0:
+                raise RuntimeError(f"inviter exited {ended.code}: {inviter.stderr()}\n{inviter.log()}")
+            timelines.append(session_timeline(inviter, listening, started))
+            on_run(run, timelines[-1])
+    return timelines
+
+
+def session_timeline(inviter: Plexus, listening: Plexus, started: float) -> Timeline:
+    mine = inviter.wait_hello()[0]
+    secret = mine["args"]["secret"]
+    deadline = time.monotonic() + 30
+    theirs: dict[str, Any] | None = None
+    while theirs is None:
+        theirs = next((r for r in listening.hello_results() if r["args"]["secret"] == secret), None)
+        if theirs is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the acceptor's command never reported\n{listening.log()}")
+            time.sleep(0.05)
+    return timeline(started, inviter.log(), listening.log(), (mine["started"], theirs["started"]))
+
+
+@dataclass(frozen=True)
+class Cell:
+    inviter_mode: str
+    acceptor_mode: str
+    code: int
+    seconds: float
+    side: str = "inviter"  # whose exit code: the acceptor's when it refused its NAT at the start
+
+    @property
+    def outcome(self) -> str:
+        return "ok" if self.code == 0 else ExitCode(self.code).name
+
+
+def matrix_cell(lab: Lab, workdir: Path, inviter_mode: str, acceptor_mode: str, timeout: float) -> Cell:
+    lab.set_nat("a", inviter_mode)
+    lab.set_nat("b", acceptor_mode)
+    limits = {"response-timeout": f"{timeout:g}", "handshake-timeout": f"{timeout:g}"}
+    inviter_side, acceptor_side = sessions.pair(lab)
+    listening = sessions.start(lab, acceptor_side, inviter_side, workdir, accept=True, overrides=limits)
+    try:
+        refused = sessions.started(listening)
+        if refused is not None:
+            seconds = time.monotonic() - listening.started
+            return Cell(inviter_mode, acceptor_mode, refused, seconds, side="acceptor")
+        inviter, started, ended = invite(lab, workdir, inviter_side, acceptor_side, **limits)
+        if ended.code != 0:
+            return Cell(inviter_mode, acceptor_mode, ended.code, ended.seconds)
+        inviter.wait_hello()
+    finally:
+        listening.stop()
+    # The inviter lingers a moment after the launch to watch its command: the launch is the end here.
+    return Cell(inviter_mode, acceptor_mode, 0, find(parse_log(inviter.log()), "launched").at - started)
+
+
+@dataclass(frozen=True)
+class Sample:
+    cpu: float  # user + system seconds so far
+    rss: int  # bytes now
+    peak_rss: int  # bytes, VmHWM
+
+
+def sample(pid: int) -> Sample:
+    with open(f"/proc/{pid}/stat") as stat:
+        # after the command name in parentheses (which may hold spaces): field 14 utime, 15 stime
+        fields = stat.read().rsplit(")", 1)[1].split()
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
+    return Sample(
+        cpu=(int(fields[11]) + int(fields[12])) / CLOCK_TICKS,
+        rss=int(status["VmRSS"].split()[0]) * 1024,
+        peak_rss=int(status["VmHWM"].split()[0]) * 1024,
+    )
+
+
+@dataclass(frozen=True)
+class Footprint:
+    idle_seconds: float
+    idle_cpu: float  # seconds of CPU the acceptor used while idle
+    idle_rss: int
+    idle_peak_rss: int
+    session: Ended  # the inviter of one session
+    acceptor_session_cpu: float  # what serving that session cost the acceptor
+    acceptor_rss_after: int
+
+
+def footprint(lab: Lab, workdir: Path, idle_seconds: float) -> Footprint:
+    with acceptor(lab, workdir) as (listening, inviter_side, acceptor_side):
+        pid = listening.process.pid
+        time.sleep(1.0)  # past its start-up
+        before = sample(pid)
+        time.sleep(idle_seconds)
+        idle = sample(pid)
+        _, _, ended = invite(lab, workdir, inviter_side, acceptor_side)
+        if ended.code != 0:
+            raise RuntimeError(f"the footprint session failed with exit code {ended.code}")
+        listening.wait_hello()
+        after = sample(pid)
+    return Footprint(
+        idle_seconds=idle_seconds,
+        idle_cpu=idle.cpu - before.cpu,
+        idle_rss=idle.rss,
+        idle_peak_rss=idle.peak_rss,
+        session=ended,
+        acceptor_session_cpu=after.cpu - idle.cpu,
+        acceptor_rss_after=after.rss,
+    )

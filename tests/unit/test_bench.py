@@ -1,0 +1,109 @@
+"""The benchmark's pure parts: the session timeline from two logs, the summaries, the floor."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from bench import floor, report
+from bench.stats import quantile, summarize
+from bench.timeline import PHASES, TimelineError, parse_log, timeline
+
+INVITER = """\
+2026-11-22 04:17:06,770 DEBUG asyncio: Using selector: EpollSelector
+2026-11-22 04:17:06,772 INFO plexus.session: inner endpoint 10.0.1.2:60551, outer endpoint 198.51.100.2:60551
+2026-11-22 04:17:06,841 INFO plexus.mediator.email: request sent to remote (<x@t>), waiting
+2026-11-22 04:17:07,886 INFO plexus.mediator.email: response from remote: outer endpoint 198.51.100.6:35384
+2026-11-22 04:17:07,887 INFO plexus.session: peer endpoint 198.51.100.6:35384, punching
+2026-11-22 04:17:07,891 INFO plexus.puncher: handshake with 198.51.100.6:35384 done
+"""
+ACCEPTOR = """\
+2026-11-22 04:17:00,364 INFO plexus.session: waiting for requests from local
+2026-11-22 04:17:01,000 INFO plexus.mediator.email: request from local: outer endpoint 198.51.100.2:1111
+2026-11-22 04:17:01,010 INFO plexus.session: inner endpoint 10.0.2.2:2222, outer endpoint 198.51.100.6:2222
+2026-11-22 04:17:01,020 INFO plexus.mediator.email: response sent to local
+2026-11-22 04:17:01,030 INFO plexus.puncher: handshake with 198.51.100.2:1111 done
+2026-11-22 04:17:07,349 INFO plexus.mediator.email: request from local: outer endpoint 198.51.100.2:60551
+2026-11-22 04:17:07,352 INFO plexus.session: inner endpoint 10.0.2.2:35384, outer endpoint 198.51.100.6:35384
+Traceback (most recent call last):
+  a continuation line
+2026-11-22 04:17:07,374 INFO plexus.mediator.email: response sent to local
+2026-11-22 04:17:07,890 INFO plexus.puncher: handshake with 198.51.100.2:60551 done
+"""
+
+
+def at(text: str) -> float:
+    return datetime.datetime.strptime(text, "%H:%M:%S.%f").replace(year=2026, month=11, day=22).timestamp()
+
+
+def test_timeline_splits_the_session_into_phases_that_add_up() -> None:
+    started = at("04:17:06.400")
+    result = timeline(started, INVITER, ACCEPTOR, (at("04:17:07.950"), at("04:17:07.960")))
+    assert list(result.phases) == [name for name, _ in PHASES]
+    expected = {
+        "start": 0.370, "stun": 0.002, "mail_out": 0.069, "mail_in": 0.508, "stun_acceptor": 0.003,
+        "mail_out_response": 0.022, "mail_in_response": 0.513, "handshake": 0.004, "launch": 0.069,
+    }  # fmt: skip
+    assert result.phases == pytest.approx(expected, abs=1e-3)
+    assert result.total == pytest.approx(1.560, abs=1e-3)
+    assert sum(result.phases.values()) == pytest.approx(result.total)
+
+
+def test_a_session_that_never_got_its_response_has_no_timeline() -> None:
+    cut = INVITER.split("response from")[0].rsplit("\n", 1)[0]
+    with pytest.raises(TimelineError, match="peer endpoint"):
+        timeline(at("04:17:06.400"), cut, ACCEPTOR, (0.0, 0.0))
+
+
+def test_parse_log_skips_continuation_lines() -> None:
+    assert len(parse_log(ACCEPTOR)) == 9
+
+
+def test_summaries() -> None:
+    assert quantile([1.0], 0.9) == 1.0
+    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.9) == pytest.approx(4.6)
+    summary = summarize([3.0, 1.0, 2.0, 10.0])
+    assert (summary.n, summary.median, summary.min, summary.max) == (4, 2.5, 1.0, 10.0)
+    assert summary.iqr == pytest.approx(4.75 - 1.75)
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_floor_counts_round_trips_on_each_path() -> None:
+    paths = floor.Paths(rtt_inviter=0.05, rtt_acceptor=0.05, delivery=0.5)
+    bound = floor.floor(paths)
+    assert list(bound) == [name for name, _ in PHASES]
+    # 2 x (STUN 2 + SMTP 8.5 + IMAP in 1.5) host-server round trips, 1.5 host-host, two deliveries
+    assert sum(bound.values()) == pytest.approx(24 * 0.05 + 1.5 * 0.1 + 2 * 0.5)
+    assert floor.floor(floor.Paths(0, 0, 0.5))["mail_in"] == 0.5
+
+
+def test_report_shows_each_section() -> None:
+    summary = summarize([1.0, 2.0]).to_json()
+    results = {
+        "machine": {"date": "today", "cores": 2, "cpu": "cpu", "kernel": "6", "python": "3.11"},
+        "bench_seconds": 1.0,
+        "delivery_seconds": 0.5,
+        "connect": [{
+            "delay_ms": 25.0, "rtt_inviter": 0.05, "rtt_acceptor": 0.05, "rtt_peers": 0.1, "total": summary,
+            "floor": 1.0, "phases": {name: {"measured": summary, "floor": 0.0} for name, _ in PHASES},
+        }],
+        "matrix_timeout": 15.0,
+        "matrix": [{"inviter": "symmetric", "acceptor": "cone", "code": 3, "outcome": "NAT_UNSUITABLE",
+                    "side": "inviter", "seconds": 0.4},
+                   {"inviter": "cone", "acceptor": "symmetric", "code": 3, "outcome": "NAT_UNSUITABLE",
+                    "side": "acceptor", "seconds": 0.5}],
+        "footprint": {
+            "idle_seconds": 60.0, "idle_cpu_seconds": 0.0, "clock_tick_seconds": 0.01,
+            "idle_rss_bytes": 1 << 20, "idle_peak_rss_bytes": 1 << 20,
+            "acceptor_session_cpu_seconds": 0.01, "acceptor_rss_after_bytes": 0,
+            "inviter": {"code": 0, "seconds": 2.0, "cpu_seconds": 0.5, "max_rss_bytes": 1 << 20},
+        },
+    }  # fmt: skip
+    text = report.render(results)
+    assert "25 ms one-way delay" in text
+    assert "total" in text and "1.5x" in text  # median 1.5 s against a 1.0 s floor
+    assert "NAT_UNSUITABLE (3) 0.4 s" in text and "0 of 2 pairs connect" in text
+    assert "acceptor NAT_UNSUITABLE (3) 0.5 s" in text
+    assert "RSS 1.0 MiB" in text
