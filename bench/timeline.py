@@ -18,10 +18,10 @@ _LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) ([\w.]+): (.*
 PHASES = (
     ("start", "inviter: process start, Python and imports, until its event loop runs"),
     ("stun", "inviter: STUN binding + mapping test"),
-    ("mail_out", "inviter: IMAP login/select, then the request by SMTP"),
+    ("mail_out", "inviter: the request by SMTP (its session and the IMAP login opened during STUN)"),
     ("mail_in", "request: mail server delivery, acceptor's IDLE wakes, fetch, consume"),
     ("stun_acceptor", "acceptor: STUN binding + mapping test"),
-    ("mail_out_response", "acceptor: the response by SMTP"),
+    ("mail_out_response", "acceptor: the response by SMTP (its session opened during STUN)"),
     ("mail_in_response", "response: delivery, inviter's IDLE wakes, fetch, consume"),
     ("handshake", "hello/ready between the peers, until both sides are done"),
     ("launch", "until both launched commands run (exec/hello.py started)"),

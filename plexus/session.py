@@ -66,16 +66,32 @@ async def discover(sock: socket.socket, server: Endpoint) -> tuple[Endpoint, End
 
 
 async def invite(config: SessionConfig) -> Tunnel:
-    """The inviter's whole session; returns once the command is launched."""
+    """The inviter's whole session; returns once the command is launched.
+
+    Everything that does not depend on STUN runs while STUN does: the IMAP login and the SMTP session up to
+    DATA. The IMAP logout runs while the handshake does.
+    """
     sock = bind(config.inner)
+    handshake: asyncio.Future[None] | None = None
     with contextlib.closing(sock):
-        inner, outer = await discover(sock, config.stun_server)
-        puzzle = secrets.randbits(64)
-        async with Mediator(config.mail) as mediator:
-            response = await mediator.invite(Offer(outer, puzzle), timeout=config.response_timeout)
-        tunnel = Tunnel(inner, outer, response.outer, puzzle ^ response.puzzle)
-        log.info("peer endpoint %s, punching", tunnel.peer)
-        await puncher.punch(sock, tunnel.peer, tunnel.secret, accept=False, timeout=config.handshake_timeout)
+        try:
+            async with Mediator(config.mail) as mediator:
+                async with mediator.submission() as submission:
+                    inner, outer = await discover(sock, config.stun_server)
+                    puzzle = secrets.randbits(64)
+                    offer = Offer(outer, puzzle)
+                    response = await mediator.invite(offer, config.response_timeout, submission)
+                tunnel = Tunnel(inner, outer, response.outer, puzzle ^ response.puzzle)
+                log.info("peer endpoint %s, punching", tunnel.peer)
+                handshake = asyncio.ensure_future(
+                    puncher.punch(
+                        sock, tunnel.peer, tunnel.secret, accept=False, timeout=config.handshake_timeout
+                    )
+                )
+            await handshake
+        finally:
+            if handshake is not None:
+                handshake.cancel()
     process = launcher.start(config.command, tunnel)
     await launcher.watch(process, grace=INVITER_WATCH_SECONDS)
     return tunnel
@@ -87,13 +103,12 @@ async def accept(config: SessionConfig) -> None:
     Refusing at the start, not per request, is what saves the inviters: an acceptor that never answers leaves
     each of them waiting out its whole response timeout. Each session still checks again (networks change).
     """
-    with contextlib.closing(bind(config.inner)) as sock:
-        await discover(sock, config.stun_server)
     sessions: set[asyncio.Task[None]] = set()
     # Sessions on a fixed inner port take turns: two sockets cannot hold one endpoint.
     turn = asyncio.Lock() if config.inner.port else None
-    async with Mediator(config.mail) as mediator:
-        log.info("waiting for requests from %s", config.mail.peer_id)
+    async with Mediator(config.mail) as mediator:  # the IMAP login runs while STUN does
+        with contextlib.closing(bind(config.inner)) as sock:
+            await discover(sock, config.stun_server)
         async for invitation in mediator.requests():
             task = asyncio.create_task(_serve(config, mediator, invitation, turn))
             sessions.add(task)
@@ -115,28 +130,33 @@ async def _serve(
 
 
 async def _answer(config: SessionConfig, mediator: Mediator, invitation: Invitation) -> Tunnel:
+    """STUN, the TTL punch, the response, the handshake; the SMTP session opens while STUN runs."""
     sock = bind(config.inner)
+    handshake: asyncio.Future[None] | None = None
     with contextlib.closing(sock):
-        inner, outer = await discover(sock, config.stun_server)
-        puzzle = secrets.randbits(64)
-        tunnel = Tunnel(inner, outer, invitation.offer.outer, puzzle ^ invitation.offer.puzzle)
-        # The TTL-limited hello leaves before the response: our NAT is open when the inviter's hellos arrive.
-        handshake = asyncio.create_task(
-            puncher.punch(
-                sock,
-                tunnel.peer,
-                tunnel.secret,
-                accept=True,
-                hops=config.punch_hops,
-                timeout=config.handshake_timeout,
-            )
-        )
         try:
-            await asyncio.sleep(0)
-            await mediator.answer(invitation, Offer(outer, puzzle))
+            async with mediator.submission() as submission:
+                inner, outer = await discover(sock, config.stun_server)
+                puzzle = secrets.randbits(64)
+                tunnel = Tunnel(inner, outer, invitation.offer.outer, puzzle ^ invitation.offer.puzzle)
+                # The TTL-limited hello leaves before the response: our NAT is open when the inviter's
+                # hellos arrive.
+                handshake = asyncio.ensure_future(
+                    puncher.punch(
+                        sock,
+                        tunnel.peer,
+                        tunnel.secret,
+                        accept=True,
+                        hops=config.punch_hops,
+                        timeout=config.handshake_timeout,
+                    )
+                )
+                await asyncio.sleep(0)
+                await mediator.answer(invitation, Offer(outer, puzzle), submission)
             await handshake
         finally:
-            handshake.cancel()
+            if handshake is not None:
+                handshake.cancel()
     return tunnel
 
 

@@ -99,31 +99,76 @@ def tls_context(config: MailConfig) -> ssl.SSLContext:
     return context
 
 
+class Submission:
+    """One SMTP session toward the peer, opened ahead of its message.
+
+    Entering starts the connection, TLS, AUTH, MAIL FROM and RCPT TO in a task, so that they run while STUN
+    finds what the message will say; deliver() waits for them, then sends DATA. QUIT goes out in the
+    background: once DATA is accepted the message is the server's, and nobody need wait for the goodbye.
+    """
+
+    def __init__(self, config: MailConfig, context: ssl.SSLContext) -> None:
+        self._config = config
+        starttls = config.smtp.port in STARTTLS_PORTS
+        self._client = aiosmtplib.SMTP(
+            hostname=config.smtp.host,
+            port=config.smtp.port,
+            use_tls=not starttls,
+            start_tls=starttls,  # True: STARTTLS required, the password never goes out in the clear
+            tls_context=context,
+            username=config.login,
+            password=config.password,
+            timeout=COMMAND_TIMEOUT,
+        )
+        self._opening: asyncio.Future[None] | None = None
+        self._quitting: asyncio.Future[Any] | None = None
+
+    async def __aenter__(self) -> Submission:
+        self._opening = asyncio.ensure_future(self._smtp(self._open()))
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()  # a session never used for DATA is dropped: nothing was sent
+        for task in (self._opening, self._quitting):
+            if task is not None:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(task, COMMAND_TIMEOUT)
+        self._client.close()
+
+    async def _open(self) -> None:
+        await self._client.connect()
+        await self._client.mail(self._config.address)
+        await self._client.rcpt(self._config.peer_address)
+
+    async def deliver(self, data: bytes) -> None:
+        """Send the message once the session is ready; returns when the server has accepted it."""
+        assert self._opening is not None, "Submission used outside `async with`"
+        await self._opening
+        await self._smtp(self._client.data(data))
+        self._quitting = asyncio.ensure_future(self._client.quit())
+
+    async def _smtp(self, call: Awaitable[T]) -> T:
+        """aiosmtplib's failures as plexus's: auth, refusal, or the server out of reach."""
+        server, login = self._config.smtp, self._config.login
+        try:
+            return await call
+        except aiosmtplib.SMTPAuthenticationError as error:
+            raise MailAuthError(
+                f"SMTP server {server} refused the login {login!r}: {error.message}"
+            ) from error
+        except aiosmtplib.SMTPResponseException as error:
+            raise PlexusError(f"SMTP server {server} refused the message: {error}") from error
+        except (aiosmtplib.SMTPException, OSError) as error:
+            raise _unreachable("SMTP", server, error) from error
+
+
 async def send(config: MailConfig, context: ssl.SSLContext, data: bytes) -> None:
-    """Deliver one message on its own SMTP connection (answers may go out concurrently)."""
-    server = config.smtp
-    starttls = server.port in STARTTLS_PORTS
-    client = aiosmtplib.SMTP(
-        hostname=server.host,
-        port=server.port,
-        use_tls=not starttls,
-        start_tls=starttls,  # True: STARTTLS required, the password never goes out in the clear
-        tls_context=context,
-        username=config.login,
-        password=config.password,
-        timeout=COMMAND_TIMEOUT,
-    )
-    try:
-        async with client:
-            await client.sendmail(config.address, [config.peer_address], data)
-    except aiosmtplib.SMTPAuthenticationError as error:
-        raise MailAuthError(
-            f"SMTP server {server} refused the login {config.login!r}: {error.message}"
-        ) from error
-    except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused) as error:
-        raise PlexusError(f"SMTP server {server} refused the message: {error}") from error
-    except (aiosmtplib.SMTPException, OSError) as error:
-        raise _unreachable("SMTP", server, error) from error
+    """Deliver one message on its own SMTP session."""
+    async with Submission(config, context) as submission:
+        await submission.deliver(data)
 
 
 def _unreachable(protocol: str, server: Endpoint, error: BaseException) -> MailConnectionError:
@@ -187,16 +232,18 @@ class Inbox:
         )
         self._imap = imap
         try:
-            await imap.wait_hello_from_server()
-            response = await imap.login(self._config.login, self._config.password)
-        except (aioimaplib.AioImapException, OSError, TimeoutError) as error:
+            try:
+                await imap.wait_hello_from_server()
+                response = await imap.login(self._config.login, self._config.password)
+            except (aioimaplib.AioImapException, OSError, TimeoutError) as error:
+                raise _unreachable("IMAP", server, error) from error
+            if response.result != "OK":
+                text = _text(response.lines)
+                raise MailAuthError(f"IMAP server {server} refused the login {self._config.login!r}: {text}")
+            return await self.select()
+        except BaseException:  # cancelled too: the Mediator may be left before its connection is up
             self.close()
-            raise _unreachable("IMAP", server, error) from error
-        if response.result != "OK":
-            self.close()
-            text = _text(response.lines)
-            raise MailAuthError(f"IMAP server {server} refused the login {self._config.login!r}: {text}")
-        return await self.select()
+            raise
 
     async def select(self) -> Cursor:
         """(Re)select INBOX: a fresh UIDNEXT marks the start of a wait."""
@@ -292,7 +339,8 @@ class Inbox:
 
 
 class Mediator:
-    """The mail rendezvous. Enter it first: the acceptor's wait starts when the IMAP connection opens."""
+    """The mail rendezvous. Entering it starts opening the IMAP connection; `ready()` waits until it is open,
+    which is when the wait for mail begins: what arrived before does not count."""
 
     def __init__(self, config: MailConfig) -> None:
         self._config = config
@@ -300,30 +348,45 @@ class Mediator:
         self._context = tls_context(config)
         self._inbox = Inbox(config, self._context)
         self._screen = Screen()
+        self._opening: asyncio.Future[Cursor] | None = None
         self._cursor: Cursor | None = None
+        self._taken: list[int] = []  # UIDs of letters handed out but not yet flagged as consumed
         self._started = datetime.datetime.now(datetime.UTC)
 
     async def __aenter__(self) -> Mediator:
         self._started = datetime.datetime.now(datetime.UTC)
-        self._cursor = await self._inbox.open()
+        self._opening = asyncio.ensure_future(self._inbox.open())
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._opening
+        await self._consume_taken()
         await self._inbox.logout()
 
-    async def invite(self, offer: Offer, timeout: float = 60.0) -> Offer:
+    async def ready(self) -> None:
+        """Wait until the mailbox watch is in place; raises the login's or the connection's failure."""
+        if self._cursor is None:
+            assert self._opening is not None, "Mediator used outside `async with`"
+            self._cursor = await self._opening
+
+    def submission(self) -> Submission:
+        """An SMTP session to open ahead of the message (see Submission)."""
+        return Submission(self._config, self._context)
+
+    async def invite(
+        self, offer: Offer, timeout: float = 60.0, submission: Submission | None = None
+    ) -> Offer:
         """Send the request and wait for the response that answers it."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        # Only a response that arrives after the request counts: take the start point before sending.
-        try:
-            self._cursor = await self._inbox.select()
-        except _Dropped:
-            self._cursor = await self._reopen(deadline)
+        deadline = asyncio.get_running_loop().time() + timeout
+        # Only a response that arrives after the request counts: the watch is in place before DATA.
+        await self.ready()
         message_id = message.new_message_id(self._config.address)
-        await self._send("request", offer, message_id)
+        await self._send("request", offer, message_id, submission=submission)
         log.info("request sent to %s (%s), waiting for the response", self._config.peer_id, message_id)
         async with contextlib.aclosing(self._letters("response", deadline, reply_to=message_id)) as letters:
             async for letter in letters:
@@ -332,16 +395,32 @@ class Mediator:
 
     async def requests(self) -> AsyncIterator[Invitation]:
         """Each fresh request from the peer, forever."""
+        await self.ready()
+        log.info("waiting for requests from %s", self._config.peer_id)
         async for letter in self._letters("request", None):
             yield Invitation(letter.offer, letter.message_id)
 
-    async def answer(self, invitation: Invitation, offer: Offer) -> None:
+    async def answer(
+        self, invitation: Invitation, offer: Offer, submission: Submission | None = None
+    ) -> None:
         await self._send(
-            "response", offer, message.new_message_id(self._config.address), invitation.message_id
+            "response",
+            offer,
+            message.new_message_id(self._config.address),
+            invitation.message_id,
+            submission=submission,
         )
         log.info("response sent to %s", self._config.peer_id)
 
-    async def _send(self, kind: Kind, offer: Offer, message_id: str, in_reply_to: str | None = None) -> None:
+    async def _send(
+        self,
+        kind: Kind,
+        offer: Offer,
+        message_id: str,
+        in_reply_to: str | None = None,
+        *,
+        submission: Submission | None,
+    ) -> None:
         data = message.build(
             kind,
             offer,
@@ -351,7 +430,10 @@ class Mediator:
             in_reply_to=in_reply_to,
             keys=self._keys,
         )
-        await send(self._config, self._context, data)
+        if submission is None:
+            await send(self._config, self._context, data)
+        else:
+            await submission.deliver(data)
 
     async def _letters(
         self, kind: Kind, deadline: float | None, reply_to: str | None = None
@@ -376,7 +458,9 @@ class Mediator:
             letter = await self._take(item, kind, reply_to) if cursor.counts(item) else None
             cursor.next = item.uid + 1  # only once handled: after a drop mid-way this message is seen again
             if letter is not None:
+                self._taken.append(item.uid)
                 yield letter
+                await self._consume_taken()
 
     async def _take(self, item: Fetched, kind: Kind, reply_to: str | None) -> Letter | None:
         if not self._config.incoming.matches(message.parse_headers(item.data)):
@@ -390,12 +474,18 @@ class Mediator:
         except (message.MessageError, smime.SmimeError) as error:
             log.warning("ignoring message UID %d from %s: %s", item.uid, self._config.peer_id, error)
             return None
-        try:
-            await self._inbox.consume(item.uid)
-        except _Dropped as error:  # the letter is taken all the same; its puzzle is remembered
-            log.warning("could not flag message UID %d as consumed: %s", item.uid, error)
         log.info("%s from %s: outer endpoint %s", kind, self._config.peer_id, letter.offer.outer)
         return letter
+
+    async def _consume_taken(self) -> None:
+        """Flag the letters handed out as consumed: after the hand-over, so that the session goes on meanwhile
+        (the acceptor's next loop turn, the inviter's handshake)."""
+        while self._taken:
+            uid = self._taken.pop(0)
+            try:
+                await self._inbox.consume(uid)
+            except _Dropped as error:  # the letter is taken all the same; its puzzle is remembered
+                log.warning("could not flag message UID %d as consumed: %s", uid, error)
 
     async def _reopen(self, deadline: float | None) -> Cursor:
         """Reconnect until it works or the deadline passes; return the new connection's cursor.

@@ -94,6 +94,7 @@ class Acceptor:
         stopped = asyncio.Event()
         self.stop = lambda: loop.call_soon_threadsafe(stopped.set)
         async with Mediator(self.config) as mediator:
+            await mediator.ready()
             serving = asyncio.ensure_future(self._serve(mediator))
             self.ready.set()
             stopping = asyncio.ensure_future(stopped.wait())
@@ -381,6 +382,20 @@ async def test_dropped_imap_connection_is_survived(lab: Lab, mailboxes: dict[str
             lab.exec("b", ["nft", "delete", "table", "inet", "plexus_test"], check=True)
         await until(lambda: acceptor.answered == 1, timeout=40)
     await purge_responses(mailboxes["local"], pair.tag, 1)
+
+
+async def test_a_submission_left_before_data_sends_nothing(lab: Lab, mailboxes: dict[str, Mailbox]) -> None:
+    """What a failed STUN check leaves: an SMTP session opened ahead of its message, never given one."""
+    pair = Pair.make(lab, shared=False)
+    before = set(mailboxes["remote"].flags())
+
+    async def abandon() -> None:
+        async with mail.Submission(pair.inviter, mail.tls_context(pair.inviter)):
+            await asyncio.sleep(1)  # connected, logged in, MAIL FROM and RCPT TO done: only DATA is missing
+
+    await lab.call("a", abandon)
+    await asyncio.sleep(1)
+    assert set(mailboxes["remote"].flags()) == before
 
 
 async def test_wrong_password(lab: Lab) -> None:

@@ -74,8 +74,9 @@ def test_floor_counts_round_trips_on_each_path() -> None:
     paths = floor.Paths(rtt_inviter=0.05, rtt_acceptor=0.05, delivery=0.5)
     bound = floor.floor(paths)
     assert list(bound) == [name for name, _ in PHASES]
-    # 2 x (STUN 2 + SMTP 8.5 + IMAP in 1.5) host-server round trips, 1.5 host-host, two deliveries
-    assert sum(bound.values()) == pytest.approx(24 * 0.05 + 1.5 * 0.1 + 2 * 0.5)
+    # 2 x (STUN 2 + the SMTP left after STUN 6.5 + IMAP in 1.5) host-server round trips, 1.5 host-host,
+    # two deliveries
+    assert sum(bound.values()) == pytest.approx(20 * 0.05 + 1.5 * 0.1 + 2 * 0.5)
     assert floor.floor(floor.Paths(0, 0, 0.5))["mail_in"] == 0.5
 
 
