@@ -69,30 +69,20 @@ async def invite(config: SessionConfig) -> Tunnel:
     """The inviter's whole session; returns once the command is launched.
 
     Everything that does not depend on STUN runs while STUN does: the IMAP login and the SMTP session up to
-    DATA. The IMAP logout runs while the handshake does.
+    DATA. The mailbox clean-up (flag the response consumed, LOGOUT) waits until the command is launched.
     """
     sock = bind(config.inner)
-    handshake: asyncio.Future[None] | None = None
     with contextlib.closing(sock):
-        try:
-            async with Mediator(config.mail) as mediator:
-                async with mediator.submission() as submission:
-                    inner, outer = await discover(sock, config.stun_server)
-                    puzzle = secrets.randbits(64)
-                    offer = Offer(outer, puzzle)
-                    response = await mediator.invite(offer, config.response_timeout, submission)
-                tunnel = Tunnel(inner, outer, response.outer, puzzle ^ response.puzzle)
-                log.info("peer endpoint %s, punching", tunnel.peer)
-                handshake = asyncio.ensure_future(
-                    puncher.punch(
-                        sock, tunnel.peer, tunnel.secret, accept=False, timeout=config.handshake_timeout
-                    )
-                )
-            await handshake
-        finally:
-            if handshake is not None:
-                handshake.cancel()
-    process = launcher.start(config.command, tunnel)
+        async with Mediator(config.mail) as mediator:
+            async with mediator.submission() as submission:
+                inner, outer = await discover(sock, config.stun_server)
+                puzzle = secrets.randbits(64)
+                response = await mediator.invite(Offer(outer, puzzle), config.response_timeout, submission)
+            tunnel = Tunnel(inner, outer, response.outer, puzzle ^ response.puzzle)
+            log.info("peer endpoint %s, punching", tunnel.peer)
+            timeout = config.handshake_timeout
+            await puncher.punch(sock, tunnel.peer, tunnel.secret, accept=False, timeout=timeout)
+            process = launcher.start(config.command, tunnel)
     await launcher.watch(process, grace=INVITER_WATCH_SECONDS)
     return tunnel
 
