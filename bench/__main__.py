@@ -198,10 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     except (LabError, TimelineError, RuntimeError, TimeoutError, OSError) as error:
         print(f"bench: {error}", file=sys.stderr)
         return 1
+    failures = report.check(results)
+    results["failures"] = failures
     print(report.render(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    for failure in failures:
+        print(f"bench: FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

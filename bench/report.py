@@ -5,8 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from bench.timeline import PHASES
+from plexus.errors import ExitCode
 
 MIB = 1024 * 1024
+# What the benchmark asserts (check()): loose enough for a loaded 2-core machine, tight enough to catch a
+# return of 2.2's habits (seconds of STUN tests, mail polling) or a busy-waiting acceptor.
+TOTAL_OVER_FLOOR = 2.0  # median time to connect at most this many times its floor
+IDLE_CPU_SHARE = 0.01  # an idle acceptor uses at most this share of one core
+PUNCHABLE = ("none", "cone", "fullcone")
 CORNER = "inviter \\ acceptor"
 # The issue's order: from no NAT to the one that defeats punching
 MODES = ("none", "cone", "fullcone", "symmetric")
@@ -25,6 +31,9 @@ def render(results: dict[str, Any]) -> str:
         lines += _matrix(results["matrix"], results["matrix_timeout"])
     if "footprint" in results:
         lines += _footprint(results["footprint"])
+    failures = results.get("failures", [])
+    lines += ["", f"== Checks: {len(failures)} failed" if failures else "== Checks: all passed"]
+    lines += [f"FAILED: {failure}" for failure in failures]
     return "\n".join(lines)
 
 
@@ -108,3 +117,26 @@ def _footprint(found: dict[str, Any]) -> list[str]:
         f"one session, the acceptor's share: CPU {found['acceptor_session_cpu_seconds']:.2f} s, "
         f"RSS afterwards {found['acceptor_rss_after_bytes'] / MIB:.1f} MiB",
     ]
+
+
+def check(results: dict[str, Any]) -> list[str]:
+    """What the figures must show; each failure as one line (none: the benchmark passes)."""
+    failures = []
+    for entry in results.get("connect", []):
+        total, bound = entry["total"]["median"], entry["floor"]
+        if total > TOTAL_OVER_FLOOR * bound:
+            failures.append(f"{entry['delay_ms']:g} ms: time to connect {total:.3f} s is over "
+                            f"{TOTAL_OVER_FLOOR:g} x its floor {bound:.3f} s")  # fmt: skip
+    for cell in results.get("matrix", []):
+        expected = 0 if {cell["inviter"], cell["acceptor"]} <= set(PUNCHABLE) else ExitCode.NAT_UNSUITABLE
+        if cell["code"] != expected:
+            failures.append(f"matrix {cell['inviter']} -> {cell['acceptor']}: {_cell(cell)}, "
+                            f"expected exit code {int(expected)}")  # fmt: skip
+    if "footprint" in results:
+        found = results["footprint"]
+        share = found["idle_cpu_seconds"] / found["idle_seconds"]
+        if share > IDLE_CPU_SHARE:
+            failures.append(
+                f"idle acceptor used {100 * share:.2f} % of a core, over {100 * IDLE_CPU_SHARE:g} %"
+            )
+    return failures

@@ -20,12 +20,12 @@ def test_bench_runs_and_reports(tmp_path: Path) -> None:
     if reason is not None:
         pytest.skip(reason)
     figures = tmp_path / "bench.json"
-    argv = [sys.executable, "-m", "bench", "--runs", "1", "--delays", "0", "--idle", "1",
+    argv = [sys.executable, "-m", "bench", "--runs", "3", "--delays", "0", "--idle", "1",
             "--sections", "connect,footprint", "--json", str(figures)]  # fmt: skip
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "total" in done.stdout and "== Footprint" in done.stdout
     results = json.loads(figures.read_text())
     (connect,) = results["connect"]
-    assert connect["total"]["n"] == 1 and connect["floor"] > 0
+    assert connect["total"]["n"] == 3 and connect["floor"] > 0
     assert results["footprint"]["inviter"]["code"] == 0

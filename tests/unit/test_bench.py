@@ -107,4 +107,23 @@ def test_report_shows_each_section() -> None:
     assert "total" in text and "1.5x" in text  # median 1.5 s against a 1.0 s floor
     assert "NAT_UNSUITABLE (3) 0.4 s" in text and "0 of 2 pairs connect" in text
     assert "acceptor NAT_UNSUITABLE (3) 0.5 s" in text
-    assert "RSS 1.0 MiB" in text
+    assert "RSS 1.0 MiB" in text and "Checks: all passed" in text
+
+
+def test_check_asserts_what_the_figures_must_show() -> None:
+    connect = {"delay_ms": 0.0, "total": summarize([1.5]).to_json(), "floor": 1.0}
+    cells = [
+        {"inviter": "cone", "acceptor": "fullcone", "code": 0, "outcome": "ok", "side": "inviter",
+         "seconds": 1.3},
+        {"inviter": "none", "acceptor": "symmetric", "code": 3, "outcome": "NAT_UNSUITABLE",
+         "side": "acceptor", "seconds": 0.4},
+    ]  # fmt: skip
+    footprint = {"idle_seconds": 60.0, "idle_cpu_seconds": 0.01}
+    assert report.check({"connect": [connect], "matrix": cells, "footprint": footprint}) == []
+    slow = connect | {"total": summarize([2.5]).to_json()}
+    failed = [cells[0], cells[1] | {"code": 5, "outcome": "MAIL_TIMEOUT"}]
+    busy = footprint | {"idle_cpu_seconds": 1.2}
+    failures = report.check({"connect": [slow], "matrix": failed, "footprint": busy})
+    assert len(failures) == 3
+    assert "over 2 x its floor" in failures[0] and "expected exit code 3" in failures[1]
+    assert "2.00 % of a core" in failures[2]
