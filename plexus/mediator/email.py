@@ -479,7 +479,7 @@ class Mediator:
 
     async def _consume_taken(self) -> None:
         """Flag the letters handed out as consumed: after the hand-over, so that the session goes on meanwhile
-        (the acceptor's next loop turn, the inviter's handshake)."""
+        (the acceptor's, as its loop turns; the inviter's, when it leaves the Mediator after the launch)."""
         while self._taken:
             uid = self._taken.pop(0)
             try:
