@@ -18,7 +18,6 @@ from tests.lab.sessions import Plexus, Side
 
 SESSION_TIMEOUT = 120.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)

@@ -263,7 +263,7 @@ class Lab:
         }
         self.modes: dict[str, NatMode] = {"a": "cone", "b": "cone"}
         self._servers: dict[str, _Server] = {}
-        self._wires: dict[str, wire.Wire] = {}  # hosts whose WAN link is a delay wire, not a veth
+        self._wires: dict[str, subprocess.Popen[str]] = {}  # hosts whose WAN link is a delay wire
         self._created: list[str] = []
         self.startup_s = 0.0
 
@@ -341,9 +341,9 @@ class Lab:
             with contextlib.suppress(Exception):
                 server.stop()
         self._servers.clear()
-        for link in self._wires.values():
+        for relay in self._wires.values():
             with contextlib.suppress(Exception):
-                link.stop()
+                stop_process(relay)
         self._wires.clear()
         for name in reversed(self._created):
             _kill_namespace(name)
@@ -453,7 +453,7 @@ class Lab:
         if old is None:
             self.ip(f"nat-{host}", "link", "del", "wan")  # takes inet's end with it
         else:
-            old.stop()  # its taps vanish with it
+            stop_process(old)  # its taps vanish with it
         if delay_ms:
             try:
                 self._wires[host] = wire.start(router, "wan", self.netns("inet"), f"nat-{host}", delay_ms)

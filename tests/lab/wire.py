@@ -8,8 +8,8 @@ one to the other `delay_ms` after reading it, in order. A tap lives in the names
 only file descriptors: the taps vanish with it. With no delay the lab puts the plain veth back (a frame
 through the relay costs about 0.1 ms more than through a veth).
 
-    wire = start(router_ns, "wan", inet_ns, "nat-a", delay_ms)   # the taps exist and are up, no addresses
-    wire.stop()                                                  # the taps are gone
+    relay = start(router_ns, "wan", inet_ns, "nat-a", delay_ms)  # the taps exist and are up, no addresses
+    stop_process(relay)                                         # (tests.lab.lab) the taps are gone
     python3 -m tests.lab.wire NETNS_A DEV_A NETNS_B DEV_B DELAY_MS   # the relay itself: prints "ready"
 """
 
@@ -110,28 +110,11 @@ def relay(ns_a: str, dev_a: str, ns_b: str, dev_b: str, delay_ms: float) -> None
 # ---- the lab side ----------------------------------------------------------------------------------------
 
 
-class Wire:
-    """A running relay; its two taps exist exactly as long as it runs."""
+def start(ns_a: str, dev_a: str, ns_b: str, dev_b: str, delay_ms: float) -> subprocess.Popen[str]:
+    """Start the relay inside ns_b; returns it once both taps exist and are up (they still need addresses).
 
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        self.process = process
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start(ns_a: str, dev_a: str, ns_b: str, dev_b: str, delay_ms: float) -> Wire:
-    """Start the relay inside ns_b; returns once both taps exist and are up (they still need addresses)."""
+    The taps exist exactly as long as the relay runs: stop it (lab.stop_process) to remove them.
+    """
     process = subprocess.Popen(
         ["ip", "netns", "exec", ns_b, sys.executable, "-m", "tests.lab.wire", ns_a, dev_a, ns_b, dev_b,
          f"{delay_ms:g}"],
@@ -141,10 +124,9 @@ def start(ns_a: str, dev_a: str, ns_b: str, dev_b: str, delay_ms: float) -> Wire
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    wire = Wire(process)
     line = _readline(process, START_TIMEOUT_S)
     if line.strip() != READY:
-        wire.stop()
+        _abandon(process)
         error = process.stderr.read() if process.stderr else ""
         raise OSError(
             f"the delay wire {ns_a}/{dev_a} - {ns_b}/{dev_b} did not start: {error.strip() or line}"
@@ -152,9 +134,15 @@ def start(ns_a: str, dev_a: str, ns_b: str, dev_b: str, delay_ms: float) -> Wire
     for ns, dev in ((ns_a, dev_a), (ns_b, dev_b)):
         up = subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], capture_output=True, text=True)
         if up.returncode != 0:
-            wire.stop()
+            _abandon(process)
             raise OSError(f"cannot set {ns}/{dev} up: {up.stderr.strip()}")
-    return wire
+    return process
+
+
+def _abandon(process: subprocess.Popen[str]) -> None:
+    """A relay that failed to start is of no use: no grace period."""
+    process.kill()
+    process.wait()
 
 
 def _readline(process: subprocess.Popen[str], timeout: float) -> str:
