@@ -19,6 +19,10 @@ class ExitCode(IntEnum):
     MAIL_UNREACHABLE = 7  # connection or TLS to the mail server failed
     HANDSHAKE_TIMEOUT = 8  # endpoints exchanged, but no handshake through the NATs
     LAUNCH_FAILED = 9  # the command could not be started
+    COMMAND_FAILED = 10  # inviter: the launched command exited non-zero within the watch window
+    PEER_REFUSED = 11  # inviter: the acceptor replied that it cannot serve this request (its reason follows)
+    INTERRUPTED = 130  # SIGINT (Ctrl-C), 128 + 2 as shells report it
+    TERMINATED = 143  # SIGTERM, 128 + 15; an acceptor stopped by SIGTERM exits OK instead (a service's stop)
 
 
 class PlexusError(Exception):
@@ -57,3 +61,11 @@ class HandshakeTimeoutError(PlexusError):
 
 class LaunchError(PlexusError):
     exit_code = ExitCode.LAUNCH_FAILED
+
+
+class CommandFailedError(PlexusError):
+    exit_code = ExitCode.COMMAND_FAILED
+
+
+class PeerRefusedError(PlexusError):
+    exit_code = ExitCode.PEER_REFUSED
