@@ -1,8 +1,9 @@
 """Real plexus processes on the lab's hosts: the demo, the end-to-end tests and the benchmark share this.
 
 Each side is a `python -m plexus` process in its host's namespace, talking to the lab's coturn, SMTP server
-and Dovecot; the launched command is exec/hello.py unless a test says otherwise, and its one JSON line of
-output (the arguments it got, what it heard from the peer) is the proof that traffic crossed both NATs.
+and Dovecot; the launched command is plexus/examples/hello.py unless a test says otherwise, and its one
+JSON line of output (the arguments it got, what it heard from the peer) is the proof that traffic crossed both
+NATs.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any
 from tests.lab.lab import Account, Lab, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
-HELLO = ROOT / "exec" / "hello.py"
-EXEC_SH = ROOT / "exec" / "exec.sh"
+EXAMPLES = ROOT / "plexus" / "examples"
+HELLO = EXAMPLES / "hello.py"
+EXEC_SH = EXAMPLES / "exec.sh"
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Plexus:
         return self.log_file.read_text() if self.log_file.exists() else ""
 
     def hello_results(self) -> list[dict[str, Any]]:
-        """The JSON lines exec/hello.py printed, one per launched command that has finished."""
+        """The JSON lines plexus/examples/hello.py printed, one per launched command that has finished."""
         if not self.exec_log.exists():
             return []
         return [json.loads(line) for line in self.exec_log.read_text().splitlines() if line.startswith("{")]
