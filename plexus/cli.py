@@ -9,17 +9,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
+import re
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+import typer.core
+from typer import _click as click  # typer (pinned) carries its own click; help formatting is typed there
 
 from plexus import __version__, launcher, session, stun
 from plexus.endpoint import Endpoint
-from plexus.errors import ExitCode, PlexusError, UsageError
+from plexus.errors import MEANINGS, ExitCode, Interrupted, PlexusError, UsageError
 from plexus.mediator import MailConfig, SmimeConfig
 
 log = logging.getLogger("plexus")
@@ -33,57 +39,117 @@ LOG_LEVELS = {
     "trace": logging.DEBUG - 5,
 }
 STUN_PORT = 3478
+MAX_TIMEOUT = 24 * 3600.0
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+T = TypeVar("T")
 ALIASES = {"email-password": "email-passwd"}
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
 
 
-def read_config(path: Path) -> dict[str, str]:
-    """plexus 2.2's config file: `name = value` lines with the command line's option names, `#` comments.
+@dataclass(frozen=True)
+class Setting:
+    """One value from --config, and where it was written."""
 
-    A bare name (or name=true/yes/1) sets a flag; [sections] are accepted and ignored, as 2.2 has none.
+    value: str
+    line: int
+
+
+def read_config(path: Path) -> dict[str, Setting]:
+    """plexus 2.2's config file: `name = value` lines with the command line's option names.
+
+    `#` starts a comment at the start of a line or after whitespace; a value may be quoted ("..." or '...'),
+    which keeps a `#` or surrounding spaces in it. A bare name sets a flag; [sections] are ignored (2.2 has
+    none). Each error names the file, the line and the option.
     """
     try:
         lines = path.read_text().splitlines()
-    except OSError as error:
-        raise UsageError(f"cannot read --config {path}: {error.strerror}") from error
-    values: dict[str, str] = {}
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not a text file"
+        raise UsageError(f"cannot read --config {path}: {reason}") from error
+    values: dict[str, Setting] = {}
     for number, line in enumerate(lines, 1):
+        where = f"{path}:{number}"
         line = line.strip()
         if not line or line.startswith(("#", ";", "[")):
             continue
         name, sep, value = line.partition("=")
+        if not sep:
+            name = _uncommented(name)
         name = name.strip().removeprefix("--")
         name = ALIASES.get(name, name)
         if name not in OPTION_NAMES:
-            raise UsageError(f"{path}:{number}: unknown option {name!r}")
-        values[name] = value.strip() if sep else "true"
+            raise UsageError(f"{where}: unknown option {name!r}")
+        if name in values:
+            raise UsageError(f"{where}: {name} is already set on line {values[name].line}")
+        text = _config_value(value, f"{where}: {name}") if sep else "true"
+        if not text:
+            raise UsageError(f"{where}: {name} has no value (quote a value that starts with #)")
+        values[name] = Setting(text, number)
     return values
 
 
-def _flag(value: str) -> bool:
+def _config_value(text: str, where: str) -> str:
+    text = text.strip()
+    quote = text[:1]
+    if quote in ("'", '"'):
+        end = text.find(quote, 1)
+        if end < 0:
+            raise UsageError(f"{where}: the value's {quote} quote is not closed")
+        rest = text[end + 1 :].strip()
+        if rest and not rest.startswith("#"):
+            raise UsageError(f"{where}: unexpected {rest[:20]!r} after the quoted value")
+        return text[1:end]
+    return _uncommented(text)
+
+
+def _uncommented(text: str) -> str:
+    if text.startswith("#"):
+        return ""
+    comment = re.search(r"\s#", text)
+    return (text[: comment.start()] if comment else text).strip()
+
+
+def _flag(value: str, origin: str) -> bool:
     if value.lower() in ("1", "true", "yes", "on"):
         return True
     if value.lower() in ("0", "false", "no", "off"):
         return False
-    raise UsageError(f"expected true or false, got {value!r}")
+    raise UsageError(f"{origin}: expected true or false, got {value!r}")
 
 
 class Options:
-    """Command-line values over config-file values; every lookup says which option was missing."""
+    """Command-line values over config-file values; every error names the option and, from --config, the
+    file and line it came from."""
 
-    def __init__(self, given: dict[str, Any], config: dict[str, str]) -> None:
+    def __init__(self, given: dict[str, Any], config: dict[str, Setting], config_path: Path | None = None):
         self._given = given
         self._config = config
+        self._config_path = config_path
+
+    def _from_command_line(self, name: str) -> Any:
+        value = self._given.get(name.replace("-", "_"))
+        return None if value is False else value
+
+    def origin(self, name: str) -> str:
+        """How to name the option in a message: `--name`, or `--name (FILE:LINE)` when the file set it."""
+        setting = self._config.get(name)
+        if self._from_command_line(name) is None and setting is not None:
+            return f"--{name} ({self._config_path}:{setting.line})"
+        return f"--{name}"
 
     def get(self, name: str) -> str | None:
-        value = self._given.get(name.replace("-", "_"))
-        if value is None or value is False:
-            return self._config.get(name)
+        value = self._from_command_line(name)
+        if value is None:
+            setting = self._config.get(name)
+            return setting.value if setting else None
         return str(value)
 
     def flag(self, name: str) -> bool:
-        return bool(self._given.get(name.replace("-", "_"))) or _flag(self._config.get(name, "false"))
+        if self._from_command_line(name):
+            return True
+        setting = self._config.get(name)
+        return setting is not None and _flag(setting.value, self.origin(name))
 
     def require(self, name: str) -> str:
         value = self.get(name)
@@ -95,7 +161,7 @@ class Options:
         try:
             return Endpoint.parse(self.require(name), default_port)
         except ValueError as error:
-            raise UsageError(f"--{name}: {error}") from error
+            raise UsageError(f"{self.origin(name)}: {error}") from error
 
     def path(self, name: str, *, directory: bool = False) -> Path | None:
         value = self.get(name)
@@ -103,17 +169,20 @@ class Options:
             return None
         path = Path(value).expanduser()
         if not (path.is_dir() if directory else path.is_file()):
-            raise UsageError(f"--{name} {value}: no such {'directory' if directory else 'file'}")
+            kind = "directory" if directory else "file"
+            raise UsageError(f"{self.origin(name)} {value}: no such {kind}")
+        if not os.access(path, os.R_OK | (os.X_OK if directory else 0)):
+            raise UsageError(f"{self.origin(name)} {value}: permission denied")
         return path
 
-    def number(self, name: str, default: float) -> float:
+    def number(self, name: str, default: float, maximum: float) -> float:
         value = self.get(name)
         try:
             number = float(value) if value is not None else float(default)
         except ValueError as error:
-            raise UsageError(f"--{name}: expected a number, got {value!r}") from error
-        if number <= 0:
-            raise UsageError(f"--{name} must be positive")
+            raise UsageError(f"{self.origin(name)}: expected a number, got {value!r}") from error
+        if not math.isfinite(number) or not 0 < number <= maximum:
+            raise UsageError(f"{self.origin(name)} must be a number above 0 and at most {maximum:g}")
         return number
 
 
@@ -150,27 +219,39 @@ def mail_config(options: Options) -> MailConfig:
 
 
 def session_config(options: Options) -> session.SessionConfig:
-    hops = options.number("punch-hops", 7)
-    if not hops.is_integer() or not 1 <= hops <= 255:
-        raise UsageError("--punch-hops must be a whole number from 1 to 255")
+    """Everything a session needs, checked now: nothing is sent before every option has proved usable."""
+    hops = options.number("punch-hops", 7, 255)
+    if not hops.is_integer():
+        raise UsageError(f"{options.origin('punch-hops')} must be a whole number from 1 to 255")
+    exec_command = options.require("exec-command")
+    launcher.check_executable(exec_command)
+    log_file = Path(p).expanduser() if (p := options.get("exec-log-file")) else None
+    if log_file is not None:
+        launcher.check_log_file(log_file)
     command = launcher.Command(
-        path=options.require("exec-command"),
-        args=options.get("exec-args"),
+        path=exec_command,
+        words=launcher.parse_args(options.get("exec-args")),
         pwd=options.path("exec-pwd", directory=True),
-        log_file=Path(p) if (p := options.get("exec-log-file")) else None,
+        log_file=log_file,
     )
-    launcher.check_executable(command.path)
-    inner = options.get("stun-client")
+    inner = options.endpoint("stun-client") if options.get("stun-client") else Endpoint("0.0.0.0", 0)
+    keep_sessions = options.flag("keep-sessions")
+    if keep_sessions and inner.port and options.flag("accept"):
+        raise UsageError(
+            "--keep-sessions runs sessions side by side, each on its own inner port: "
+            "leave out --stun-client's port (or give port 0)"
+        )
     return session.SessionConfig(
-        inner=options.endpoint("stun-client") if inner else Endpoint("0.0.0.0", 0),
+        inner=inner,
         stun_server=options.endpoint("stun-server", STUN_PORT),
         mail=mail_config(options),
         command=command,
         punch_hops=int(hops),
-        response_timeout=options.number("response-timeout", 60),
+        response_timeout=options.number("response-timeout", 60, MAX_TIMEOUT),
         handshake_timeout=options.number(
-            "handshake-timeout", float(os.environ.get("PLEXUS_HANDSHAKE_TIMEOUT", "60"))
+            "handshake-timeout", float(os.environ.get("PLEXUS_HANDSHAKE_TIMEOUT", "60")), MAX_TIMEOUT
         ),
+        keep_sessions=keep_sessions,
     )
 
 
@@ -201,9 +282,44 @@ async def explore(options: Options, as_json: bool) -> None:
     print(json.dumps(report.to_json()) if as_json else report.render())
 
 
+def run_until_signal(main: Coroutine[Any, Any, T]) -> T:
+    """Run the flow; SIGINT or SIGTERM cancel it, so every `finally` and `async with` unwinds (mail sessions
+    closed, commands stopped), and end it with Interrupted. As PID 1 (a container) SIGTERM would otherwise be
+    ignored, and typer's own KeyboardInterrupt handling is not ours to rely on."""
+
+    async def guarded() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        received: list[int] = []
+
+        def stop(signum: int) -> None:
+            if not received:
+                log.info("%s received: stopping", signal.Signals(signum).name)
+                received.append(signum)
+                task.cancel()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop, signum)
+        try:
+            return await main
+        except asyncio.CancelledError:
+            if received:
+                raise Interrupted(received[0]) from None
+            raise
+
+    return asyncio.run(guarded())
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"plexus {__version__}")
+        raise typer.Exit()
+
+
+def _examples(value: bool) -> None:
+    if value:
+        print(EXAMPLES)
         raise typer.Exit()
 
 
@@ -211,18 +327,87 @@ def _option(metavar: str, help: str, *names: str) -> Any:
     return typer.Option(*names, metavar=metavar, help=help)
 
 
+HELP_GROUPS = {
+    "Role": ("accept", "explore", "json", "keep-sessions", "config"),
+    "Rendezvous by mail": (
+        "host-id",
+        "peer-id",
+        "email-smtps",
+        "email-imaps",
+        "email-login",
+        "email-passwd",
+        "email-from",
+        "email-to",
+        "email-ca",
+        "email-cert",
+        "email-key",
+        "response-timeout",
+    ),
+    "NAT traversal": ("stun-server", "stun-client", "punch-hops", "handshake-timeout"),
+    "The command": ("exec-command", "exec-args", "exec-pwd", "exec-log-file"),
+    "S/MIME (sign and encrypt the mail)": ("smime-cert", "smime-key", "smime-peer", "smime-ca"),
+    "Logging": ("log-level", "log-file"),
+    "Other": ("examples", "version", "help"),
+}
+HELP_EPILOG = """\
+Examples:
+  The host to reach serves requests until stopped (systemd unit: --examples):
+    plexus --accept --config /etc/plexus/home.conf
+  The laptop connects once, launches the command and exits (from cron:
+  plexus-reconnect in --examples):
+    plexus --config /etc/plexus/laptop.conf
+  Does this network's NAT allow hole punching?
+    plexus --explore --stun-server=stun.example.net
+
+A config file holds `name = value` lines with these option names (no --),
+`#` comments, and values that may be quoted; the command line wins. A new
+session replaces the previous one's command (its process group is stopped
+before the inner port is bound) unless --keep-sessions is given.
+
+Exit codes:
+"""
+
+
+class GroupedCommand(typer.core.TyperCommand):
+    """Help with the options in groups, examples per role and the exit codes; click's plain layout."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {
+            opt[2:]: record
+            for param in self.get_params(ctx)
+            if (record := param.get_help_record(ctx)) is not None
+            for opt in param.opts
+            if opt.startswith("--")
+        }
+        for title, names in HELP_GROUPS.items():
+            with formatter.section(title):
+                formatter.write_dl([records[name] for name in names])
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write("\n" + HELP_EPILOG.removeprefix("\\\n"))
+        formatter.write_dl([(f"{code.value:>3} {code.name}", meaning) for code, meaning in MEANINGS.items()])
+
+
 Value = str | None
 
 
-@app.command(context_settings={"help_option_names": ["--help", "-h"]})
+@app.command(cls=GroupedCommand, context_settings={"help_option_names": ["--help", "-h"]})
 def run(
     accept: Annotated[
-        bool, typer.Option("--accept", help="Serve requests forever (the remote host).")
+        bool, typer.Option("--accept", help="Serve requests until stopped (the host to reach).")
     ] = False,
     explore_: Annotated[
         bool, typer.Option("--explore", help="Print the NAT's behaviour as STUN shows it, then exit.")
     ] = False,
     json_: Annotated[bool, typer.Option("--json", help="With --explore: one JSON object.")] = False,
+    keep_sessions: Annotated[
+        bool,
+        typer.Option(
+            "--keep-sessions",
+            help="Keep earlier sessions' commands running beside a new one (each needs its own inner "
+            "port) instead of replacing them.",
+        ),
+    ] = False,
     host_id: Annotated[Value, _option("ID", "This host's id: the subject of its mail.")] = None,
     peer_id: Annotated[Value, _option("ID", "The peer's id: the subject plexus waits for.")] = None,
     stun_server: Annotated[Value, _option("HOST[:PORT]", "STUN server (port 3478 by default).")] = None,
@@ -240,7 +425,7 @@ def run(
     email_cert: Annotated[Value, _option("FILE", "Client certificate for the mail servers.")] = None,
     email_key: Annotated[Value, _option("FILE", "Key of the client certificate.")] = None,
     email_ca: Annotated[
-        Value, _option("FILE", "CA to verify the mail servers with [default: system].")
+        Value, _option("FILE", "CA to verify the mail servers with, for a private CA [default: system].")
     ] = None,
     smime_peer: Annotated[Value, _option("FILE", "Peer's S/MIME certificate.")] = None,
     smime_cert: Annotated[Value, _option("FILE", "Host's S/MIME certificate (RSA).")] = None,
@@ -253,7 +438,8 @@ def run(
         _option(
             "ARGS",
             "Its arguments, with wildcards %innerip% %innerport% %outerip% %outerport% %peerip% %peerport% "
-            "%secret% [default: all seven in that order].",
+            "%secret% [default: all seven in that order]. The command also gets them as PLEXUS_INNERIP ... "
+            "PLEXUS_SECRET in its environment, which `ps` does not show.",
         ),
     ] = None,
     exec_pwd: Annotated[Value, _option("DIR", "Its working directory.")] = None,
@@ -269,51 +455,74 @@ def run(
     ] = None,
     log_file: Annotated[Value, _option("FILE", "Write the log here instead of stderr.")] = None,
     config: Annotated[Value, _option("FILE", "File of `name = value` lines with these options.")] = None,
+    examples: Annotated[
+        bool,
+        typer.Option(
+            "--examples",
+            callback=_examples,
+            is_eager=True,
+            help="Print the folder of the installed examples (exec.sh for OpenVPN, the cron script "
+            "plexus-reconnect, the systemd unit), then exit.",
+        ),
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
     """Connect two hosts behind NATs: STUN, an email rendezvous, UDP hole punching, then your command."""
     given = dict(locals())
-    options = Options(given, read_config(Path(config)) if config else {})
+    config_path = Path(config).expanduser() if config else None
+    options = Options(given, read_config(config_path) if config_path else {}, config_path)
     setup_logging(options)
-    if explore_ or options.flag("explore"):
-        asyncio.run(explore(options, json_ or options.flag("json")))
+    accepting, exploring, as_json = (options.flag(name) for name in ("accept", "explore", "json"))
+    if exploring:
+        run_until_signal(explore(options, as_json))
         return
     config_ = session_config(options)
-    if accept or options.flag("accept"):
-        asyncio.run(session.accept(config_))
-    else:
-        asyncio.run(session.invite(config_))
+    if not accepting:
+        run_until_signal(session.invite(config_))
+        return
+    try:
+        run_until_signal(session.accept(config_))
+    except Interrupted as stopped:
+        if stopped.signum != signal.SIGTERM:
+            raise
+        log.info("stopped")  # a service manager's stop is the acceptor's normal end
 
 
 OPTION_NAMES = frozenset(
     name
     for param in typer.main.get_command(app).params
     for opt in param.opts
-    if (name := opt[2:]) != "config"
+    if (name := opt[2:]) not in ("config", "examples", "version", "help")
 )
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    # Until the event loop takes over, SIGTERM ends the run as SIGINT does (as PID 1 it would be ignored).
+    signal.signal(signal.SIGTERM, _terminated)
     command = typer.main.get_command(app)
     try:
         command.main(args=argv, prog_name="plexus", standalone_mode=False)
-    except typer.Abort:
-        _fail("interrupted", ExitCode.ERROR)
+    except (typer.Abort, KeyboardInterrupt):
+        _fail("interrupted", ExitCode.INTERRUPTED)
     except typer.TyperException as error:  # typer's own click raises its usage errors as these
         _fail(error.format_message(), ExitCode.USAGE)
     except PlexusError as error:
         log.debug("failure", exc_info=True)
         _fail(str(error), error.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", ExitCode.ERROR)
     except Exception as error:  # a bug or an unforeseen OS error: still one line; the log has the traceback
         log.debug("unexpected failure", exc_info=True)
         _fail(f"unexpected error: {error}", ExitCode.ERROR)
     sys.exit(ExitCode.OK)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def _fail(message: str, code: ExitCode) -> NoReturn:
+    if any(isinstance(handler, logging.FileHandler) for handler in logging.getLogger().handlers):
+        log.error("exit %d: %s", code, message)  # a log file read later must say how the run ended
     print(f"plexus: {message}", file=sys.stderr)
     sys.exit(code)

@@ -5,6 +5,7 @@ A cron script reacts to the code, so the codes are part of the interface (docs/f
 
 from __future__ import annotations
 
+import signal
 from enum import IntEnum
 
 
@@ -23,6 +24,25 @@ class ExitCode(IntEnum):
     PEER_REFUSED = 11  # inviter: the acceptor replied that it cannot serve this request (its reason follows)
     INTERRUPTED = 130  # SIGINT (Ctrl-C), 128 + 2 as shells report it
     TERMINATED = 143  # SIGTERM, 128 + 15; an acceptor stopped by SIGTERM exits OK instead (a service's stop)
+
+
+# One line per code for `plexus --help`; docs/failures.md says the same at length.
+MEANINGS = {
+    ExitCode.OK: "inviter: connected, command launched and still running after 1 s; acceptor: stopped",
+    ExitCode.ERROR: "an unexpected error (the log at --log-level=debug has the details)",
+    ExitCode.USAGE: "a bad or missing option, config line or file",
+    ExitCode.NAT_UNSUITABLE: "this network's NAT cannot be punched (symmetric)",
+    ExitCode.STUN_FAILED: "the STUN server did not answer",
+    ExitCode.MAIL_TIMEOUT: "no response by mail within --response-timeout",
+    ExitCode.MAIL_AUTH: "the mail server refused the login",
+    ExitCode.MAIL_UNREACHABLE: "cannot connect to the mail server, or its TLS failed",
+    ExitCode.HANDSHAKE_TIMEOUT: "endpoints exchanged, but no handshake crossed the NATs",
+    ExitCode.LAUNCH_FAILED: "the command could not be started",
+    ExitCode.COMMAND_FAILED: "the command exited non-zero within 1 s of its launch",
+    ExitCode.PEER_REFUSED: "the acceptor replied that it cannot serve the request (its reason follows)",
+    ExitCode.INTERRUPTED: "interrupted (SIGINT, Ctrl-C)",
+    ExitCode.TERMINATED: "terminated (SIGTERM) before the session ended",
+}
 
 
 class PlexusError(Exception):
@@ -61,6 +81,16 @@ class HandshakeTimeoutError(PlexusError):
 
 class LaunchError(PlexusError):
     exit_code = ExitCode.LAUNCH_FAILED
+
+
+class Interrupted(PlexusError):
+    """SIGINT or SIGTERM ended the run; the exit code tells which."""
+
+    def __init__(self, signum: int) -> None:
+        terminated = signum == signal.SIGTERM
+        super().__init__("terminated" if terminated else "interrupted")
+        self.signum = signum
+        self.exit_code = ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED
 
 
 class CommandFailedError(PlexusError):

@@ -1,17 +1,27 @@
-"""Start the user's command once the hole is open.
+"""Start the user's command once the hole is open, and stop the one a previous session started.
 
-The argument template is pure (expand_args); start() is the thin process driver. The command runs detached in
-its own session so that it outlives an inviter that exits right after launching it (cron use), and the
-punching socket is already closed so the command can bind the same inner endpoint.
+The argument template is pure (parse_args, expand_args); start() is the thin process driver. The command runs
+detached in its own session and process group so that it outlives an inviter that exits right after launching
+it (cron use), and so that stopping it reaches everything it started (exec.sh and its openvpn). The punching
+socket is already closed so the command can bind the same inner endpoint.
+
+A session replaces the previous one by default: a Slot file remembers the command's process (pid and start
+time, so a later process that got the same pid is never taken for it), and the next session stops that
+process group before it binds the inner port. This survives the inviter's exit and an acceptor's restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
+import re
 import shlex
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +32,11 @@ log = logging.getLogger(__name__)
 
 # Without --exec-args the command gets the endpoints in this order, as plexus 2.2 passes them.
 DEFAULT_ARGS = "%innerip% %innerport% %outerip% %outerport% %peerip% %peerport% %secret%"
+SECRET = "%secret%"
+# How long a previous session's command gets to end after SIGTERM before SIGKILL.
+STOP_GRACE = 3.0
+KILL_WAIT = 2.0
+_POLL = 0.02
 
 
 @dataclass(frozen=True)
@@ -41,25 +56,35 @@ class Tunnel:
             "%outerport%": str(self.outer.port),
             "%peerip%": self.peer.host,
             "%peerport%": str(self.peer.port),
-            "%secret%": str(self.secret),
+            SECRET: str(self.secret),
         }
+
+    def environment(self) -> dict[str, str]:
+        """The same values as PLEXUS_INNERIP ... PLEXUS_SECRET: unlike arguments, not visible in `ps`."""
+        return {f"PLEXUS_{name.strip('%').upper()}": value for name, value in self.wildcards().items()}
 
 
 @dataclass(frozen=True)
 class Command:
     path: str
-    args: str | None = None  # shell-split template with %wildcards%
+    words: tuple[str, ...] = tuple(shlex.split(DEFAULT_ARGS))  # --exec-args, split, wildcards unexpanded
     pwd: Path | None = None
     log_file: Path | None = None
 
 
-def expand_args(template: str | None, tunnel: Tunnel) -> list[str]:
-    """Split the template with shell rules, then replace wildcards inside each word."""
+def parse_args(template: str | None) -> tuple[str, ...]:
+    """Split --exec-args with shell rules, at start: a bad template is found before any mail leaves."""
     try:
-        words = shlex.split(DEFAULT_ARGS if template is None else template)
+        return tuple(shlex.split(DEFAULT_ARGS if template is None else template))
     except ValueError as error:
-        raise LaunchError(f"cannot split --exec-args: {error}") from error
+        raise UsageError(f"cannot split --exec-args: {error}") from error
+
+
+def expand_args(words: tuple[str, ...], tunnel: Tunnel, *, redact: bool = False) -> list[str]:
+    """Replace wildcards inside each word; `redact` keeps the secret's wildcard, for the log."""
     values = tunnel.wildcards()
+    if redact:
+        values[SECRET] = SECRET
     expanded = []
     for word in words:
         for wildcard, value in values.items():
@@ -70,7 +95,7 @@ def expand_args(template: str | None, tunnel: Tunnel) -> list[str]:
 
 def start(command: Command, tunnel: Tunnel) -> subprocess.Popen[bytes]:
     """Start the command detached; raises LaunchError when it cannot be started at all."""
-    argv = [command.path, *expand_args(command.args, tunnel)]
+    argv = [command.path, *expand_args(command.words, tunnel)]
     try:
         output = open(command.log_file, "ab") if command.log_file else subprocess.DEVNULL  # noqa: SIM115
     except OSError as error:
@@ -79,6 +104,7 @@ def start(command: Command, tunnel: Tunnel) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
             argv,
             cwd=command.pwd,
+            env=os.environ | tunnel.environment(),
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=output,
@@ -89,7 +115,8 @@ def start(command: Command, tunnel: Tunnel) -> subprocess.Popen[bytes]:
     finally:
         if not isinstance(output, int):
             output.close()
-    log.info("launched %s (pid %d) for peer %s", shlex.join(argv), process.pid, tunnel.peer)
+    shown = shlex.join([command.path, *expand_args(command.words, tunnel, redact=True)])
+    log.info("launched %s (pid %d) for peer %s", shown, process.pid, tunnel.peer)
     return process
 
 
@@ -110,7 +137,10 @@ async def _exited(process: subprocess.Popen[bytes]) -> None:
     # A pidfd turns readable when the process ends: the loop waits on it, no thread is left blocking in wait()
     # (a thread would keep asyncio.run from returning while the detached command runs on).
     loop = asyncio.get_running_loop()
-    pidfd = os.pidfd_open(process.pid)
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:  # already reaped (stopped by this process meanwhile)
+        return
     ended = loop.create_future()
     loop.add_reader(pidfd, lambda: None if ended.done() else ended.set_result(None))
     try:
@@ -118,6 +148,121 @@ async def _exited(process: subprocess.Popen[bytes]) -> None:
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+
+
+@dataclass(frozen=True)
+class Running:
+    """A launched command's process group, named by its leader's pid and start time."""
+
+    pid: int
+    started: int  # clock ticks after boot (/proc/PID/stat field 22): tells this process from a later one
+
+    @classmethod
+    def of(cls, pid: int) -> Running | None:
+        started = _start_time(pid)
+        return None if started is None else cls(pid, started)
+
+    def alive(self) -> bool:
+        """Whether the group still has a running member (it may outlive its leader). A pid cannot be reused
+        while a group of that number exists, so a leader with another start time means the group is gone."""
+        started = _start_time(self.pid)
+        if started is not None and started != self.started:
+            return False
+        return bool(group_members(self.pid))
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM to the whole group, SIGKILL to what is left after the grace period; returns once gone."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, KILL_WAIT)):
+            if not self.alive():
+                return
+            log.info("stopping the previous command (pid %d) with %s", self.pid, sig.name)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+            until = time.monotonic() + wait
+            while time.monotonic() < until:
+                # Our own child stays a zombie, still counted in its group, until it is reaped here.
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.pid, os.WNOHANG)
+                if not self.alive():
+                    return
+                await asyncio.sleep(_POLL)
+        log.warning("the previous command (pid %d) did not end after SIGKILL", self.pid)
+
+
+def _stat(entry: Path) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name: state, ppid, pgrp, ... (proc(5) field 3 onwards)."""
+    try:
+        return (entry / "stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time; None when it is gone or a zombie (ended, whoever has yet to reap it)."""
+    fields = _stat(Path(f"/proc/{pid}"))
+    return None if fields is None or fields[0] == "Z" else int(fields[19])
+
+
+def group_members(pgid: int) -> list[int]:
+    """The running (not zombie) processes of a process group. Zombies count as gone: an init that is slow to
+    reap orphans would otherwise hold up every stop."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(entry)
+            if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    return members
+
+
+class Slot:
+    """The file that names the command of the last session between one host id and one peer id."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def for_session(cls, role: str, host_id: str, peer_id: str) -> Slot:
+        def safe(name: str) -> str:
+            return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+        return cls(state_dir() / f"{role}-{safe(host_id)}-{safe(peer_id)}.json")
+
+    def load(self) -> Running | None:
+        try:
+            data = json.loads(self.path.read_text())
+            return Running(int(data["pid"]), int(data["started"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self, pid: int) -> None:
+        running = Running.of(pid)
+        if running is None:
+            return  # ended at once: nothing to stop next time
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"pid": running.pid, "started": running.started}))
+        temporary.replace(self.path)
+
+    async def stop_previous(self, grace: float = STOP_GRACE) -> None:
+        """Stop the command the last session left running, if it still runs; then forget it."""
+        previous = self.load()
+        if previous is not None:
+            await previous.stop(grace)
+        self.forget()
+
+    def forget(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def state_dir() -> Path:
+    """Where Slot files live: /run/plexus for root, the user's runtime (or state) directory otherwise."""
+    if os.geteuid() == 0:
+        return Path("/run/plexus")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "plexus"
+    return Path.home() / ".local" / "state" / "plexus"
 
 
 def check_executable(path: str) -> None:
@@ -132,3 +277,12 @@ def check_executable(path: str) -> None:
         for folder in os.environ.get("PATH", "").split(os.pathsep)
     ):
         raise UsageError(f"--exec-command {path} is not found in PATH")
+
+
+def check_log_file(path: Path) -> None:
+    """The command's log file must be writable (it is created if missing) before any mail is sent."""
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as error:
+        raise UsageError(f"cannot write --exec-log-file {path}: {error.strerror}") from error

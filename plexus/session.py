@@ -1,9 +1,13 @@
 """One plexus session from each side: STUN on the punching socket, the mail rendezvous, the punch, the launch.
 
-Inviter (once): STUN -> request by mail -> wait for the response -> handshake -> launch.
-Acceptor: STUN once (an unsuitable NAT is refused at the start), then forever: wait for a request -> STUN ->
-TTL punch -> response by mail -> handshake -> launch.
-The acceptor serves each request in its own task, so a slow or failing session never stops the loop.
+Inviter (once): stop its previous session's command -> STUN -> request by mail -> wait for the response ->
+handshake -> launch -> watch the command for a moment.
+Acceptor: STUN once (an unsuitable NAT is refused at the start), then forever: wait for a request -> stop
+the previous session's command -> STUN -> TTL punch -> response by mail -> handshake -> launch. A request it
+cannot serve (the inner port held, STUN failing, the NAT turned unsuitable) gets a refusal by mail, so the
+inviter stops waiting at once.
+The acceptor serves each request in its own task, so a slow or failing session never stops the loop. Stopped
+(cancelled), it stops the commands it launched: their lifetime is the acceptor's.
 """
 
 from __future__ import annotations
@@ -13,20 +17,24 @@ import contextlib
 import logging
 import secrets
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from plexus import launcher, puncher, stun
 from plexus.endpoint import Endpoint
-from plexus.errors import NatUnsuitableError, PlexusError, UsageError
-from plexus.launcher import Command, Tunnel
+from plexus.errors import CommandFailedError, NatUnsuitableError, PlexusError, UsageError
+from plexus.launcher import Command, Running, Slot, Tunnel
 from plexus.mediator import Invitation, MailConfig, Mediator, Offer
+from plexus.mediator.email import Submission
 
 log = logging.getLogger(__name__)
 
 # How long the inviter watches the launched command before exiting: long enough to report a command that
 # fails at once (bad arguments), short enough not to hold up a cron job.
 INVITER_WATCH_SECONDS = 1.0
+# A stopped acceptor gives its commands this long to end after SIGTERM: a service stops within a second.
+SHUTDOWN_GRACE = 0.5
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,11 @@ class SessionConfig:
     punch_hops: int = 7
     response_timeout: float = 60.0
     handshake_timeout: float = 60.0
+    keep_sessions: bool = False  # True: sessions run side by side; False: a new one replaces the last
+
+    def slot(self, role: str) -> Slot | None:
+        """Where the last session's command is remembered, unless sessions are kept side by side."""
+        return None if self.keep_sessions else Slot.for_session(role, self.mail.host_id, self.mail.peer_id)
 
 
 def bind(inner: Endpoint) -> socket.socket:
@@ -66,14 +79,16 @@ async def discover(sock: socket.socket, server: Endpoint) -> tuple[Endpoint, End
 
 
 async def invite(config: SessionConfig) -> Tunnel:
-    """The inviter's whole session; returns once the command is launched.
+    """The inviter's whole session; returns once the command is launched and has survived the watch window.
 
     Everything that does not depend on STUN runs while STUN does: the IMAP login and the SMTP session up to
-    DATA. The mailbox clean-up (flag the response consumed, LOGOUT) waits until the command is launched.
+    DATA. The mailbox clean-up (flag the response consumed, LOGOUT) runs while the command is watched.
     """
-    sock = bind(config.inner)
-    with contextlib.closing(sock):
-        async with Mediator(config.mail) as mediator:
+    slot = config.slot("invite")
+    async with Mediator(config.mail) as mediator:
+        if slot is not None:
+            await slot.stop_previous()  # a stale tunnel holds the inner port and would double the new one
+        with contextlib.closing(bind(config.inner)) as sock:
             async with mediator.submission() as submission:
                 inner, outer = await discover(sock, config.stun_server)
                 puzzle = secrets.randbits(64)
@@ -82,8 +97,16 @@ async def invite(config: SessionConfig) -> Tunnel:
             log.info("peer endpoint %s, punching", tunnel.peer)
             timeout = config.handshake_timeout
             await puncher.punch(sock, tunnel.peer, tunnel.secret, accept=False, timeout=timeout)
-            process = launcher.start(config.command, tunnel)
-    await launcher.watch(process, grace=INVITER_WATCH_SECONDS)
+        process = launcher.start(config.command, tunnel)
+        if slot is not None:
+            slot.save(process.pid)
+        watching = asyncio.ensure_future(launcher.watch(process, grace=INVITER_WATCH_SECONDS))
+    status = await watching
+    if status:
+        raise CommandFailedError(
+            f"{config.command.path} exited with status {status} within {INVITER_WATCH_SECONDS:g} s of its "
+            "launch (its output is in --exec-log-file)"
+        )
     return tunnel
 
 
@@ -94,39 +117,73 @@ async def accept(config: SessionConfig) -> None:
     each of them waiting out its whole response timeout. Each session still checks again (networks change).
     """
     sessions: set[asyncio.Task[None]] = set()
-    # Sessions on a fixed inner port take turns: two sockets cannot hold one endpoint.
-    turn = asyncio.Lock() if config.inner.port else None
-    async with Mediator(config.mail) as mediator:  # the IMAP login runs while STUN does
-        with contextlib.closing(bind(config.inner)) as sock:
-            await discover(sock, config.stun_server)
-        async for invitation in mediator.requests():
-            task = asyncio.create_task(_serve(config, mediator, invitation, turn))
-            sessions.add(task)
-            task.add_done_callback(sessions.discard)
+    running: set[Running] = set()
+    slot = config.slot("accept")
+    # Replacing sessions take turns, so the newest request wins; kept ones each have their own inner port.
+    turn = None if config.keep_sessions else asyncio.Lock()
+    try:
+        async with Mediator(config.mail) as mediator:  # the IMAP login runs while STUN does
+            if slot is not None:
+                await slot.stop_previous()  # left by an acceptor that was killed: it holds the inner port
+            with contextlib.closing(bind(config.inner)) as sock:
+                await discover(sock, config.stun_server)
+            async for invitation in mediator.requests():
+                task = asyncio.create_task(_serve(config, mediator, invitation, turn, slot, running))
+                sessions.add(task)
+                task.add_done_callback(sessions.discard)
+    finally:
+        for task in sessions:
+            task.cancel()
+        await asyncio.gather(*sessions, return_exceptions=True)
+        await asyncio.gather(*(command.stop(SHUTDOWN_GRACE) for command in running))
+        if slot is not None:
+            slot.forget()
 
 
 async def _serve(
-    config: SessionConfig, mediator: Mediator, invitation: Invitation, turn: asyncio.Lock | None
+    config: SessionConfig,
+    mediator: Mediator,
+    invitation: Invitation,
+    turn: asyncio.Lock | None,
+    slot: Slot | None,
+    running: set[Running],
 ) -> None:
     peer = invitation.offer.outer
     try:
         async with _maybe(turn):
+            if slot is not None:
+                await slot.stop_previous()
             tunnel = await _answer(config, mediator, invitation)
-        process = launcher.start(config.command, tunnel)
+            process = launcher.start(config.command, tunnel)
+            if slot is not None:
+                slot.save(process.pid)
     except PlexusError as error:
         log.error("session with %s failed: %s", peer, error)
         return
-    await launcher.watch(process)
+    await _watch(process, running)
+
+
+async def _watch(process: subprocess.Popen[bytes], running: set[Running]) -> None:
+    command = Running.of(process.pid)
+    if command is None:  # ended already
+        await launcher.watch(process)
+        return
+    running.add(command)
+    try:
+        await launcher.watch(process)
+    finally:
+        running.discard(command)
 
 
 async def _answer(config: SessionConfig, mediator: Mediator, invitation: Invitation) -> Tunnel:
     """STUN, the TTL punch, the response, the handshake; the SMTP session opens while STUN runs."""
-    sock = bind(config.inner)
     handshake: asyncio.Future[None] | None = None
-    with contextlib.closing(sock):
+    with contextlib.ExitStack() as closing:
         try:
             async with mediator.submission() as submission:
-                inner, outer = await discover(sock, config.stun_server)
+                async with _refusing(mediator, invitation, submission):
+                    sock = closing.enter_context(contextlib.closing(bind(config.inner)))
+                    inner, outer = await discover(sock, config.stun_server)
                 puzzle = secrets.randbits(64)
                 tunnel = Tunnel(inner, outer, invitation.offer.outer, puzzle ^ invitation.offer.puzzle)
                 # The TTL-limited hello leaves before the response: our NAT is open when the inviter's
@@ -148,6 +205,21 @@ async def _answer(config: SessionConfig, mediator: Mediator, invitation: Invitat
             if handshake is not None:
                 handshake.cancel()
     return tunnel
+
+
+@contextlib.asynccontextmanager
+async def _refusing(
+    mediator: Mediator, invitation: Invitation, submission: Submission
+) -> AsyncIterator[None]:
+    """A failure before the response is the inviter's to know at once: it gets the reason in a refusal."""
+    try:
+        yield
+    except PlexusError as error:
+        try:
+            await mediator.refuse(invitation, str(error), submission)
+        except PlexusError as failure:
+            log.warning("could not send the refusal: %s", failure)
+        raise
 
 
 @contextlib.asynccontextmanager

@@ -1,5 +1,8 @@
 """The command line's contract: one-line errors with distinct exit codes, 2.2's option names, --config."""
 
+import asyncio
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -7,7 +10,7 @@ import pytest
 
 from plexus import __version__, cli
 from plexus.endpoint import Endpoint
-from plexus.errors import ExitCode, UsageError
+from plexus.errors import ExitCode, Interrupted, UsageError
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -69,7 +72,12 @@ def test_missing_named_files_and_bad_values_are_usage_errors(
         (["--email-ca=/nonexistent/ca.pem"], "--email-ca /nonexistent/ca.pem: no such file"),
         (["--exec-pwd=/nonexistent"], "no such directory"),
         (["--punch-hops=2.5"], "--punch-hops must be a whole number"),
-        (["--punch-hops=0"], "--punch-hops must be positive"),
+        (["--punch-hops=0"], "--punch-hops must be a number above 0 and at most 255"),
+        (["--response-timeout=nan"], "--response-timeout must be a number above 0"),
+        (["--handshake-timeout=inf"], "--handshake-timeout must be a number above 0"),
+        (["--exec-args='open"], "cannot split --exec-args"),
+        ([f"--exec-log-file={tmp_path}/absent/x.log"], "cannot write --exec-log-file"),
+        (["--accept", "--keep-sessions"], "--keep-sessions runs sessions side by side"),
         (["--smime-cert=" + sys.executable], "missing --smime-key, --smime-peer"),
         (["--stun-client=nonsense"], "--stun-client: bad endpoint"),
     ]:
@@ -85,14 +93,14 @@ def test_config_file_uses_the_option_names(tmp_path: Path) -> None:
         "stun-server = 203.0.113.10\n"
     )
     values = cli.read_config(path)
-    assert values == {
+    assert {name: setting.value for name, setting in values.items()} == {
         "accept": "true",
         "host-id": "remote",
         "peer-id": "local",
         "email-passwd": "se=cret",
         "stun-server": "203.0.113.10",
     }
-    options = cli.Options({"host_id": "override"}, values)
+    options = cli.Options({"host_id": "override"}, values, path)
     assert options.flag("accept")
     assert options.require("host-id") == "override"
     assert options.require("email-passwd") == "se=cret"
@@ -108,9 +116,12 @@ def test_config_file_rejects_unknown_names(tmp_path: Path) -> None:
 
 def test_session_config_from_a_full_command_line(tmp_path: Path) -> None:
     options = cli.Options(
+        {
+            name.removeprefix("--").split("=")[0].replace("-", "_"): name.split("=", 1)[1]
+            for name in full_options(tmp_path)
+        }
+        | {"email_passwd": "p"},
         {},
-        {name.removeprefix("--").split("=")[0]: name.split("=", 1)[1] for name in full_options(tmp_path)}
-        | {"email-passwd": "p"},
     )
     config = cli.session_config(options)
     assert config.inner == Endpoint("10.0.1.2", 5000)
@@ -118,3 +129,102 @@ def test_session_config_from_a_full_command_line(tmp_path: Path) -> None:
     assert config.punch_hops == 7
     assert (config.mail.address, config.mail.peer_address) == ("a@lab.test", "b@lab.test")
     assert config.mail.smime is None
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "plexus.conf"
+    path.write_text(text)
+    return path
+
+
+def test_config_comments_and_quotes(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        "host-id = home   # the server\n"
+        'email-passwd = "pa ss # word"  # quoted: the # stays\n'
+        "email-login = 'me@example.net'\n"
+        "peer-id = a#b\n"
+        "accept  # a flag with a comment\n",
+    )
+    values = {name: setting.value for name, setting in cli.read_config(path).items()}
+    assert values == {
+        "host-id": "home",
+        "email-passwd": "pa ss # word",
+        "email-login": "me@example.net",
+        "peer-id": "a#b",
+        "accept": "true",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("host-id = a\nhost-id = b\n", "plexus.conf:2: host-id is already set on line 1"),
+        ("email-passwd = 'open\n", "plexus.conf:1: email-passwd: the value's ' quote is not closed"),
+        ("email-passwd = 'a' b\n", "plexus.conf:1: email-passwd: unexpected 'b' after the quoted value"),
+        ("email-passwd = #secret\n", "plexus.conf:1: email-passwd has no value"),
+    ],
+)
+def test_config_errors_name_the_file_line_and_option(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(UsageError) as error:
+        cli.read_config(write_config(tmp_path, text))
+    assert message in str(error.value)
+
+
+def test_bad_config_values_name_the_option_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, "# mine\naccept = maybe\n")
+    code, _, err = run([f"--config={path}"], capsys)
+    assert code == ExitCode.USAGE
+    assert err == f"plexus: --accept ({path}:2): expected true or false, got 'maybe'\n"
+    path = write_config(
+        tmp_path, "\n".join(o.removeprefix("--").replace("=", " = ", 1) for o in full_options(tmp_path))
+    )
+    path.write_text(path.read_text() + "\nresponse-timeout = nan\n")
+    code, _, err = run([f"--config={path}"], capsys)
+    assert code == ExitCode.USAGE
+    assert f"--response-timeout ({path}:12) must be a number above 0" in err
+
+
+def test_help_groups_the_options_and_lists_examples_and_exit_codes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for heading in ("Role:", "Rendezvous by mail:", "NAT traversal:", "The command:", "S/MIME", "Logging:"):
+        assert heading in out
+    assert "plexus --accept --config" in out and "plexus --config /etc/plexus/laptop.conf" in out
+    for exit_code in ExitCode:
+        assert f"{exit_code.value:>3} {exit_code.name}" in out
+
+
+def test_examples_prints_the_installed_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--examples"], capsys)
+    folder = Path(out.strip())
+    assert code == 0 and folder.is_dir()
+    assert (folder / "exec.sh").is_file()
+
+
+def test_failures_doc_lists_every_exit_code() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "failures.md").read_text()
+    for exit_code in ExitCode:
+        assert f"| {exit_code.value} | {exit_code.name} |" in doc
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, ExitCode.INTERRUPTED), (signal.SIGTERM, ExitCode.TERMINATED)]
+)
+def test_a_signal_cancels_the_flow_and_ends_it_as_interrupted(signum: int, code: ExitCode) -> None:
+    unwound = []
+
+    async def flow() -> None:
+        try:
+            os.kill(os.getpid(), signum)
+            await asyncio.sleep(10)
+        finally:
+            unwound.append(True)
+
+    with pytest.raises(Interrupted) as error:
+        cli.run_until_signal(flow())
+    assert (error.value.exit_code, unwound) == (code, [True])

@@ -1,5 +1,9 @@
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,7 +12,7 @@ import pytest
 from plexus import launcher
 from plexus.endpoint import Endpoint
 from plexus.errors import LaunchError, UsageError
-from plexus.launcher import Command, Tunnel
+from plexus.launcher import Command, Running, Slot, Tunnel
 
 TUNNEL = Tunnel(
     inner=Endpoint("10.0.1.2", 5000),
@@ -18,8 +22,12 @@ TUNNEL = Tunnel(
 )
 
 
+def expand(template: str | None) -> list[str]:
+    return launcher.expand_args(launcher.parse_args(template), TUNNEL)
+
+
 def test_default_arguments_follow_plexus_2_2_order() -> None:
-    assert launcher.expand_args(None, TUNNEL) == [
+    assert expand(None) == [
         "10.0.1.2",
         "5000",
         "198.51.100.2",
@@ -31,13 +39,30 @@ def test_default_arguments_follow_plexus_2_2_order() -> None:
 
 
 def test_wildcards_expand_inside_words_and_quotes_follow_shell_rules() -> None:
-    args = launcher.expand_args("--remote %peerip%:%peerport% 'two words' --key=%secret%", TUNNEL)
+    args = expand("--remote %peerip%:%peerport% 'two words' --key=%secret%")
     assert args == ["--remote", "198.51.100.6:6000", "two words", "--key=18446744073709551615"]
 
 
-def test_unbalanced_quote_is_a_launch_error() -> None:
-    with pytest.raises(LaunchError, match="--exec-args"):
-        launcher.expand_args("'open", TUNNEL)
+def test_the_secret_is_redacted_for_the_log() -> None:
+    words = launcher.parse_args("--key=%secret% %peerport%")
+    assert launcher.expand_args(words, TUNNEL, redact=True) == ["--key=%secret%", "6000"]
+
+
+def test_unbalanced_quote_is_a_usage_error_found_at_start() -> None:
+    with pytest.raises(UsageError, match="--exec-args"):
+        launcher.parse_args("'open")
+
+
+def test_the_command_gets_the_values_in_its_environment() -> None:
+    assert TUNNEL.environment() == {
+        "PLEXUS_INNERIP": "10.0.1.2",
+        "PLEXUS_INNERPORT": "5000",
+        "PLEXUS_OUTERIP": "198.51.100.2",
+        "PLEXUS_OUTERPORT": "5000",
+        "PLEXUS_PEERIP": "198.51.100.6",
+        "PLEXUS_PEERPORT": "6000",
+        "PLEXUS_SECRET": "18446744073709551615",
+    }
 
 
 async def test_started_command_gets_arguments_cwd_and_log_file(tmp_path: Path) -> None:
@@ -45,7 +70,8 @@ async def test_started_command_gets_arguments_cwd_and_log_file(tmp_path: Path) -
         "import json, os, sys; print(json.dumps([os.getcwd(), os.getsid(0) == os.getpid(), sys.argv[1:]]))"
     )
     log_file = tmp_path / "command.log"
-    command = Command(sys.executable, f"-c '{script}' %outerport% %secret%", pwd=tmp_path, log_file=log_file)
+    words = launcher.parse_args(f"-c '{script}' %outerport% %secret%")
+    command = Command(sys.executable, words, pwd=tmp_path, log_file=log_file)
     process = launcher.start(command, TUNNEL)
     assert await launcher.watch(process) == 0
     cwd, own_session, argv = json.loads(log_file.read_text())
@@ -54,7 +80,7 @@ async def test_started_command_gets_arguments_cwd_and_log_file(tmp_path: Path) -
 
 def test_watch_with_grace_returns_while_the_command_runs_on() -> None:
     # asyncio.run, as the inviter uses it: it must not wait for the detached command at shutdown.
-    process = launcher.start(Command(sys.executable, "-c 'import time; time.sleep(30)'"), TUNNEL)
+    process = launcher.start(sleeper(), TUNNEL)
     try:
         assert asyncio.run(launcher.watch(process, grace=0.1)) is None
         assert process.poll() is None
@@ -80,3 +106,54 @@ def test_check_executable(tmp_path: Path) -> None:
     ]:
         with pytest.raises(UsageError, match=reason):
             launcher.check_executable(path)
+
+
+def test_an_unwritable_log_file_is_a_usage_error(tmp_path: Path) -> None:
+    launcher.check_log_file(tmp_path / "new.log")
+    with pytest.raises(UsageError, match="cannot write --exec-log-file"):
+        launcher.check_log_file(tmp_path / "no-such-dir" / "x.log")
+
+
+def sleeper(ignore_term: bool = False) -> Command:
+    """A command whose group has two processes: a shell and its child (as exec.sh and its openvpn)."""
+    trap = "trap '' TERM; " if ignore_term else ""
+    return Command("sh", ("-c", f"{trap}sleep 30 & wait"))
+
+
+@pytest.mark.parametrize("ignore_term", [False, True], ids=["sigterm", "sigkill-after-grace"])
+async def test_the_previous_command_is_stopped_with_its_whole_group(
+    tmp_path: Path, ignore_term: bool
+) -> None:
+    slot = Slot(tmp_path / "slot.json")
+    process = launcher.start(sleeper(ignore_term), TUNNEL)
+    try:
+        slot.save(process.pid)
+        await asyncio.sleep(0.2)
+        assert len(launcher.group_members(process.pid)) == 2
+        await slot.stop_previous(grace=0.3)
+        assert launcher.group_members(process.pid) == []
+        assert not slot.path.exists()
+        await slot.stop_previous()  # nothing recorded: nothing to do
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+async def test_a_recorded_pid_now_used_by_another_process_is_left_alone() -> None:
+    process = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        running = Running.of(process.pid)
+        assert running is not None and running.alive()
+        stranger = Running(process.pid, running.started + 1)  # same pid, another start time
+        assert not stranger.alive()
+        await stranger.stop(grace=0.1)
+        assert process.poll() is None
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_slot_files_are_named_for_the_role_and_both_ids() -> None:
+    path = Slot.for_session("invite", "lap top", "home/1").path
+    assert path.name == "invite-lap_top-home_1.json"
