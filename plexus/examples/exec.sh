@@ -1,45 +1,107 @@
 #!/usr/bin/env bash
-# OpenVPN point-to-point over the endpoints plexus punched. plexus runs it as
-#   exec.sh innerip innerport outerip outerport peerip peerport secret
-# (its default argument order). Both ends run the same script; the side whose outer endpoint sorts first
-# takes the first tunnel address, so the two ends always differ without any further exchange.
+# OpenVPN point-to-point over the endpoints plexus punched, in TLS mode with pinned self-signed certificates
+# (like ssh host keys: each host trusts exactly the one peer certificate whose fingerprint it was given).
+#
+# One-time setup, on each of the two hosts:
+#   exec.sh init [DIR]          make this host's key and certificate in DIR (default /etc/plexus/openvpn)
+#                               and print the certificate's fingerprint
+#   put the PEER's fingerprint into DIR/peer-fingerprint (one line, as `init` printed it on the peer)
+#   exec.sh fingerprint [DIR]   prints this host's fingerprint again
+#
+# Run mode, as plexus launches it (needs root for the tun device; openvpn drops to nobody once it is up):
+#   exec.sh innerip innerport outerip outerport peerip peerport [secret]
+# Recommended: --exec-args="%innerip% %innerport% %outerip% %outerport% %peerip% %peerport%" (keeps the secret
+# out of `ps`); plexus's default 7 arguments work too, the secret is ignored: the tunnel's keys come from the
+# TLS handshake between the pinned certificates, never from anything that travelled by mail.
+# Both ends run the same script: the side whose outer endpoint sorts first is the TLS server and takes the
+# first tunnel address (SUBNET.1), the other side the TLS client and SUBNET.2, with no further exchange.
+# openvpn runs in the foreground and ends (it is not restarted) when the peer is silent for 30 s or the TLS
+# handshake fails (a wrong fingerprint), so a cron job can tell a dead tunnel and reconnect.
 #
 # Environment:
-#   PLEXUS_OPENVPN_KEY     an OpenVPN static key file shared by both hosts (recommended); without it the key is
-#                          derived from plexus's 64-bit secret, which is fine for a test, weak for real use
+#   PLEXUS_OPENVPN_DIR     the key, certificate and peer-fingerprint folder (default /etc/plexus/openvpn)
 #   PLEXUS_TUNNEL_SUBNET   first three octets of the tunnel addresses (default 10.255.0)
-#   PLEXUS_OPENVPN_ARGS    extra openvpn arguments (e.g. "--daemon" or "--route 192.168.1.0 255.255.255.0")
+#   PLEXUS_TUN_DEV         the tun device's name (default plexus0), so a health check knows where to look
+#   PLEXUS_OPENVPN_ARGS    extra openvpn arguments (e.g. "--route 192.168.1.0 255.255.255.0")
 set -euo pipefail
+export LC_ALL=C  # one byte order for comparing endpoints, whatever the locale on either host
+PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin  # openvpn lives in sbin, which a cron job's PATH lacks
 
-if [ $# -lt 7 ]; then
-    echo "usage: $0 innerip innerport outerip outerport peerip peerport secret" >&2
+dir=${PLEXUS_OPENVPN_DIR:-/etc/plexus/openvpn}
+me=${0##*/}
+
+die() {
+    echo "$me: $*" >&2
+    exit 1
+}
+
+fingerprint() {  # the certificate's SHA-256 as --peer-fingerprint takes it: AB:CD:...
+    openssl x509 -in "$1" -noout -fingerprint -sha256 | cut -d= -f2
+}
+
+case ${1:-} in
+init)
+    [ $# -le 2 ] || { echo "usage: $me init [DIR]" >&2; exit 2; }
+    dir=${2:-$dir}
+    command -v openssl >/dev/null || die "openssl is not installed"
+    if [ -e "$dir/key.pem" ] || [ -e "$dir/cert.pem" ]; then
+        die "$dir already holds a key or certificate: not overwriting it (\`$me fingerprint $dir\` prints it)"
+    fi
+    umask 077
+    mkdir -p "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -sha256 -days 36500 \
+        -subj "/CN=plexus $HOSTNAME" -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null \
+        || die "openssl could not make the key and certificate in $dir"
+    chmod 600 "$dir/key.pem"
+    chmod 644 "$dir/cert.pem"
+    fingerprint "$dir/cert.pem"
+    echo "Above: this host's fingerprint, for the peer's peer-fingerprint file." \
+        "Put the PEER's fingerprint (\`$me fingerprint\` there) into $dir/peer-fingerprint here." >&2
+    exit 0
+    ;;
+fingerprint)
+    [ $# -le 2 ] || { echo "usage: $me fingerprint [DIR]" >&2; exit 2; }
+    dir=${2:-$dir}
+    [ -f "$dir/cert.pem" ] || die "no certificate in $dir: run \`$me init $dir\` first"
+    fingerprint "$dir/cert.pem"
+    exit 0
+    ;;
+esac
+
+if [ $# -ne 6 ] && [ $# -ne 7 ]; then
+    echo "usage: $me innerip innerport outerip outerport peerip peerport [secret]" >&2
+    echo "       $me init [DIR] | $me fingerprint [DIR]" >&2
     exit 2
 fi
-innerip=$1 innerport=$2 outerip=$3 outerport=$4 peerip=$5 peerport=$6 secret=$7
+innerip=$1 innerport=$2 outerip=$3 outerport=$4 peerip=$5 peerport=$6  # $7, the secret, is not used
 subnet=${PLEXUS_TUNNEL_SUBNET:-10.255.0}
+dev=${PLEXUS_TUN_DEV:-plexus0}
+
+# Every check before openvpn starts: a failure here is one line in plexus's --exec-log-file and an exit
+# status plexus reports (exit 10 on the inviter), never an openvpn that retries forever.
+[ "$(id -u)" -eq 0 ] || die "needs root (openvpn creates the tun device $dev, then drops to nobody)"
+command -v openvpn >/dev/null || die "openvpn is not installed"
+for file in key.pem cert.pem; do
+    [ -f "$dir/$file" ] || die "no $dir/$file: run \`$me init $dir\` once on this host"
+done
+[ -f "$dir/peer-fingerprint" ] \
+    || die "no $dir/peer-fingerprint: put the peer's fingerprint (\`$me fingerprint\` on the peer) there"
+peer_fingerprint=$(grep -Eio -m1 '^ *([0-9a-f]{2}:){31}[0-9a-f]{2} *$' "$dir/peer-fingerprint" | tr -d ' ') \
+    || die "$dir/peer-fingerprint holds no SHA-256 fingerprint (AB:CD:... 32 pairs, as \`$me fingerprint\` prints)"
 
 if [[ "$outerip:$outerport" < "$peerip:$peerport" ]]; then
-    local_address=$subnet.1 remote_address=$subnet.2
+    local_address=$subnet.1 remote_address=$subnet.2 role=(--tls-server --dh none)
 else
-    local_address=$subnet.2 remote_address=$subnet.1
+    local_address=$subnet.2 remote_address=$subnet.1 role=(--tls-client)
 fi
 
-key=${PLEXUS_OPENVPN_KEY:-}
-if [ -z "$key" ]; then
-    key=$(mktemp)
-    trap 'rm -f "$key"' EXIT
-    {
-        echo "-----BEGIN OpenVPN Static key V1-----"
-        for i in 0 1 2 3; do printf 'plexus-openvpn:%s:%s' "$secret" "$i" | sha512sum | cut -c1-128; done \
-            | tr -d '\n' | fold -w 32
-        echo
-        echo "-----END OpenVPN Static key V1-----"
-    } > "$key"
-fi
+group=nogroup
+getent group nogroup >/dev/null || group=nobody  # Fedora, Arch: nobody's group is nobody
 
 # shellcheck disable=SC2086  # PLEXUS_OPENVPN_ARGS is a list of words on purpose
-openvpn --dev tun --proto udp \
+exec openvpn --dev "$dev" --dev-type tun --proto udp \
     --local "$innerip" --lport "$innerport" --remote "$peerip" --rport "$peerport" \
     --ifconfig "$local_address" "$remote_address" \
-    --secret "$key" --cipher AES-256-CBC --auth SHA256 \
-    --ping 5 --ping-restart 60 --verb 3 ${PLEXUS_OPENVPN_ARGS:-}
+    "${role[@]}" --cert "$dir/cert.pem" --key "$dir/key.pem" --peer-fingerprint "$peer_fingerprint" \
+    --user nobody --group "$group" --persist-tun --persist-key \
+    --ping 5 --ping-exit 30 --tls-exit --verb 3 ${PLEXUS_OPENVPN_ARGS:-}

@@ -110,8 +110,10 @@ def start(
     accept: bool,
     overrides: dict[str, str] | None = None,
     argv: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Plexus:
-    """Start plexus on me.host; `argv` replaces the generated options entirely (for --config tests)."""
+    """Start plexus on me.host; `argv` replaces the generated options entirely (for --config tests); `env`
+    adds variables to its environment, which the launched command inherits."""
     name = f"{me.host}-{'acceptor' if accept else 'inviter'}-{uuid.uuid4().hex[:4]}"
     log_file, exec_log = workdir / f"{name}.log", workdir / f"{name}.exec.log"
     if argv is None:
@@ -122,6 +124,7 @@ def start(
         me.host,
         [sys.executable, "-m", "plexus", *argv],
         cwd=ROOT,
+        env=os.environ | env if env else None,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,40 +143,6 @@ def test_config_file_replaces_the_command_line(lab: Lab, tmp_path: Path, running
     running.append(invite)
     assert invite.wait(90) == 0, invite.stderr()
     assert_connected(lab, invite.wait_hello()[0], acceptor.wait_hello()[0])
-
-
-def tunnel_peer(lab: Lab, host: str) -> str | None:
-    """The far tunnel address once OpenVPN has configured tun0 (`inet 10.255.0.1 peer 10.255.0.2/32`)."""
-    match = re.search(
-        r"peer (\S+)/", lab.exec(host, ["ip", "-4", "-o", "addr", "show", "dev", "tun0"]).stdout
-    )
-    return match.group(1) if match else None
-
-
-def test_exec_sh_brings_up_openvpn_and_a_ping_crosses(
-    lab: Lab, tmp_path: Path, running: list[Plexus]
-) -> None:
-    inviter, acceptor_side = sessions.pair(lab)
-    invite, acceptor = connect(
-        lab, tmp_path, running, inviter, acceptor_side, **{"exec-command": str(sessions.EXEC_SH)}
-    )
-    try:
-        deadline = time.monotonic() + 30
-        ping = None
-        while time.monotonic() < deadline and (ping is None or ping.returncode != 0):
-            far = tunnel_peer(lab, "a")
-            if far and tunnel_peer(lab, "b"):
-                ping = lab.exec("a", ["ping", "-c", "3", "-i", "0.2", "-W", "2", far])
-            else:
-                time.sleep(0.2)
-        assert ping is not None and ping.returncode == 0, (
-            f"no ping across the tunnel\ninviter openvpn:\n{invite.exec_log.read_text()}\n"
-            f"acceptor openvpn:\n{acceptor.exec_log.read_text() if acceptor.exec_log.exists() else ''}"
-        )
-        assert " 0% packet loss" in ping.stdout
-    finally:
-        for host in ("a", "b"):
-            sessions.kill_launched(lab, host, "openvpn")
 
 
 async def test_a_failing_session_never_stops_the_acceptor(

@@ -1,0 +1,236 @@
+"""plexus/examples/exec.sh: OpenVPN in TLS mode with pinned self-signed certificates.
+
+The fast tests run the script's own checks (no lab; `init` needs no root). The lab tests launch it from a real
+plexus session across the lab's NATs on both hosts, each with its own key folder, and ping through the tunnel.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from hashlib import sha256
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from tests.lab import sessions
+from tests.lab.lab import Lab
+from tests.lab.sessions import Plexus, Side
+
+EXEC_SH = sessions.EXEC_SH
+DEV = "plexus0"  # exec.sh's default tun device
+FINGERPRINT = re.compile(r"^([0-9A-F]{2}:){31}[0-9A-F]{2}$")
+SIX_ARGS = "%innerip% %innerport% %outerip% %outerport% %peerip% %peerport%"  # the recommended --exec-args
+SBIN_PATH = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="exec.sh init needs openssl")
+needs_openvpn = pytest.mark.skipif(
+    shutil.which("openvpn", path=SBIN_PATH) is None, reason="exec.sh checks for openvpn before its key files"
+)
+
+
+def run_exec_sh(
+    *args: str, directory: Path | None = None, as_nobody: bool = False
+) -> subprocess.CompletedProcess[str]:
+    env = os.environ | ({"PLEXUS_OPENVPN_DIR": str(directory)} if directory else {})
+    nobody = pwd.getpwnam("nobody")
+    prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+    argv = [*prefix, str(EXEC_SH), *args] if as_nobody else [str(EXEC_SH), *args]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+
+
+def init(directory: Path) -> str:
+    """This host's fingerprint, from `exec.sh init DIR`."""
+    done = run_exec_sh("init", str(directory))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+# --- the script's own checks, no lab
+
+
+@needs_openssl
+def test_init_makes_a_key_once_and_prints_its_fingerprint(tmp_path: Path) -> None:
+    directory = tmp_path / "openvpn"
+    fingerprint = init(directory)
+    assert FINGERPRINT.match(fingerprint), fingerprint
+    assert (directory / "key.pem").stat().st_mode & 0o777 == 0o600
+    certificate = x509.load_pem_x509_certificate((directory / "cert.pem").read_bytes())
+    assert fingerprint == sha256(certificate.public_bytes(Encoding.DER)).digest().hex(":").upper()
+    key = (directory / "key.pem").read_bytes()
+    again = run_exec_sh("init", str(directory))
+    assert again.returncode != 0 and "not overwriting" in again.stderr, again.stderr
+    assert (directory / "key.pem").read_bytes() == key
+    shown = run_exec_sh("fingerprint", str(directory))
+    assert (shown.returncode, shown.stdout.strip()) == (0, fingerprint)
+    by_env = run_exec_sh("fingerprint", directory=directory)
+    assert by_env.stdout.strip() == fingerprint
+
+
+@needs_openvpn
+@needs_openssl
+def test_run_mode_checks_before_starting_openvpn(tmp_path: Path) -> None:
+    endpoints = ("10.0.1.2", "40000", "198.51.100.2", "40000", "198.51.100.6", "40001")
+    usage = run_exec_sh(*endpoints[:5], directory=tmp_path)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+    if os.geteuid() != 0:
+        refused = run_exec_sh(*endpoints, directory=tmp_path)
+        assert refused.returncode != 0 and refused.stderr.count("\n") == 1 and "root" in refused.stderr
+        pytest.skip("the key file checks come after the root check")
+    as_nobody = run_exec_sh(*endpoints, directory=tmp_path, as_nobody=True)
+    assert as_nobody.returncode != 0 and "needs root" in as_nobody.stderr, as_nobody.stderr
+    for args in (endpoints, (*endpoints, "1234")):  # the recommended 6 arguments and plexus's default 7
+        missing = run_exec_sh(*args, directory=tmp_path)
+        assert missing.returncode != 0 and missing.stderr.count("\n") == 1, missing.stderr
+        assert f"exec.sh init {tmp_path}" in missing.stderr, missing.stderr
+    init(tmp_path)
+    no_peer = run_exec_sh(*endpoints, directory=tmp_path)
+    assert no_peer.returncode != 0 and "peer-fingerprint" in no_peer.stderr, no_peer.stderr
+    (tmp_path / "peer-fingerprint").write_text("not a fingerprint\n")
+    garbled = run_exec_sh(*endpoints, directory=tmp_path)
+    assert garbled.returncode != 0 and "no SHA-256 fingerprint" in garbled.stderr, garbled.stderr
+
+
+# --- a real session launches exec.sh on both hosts
+
+
+def launched_openvpn(lab: Lab, host: str) -> list[int]:
+    """The openvpn processes in that host's namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", lab.netns(host)], capture_output=True, text=True).stdout
+    found = []
+    for pid in pids.split():
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "openvpn":
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def tun_addresses(lab: Lab, host: str) -> tuple[str, str] | None:
+    """(own, far) once openvpn has configured the device: `inet 10.255.0.1 peer 10.255.0.2/32`."""
+    shown = lab.exec(host, ["ip", "-4", "-o", "addr", "show", "dev", DEV]).stdout
+    match = re.search(r"inet (\S+) peer (\S+)/", shown)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def pinned_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """Two hosts' key folders after `exec.sh init` on each and the fingerprints swapped."""
+    folders = tmp_path / "openvpn-a", tmp_path / "openvpn-b"
+    fingerprints = [init(folder) for folder in folders]
+    (folders[0] / "peer-fingerprint").write_text(fingerprints[1] + "\n")
+    (folders[1] / "peer-fingerprint").write_text(fingerprints[0] + "\n")
+    return folders
+
+
+@pytest.fixture
+def running(lab: Lab) -> Iterator[list[Plexus]]:
+    """Stops every plexus the test starts and every openvpn they launched; no tun device is left behind."""
+    started: list[Plexus] = []
+    yield started
+    for plexus in started:
+        plexus.stop()
+    for host in ("a", "b"):
+        sessions.kill_launched(lab, host, "openvpn")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(
+        launched_openvpn(lab, host) or tun_addresses(lab, host) for host in ("a", "b")
+    ):
+        time.sleep(0.1)
+    for host in ("a", "b"):
+        assert not launched_openvpn(lab, host), f"openvpn still runs on {host}"
+        assert "does not exist" in lab.exec(host, ["ip", "link", "show", DEV]).stderr, f"{DEV} left on {host}"
+
+
+def connect(
+    lab: Lab, tmp_path: Path, running: list[Plexus], folders: tuple[Path, Path], **overrides: str
+) -> tuple[Plexus, Plexus]:
+    """An acceptor on b and an inviter on a, each launching exec.sh with its own key folder."""
+    inviter, acceptor_side = sessions.pair(lab)
+    options = {"exec-command": str(EXEC_SH)} | overrides
+
+    def start(me: Side, peer: Side, folder: Path, accept: bool) -> Plexus:
+        plexus = sessions.start(
+            lab, me, peer, tmp_path, accept=accept, overrides=options, env={"PLEXUS_OPENVPN_DIR": str(folder)}
+        )
+        running.append(plexus)
+        return plexus
+
+    acceptor = start(acceptor_side, inviter, folders[1], True)
+    sessions.wait_until_listening(acceptor)
+    invite = start(inviter, acceptor_side, folders[0], False)
+    code = invite.wait(90)
+    assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    return invite, acceptor
+
+
+def openvpn_logs(invite: Plexus, acceptor: Plexus) -> str:
+    return "".join(
+        f"\n{name} openvpn:\n{plexus.exec_log.read_text() if plexus.exec_log.exists() else '(no log)'}"
+        for name, plexus in (("inviter", invite), ("acceptor", acceptor))
+    )
+
+
+@pytest.mark.lab
+def test_a_ping_crosses_the_tunnel_of_pinned_certificates(
+    lab: Lab, tmp_path: Path, running: list[Plexus]
+) -> None:
+    folders = pinned_pair(tmp_path)
+    began = time.monotonic()
+    invite, acceptor = connect(lab, tmp_path, running, folders, **{"exec-args": SIX_ARGS})
+    launched = time.monotonic()  # the inviter has exited: both sides launched exec.sh
+    ping = None
+    while time.monotonic() - began < 60 and (ping is None or ping.returncode != 0):
+        addresses = tun_addresses(lab, "a")
+        if addresses and tun_addresses(lab, "b"):
+            ping = lab.exec("a", ["ping", "-n", "-c", "1", "-W", "1", addresses[1]])
+        else:
+            time.sleep(0.1)
+    logs = openvpn_logs(invite, acceptor)
+    assert ping is not None and ping.returncode == 0, f"no ping across the tunnel{logs}"
+    assert addresses is not None
+    now = time.monotonic()
+    print(f"first ping across the tunnel {now - began:.1f} s after the acceptor started,", end=" ")
+    print(f"{now - launched:.1f} s after the inviter exited (both sides launched exec.sh)")
+    ping = lab.exec("a", ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", addresses[1]])
+    assert " 0% packet loss" in ping.stdout, ping.stdout
+
+    # The two ends hold complementary addresses; the TLS server is the one with .1.
+    own_a, far_a = addresses
+    assert tun_addresses(lab, "b") == (far_a, own_a)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for host, own in (("a", own_a), ("b", far_a)):
+        [pid] = launched_openvpn(lab, host)
+        uids = re.search(r"^Uid:\s+(.*)$", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
+        assert uids is not None and set(map(int, uids.group(1).split())) == {nobody}, f"{host}: {uids}"
+        argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        assert ("--tls-server" in argv) == own.endswith(".1"), argv
+        assert "--secret" not in argv
+    logs = openvpn_logs(invite, acceptor)
+    assert "Peer Connection Initiated" in logs
+    assert "DEPRECATED" not in logs and "WARNING" not in logs, logs
+
+
+@pytest.mark.lab
+def test_a_wrong_peer_fingerprint_gives_no_tunnel(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
+    folders = pinned_pair(tmp_path)
+    wrong = (folders[0] / "peer-fingerprint").read_text()  # b pins its own fingerprint, not a's
+    (folders[1] / "peer-fingerprint").write_text(wrong)
+    invite, acceptor = connect(lab, tmp_path, running, folders)  # plexus's default 7 arguments
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "verification failed" not in openvpn_logs(invite, acceptor):
+        time.sleep(0.1)
+    logs = openvpn_logs(invite, acceptor)
+    assert "--peer-fingerprint certificate hash verification failed" in acceptor.exec_log.read_text(), logs
+    addresses = tun_addresses(lab, "a")
+    if addresses is not None:  # a's openvpn waits for a peer that never completes the handshake
+        ping = lab.exec("a", ["ping", "-n", "-c", "3", "-i", "0.3", "-W", "1", addresses[1]])
+        assert ping.returncode != 0, f"a ping crossed without a trusted peer{logs}"
+    assert "Initialization Sequence Completed" not in logs, logs
