@@ -74,6 +74,7 @@ if [ $# -ne 6 ] && [ $# -ne 7 ]; then
     exit 2
 fi
 innerip=$1 innerport=$2 outerip=$3 outerport=$4 peerip=$5 peerport=$6  # $7, the secret, is not used
+unset PLEXUS_SECRET  # plexus may pass it in the environment too: openvpn has no use for it
 subnet=${PLEXUS_TUNNEL_SUBNET:-10.255.0}
 dev=${PLEXUS_TUN_DEV:-plexus0}
 
@@ -86,7 +87,8 @@ for file in key.pem cert.pem; do
 done
 [ -f "$dir/peer-fingerprint" ] \
     || die "no $dir/peer-fingerprint: put the peer's fingerprint (\`$me fingerprint\` on the peer) there"
-peer_fingerprint=$(grep -Eio -m1 '^ *([0-9a-f]{2}:){31}[0-9a-f]{2} *$' "$dir/peer-fingerprint" | tr -d ' ') \
+peer_fingerprint=$(grep -Eio -m1 '^ *([0-9a-f]{2}:){31}[0-9a-f]{2} *$' "$dir/peer-fingerprint" \
+    | tr -d ' ' | tr a-f A-F) \
     || die "$dir/peer-fingerprint holds no SHA-256 fingerprint (AB:CD:... 32 pairs, as \`$me fingerprint\` prints)"
 
 if [[ "$outerip:$outerport" < "$peerip:$peerport" ]]; then

@@ -11,6 +11,7 @@ import pwd
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from hashlib import sha256
@@ -25,6 +26,7 @@ from tests.lab.lab import Lab
 from tests.lab.sessions import Plexus, Side
 
 EXEC_SH = sessions.EXEC_SH
+RECONNECT = sessions.EXAMPLES / "plexus-reconnect"
 DEV = "plexus0"  # exec.sh's default tun device
 FINGERPRINT = re.compile(r"^([0-9A-F]{2}:){31}[0-9A-F]{2}$")
 SIX_ARGS = "%innerip% %innerport% %outerip% %outerport% %peerip% %peerport%"  # the recommended --exec-args
@@ -125,7 +127,7 @@ def pinned_pair(tmp_path: Path) -> tuple[Path, Path]:
     """Two hosts' key folders after `exec.sh init` on each and the fingerprints swapped."""
     folders = tmp_path / "openvpn-a", tmp_path / "openvpn-b"
     fingerprints = [init(folder) for folder in folders]
-    (folders[0] / "peer-fingerprint").write_text(fingerprints[1] + "\n")
+    (folders[0] / "peer-fingerprint").write_text(f"# b's, copied by hand\n{fingerprints[1].lower()}\n")
     (folders[1] / "peer-fingerprint").write_text(fingerprints[0] + "\n")
     return folders
 
@@ -171,6 +173,18 @@ def connect(
     return invite, acceptor
 
 
+def first_ping(lab: Lab, deadline: float) -> tuple[str, str] | None:
+    """a's tunnel addresses (own, far) once a ping from a crosses the tunnel, or None at the deadline."""
+    while time.monotonic() < deadline:
+        addresses = tun_addresses(lab, "a")
+        if addresses and tun_addresses(lab, "b"):
+            if lab.exec("a", ["ping", "-n", "-c", "1", "-W", "1", addresses[1]]).returncode == 0:
+                return addresses
+        else:
+            time.sleep(0.1)
+    return None
+
+
 def openvpn_logs(invite: Plexus, acceptor: Plexus) -> str:
     return "".join(
         f"\n{name} openvpn:\n{plexus.exec_log.read_text() if plexus.exec_log.exists() else '(no log)'}"
@@ -186,16 +200,8 @@ def test_a_ping_crosses_the_tunnel_of_pinned_certificates(
     began = time.monotonic()
     invite, acceptor = connect(lab, tmp_path, running, folders, **{"exec-args": SIX_ARGS})
     launched = time.monotonic()  # the inviter has exited: both sides launched exec.sh
-    ping = None
-    while time.monotonic() - began < 60 and (ping is None or ping.returncode != 0):
-        addresses = tun_addresses(lab, "a")
-        if addresses and tun_addresses(lab, "b"):
-            ping = lab.exec("a", ["ping", "-n", "-c", "1", "-W", "1", addresses[1]])
-        else:
-            time.sleep(0.1)
-    logs = openvpn_logs(invite, acceptor)
-    assert ping is not None and ping.returncode == 0, f"no ping across the tunnel{logs}"
-    assert addresses is not None
+    addresses = first_ping(lab, began + 60)
+    assert addresses is not None, f"no ping across the tunnel{openvpn_logs(invite, acceptor)}"
     now = time.monotonic()
     print(f"first ping across the tunnel {now - began:.1f} s after the acceptor started,", end=" ")
     print(f"{now - launched:.1f} s after the inviter exited (both sides launched exec.sh)")
@@ -221,8 +227,8 @@ def test_a_ping_crosses_the_tunnel_of_pinned_certificates(
 @pytest.mark.lab
 def test_a_wrong_peer_fingerprint_gives_no_tunnel(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
     folders = pinned_pair(tmp_path)
-    wrong = (folders[0] / "peer-fingerprint").read_text()  # b pins its own fingerprint, not a's
-    (folders[1] / "peer-fingerprint").write_text(wrong)
+    own = run_exec_sh("fingerprint", str(folders[1])).stdout
+    (folders[1] / "peer-fingerprint").write_text(own)  # b pins its own fingerprint instead of a's
     invite, acceptor = connect(lab, tmp_path, running, folders)  # plexus's default 7 arguments
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and "verification failed" not in openvpn_logs(invite, acceptor):
@@ -234,3 +240,52 @@ def test_a_wrong_peer_fingerprint_gives_no_tunnel(lab: Lab, tmp_path: Path, runn
         ping = lab.exec("a", ["ping", "-n", "-c", "3", "-i", "0.3", "-W", "1", addresses[1]])
         assert ping.returncode != 0, f"a ping crossed without a trusted peer{logs}"
     assert "Initialization Sequence Completed" not in logs, logs
+
+
+@pytest.mark.lab
+def test_plexus_reconnect_brings_a_dead_tunnel_back(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
+    """The cron script: a healthy tunnel is left alone; a dead far end makes it run plexus, which replaces the
+    inviter's previous openvpn (the script kills nothing), and logs the outcome."""
+    folders = pinned_pair(tmp_path)
+    inviter, acceptor_side = sessions.pair(lab)
+    options = {"exec-command": str(EXEC_SH), "exec-args": SIX_ARGS}
+    acceptor = sessions.start(
+        lab, acceptor_side, inviter, tmp_path, accept=True, overrides=options,
+        env={"PLEXUS_OPENVPN_DIR": str(folders[1])},
+    )
+    running.append(acceptor)
+    sessions.wait_until_listening(acceptor)
+    config = tmp_path / "laptop.conf"
+    values = sessions.options(lab, inviter, acceptor_side) | options | {
+        "log-file": str(tmp_path / "inviter.log"),
+        "exec-log-file": str(tmp_path / "inviter.exec.log"),
+    }
+    config.write_text("".join(f"{name} = {value}\n" for name, value in values.items()))
+    config.chmod(0o600)
+    tools = tmp_path / "bin"  # a logger that writes to a file, and plexus as this checkout runs it
+    tools.mkdir()
+    (tools / "logger").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "logged"}\n')
+    (tools / "plexus").write_text(f'#!/bin/sh\ncd {sessions.ROOT} && exec {sys.executable} -m plexus "$@"\n')
+    for tool in tools.iterdir():
+        tool.chmod(0o755)
+    env = os.environ | {"PATH": f"{tools}:{os.environ['PATH']}", "PLEXUS_OPENVPN_DIR": str(folders[0])}
+
+    def reconnect(**extra: str) -> int:
+        done = lab.exec("a", [str(RECONNECT), str(config)], env=env | extra, timeout=120)
+        return done.returncode
+
+    def logged() -> list[str]:
+        path = tmp_path / "logged"
+        return path.read_text().splitlines() if path.exists() else []
+
+    assert reconnect() == 0  # no tunnel yet: plexus runs
+    assert logged() == ["-t plexus reconnected"]
+    assert first_ping(lab, time.monotonic() + 30), (tmp_path / "inviter.exec.log").read_text()
+    [before] = launched_openvpn(lab, "a")
+    assert reconnect(PLEXUS="false") == 0 and len(logged()) == 1  # healthy: plexus is not even run
+
+    sessions.kill_launched(lab, "b", "openvpn")  # the far end dies; a's openvpn lives on, holding plexus0
+    assert reconnect() == 0, (tmp_path / "inviter.log").read_text()
+    assert logged()[-1].startswith("-t plexus reconnected (the tunnel to 10.255.0."), logged()
+    assert first_ping(lab, time.monotonic() + 30), (tmp_path / "inviter.exec.log").read_text()
+    assert launched_openvpn(lab, "a") != [before]
