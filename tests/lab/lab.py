@@ -25,6 +25,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -528,7 +529,7 @@ class Lab:
                 "--userdb", str(self._path("turndb"))]  # fmt: skip
 
     def _smtpd_argv(self) -> list[str]:
-        return ["python3", str(Path(__file__).with_name("smtpd.py")), "--host", "0.0.0.0",
+        return [sys.executable, str(Path(__file__).with_name("smtpd.py")), "--host", "0.0.0.0",
                 "--cert", str(self._path("server.pem")), "--key", str(self._path("server.key")),
                 "--accounts", str(self._path("accounts.json")),
                 "--lmtp", f"127.0.0.1:{self.LMTP_PORT}"]  # fmt: skip

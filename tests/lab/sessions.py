@@ -8,6 +8,7 @@ NATs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -112,14 +113,16 @@ def start(
     argv: list[str] | None = None,
     env: dict[str, str] | None = None,
 ) -> Plexus:
-    """Start plexus on me.host; `argv` replaces the generated options entirely (for --config tests); `env`
-    adds variables to its environment, which the launched command inherits."""
+    """Start plexus on me.host. An override with an empty value is a bare flag; `argv` replaces the
+    generated options entirely (for --config tests); `env` adds variables to its environment, which the
+    launched command inherits."""
     name = f"{me.host}-{'acceptor' if accept else 'inviter'}-{uuid.uuid4().hex[:4]}"
     log_file, exec_log = workdir / f"{name}.log", workdir / f"{name}.exec.log"
     if argv is None:
         values = options(lab, me, peer) | {"log-level": "debug", "log-file": str(log_file)}
         values |= {"exec-log-file": str(exec_log)} | (overrides or {})
-        argv = [f"--{key}={value}" for key, value in values.items()] + (["--accept"] if accept else [])
+        argv = [f"--{key}={value}" if value else f"--{key}" for key, value in values.items()]
+        argv += ["--accept"] if accept else []
     process = lab.popen(
         me.host,
         [sys.executable, "-m", "plexus", *argv],
@@ -133,17 +136,24 @@ def start(
     return Plexus(me, process, log_file, exec_log)
 
 
-def kill_launched(lab: Lab, host: str, name: str) -> None:
-    """Kill the processes called `name` in that host's namespace only (pkill would see every namespace's)."""
-    pids = subprocess.run(
-        ["ip", "netns", "pids", lab.netns(host)], capture_output=True, text=True
-    ).stdout.split()
-    for pid in pids:
+def pids_of(lab: Lab, host: str, name: str) -> list[int]:
+    """The processes in that host's namespace only (pkill would see every namespace's) that run the program or
+    script called `name` (argv[0], or the script an interpreter runs)."""
+    found = []
+    for pid in lab.exec(host, ["ip", "netns", "pids", lab.netns(host)]).stdout.split():
         try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
-                os.kill(int(pid), signal.SIGTERM)
-        except (OSError, ValueError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]
+        except OSError:
             continue  # gone meanwhile
+        if any(os.path.basename(word.decode(errors="replace")) == name for word in argv):
+            found.append(int(pid))
+    return found
+
+
+def kill_launched(lab: Lab, host: str, name: str) -> None:
+    for pid in pids_of(lab, host, name):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
 
 def started(acceptor: Plexus, timeout: float = 20.0) -> int | None:

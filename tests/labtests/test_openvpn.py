@@ -103,19 +103,6 @@ def test_run_mode_checks_before_starting_openvpn(tmp_path: Path) -> None:
 # --- a real session launches exec.sh on both hosts
 
 
-def launched_openvpn(lab: Lab, host: str) -> list[int]:
-    """The openvpn processes in that host's namespace."""
-    pids = subprocess.run(["ip", "netns", "pids", lab.netns(host)], capture_output=True, text=True).stdout
-    found = []
-    for pid in pids.split():
-        try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "openvpn":
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
-
-
 def tun_addresses(lab: Lab, host: str) -> tuple[str, str] | None:
     """(own, far) once openvpn has configured the device: `inet 10.255.0.1 peer 10.255.0.2/32`."""
     shown = lab.exec(host, ["ip", "-4", "-o", "addr", "show", "dev", DEV]).stdout
@@ -143,11 +130,11 @@ def running(lab: Lab) -> Iterator[list[Plexus]]:
         sessions.kill_launched(lab, host, "openvpn")
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(
-        launched_openvpn(lab, host) or tun_addresses(lab, host) for host in ("a", "b")
+        sessions.pids_of(lab, host, "openvpn") or tun_addresses(lab, host) for host in ("a", "b")
     ):
         time.sleep(0.1)
     for host in ("a", "b"):
-        assert not launched_openvpn(lab, host), f"openvpn still runs on {host}"
+        assert not sessions.pids_of(lab, host, "openvpn"), f"openvpn still runs on {host}"
         assert "does not exist" in lab.exec(host, ["ip", "link", "show", DEV]).stderr, f"{DEV} left on {host}"
 
 
@@ -213,7 +200,7 @@ def test_a_ping_crosses_the_tunnel_of_pinned_certificates(
     assert tun_addresses(lab, "b") == (far_a, own_a)
     nobody = pwd.getpwnam("nobody").pw_uid
     for host, own in (("a", own_a), ("b", far_a)):
-        [pid] = launched_openvpn(lab, host)
+        [pid] = sessions.pids_of(lab, host, "openvpn")
         uids = re.search(r"^Uid:\s+(.*)$", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
         assert uids is not None and set(map(int, uids.group(1).split())) == {nobody}, f"{host}: {uids}"
         argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
@@ -250,16 +237,25 @@ def test_plexus_reconnect_brings_a_dead_tunnel_back(lab: Lab, tmp_path: Path, ru
     inviter, acceptor_side = sessions.pair(lab)
     options = {"exec-command": str(EXEC_SH), "exec-args": SIX_ARGS}
     acceptor = sessions.start(
-        lab, acceptor_side, inviter, tmp_path, accept=True, overrides=options,
+        lab,
+        acceptor_side,
+        inviter,
+        tmp_path,
+        accept=True,
+        overrides=options,
         env={"PLEXUS_OPENVPN_DIR": str(folders[1])},
     )
     running.append(acceptor)
     sessions.wait_until_listening(acceptor)
     config = tmp_path / "laptop.conf"
-    values = sessions.options(lab, inviter, acceptor_side) | options | {
-        "log-file": str(tmp_path / "inviter.log"),
-        "exec-log-file": str(tmp_path / "inviter.exec.log"),
-    }
+    values = (
+        sessions.options(lab, inviter, acceptor_side)
+        | options
+        | {
+            "log-file": str(tmp_path / "inviter.log"),
+            "exec-log-file": str(tmp_path / "inviter.exec.log"),
+        }
+    )
     config.write_text("".join(f"{name} = {value}\n" for name, value in values.items()))
     config.chmod(0o600)
     tools = tmp_path / "bin"  # a logger that writes to a file, and plexus as this checkout runs it
@@ -281,11 +277,11 @@ def test_plexus_reconnect_brings_a_dead_tunnel_back(lab: Lab, tmp_path: Path, ru
     assert reconnect() == 0  # no tunnel yet: plexus runs
     assert logged() == ["-t plexus reconnected"]
     assert first_ping(lab, time.monotonic() + 30), (tmp_path / "inviter.exec.log").read_text()
-    [before] = launched_openvpn(lab, "a")
+    [before] = sessions.pids_of(lab, "a", "openvpn")
     assert reconnect(PLEXUS="false") == 0 and len(logged()) == 1  # healthy: plexus is not even run
 
     sessions.kill_launched(lab, "b", "openvpn")  # the far end dies; a's openvpn lives on, holding plexus0
     assert reconnect() == 0, (tmp_path / "inviter.log").read_text()
     assert logged()[-1].startswith("-t plexus reconnected (the tunnel to 10.255.0."), logged()
     assert first_ping(lab, time.monotonic() + 30), (tmp_path / "inviter.exec.log").read_text()
-    assert launched_openvpn(lab, "a") != [before]
+    assert sessions.pids_of(lab, "a", "openvpn") != [before]

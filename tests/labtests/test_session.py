@@ -70,7 +70,9 @@ def test_one_acceptor_serves_invites_in_a_row_and_at_once(
     lab: Lab, tmp_path: Path, running: list[Plexus]
 ) -> None:
     inviter, acceptor_side = sessions.pair(lab)
-    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True)
+    # Side by side: with the default (replace), the second session at once would end the first's command.
+    keep = {"keep-sessions": ""}
+    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True, overrides=keep)
     running.append(acceptor)
     sessions.wait_until_listening(acceptor)
     for round_ in range(2):
@@ -78,7 +80,9 @@ def test_one_acceptor_serves_invites_in_a_row_and_at_once(
         running.append(invite)
         assert invite.wait(90) == 0, invite.stderr()
         assert_connected(lab, invite.wait_hello()[0], acceptor.wait_hello(round_ + 1)[round_])
-    together = [sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False) for _ in range(2)]
+    together = [
+        sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False, overrides=keep) for _ in range(2)
+    ]
     running.extend(together)
     assert [invite.wait(90) for invite in together] == [0, 0], [invite.stderr() for invite in together]
     results = acceptor.wait_hello(4)
@@ -155,7 +159,10 @@ async def test_a_failing_session_never_stops_the_acceptor(
     running.append(acceptor)
     sessions.wait_until_listening(acceptor)
     # A request naming an endpoint where nobody answers: the acceptor responds, then its handshake times out.
-    mail = cli.mail_config(cli.Options({}, sessions.options(lab, inviter, acceptor_side)))
+    given = {
+        name.replace("-", "_"): value for name, value in sessions.options(lab, inviter, acceptor_side).items()
+    }
+    mail = cli.mail_config(cli.Options(given, {}))
     dead_end = Endpoint(lab.public_ip("a"), 9)
 
     async def forged_invite() -> Offer:
