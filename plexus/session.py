@@ -169,10 +169,8 @@ async def _watch(process: subprocess.Popen[bytes], running: set[Running]) -> Non
         await launcher.watch(process)
         return
     running.add(command)
-    try:
-        await launcher.watch(process)
-    finally:
-        running.discard(command)
+    await launcher.watch(process)
+    running.discard(command)  # only once it ended: cancelled (the acceptor stopping), it is still to stop
 
 
 async def _answer(config: SessionConfig, mediator: Mediator, invitation: Invitation) -> Tunnel:

@@ -1,0 +1,177 @@
+"""The reconnect loop across the lab's real NATs and servers: a new session replaces the command the last one
+left holding the fixed inner port, an acceptor that cannot serve refuses at once, and exit codes and signals
+tell a script the truth."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plexus.errors import ExitCode
+from tests.lab import sessions
+from tests.lab.lab import Lab
+from tests.lab.sessions import Plexus
+
+pytestmark = pytest.mark.lab
+
+HOLD = Path(__file__).resolve().parents[1] / "lab" / "hold.py"
+FIXED_PORT = "40000"
+
+
+@pytest.fixture
+def running(lab: Lab) -> Iterator[list[Plexus]]:
+    """Every plexus a test starts is stopped at its end, and so is every command that holds a port."""
+    started: list[Plexus] = []
+    yield started
+    for plexus in started:
+        plexus.stop()
+    for host in ("a", "b"):
+        for pid in holders(lab, host):
+            os.kill(pid, signal.SIGKILL)
+
+
+def holders(lab: Lab, host: str) -> list[int]:
+    """The hold.py processes running in that host's namespace."""
+    return sessions.pids_of(lab, host, HOLD.name)
+
+
+def wait_for(condition: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def hold_options(port: str = FIXED_PORT) -> dict[str, str]:
+    return {"stun-client": f"0.0.0.0:{port}", "exec-command": str(HOLD)}
+
+
+def test_a_reconnect_replaces_the_commands_still_holding_the_fixed_ports(
+    lab: Lab, tmp_path: Path, running: list[Plexus]
+) -> None:
+    inviter, acceptor_side = sessions.pair(lab)
+    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True, overrides=hold_options())
+    running.append(acceptor)
+    sessions.wait_until_listening(acceptor)
+    took, first = [], None
+    for _ in range(3):
+        started = time.monotonic()
+        invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False, overrides=hold_options())
+        running.append(invite)
+        code = invite.wait(60)
+        assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\n{acceptor.log()}"
+        took.append(time.monotonic() - started)
+        wait_for(lambda: len(holders(lab, "b")) == 1 and len(holders(lab, "a")) == 1)
+        now = (holders(lab, "a"), holders(lab, "b"))
+        assert now != first, "each session's commands replace the last ones"
+        first = now
+    assert "stopping the previous command" in invite.log()
+    assert "stopping the previous command" in acceptor.log()
+    # "Normal time": the replacing sessions take no longer than the first, which found both ports free.
+    assert max(took[1:]) < took[0] + 2.0, took
+
+
+def test_an_acceptor_that_cannot_bind_refuses_at_once(
+    lab: Lab, tmp_path: Path, running: list[Plexus]
+) -> None:
+    inviter, acceptor_side = sessions.pair(lab)
+    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True, overrides=hold_options())
+    running.append(acceptor)
+    sessions.wait_until_listening(acceptor)
+    # Another program (not a plexus session's command) takes the acceptor's inner port.
+    squatter = lab.popen(
+        "b",
+        [sys.executable, str(HOLD), "0.0.0.0", FIXED_PORT, "-", "0", "-", "0", "0"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline()
+        started = time.monotonic()
+        invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False)
+        running.append(invite)
+        assert invite.wait(60) == ExitCode.PEER_REFUSED
+        assert time.monotonic() - started < 10
+        message = invite.stderr()
+        assert message.count("\n") == 1 and "cannot serve" in message and "cannot bind" in message, message
+        assert acceptor.process.poll() is None
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
+def test_a_command_that_fails_at_once_fails_the_inviter(
+    lab: Lab, tmp_path: Path, running: list[Plexus]
+) -> None:
+    inviter, acceptor_side = sessions.pair(lab)
+    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True)
+    running.append(acceptor)
+    sessions.wait_until_listening(acceptor)
+    invite = sessions.start(
+        lab, inviter, acceptor_side, tmp_path, accept=False, overrides={"exec-command": "false"}
+    )
+    running.append(invite)
+    assert invite.wait(60) == ExitCode.COMMAND_FAILED
+    message = invite.stderr()
+    assert message.count("\n") == 1 and "exited with status 1" in message, message
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "line"),
+    [
+        (signal.SIGINT, ExitCode.INTERRUPTED, "interrupted"),
+        (signal.SIGTERM, ExitCode.TERMINATED, "terminated"),
+    ],
+)
+def test_a_signal_while_the_inviter_waits_for_mail(
+    lab: Lab, tmp_path: Path, running: list[Plexus], signum: int, code: ExitCode, line: str
+) -> None:
+    inviter, acceptor_side = sessions.pair(lab)
+    invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False)
+    running.append(invite)
+    wait_for(lambda: "waiting for the response" in invite.log())
+    invite.process.send_signal(signum)
+    assert invite.wait(5) == code
+    assert invite.stderr() == f"plexus: {line}\n"
+
+
+@pytest.mark.parametrize("phase", ["waiting", "serving"])
+def test_sigterm_stops_the_acceptor_within_a_second(
+    lab: Lab, tmp_path: Path, running: list[Plexus], phase: str
+) -> None:
+    inviter, acceptor_side = sessions.pair(lab)
+    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True, overrides=hold_options())
+    running.append(acceptor)
+    sessions.wait_until_listening(acceptor)
+    if phase == "serving":  # a session's command runs: the acceptor stops it too
+        invite = sessions.start(
+            lab, inviter, acceptor_side, tmp_path, accept=False, overrides=hold_options("0")
+        )
+        running.append(invite)
+        assert invite.wait(60) == 0, invite.stderr()
+        wait_for(lambda: len(holders(lab, "b")) == 1)
+    started = time.monotonic()
+    acceptor.process.send_signal(signal.SIGTERM)
+    assert acceptor.wait(5) == 0
+    assert time.monotonic() - started < 1.0
+    assert acceptor.stderr() == ""
+    assert "Traceback" not in acceptor.log()
+    assert holders(lab, "b") == []
+
+
+def test_sigint_interrupts_the_acceptor(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
+    inviter, acceptor_side = sessions.pair(lab)
+    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True)
+    running.append(acceptor)
+    sessions.wait_until_listening(acceptor)
+    acceptor.process.send_signal(signal.SIGINT)
+    assert acceptor.wait(5) == ExitCode.INTERRUPTED
+    assert acceptor.stderr() == "plexus: interrupted\n"
