@@ -10,8 +10,6 @@ import os
 import pwd
 import re
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from hashlib import sha256
@@ -24,35 +22,25 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tests.lab import sessions
 from tests.lab.lab import Lab
 from tests.lab.sessions import Plexus, Side
+from tests.lab.tunnel import (
+    DEV,
+    EXEC_SH,
+    SIX_ARGS,
+    Laptop,
+    exec_sh,
+    first_ping,
+    init,
+    pinned_pair,
+    tun_addresses,
+)
 
-EXEC_SH = sessions.EXEC_SH
-RECONNECT = sessions.EXAMPLES / "plexus-reconnect"
-DEV = "plexus0"  # exec.sh's default tun device
 FINGERPRINT = re.compile(r"^([0-9A-F]{2}:){31}[0-9A-F]{2}$")
-SIX_ARGS = "%innerip% %innerport% %outerip% %outerport% %peerip% %peerport%"  # the recommended --exec-args
 SBIN_PATH = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="exec.sh init needs openssl")
 needs_openvpn = pytest.mark.skipif(
     shutil.which("openvpn", path=SBIN_PATH) is None, reason="exec.sh checks for openvpn before its key files"
 )
-
-
-def run_exec_sh(
-    *args: str, directory: Path | None = None, as_nobody: bool = False
-) -> subprocess.CompletedProcess[str]:
-    env = os.environ | ({"PLEXUS_OPENVPN_DIR": str(directory)} if directory else {})
-    nobody = pwd.getpwnam("nobody")
-    prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
-    argv = [*prefix, str(EXEC_SH), *args] if as_nobody else [str(EXEC_SH), *args]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
-
-
-def init(directory: Path) -> str:
-    """This host's fingerprint, from `exec.sh init DIR`."""
-    done = run_exec_sh("init", str(directory))
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
 
 
 # --- the script's own checks, no lab
@@ -67,12 +55,12 @@ def test_init_makes_a_key_once_and_prints_its_fingerprint(tmp_path: Path) -> Non
     certificate = x509.load_pem_x509_certificate((directory / "cert.pem").read_bytes())
     assert fingerprint == sha256(certificate.public_bytes(Encoding.DER)).digest().hex(":").upper()
     key = (directory / "key.pem").read_bytes()
-    again = run_exec_sh("init", str(directory))
+    again = exec_sh("init", str(directory))
     assert again.returncode != 0 and "not overwriting" in again.stderr, again.stderr
     assert (directory / "key.pem").read_bytes() == key
-    shown = run_exec_sh("fingerprint", str(directory))
+    shown = exec_sh("fingerprint", str(directory))
     assert (shown.returncode, shown.stdout.strip()) == (0, fingerprint)
-    by_env = run_exec_sh("fingerprint", directory=directory)
+    by_env = exec_sh("fingerprint", directory=directory)
     assert by_env.stdout.strip() == fingerprint
 
 
@@ -80,43 +68,27 @@ def test_init_makes_a_key_once_and_prints_its_fingerprint(tmp_path: Path) -> Non
 @needs_openssl
 def test_run_mode_checks_before_starting_openvpn(tmp_path: Path) -> None:
     endpoints = ("10.0.1.2", "40000", "198.51.100.2", "40000", "198.51.100.6", "40001")
-    usage = run_exec_sh(*endpoints[:5], directory=tmp_path)
+    usage = exec_sh(*endpoints[:5], directory=tmp_path)
     assert usage.returncode == 2 and "usage" in usage.stderr
     if os.geteuid() != 0:
-        refused = run_exec_sh(*endpoints, directory=tmp_path)
+        refused = exec_sh(*endpoints, directory=tmp_path)
         assert refused.returncode != 0 and refused.stderr.count("\n") == 1 and "root" in refused.stderr
         pytest.skip("the key file checks come after the root check")
-    as_nobody = run_exec_sh(*endpoints, directory=tmp_path, as_nobody=True)
+    as_nobody = exec_sh(*endpoints, directory=tmp_path, as_nobody=True)
     assert as_nobody.returncode != 0 and "needs root" in as_nobody.stderr, as_nobody.stderr
     for args in (endpoints, (*endpoints, "1234")):  # the recommended 6 arguments and plexus's default 7
-        missing = run_exec_sh(*args, directory=tmp_path)
+        missing = exec_sh(*args, directory=tmp_path)
         assert missing.returncode != 0 and missing.stderr.count("\n") == 1, missing.stderr
         assert f"exec.sh init {tmp_path}" in missing.stderr, missing.stderr
     init(tmp_path)
-    no_peer = run_exec_sh(*endpoints, directory=tmp_path)
+    no_peer = exec_sh(*endpoints, directory=tmp_path)
     assert no_peer.returncode != 0 and "peer-fingerprint" in no_peer.stderr, no_peer.stderr
     (tmp_path / "peer-fingerprint").write_text("not a fingerprint\n")
-    garbled = run_exec_sh(*endpoints, directory=tmp_path)
+    garbled = exec_sh(*endpoints, directory=tmp_path)
     assert garbled.returncode != 0 and "no SHA-256 fingerprint" in garbled.stderr, garbled.stderr
 
 
 # --- a real session launches exec.sh on both hosts
-
-
-def tun_addresses(lab: Lab, host: str) -> tuple[str, str] | None:
-    """(own, far) once openvpn has configured the device: `inet 10.255.0.1 peer 10.255.0.2/32`."""
-    shown = lab.exec(host, ["ip", "-4", "-o", "addr", "show", "dev", DEV]).stdout
-    match = re.search(r"inet (\S+) peer (\S+)/", shown)
-    return (match.group(1), match.group(2)) if match else None
-
-
-def pinned_pair(tmp_path: Path) -> tuple[Path, Path]:
-    """Two hosts' key folders after `exec.sh init` on each and the fingerprints swapped."""
-    folders = tmp_path / "openvpn-a", tmp_path / "openvpn-b"
-    fingerprints = [init(folder) for folder in folders]
-    (folders[0] / "peer-fingerprint").write_text(f"# b's, copied by hand\n{fingerprints[1].lower()}\n")
-    (folders[1] / "peer-fingerprint").write_text(fingerprints[0] + "\n")
-    return folders
 
 
 @pytest.fixture
@@ -158,18 +130,6 @@ def connect(
     code = invite.wait(90)
     assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
     return invite, acceptor
-
-
-def first_ping(lab: Lab, deadline: float) -> tuple[str, str] | None:
-    """a's tunnel addresses (own, far) once a ping from a crosses the tunnel, or None at the deadline."""
-    while time.monotonic() < deadline:
-        addresses = tun_addresses(lab, "a")
-        if addresses and tun_addresses(lab, "b"):
-            if lab.exec("a", ["ping", "-n", "-c", "1", "-W", "1", addresses[1]]).returncode == 0:
-                return addresses
-        else:
-            time.sleep(0.1)
-    return None
 
 
 def openvpn_logs(invite: Plexus, acceptor: Plexus) -> str:
@@ -214,7 +174,7 @@ def test_a_ping_crosses_the_tunnel_of_pinned_certificates(
 @pytest.mark.lab
 def test_a_wrong_peer_fingerprint_gives_no_tunnel(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
     folders = pinned_pair(tmp_path)
-    own = run_exec_sh("fingerprint", str(folders[1])).stdout
+    own = exec_sh("fingerprint", str(folders[1])).stdout
     (folders[1] / "peer-fingerprint").write_text(own)  # b pins its own fingerprint instead of a's
     invite, acceptor = connect(lab, tmp_path, running, folders)  # plexus's default 7 arguments
     deadline = time.monotonic() + 30
@@ -247,41 +207,16 @@ def test_plexus_reconnect_brings_a_dead_tunnel_back(lab: Lab, tmp_path: Path, ru
     )
     running.append(acceptor)
     sessions.wait_until_listening(acceptor)
-    config = tmp_path / "laptop.conf"
-    values = (
-        sessions.options(lab, inviter, acceptor_side)
-        | options
-        | {
-            "log-file": str(tmp_path / "inviter.log"),
-            "exec-log-file": str(tmp_path / "inviter.exec.log"),
-        }
-    )
-    config.write_text("".join(f"{name} = {value}\n" for name, value in values.items()))
-    config.chmod(0o600)
-    tools = tmp_path / "bin"  # a logger that writes to a file, and plexus as this checkout runs it
-    tools.mkdir()
-    (tools / "logger").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "logged"}\n')
-    (tools / "plexus").write_text(f'#!/bin/sh\ncd {sessions.ROOT} && exec {sys.executable} -m plexus "$@"\n')
-    for tool in tools.iterdir():
-        tool.chmod(0o755)
-    env = os.environ | {"PATH": f"{tools}:{os.environ['PATH']}", "PLEXUS_OPENVPN_DIR": str(folders[0])}
-
-    def reconnect(**extra: str) -> int:
-        done = lab.exec("a", [str(RECONNECT), str(config)], env=env | extra, timeout=120)
-        return done.returncode
-
-    def logged() -> list[str]:
-        path = tmp_path / "logged"
-        return path.read_text().splitlines() if path.exists() else []
-
+    laptop = Laptop(lab, tmp_path, inviter, acceptor_side, folders[0], options)
+    reconnect, logged = laptop.reconnect, laptop.logged
     assert reconnect() == 0  # no tunnel yet: plexus runs
     assert logged() == ["-t plexus reconnected"]
-    assert first_ping(lab, time.monotonic() + 30), (tmp_path / "inviter.exec.log").read_text()
+    assert first_ping(lab, time.monotonic() + 30), laptop.exec_log.read_text()
     [before] = sessions.pids_of(lab, "a", "openvpn")
     assert reconnect(PLEXUS="false") == 0 and len(logged()) == 1  # healthy: plexus is not even run
 
     sessions.kill_launched(lab, "b", "openvpn")  # the far end dies; a's openvpn lives on, holding plexus0
-    assert reconnect() == 0, (tmp_path / "inviter.log").read_text()
+    assert reconnect() == 0, laptop.log_file.read_text()
     assert logged()[-1].startswith("-t plexus reconnected (the tunnel to 10.255.0."), logged()
-    assert first_ping(lab, time.monotonic() + 30), (tmp_path / "inviter.exec.log").read_text()
+    assert first_ping(lab, time.monotonic() + 30), laptop.exec_log.read_text()
     assert sessions.pids_of(lab, "a", "openvpn") != [before]
