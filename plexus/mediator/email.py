@@ -4,17 +4,23 @@ The IMAP side keeps one connection open for the Mediator's life. It finds new ma
 at the UIDNEXT seen when it began, so mail that arrived earlier is never taken and mail that arrived while the
 connection was down is still found after reconnecting. It sleeps in IDLE (renewed every 24 min, before the
 29 min servers allow) and polls with NOOP only on a server without IDLE.
+
+It keeps the mailbox bounded: every message from the peer's route that it judged, taken or ignored, is
+consumed (flagged \\Deleted, then expunged by UID with UIDPLUS); so is the route's mail that arrived before a
+wait began (the acceptor clears it as it starts, the inviter as it leaves), and the inviter's own request when
+it lands in a mailbox the inviter reads. Nothing else is touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import re
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -24,9 +30,16 @@ import aioimaplib
 import aiosmtplib
 
 from plexus.endpoint import Endpoint
-from plexus.errors import MailAuthError, MailConnectionError, MailTimeoutError, PlexusError, UsageError
+from plexus.errors import (
+    MailAuthError,
+    MailConnectionError,
+    MailTimeoutError,
+    PeerRefusedError,
+    PlexusError,
+    UsageError,
+)
 from plexus.mediator import message, smime
-from plexus.mediator.message import Kind, Letter, Offer, Route, Screen
+from plexus.mediator.message import Kind, Letter, Offer, Refusal, Route, Screen
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +50,15 @@ COMMAND_TIMEOUT = 30.0
 IDLE_RENEW = 24 * 60.0
 POLL_INTERVAL = 5.0  # only for servers without IDLE
 RECONNECT_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
+# Leaving the Mediator: how long the mailbox clean-up (and LOGOUT) may take before it is given up (warning).
+CLEANUP_TIMEOUT = 3.0
+# The same when leaving by cancellation (SIGTERM, Ctrl-C): an acceptor must be gone within 1 s of SIGTERM.
+CANCELLED_CLEANUP_TIMEOUT = 0.5
+UID_CHUNK = 200  # UIDs per FETCH, STORE or EXPUNGE command: keeps command lines short
 _HEADER_FIELDS = "BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT)]"
+_ID_FIELDS = "BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT MESSAGE-ID)]"
+_SEARCH = re.compile(rb"^(?:\* )?SEARCH\b(.*)$", re.IGNORECASE)
+_ATOM_SAFE = re.compile(r"[ -~]*")  # what goes into a quoted IMAP string as is
 _FETCH_START = re.compile(rb"^\d+ FETCH \(")
 _LOST = [b"plexus: connection lost"]
 T = TypeVar("T")
@@ -82,10 +103,13 @@ class MailConfig:
 
 @dataclass(frozen=True)
 class Invitation:
-    """A fresh request, and what answering it needs."""
+    """A fresh request, and what answering (or refusing) it needs."""
 
     offer: Offer
     message_id: str | None  # the request's, for the response's In-Reply-To
+    # The request carried no Date header, as plexus 2.2's never do (ours always do): its sender cannot read a
+    # refusal, so none is sent.
+    legacy: bool = False
 
 
 def tls_context(config: MailConfig) -> ssl.SSLContext:
@@ -217,11 +241,13 @@ class Inbox:
         self._context = context
         self._imap: aioimaplib.IMAP4 | None = None
         self._dropped = asyncio.Event()
+        self._idling = False  # an IDLE was started and its DONE not yet sent
 
     async def open(self) -> Cursor:
         """Connect, log in, select INBOX; the returned cursor points past everything already there."""
         server = self._config.imap
         self._dropped = asyncio.Event()
+        self._idling = False
         dropped = self._dropped
         imap: aioimaplib.IMAP4 = aioimaplib.IMAP4(
             host=server.host,
@@ -284,13 +310,35 @@ class Inbox:
         response = await self._command(self._client().uid("fetch", str(uid), "(UID BODY.PEEK[])"))
         return next((item.data for item in _parse_fetch(response.lines) if item.uid == uid), None)
 
-    async def consume(self, uid: int) -> None:
-        """Flag one message \\Deleted and, with UIDPLUS, expunge just that UID (a plain EXPUNGE would also
-        remove whatever other clients flagged \\Deleted and meant to keep for now)."""
+    async def consume(self, *uids: int) -> None:
+        """Flag these messages \\Deleted and, with UIDPLUS, expunge just these UIDs (a plain EXPUNGE would
+        also remove whatever other clients flagged \\Deleted and meant to keep for now). Without UIDPLUS they
+        stay flagged until some client expunges. UID EXPUNGE removes only flagged messages of the set, so a
+        failed STORE leaves its messages in place."""
         imap = self._client()
-        await self._command(imap.uid("store", str(uid), "+FLAGS.SILENT", "(\\Deleted)"))
-        if imap.has_capability("UIDPLUS"):
-            await self._command(imap.uid("expunge", str(uid)))
+        for chunk in _chunks(uids):
+            uid_set = _uid_set(chunk)
+            await self._command(imap.uid("store", uid_set, "+FLAGS.SILENT", "(\\Deleted)"))
+            if imap.has_capability("UIDPLUS"):
+                await self._command(imap.uid("expunge", uid_set))
+
+    async def search(self, *criteria: str) -> list[int]:
+        """UID SEARCH with ASCII criteria (no CHARSET); a server's NO or BAD is logged and finds nothing."""
+        response = await self._command(self._client().uid_search(*criteria, charset=None))
+        if response.result != "OK":
+            log.warning("IMAP server %s refused UID SEARCH: %s", self._config.imap, _text(response.lines))
+            return []
+        return _parse_search(response.lines)
+
+    async def headers(self, uids: Iterable[int]) -> list[Fetched]:
+        """Flags and From, To, Subject and Message-ID of these messages (PEEK: they stay unseen)."""
+        found: list[Fetched] = []
+        for chunk in _chunks(uids):
+            response = await self._command(
+                self._client().uid("fetch", _uid_set(chunk), f"(UID FLAGS {_ID_FIELDS})")
+            )
+            found += [item for item in _parse_fetch(response.lines) if item.uid in chunk]
+        return found
 
     async def wait(self, timeout: float) -> None:
         """Sleep until the server reports a change (IDLE) or, without IDLE, for one poll interval."""
@@ -300,17 +348,31 @@ class Inbox:
             await self._command(imap.noop())
             return
         period = min(timeout, IDLE_RENEW)
-        idle = await self._command(imap.idle_start(timeout=period))
+        self._idling = True
         try:
-            pushed = await self._command(
-                imap.wait_server_push(timeout=period + COMMAND_TIMEOUT), timeout=None
-            )
-            if pushed is _LOST:
-                raise _Dropped("connection lost")
-            imap.idle_done()
-            await self._command(idle)
+            idle = await self._command(imap.idle_start(timeout=period))
+            try:
+                pushed = await self._command(
+                    imap.wait_server_push(timeout=period + COMMAND_TIMEOUT), timeout=None
+                )
+                if pushed is _LOST:
+                    raise _Dropped("connection lost")
+                self.end_idle()
+                await self._command(idle)
+            finally:
+                idle.cancel()
         finally:
-            idle.cancel()
+            self.end_idle()  # left mid-IDLE (cancelled): end it, or the clean-up's commands would wait on it
+
+    def end_idle(self) -> None:
+        """Send DONE, once, for an IDLE still running; commands issued next run once the server ends it."""
+        if not self._idling:
+            return
+        self._idling = False
+        imap = self._imap
+        if imap is not None and not self._dropped.is_set() and imap.has_pending_idle():
+            with contextlib.suppress(Exception):
+                imap.idle_done()
 
     def _client(self) -> aioimaplib.IMAP4:
         if self._imap is None or self._dropped.is_set():
@@ -340,7 +402,10 @@ class Inbox:
 
 class Mediator:
     """The mail rendezvous. Entering it starts opening the IMAP connection; `ready()` waits until it is open,
-    which is when the wait for mail begins: what arrived before does not count."""
+    which is when the wait for mail begins: what arrived before does not count.
+
+    Leaving it cleans the mailbox up (see the module's docstring), within CLEANUP_TIMEOUT (when leaving by
+    cancellation, CANCELLED_CLEANUP_TIMEOUT), then logs out."""
 
     def __init__(self, config: MailConfig) -> None:
         self._config = config
@@ -350,7 +415,11 @@ class Mediator:
         self._screen = Screen()
         self._opening: asyncio.Future[Cursor] | None = None
         self._cursor: Cursor | None = None
-        self._taken: list[int] = []  # UIDs of letters handed out but not yet flagged as consumed
+        self._start: Cursor | None = None  # the cursor as the wait began: below it, mail that arrived earlier
+        self._pending: list[int] = []  # UIDs of judged messages (taken or ignored) not yet consumed
+        self._rescan = False  # commands ran since the last scan: scan again before sleeping
+        self._inviting = False
+        self._request_id: str | None = None  # our request's Message-ID, once invite() sends it
         self._started = datetime.datetime.now(datetime.UTC)
 
     async def __aenter__(self) -> Mediator:
@@ -365,14 +434,26 @@ class Mediator:
             self._opening.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._opening
-        await self._consume_taken()
-        await self._inbox.logout()
+        cancelled = kind is not None and issubclass(kind, asyncio.CancelledError)
+        budget = CANCELLED_CLEANUP_TIMEOUT if cancelled else CLEANUP_TIMEOUT
+        try:
+            await asyncio.wait_for(self._leave(), budget)
+        except TimeoutError:
+            log.warning(
+                "mailbox clean-up not done within %g s, given up: plexus mail may be left in %s's INBOX",
+                budget,
+                self._config.login,
+            )
+        finally:
+            self._inbox.close()
 
     async def ready(self) -> None:
         """Wait until the mailbox watch is in place; raises the login's or the connection's failure."""
         if self._cursor is None:
             assert self._opening is not None, "Mediator used outside `async with`"
-            self._cursor = await self._opening
+            cursor = await self._opening
+            self._start = dataclasses.replace(cursor)
+            self._cursor = cursor
 
     def submission(self) -> Submission:
         """An SMTP session to open ahead of the message (see Submission)."""
@@ -381,24 +462,39 @@ class Mediator:
     async def invite(
         self, offer: Offer, timeout: float = 60.0, submission: Submission | None = None
     ) -> Offer:
-        """Send the request and wait for the response that answers it."""
+        """Send the request and wait for the response that answers it.
+
+        Raises PeerRefusedError when the peer refuses this request (a refusal echoing its puzzle), and
+        MailTimeoutError when nothing answers it in time."""
         deadline = asyncio.get_running_loop().time() + timeout
         # Only a response that arrives after the request counts: the watch is in place before DATA.
         await self.ready()
+        self._inviting = True
         message_id = message.new_message_id(self._config.address)
+        self._request_id = message_id  # before DATA: a send that fails after delivery leaves it too
         await self._send("request", offer, message_id, submission=submission)
         log.info("request sent to %s (%s), waiting for the response", self._config.peer_id, message_id)
-        async with contextlib.aclosing(self._letters("response", deadline, reply_to=message_id)) as letters:
+        async with contextlib.aclosing(
+            self._letters("response", deadline, reply_to=message_id, request=offer.puzzle)
+        ) as letters:
             async for letter in letters:
+                if letter.refusal is not None:
+                    raise PeerRefusedError(
+                        f"{self._config.peer_id} cannot serve this request: {letter.refusal.reason}"
+                    )
+                assert letter.offer is not None  # the Screen admitted a response
                 return letter.offer
         raise MailTimeoutError(f"no response from {self._config.peer_id} within {timeout:g} s")
 
     async def requests(self) -> AsyncIterator[Invitation]:
-        """Each fresh request from the peer, forever."""
+        """Each fresh request from the peer, forever. The peer's mail already there at the start is consumed
+        unanswered: its inviters have given up by now, or will within their timeout."""
         await self.ready()
+        await self._clear_earlier_mail()
         log.info("waiting for requests from %s", self._config.peer_id)
         async for letter in self._letters("request", None):
-            yield Invitation(letter.offer, letter.message_id)
+            assert letter.offer is not None  # the Screen admitted a request
+            yield Invitation(letter.offer, letter.message_id, legacy=letter.date is None)
 
     async def answer(
         self, invitation: Invitation, offer: Offer, submission: Submission | None = None
@@ -412,10 +508,27 @@ class Mediator:
         )
         log.info("response sent to %s", self._config.peer_id)
 
+    async def refuse(self, invitation: Invitation, reason: str, submission: Submission | None = None) -> None:
+        """Tell the inviter this request cannot be served, and why (sanitized: one line of printable ASCII,
+        at most 200 characters). A plexus 2.2 inviter (its request had no Date) would not understand it: it
+        gets nothing, as before."""
+        refusal = Refusal(invitation.offer.puzzle, reason)
+        if invitation.legacy:
+            log.info("no refusal mailed to %s: plexus 2.2 would not read it (%s)", self._peer, refusal.reason)
+            return
+        await self._send(
+            "refusal",
+            refusal,
+            message.new_message_id(self._config.address),
+            invitation.message_id,
+            submission=submission,
+        )
+        log.info("refusal sent to %s: %s", self._config.peer_id, refusal.reason)
+
     async def _send(
         self,
         kind: Kind,
-        offer: Offer,
+        content: Offer | Refusal,
         message_id: str,
         in_reply_to: str | None = None,
         *,
@@ -423,7 +536,7 @@ class Mediator:
     ) -> None:
         data = message.build(
             kind,
-            offer,
+            content,
             self._config.outgoing,
             message_id=message_id,
             date=datetime.datetime.now(datetime.UTC),
@@ -436,14 +549,24 @@ class Mediator:
             await submission.deliver(data)
 
     async def _letters(
-        self, kind: Kind, deadline: float | None, reply_to: str | None = None
+        self, kind: Kind, deadline: float | None, reply_to: str | None = None, request: int | None = None
     ) -> AsyncGenerator[Letter]:
-        """Admitted letters of this kind from past the cursor, each consumed; ends at the deadline."""
+        """Admitted letters of this kind from past the cursor; ends at the deadline.
+
+        Every message of the peer's route that is judged is consumed: a taken one after its hand-over, an
+        ignored one before the acceptor next sleeps, or (the inviter, whose wait is short) as it leaves."""
         loop = asyncio.get_running_loop()
         while deadline is None or loop.time() < deadline:
             try:
-                async for letter in self._scan(kind, reply_to):
+                async for letter in self._scan(kind, reply_to, request):
                     yield letter
+                if deadline is None:
+                    await self._consume_pending()
+                if self._rescan:
+                    # aioimaplib drops the EXISTS a server reports during STORE or EXPUNGE, and the IDLE
+                    # that follows would not report it again: look once more before sleeping.
+                    self._rescan = False
+                    continue
                 remaining = IDLE_RENEW if deadline is None else deadline - loop.time()
                 if remaining > 0:
                     await self._inbox.wait(remaining)
@@ -451,41 +574,118 @@ class Mediator:
                 log.warning("IMAP connection to %s lost (%s): reconnecting", self._config.imap, error)
                 await self._reopen(deadline)
 
-    async def _scan(self, kind: Kind, reply_to: str | None) -> AsyncGenerator[Letter]:
+    async def _scan(self, kind: Kind, reply_to: str | None, request: int | None) -> AsyncGenerator[Letter]:
         cursor = self._cursor
         assert cursor is not None, "Mediator used outside `async with`"
         for item in await self._inbox.new_mail(cursor):
-            letter = await self._take(item, kind, reply_to) if cursor.counts(item) else None
+            letter = None
+            # Mail already flagged \Deleted is someone's (maybe another client's) to expunge: never touched.
+            mine = self._config.incoming.matches(message.parse_headers(item.data))
+            if mine and "\\deleted" not in item.flags:
+                if cursor.counts(item):
+                    letter = await self._take(item, kind, reply_to, request)
+                else:
+                    log.info("message UID %d from %s arrived before the wait began", item.uid, self._peer)
+                self._pending.append(item.uid)  # judged: taken or ignored, it is consumed
             cursor.next = item.uid + 1  # only once handled: after a drop mid-way this message is seen again
             if letter is not None:
-                self._taken.append(item.uid)
                 yield letter
-                await self._consume_taken()
+                await self._consume_pending()  # only the acceptor resumes here: its session goes on meanwhile
 
-    async def _take(self, item: Fetched, kind: Kind, reply_to: str | None) -> Letter | None:
-        if not self._config.incoming.matches(message.parse_headers(item.data)):
-            return None
+    async def _take(
+        self, item: Fetched, kind: Kind, reply_to: str | None, request: int | None
+    ) -> Letter | None:
         data = await self._inbox.body(item.uid)
         if data is None:  # expunged meanwhile by someone else
             return None
         try:
             letter = message.read(data, self._keys)
-            self._screen.admit(letter, kind, datetime.datetime.now(datetime.UTC), reply_to)
+            self._screen.admit(letter, kind, datetime.datetime.now(datetime.UTC), reply_to, request)
         except (message.MessageError, smime.SmimeError) as error:
-            log.warning("ignoring message UID %d from %s: %s", item.uid, self._config.peer_id, error)
+            log.warning("ignoring message UID %d from %s: %s", item.uid, self._peer, error)
             return None
-        log.info("%s from %s: outer endpoint %s", kind, self._config.peer_id, letter.offer.outer)
+        if letter.offer is not None:
+            log.info("%s from %s: outer endpoint %s", letter.kind, self._peer, letter.offer.outer)
         return letter
 
-    async def _consume_taken(self) -> None:
-        """Flag the letters handed out as consumed: after the hand-over, so that the session goes on meanwhile
-        (the acceptor's, as its loop turns; the inviter's, when it leaves the Mediator after the launch)."""
-        while self._taken:
-            uid = self._taken.pop(0)
+    @property
+    def _peer(self) -> str:
+        return self._config.peer_id
+
+    async def _consume_pending(self) -> None:
+        """Consume the judged messages: after the hand-over, so that the session goes on meanwhile (the
+        acceptor's, as its loop turns; the inviter's, when it leaves the Mediator after the launch)."""
+        uids, self._pending = self._pending, []
+        if not uids:
+            return
+        self._rescan = True
+        try:
+            await self._inbox.consume(*uids)
+        except _Dropped as error:  # tried again after the reconnection, or when leaving
+            log.warning("could not consume messages UID %s yet: %s", _uid_set(uids), error)
+            self._pending[:0] = uids
+
+    async def _clear_earlier_mail(self) -> None:
+        """The acceptor's start: consume the peer's mail that arrived before the wait began, unanswered."""
+        try:
+            found = await self._earlier_mail(request_id=None)
+            if found:
+                await self._inbox.consume(*found)
+        except _Dropped as error:
+            log.warning("could not clear the mail from %s found at the start: %s", self._peer, error)
+            return
+        log.info(
+            "%d message(s) from %s arrived before the start: consumed, not answered", len(found), self._peer
+        )
+
+    async def _earlier_mail(self, request_id: str | None) -> list[int]:
+        """UIDs of the peer's route mail below the start cursor and, with request_id, of our own request:
+        found by UID SEARCH on the server, then checked header by header (exact route, exact Message-ID)."""
+        start, cursor = self._start, self._cursor
+        queries: list[str] = []
+        # After a UIDVALIDITY change the start's UIDs mean nothing: the scan judged that mail by arrival.
+        same = start is not None and cursor is not None and start.validity == cursor.validity
+        first = start.next if same and start is not None else 1
+        if first > 1:
+            queries.append(f"UID 1:{first - 1} {_route_criteria(self._config.incoming)}".strip())
+        if request_id is not None and _ATOM_SAFE.fullmatch(request_id):
+            queries.append(f"HEADER Message-ID {_quoted(request_id)}")
+        if not queries:
+            return []
+        criteria = queries[0] if len(queries) == 1 else f"OR ({queries[0]}) ({queries[1]})"
+        candidates = await self._inbox.search("NOT DELETED", criteria)
+        found = []
+        for item in await self._inbox.headers(candidates):
+            headers = message.parse_headers(item.data)
+            if "\\deleted" in item.flags:
+                continue
+            earlier = item.uid < first and self._config.incoming.matches(headers)
+            ours = (
+                request_id is not None
+                and self._config.outgoing.matches(headers)
+                and message.message_id_of(headers) == request_id
+            )
+            if earlier or ours:
+                found.append(item.uid)
+        return sorted(set(found))
+
+    async def _leave(self) -> None:
+        """Consume what was judged; the inviter also its own request (shared mailbox) and the peer's mail that
+        arrived before it began; then LOGOUT."""
+        self._inbox.end_idle()
+        if self._cursor is not None:
             try:
-                await self._inbox.consume(uid)
-            except _Dropped as error:  # the letter is taken all the same; its puzzle is remembered
-                log.warning("could not flag message UID %d as consumed: %s", uid, error)
+                uids = list(self._pending)
+                if self._inviting:
+                    shared = self._config.address.lower() == self._config.peer_address.lower()
+                    uids += await self._earlier_mail(self._request_id if shared else None)
+                if uids:
+                    await self._inbox.consume(*uids)
+                    self._pending.clear()
+                    log.debug("consumed messages UID %s", _uid_set(uids))
+            except _Dropped as error:
+                log.warning("mailbox clean-up failed, plexus mail may be left: %s", error)
+        await self._inbox.logout()
 
     async def _reopen(self, deadline: float | None) -> Cursor:
         """Reconnect until it works or the deadline passes; return the new connection's cursor.
@@ -510,6 +710,7 @@ class Mediator:
         if self._cursor is not None and self._cursor.validity != fresh.validity:
             log.warning("INBOX UIDVALIDITY changed: rescanning mail that arrived since %s", self._started)
             self._cursor = Cursor(fresh.validity, 1, arrived_after=self._started)
+            self._pending.clear()  # their UIDs now name other messages, or none: the rescan judges them again
         return fresh
 
 
@@ -551,6 +752,50 @@ def _parse_fetch(lines: list[Any]) -> list[Fetched]:
             )
         )
     return found
+
+
+def _parse_search(lines: list[Any]) -> list[int]:
+    """The UIDs of a SEARCH response. aioimaplib hands over the untagged `* SEARCH 3 5 8` as `3 5 8` (the
+    name stripped), then the tagged status text as the last line."""
+    found: list[int] = []
+    for line in lines[:-1]:
+        match = _SEARCH.match(bytes(line))
+        words = (match.group(1) if match else bytes(line)).split()
+        if all(word.isdigit() for word in words):
+            found += [int(word) for word in words]
+    return sorted(set(found))
+
+
+def _chunks(uids: Iterable[int]) -> list[list[int]]:
+    ordered = sorted(set(uids))
+    return [ordered[i : i + UID_CHUNK] for i in range(0, len(ordered), UID_CHUNK)]
+
+
+def _uid_set(uids: Sequence[int]) -> str:
+    """An IMAP sequence set naming exactly these UIDs: runs of consecutive UIDs as ranges (3:5 is 3, 4, 5)."""
+    runs: list[list[int]] = []
+    for uid in sorted(set(uids)):
+        if runs and uid == runs[-1][1] + 1:
+            runs[-1][1] = uid
+        else:
+            runs.append([uid, uid])
+    return ",".join(str(first) if first == last else f"{first}:{last}" for first, last in runs)
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _route_criteria(route: Route) -> str:
+    """SEARCH criteria that every message of the route meets (substring, case-insensitive: a superset that
+    Route.matches then narrows). A value that is not printable ASCII is left out: a quoted IMAP string is
+    7-bit, and the check of the headers covers it."""
+    criteria = [
+        f"{key} {_quoted(value)}"
+        for key, value in (("FROM", route.sender), ("TO", route.recipient), ("SUBJECT", route.subject))
+        if value and _ATOM_SAFE.fullmatch(value)
+    ]
+    return " ".join(criteria)
 
 
 def _internaldate(text: str) -> datetime.datetime | None:

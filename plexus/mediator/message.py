@@ -1,4 +1,4 @@
-"""The rendezvous mail, sans I/O: build a request or response, read a received one, and judge its freshness.
+"""The rendezvous mail, sans I/O: build a request, response or refusal, read a received one, judge it.
 
 docs/protocol.md ("## Mail") describes the format; this module is its reference.
 """
@@ -26,8 +26,12 @@ VERSION = "2.1"  # plexus 2.2 speaks "2.1" on the wire
 # this old is useless anyway (inviters wait 60 s); a replay older than this is refused even after a restart.
 CLOCK_TOLERANCE = datetime.timedelta(minutes=5)
 
-Kind = Literal["request", "response"]
-KINDS: dict[str, Kind] = {"request": "request", "response": "response"}
+# A refusal is plexus's own addition: an acceptor that cannot serve a request says why. plexus 2.2 matches
+# its mail against `PLEXUS 2.1 response <ip> <port> <puzzle>`: it passes over a refusal like any other mail.
+Kind = Literal["request", "response", "refusal"]
+KINDS: dict[str, Kind] = {"request": "request", "response": "response", "refusal": "refusal"}
+REASON_LIMIT = 200  # characters of a refusal's reason, after sanitizing
+NO_REASON = "no reason given"
 _NUMBER = re.compile(r"[0-9]{1,20}")
 _HEADER_LINE = re.compile(rb"[!-9;-~]+:")
 
@@ -42,6 +46,17 @@ class Offer:
 
     outer: Endpoint
     puzzle: int
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """What an acceptor that cannot serve a request mails back: the request's puzzle, echoed, and why."""
+
+    puzzle: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", sanitize_reason(self.reason))
 
 
 @dataclass(frozen=True)
@@ -72,37 +87,78 @@ class Letter:
     """A received PLEXUS message, read and (with S/MIME) decrypted and verified."""
 
     kind: Kind
-    offer: Offer
+    offer: Offer | None  # a request's or response's; None in a refusal
     message_id: str | None
     in_reply_to: str | None
     date: datetime.datetime | None
     signing_time: datetime.datetime | None = None
+    refusal: Refusal | None = None  # a refusal's; None otherwise
+
+    @property
+    def puzzle(self) -> int:
+        """The offer's puzzle; in a refusal, the refused request's."""
+        if self.refusal is not None:
+            return self.refusal.puzzle
+        assert self.offer is not None
+        return self.offer.puzzle
 
 
-def format_body(kind: Kind, offer: Offer) -> str:
-    return f"{PROTOCOL} {VERSION} {kind} {offer.outer.host} {offer.outer.port} {offer.puzzle}"
+def sanitize_reason(text: str) -> str:
+    """Printable ASCII on one line, at most REASON_LIMIT characters: whitespace runs become one space, any
+    other character outside 0x21-0x7E a '?'. Applied when sending and again on receipt."""
+    cleaned = "".join(" " if c.isspace() else c if "!" <= c <= "~" else "?" for c in text)
+    cleaned = " ".join(cleaned.split())[:REASON_LIMIT].rstrip()
+    return cleaned or NO_REASON
 
 
-def parse_body(text: str) -> tuple[Kind, Offer]:
+def format_body(kind: Kind, content: Offer | Refusal) -> str:
+    if kind == "refusal":
+        if not isinstance(content, Refusal):
+            raise TypeError("a refusal carries a Refusal")
+        return f"{PROTOCOL} {VERSION} refusal {content.puzzle} {sanitize_reason(content.reason)}"
+    if not isinstance(content, Offer):
+        raise TypeError(f"a {kind} carries an Offer")
+    return f"{PROTOCOL} {VERSION} {kind} {content.outer.host} {content.outer.port} {content.puzzle}"
+
+
+def parse_body(text: str) -> tuple[Kind, Offer | Refusal]:
     """The first non-empty line must be the PLEXUS line; anything after it (an MTA's footer) is ignored."""
     line = next((line for line in text.splitlines() if line.strip()), "")
-    words = line.split()
-    if len(words) != 6 or words[0] != PROTOCOL:
+    head = line.split(maxsplit=3)
+    if len(head) < 3 or head[0] != PROTOCOL:
         raise MessageError(f"not a PLEXUS line: {line[:80]!r}")
-    _, version, kind, host, port, puzzle = words
+    version, kind = head[1], head[2]
     if version != VERSION:
         raise MessageError(f"unsupported PLEXUS version {version[:20]!r}")
     if kind not in KINDS:
         raise MessageError(f"unknown PLEXUS message kind {kind[:20]!r}")
+    if kind == "refusal":
+        return "refusal", _parse_refusal(line)
+    words = line.split()
+    if len(words) != 6:
+        raise MessageError(f"not a PLEXUS line: {line[:80]!r}")
+    host, port, puzzle = words[3:]
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         raise MessageError(f"bad IP address {host[:50]!r}") from None
     if not _NUMBER.fullmatch(port) or not 0 < int(port) < 65536:
         raise MessageError(f"bad port {port[:20]!r}")
-    if not _NUMBER.fullmatch(puzzle) or int(puzzle) >= 2**64:
-        raise MessageError(f"bad puzzle {puzzle[:30]!r}")
-    return KINDS[kind], Offer(Endpoint(str(address), int(port)), int(puzzle))
+    return KINDS[kind], Offer(Endpoint(str(address), int(port)), _puzzle(puzzle))
+
+
+def _parse_refusal(line: str) -> Refusal:
+    """`PLEXUS 2.1 refusal <puzzle> <reason>`: the reason is the rest of the line (may be missing)."""
+    words = line.split(maxsplit=4)
+    if len(words) < 4:
+        raise MessageError(f"refusal without a puzzle: {line[:80]!r}")
+    return Refusal(_puzzle(words[3]), words[4] if len(words) > 4 else "")
+
+
+def _puzzle(text: str) -> int:
+    if not _NUMBER.fullmatch(text) or int(text) >= 2**64:
+        raise MessageError(f"bad puzzle {text[:30]!r}")
+    return int(text)
 
 
 def new_message_id(sender: str) -> str:
@@ -112,7 +168,7 @@ def new_message_id(sender: str) -> str:
 
 def build(
     kind: Kind,
-    offer: Offer,
+    content: Offer | Refusal,
     route: Route,
     *,
     message_id: str,
@@ -120,7 +176,9 @@ def build(
     in_reply_to: str | None = None,
     keys: smime.Keys | None = None,
 ) -> bytes:
-    """The whole message, CRLF line ends, every line under 1000 octets (headers folded, base64 at 76)."""
+    """The whole message, CRLF line ends, every line under 1000 octets (headers folded, base64 at 76).
+
+    content: an Offer, or for a refusal a Refusal. A response or refusal names its request in In-Reply-To."""
     message = EmailMessage(policy=email.policy.SMTP)
     message["From"] = route.sender
     message["To"] = route.recipient
@@ -129,7 +187,7 @@ def build(
     message["Message-ID"] = message_id
     if in_reply_to is not None:
         message["In-Reply-To"] = in_reply_to
-    body = format_body(kind, offer) + "\r\n"
+    body = format_body(kind, content) + "\r\n"
     if keys is None:
         message.set_content(body, charset="us-ascii", cte="7bit")
     else:
@@ -160,20 +218,21 @@ def read(raw: bytes, keys: smime.Keys | None) -> Letter:
         payload = enveloped.get_payload(decode=True)
         if not isinstance(payload, bytes) or not payload:
             raise MessageError("empty S/MIME part")
-        content, signing_time = smime.unseal(payload, keys)
-        text = _text_of_entity(content)
+        entity, signing_time = smime.unseal(payload, keys)
+        text = _text_of_entity(entity)
     elif enveloped is not None:
         raise MessageError("message is S/MIME encrypted, but no --smime-* options are given")
     else:
         text = _text_of(message)
-    kind, offer = parse_body(text)
+    kind, content = parse_body(text)
     return Letter(
         kind=kind,
-        offer=offer,
+        offer=content if isinstance(content, Offer) else None,
         message_id=_message_id(message, "Message-ID"),
         in_reply_to=_message_id(message, "In-Reply-To"),
         date=_date(message),
         signing_time=signing_time,
+        refusal=content if isinstance(content, Refusal) else None,
     )
 
 
@@ -187,12 +246,26 @@ class Screen:
     tolerance: datetime.timedelta = CLOCK_TOLERANCE
     seen: set[tuple[Kind, int]] = field(default_factory=set)
 
-    def admit(self, letter: Letter, kind: Kind, now: datetime.datetime, reply_to: str | None = None) -> None:
-        """Raise MessageError if the letter must be ignored; otherwise remember its puzzle."""
-        if letter.kind != kind:
+    def admit(
+        self,
+        letter: Letter,
+        kind: Kind,
+        now: datetime.datetime,
+        reply_to: str | None = None,
+        request: int | None = None,
+    ) -> None:
+        """Raise MessageError if the letter must be ignored; otherwise remember its puzzle.
+
+        Waiting for a response to our request (reply_to: its Message-ID; request: its puzzle), a refusal that
+        echoes that puzzle answers it too; a refusal of any other puzzle is ignored. A refusal is never taken
+        without `request`: nothing else binds it to a request of ours."""
+        answers = kind == "response" and request is not None and letter.kind == "refusal"
+        if letter.kind != kind and not answers:
             raise MessageError(f"expected a {kind}, got a {letter.kind}")
-        if (letter.kind, letter.offer.puzzle) in self.seen:
-            raise MessageError(f"puzzle {letter.offer.puzzle} already seen: a replay")
+        if letter.kind == "refusal" and letter.puzzle != request:
+            raise MessageError(f"refuses another request (puzzle {letter.puzzle}), not ours")
+        if (letter.kind, letter.puzzle) in self.seen:
+            raise MessageError(f"puzzle {letter.puzzle} already seen: a replay")
         # plexus 2.2 sends no In-Reply-To: then arrival after our request (the driver's UID cursor) has to do.
         if reply_to is not None and letter.in_reply_to not in (None, reply_to):
             raise MessageError(f"answers {letter.in_reply_to}, not our request {reply_to}")
@@ -202,7 +275,7 @@ class Screen:
                     f"{name} {when:%Y-%m-%d %H:%M:%S} UTC is more than "
                     f"{self.tolerance.total_seconds():g} s from now"
                 )
-        self.seen.add((letter.kind, letter.offer.puzzle))
+        self.seen.add((letter.kind, letter.puzzle))
 
 
 def _addresses(headers: Message, name: str) -> list[str]:
@@ -213,6 +286,11 @@ def _addresses(headers: Message, name: str) -> list[str]:
 def _subject(headers: Message) -> str:
     raw = re.sub(r"\r?\n(?=[ \t])", "", str(headers.get("Subject", "")))
     return str(email.header.make_header(email.header.decode_header(raw))).strip()
+
+
+def message_id_of(headers: Message) -> str | None:
+    """The Message-ID, angle brackets included, as read() reports it."""
+    return _message_id(headers, "Message-ID")
 
 
 def _message_id(message: Message, name: str) -> str | None:

@@ -12,6 +12,7 @@ import logging
 import re
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import aioimaplib
 import pytest
 
 from plexus.endpoint import Endpoint
-from plexus.errors import MailAuthError, MailConnectionError, MailTimeoutError
+from plexus.errors import MailAuthError, MailConnectionError, MailTimeoutError, PeerRefusedError
 from plexus.mediator import Invitation, MailConfig, Mediator, Offer, SmimeConfig, message, smime
 from plexus.mediator import email as mail
 from tests.lab.lab import Account, Lab
@@ -84,8 +85,10 @@ class Acceptor:
 
     config: MailConfig
     offer: Offer = ACCEPTOR_OFFER
+    refusal: str | None = None  # refuse every request with this reason instead of answering it
     invitations: list[Invitation] = field(default_factory=list)
-    answered: int = 0  # responses handed to the SMTP server: stopping earlier would cancel one mid-send
+    answered: int = 0  # responses (or refusals) handed to the SMTP server: stopping earlier would cancel one
+    answered_at: list[float] = field(default_factory=list)  # time.monotonic() as each was accepted
     ready: threading.Event = field(default_factory=threading.Event)
     stop: Callable[[], object] = lambda: None
 
@@ -108,7 +111,11 @@ class Acceptor:
     async def _serve(self, mediator: Mediator) -> None:
         async for invitation in mediator.requests():
             self.invitations.append(invitation)
-            await mediator.answer(invitation, self.offer)
+            if self.refusal is None:
+                await mediator.answer(invitation, self.offer)
+            else:
+                await mediator.refuse(invitation, self.refusal)
+            self.answered_at.append(time.monotonic())
             self.answered += 1
 
 
@@ -121,8 +128,8 @@ async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def accepting(lab: Lab, config: MailConfig) -> AsyncIterator[Acceptor]:
-    acceptor = Acceptor(config)
+async def accepting(lab: Lab, config: MailConfig, refusal: str | None = None) -> AsyncIterator[Acceptor]:
+    acceptor = Acceptor(config, refusal=refusal)
     task = asyncio.ensure_future(lab.call("b", acceptor.run))
     try:
         await until(lambda: acceptor.ready.is_set() or task.done())
@@ -182,6 +189,24 @@ class Mailbox:
 
         return self._session(work)
 
+    def contents(self) -> dict[int, tuple[set[str], bytes]]:
+        """Every message's flags and exact bytes, by UID."""
+
+        def work(imap: imaplib.IMAP4_SSL) -> dict[int, tuple[set[str], bytes]]:
+            _, data = imap.uid("FETCH", "1:*", "(UID FLAGS BODY.PEEK[])")
+            found = {}
+            for item in data:
+                if not isinstance(item, tuple):
+                    continue
+                meta, raw = item
+                uid = re.search(rb"UID (\d+)", meta)
+                flags = re.search(rb"FLAGS \(([^)]*)\)", meta)
+                assert uid is not None and flags is not None, meta
+                found[int(uid.group(1))] = (set(flags.group(1).decode().split()), raw)
+            return found
+
+        return self._session(work)
+
     def with_subject(self, text: str) -> list[int]:
         def work(imap: imaplib.IMAP4_SSL) -> list[int]:
             _, data = imap.uid("SEARCH", "SUBJECT", f'"{text}"')
@@ -224,7 +249,7 @@ def letter(
     """A message as `config`'s host would send it."""
     return message.build(
         kind,
-        Offer(INVITER_OFFER.outer, puzzle),
+        message.Refusal(puzzle, "busy") if kind == "refusal" else Offer(INVITER_OFFER.outer, puzzle),
         config.outgoing,
         message_id=message.new_message_id(config.address),
         date=date or datetime.datetime.now(datetime.UTC),
@@ -252,22 +277,36 @@ async def test_empty_mailbox_times_out_cleanly(lab: Lab, mailboxes: dict[str, Ma
 
 
 async def test_foreign_mail_stays_as_it_was(lab: Lab, mailboxes: dict[str, Mailbox]) -> None:
+    """Mail off the route, and route mail another client flagged \\Deleted, keep their bytes and flags while
+    both sides clean up around them (the acceptor as it starts, the inviter as it leaves)."""
     pair = Pair.make(lab, shared=True)
     box = mailboxes["shared"]
     foreign = f"foreign-{pair.tag}"
     raw = f"From: x@lab.test\r\nTo: shared@lab.test\r\nSubject: {foreign}\r\n\r\nhello\r\n".encode()
-    near_miss = letter(pair.inviter).replace(pair.inviter.host_id.encode(), foreign.encode())
-    before_start = [box.append(raw, r"\Flagged"), box.append(raw, r"\Deleted")]
+    near_misses = [
+        letter(pair.inviter).replace(pair.inviter.host_id.encode(), foreign.encode()),  # another subject
+        letter(pair.inviter).replace(b"From: shared@", b"From: other@"),  # another sender
+        letter(pair.inviter).replace(b"To: shared@", b"To: other@"),  # to someone else
+        letter(pair.acceptor, "response").replace(b"To: shared@", b"To: other@"),
+    ]
+    # plexus mail of both routes that "another client" flagged \Deleted: not ours to expunge
+    deleted_by_another = [letter(pair.inviter), letter(pair.acceptor, "response")]
+    before_start = [box.append(raw, r"\Flagged"), box.append(raw, r"\Deleted"), box.append(raw, r"\Seen")]
+    before_start += [box.append(data) for data in near_misses]
+    before_start += [box.append(data, r"\Deleted") for data in deleted_by_another]
     async with accepting(lab, pair.acceptor) as acceptor:
-        during = [box.append(raw), box.append(raw, r"\Seen \Answered"), box.append(near_miss)]
-        before = box.flags()
+        during = [box.append(raw), box.append(raw, r"\Seen \Answered"), box.append(raw, r"\Deleted")]
+        during += [box.append(data) for data in near_misses]
+        during += [box.append(data, r"\Deleted") for data in deleted_by_another]
+        kept = before_start + during
+        before = box.contents()
         assert await invite(lab, pair.inviter) == ACCEPTOR_OFFER
         assert len(acceptor.invitations) == 1
-    after = box.flags()
-    for uid in before_start + during:
-        assert after[uid] == before[uid]
-    assert box.with_subject(pair.tag) == sorted(before_start + during)
-    box.purge(before_start + during)
+    after = box.contents()
+    for uid in kept:
+        assert after[uid] == before[uid], uid
+    assert box.with_subject(pair.tag) == sorted(kept)  # the session's own mail is gone
+    box.purge(kept)
 
 
 async def test_replayed_stale_and_forged_requests_are_ignored(
@@ -282,25 +321,25 @@ async def test_replayed_stale_and_forged_requests_are_ignored(
     first = letter(inviter, puzzle=1)
     old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
     future = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
-    box.append(letter(inviter, puzzle=99))  # before the acceptor started
+    box.append(letter(inviter, puzzle=99))  # before the acceptor started: consumed, never answered
     async with accepting(lab, pair.acceptor) as acceptor:
         box.append(first)
         await until(lambda: len(acceptor.invitations) == 1)
+        forged = box.append(letter(stranger, puzzle=4))  # right subject, wrong sender: not plexus's, stays
         ignored = [
             box.append(first),  # the same message again
             box.append(letter(inviter, puzzle=1)),  # a new message with a used puzzle
             box.append(letter(inviter, puzzle=2, date=old)),
             box.append(letter(inviter, puzzle=3, date=future)),
-            box.append(letter(stranger, puzzle=4)),  # right subject, wrong sender
             box.append(letter(inviter, "response", puzzle=5)),
+            box.append(letter(inviter, "refusal", puzzle=8)),
         ]
         box.append(letter(inviter, puzzle=6))
         await until(lambda: acceptor.answered == 2)
-        await asyncio.sleep(1)
+        await until(lambda: box.with_subject(pair.tag) == [forged])  # each ignored one consumed, as judged
     assert [invitation.offer.puzzle for invitation in acceptor.invitations] == [1, 6]
-    remaining = box.with_subject(pair.tag)
-    assert set(ignored) <= set(remaining)
-    box.purge(remaining)
+    assert not set(ignored) & set(box.flags())
+    box.purge([forged])
     await purge_responses(mailboxes["local"], pair.tag, 2)
 
 
@@ -353,8 +392,8 @@ async def test_smime_round_trip_and_tampering(
         rejected = [box.append(tampered), box.append(plain)]
         assert await invite(lab, pair.inviter) == ACCEPTOR_OFFER
         assert [invitation.offer for invitation in acceptor.invitations] == [INVITER_OFFER]
-    assert box.with_subject(pair.tag) == rejected
-    box.purge(rejected)
+    assert not set(rejected) & set(box.flags())  # judged and ignored: consumed all the same
+    assert box.with_subject(pair.tag) == []
 
 
 def mail_base64(data: bytes) -> bytes:
@@ -446,3 +485,197 @@ async def test_server_without_idle_is_polled(lab: Lab, monkeypatch: pytest.Monke
     async with accepting(lab, pair.acceptor) as acceptor:
         assert await invite(lab, pair.inviter) == ACCEPTOR_OFFER
         assert len(acceptor.invitations) == 1
+
+
+# ---- refusal, and a bounded mailbox ------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """How an invite ended: its error (if any), when mediator.invite() returned or raised, when it was left
+    (time.monotonic())."""
+
+    error: BaseException | None
+    answered_at: float
+    left_at: float
+
+
+async def invite_outcome(lab: Lab, config: MailConfig, timeout: float = 30.0) -> Outcome:
+    async def run() -> Outcome:
+        error: BaseException | None = None
+        async with Mediator(config) as mediator:
+            try:
+                await mediator.invite(INVITER_OFFER, timeout=timeout)
+            except Exception as caught:  # raised again below, once the clean-up on leaving is measured
+                error = caught
+            answered_at = time.monotonic()
+        return Outcome(error, answered_at, time.monotonic())
+
+    return await lab.call("a", run)
+
+
+async def assert_session_left_nothing(pair: Pair, mailboxes: dict[str, Mailbox], timeout: float = 10) -> None:
+    """No message of this session's two routes in any mailbox (expunged, not just flagged)."""
+    for box in mailboxes.values():
+        await until(lambda box=box: box.with_subject(pair.tag) == [], timeout=timeout)  # type: ignore[misc]
+
+
+REASON = "inner port 5000 is held by another program"
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["two-accounts", "shared-mailbox"])
+async def test_refusal_ends_the_wait_at_once(lab: Lab, mailboxes: dict[str, Mailbox], shared: bool) -> None:
+    pair = Pair.make(lab, shared=shared)
+    async with accepting(lab, pair.acceptor, refusal=REASON) as acceptor:
+        outcome = await invite_outcome(lab, pair.inviter)
+        assert [invitation.offer for invitation in acceptor.invitations] == [INVITER_OFFER]
+    assert isinstance(outcome.error, PeerRefusedError), outcome.error
+    assert str(outcome.error) == f"{pair.acceptor.host_id} cannot serve this request: {REASON}"
+    delay = outcome.answered_at - acceptor.answered_at[0]
+    cleanup = outcome.left_at - outcome.answered_at
+    print(f"refusal accepted by SMTP -> PeerRefusedError: {delay:.3f} s; clean-up on leaving {cleanup:.3f} s")
+    assert delay < 5
+    await assert_session_left_nothing(pair, mailboxes)
+
+
+async def test_refusal_with_smime(
+    lab: Lab, mailboxes: dict[str, Mailbox], identities: dict[str, Any]
+) -> None:
+    pair = smime_pair(lab, identities)
+    reason = "NAT\tturned \u00absymmetric\u00bb\r\nsince start " + "x" * 300
+    async with accepting(lab, pair.acceptor, refusal=reason) as acceptor:
+        outcome = await invite_outcome(lab, pair.inviter)
+    assert isinstance(outcome.error, PeerRefusedError), outcome.error
+    told = str(outcome.error).split(": ", 1)[1]
+    assert told == message.sanitize_reason(reason) and told.startswith(
+        "NAT turned ?symmetric? since start xx"
+    )
+    assert len(told) == 200
+    print(f"S/MIME refusal -> PeerRefusedError: {outcome.answered_at - acceptor.answered_at[0]:.3f} s")
+    assert outcome.answered_at - acceptor.answered_at[0] < 5
+    await assert_session_left_nothing(pair, mailboxes)
+
+
+async def test_refusal_of_another_request_does_not_end_the_wait(
+    lab: Lab, mailboxes: dict[str, Mailbox], identities: dict[str, Any]
+) -> None:
+    """Refusals that do not answer this request are ignored (and consumed): another puzzle (an old refusal
+    replayed), our puzzle but naming another request, our puzzle but stale."""
+    pair = Pair.make(lab, shared=False)
+    inviter_box = mailboxes["local"]
+    old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
+    task = asyncio.ensure_future(invite_outcome(lab, pair.inviter, timeout=6))
+    await until(lambda: bool(mailboxes["remote"].with_subject(pair.inviter.host_id)))
+    ignored = [
+        inviter_box.append(letter(pair.acceptor, "refusal", puzzle=9999)),
+        inviter_box.append(letter(pair.acceptor, "refusal", puzzle=1111, in_reply_to="<other@lab.test>")),
+        inviter_box.append(letter(pair.acceptor, "refusal", puzzle=1111, date=old)),
+    ]
+    outcome = await task
+    assert isinstance(outcome.error, MailTimeoutError), outcome.error
+    assert not set(ignored) & set(inviter_box.flags())  # consumed as the inviter left
+    async with accepting(lab, pair.acceptor) as acceptor:  # finds the timed-out request at its start
+        await assert_session_left_nothing(pair, mailboxes)
+    assert acceptor.invitations == []
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["two-accounts", "shared-mailbox"])
+async def test_timed_out_invite_leaves_nothing(lab: Lab, mailboxes: dict[str, Mailbox], shared: bool) -> None:
+    """The inviter removes its own request from a mailbox it reads; in the peer's mailbox the acceptor,
+    started later, consumes it without answering."""
+    pair = Pair.make(lab, shared=shared)
+    outcome = await invite_outcome(lab, pair.inviter, timeout=3)
+    assert isinstance(outcome.error, MailTimeoutError), outcome.error
+    if shared:
+        assert mailboxes["shared"].with_subject(pair.tag) == []
+    else:
+        assert len(mailboxes["remote"].with_subject(pair.tag)) == 1
+        async with accepting(lab, pair.acceptor) as acceptor:
+            await assert_session_left_nothing(pair, mailboxes)
+            await asyncio.sleep(1)
+        assert acceptor.invitations == [] and acceptor.answered == 0
+    await assert_session_left_nothing(pair, mailboxes)
+
+
+async def test_interrupted_invite_leaves_nothing(lab: Lab, mailboxes: dict[str, Mailbox]) -> None:
+    pair = Pair.make(lab, shared=True)
+    box = mailboxes["shared"]
+    # plexus mail from the acceptor's route that was there before: the inviter consumes it as it leaves
+    earlier = [
+        box.append(letter(pair.acceptor, "response", puzzle=5)),
+        box.append(letter(pair.acceptor, "refusal")),
+    ]
+    task = asyncio.ensure_future(invite(lab, pair.inviter, timeout=30))
+    await until(lambda: len(box.with_subject(pair.tag)) == 3)  # the request is in
+    await asyncio.sleep(0.5)  # in IDLE by now
+    cancelled_at = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stopped = time.monotonic() - cancelled_at
+    print(f"interrupted inviter stopped (clean-up included) in {stopped:.3f} s")
+    assert stopped < 1
+    assert box.with_subject(pair.tag) == []
+    assert not set(earlier) & set(box.flags())
+
+
+async def test_cancelled_acceptor_stops_within_a_second(lab: Lab, mailboxes: dict[str, Mailbox]) -> None:
+    """The lead cancels the acceptor's main task on SIGTERM; leaving the Mediator (clean-up included) must
+    take well under 1 s, here with a request taken but not yet consumed."""
+    pair = Pair.make(lab, shared=False)
+    box = mailboxes["remote"]
+    got = threading.Event()
+
+    async def serve() -> None:
+        async with Mediator(pair.acceptor) as mediator:
+            async for _ in mediator.requests():
+                got.set()
+                await asyncio.Event().wait()  # a session that holds the loop here until cancelled
+
+    async def idle() -> None:
+        async with Mediator(pair.acceptor) as mediator:
+            async for _ in mediator.requests():
+                pass
+
+    for work, request in ((idle, None), (serve, letter(pair.inviter))):
+        got.clear()
+        task = asyncio.ensure_future(lab.call("b", work))
+        await asyncio.sleep(1.5)  # logged in, in IDLE
+        if request is not None:
+            box.append(request)
+            await until(got.is_set, timeout=10)
+        cancelled_at = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stopped = time.monotonic() - cancelled_at
+        print(f"acceptor ({work.__name__}) stopped in {stopped:.3f} s")
+        assert stopped < 1
+    assert box.with_subject(pair.tag) == []  # the taken request was consumed while stopping
+
+
+async def test_without_uidplus_messages_are_only_flagged(
+    lab: Lab, mailboxes: dict[str, Mailbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lab's Dovecot always offers UIDPLUS: hide it from plexus. Then what plexus consumes is flagged
+    \\Deleted and nothing is expunged, not even by a plain EXPUNGE."""
+    has_capability = aioimaplib.IMAP4.has_capability
+    monkeypatch.setattr(
+        aioimaplib.IMAP4,
+        "has_capability",
+        lambda imap, name: name != "UIDPLUS" and has_capability(imap, name),
+    )
+    pair = Pair.make(lab, shared=False)
+    before = {name: box.flags() for name, box in mailboxes.items()}
+    async with accepting(lab, pair.acceptor) as acceptor:
+        assert await invite(lab, pair.inviter) == ACCEPTOR_OFFER
+        assert len(acceptor.invitations) == 1
+    for name, box in mailboxes.items():
+        after = box.flags()
+        ours = box.with_subject(pair.tag)
+        assert len(ours) == (1 if name in ("local", "remote") else 0)
+        for uid in ours:
+            assert "\\Deleted" in after[uid]
+        for uid, flags in before[name].items():
+            assert after.get(uid) == flags  # nothing else changed, nothing expunged
+        box.purge(ours)

@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import email
 import email.policy
+import re
 from typing import Any
 
 import pytest
@@ -15,17 +16,23 @@ from hypothesis import strategies as st
 from plexus.endpoint import Endpoint
 from plexus.mediator.message import (
     CLOCK_TOLERANCE,
+    NO_REASON,
+    REASON_LIMIT,
     Letter,
     MessageError,
     Offer,
+    Refusal,
     Route,
     Screen,
     build,
     format_body,
+    message_id_of,
     parse_body,
     parse_headers,
     read,
+    sanitize_reason,
 )
+from tests.unit.test_smime import Pki, pki  # noqa: F401 (pki: the fixture)
 
 NOW = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.UTC)
 ALICE = Route("Alice@Example.org", "bob@example.org", "host-a")
@@ -35,7 +42,8 @@ OFFER = Offer(Endpoint("198.51.100.2", 40000), 2**64 - 1)
 def letter(kind: str = "request", puzzle: int = 1, **changes: Any) -> Letter:
     fields: dict[str, object] = {
         "kind": kind,
-        "offer": Offer(Endpoint("198.51.100.2", 40000), puzzle),
+        "offer": None if kind == "refusal" else Offer(Endpoint("198.51.100.2", 40000), puzzle),
+        "refusal": Refusal(puzzle, "busy") if kind == "refusal" else None,
         "message_id": "<r@example.org>",
         "in_reply_to": None,
         "date": NOW,
@@ -67,6 +75,11 @@ def test_body_is_the_2_2_line() -> None:
         "PLEXUS 2.1 request 1.2.3.4 \u0665 6",
         "plexus 2.1 request 1.2.3.4 5 6",
         "PLEXUS 2.1 request 1.2.3.4 5 6 7",
+        "PLEXUS 2.1 refusal",
+        "PLEXUS 2.1 refusal 18446744073709551616 too big",
+        "PLEXUS 2.1 refusal -1 negative",
+        "PLEXUS 2.1 refusal busy",
+        "PLEXUS 2.1 Refusal 1 busy",
     ],
 )
 def test_bad_bodies_are_rejected(text: str) -> None:
@@ -77,11 +90,15 @@ def test_bad_bodies_are_rejected(text: str) -> None:
 @given(st.text())
 def test_any_text_gives_an_offer_or_a_clean_rejection(text: str) -> None:
     try:
-        kind, offer = parse_body(text)
+        kind, content = parse_body(text)
     except MessageError:
         return
+    if isinstance(content, Refusal):
+        assert kind == "refusal" and 0 <= content.puzzle < 2**64
+        assert content.reason == sanitize_reason(content.reason)
+        return
     assert kind in ("request", "response")
-    assert 0 < offer.outer.port < 65536 and 0 <= offer.puzzle < 2**64
+    assert 0 < content.outer.port < 65536 and 0 <= content.puzzle < 2**64
 
 
 @given(
@@ -198,3 +215,149 @@ def test_any_bytes_read_or_rejected_cleanly(data: bytes) -> None:
     with contextlib.suppress(MessageError):
         read(data, None)
     Route("a@x", "b@x", "s").matches(email.message_from_bytes(data, policy=email.policy.compat32))
+
+
+# ---- refusal -----------------------------------------------------------------------------------------------
+
+# plexus 2.2 looks for its response with this pattern (its email mediator): a refusal must never match it.
+RESPONSE_2_2 = re.compile(r"^PLEXUS\s+2.1\s+response\s+(\S+)\s+(\d+)\s+(\d+)$")
+
+
+def test_refusal_body() -> None:
+    line = format_body("refusal", Refusal(2**64 - 1, "inner port 5000 is in use"))
+    assert line == "PLEXUS 2.1 refusal 18446744073709551615 inner port 5000 is in use"
+    assert parse_body(line + "\r\n-- \r\nfooter\r\n") == (
+        "refusal",
+        Refusal(2**64 - 1, "inner port 5000 is in use"),
+    )
+    assert not RESPONSE_2_2.search(line)
+
+
+def test_refusal_without_reason_is_read() -> None:
+    assert parse_body("PLEXUS 2.1 refusal 7") == ("refusal", Refusal(7, NO_REASON))
+    assert parse_body("PLEXUS  2.1\trefusal  7 \t  spaced   out  ") == ("refusal", Refusal(7, "spaced out"))
+
+
+def test_kind_and_content_must_agree() -> None:
+    with pytest.raises(TypeError):
+        format_body("refusal", OFFER)
+    with pytest.raises(TypeError):
+        format_body("response", Refusal(1, "x"))
+
+
+@pytest.mark.parametrize(
+    ("reason", "sanitized"),
+    [
+        ("", NO_REASON),
+        ("  \r\n\t ", NO_REASON),
+        ("NAT turned\r\nsymmetric", "NAT turned symmetric"),
+        ("caf\u00e9 \x1b[31mred\x00", "caf? ?[31mred?"),
+        ("x" * 500, "x" * REASON_LIMIT),
+        ("a" * 199 + " b", "a" * 199),  # cut at 200, then trimmed
+        ("\ufffd", "?"),  # what a non-ASCII byte decodes to on receipt
+    ],
+)
+def test_reason_is_sanitized(reason: str, sanitized: str) -> None:
+    assert sanitize_reason(reason) == sanitized
+    assert Refusal(1, reason).reason == sanitized
+
+
+@given(st.text())
+def test_any_reason_gives_one_short_printable_line(reason: str) -> None:
+    clean = sanitize_reason(reason)
+    assert 0 < len(clean) <= REASON_LIMIT
+    assert all(" " <= c <= "~" for c in clean) and clean == clean.strip()
+    assert sanitize_reason(clean) == clean
+    line = format_body("refusal", Refusal(5, reason))
+    assert parse_body(line) == ("refusal", Refusal(5, clean))
+
+
+@given(
+    st.integers(0, 2**64 - 1), st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300)
+)
+def test_refusal_round_trip(puzzle: int, reason: str) -> None:
+    assert parse_body(format_body("refusal", Refusal(puzzle, reason))) == ("refusal", Refusal(puzzle, reason))
+
+
+@given(st.text(max_size=400).map(lambda text: "PLEXUS 2.1 refusal 9 " + text))
+def test_received_reasons_are_sanitized(line: str) -> None:
+    try:
+        kind, content = parse_body(line)
+    except MessageError:  # a line break in the text can leave the PLEXUS line without its reason: fine too
+        return
+    assert kind == "refusal" and isinstance(content, Refusal) and content.puzzle == 9
+    assert content.reason == sanitize_reason(content.reason) and len(content.reason) <= REASON_LIMIT
+
+
+def test_refusal_headers_are_a_response_s() -> None:
+    raw = build(
+        "refusal", Refusal(42, "busy"), ALICE, message_id="<2@example.org>", date=NOW, in_reply_to="<1@x>"
+    )
+    headers = parse_headers(raw)
+    assert (headers["From"], headers["To"], headers["Subject"]) == (
+        "Alice@Example.org",
+        "bob@example.org",
+        "host-a",
+    )
+    assert (message_id_of(headers), headers["In-Reply-To"]) == ("<2@example.org>", "<1@x>")
+    assert read(raw, None) == Letter(
+        "refusal", None, "<2@example.org>", "<1@x>", NOW, refusal=Refusal(42, "busy")
+    )
+    assert read(raw, None).puzzle == 42
+
+
+def test_refusal_with_smime(pki: Pki) -> None:  # noqa: F811 (the fixture)
+    raw = build(
+        "refusal",
+        Refusal(42, "busy"),
+        ALICE,
+        message_id="<2@x>",
+        date=NOW,
+        in_reply_to="<1@x>",
+        keys=pki.keys(pki.alice, pki.bob),
+    )
+    assert b"PLEXUS" not in raw and b"busy" not in raw
+    received = read(raw, pki.keys(pki.bob, pki.alice))
+    assert (received.kind, received.refusal, received.in_reply_to) == (
+        "refusal",
+        Refusal(42, "busy"),
+        "<1@x>",
+    )
+    assert received.signing_time is not None
+
+
+def test_refusal_answers_our_request_only() -> None:
+    screen = Screen()
+    with pytest.raises(MessageError, match="another request"):
+        screen.admit(letter("refusal", puzzle=8), "response", NOW, "<r@x>", request=7)
+    with pytest.raises(MessageError, match="not our request"):
+        screen.admit(letter("refusal", puzzle=7, in_reply_to="<old@x>"), "response", NOW, "<r@x>", request=7)
+    with pytest.raises(MessageError, match="from now"):
+        screen.admit(letter("refusal", puzzle=7, date=NOW - CLOCK_TOLERANCE * 2), "response", NOW, "<r@x>", 7)
+    with pytest.raises(MessageError, match="from now"):
+        screen.admit(
+            letter("refusal", puzzle=7, signing_time=NOW + CLOCK_TOLERANCE * 2), "response", NOW, None, 7
+        )
+    screen.admit(letter("refusal", puzzle=7, in_reply_to="<r@x>"), "response", NOW, "<r@x>", request=7)
+    with pytest.raises(MessageError, match="replay"):
+        screen.admit(letter("refusal", puzzle=7), "response", NOW, "<r@x>", request=7)
+
+
+def test_refusal_without_in_reply_to_is_bound_by_its_puzzle() -> None:
+    Screen().admit(letter("refusal", puzzle=7, message_id=None), "response", NOW, "<r@x>", request=7)
+
+
+def test_refusal_is_never_taken_unasked() -> None:
+    with pytest.raises(MessageError, match="expected a request"):
+        Screen().admit(letter("refusal", puzzle=7), "request", NOW)
+    with pytest.raises(MessageError, match="expected a response"):
+        Screen().admit(letter("refusal", puzzle=7), "response", NOW, "<r@x>")  # no puzzle to bind it
+    with pytest.raises(MessageError):
+        Screen().admit(letter("refusal", puzzle=7), "refusal", NOW)
+
+
+def test_a_refusal_and_a_response_with_one_puzzle_are_both_admitted() -> None:
+    """Replay is per kind: our request's puzzle echoed in a refusal does not block a response's puzzle."""
+    screen = Screen()
+    screen.admit(letter("response", puzzle=7), "response", NOW, None, request=1)
+    screen.admit(letter("refusal", puzzle=7), "response", NOW, None, request=7)
