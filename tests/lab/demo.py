@@ -44,8 +44,8 @@ def session(lab: Lab, workdir: Path, nat: str) -> bool:
             show("host a: plexus stderr", invite.stderr())
             return False
         a, b = invite.wait_hello()[0], acceptor.wait_hello()[0]
-        show("host a: the launched command (exec/hello.py)", f"got {a['args']}\nheard: {a['received']}")
-        show("host b: the launched command (exec/hello.py)", f"got {b['args']}\nheard: {b['received']}")
+        show("host a: the launched command (hello.py)", f"got {a['args']}\nheard: {a['received']}")
+        show("host b: the launched command (hello.py)", f"got {b['args']}\nheard: {b['received']}")
         return bool(a["received"] and b["received"])
     finally:
         acceptor.stop()
