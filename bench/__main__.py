@@ -1,7 +1,8 @@
 """The plexus benchmark: `python3 -m bench` (as root; scripts/bench installs what it needs first).
 
 In its own NAT lab it measures the time to connect (with its phases, beside the floor the same path could not
-beat), which NAT pairs connect and how the others fail, and what an idle acceptor and one session cost.
+beat), which NAT pairs connect and how the others fail, what an idle acceptor and one session cost, and the
+reconnect loop with real OpenVPN (bench/soak.py).
 Progress goes to stderr, the report to stdout (a plain-text table), and with --json FILE also to that file.
 """
 
@@ -19,12 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import floor, report, runs
+from bench import floor, report, runs, soak
 from bench.stats import summarize
 from bench.timeline import PHASES, TimelineError
 from tests.lab.lab import Lab, LabError, lab_available
 
-SECTIONS = ("connect", "matrix", "footprint")
+SECTIONS = ("connect", "matrix", "footprint", "soak")
 T = TypeVar("T")
 
 
@@ -47,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--sections", type=_sections, default=SECTIONS, help=f"what to run (default {','.join(SECTIONS)})"
+    )
+    parser.add_argument(
+        "--cycles", type=_positive(int), default=20, help="reconnect cycles in the soak (default 20)"
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON here")
     return parser.parse_args(argv)
@@ -134,8 +138,10 @@ def bench_matrix(lab: Lab, workdir: Path, timeout: float) -> list[dict[str, Any]
     for inviter_mode in report.MODES:
         for acceptor_mode in report.MODES:
             cell = runs.matrix_cell(lab, workdir, inviter_mode, acceptor_mode, timeout)
-            progress(f"matrix {inviter_mode} -> {acceptor_mode}: {cell.side} {cell.outcome} "
-                     f"after {cell.seconds:.1f} s")
+            progress(
+                f"matrix {inviter_mode} -> {acceptor_mode}: {cell.side} {cell.outcome} "
+                f"after {cell.seconds:.1f} s"
+            )
             cells.append({"inviter": inviter_mode, "acceptor": acceptor_mode, "code": cell.code,
                           "outcome": cell.outcome, "side": cell.side,
                           "seconds": round(cell.seconds, 3)})  # fmt: skip
@@ -180,6 +186,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["matrix"] = bench_matrix(lab, workdir, args.fail_timeout)
         if "footprint" in args.sections:
             results["footprint"] = bench_footprint(lab, workdir, args.idle)
+        if "soak" in args.sections:
+            progress(f"soak: {args.cycles} reconnect cycles through plexus-reconnect and exec.sh (OpenVPN)")
+            found = soak.soak(
+                lab,
+                workdir / "soak",
+                args.cycles,
+                on_cycle=lambda i, c: progress(
+                    f"  cycle {i} ({c.broken}): exit {c.code}, "
+                    + (
+                        "not restored"
+                        if c.restore_seconds is None
+                        else f"ping after {c.restore_seconds:.2f} s"
+                    )
+                ),
+            )
+            results["soak"] = found.to_json()
     results["bench_seconds"] = round(time.monotonic() - started, 1)
     return results
 

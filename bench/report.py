@@ -12,6 +12,7 @@ MIB = 1024 * 1024
 # return of 2.2's habits (seconds of STUN tests, mail polling) or a busy-waiting acceptor.
 TOTAL_OVER_FLOOR = 2.0  # median time to connect at most this many times its floor
 IDLE_CPU_SHARE = 0.01  # an idle acceptor uses at most this share of one core
+SOAK_RSS_GROWTH = 8 * 1024 * 1024  # the acceptor's memory may grow this much over the soak, no more
 PUNCHABLE = ("none", "cone", "fullcone")
 CORNER = "inviter \\ acceptor"
 # The issue's order: from no NAT to the one that defeats punching
@@ -31,6 +32,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _matrix(results["matrix"], results["matrix_timeout"])
     if "footprint" in results:
         lines += _footprint(results["footprint"])
+    if "soak" in results:
+        lines += _soak(results["soak"])
     failures = results.get("failures", [])
     lines += ["", f"== Checks: {len(failures)} failed" if failures else "== Checks: all passed"]
     lines += [f"FAILED: {failure}" for failure in failures]
@@ -119,6 +122,27 @@ def _footprint(found: dict[str, Any]) -> list[str]:
     ]
 
 
+def _soak(found: dict[str, Any]) -> list[str]:
+    def per(counts: dict[str, int]) -> str:
+        return ", ".join(f"{name} {count}" for name, count in counts.items())
+
+    spread = (
+        f"median {found['restore_median_seconds']:.2f} s, max {found['restore_max_seconds']:.2f} s"
+        if found["restored"]
+        else "none restored"
+    )
+    return [
+        "",
+        "== Reconnect soak: the laptop's tunnel killed or left stale, then plexus-reconnect (cron's recipe), "
+        "until a ping crosses the new OpenVPN tunnel",
+        f"cycles restored: {found['restored']} / {found['cycles']}; time to restore: {spread}",
+        f"left at the end (the live tunnel counts one each): plexus messages {per(found['messages_left'])}; "
+        f"tun devices {per(found['tun_devices'])}; openvpn processes {per(found['openvpn_processes'])}",
+        f"acceptor RSS {found['acceptor_rss_before_bytes'] / MIB:.1f} MiB before, "
+        f"{found['acceptor_rss_after_bytes'] / MIB:.1f} MiB after",
+    ]
+
+
 def check(results: dict[str, Any]) -> list[str]:
     """What the figures must show; each failure as one line (none: the benchmark passes)."""
     failures = []
@@ -139,4 +163,21 @@ def check(results: dict[str, Any]) -> list[str]:
             failures.append(
                 f"idle acceptor used {100 * share:.2f} % of a core, over {100 * IDLE_CPU_SHARE:g} %"
             )
+    if "soak" in results:
+        failures += _check_soak(results["soak"])
+    return failures
+
+
+def _check_soak(found: dict[str, Any]) -> list[str]:
+    failures = []
+    if found["restored"] != found["cycles"]:
+        failures.append(f"soak: {found['restored']} of {found['cycles']} cycles restored the tunnel")
+    if any(found["messages_left"].values()):
+        failures.append(f"soak: plexus messages left in the mailboxes: {found['messages_left']}")
+    for what in ("tun_devices", "openvpn_processes"):
+        if any(count != 1 for count in found[what].values()):
+            failures.append(f"soak: {what.replace('_', ' ')} at the end {found[what]}, expected 1 per host")
+    growth = found["acceptor_rss_after_bytes"] - found["acceptor_rss_before_bytes"]
+    if growth > SOAK_RSS_GROWTH:
+        failures.append(f"soak: the acceptor's RSS grew by {growth / MIB:.1f} MiB")
     return failures

@@ -178,6 +178,7 @@ class Running:
             log.info("stopping the previous command (pid %d) with %s", self.pid, sig.name)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, sig)
+                os.killpg(self.pid, signal.SIGCONT)  # a stopped (frozen) process acts on SIGTERM only then
             until = time.monotonic() + wait
             while time.monotonic() < until:
                 # Our own child stays a zombie, still counted in its group, until it is reaped here.

@@ -157,3 +157,19 @@ async def test_a_recorded_pid_now_used_by_another_process_is_left_alone() -> Non
 def test_slot_files_are_named_for_the_role_and_both_ids() -> None:
     path = Slot.for_session("invite", "lap top", "home/1").path
     assert path.name == "invite-lap_top-home_1.json"
+
+
+async def test_a_frozen_command_is_stopped_without_waiting_for_sigkill() -> None:
+    """A stale tunnel's process may be stopped (SIGSTOP): SIGCONT lets it act on the SIGTERM at once."""
+    process = launcher.start(sleeper(), TUNNEL)
+    try:
+        await asyncio.sleep(0.2)
+        os.killpg(process.pid, signal.SIGSTOP)
+        running = Running.of(process.pid)
+        assert running is not None
+        await asyncio.wait_for(running.stop(grace=10), timeout=2)
+        assert launcher.group_members(process.pid) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
