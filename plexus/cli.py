@@ -470,7 +470,7 @@ def run(
     ] = False,
 ) -> None:
     """Connect two hosts behind NATs: STUN, an email rendezvous, UDP hole punching, then your command."""
-    given = dict(locals())
+    given = dict(locals()) | {"explore": explore_, "json": json_}  # named so to spare the builtins
     config_path = Path(config).expanduser() if config else None
     options = Options(given, read_config(config_path) if config_path else {}, config_path)
     setup_logging(options)

@@ -53,6 +53,7 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
         (["--config=/nonexistent/plexus.conf"], "cannot read --config"),
         (["--log-level=loud"], "--log-level must be one of"),
         (["--exec-command=/nonexistent/cmd"], "does not exist"),
+        (["--explore"], "missing --stun-server"),
     ],
 )
 def test_bad_usage_is_one_line_with_exit_code_2(
