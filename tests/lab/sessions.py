@@ -112,10 +112,11 @@ def start(
     overrides: dict[str, str] | None = None,
     argv: list[str] | None = None,
     env: dict[str, str] | None = None,
+    wrapper: tuple[str, ...] = (),
 ) -> Plexus:
     """Start plexus on me.host. An override with an empty value is a bare flag; `argv` replaces the
     generated options entirely (for --config tests); `env` adds variables to its environment, which the
-    launched command inherits."""
+    launched command inherits; `wrapper` runs plexus under another command (unshare, say)."""
     name = f"{me.host}-{'acceptor' if accept else 'inviter'}-{uuid.uuid4().hex[:4]}"
     log_file, exec_log = workdir / f"{name}.log", workdir / f"{name}.exec.log"
     if argv is None:
@@ -125,7 +126,7 @@ def start(
         argv += ["--accept"] if accept else []
     process = lab.popen(
         me.host,
-        [sys.executable, "-m", "plexus", *argv],
+        [*wrapper, sys.executable, "-m", "plexus", *argv],
         cwd=ROOT,
         env=os.environ | env if env else None,
         stdin=subprocess.DEVNULL,

@@ -5,6 +5,7 @@ tell a script the truth."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,3 +176,18 @@ def test_sigint_interrupts_the_acceptor(lab: Lab, tmp_path: Path, running: list[
     acceptor.process.send_signal(signal.SIGINT)
     assert acceptor.wait(5) == ExitCode.INTERRUPTED
     assert acceptor.stderr() == "plexus: interrupted\n"
+
+
+def test_as_pid_1_sigterm_still_stops_the_acceptor(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
+    """In a container plexus is PID 1, which the kernel spares every signal it has no handler for."""
+    inviter, acceptor_side = sessions.pair(lab)
+    container = ("unshare", "--pid", "--fork", "--mount-proc", "--kill-child")
+    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True, wrapper=container)
+    running.append(acceptor)
+    sessions.wait_until_listening(acceptor)
+    [plexus] = Path(f"/proc/{acceptor.process.pid}/task/{acceptor.process.pid}/children").read_text().split()
+    status = Path(f"/proc/{plexus}/status").read_text()
+    assert re.search(r"^NSpid:\s+\d+\s+1$", status, re.MULTILINE), status
+    os.kill(int(plexus), signal.SIGTERM)
+    assert acceptor.wait(5) == 0  # unshare exits with plexus's status
+    assert acceptor.stderr() == ""
