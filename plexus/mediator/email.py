@@ -634,8 +634,11 @@ class Mediator:
         except _Dropped as error:
             log.warning("could not clear the mail from %s found at the start: %s", self._peer, error)
             return
-        log.info(
-            "%d message(s) from %s arrived before the start: consumed, not answered", len(found), self._peer
+        log.log(
+            logging.INFO if found else logging.DEBUG,
+            "%d message(s) from %s arrived before the start: consumed, not answered",
+            len(found),
+            self._peer,
         )
 
     async def _earlier_mail(self, request_id: str | None) -> list[int]:
