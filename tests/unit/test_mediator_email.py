@@ -275,7 +275,7 @@ async def test_leaving_cancelled_again_stops_at_once(caplog: pytest.LogCaptureFi
 async def test_the_acceptor_clears_earlier_mail_at_its_start(caplog: pytest.LogCaptureFixture) -> None:
     imap = FakeImap({"UIDPLUS"})
     mediator = mediator_with(imap)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         await mediator._clear_earlier_mail()
     assert imap.sent == [
         ("UID", "SEARCH", "NOT DELETED", 'UID 1:9 FROM "peer@example.org" TO "me@example.org" SUBJECT "peer"')
