@@ -66,6 +66,7 @@ def bind(inner: Endpoint) -> socket.socket:
 
 async def discover(sock: socket.socket, server: Endpoint) -> tuple[Endpoint, Endpoint]:
     """Learn the inner and outer endpoints; refuse a NAT whose mapping depends on the destination."""
+    log.debug("asking STUN server %s for the outer endpoint", server)
     report = await stun.probe_mapping(sock, server)
     if report.mapping is None:
         log.warning("STUN server %s has no alternate address: NAT mapping not tested", server)

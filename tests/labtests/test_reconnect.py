@@ -4,21 +4,26 @@ tell a script the truth."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from plexus import cli
+from plexus.endpoint import Endpoint
 from plexus.errors import ExitCode
+from plexus.mediator import Mediator, Offer
 from tests.lab import sessions
 from tests.lab.lab import Lab
-from tests.lab.sessions import Plexus
+from tests.lab.sessions import Plexus, Side
 
 pytestmark = pytest.mark.lab
 
@@ -131,17 +136,50 @@ def test_a_command_that_fails_at_once_fails_the_inviter(
         (signal.SIGINT, ExitCode.INTERRUPTED, "interrupted"),
         (signal.SIGTERM, ExitCode.TERMINATED, "terminated"),
     ],
+    ids=["sigint", "sigterm"],
 )
-def test_a_signal_while_the_inviter_waits_for_mail(
-    lab: Lab, tmp_path: Path, running: list[Plexus], signum: int, code: ExitCode, line: str
+@pytest.mark.parametrize("phase", ["stun", "mail", "handshake"])
+async def test_a_signal_in_each_waiting_phase_of_the_inviter(
+    lab: Lab, tmp_path: Path, running: list[Plexus], phase: str, signum: int, code: ExitCode, line: str
 ) -> None:
     inviter, acceptor_side = sessions.pair(lab)
-    invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False)
-    running.append(invite)
-    wait_for(lambda: "waiting for the response" in invite.log())
-    invite.process.send_signal(signum)
-    assert invite.wait(5) == code
-    assert invite.stderr() == f"plexus: {line}\n"
+    acceptor: asyncio.Future[None] | None = None
+    # A STUN server that does not answer: STUN waits out its retransmissions (about 10 s).
+    silent_stun = {"stun-server": f"{Lab.STUN_PRIMARY.host}:9"} if phase == "stun" else {}
+    if phase == "handshake":  # the response names an endpoint where nobody answers: the handshake waits
+        listening = threading.Event()
+        dead_end = Endpoint(lab.public_ip("b"), 9)
+        acceptor = asyncio.ensure_future(
+            lab.call("b", lambda: answer_once(lab, acceptor_side, inviter, dead_end, listening))
+        )
+        await asyncio.to_thread(wait_for, listening.is_set)
+    try:
+        invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False, overrides=silent_stun)
+        running.append(invite)
+        reached = {"stun": "asking STUN server", "mail": "waiting for the response", "handshake": "punching"}[
+            phase
+        ]
+        await asyncio.to_thread(wait_for, lambda: reached in invite.log())
+        if phase == "stun":
+            await asyncio.sleep(0.5)
+            assert "inner endpoint" not in invite.log()  # still waiting for STUN
+        invite.process.send_signal(signum)
+        assert invite.wait(5) == code
+        assert invite.stderr() == f"plexus: {line}\n"
+    finally:
+        if acceptor is not None:
+            await acceptor
+
+
+async def answer_once(lab: Lab, me: Side, peer: Side, outer: Endpoint, listening: threading.Event) -> None:
+    """Play the acceptor for one request, answering with `outer` as its endpoint."""
+    given = {name.replace("-", "_"): value for name, value in sessions.options(lab, me, peer).items()}
+    async with Mediator(cli.mail_config(cli.Options(given, {}))) as mediator:
+        await mediator.ready()
+        listening.set()
+        async for invitation in mediator.requests():
+            await mediator.answer(invitation, Offer(outer, 1))
+            return
 
 
 @pytest.mark.parametrize("phase", ["waiting", "serving"])
