@@ -137,6 +137,16 @@ def start(
     return Plexus(me, process, log_file, exec_log)
 
 
+def accepting(lab: Lab, workdir: Path, running: list[Plexus], **kwargs: Any) -> tuple[Plexus, Side, Side]:
+    """A fresh pair of ids and, for it, a listening acceptor on host b (in `running`, to be stopped):
+    returns it, the inviter's side and the acceptor's. kwargs go to start()."""
+    inviter, acceptor_side = pair(lab)
+    acceptor = start(lab, acceptor_side, inviter, workdir, accept=True, **kwargs)
+    running.append(acceptor)
+    wait_until_listening(acceptor)
+    return acceptor, inviter, acceptor_side
+
+
 def pids_of(lab: Lab, host: str, name: str) -> list[int]:
     """The processes in that host's namespace only (pkill would see every namespace's) that run the program or
     script called `name` (argv[0], or the script an interpreter runs)."""
@@ -151,10 +161,10 @@ def pids_of(lab: Lab, host: str, name: str) -> list[int]:
     return found
 
 
-def kill_launched(lab: Lab, host: str, name: str) -> None:
+def signal_launched(lab: Lab, host: str, name: str, sig: int = signal.SIGTERM) -> None:
     for pid in pids_of(lab, host, name):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
 
 
 def started(acceptor: Plexus, timeout: float = 20.0) -> int | None:

@@ -518,6 +518,15 @@ async def test_timed_out_invite_leaves_nothing(lab: Lab, mailboxes: dict[str, Ma
     await assert_session_left_nothing(pair, mailboxes)
 
 
+async def cancelled_within(task: asyncio.Future[Any]) -> float:
+    """Cancel the task; the seconds until it has unwound (its clean-up included)."""
+    cancelled_at = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return time.monotonic() - cancelled_at
+
+
 async def test_interrupted_invite_leaves_nothing(lab: Lab, mailboxes: dict[str, Mailbox]) -> None:
     pair = Pair.make(lab, shared=True)
     box = mailboxes["shared"]
@@ -529,11 +538,7 @@ async def test_interrupted_invite_leaves_nothing(lab: Lab, mailboxes: dict[str, 
     task = asyncio.ensure_future(invite(lab, pair.inviter, timeout=30))
     await until(lambda: len(box.with_subject(pair.tag)) == 3)  # the request is in
     await asyncio.sleep(0.5)  # in IDLE by now
-    cancelled_at = time.monotonic()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    stopped = time.monotonic() - cancelled_at
+    stopped = await cancelled_within(task)
     print(f"interrupted inviter stopped (clean-up included) in {stopped:.3f} s")
     assert stopped < 1
     assert box.with_subject(pair.tag) == []
@@ -565,11 +570,7 @@ async def test_cancelled_acceptor_stops_within_a_second(lab: Lab, mailboxes: dic
         if request is not None:
             box.append(request)
             await until(got.is_set, timeout=10)
-        cancelled_at = time.monotonic()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        stopped = time.monotonic() - cancelled_at
+        stopped = await cancelled_within(task)
         print(f"acceptor ({work.__name__}) stopped in {stopped:.3f} s")
         assert stopped < 1
     assert box.with_subject(pair.tag) == []  # the taken request was consumed while stopping

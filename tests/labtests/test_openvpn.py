@@ -91,22 +91,14 @@ def test_run_mode_checks_before_starting_openvpn(tmp_path: Path) -> None:
 # --- a real session launches exec.sh on both hosts
 
 
-@pytest.fixture
-def running(lab: Lab) -> Iterator[list[Plexus]]:
-    """Stops every plexus the test starts and every openvpn they launched; no tun device is left behind."""
-    started: list[Plexus] = []
-    yield started
-    for plexus in started:
-        plexus.stop()
+LAUNCHED = ("openvpn",)  # stopped after each test by the `running` fixture (tests/conftest.py)
+
+
+@pytest.fixture(autouse=True)
+def no_tunnel_left(lab: Lab) -> Iterator[None]:
+    """Checked after `running` has stopped every openvpn: no tun device is left behind."""
+    yield
     for host in ("a", "b"):
-        sessions.kill_launched(lab, host, "openvpn")
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(
-        sessions.pids_of(lab, host, "openvpn") or tun_addresses(lab, host) for host in ("a", "b")
-    ):
-        time.sleep(0.1)
-    for host in ("a", "b"):
-        assert not sessions.pids_of(lab, host, "openvpn"), f"openvpn still runs on {host}"
         assert "does not exist" in lab.exec(host, ["ip", "link", "show", DEV]).stderr, f"{DEV} left on {host}"
 
 
@@ -215,7 +207,7 @@ def test_plexus_reconnect_brings_a_dead_tunnel_back(lab: Lab, tmp_path: Path, ru
     [before] = sessions.pids_of(lab, "a", "openvpn")
     assert reconnect(PLEXUS="false") == 0 and len(logged()) == 1  # healthy: plexus is not even run
 
-    sessions.kill_launched(lab, "b", "openvpn")  # the far end dies; a's openvpn lives on, holding plexus0
+    sessions.signal_launched(lab, "b", "openvpn")  # the far end dies; a's openvpn lives on, holding plexus0
     assert reconnect() == 0, laptop.log_file.read_text()
     assert logged()[-1].startswith("-t plexus reconnected (the tunnel to 10.255.0."), logged()
     assert first_ping(lab, time.monotonic() + 30), laptop.exec_log.read_text()

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,18 +28,7 @@ pytestmark = pytest.mark.lab
 
 HOLD = Path(__file__).resolve().parents[1] / "lab" / "hold.py"
 FIXED_PORT = "40000"
-
-
-@pytest.fixture
-def running(lab: Lab) -> Iterator[list[Plexus]]:
-    """Every plexus a test starts is stopped at its end, and so is every command that holds a port."""
-    started: list[Plexus] = []
-    yield started
-    for plexus in started:
-        plexus.stop()
-    for host in ("a", "b"):
-        for pid in holders(lab, host):
-            os.kill(pid, signal.SIGKILL)
+LAUNCHED = (HOLD.name,)  # stopped after each test by the `running` fixture (tests/conftest.py)
 
 
 def holders(lab: Lab, host: str) -> list[int]:
@@ -64,10 +52,7 @@ def hold_options(port: str = FIXED_PORT) -> dict[str, str]:
 def test_a_reconnect_replaces_the_commands_still_holding_the_fixed_ports(
     lab: Lab, tmp_path: Path, running: list[Plexus]
 ) -> None:
-    inviter, acceptor_side = sessions.pair(lab)
-    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True, overrides=hold_options())
-    running.append(acceptor)
-    sessions.wait_until_listening(acceptor)
+    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=hold_options())
     took, first = [], None
     for _ in range(3):
         started = time.monotonic()
@@ -89,10 +74,7 @@ def test_a_reconnect_replaces_the_commands_still_holding_the_fixed_ports(
 def test_an_acceptor_that_cannot_bind_refuses_at_once(
     lab: Lab, tmp_path: Path, running: list[Plexus]
 ) -> None:
-    inviter, acceptor_side = sessions.pair(lab)
-    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True, overrides=hold_options())
-    running.append(acceptor)
-    sessions.wait_until_listening(acceptor)
+    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=hold_options())
     # Another program (not a plexus session's command) takes the acceptor's inner port.
     squatter = lab.popen(
         "b",
@@ -117,10 +99,7 @@ def test_an_acceptor_that_cannot_bind_refuses_at_once(
 def test_a_command_that_fails_at_once_fails_the_inviter(
     lab: Lab, tmp_path: Path, running: list[Plexus]
 ) -> None:
-    inviter, acceptor_side = sessions.pair(lab)
-    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True)
-    running.append(acceptor)
-    sessions.wait_until_listening(acceptor)
+    _, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running)
     invite = sessions.start(
         lab, inviter, acceptor_side, tmp_path, accept=False, overrides={"exec-command": "false"}
     )
@@ -186,10 +165,7 @@ async def answer_once(lab: Lab, me: Side, peer: Side, outer: Endpoint, listening
 def test_sigterm_stops_the_acceptor_within_a_second(
     lab: Lab, tmp_path: Path, running: list[Plexus], phase: str
 ) -> None:
-    inviter, acceptor_side = sessions.pair(lab)
-    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True, overrides=hold_options())
-    running.append(acceptor)
-    sessions.wait_until_listening(acceptor)
+    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=hold_options())
     if phase == "serving":  # a session's command runs: the acceptor stops it too
         invite = sessions.start(
             lab, inviter, acceptor_side, tmp_path, accept=False, overrides=hold_options("0")
@@ -207,10 +183,7 @@ def test_sigterm_stops_the_acceptor_within_a_second(
 
 
 def test_sigint_interrupts_the_acceptor(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
-    inviter, acceptor_side = sessions.pair(lab)
-    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True)
-    running.append(acceptor)
-    sessions.wait_until_listening(acceptor)
+    acceptor, _, _ = sessions.accepting(lab, tmp_path, running)
     acceptor.process.send_signal(signal.SIGINT)
     assert acceptor.wait(5) == ExitCode.INTERRUPTED
     assert acceptor.stderr() == "plexus: interrupted\n"
@@ -218,11 +191,8 @@ def test_sigint_interrupts_the_acceptor(lab: Lab, tmp_path: Path, running: list[
 
 def test_as_pid_1_sigterm_still_stops_the_acceptor(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
     """In a container plexus is PID 1, which the kernel spares every signal it has no handler for."""
-    inviter, acceptor_side = sessions.pair(lab)
     container = ("unshare", "--pid", "--fork", "--mount-proc", "--kill-child")
-    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True, wrapper=container)
-    running.append(acceptor)
-    sessions.wait_until_listening(acceptor)
+    acceptor, _, _ = sessions.accepting(lab, tmp_path, running, wrapper=container)
     [plexus] = Path(f"/proc/{acceptor.process.pid}/task/{acceptor.process.pid}/children").read_text().split()
     status = Path(f"/proc/{plexus}/status").read_text()
     assert re.search(r"^NSpid:\s+\d+\s+1$", status, re.MULTILINE), status

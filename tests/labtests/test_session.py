@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,6 @@ from tests.lab.lab import Lab
 from tests.lab.sessions import Plexus, Side
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def running() -> Iterator[list[Plexus]]:
-    """Every plexus a test starts is stopped at its end, whatever happens."""
-    started: list[Plexus] = []
-    yield started
-    for plexus in started:
-        plexus.stop()
 
 
 def connect(
