@@ -23,10 +23,12 @@ import typer
 import typer.core
 from typer import _click as click  # typer (pinned) carries its own click; help formatting is typed there
 
-from plexus import __version__, launcher, session, stun
+from plexus import __version__, launcher, path, session, stun
 from plexus.endpoint import Endpoint
 from plexus.errors import MEANINGS, ExitCode, Interrupted, PlexusError, UsageError
 from plexus.mediator import MailConfig, SmimeConfig
+from plexus.mediator.message import MAPPINGS, Reach
+from plexus.session import TurnConfig
 
 log = logging.getLogger("plexus")
 
@@ -42,7 +44,7 @@ STUN_PORT = 3478
 MAX_TIMEOUT = 24 * 3600.0
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 T = TypeVar("T")
-ALIASES = {"email-password": "email-passwd"}
+ALIASES = {"email-password": "email-passwd", "turn-password": "turn-passwd"}
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
 
@@ -218,6 +220,16 @@ def mail_config(options: Options) -> MailConfig:
     )
 
 
+def turn_config(options: Options) -> TurnConfig | None:
+    if not options.get("turn-server"):
+        return None
+    return TurnConfig(
+        server=options.endpoint("turn-server", STUN_PORT),
+        user=options.require("turn-user"),
+        password=options.require("turn-passwd"),
+    )
+
+
 def session_config(options: Options) -> session.SessionConfig:
     """Everything a session needs, checked now: nothing is sent before every option has proved usable."""
     hops = options.number("punch-hops", 7, 255)
@@ -252,6 +264,7 @@ def session_config(options: Options) -> session.SessionConfig:
             "handshake-timeout", float(os.environ.get("PLEXUS_HANDSHAKE_TIMEOUT", "60")), MAX_TIMEOUT
         ),
         keep_sessions=keep_sessions,
+        turn=turn_config(options),
     )
 
 
@@ -279,7 +292,28 @@ async def explore(options: Options, as_json: bool) -> None:
     sock = session.bind(options.endpoint("stun-client") if inner else Endpoint("0.0.0.0", 0))
     with sock:
         report = await stun.explore(sock, options.endpoint("stun-server", STUN_PORT))
-    print(json.dumps(report.to_json()) if as_json else report.render())
+    reaches = paths(report, relay=turn_config(options) is not None)
+    if as_json:
+        print(json.dumps(report.to_json() | {"paths": reaches}))
+        return
+    print(report.render())
+    for peer, method in reaches.items():
+        print(f"{'to a peer whose NAT maps ' + PEER_MAPPINGS[peer]:<52}{method}")
+
+
+PEER_MAPPINGS = {"independent": "endpoint-independently", "dependent": "per destination"}
+
+
+def paths(report: stun.NatReport, *, relay: bool) -> dict[str, str]:
+    """What this network can do with each kind of peer: the decision table (plexus/path.py) for this NAT."""
+    mine = Reach("independent" if report.punchable is not False else "dependent")
+    found = {}
+    for peer in PEER_MAPPINGS:
+        try:
+            found[peer] = str(path.choose(mine, Reach(MAPPINGS[peer]), own_relay=relay).method)
+        except path.NoPath:
+            found[peer] = "none (a TURN relay would: --turn-server)"
+    return found
 
 
 def run_until_signal(main: Coroutine[Any, Any, T]) -> T:
@@ -343,7 +377,15 @@ HELP_GROUPS = {
         "email-key",
         "response-timeout",
     ),
-    "NAT traversal": ("stun-server", "stun-client", "punch-hops", "handshake-timeout"),
+    "NAT traversal": (
+        "stun-server",
+        "stun-client",
+        "punch-hops",
+        "handshake-timeout",
+        "turn-server",
+        "turn-user",
+        "turn-passwd",
+    ),
     "The command": ("exec-command", "exec-args", "exec-pwd", "exec-log-file"),
     "S/MIME (sign and encrypt the mail)": ("smime-cert", "smime-key", "smime-peer", "smime-ca"),
     "Logging": ("log-level", "log-file"),
@@ -432,6 +474,17 @@ def run(
     smime_key: Annotated[Value, _option("FILE", "Host's S/MIME key.")] = None,
     smime_ca: Annotated[Value, _option("FILE", "CA to verify the peer's S/MIME certificate.")] = None,
     punch_hops: Annotated[Value, _option("TTL", "TTL of the first punch packet [default: 7].")] = None,
+    turn_server: Annotated[
+        Value,
+        _option(
+            "HOST[:PORT]",
+            "TURN server to relay through when both NATs map per destination (port 3478 by default).",
+        ),
+    ] = None,
+    turn_user: Annotated[Value, _option("USER", "TURN user (long-term credentials).")] = None,
+    turn_passwd: Annotated[
+        Value, _option("PASSWORD", "TURN password (better in --config).", "--turn-passwd", "--turn-password")
+    ] = None,
     exec_command: Annotated[Value, _option("PATH", "Command to launch once connected.")] = None,
     exec_args: Annotated[
         Value,

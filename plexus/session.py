@@ -38,6 +38,15 @@ SHUTDOWN_GRACE = 0.5
 
 
 @dataclass(frozen=True)
+class TurnConfig:
+    """--turn-server, --turn-user, --turn-passwd: the relay for when both NATs map per destination."""
+
+    server: Endpoint
+    user: str
+    password: str
+
+
+@dataclass(frozen=True)
 class SessionConfig:
     inner: Endpoint  # --stun-client; port 0 lets the system choose
     stun_server: Endpoint
@@ -47,6 +56,7 @@ class SessionConfig:
     response_timeout: float = 60.0
     handshake_timeout: float = 60.0
     keep_sessions: bool = False  # True: sessions run side by side; False: a new one replaces the last
+    turn: TurnConfig | None = None
 
     def slot(self, role: str) -> Slot | None:
         """Where the last session's command is remembered, unless sessions are kept side by side."""

@@ -293,7 +293,7 @@ class NatReport:
             return "untested (the STUN server offers no working alternate address)" if value is None \
                 else f"endpoint-{value}" if value == "independent" else value
 
-        verdict = {True: "yes", False: "no: mapping is not endpoint-independent",
+        verdict = {True: "yes", False: "not directly: the mapping changes per destination (see below)",
                    None: "unknown: the mapping could not be tested"}[self.punchable]
         preserved = "port preserved" if self.port_preserved else "port changed"
         hairpin = "untested" if self.hairpin is None else "yes" if self.hairpin else "no"

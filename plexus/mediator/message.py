@@ -5,6 +5,7 @@ docs/protocol.md ("## Mail") describes the format; this module is its reference.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import email
 import email.header
@@ -40,12 +41,49 @@ class MessageError(ValueError):
     """Why a received message is not taken: str(error) is logged."""
 
 
+Mapping = Literal["independent", "dependent"]
+MAPPINGS: dict[str, Mapping] = {"independent": "independent", "dependent": "dependent"}
+REACH_HEADER = "X-Plexus-Reach"
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What a side says about how it can be reached, beyond plexus 2.2's line: its NAT's mapping as STUN saw
+    it (endpoint-independent or not), and a TURN relay address it allocated, if any. It travels in the
+    X-Plexus-Reach header, which plexus 2.2 ignores; a 2.2 peer's mail has none."""
+
+    mapping: Mapping
+    relay: Endpoint | None = None
+
+    def header(self) -> str:
+        return f"mapping={self.mapping}" + (f"; relay={self.relay}" if self.relay else "")
+
+    @classmethod
+    def parse(cls, text: str) -> Reach:
+        fields = dict(item.strip().partition("=")[::2] for item in text.split(";") if item.strip())
+        mapping = MAPPINGS.get(fields.get("mapping", ""))
+        if mapping is None:
+            raise MessageError(f"{REACH_HEADER}: unknown mapping {fields.get('mapping', '')[:30]!r}")
+        relay = None
+        if "relay" in fields:
+            try:
+                relay = Endpoint.parse(fields["relay"])
+                ipaddress.ip_address(relay.host)
+            except ValueError as error:
+                raise MessageError(f"{REACH_HEADER}: bad relay {fields['relay'][:60]!r}") from error
+            if not relay.port:
+                raise MessageError(f"{REACH_HEADER}: relay port 0")
+        return cls(mapping, relay)
+
+
 @dataclass(frozen=True)
 class Offer:
-    """What each side tells the other: its outer endpoint and its puzzle."""
+    """What each side tells the other: its outer endpoint and its puzzle, and (plexus 2.2 says nothing of it)
+    how it can be reached."""
 
     outer: Endpoint
     puzzle: int
+    reach: Reach | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +225,8 @@ def build(
     message["Message-ID"] = message_id
     if in_reply_to is not None:
         message["In-Reply-To"] = in_reply_to
+    if isinstance(content, Offer) and content.reach is not None:
+        message[REACH_HEADER] = content.reach.header()
     body = format_body(kind, content) + "\r\n"
     if keys is None:
         message.set_content(body, charset="us-ascii", cte="7bit")
@@ -225,6 +265,9 @@ def read(raw: bytes, keys: smime.Keys | None) -> Letter:
     else:
         text = _text_of(message)
     kind, content = parse_body(text)
+    reach = message.get(REACH_HEADER)
+    if isinstance(content, Offer) and reach is not None:
+        content = dataclasses.replace(content, reach=Reach.parse(str(reach)))
     return Letter(
         kind=kind,
         offer=content if isinstance(content, Offer) else None,

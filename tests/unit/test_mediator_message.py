@@ -21,6 +21,7 @@ from plexus.mediator.message import (
     Letter,
     MessageError,
     Offer,
+    Reach,
     Refusal,
     Route,
     Screen,
@@ -361,3 +362,37 @@ def test_a_refusal_and_a_response_with_one_puzzle_are_both_admitted() -> None:
     screen = Screen()
     screen.admit(letter("response", puzzle=7), "response", NOW, None, request=1)
     screen.admit(letter("refusal", puzzle=7), "response", NOW, None, request=7)
+
+
+@pytest.mark.parametrize(
+    "reach",
+    [
+        Reach("independent"),
+        Reach("dependent", Endpoint("203.0.113.10", 49152)),
+        Reach("dependent", Endpoint("2001:db8::1", 3479)),
+    ],
+)
+def test_reach_travels_in_a_header_plexus_2_2_ignores(reach: Reach) -> None:
+    offer = Offer(Endpoint("198.51.100.2", 5000), 42, reach)
+    route = Route("a@example.org", "b@example.org", "home")
+    raw = build("request", offer, route, message_id="<1@example.org>", date=NOW)
+    assert f"X-Plexus-Reach: {reach.header()}".encode() in raw
+    assert b"\r\n\r\nPLEXUS 2.1 request 198.51.100.2 5000 42\r\n" in raw  # the line 2.2 reads, unchanged
+    assert read(raw, None).offer == offer
+
+
+def test_a_plexus_2_2_message_has_no_reach() -> None:
+    offer = Offer(Endpoint("198.51.100.2", 5000), 42)
+    route = Route("a@example.org", "b@example.org", "home")
+    raw = build("request", offer, route, message_id="<1@example.org>", date=NOW)
+    assert b"X-Plexus-Reach" not in raw
+    letter = read(raw, None)
+    assert letter.offer is not None and letter.offer.reach is None
+
+
+@pytest.mark.parametrize(
+    "header", ["mapping=sideways", "mapping=dependent; relay=nowhere", "relay=1.2.3.4:5"]
+)
+def test_a_bad_reach_header_is_a_message_error(header: str) -> None:
+    with pytest.raises(MessageError, match="X-Plexus-Reach"):
+        Reach.parse(header)

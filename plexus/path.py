@@ -1,0 +1,70 @@
+"""Which way the packets go, decided from both sides' NAT mappings: the decision table of docs/nat.md.
+
+Pure: the session flow asks `choose` once it knows both sides' Reach, and acts on the Plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from plexus.endpoint import Endpoint
+from plexus.mediator.message import Reach
+
+
+class Method(StrEnum):
+    """How this side punches. The peer's side of the same pair is the mirror image (fan-out <-> spray)."""
+
+    DIRECT = "direct"  # both map endpoint-independently: each aims at the other's STUN endpoint
+    FANOUT = "fan-out"  # this side maps per destination: many sockets, each opening a mapping toward the peer
+    SPRAY = "spray"  # the peer maps per destination: probe random ports of its address (birthday paradox)
+    RELAY = "relay"  # both map per destination: through a TURN relay one of them allocated
+
+
+@dataclass(frozen=True)
+class Plan:
+    method: Method
+    # RELAY: the relay's address when the peer allocated it (send there from the punching socket), None when
+    # this side allocated it (the handshake runs over its own allocation).
+    relay: Endpoint | None = None
+    # Accept the peer from another port of its address once a handshake packet authenticates (ICE's
+    # peer-reflexive candidate). Off for a plexus 2.2 peer, which sends from exactly the endpoint it mailed.
+    peer_reflexive: bool = True
+
+    def describe(self) -> str:
+        return {
+            Method.DIRECT: "direct (both NATs map endpoint-independently)",
+            Method.FANOUT: "direct by birthday punching: this NAT maps per destination, so many sockets "
+            "each open a mapping toward the peer",
+            Method.SPRAY: "direct by birthday punching: the peer's NAT maps per destination, so random ports "
+            "of its address are probed",
+            Method.RELAY: f"relayed through TURN {self.relay or '(own allocation)'}: both NATs map per "
+            "destination",
+        }[self.method]
+
+
+class NoPath(Exception):
+    """No way through: str() says why, for a refusal or an exit code."""
+
+
+def choose(mine: Reach, theirs: Reach | None, *, own_relay: bool) -> Plan:
+    """The plan for this side. `theirs` is None for a plexus 2.2 peer (no X-Plexus-Reach header), whose NAT
+    is endpoint-independent (2.2 refuses any other); `own_relay`: this side has allocated a relay (mine.relay)
+    or can allocate one now."""
+    if theirs is None:
+        if mine.mapping == "dependent":
+            raise NoPath("this NAT maps per destination and the peer (plexus 2.2) can only punch directly")
+        return Plan(Method.DIRECT, peer_reflexive=False)
+    if mine.mapping == "independent" and theirs.mapping == "independent":
+        return Plan(Method.DIRECT)
+    if mine.mapping == "dependent" and theirs.mapping == "independent":
+        return Plan(Method.FANOUT)
+    if mine.mapping == "independent":
+        return Plan(Method.SPRAY)
+    if theirs.relay is not None:
+        return Plan(Method.RELAY, relay=theirs.relay)
+    if own_relay:
+        return Plan(Method.RELAY)
+    raise NoPath(
+        "both NATs map per destination (symmetric) and neither side has a TURN relay (--turn-server)"
+    )
