@@ -22,6 +22,9 @@ class ExitCode(IntEnum):
     LAUNCH_FAILED = 9  # the command could not be started
     COMMAND_FAILED = 10  # inviter: the launched command exited non-zero within the watch window
     PEER_REFUSED = 11  # inviter: the acceptor replied that it cannot serve this request (its reason follows)
+    TURN_AUTH = 12  # the TURN server refused the user name or password
+    TURN_UNREACHABLE = 13  # no answer from the TURN server
+    TURN_REFUSED = 14  # the TURN server answered but refused the allocation or a request on it, or dropped it
     INTERRUPTED = 130  # SIGINT (Ctrl-C), 128 + 2 as shells report it
     TERMINATED = 143  # SIGTERM, 128 + 15; an acceptor stopped by SIGTERM exits OK instead (a service's stop)
 
@@ -40,6 +43,9 @@ MEANINGS = {
     ExitCode.LAUNCH_FAILED: "the command could not be started",
     ExitCode.COMMAND_FAILED: "the command exited non-zero within 1 s of its launch",
     ExitCode.PEER_REFUSED: "the acceptor replied that it cannot serve the request (its reason follows)",
+    ExitCode.TURN_AUTH: "the TURN server refused the user name or password",
+    ExitCode.TURN_UNREACHABLE: "the TURN server did not answer",
+    ExitCode.TURN_REFUSED: "the TURN server refused the relay (quota, policy) or lost the allocation",
     ExitCode.INTERRUPTED: "interrupted (SIGINT, Ctrl-C)",
     ExitCode.TERMINATED: "terminated (SIGTERM) before the session ended",
 }
@@ -99,3 +105,17 @@ class CommandFailedError(PlexusError):
 
 class PeerRefusedError(PlexusError):
     exit_code = ExitCode.PEER_REFUSED
+
+
+class TurnError(PlexusError):
+    """The TURN server refused the allocation or a request on it (its error code follows), or lost it."""
+
+    exit_code = ExitCode.TURN_REFUSED
+
+
+class TurnAuthError(TurnError):
+    exit_code = ExitCode.TURN_AUTH
+
+
+class TurnUnreachableError(TurnError):
+    exit_code = ExitCode.TURN_UNREACHABLE

@@ -61,6 +61,16 @@ class Account:
 
 
 @dataclass(frozen=True)
+class TurnAccount:
+    """The lab's TURN service: coturn on the STUN port, long-term credentials."""
+
+    server: Endpoint
+    user: str
+    password: str
+    realm: str
+
+
+@dataclass(frozen=True)
 class _Site:
     """One side of the topology: a host behind its NAT router."""
 
@@ -254,6 +264,8 @@ class Lab:
     LMTP_PORT: ClassVar[int] = 24
     HOPS_TO_PEER_NAT: ClassVar[int] = 3
     PUB_IPS: ClassVar[tuple[str, str]] = ("203.0.113.10", "203.0.113.11")
+    TURN_REALM: ClassVar[str] = "lab.test"
+    TURN_RELAY_PORTS: ClassVar[tuple[int, int]] = (49152, 49407)  # relayed endpoints on 203.0.113.10
 
     def __init__(self, prefix: str | None = None) -> None:
         self.prefix = prefix or f"px{secrets.token_hex(3)}-"
@@ -262,6 +274,7 @@ class Lab:
             name: Account(f"{name}@lab.test", f"{name}@lab.test", f"{name}-{secrets.token_hex(4)}")
             for name in ("local", "remote", "shared")
         }
+        self.turn = TurnAccount(self.STUN_PRIMARY, "plexus", f"turn-{secrets.token_hex(4)}", self.TURN_REALM)
         self.modes: dict[str, NatMode] = {"a": "cone", "b": "cone"}
         self._servers: dict[str, _Server] = {}
         self._wires: dict[str, subprocess.Popen[str]] = {}  # hosts whose WAN link is a delay wire
@@ -520,11 +533,23 @@ class Lab:
         self._wait_for("stun", self._probe_stun)
 
     def _turnserver_argv(self) -> list[str]:
+        """coturn: STUN (RFC 5780) on both addresses, and TURN over UDP with long-term credentials.
+
+        Plain STUN binding requests need no credentials. Relayed endpoints are on the primary address. coturn
+        refuses some peer ranges by default; the lab's hosts (198.51.100.0/24) and servers (203.0.113.0/24)
+        are allowed explicitly, so a change of that default cannot break the lab.
+        """
         listen = [arg for ip in self.PUB_IPS for arg in ("--listening-ip", ip)]
-        return ["turnserver", "-n", "--stun-only", *listen,
+        return ["turnserver", "-n", *listen,
                 "--listening-port", str(self.STUN_PRIMARY.port),
                 "--alt-listening-port", str(self.STUN_ALTERNATE.port),
-                "--no-tls", "--no-dtls", "--no-cli", "--log-file", "stdout", "--simple-log",
+                "--relay-ip", self.PUB_IPS[0],
+                "--min-port", str(self.TURN_RELAY_PORTS[0]), "--max-port", str(self.TURN_RELAY_PORTS[1]),
+                "--lt-cred-mech", "--realm", self.turn.realm,
+                "--user", f"{self.turn.user}:{self.turn.password}",
+                "--allowed-peer-ip", "198.51.100.0-198.51.100.255",
+                "--allowed-peer-ip", "203.0.113.0-203.0.113.255",
+                "--no-tcp-relay", "--no-tls", "--no-dtls", "--no-cli", "--log-file", "stdout", "--simple-log",
                 "--pidfile", str(self._path("turnserver.pid")),
                 "--userdb", str(self._path("turndb"))]  # fmt: skip
 
@@ -600,6 +625,9 @@ class Lab:
             f"host a: inner {self.inner_ip('a')}, public {self.public_ip('a')} (NAT {self.modes['a']})",
             f"host b: inner {self.inner_ip('b')}, public {self.public_ip('b')} (NAT {self.modes['b']})",
             f"STUN: {self.STUN_PRIMARY} and {self.STUN_ALTERNATE} (RFC 5780)",
+            f"TURN: {self.turn.server} (UDP), user {self.turn.user} / {self.turn.password}, realm "
+            f"{self.turn.realm}, relayed ports {self.PUB_IPS[0]}:{self.TURN_RELAY_PORTS[0]}-"
+            f"{self.TURN_RELAY_PORTS[1]}",
             f"mail: SMTPS {self.MAIL_HOST}:{self.SMTPS_PORT}, submission :{self.SUBMISSION_PORT} (STARTTLS), "
             f"IMAPS :{self.IMAPS_PORT}; CA {self.ca_file}",
             "accounts:",
