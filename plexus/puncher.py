@@ -1,20 +1,23 @@
 """The hole punch and flag handshake that confirm the path between two hosts (docs/protocol.md, "Handshake").
 
 The protocol is a pair of sans-I/O state machines, `Inviter` and `Acceptor`: datagrams and time go in;
-datagrams to send, a timer and an outcome come out. `punch` is the thin asyncio driver around one of them.
+datagrams to send, a timer and an outcome come out. `punch` is the thin asyncio driver around one of them,
+`punch_fanout` the driver of one machine per socket (`fan_out`) for a host whose NAT maps per destination.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
+import random as _random
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import Any
 
@@ -31,6 +34,24 @@ PUNCH_REFRESH = 1.0  # acceptor: re-punch until the first hello, in case the pun
 READY_COPIES = 2  # the inviter's last word goes out twice: no retransmission once the socket is closed
 DEFAULT_HOPS = 7
 DEFAULT_TIMEOUT = 60.0
+
+# Between an endpoint-dependent ("symmetric") NAT, the hard side, and an endpoint-independent one, the easy
+# side: the hard side opens FANOUT_SOCKETS mappings toward the easy endpoint, each on a port its NAT picks at
+# random among the 64512 of PORTS; the easy side sends SPRAY_COUNT hellos to distinct random ports of the hard
+# side's address. One probe on one mapping is enough, so with N mappings and K probes
+#     P(hit) = 1 - (1 - N/64512)^K ~ 1 - exp(-N*K/64512):  N=256, K=1024: 98.3 %
+# (N*K is what counts: 128 x 1024 or 256 x 512 87 %, 512 x 1024 99.97 %).
+# 256 x 1024 is Tailscale's choice too. Each side stays below 200 packets/s: the hard side sends each
+# mapping's hello once per FANOUT_INTERVAL (256 / 1.5 s = 171/s, staggered evenly), the easy side SPRAY_RATE
+# probes/s on top of its 4 hellos/s, so the spray lasts 1024 / 190 = 5.4 s; with a port-restricted easy NAT
+# the hard side's next hello (<= 1.5 s later) completes it: a success takes at most ~7 s after both sides
+# have started (10 s with slack). Sprayed probes also open the easy NAT's filter toward those ports (Linux
+# keeps an unanswered UDP flow for 30 s), so a hard side starting up to ~30 s after the spray still gets in.
+PORTS = range(1024, 65536)  # where NATs put mappings (Linux: 1024-65535 for a source port >= 1024)
+FANOUT_SOCKETS = 256
+FANOUT_INTERVAL = 1.5
+SPRAY_COUNT = 1024
+SPRAY_RATE = 190.0
 
 Random = Callable[[int], bytes]
 
@@ -79,10 +100,42 @@ def decode(data: bytes, secret: int) -> Flag | None:
 
 @dataclass(frozen=True, slots=True)
 class Datagram:
-    """A datagram for the peer; `ttl` None means the socket's normal TTL."""
+    """A datagram to send; `ttl` None means the socket's normal TTL, `to` None the machine's current peer."""
 
     data: bytes
     ttl: int | None = None
+    to: Endpoint | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Spray:
+    """The easy side's probes: `count` hellos to distinct random ports of `ports` on the peer's address (never
+    the peer's own port), `rate` at most per second, the first at once; they stop at the first authenticated
+    packet. `rng` picks the ports (injectable for tests)."""
+
+    count: int = SPRAY_COUNT
+    rate: float = SPRAY_RATE
+    rng: _random.Random = field(default_factory=_random.SystemRandom, compare=False, repr=False)
+    ports: range = PORTS
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.count < len(self.ports):
+            raise ValueError(f"spray count must be 0-{len(self.ports) - 1}, not {self.count}")
+        if not self.rate > 0:
+            raise ValueError(f"spray rate must be positive, not {self.rate}")
+
+
+@dataclass(frozen=True, slots=True)
+class Fanout:
+    """A machine of a fan-out (the hard side): it says hello, full TTL, at `offset` after its start and then
+    every `interval`, until it has an outcome, so its NAT mapping exists and stays open for the easy side."""
+
+    interval: float = FANOUT_INTERVAL
+    offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.interval > 0 or not self.offset >= 0:
+            raise ValueError(f"fan-out interval must be positive and offset not negative, not {self}")
 
 
 class Outcome(Enum):
@@ -92,10 +145,25 @@ class Outcome(Enum):
 
 
 class Handshake(ABC):
-    """What both roles share: the peer filter, the deadline, the outbox."""
+    """What both roles share: the peer filter (and its peer-reflexive switch), the spray, the deadline, the
+    outbox.
+
+    With `peer_reflexive`, the first authenticated packet (one that decodes with the secret) from the peer's
+    address but another port makes that source the peer, once: the peer's NAT maps per destination, so its
+    packets to us leave from another port than the one its STUN server saw. Before any authenticated packet
+    the machine listens to both; after, only to its peer. Without it (the default, as plexus 2.2), only the
+    exact peer endpoint counts."""
 
     def __init__(
-        self, peer: Endpoint, secret: int, now: float, *, timeout: float, random: Random = os.urandom
+        self,
+        peer: Endpoint,
+        secret: int,
+        now: float,
+        *,
+        timeout: float,
+        random: Random = os.urandom,
+        peer_reflexive: bool = False,
+        spray: Spray | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"handshake timeout must be positive, not {timeout}")
@@ -104,39 +172,73 @@ class Handshake(ABC):
         self.secret = secret
         self.deadline = now + timeout
         self.outcome: Outcome | None = None
+        self.settled = False  # an authenticated packet has arrived: the peer is what it is
         self._random = random
         self._outbox: list[Datagram] = []
+        self._peer_reflexive = peer_reflexive
+        self._spray_rate = 1.0 if spray is None else spray.rate
+        self._spray_ports: list[int] = []
+        if spray is not None and spray.count:
+            ports = spray.rng.sample(spray.ports, spray.count + 1)
+            self._spray_ports = [port for port in ports if port != peer.port][: spray.count]
+            self._spray_ports.reverse()  # popped from the end: in the order drawn
+        self._next_probe = now
 
     def datagram_received(self, data: bytes, source: Endpoint, now: float) -> None:
         if self.outcome is not None:
             return
-        if source != self.peer:
+        reflexive = source != self.peer
+        if reflexive and not (self._peer_reflexive and not self.settled and source.host == self.peer.host):
             log.debug("ignoring %d bytes from %s: not the peer %s", len(data), source, self.peer)
             return
         flag = decode(data, self.secret)
         if flag is None:
             log.debug("ignoring %d bytes from %s: not a handshake packet for this secret", len(data), source)
             return
+        if reflexive:
+            log.info(
+                "peer-reflexive endpoint %s: the peer's packets come from there, not %s", source, self.peer
+            )
+            self.peer = source
+            self._on_switch(now)
+        self.settled = True
+        self._spray_ports.clear()
         log.debug("%s from %s", flag.name.lower(), source)
         self._on_packet(flag, now)
 
     def handle_timer(self, now: float) -> None:
         if self.outcome is None:
             self._on_timer(now)
+            if self._spray_ports and now >= self._next_probe:
+                port = self._spray_ports.pop()
+                self._send(Flag.HELLO, to=Endpoint(self.peer.host, port))
+                # From now, like the hellos: a late timer sends one probe, not a burst, so the rate holds.
+                self._next_probe = now + 1 / self._spray_rate
         if self.outcome is None and now >= self.deadline:
             self.outcome = Outcome.TIMED_OUT
 
     def get_timer(self) -> float | None:
         """When `handle_timer` wants to run next; None once there is an outcome."""
-        return None if self.outcome is not None else min(self._next_timer(), self.deadline)
+        if self.outcome is not None:
+            return None
+        when = min(self._next_timer(), self.deadline)
+        return min(when, self._next_probe) if self._spray_ports else when
+
+    @property
+    def probes_left(self) -> int:
+        return len(self._spray_ports)
 
     def datagrams_to_send(self) -> list[Datagram]:
         outbox, self._outbox = self._outbox, []
         return outbox
 
-    def _send(self, flag: Flag, ttl: int | None = None) -> None:
+    def _send(self, flag: Flag, ttl: int | None = None, to: Endpoint | None = None) -> None:
         entropy = self._random(DATAGRAM_SIZE - 1)
-        self._outbox.append(Datagram(encode(flag, self.secret, entropy[:7], entropy[7:]), ttl))
+        self._outbox.append(Datagram(encode(flag, self.secret, entropy[:7], entropy[7:]), ttl, to))
+
+    @abstractmethod
+    def _on_switch(self, now: float) -> None:
+        """The peer has just moved to a peer-reflexive endpoint."""
 
     @abstractmethod
     def _on_packet(self, flag: Flag, now: float) -> None: ...
@@ -149,7 +251,12 @@ class Handshake(ABC):
 
 
 class Inviter(Handshake):
-    """Says hello every HELLO_INTERVAL until a ready arrives, then answers it with ready and is done."""
+    """Says hello every HELLO_INTERVAL until a ready arrives, then answers it with ready and is done.
+
+    In a fan-out it says hello every `fanout.interval` from `fanout.offset`. With `peer_reflexive` or in a
+    fan-out, a hello from the peer is answered with a hello at once (at most one early hello per
+    HELLO_INTERVAL): the peer's packets get in, so its NAT may well have just opened for ours, and waiting for
+    the next slot would cost up to a whole interval."""
 
     def __init__(
         self,
@@ -159,30 +266,52 @@ class Inviter(Handshake):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         random: Random = os.urandom,
+        peer_reflexive: bool = False,
+        spray: Spray | None = None,
+        fanout: Fanout | None = None,
     ) -> None:
-        super().__init__(peer, secret, now, timeout=timeout, random=random)
-        self._next_hello = now
-        self._on_timer(now)
+        super().__init__(
+            peer, secret, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray
+        )
+        self._interval = HELLO_INTERVAL if fanout is None else fanout.interval
+        self._next_hello = now if fanout is None else now + fanout.offset
+        self._last_hello: float | None = None
+        self._answer_hellos = peer_reflexive or fanout is not None
+        self.handle_timer(now)
 
     def _on_packet(self, flag: Flag, now: float) -> None:
-        # A hello can only be the acceptor's TTL punch outliving its hops: 2.2 ignores it too.
         if flag is Flag.READY:
             for _ in range(READY_COPIES):
                 self._send(Flag.READY)
             self.outcome = Outcome.COMPLETED
+        # Otherwise a plain inviter ignores the hello, as 2.2 does: it can only be the acceptor's TTL punch
+        # outliving its hops.
+        elif self._answer_hellos and (self._last_hello is None or now >= self._last_hello + HELLO_INTERVAL):
+            self._hello(now)
+
+    def _on_switch(self, now: float) -> None:
+        self._last_hello = None  # every hello so far went to the old endpoint
 
     def _on_timer(self, now: float) -> None:
         if now >= self._next_hello:
-            self._send(Flag.HELLO)
-            # From now, not from the missed slot: a late timer must not fire a burst of hellos.
-            self._next_hello = now + HELLO_INTERVAL
+            self._hello(now)
+
+    def _hello(self, now: float) -> None:
+        self._send(Flag.HELLO)
+        self._last_hello = now
+        # From now, not from the missed slot: a late timer must not fire a burst of hellos.
+        self._next_hello = now + self._interval
 
     def _next_timer(self) -> float:
         return self._next_hello
 
 
 class Acceptor(Handshake):
-    """Punches its own NAT with a TTL-limited hello, answers every hello with ready, is done on a ready."""
+    """Punches its own NAT with a TTL-limited hello, answers every hello with ready, is done on a ready.
+
+    In a fan-out it sends no TTL punch but full-TTL hellos, at `fanout.offset` and then every
+    `fanout.interval` until it is done: its NAT's mapping toward the peer must exist, and stay, for the
+    peer's probes to find it, and against a peer whose NAT filters nothing the first hello completes it."""
 
     def __init__(
         self,
@@ -193,14 +322,20 @@ class Acceptor(Handshake):
         hops: int = DEFAULT_HOPS,
         timeout: float = DEFAULT_TIMEOUT,
         random: Random = os.urandom,
+        peer_reflexive: bool = False,
+        spray: Spray | None = None,
+        fanout: Fanout | None = None,
     ) -> None:
         if not 1 <= hops <= 255:
             raise ValueError(f"punch hops must be 1-255, not {hops}")
-        super().__init__(peer, secret, now, timeout=timeout, random=random)
+        super().__init__(
+            peer, secret, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray
+        )
         self._hops = hops
-        self._next_punch = now
+        self._fanout = fanout
+        self._next_punch = now if fanout is None else now + fanout.offset
         self._last_hello: float | None = None
-        self._on_timer(now)
+        self.handle_timer(now)
 
     def _on_packet(self, flag: Flag, now: float) -> None:
         if flag is Flag.READY:
@@ -209,16 +344,51 @@ class Acceptor(Handshake):
             self._last_hello = now
             self._send(Flag.READY)
 
+    def _on_switch(self, now: float) -> None:
+        pass  # the TTL punch stops with the first hello anyway, and readies go to the current peer
+
     def _on_timer(self, now: float) -> None:
-        if self._last_hello is None:
+        if self._fanout is not None:
             if now >= self._next_punch:
-                self._send(Flag.HELLO, ttl=self._hops)
-                self._next_punch = now + PUNCH_REFRESH
-        elif now >= self._last_hello + QUIET_PERIOD and self._last_hello + QUIET_PERIOD <= self.deadline:
+                self._send(Flag.HELLO)
+                self._next_punch = now + self._fanout.interval
+        elif self._last_hello is None and now >= self._next_punch:
+            self._send(Flag.HELLO, ttl=self._hops)
+            self._next_punch = now + PUNCH_REFRESH
+        if (
+            self._last_hello is not None
+            and now >= self._last_hello + QUIET_PERIOD
+            and self._last_hello + QUIET_PERIOD <= self.deadline
+        ):
             self.outcome = Outcome.PRESUMED
 
     def _next_timer(self) -> float:
-        return self._next_punch if self._last_hello is None else self._last_hello + QUIET_PERIOD
+        if self._last_hello is None:
+            return self._next_punch
+        quiet = self._last_hello + QUIET_PERIOD
+        return quiet if self._fanout is None else min(quiet, self._next_punch)
+
+
+def fan_out(
+    count: int,
+    peer: Endpoint,
+    secret: int,
+    now: float,
+    *,
+    accept: bool,
+    interval: float = FANOUT_INTERVAL,
+    timeout: float = DEFAULT_TIMEOUT,
+    random: Random = os.urandom,
+) -> list[Handshake]:
+    """The hard side's machines, one per socket, all toward `peer`; their hellos are staggered evenly over
+    `interval`, so the whole fan-out sends `count / interval` hellos per second."""
+    if count < 1:
+        raise ValueError(f"a fan-out needs at least one socket, not {count}")
+    role = Acceptor if accept else Inviter
+    return [
+        role(peer, secret, now, timeout=timeout, random=random, fanout=Fanout(interval, i * interval / count))
+        for i in range(count)
+    ]
 
 
 def _canonical(address: tuple[Any, ...]) -> Endpoint:
@@ -246,10 +416,9 @@ def _hop_limit(sock: socket.socket, hops: int) -> Iterator[None]:
 class _Driver:
     """Feeds one state machine from a socket and the event loop's clock until it has an outcome."""
 
-    def __init__(self, sock: socket.socket, peer: Endpoint, machine: Handshake) -> None:
+    def __init__(self, sock: socket.socket, machine: Handshake) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
-        self._peer = peer
         self._machine = machine
         self._timer: asyncio.TimerHandle | None = None
         self.outcome: asyncio.Future[Outcome] = self._loop.create_future()
@@ -259,7 +428,8 @@ class _Driver:
         self._step()
 
     def stop(self) -> None:
-        self._loop.remove_reader(self._sock.fileno())
+        if self._sock.fileno() != -1:
+            self._loop.remove_reader(self._sock.fileno())
         if self._timer is not None:
             self._timer.cancel()
 
@@ -300,12 +470,13 @@ class _Driver:
             self.outcome.set_result(self._machine.outcome)
 
     def _transmit(self, datagram: Datagram) -> None:
+        to = self._machine.peer if datagram.to is None else datagram.to
         hops = contextlib.nullcontext() if datagram.ttl is None else _hop_limit(self._sock, datagram.ttl)
         try:
             with hops:
-                self._sock.sendto(datagram.data, self._peer)
+                self._sock.sendto(datagram.data, to)
         except OSError as error:  # a full buffer or a route hiccup is one lost datagram: retries cover it
-            log.debug("sending to %s failed: %s", self._peer, error)
+            log.debug("sending to %s failed: %s", to, error)
 
 
 async def punch(
@@ -316,8 +487,15 @@ async def punch(
     accept: bool,
     hops: int = DEFAULT_HOPS,
     timeout: float = DEFAULT_TIMEOUT,
-) -> None:
-    """Open the NATs between `sock` and `peer` and confirm the path; close `sock` on every path.
+    peer_reflexive: bool = False,
+    spray: Spray | None = None,
+) -> Endpoint:
+    """Open the NATs between `sock` and `peer` and confirm the path; close `sock` on every path. Return the
+    peer endpoint the handshake completed with: `peer` itself, or with `peer_reflexive` maybe another port of
+    its address.
+
+    `peer_reflexive` and `spray` are for the easy side of a peer whose NAT maps per destination (which runs
+    `punch_fanout`); the defaults behave exactly as plexus 2.2.
 
     The acceptor's TTL-limited hello leaves before the first await, so a caller may start this as a task and
     rely on its NAT being open once the task has run one step.
@@ -328,10 +506,12 @@ async def punch(
         key = _canonical(peer)
         machine: Handshake
         if accept:
-            machine = Acceptor(key, secret, now, hops=hops, timeout=timeout)
+            machine = Acceptor(
+                key, secret, now, hops=hops, timeout=timeout, peer_reflexive=peer_reflexive, spray=spray
+            )
         else:
-            machine = Inviter(key, secret, now, timeout=timeout)
-        driver = _Driver(sock, peer, machine)
+            machine = Inviter(key, secret, now, timeout=timeout, peer_reflexive=peer_reflexive, spray=spray)
+        driver = _Driver(sock, machine)
         try:
             driver.start()
             outcome = await driver.outcome
@@ -339,6 +519,75 @@ async def punch(
             driver.stop()
     if outcome is Outcome.TIMED_OUT:
         raise HandshakeTimeoutError(f"no handshake with {peer} within {timeout:g} s")
+    final = peer if machine.peer == key else machine.peer
+    _report(outcome, final)
+    return final
+
+
+def _report(outcome: Outcome, peer: Endpoint) -> None:
     if outcome is Outcome.PRESUMED:
         log.warning("no ready from %s, but its hellos stopped after our ready: taking it as done", peer)
     log.info("handshake with %s done", peer)
+
+
+async def punch_fanout(
+    socks: Sequence[socket.socket],
+    peer: Endpoint,
+    secret: int,
+    *,
+    accept: bool,
+    timeout: float = DEFAULT_TIMEOUT,
+    interval: float = FANOUT_INTERVAL,
+) -> tuple[socket.socket, Endpoint]:
+    """The hard side's handshake: one machine per socket (`fan_out`), each saying hello to the easy side's
+    `peer`, staggered so that the whole fan-out sends `len(socks) / interval` hellos per second.
+
+    Return the socket whose machine completed first and the peer endpoint; every other socket is closed, on
+    every path, and so is the winner when there is none (HandshakeTimeoutError at `timeout`, cancellation, a
+    bug). The winner stays open, non-blocking: the caller closes it before its command binds the endpoint.
+    The first hello leaves before the first await.
+    """
+    winner: int | None = None
+    try:
+        loop = asyncio.get_running_loop()
+        for sock in socks:
+            sock.setblocking(False)
+        key = _canonical(peer)
+        machines = fan_out(
+            len(socks), key, secret, loop.time(), accept=accept, interval=interval, timeout=timeout
+        )
+        drivers = [_Driver(sock, machine) for sock, machine in zip(socks, machines, strict=True)]
+        first: asyncio.Future[int] = loop.create_future()
+        pending = set(range(len(drivers)))
+
+        def settled(index: int, outcome: asyncio.Future[Outcome]) -> None:
+            pending.discard(index)
+            if first.done() or outcome.cancelled():
+                return
+            if (error := outcome.exception()) is not None:
+                first.set_exception(error)
+            elif outcome.result() is not Outcome.TIMED_OUT:
+                first.set_result(index)
+            elif not pending:
+                first.set_exception(HandshakeTimeoutError(f"no handshake with {peer} within {timeout:g} s"))
+
+        try:
+            for index, driver in enumerate(drivers):
+                driver.outcome.add_done_callback(functools.partial(settled, index))
+                driver.start()
+            winner = await first
+        finally:
+            first.cancel()
+            for driver in drivers:
+                driver.stop()
+                if not driver.outcome.done():
+                    driver.outcome.cancel()
+    finally:
+        for index, sock in enumerate(socks):
+            if index != winner:
+                sock.close()
+    machine = machines[winner]
+    log.info("fan-out: socket %d of %d (%s) got through", winner + 1, len(socks), socks[winner].getsockname())
+    final = peer if machine.peer == key else machine.peer
+    _report(machine.outcome or Outcome.COMPLETED, final)
+    return socks[winner], final

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
+import itertools
 import random
 import socket
 from collections.abc import Iterator
@@ -408,3 +410,414 @@ async def test_a_bug_in_a_callback_ends_punch_instead_of_hanging(monkeypatch: py
         with pytest.raises(RuntimeError, match="bug"):
             await asyncio.wait_for(task, 5)
     assert sock.fileno() == -1
+
+
+# --- peer-reflexive endpoints, the spray, the fan-out (for a peer whose NAT maps per destination) -----------
+
+HARD_IP = "203.0.113.50"
+EASY = Endpoint("198.51.100.2", 40000)
+READY = encode(Flag.READY, SECRET, bytes(7))
+HELLO = encode(Flag.HELLO, SECRET, bytes(7))
+
+
+def sent(machine: Handshake) -> list[tuple[Flag | None, Endpoint | None]]:
+    return [(decode(d.data, SECRET), d.to) for d in machine.datagrams_to_send()]
+
+
+@pytest.mark.parametrize("role", [Inviter, Acceptor])
+def test_peer_reflexive_switch_happens_once_and_only_for_authenticated_packets(
+    role: type[Handshake], caplog: pytest.LogCaptureFixture
+) -> None:
+    mailed = Endpoint(HARD_IP, 5000)
+    machine = role(mailed, SECRET, 0.0, peer_reflexive=True, random=zeros)  # type: ignore[call-arg]
+    machine.datagrams_to_send()
+    for data, source in (
+        (b"\x01" + bytes(7), mailed._replace(port=6000)),  # unauthenticated, from a new port
+        (encode(Flag.HELLO, SECRET ^ 1, bytes(7)), mailed._replace(port=6000)),
+        (HELLO, Endpoint("203.0.113.51", 6000)),  # authenticated, but another address
+    ):
+        machine.datagram_received(data, source, 0.1)
+    assert machine.peer == mailed
+    assert not machine.settled
+    assert machine.datagrams_to_send() == []
+    with caplog.at_level("INFO", logger="plexus.puncher"):
+        machine.datagram_received(HELLO, mailed._replace(port=6000), 0.2)
+    assert machine.peer == Endpoint(HARD_IP, 6000)
+    assert [r.getMessage() for r in caplog.records if "peer-reflexive" in r.getMessage()] == [
+        f"peer-reflexive endpoint {HARD_IP}:6000: the peer's packets come from there, not {mailed}"
+    ]
+    # the answer (an acceptor's ready, an inviter's hello at once) goes to the new peer (to=None)
+    assert sent(machine) == [(Flag.READY if role is Acceptor else Flag.HELLO, None)]
+    # from now on only the new peer counts: neither the mailed endpoint nor a third port
+    for source in (mailed, mailed._replace(port=7000)):
+        machine.datagram_received(READY, source, 0.3)
+    assert machine.outcome is None
+    assert machine.peer == Endpoint(HARD_IP, 6000)
+    machine.datagram_received(READY, Endpoint(HARD_IP, 6000), 0.4)
+    assert machine.outcome is Outcome.COMPLETED
+
+
+def test_a_packet_from_the_mailed_endpoint_settles_the_peer() -> None:
+    inviter = Inviter(ACCEPTOR, SECRET, 0.0, peer_reflexive=True)
+    inviter.datagram_received(HELLO, ACCEPTOR, 0.1)
+    inviter.datagram_received(READY, ACCEPTOR._replace(port=1), 0.2)
+    assert inviter.peer == ACCEPTOR
+    assert inviter.outcome is None
+
+
+def test_an_inviter_answers_hellos_early_at_most_once_per_hello_interval() -> None:
+    inviter = Inviter(ACCEPTOR, SECRET, 0.0, fanout=puncher.Fanout(interval=1.5, offset=0.5), random=zeros)
+    assert sent(inviter) == []
+    assert inviter.get_timer() == 0.5
+    inviter.handle_timer(0.5)
+    assert sent(inviter) == [(Flag.HELLO, None)]
+    inviter.datagram_received(HELLO, ACCEPTOR, 0.6)  # 0.1 s after the last hello: no early one
+    assert sent(inviter) == []
+    inviter.datagram_received(HELLO, ACCEPTOR, 0.8)
+    assert sent(inviter) == [(Flag.HELLO, None)]
+    assert inviter.get_timer() == pytest.approx(2.3)
+    # a plain inviter ignores hellos, as 2.2 does
+    plain = Inviter(ACCEPTOR, SECRET, 0.0)
+    plain.datagrams_to_send()
+    plain.datagram_received(HELLO, ACCEPTOR, 1.0)
+    assert plain.datagrams_to_send() == []
+
+
+def test_a_fanout_acceptor_says_hello_with_full_ttl_until_done() -> None:
+    acceptor = Acceptor(INVITER, SECRET, 0.0, fanout=puncher.Fanout(interval=1.5, offset=0.3), random=zeros)
+    assert flags_of(acceptor) == []
+    times = []
+    while (when := acceptor.get_timer()) is not None and when < 5:
+        acceptor.handle_timer(when)
+        times += [when] * len(flags_of(acceptor))
+    assert times == pytest.approx([0.3, 1.8, 3.3, 4.8])
+    acceptor.datagram_received(HELLO, INVITER, 5.0)
+    assert flags_of(acceptor) == [(Flag.READY, None)]
+    acceptor.handle_timer(6.3)
+    assert flags_of(acceptor) == [(Flag.HELLO, None)]  # keeps its mapping open
+    acceptor.handle_timer(5.0 + puncher.QUIET_PERIOD)
+    assert acceptor.outcome is Outcome.PRESUMED
+
+
+def test_fan_out_staggers_the_hellos_within_the_rate() -> None:
+    machines = puncher.fan_out(8, EASY, SECRET, 0.0, accept=False, interval=2.0, random=zeros)
+    first = [m.get_timer() if not m.datagrams_to_send() else 0.0 for m in machines]
+    assert first == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    with pytest.raises(ValueError, match="at least one"):
+        puncher.fan_out(0, EASY, SECRET, 0.0, accept=True)
+
+
+def spray_run(machine: Handshake, until: float) -> list[tuple[float, Endpoint]]:
+    """The probes (datagrams with an explicit destination) a machine sends by `until`, with their times."""
+    probes = [(0.0, d.to) for d in machine.datagrams_to_send() if d.to is not None]
+    while (when := machine.get_timer()) is not None and when <= until:
+        machine.handle_timer(when)
+        probes += [(when, d.to) for d in machine.datagrams_to_send() if d.to is not None]
+    return probes
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(), count=st.integers(0, 300), rate=st.floats(10, 1000), role=st.sampled_from([0, 1]))
+def test_spray_sends_count_distinct_probes_at_the_rate(seed: int, count: int, rate: float, role: int) -> None:
+    peer = Endpoint(HARD_IP, 4000)
+    spray = puncher.Spray(count, rate, random.Random(seed))
+    machine: Handshake = (Inviter, Acceptor)[role](peer, SECRET, 0.0, spray=spray, timeout=600, random=zeros)
+    probes = spray_run(machine, 600)
+    ports = [to.port for _, to in probes]
+    assert len(ports) == count
+    assert len(set(ports)) == count
+    assert all(to.host == HARD_IP and 1024 <= to.port <= 65535 and to.port != 4000 for _, to in probes)
+    times = [when for when, _ in probes]
+    assert times[:1] == [0.0][:count]  # the first at once
+    assert all(b - a >= 1 / rate - 1e-9 for a, b in itertools.pairwise(times))
+    if count:
+        assert times[-1] == pytest.approx((count - 1) / rate)
+
+
+def test_spray_stops_at_the_first_authenticated_packet_only() -> None:
+    acceptor = Acceptor(
+        Endpoint(HARD_IP, 4000), SECRET, 0.0, spray=puncher.Spray(100, 100.0), peer_reflexive=True
+    )
+    assert len(spray_run(acceptor, 0.095)) == 10
+    acceptor.datagram_received(b"noise" * 4, Endpoint(HARD_IP, 5555), 0.1)
+    assert acceptor.probes_left == 90
+    acceptor.datagram_received(HELLO, Endpoint(HARD_IP, 5555), 0.1)
+    assert acceptor.probes_left == 0
+    assert spray_run(acceptor, 10) == []
+    with pytest.raises(ValueError, match="count"):
+        puncher.Spray(count=len(puncher.PORTS))
+    with pytest.raises(ValueError, match="rate"):
+        puncher.Spray(rate=0)
+
+
+# A model of the NATs: "symmetric" maps each (inner, destination) to a random free port and lets in only that
+# destination; "cone" keeps the inner port for every destination and lets in what it has sent to
+# (port-restricted); "fullcone" lets in anything; "none" is no NAT at all.
+
+
+class Nat:
+    def __init__(self, public: str, kind: str, rng: random.Random, ports: range = puncher.PORTS) -> None:
+        self.public, self.kind, self.rng, self.ports = public, kind, rng, ports
+        self.by_key: dict[tuple[Endpoint, ...], int] = {}
+        self.by_port: dict[int, tuple[Endpoint, set[Endpoint]]] = {}
+
+    def outbound(self, inner: Endpoint, to: Endpoint) -> Endpoint:
+        key = (inner, to) if self.kind == "symmetric" else (inner,)
+        port = self.by_key.get(key)
+        if port is None:
+            port = inner.port
+            while self.kind == "symmetric" and (port == inner.port or port in self.by_port):
+                port = self.rng.choice(self.ports)
+            self.by_key[key] = port
+            self.by_port[port] = (inner, set())
+        self.by_port[port][1].add(to)
+        return Endpoint(self.public, port)
+
+    def inbound(self, source: Endpoint, port: int) -> Endpoint | None:
+        inner, allowed = self.by_port.get(port, (None, set()))
+        return inner if self.kind in ("fullcone", "none") or source in allowed else None
+
+
+class World:
+    """Machines behind NATs in fake time: 20 ms one way, TTL-limited datagrams die between the NATs."""
+
+    LATENCY = 0.02
+
+    def __init__(self) -> None:
+        self.nats: dict[str, Nat] = {}
+        self.sockets: dict[Endpoint, tuple[Nat, Handshake]] = {}
+        self.events: list[tuple[float, int, Any]] = []
+        self.sequence = 0
+        self.delivered = 0
+
+    def add(self, inner: Endpoint, nat: Nat, machine: Handshake, now: float) -> None:
+        self.nats[nat.public] = nat
+        self.sockets[inner] = (nat, machine)
+        self.flush(inner, now)
+
+    def push(self, when: float, item: Any) -> None:
+        self.sequence += 1
+        heapq.heappush(self.events, (when, self.sequence, item))
+
+    def flush(self, inner: Endpoint, now: float) -> None:
+        nat, machine = self.sockets[inner]
+        for datagram in machine.datagrams_to_send():
+            to = datagram.to or machine.peer
+            source = nat.outbound(inner, to)
+            if datagram.ttl is None:
+                self.push(now + self.LATENCY, (source, to, datagram.data))
+        if (when := machine.get_timer()) is not None:
+            self.push(when, inner)
+
+    def run(self, done: Any, until: float) -> float:
+        now = 0.0
+        while self.events and not done():
+            now, _, item = heapq.heappop(self.events)
+            assert now <= until + 1, "the simulation does not end"
+            if isinstance(item, Endpoint):  # a timer; stale ones are skipped
+                machine = self.sockets[item][1]
+                if machine.get_timer() == now:
+                    machine.handle_timer(now)
+                    self.flush(item, now)
+                continue
+            source, to, data = item
+            nat = self.nats.get(to.host)
+            inner = None if nat is None else nat.inbound(source, to.port)
+            if inner is not None:
+                self.delivered += 1
+                machine = self.sockets[inner][1]
+                machine.datagram_received(data, source, now)
+                self.flush(inner, now)
+        return now
+
+
+def finished(machine: Handshake) -> bool:
+    return machine.outcome in (Outcome.COMPLETED, Outcome.PRESUMED)
+
+
+def birthday(
+    seed: int,
+    easy_kind: str,
+    *,
+    easy_accepts: bool,
+    sockets: int = puncher.FANOUT_SOCKETS,
+    spray: int = puncher.SPRAY_COUNT,
+    ports: range = puncher.PORTS,
+    hard_starts: float = 0.0,
+    timeout: float = 15.0,
+) -> tuple[Handshake, list[Handshake], float]:
+    """One handshake between an easy side and a fanned-out hard side behind a symmetric NAT."""
+    rng = random.Random(seed)
+    world = World()
+    easy_inner = Endpoint("10.0.1.2", 40000) if easy_kind != "none" else EASY
+    easy_nat = Nat(EASY.host, easy_kind, rng, ports)
+    hard_nat = Nat(HARD_IP, "symmetric", rng, ports)
+    hard_inners = [Endpoint("10.0.2.2", 50000 + i) for i in range(sockets)]
+    stun = hard_nat.outbound(hard_inners[0], Endpoint("203.0.113.10", 3478))  # the endpoint it mails
+    easy_outer = easy_nat.outbound(easy_inner, Endpoint("203.0.113.10", 3478))
+    role = Acceptor if easy_accepts else Inviter
+    options = puncher.Spray(spray, rng=rng, ports=ports)
+    easy = role(stun, SECRET, 0.0, timeout=timeout, random=zeros, peer_reflexive=True, spray=options)
+    hard = puncher.fan_out(
+        sockets, easy_outer, SECRET, hard_starts, accept=not easy_accepts, timeout=timeout, random=zeros
+    )
+    world.add(easy_inner, easy_nat, easy, 0.0)
+    for inner, machine in zip(hard_inners, hard, strict=True):
+        world.add(inner, hard_nat, machine, hard_starts)
+    when = world.run(
+        lambda: easy.outcome is not None and any(map(finished, hard)), until=hard_starts + timeout
+    )
+    return easy, hard, when
+
+
+@pytest.mark.parametrize("easy_accepts", [True, False], ids=["hard-inviter", "hard-acceptor"])
+@pytest.mark.parametrize("easy_kind", ["fullcone", "none"])
+def test_an_unfiltered_easy_side_completes_in_about_one_round_trip(
+    easy_kind: str, easy_accepts: bool
+) -> None:
+    easy, hard, when = birthday(1, easy_kind, easy_accepts=easy_accepts, spray=0)
+    winners = [i for i, machine in enumerate(hard) if finished(machine)]
+    assert winners == [0]  # the first hello of the fan-out got through
+    assert easy.outcome is Outcome.COMPLETED
+    assert easy.peer.host == HARD_IP
+    # hard inviter: hello, ready, ready = 1.5 round trips; hard acceptor: hello, hello, ready, ready: 2
+    assert when == pytest.approx(0.06 if easy_accepts else 0.08)
+
+
+@pytest.mark.parametrize("easy_accepts", [True, False], ids=["hard-inviter", "hard-acceptor"])
+def test_a_port_restricted_easy_side_completes_through_a_probe(easy_accepts: bool) -> None:
+    for seed in range(3):
+        easy, hard, when = birthday(seed, "cone", easy_accepts=easy_accepts)
+        winners = [i for i, machine in enumerate(hard) if finished(machine)]
+        assert len(winners) == 1, seed
+        assert easy.outcome in (Outcome.COMPLETED, Outcome.PRESUMED)
+        assert easy.peer.host == HARD_IP
+        assert easy.probes_left < puncher.SPRAY_COUNT
+        assert when < 1024 / puncher.SPRAY_RATE + puncher.FANOUT_INTERVAL + 0.5
+
+
+def test_a_port_restricted_easy_side_without_spray_never_completes() -> None:
+    easy, hard, _ = birthday(1, "cone", easy_accepts=True, spray=0, timeout=5)
+    assert easy.outcome is Outcome.TIMED_OUT
+    assert not any(map(finished, hard))
+
+
+def test_probes_sprayed_long_before_the_hard_side_starts_still_open_the_way() -> None:
+    # the easy acceptor sprays at once; the hard inviter starts 10 s later, when the mail has arrived
+    easy, _, when = birthday(2, "cone", easy_accepts=True, hard_starts=10.0, timeout=30)
+    assert easy.outcome is Outcome.COMPLETED
+    assert 10 < when < 10 + puncher.FANOUT_INTERVAL + 0.5
+
+
+def hit_probability(sockets: int, probes: int, space: int) -> tuple[float, float]:
+    """The formula (probes drawn with replacement) and the exact chance for distinct probes."""
+    miss = 1.0
+    for j in range(probes):
+        miss *= 1 - sockets / (space - j)
+    return 1 - (1 - sockets / space) ** probes, 1 - miss
+
+
+@pytest.mark.parametrize("easy_accepts", [True, False], ids=["hard-inviter", "hard-acceptor"])
+def test_the_success_rate_matches_the_birthday_arithmetic(easy_accepts: bool) -> None:
+    # A small port space keeps the runs fast and the chance near one half, where a rate is measured best:
+    # 16 mappings among 2048 ports, 128 probes (the hard side's mailed STUN port is never probed).
+    runs, ports = 600, range(1024, 1024 + 2048)
+    successes = sum(
+        finished(birthday(seed, "cone", easy_accepts=easy_accepts, sockets=16, spray=128, ports=ports)[0])
+        for seed in range(runs)
+    )
+    formula, exact = hit_probability(16, 128, len(ports) - 1)
+    assert formula == pytest.approx(exact, abs=0.02)
+    sigma = (exact * (1 - exact) / runs) ** 0.5
+    print(f"{successes}/{runs} = {successes / runs:.3f}; formula {formula:.3f}, exact {exact:.3f}")
+    assert successes / runs == pytest.approx(exact, abs=4 * sigma)
+
+
+def test_the_defaults_succeed_as_the_arithmetic_says() -> None:
+    runs = 200
+    formula, _ = hit_probability(puncher.FANOUT_SOCKETS, puncher.SPRAY_COUNT, len(puncher.PORTS))
+    assert formula > 0.98
+    results = [birthday(seed, "cone", easy_accepts=seed % 2 == 0) for seed in range(runs)]
+    successes = sum(finished(easy) for easy, _, _ in results)
+    times = sorted(when for easy, _, when in results if finished(easy))
+    median = times[len(times) // 2]
+    print(f"{successes}/{runs}, formula {formula:.3f}, median {median:.2f} s, max {times[-1]:.2f} s")
+    assert successes / runs == pytest.approx(formula, abs=4 * (formula * (1 - formula) / runs) ** 0.5)
+    assert times[-1] < 1024 / puncher.SPRAY_RATE + puncher.FANOUT_INTERVAL + 0.5
+
+
+# --- the fan-out's asyncio driver on loopback -------------------------------------------------------------
+
+
+async def test_punch_fanout_returns_the_socket_that_got_through_and_closes_the_others() -> None:
+    socks = [udp_socket() for _ in range(8)]
+    lucky = socks[5]
+    with udp_socket() as easy:  # answers only the lucky socket, as a port-restricted NAT would let only it in
+        task = asyncio.create_task(
+            puncher.punch_fanout(socks, endpoint_of(easy), SECRET, accept=False, interval=0.4)
+        )
+        while True:
+            data, source = await asyncio.get_running_loop().sock_recvfrom(easy, 100)
+            if source == lucky.getsockname() and decode(data, SECRET) is Flag.HELLO:
+                break
+        easy.sendto(READY, source)
+        winner, peer = await asyncio.wait_for(task, 5)
+        assert peer == endpoint_of(easy)
+    assert winner is lucky
+    assert lucky.fileno() != -1
+    assert [sock.fileno() == -1 for sock in socks] == [sock is not lucky for sock in socks]
+    lucky.close()
+
+
+async def test_punch_fanout_against_an_easy_peer_reflexive_punch_on_loopback() -> None:
+    # loopback filters nothing, like a full-cone NAT: the first hello of the fan-out is enough
+    socks = [udp_socket() for _ in range(16)]
+    easy, elsewhere = udp_socket(), udp_socket()
+    easy_endpoint = endpoint_of(easy)
+    with elsewhere:  # the endpoint the hard side's STUN server saw: never used toward the easy side
+        started = asyncio.get_running_loop().time()
+        (winner, peer), final = await asyncio.gather(
+            puncher.punch_fanout(socks, endpoint_of(easy), SECRET, accept=True, timeout=5),
+            puncher.punch(easy, endpoint_of(elsewhere), SECRET, accept=False, peer_reflexive=True, timeout=5),
+        )
+        assert asyncio.get_running_loop().time() - started < 0.5
+    with winner:
+        assert final == endpoint_of(winner)
+        assert winner is socks[0]
+        assert peer == easy_endpoint
+    assert easy.fileno() == -1
+    assert all(sock.fileno() == -1 for sock in socks[1:])
+
+
+async def test_punch_fanout_times_out_and_closes_every_socket() -> None:
+    socks = [udp_socket() for _ in range(4)]
+    with udp_socket() as silent:
+        peer = endpoint_of(silent)
+        with pytest.raises(HandshakeTimeoutError, match=rf"^no handshake with {peer} within 0\.3 s$"):
+            await puncher.punch_fanout(socks, peer, SECRET, accept=True, timeout=0.3, interval=0.1)
+        hellos = 0
+        with contextlib.suppress(BlockingIOError):
+            while decode(silent.recv(100), SECRET) is Flag.HELLO:
+                hellos += 1
+    assert 8 <= hellos <= 16  # 4 sockets, each every 0.1 s, for 0.3 s: 12 (the stagger trims the edges)
+    assert all(sock.fileno() == -1 for sock in socks)
+
+
+async def test_cancelling_punch_fanout_closes_every_socket() -> None:
+    socks = [udp_socket() for _ in range(4)]
+    with udp_socket() as silent:
+        task = asyncio.create_task(puncher.punch_fanout(socks, endpoint_of(silent), SECRET, accept=False))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert all(sock.fileno() == -1 for sock in socks)
+
+
+async def test_punch_returns_the_peer_endpoint_as_given() -> None:
+    a, b = udp_socket(), udp_socket()
+    peers = await asyncio.gather(
+        puncher.punch(a, endpoint_of(b), SECRET, accept=True, hops=1, timeout=10),
+        puncher.punch(b, endpoint_of(a), SECRET, accept=False, timeout=10),
+    )
+    assert list(peers) == [Endpoint("127.0.0.1", p.port) for p in peers]
