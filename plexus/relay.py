@@ -230,7 +230,8 @@ class Relay:
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def __aenter__(self) -> Relay:
-        await self.open()
+        if self._client is None:  # not opened by an explicit open()
+            await self.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
