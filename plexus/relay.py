@@ -178,7 +178,7 @@ class Refresher:
                 await request
         except (TimeoutError, stun.TransactionError, OSError) as exc:
             self.failures += 1
-            log.warning("refreshing the TURN %s on %s failed: %s", what, self.server, exc or "no answer")
+            log.warning("refreshing the TURN %s on %s failed: %s", what, self.server, str(exc) or "no answer")
             return False
         log.debug("TURN %s refreshed", what)
         return True
@@ -427,7 +427,7 @@ class Relay:
                 self.server,
                 refusal(str(self.server), "channel", exc)
                 if isinstance(exc, stun.TransactionError)
-                else exc or "no answer",
+                else str(exc) or "no answer",
             )
             return
         log.debug("TURN channel %#06x to %s", client.peer_to_channel[key], Endpoint(*key))
