@@ -545,24 +545,31 @@ async def forward(relay: Relay, local: socket.socket, command: Endpoint, peer: E
 
 
 async def punch(
-    relay: Relay, peer: Endpoint, secret: int, *, accept: bool, timeout: float = DEFAULT_TIMEOUT
+    relay: Relay,
+    peer: Endpoint,
+    secret: int,
+    *,
+    accept: bool,
+    timeout: float = DEFAULT_TIMEOUT,
+    peer_reflexive: bool = False,
 ) -> Endpoint:
     """plexus/puncher.py's flag handshake with `peer` through the relay; the peer endpoint at its end.
 
     The same state machines as `puncher.punch`, driven by `relay.recvfrom` and `relay.sendto` instead of a
-    socket: TTLs are ignored (there is no NAT of ours to open), and datagrams go to the machine's `peer`, so a
-    machine that switches to a peer-reflexive source is followed.
+    socket: TTLs are ignored (there is no NAT of ours to open), and datagrams go where the machine says (its
+    current `peer`), so with `peer_reflexive` a peer whose NAT maps per destination is found at the source its
+    first authenticated packet comes from.
     """
     loop = asyncio.get_running_loop()
     key = Endpoint(_canonical_ip(peer.host), peer.port)
     machine: Handshake
     if accept:
-        machine = Acceptor(key, secret, loop.time(), timeout=timeout)
+        machine = Acceptor(key, secret, loop.time(), timeout=timeout, peer_reflexive=peer_reflexive)
     else:
-        machine = Inviter(key, secret, loop.time(), timeout=timeout)
+        machine = Inviter(key, secret, loop.time(), timeout=timeout, peer_reflexive=peer_reflexive)
     while True:
         for datagram in machine.datagrams_to_send():
-            relay.sendto(datagram.data, machine.peer)
+            relay.sendto(datagram.data, datagram.to or machine.peer)
         when = machine.get_timer()
         if when is None:
             break

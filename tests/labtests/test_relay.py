@@ -266,26 +266,33 @@ async def test_forward_carries_a_local_command_to_the_peer(lab: Lab) -> None:
 
 
 async def test_the_flag_handshake_runs_over_the_relay(lab: Lab) -> None:
-    """relay.punch (a, inviter) against puncher.punch on b's plain socket aiming at the relayed endpoint."""
-    lab.set_nat("a", "symmetric")  # b stays cone: its port is its inner port, as the mail would say
+    """relay.punch (a, inviter, peer-reflexive) against puncher.punch on b's plain socket aiming at the
+    relayed endpoint. b's NAT is symmetric: its flow to the relay has a port nobody told a; b's first hello
+    tells it."""
+    lab.set_nat("a", "symmetric")
+    lab.set_nat("b", "symmetric")
     b = lab.socket("b")
     b.bind((lab.inner_ip("b"), 0))
-    b_outer = Endpoint(lab.public_ip("b"), b.getsockname()[1])
-    relayed: asyncio.Future[Endpoint] = asyncio.get_running_loop().create_future()
+    mailed = Endpoint(lab.public_ip("b"), b.getsockname()[1])  # what STUN would have said, roughly: stale
     loop = asyncio.get_running_loop()
+    relayed: asyncio.Future[Endpoint] = loop.create_future()
 
     async def on_a() -> Endpoint:
         async with relay_for(lab) as relay:
-            await relay.permit(b_outer.host)
+            await relay.permit(mailed.host)
             loop.call_soon_threadsafe(relayed.set_result, relay.relayed)
-            return await punch(relay, b_outer, SECRET, accept=False, timeout=10)
+            return await punch(relay, mailed, SECRET, accept=False, timeout=10, peer_reflexive=True)
 
-    async def on_b() -> None:
+    async def on_b() -> Endpoint:
         target = await relayed
-        await lab.call("b", lambda: puncher.punch(b, target, SECRET, accept=True, timeout=10))
+        return await lab.call("b", lambda: puncher.punch(b, target, SECRET, accept=True, timeout=10))
 
-    peer, _ = await asyncio.gather(lab.call("a", on_a), on_b())
-    assert peer == b_outer
+    started = time.monotonic()
+    (peer, b_saw), relayed_at = await asyncio.gather(lab.call("a", on_a), on_b()), relayed.result()
+    elapsed_ms = (time.monotonic() - started) * 1000
+    print(f"allocation and handshake over the relay in {elapsed_ms:.0f} ms; b found at {peer}")
+    assert peer.host == mailed.host and peer.port == mapped_port(lab, "b", relayed_at)
+    assert b_saw == relayed_at
 
 
 # ---- tests on a coturn of their own: short permission lifetime, quota 1 ----------------------------------
