@@ -21,12 +21,17 @@ import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from plexus import launcher, puncher, stun
+from plexus import launcher, path, puncher, stun
 from plexus.endpoint import Endpoint
 from plexus.errors import CommandFailedError, NatUnsuitableError, PlexusError, UsageError
 from plexus.launcher import Command, Running, Slot, Tunnel
 from plexus.mediator import Invitation, MailConfig, Mediator, Offer
 from plexus.mediator.email import Submission
+from plexus.mediator.message import Mapping, Reach
+from plexus.path import Method
+from plexus.relay import Relay
+from plexus.relay import forward as relay_forward
+from plexus.relay import punch as relay_punch
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 INVITER_WATCH_SECONDS = 1.0
 # A stopped acceptor gives its commands this long to end after SIGTERM: a service stops within a second.
 SHUTDOWN_GRACE = 0.5
+RELAY_HOPS = 64  # toward a relay the first hello must arrive (the default TTL of most systems)
 
 
 @dataclass(frozen=True)
@@ -74,58 +80,187 @@ def bind(inner: Endpoint) -> socket.socket:
     return sock
 
 
-async def discover(sock: socket.socket, server: Endpoint) -> tuple[Endpoint, Endpoint]:
-    """Learn the inner and outer endpoints; refuse a NAT whose mapping depends on the destination."""
+@dataclass(frozen=True)
+class Found:
+    """What STUN told this side: its endpoints, and whether its NAT maps endpoint-independently."""
+
+    inner: Endpoint
+    outer: Endpoint
+    mapping: Mapping
+
+
+async def discover(sock: socket.socket, server: Endpoint) -> Found:
+    """Learn the inner and outer endpoints and whether the outer one holds for every destination."""
     log.debug("asking STUN server %s for the outer endpoint", server)
     report = await stun.probe_mapping(sock, server)
     if report.mapping is None:
         log.warning("STUN server %s has no alternate address: NAT mapping not tested", server)
-    elif report.mapping != "independent":
-        raise NatUnsuitableError(
-            f"NAT mapping is {report.mapping} (the outer port changes per destination): "
-            "hole punching cannot work from this network"
-        )
     log.info("inner endpoint %s, outer endpoint %s", report.inner, report.outer)
-    return report.inner, report.outer
+    if report.punchable is False:
+        log.info("NAT mapping is %s: the outer port changes per destination", report.mapping)
+        return Found(report.inner, report.outer, "dependent")
+    return Found(report.inner, report.outer, "independent")
+
+
+@dataclass(frozen=True)
+class Punched:
+    """A confirmed path. On a relay this side allocated, the command talks to plexus's forwarder (`local`,
+    the command's peer endpoint), which carries its datagrams to `peer` through `relay`."""
+
+    tunnel: Tunnel
+    relay: Relay | None = None
+    local: socket.socket | None = None
+    peer: Endpoint | None = None
+
+
+def plan(mine: Reach, theirs: Reach | None, *, own_relay: bool) -> path.Plan:
+    try:
+        chosen = path.choose(mine, theirs, own_relay=own_relay)
+    except path.NoPath as error:
+        raise NatUnsuitableError(f"no path to the peer: {error}") from error
+    log.info("path: %s", chosen.describe())
+    return chosen
+
+
+async def _allocate(config: SessionConfig, relays: contextlib.AsyncExitStack) -> Relay:
+    assert config.turn is not None
+    turn = config.turn
+    allocated = await relays.enter_async_context(Relay(turn.server, turn.user, turn.password))
+    log.info("TURN relay allocated: %s", allocated)
+    return allocated
 
 
 async def invite(config: SessionConfig) -> Tunnel:
-    """The inviter's whole session; returns once the command is launched and has survived the watch window.
+    """The inviter's whole session; returns once the command is launched and has survived the watch window
+    (on a relay it allocated itself: once the command has exited, since its datagrams pass through here).
 
     Everything that does not depend on STUN runs while STUN does: the IMAP login and the SMTP session up to
     DATA. The mailbox clean-up (flag the response consumed, LOGOUT) runs while the command is watched.
     """
     slot = config.slot("invite")
-    async with Mediator(config.mail) as mediator:
-        if slot is not None:
-            await slot.stop_previous()  # a stale tunnel holds the inner port and would double the new one
-        with contextlib.closing(bind(config.inner)) as sock:
-            async with mediator.submission() as submission:
-                inner, outer = await discover(sock, config.stun_server)
-                puzzle = secrets.randbits(64)
-                response = await mediator.invite(Offer(outer, puzzle), config.response_timeout, submission)
-            tunnel = Tunnel(inner, outer, response.outer, puzzle ^ response.puzzle)
-            log.info("peer endpoint %s, punching", tunnel.peer)
-            timeout = config.handshake_timeout
-            await puncher.punch(sock, tunnel.peer, tunnel.secret, accept=False, timeout=timeout)
-        process = launcher.start(config.command, tunnel)
-        if slot is not None:
-            slot.save(process.pid)
-        watching = asyncio.ensure_future(launcher.watch(process, grace=INVITER_WATCH_SECONDS))
-    status = await watching
-    if status:
-        raise CommandFailedError(
-            f"{config.command.path} exited with status {status} within {INVITER_WATCH_SECONDS:g} s of its "
-            "launch (its output is in --exec-log-file)"
+    async with contextlib.AsyncExitStack() as relays:
+        async with Mediator(config.mail) as mediator:
+            if slot is not None:
+                await slot.stop_previous()  # a stale tunnel holds the inner port and would double the new one
+            with contextlib.closing(bind(config.inner)) as sock:
+                async with mediator.submission() as submission:
+                    found = await discover(sock, config.stun_server)
+                    # Behind a NAT that maps per destination only a relay may do: allocate before the request,
+                    # so that it can name the relay. An acceptor with its own relay, or an easier NAT, will
+                    # make it unneeded.
+                    own = None
+                    if found.mapping == "dependent" and config.turn is not None:
+                        own = await _allocate(config, relays)
+                    mine = Reach(found.mapping, own.relayed if own else None)
+                    puzzle = secrets.randbits(64)
+                    offer = Offer(found.outer, puzzle, mine)
+                    response = await mediator.invite(offer, config.response_timeout, submission)
+                chosen = plan(mine, response.reach, own_relay=own is not None)
+                if own is not None and (chosen.method is not Method.RELAY or chosen.relay is not None):
+                    await relays.aclose()  # not needed after all
+                log.info("peer endpoint %s, punching", response.outer)
+                secret = puzzle ^ response.puzzle
+                punched = await _punch(
+                    chosen, config, found, sock, response.outer, secret, accept=False, relay=own
+                )
+            process = launcher.start(config.command, punched.tunnel)
+            if slot is not None:
+                slot.save(process.pid)
+            watching = asyncio.ensure_future(launcher.watch(process, grace=INVITER_WATCH_SECONDS))
+        status = await watching
+        if status:
+            raise CommandFailedError(
+                f"{config.command.path} exited with status {status} within {INVITER_WATCH_SECONDS:g} s of "
+                "its launch (its output is in --exec-log-file)"
+            )
+        if punched.relay is not None:
+            await _relay_while_running(punched, process, set())
+    return punched.tunnel
+
+
+async def _punch(
+    chosen: path.Plan,
+    config: SessionConfig,
+    found: Found,
+    sock: socket.socket,
+    peer: Endpoint,
+    secret: int,
+    *,
+    accept: bool,
+    relay: Relay | None,
+) -> Punched:
+    """Confirm the path the plan names; `sock`, the socket STUN ran on, is closed on every path."""
+    timeout = config.handshake_timeout
+    if chosen.method is Method.FANOUT:
+        extra = [bind(Endpoint(found.inner.host, 0)) for _ in range(puncher.FANOUT_SOCKETS - 1)]
+        winner, peer = await puncher.punch_fanout(
+            [sock, *extra], peer, secret, accept=accept, timeout=timeout
         )
-    return tunnel
+        with contextlib.closing(winner):
+            inner = Endpoint(found.inner.host, winner.getsockname()[1])
+        return Punched(Tunnel(inner, found.outer, peer, secret))
+    if chosen.method is Method.RELAY and chosen.relay is None:
+        assert relay is not None
+        sock.close()
+        await relay.permit(peer.host)  # its port toward the relay is not the one STUN saw: any port of its IP
+        peer = await relay_punch(relay, peer, secret, accept=accept, timeout=timeout, peer_reflexive=True)
+        local = bind(Endpoint("127.0.0.1", 0))
+        command = Endpoint("127.0.0.1", _free_port())
+        forwarder = Endpoint("127.0.0.1", local.getsockname()[1])
+        return Punched(Tunnel(command, relay.relayed, forwarder, secret), relay, local, peer)
+    target = chosen.relay or peer
+    peer = await puncher.punch(
+        sock,
+        target,
+        secret,
+        accept=accept,
+        # The TTL-limited punch must die between the NATs; toward a relay it must arrive, so the relay
+        # learns where this side's NAT maps it.
+        hops=RELAY_HOPS if chosen.relay else config.punch_hops,
+        timeout=timeout,
+        peer_reflexive=chosen.peer_reflexive,
+        spray=puncher.Spray() if chosen.method is Method.SPRAY else None,
+    )
+    return Punched(Tunnel(found.inner, found.outer, peer, secret))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def _relay_while_running(
+    punched: Punched, process: subprocess.Popen[bytes], running: set[Running]
+) -> None:
+    """Carry the command's datagrams through the relay until the command exits; a lost relay ends it."""
+    assert punched.relay is not None and punched.local is not None and punched.peer is not None
+    with contextlib.closing(punched.local):
+        forwarding = asyncio.ensure_future(
+            relay_forward(punched.relay, punched.local, punched.tunnel.inner, punched.peer)
+        )
+        watching = asyncio.ensure_future(_watch(process, running))
+        try:
+            await asyncio.wait({forwarding, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            forwarding.cancel()
+            if not watching.done():  # the relay is gone or plexus is stopping: the command has no path left
+                command = Running.of(process.pid)
+                if command is not None:
+                    await command.stop(SHUTDOWN_GRACE)
+                watching.cancel()
+        lost = forwarding.exception() if forwarding.done() and not forwarding.cancelled() else None
+        if lost is not None:
+            raise lost
 
 
 async def accept(config: SessionConfig) -> None:
-    """Refuse an unsuitable NAT at once, as plexus 2.2 does; then serve requests forever, each in a task.
+    """Serve requests forever, each in a task; a request that no path can serve gets a refusal by mail.
 
-    Refusing at the start, not per request, is what saves the inviters: an acceptor that never answers leaves
-    each of them waiting out its whole response timeout. Each session still checks again (networks change).
+    The NAT is checked once at the start (a STUN server that does not answer ends the acceptor, exit 4);
+    behind a NAT that maps per destination the acceptor still serves peers behind easier NATs (birthday
+    punching) and, with --turn-server, any peer. Each session checks again (networks change).
     """
     sessions: set[asyncio.Task[None]] = set()
     running: set[Running] = set()
@@ -137,7 +272,13 @@ async def accept(config: SessionConfig) -> None:
             if slot is not None:
                 await slot.stop_previous()  # left by an acceptor that was killed: it holds the inner port
             with contextlib.closing(bind(config.inner)) as sock:
-                await discover(sock, config.stun_server)
+                found = await discover(sock, config.stun_server)
+            if found.mapping == "dependent":
+                log.warning(
+                    "this NAT maps per destination: peers behind endpoint-independent NATs get through by "
+                    "birthday punching; peers behind such NATs too need a TURN relay (%s)",
+                    f"--turn-server {config.turn.server}" if config.turn else "no --turn-server given",
+                )
             async for invitation in mediator.requests():
                 task = asyncio.create_task(_serve(config, mediator, invitation, turn, slot, running))
                 sessions.add(task)
@@ -160,18 +301,25 @@ async def _serve(
     running: set[Running],
 ) -> None:
     peer = invitation.offer.outer
-    try:
-        async with _maybe(turn):
-            if slot is not None:
-                await slot.stop_previous()
-            tunnel = await _answer(config, mediator, invitation)
-            process = launcher.start(config.command, tunnel)
-            if slot is not None:
-                slot.save(process.pid)
-    except PlexusError as error:
-        log.error("session with %s failed: %s", peer, error)
-        return
-    await _watch(process, running)
+    async with contextlib.AsyncExitStack() as relays:
+        try:
+            async with _maybe(turn):
+                if slot is not None:
+                    await slot.stop_previous()
+                punched = await _answer(config, mediator, invitation, relays)
+                process = launcher.start(config.command, punched.tunnel)
+                if slot is not None:
+                    slot.save(process.pid)
+        except PlexusError as error:
+            log.error("session with %s failed: %s", peer, error)
+            return
+        if punched.relay is None:
+            await _watch(process, running)
+            return
+        try:
+            await _relay_while_running(punched, process, running)
+        except PlexusError as error:
+            log.error("session with %s ended: %s", peer, error)
 
 
 async def _watch(process: subprocess.Popen[bytes], running: set[Running]) -> None:
@@ -184,36 +332,44 @@ async def _watch(process: subprocess.Popen[bytes], running: set[Running]) -> Non
     running.discard(command)  # only once it ended: cancelled (the acceptor stopping), it is still to stop
 
 
-async def _answer(config: SessionConfig, mediator: Mediator, invitation: Invitation) -> Tunnel:
-    """STUN, the TTL punch, the response, the handshake; the SMTP session opens while STUN runs."""
-    handshake: asyncio.Future[None] | None = None
+async def _answer(
+    config: SessionConfig, mediator: Mediator, invitation: Invitation, relays: contextlib.AsyncExitStack
+) -> Punched:
+    """STUN, the plan, the punch, the response, the handshake; the SMTP session opens while STUN runs."""
+    handshake: asyncio.Future[Punched] | None = None
     with contextlib.ExitStack() as closing:
         try:
             async with mediator.submission() as submission:
                 async with _refusing(mediator, invitation, submission):
                     sock = closing.enter_context(contextlib.closing(bind(config.inner)))
-                    inner, outer = await discover(sock, config.stun_server)
+                    found = await discover(sock, config.stun_server)
+                    theirs = invitation.offer.reach
+                    own = None
+                    if (
+                        found.mapping == "dependent"
+                        and theirs is not None
+                        and theirs.mapping == "dependent"
+                        and theirs.relay is None
+                        and config.turn is not None
+                    ):
+                        own = await _allocate(config, relays)
+                    mine = Reach(found.mapping, own.relayed if own else None)
+                    chosen = plan(mine, theirs, own_relay=own is not None)
                 puzzle = secrets.randbits(64)
-                tunnel = Tunnel(inner, outer, invitation.offer.outer, puzzle ^ invitation.offer.puzzle)
-                # The TTL-limited hello leaves before the response: our NAT is open when the inviter's
-                # hellos arrive.
+                secret = puzzle ^ invitation.offer.puzzle
+                # The punch starts before the response leaves: the TTL-limited hello (or the fan-out, the
+                # spray, the relay's permission) has opened the way when the inviter's hellos arrive.
                 handshake = asyncio.ensure_future(
-                    puncher.punch(
-                        sock,
-                        tunnel.peer,
-                        tunnel.secret,
-                        accept=True,
-                        hops=config.punch_hops,
-                        timeout=config.handshake_timeout,
+                    _punch(
+                        chosen, config, found, sock, invitation.offer.outer, secret, accept=True, relay=own
                     )
                 )
                 await asyncio.sleep(0)
-                await mediator.answer(invitation, Offer(outer, puzzle), submission)
-            await handshake
+                await mediator.answer(invitation, Offer(found.outer, puzzle, mine), submission)
+            return await handshake
         finally:
             if handshake is not None:
                 handshake.cancel()
-    return tunnel
 
 
 @contextlib.asynccontextmanager

@@ -82,21 +82,6 @@ def test_one_acceptor_serves_invites_in_a_row_and_at_once(
     assert acceptor.process.poll() is None, "the acceptor loop must go on"
 
 
-@pytest.mark.parametrize("accept", [False, True], ids=["inviter", "acceptor"])
-def test_symmetric_nat_is_refused_with_its_exit_code(
-    lab: Lab, tmp_path: Path, running: list[Plexus], accept: bool
-) -> None:
-    inviter, acceptor_side = sessions.pair(lab)
-    me, peer = (acceptor_side, inviter) if accept else (inviter, acceptor_side)
-    lab.set_nat(me.host, "symmetric")
-    refused = sessions.start(lab, me, peer, tmp_path, accept=accept)
-    running.append(refused)
-    assert refused.wait(60) == ExitCode.NAT_UNSUITABLE
-    assert "request sent" not in refused.log()  # the mail sessions opened during STUN send nothing
-    message = refused.stderr()
-    assert message.count("\n") == 1 and "address" in message and "dependent" in message, message
-
-
 def test_wrong_mail_password_has_its_exit_code(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
     inviter, acceptor_side = sessions.pair(lab)
     invite = sessions.start(

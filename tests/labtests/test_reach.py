@@ -1,0 +1,83 @@
+"""Every pair of the lab's NAT modes connects, in both roles: directly where both map endpoint-independently,
+by birthday punching where one maps per destination, through the lab's TURN relay where both do; and the
+launched commands exchange datagrams on every path (docs/nat.md, the decision table)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from plexus import path
+from plexus.errors import ExitCode
+from plexus.mediator.message import Reach
+from tests.lab import sessions
+from tests.lab.lab import Lab
+from tests.lab.sessions import Plexus
+
+pytestmark = pytest.mark.lab
+
+MODES = ("none", "cone", "fullcone", "symmetric")
+
+
+def turn(lab: Lab, password: str | None = None) -> dict[str, str]:
+    account = lab.turn
+    return {
+        "turn-server": str(account.server),
+        "turn-user": account.user,
+        "turn-passwd": password or account.password,
+    }
+
+
+def mapping(mode: str) -> Reach:
+    return Reach("dependent" if mode == "symmetric" else "independent")
+
+
+@pytest.mark.parametrize("acceptor_mode", MODES)
+@pytest.mark.parametrize("inviter_mode", MODES)
+def test_every_pair_of_nats_connects(
+    lab: Lab, tmp_path: Path, running: list[Plexus], inviter_mode: str, acceptor_mode: str
+) -> None:
+    lab.set_nat("a", inviter_mode)
+    lab.set_nat("b", acceptor_mode)
+    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=turn(lab))
+    started = time.monotonic()
+    invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False, overrides=turn(lab))
+    running.append(invite)
+    code = invite.wait(90)
+    took = time.monotonic() - started
+    assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    a, b = invite.wait_hello()[0], acceptor.wait_hello()[0]
+    assert a["received"] and b["received"], f"{a}\n{b}"
+    expected = path.choose(mapping(inviter_mode), mapping(acceptor_mode), own_relay=True)
+    assert f"path: {expected.describe()}" in invite.log(), invite.log()
+    print(f"{inviter_mode} -> {acceptor_mode}: {expected.method} in {took:.1f} s")
+
+
+def test_two_symmetric_nats_without_a_relay_are_refused_at_once(
+    lab: Lab, tmp_path: Path, running: list[Plexus]
+) -> None:
+    for host in ("a", "b"):
+        lab.set_nat(host, "symmetric")
+    _, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running)
+    started = time.monotonic()
+    invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False)
+    running.append(invite)
+    assert invite.wait(60) == ExitCode.PEER_REFUSED
+    assert time.monotonic() - started < 10
+    message = invite.stderr()
+    assert message.count("\n") == 1 and "--turn-server" in message, message
+
+
+def test_a_wrong_turn_password_has_its_exit_code(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
+    lab.set_nat("a", "symmetric")
+    _, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running)
+    invite = sessions.start(
+        lab, inviter, acceptor_side, tmp_path, accept=False, overrides=turn(lab, password="wrong")
+    )
+    running.append(invite)
+    assert invite.wait(60) == ExitCode.TURN_AUTH
+    message = invite.stderr()
+    assert message.count("\n") == 1 and "password" in message, message
+    assert "request sent" not in invite.log()  # found before any mail left
