@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--sections", type=_sections, default=SECTIONS, help=f"what to run (default {','.join(SECTIONS)})"
+    )
+    parser.add_argument(
+        "--tries", type=_positive(int), default=3, help="sessions per pair of NAT modes (default 3)"
     )
     parser.add_argument(
         "--cycles", type=_positive(int), default=20, help="reconnect cycles in the soak (default 20)"
@@ -133,18 +137,18 @@ def bench_connect(lab: Lab, workdir: Path, args: argparse.Namespace, delivery: f
     return results
 
 
-def bench_matrix(lab: Lab, workdir: Path, timeout: float) -> list[dict[str, Any]]:
+def bench_matrix(lab: Lab, workdir: Path, timeout: float, tries: int) -> list[dict[str, Any]]:
     cells = []
     for inviter_mode in report.MODES:
         for acceptor_mode in report.MODES:
-            cell = runs.matrix_cell(lab, workdir, inviter_mode, acceptor_mode, timeout)
+            cell = runs.matrix_cell(lab, workdir, inviter_mode, acceptor_mode, timeout, tries)
             progress(
-                f"matrix {inviter_mode} -> {acceptor_mode}: {cell.side} {cell.outcome} "
-                f"after {cell.seconds:.1f} s"
+                f"matrix {inviter_mode} -> {acceptor_mode}: {cell.method}, {cell.successes}/{tries} ok, "
+                f"{statistics.median(cell.seconds):.1f} s"
             )
-            cells.append({"inviter": inviter_mode, "acceptor": acceptor_mode, "code": cell.code,
-                          "outcome": cell.outcome, "side": cell.side,
-                          "seconds": round(cell.seconds, 3)})  # fmt: skip
+            cells.append({"inviter": inviter_mode, "acceptor": acceptor_mode, "codes": list(cell.codes),
+                          "outcome": cell.outcome, "method": cell.method, "successes": cell.successes,
+                          "seconds": [round(s, 3) for s in cell.seconds]})  # fmt: skip
     for host in ("a", "b"):
         lab.set_nat(host, "cone")
     return cells
@@ -183,7 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["connect"] = bench_connect(lab, workdir, args, delivery)
         if "matrix" in args.sections:
             results["matrix_timeout"] = args.fail_timeout
-            results["matrix"] = bench_matrix(lab, workdir, args.fail_timeout)
+            results["matrix_tries"] = args.tries
+            results["matrix"] = bench_matrix(lab, workdir, args.fail_timeout, args.tries)
         if "footprint" in args.sections:
             results["footprint"] = bench_footprint(lab, workdir, args.idle)
         if "soak" in args.sections:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.timeline import Timeline, find, parse_log, timeline
+from bench.timeline import Timeline, TimelineError, find, parse_log, timeline
 from plexus.errors import ExitCode
 from tests.lab import sessions
 from tests.lab.lab import Lab
@@ -100,36 +100,52 @@ def session_timeline(inviter: Plexus, listening: Plexus, started: float) -> Time
 
 @dataclass(frozen=True)
 class Cell:
+    """One pair of NAT modes, `tries` sessions in a row against one acceptor (both with the lab's TURN)."""
+
     inviter_mode: str
     acceptor_mode: str
-    code: int
-    seconds: float
-    side: str = "inviter"  # whose exit code: the acceptor's when it refused its NAT at the start
+    codes: tuple[int, ...]  # the inviter's exit code per try
+    seconds: tuple[float, ...]  # per try: from its start until it launched its command (ok) or exited
+    method: str  # the path the inviter's log names ("path: ...")
+
+    @property
+    def successes(self) -> int:
+        return self.codes.count(0)
 
     @property
     def outcome(self) -> str:
-        return "ok" if self.code == 0 else ExitCode(self.code).name
+        failed = sorted({ExitCode(code).name for code in self.codes if code})
+        return "ok" if not failed else "/".join(failed)
 
 
-def matrix_cell(lab: Lab, workdir: Path, inviter_mode: str, acceptor_mode: str, timeout: float) -> Cell:
+def matrix_cell(
+    lab: Lab, workdir: Path, inviter_mode: str, acceptor_mode: str, timeout: float, tries: int
+) -> Cell:
     lab.set_nat("a", inviter_mode)
     lab.set_nat("b", acceptor_mode)
-    limits = {"response-timeout": f"{timeout:g}", "handshake-timeout": f"{timeout:g}"}
-    inviter_side, acceptor_side = sessions.pair(lab)
-    listening = sessions.start(lab, acceptor_side, inviter_side, workdir, accept=True, overrides=limits)
-    try:
-        refused = sessions.started(listening)
-        if refused is not None:
-            seconds = time.monotonic() - listening.started
-            return Cell(inviter_mode, acceptor_mode, refused, seconds, side="acceptor")
-        inviter, started, ended = invite(lab, workdir, inviter_side, acceptor_side, **limits)
-        if ended.code != 0:
-            return Cell(inviter_mode, acceptor_mode, ended.code, ended.seconds)
-        inviter.wait_hello()
-    finally:
-        listening.stop()
-    # The inviter lingers a moment after the launch to watch its command: the launch is the end here.
-    return Cell(inviter_mode, acceptor_mode, 0, find(parse_log(inviter.log()), "launched").at - started)
+    account = lab.turn
+    options = {
+        "response-timeout": f"{timeout:g}",
+        "handshake-timeout": f"{timeout:g}",
+        "turn-server": str(account.server),
+        "turn-user": account.user,
+        "turn-passwd": account.password,
+    }
+    codes, seconds, method = [], [], "-"
+    with acceptor(lab, workdir, **options) as (_, inviter_side, acceptor_side):
+        for _ in range(tries):
+            inviter, started, ended = invite(lab, workdir, inviter_side, acceptor_side, **options)
+            codes.append(ended.code)
+            events = parse_log(inviter.log())
+            with contextlib.suppress(TimelineError):
+                method = find(events, "path: ").message.removeprefix("path: ").split(" ")[0]
+            if ended.code != 0:
+                seconds.append(ended.seconds)
+                continue
+            inviter.wait_hello()
+            # The inviter lingers a moment after the launch to watch its command: the launch is the end here.
+            seconds.append(find(events, "launched").at - started)
+    return Cell(inviter_mode, acceptor_mode, tuple(codes), tuple(seconds), method)
 
 
 @dataclass(frozen=True)

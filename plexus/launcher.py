@@ -47,6 +47,7 @@ class Tunnel:
     outer: Endpoint
     peer: Endpoint
     secret: int
+    path: str = "direct"  # how the packets go (plexus/path.py's Method): direct, fan-out, spray or relay
 
     def wildcards(self) -> dict[str, str]:
         return {
@@ -60,8 +61,10 @@ class Tunnel:
         }
 
     def environment(self) -> dict[str, str]:
-        """The same values as PLEXUS_INNERIP ... PLEXUS_SECRET: unlike arguments, not visible in `ps`."""
-        return {f"PLEXUS_{name.strip('%').upper()}": value for name, value in self.wildcards().items()}
+        """The same values as PLEXUS_INNERIP ... PLEXUS_SECRET (unlike arguments, not visible in `ps`), and
+        the path as PLEXUS_PATH."""
+        values = {f"PLEXUS_{name.strip('%').upper()}": value for name, value in self.wildcards().items()}
+        return values | {"PLEXUS_PATH": self.path}
 
 
 @dataclass(frozen=True)

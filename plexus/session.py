@@ -198,7 +198,7 @@ async def _punch(
         )
         with contextlib.closing(winner):
             inner = Endpoint(found.inner.host, winner.getsockname()[1])
-        return Punched(Tunnel(inner, found.outer, peer, secret))
+        return Punched(Tunnel(inner, found.outer, peer, secret, chosen.method))
     if chosen.method is Method.RELAY and chosen.relay is None:
         assert relay is not None
         sock.close()
@@ -207,7 +207,7 @@ async def _punch(
         local = bind(Endpoint("127.0.0.1", 0))
         command = Endpoint("127.0.0.1", _free_port())
         forwarder = Endpoint("127.0.0.1", local.getsockname()[1])
-        return Punched(Tunnel(command, relay.relayed, forwarder, secret), relay, local, peer)
+        return Punched(Tunnel(command, relay.relayed, forwarder, secret, chosen.method), relay, local, peer)
     target = chosen.relay or peer
     peer = await puncher.punch(
         sock,
@@ -221,7 +221,7 @@ async def _punch(
         peer_reflexive=chosen.peer_reflexive,
         spray=puncher.Spray() if chosen.method is Method.SPRAY else None,
     )
-    return Punched(Tunnel(found.inner, found.outer, peer, secret))
+    return Punched(Tunnel(found.inner, found.outer, peer, secret, chosen.method))
 
 
 def _free_port() -> int:

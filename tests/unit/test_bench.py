@@ -91,10 +91,12 @@ def test_report_shows_each_section() -> None:
             "floor": 1.0, "phases": {name: {"measured": summary, "floor": 0.0} for name, _ in PHASES},
         }],
         "matrix_timeout": 15.0,
-        "matrix": [{"inviter": "symmetric", "acceptor": "cone", "code": 3, "outcome": "NAT_UNSUITABLE",
-                    "side": "inviter", "seconds": 0.4},
-                   {"inviter": "cone", "acceptor": "symmetric", "code": 3, "outcome": "NAT_UNSUITABLE",
-                    "side": "acceptor", "seconds": 0.5}],
+        "matrix_tries": 3,
+        "matrix": [{"inviter": "symmetric", "acceptor": "cone", "codes": [0, 0, 0], "outcome": "ok",
+                    "method": "fan-out", "successes": 3, "seconds": [1.4, 1.6, 2.0]},
+                   {"inviter": "cone", "acceptor": "symmetric", "codes": [0, 8, 0],
+                    "outcome": "HANDSHAKE_TIMEOUT", "method": "spray", "successes": 2,
+                    "seconds": [1.5, 15.2, 1.7]}],
         "footprint": {
             "idle_seconds": 60.0, "idle_cpu_seconds": 0.0, "clock_tick_seconds": 0.01,
             "idle_rss_bytes": 1 << 20, "idle_peak_rss_bytes": 1 << 20,
@@ -105,25 +107,25 @@ def test_report_shows_each_section() -> None:
     text = report.render(results)
     assert "25 ms one-way delay" in text
     assert "total" in text and "1.5x" in text  # median 1.5 s against a 1.0 s floor
-    assert "NAT_UNSUITABLE (3) 0.4 s" in text and "0 of 2 pairs connect" in text
-    assert "acceptor NAT_UNSUITABLE (3) 0.5 s" in text
+    assert "fan-out 3/3 1.6 s" in text and "1 of 2 pairs connect every time" in text
+    assert "spray 2/3 1.7 s (HANDSHAKE_TIMEOUT)" in text
     assert "RSS 1.0 MiB" in text and "Checks: all passed" in text
 
 
 def test_check_asserts_what_the_figures_must_show() -> None:
     connect = {"delay_ms": 0.0, "total": summarize([1.5]).to_json(), "floor": 1.0}
     cells = [
-        {"inviter": "cone", "acceptor": "fullcone", "code": 0, "outcome": "ok", "side": "inviter",
-         "seconds": 1.3},
-        {"inviter": "none", "acceptor": "symmetric", "code": 3, "outcome": "NAT_UNSUITABLE",
-         "side": "acceptor", "seconds": 0.4},
+        {"inviter": "cone", "acceptor": "fullcone", "codes": [0], "outcome": "ok", "method": "direct",
+         "successes": 1, "seconds": [1.3]},
+        {"inviter": "symmetric", "acceptor": "symmetric", "codes": [0], "outcome": "ok", "method": "relay",
+         "successes": 1, "seconds": [1.4]},
     ]  # fmt: skip
     footprint = {"idle_seconds": 60.0, "idle_cpu_seconds": 0.01}
     assert report.check({"connect": [connect], "matrix": cells, "footprint": footprint}) == []
     slow = connect | {"total": summarize([2.5]).to_json()}
-    failed = [cells[0], cells[1] | {"code": 5, "outcome": "MAIL_TIMEOUT"}]
+    failed = [cells[0], cells[1] | {"codes": [11], "outcome": "PEER_REFUSED", "successes": 0}]
     busy = footprint | {"idle_cpu_seconds": 1.2}
     failures = report.check({"connect": [slow], "matrix": failed, "footprint": busy})
     assert len(failures) == 3
-    assert "over 2 x its floor" in failures[0] and "expected exit code 3" in failures[1]
+    assert "over 2 x its floor" in failures[0] and "expected relay every time" in failures[1]
     assert "2.00 % of a core" in failures[2]
