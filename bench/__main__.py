@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -212,6 +213,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM unwinds like Ctrl-C, so the lab's context manager tears it down on either.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args = parse_args(argv)
     if args.json is not None and not args.json.parent.is_dir():
         print(f"bench: --json {args.json}: no such directory {args.json.parent}", file=sys.stderr)

@@ -138,7 +138,7 @@ def matrix_cell(
             codes.append(ended.code)
             events = parse_log(inviter.log())
             with contextlib.suppress(TimelineError):
-                method = find(events, "path: ").message.removeprefix("path: ").split(" ")[0]
+                method = find(events, "path: ").message.split()[1]
             if ended.code != 0:
                 seconds.append(ended.seconds)
                 continue

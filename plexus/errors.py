@@ -13,7 +13,7 @@ class ExitCode(IntEnum):
     OK = 0
     ERROR = 1  # anything not classified below
     USAGE = 2  # bad or missing option, a named file that does not exist
-    NAT_UNSUITABLE = 3  # mapping is not endpoint-independent: punching cannot work
+    NAT_UNSUITABLE = 3  # no way through: this NAT maps per destination and the peer can only punch directly
     STUN_FAILED = 4  # no usable answer from the STUN server
     MAIL_TIMEOUT = 5  # the peer did not answer by mail within the deadline
     MAIL_AUTH = 6  # the mail server refused the login
@@ -34,7 +34,7 @@ MEANINGS = {
     ExitCode.OK: "inviter: connected, command launched and still running after 1 s; acceptor: stopped",
     ExitCode.ERROR: "an unexpected error (the log at --log-level=debug has the details)",
     ExitCode.USAGE: "a bad or missing option, config line or file",
-    ExitCode.NAT_UNSUITABLE: "this network's NAT cannot be punched (symmetric)",
+    ExitCode.NAT_UNSUITABLE: "no way through: a symmetric NAT here and a plexus 2.2 peer",
     ExitCode.STUN_FAILED: "the STUN server did not answer",
     ExitCode.MAIL_TIMEOUT: "no response by mail within --response-timeout",
     ExitCode.MAIL_AUTH: "the mail server refused the login",

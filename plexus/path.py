@@ -32,15 +32,17 @@ class Plan:
     peer_reflexive: bool = True
 
     def describe(self) -> str:
-        return {
-            Method.DIRECT: "direct (both NATs map endpoint-independently)",
-            Method.FANOUT: "direct by birthday punching: this NAT maps per destination, so many sockets "
-            "each open a mapping toward the peer",
-            Method.SPRAY: "direct by birthday punching: the peer's NAT maps per destination, so random ports "
-            "of its address are probed",
-            Method.RELAY: f"relayed through TURN {self.relay or '(own allocation)'}: both NATs map per "
+        """The method first (as PLEXUS_PATH names it), then why."""
+        why = {
+            Method.DIRECT: "both NATs map endpoint-independently",
+            Method.FANOUT: "birthday punching; this NAT maps per destination, so many sockets each open a "
+            "mapping toward the peer",
+            Method.SPRAY: "birthday punching; the peer's NAT maps per destination, so random ports of its "
+            "address are probed",
+            Method.RELAY: f"through TURN relay {self.relay or '(own allocation)'}; both NATs map per "
             "destination",
         }[self.method]
+        return f"{self.method} ({why})"
 
 
 class NoPath(Exception):

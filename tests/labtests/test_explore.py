@@ -12,15 +12,18 @@ from tests.lab.lab import Lab
 
 pytestmark = pytest.mark.lab
 
+EASY = {"independent": "direct", "dependent": "spray"}  # the ways to each kind of peer (docs/nat.md)
+HARD = {"independent": "fan-out", "dependent": "none (a TURN relay would: --turn-server)"}
 EXPECTED = {
-    "cone": {"nat": True, "mapping": "independent", "filtering": "address-and-port-dependent"},
-    "fullcone": {"nat": True, "mapping": "independent", "filtering": "independent"},
+    "cone": {"nat": True, "mapping": "independent", "filtering": "address-and-port-dependent", "paths": EASY},
+    "fullcone": {"nat": True, "mapping": "independent", "filtering": "independent", "paths": EASY},
     "symmetric": {
         "nat": True,
         "mapping": "address-and-port-dependent",
         "filtering": "address-and-port-dependent",
+        "paths": HARD,
     },
-    "none": {"nat": False, "mapping": "independent", "filtering": "independent"},
+    "none": {"nat": False, "mapping": "independent", "filtering": "independent", "paths": EASY},
 }
 
 
@@ -58,3 +61,13 @@ def test_explore_without_stun_answer_fails_with_one_line(lab: Lab) -> None:
         lab.start_stun()
     assert (code, out) == (ExitCode.STUN_FAILED, "")
     assert err.count("\n") == 1 and "no answer from STUN server 203.0.113.10:3478" in err
+
+
+def test_explore_with_a_relay_reaches_every_peer(lab: Lab) -> None:
+    lab.set_nat("a", "symmetric")
+    turn = lab.turn
+    code, out, err = explore(
+        lab, f"--turn-server={turn.server}", f"--turn-user={turn.user}", f"--turn-passwd={turn.password}"
+    )
+    assert code == 0, err
+    assert "per destination" in out and out.rstrip().endswith("relay"), out
