@@ -23,7 +23,13 @@ from dataclasses import dataclass
 
 from plexus import launcher, path, puncher, stun
 from plexus.endpoint import Endpoint
-from plexus.errors import CommandFailedError, NatUnsuitableError, PlexusError, UsageError
+from plexus.errors import (
+    CommandFailedError,
+    HandshakeTimeoutError,
+    NatUnsuitableError,
+    PlexusError,
+    UsageError,
+)
 from plexus.launcher import Command, Running, Slot, Tunnel
 from plexus.mediator import Invitation, MailConfig, Mediator, Offer
 from plexus.mediator.email import Submission
@@ -41,6 +47,8 @@ INVITER_WATCH_SECONDS = 1.0
 # A stopped acceptor gives its commands this long to end after SIGTERM: a service stops within a second.
 SHUTDOWN_GRACE = 0.5
 RELAY_HOPS = 64  # toward a relay the first hello must arrive (the default TTL of most systems)
+# With a relay to fall back on, how long a direct attempt may take: a birthday needs up to about 7 s.
+FALLBACK_BOUND = 10.0
 
 
 @dataclass(frozen=True)
@@ -155,13 +163,24 @@ async def invite(config: SessionConfig) -> Tunnel:
                     puzzle = secrets.randbits(64)
                     offer = Offer(found.outer, puzzle, mine)
                     response = await mediator.invite(offer, config.response_timeout, submission)
-                chosen = plan(mine, response.reach, own_relay=own is not None)
-                if own is not None and (chosen.method is not Method.RELAY or chosen.relay is not None):
-                    await relays.aclose()  # not needed after all
+                theirs = response.reach
+                chosen = plan(mine, theirs, own_relay=own is not None)
+                if own is not None and chosen.relay is not None:
+                    await relays.aclose()  # the peer's relay is the one to use
+                    own = None
                 log.info("peer endpoint %s, punching", response.outer)
                 secret = puzzle ^ response.puzzle
+                fallback = theirs.relay if theirs is not None else None
                 punched = await _punch(
-                    chosen, config, found, sock, response.outer, secret, accept=False, relay=own
+                    chosen,
+                    config,
+                    found,
+                    sock,
+                    response.outer,
+                    secret,
+                    accept=False,
+                    relay=own,
+                    fallback=fallback,
                 )
             process = launcher.start(config.command, punched.tunnel)
             if slot is not None:
@@ -188,9 +207,44 @@ async def _punch(
     *,
     accept: bool,
     relay: Relay | None,
+    fallback: Endpoint | None = None,
 ) -> Punched:
-    """Confirm the path the plan names; `sock`, the socket STUN ran on, is closed on every path."""
-    timeout = config.handshake_timeout
+    """Confirm the path the plan names; `sock`, the socket STUN ran on, is closed on every path.
+
+    With a relay at hand (`relay`, this side's allocation, or `fallback`, the peer's relayed endpoint) a
+    direct attempt is bounded by FALLBACK_BOUND, and the relay is taken when it fails: a firewall, or a
+    birthday that found no pair of ports."""
+    if chosen.method is Method.RELAY:
+        if chosen.relay is None:
+            assert relay is not None
+            sock.close()
+            return await _over_own_relay(relay, peer, secret, config, accept=accept)
+        return await _toward_relay(sock, chosen.relay, found, secret, config, accept=accept)
+    can_fall_back = relay is not None or fallback is not None
+    bound = FALLBACK_BOUND if can_fall_back else config.handshake_timeout
+    try:
+        return await _direct(chosen, sock, found, peer, secret, config, accept=accept, timeout=bound)
+    except HandshakeTimeoutError:
+        if not can_fall_back:
+            raise
+    log.warning("no direct path (%s) within %g s: falling back to the relay", chosen.method, bound)
+    if relay is not None:
+        return await _over_own_relay(relay, peer, secret, config, accept=accept)
+    assert fallback is not None
+    return await _toward_relay(bind(config.inner), fallback, found, secret, config, accept=accept)
+
+
+async def _direct(
+    chosen: path.Plan,
+    sock: socket.socket,
+    found: Found,
+    peer: Endpoint,
+    secret: int,
+    config: SessionConfig,
+    *,
+    accept: bool,
+    timeout: float,
+) -> Punched:
     if chosen.method is Method.FANOUT:
         extra = [bind(Endpoint(found.inner.host, 0)) for _ in range(puncher.FANOUT_SOCKETS - 1)]
         winner, peer = await puncher.punch_fanout(
@@ -199,29 +253,42 @@ async def _punch(
         with contextlib.closing(winner):
             inner = Endpoint(found.inner.host, winner.getsockname()[1])
         return Punched(Tunnel(inner, found.outer, peer, secret, chosen.method))
-    if chosen.method is Method.RELAY and chosen.relay is None:
-        assert relay is not None
-        sock.close()
-        await relay.permit(peer.host)  # its port toward the relay is not the one STUN saw: any port of its IP
-        peer = await relay_punch(relay, peer, secret, accept=accept, timeout=timeout, peer_reflexive=True)
-        local = bind(Endpoint("127.0.0.1", 0))
-        command = Endpoint("127.0.0.1", _free_port())
-        forwarder = Endpoint("127.0.0.1", local.getsockname()[1])
-        return Punched(Tunnel(command, relay.relayed, forwarder, secret, chosen.method), relay, local, peer)
-    target = chosen.relay or peer
     peer = await puncher.punch(
         sock,
-        target,
+        peer,
         secret,
         accept=accept,
-        # The TTL-limited punch must die between the NATs; toward a relay it must arrive, so the relay
-        # learns where this side's NAT maps it.
-        hops=RELAY_HOPS if chosen.relay else config.punch_hops,
+        hops=config.punch_hops,
         timeout=timeout,
         peer_reflexive=chosen.peer_reflexive,
         spray=puncher.Spray() if chosen.method is Method.SPRAY else None,
     )
     return Punched(Tunnel(found.inner, found.outer, peer, secret, chosen.method))
+
+
+async def _over_own_relay(
+    relay: Relay, peer: Endpoint, secret: int, config: SessionConfig, *, accept: bool
+) -> Punched:
+    """The handshake through this side's allocation; the command will talk to a local forwarder."""
+    await relay.permit(peer.host)  # its port toward the relay is not the one STUN saw: any port of its IP
+    timeout = config.handshake_timeout
+    peer = await relay_punch(relay, peer, secret, accept=accept, timeout=timeout, peer_reflexive=True)
+    local = bind(Endpoint("127.0.0.1", 0))
+    command = Endpoint("127.0.0.1", _free_port())
+    forwarder = Endpoint("127.0.0.1", local.getsockname()[1])
+    return Punched(Tunnel(command, relay.relayed, forwarder, secret, Method.RELAY), relay, local, peer)
+
+
+async def _toward_relay(
+    sock: socket.socket, relayed: Endpoint, found: Found, secret: int, config: SessionConfig, *, accept: bool
+) -> Punched:
+    """The handshake with the peer's relayed endpoint, from an ordinary socket."""
+    inner = Endpoint(found.inner.host, sock.getsockname()[1])
+    # The TTL-limited punch must die between the NATs; toward a relay it must arrive, so the relay learns
+    # where this side's NAT maps it.
+    timeout = config.handshake_timeout
+    peer = await puncher.punch(sock, relayed, secret, accept=accept, hops=RELAY_HOPS, timeout=timeout)
+    return Punched(Tunnel(inner, found.outer, peer, secret, Method.RELAY))
 
 
 def _free_port() -> int:
@@ -345,13 +412,9 @@ async def _answer(
                     found = await discover(sock, config.stun_server)
                     theirs = invitation.offer.reach
                     own = None
-                    if (
-                        found.mapping == "dependent"
-                        and theirs is not None
-                        and theirs.mapping == "dependent"
-                        and theirs.relay is None
-                        and config.turn is not None
-                    ):
+                    # A relay for the path when both NATs map per destination, and to fall back on when a
+                    # direct attempt fails; unless the inviter brought one (a 2.2 inviter knows of none).
+                    if config.turn is not None and theirs is not None and theirs.relay is None:
                         own = await _allocate(config, relays)
                     mine = Reach(found.mapping, own.relayed if own else None)
                     chosen = plan(mine, theirs, own_relay=own is not None)
@@ -359,9 +422,18 @@ async def _answer(
                 secret = puzzle ^ invitation.offer.puzzle
                 # The punch starts before the response leaves: the TTL-limited hello (or the fan-out, the
                 # spray, the relay's permission) has opened the way when the inviter's hellos arrive.
+                fallback = theirs.relay if theirs is not None else None
                 handshake = asyncio.ensure_future(
                     _punch(
-                        chosen, config, found, sock, invitation.offer.outer, secret, accept=True, relay=own
+                        chosen,
+                        config,
+                        found,
+                        sock,
+                        invitation.offer.outer,
+                        secret,
+                        accept=True,
+                        relay=own,
+                        fallback=fallback,
                     )
                 )
                 await asyncio.sleep(0)

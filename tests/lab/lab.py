@@ -498,8 +498,24 @@ class Lab:
                 return int(item["counter"]["packets"])
         raise LabError(f"no wan_udp counter in {router}")
 
+    def separate(self, on: bool = True) -> None:
+        """A firewall at the internet router that drops UDP between the two sites, so that no direct path can
+        work, while both still reach the public servers (STUN, TURN, mail)."""
+        inet = self.netns("inet")
+        run(["ip", "netns", "exec", inet, "nft", "delete", "table", "inet", "separate"], check=False)
+        if on:
+            rules = "".join(
+                f'    iifname "nat-{x}" oifname "nat-{y}" meta l4proto udp drop\n'
+                for x, y in (("a", "b"), ("b", "a"))
+            )
+            chain = "    type filter hook forward priority 0; policy accept;\n" + rules
+            ruleset = "table inet separate {\n  chain forward {\n" + chain + "  }\n}\n"
+            run(["ip", "netns", "exec", inet, "nft", "-f", "-"], input=ruleset)
+
     def reset(self) -> None:
-        """Back to the start: both NATs cone, clean links, STUN running; fails if a mail server died."""
+        """Back to the start: both NATs cone, clean links, no firewall between the sites, STUN running; fails
+        if a mail server died."""
+        self.separate(False)
         for host in SITES:
             self.set_nat(host, "cone")
             self.set_link(host)

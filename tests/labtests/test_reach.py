@@ -81,3 +81,21 @@ def test_a_wrong_turn_password_has_its_exit_code(lab: Lab, tmp_path: Path, runni
     message = invite.stderr()
     assert message.count("\n") == 1 and "password" in message, message
     assert "request sent" not in invite.log()  # found before any mail left
+
+
+@pytest.mark.parametrize("modes", [("cone", "cone"), ("symmetric", "cone"), ("cone", "symmetric")])
+def test_a_failed_direct_attempt_falls_back_to_the_relay(
+    lab: Lab, tmp_path: Path, running: list[Plexus], modes: tuple[str, str]
+) -> None:
+    """A firewall between the sites defeats every direct path; the relay one side allocated carries it."""
+    for host, mode in zip(("a", "b"), modes, strict=True):
+        lab.set_nat(host, mode)
+    lab.separate()
+    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=turn(lab))
+    invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False, overrides=turn(lab))
+    running.append(invite)
+    code = invite.wait(90)
+    assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    a, b = invite.wait_hello()[0], acceptor.wait_hello()[0]
+    assert a["received"] and b["received"], f"{a}\n{b}"
+    assert "falling back to the relay" in invite.log() and "falling back to the relay" in acceptor.log()
