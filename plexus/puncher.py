@@ -369,6 +369,31 @@ class Acceptor(Handshake):
         return quiet if self._fanout is None else min(quiet, self._next_punch)
 
 
+def handshake(
+    peer: Endpoint,
+    secret: int,
+    now: float,
+    *,
+    accept: bool,
+    hops: int = DEFAULT_HOPS,
+    timeout: float = DEFAULT_TIMEOUT,
+    random: Random = os.urandom,
+    peer_reflexive: bool = False,
+    spray: Spray | None = None,
+    fanout: Fanout | None = None,
+) -> Handshake:
+    """The role's machine: the acceptor's (with its TTL punch, `hops`) or the inviter's."""
+    if accept:
+        return Acceptor(
+            peer, secret, now, hops=hops, timeout=timeout, random=random, peer_reflexive=peer_reflexive,
+            spray=spray, fanout=fanout,
+        )  # fmt: skip
+    return Inviter(
+        peer, secret, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray,
+        fanout=fanout,
+    )  # fmt: skip
+
+
 def fan_out(
     count: int,
     peer: Endpoint,
@@ -384,9 +409,16 @@ def fan_out(
     `interval`, so the whole fan-out sends `count / interval` hellos per second."""
     if count < 1:
         raise ValueError(f"a fan-out needs at least one socket, not {count}")
-    role = Acceptor if accept else Inviter
     return [
-        role(peer, secret, now, timeout=timeout, random=random, fanout=Fanout(interval, i * interval / count))
+        handshake(
+            peer,
+            secret,
+            now,
+            accept=accept,
+            timeout=timeout,
+            random=random,
+            fanout=Fanout(interval, i * interval / count),
+        )
         for i in range(count)
     ]
 
@@ -504,13 +536,16 @@ async def punch(
         sock.setblocking(False)
         now = asyncio.get_running_loop().time()
         key = _canonical(peer)
-        machine: Handshake
-        if accept:
-            machine = Acceptor(
-                key, secret, now, hops=hops, timeout=timeout, peer_reflexive=peer_reflexive, spray=spray
-            )
-        else:
-            machine = Inviter(key, secret, now, timeout=timeout, peer_reflexive=peer_reflexive, spray=spray)
+        machine = handshake(
+            key,
+            secret,
+            now,
+            accept=accept,
+            hops=hops,
+            timeout=timeout,
+            peer_reflexive=peer_reflexive,
+            spray=spray,
+        )
         driver = _Driver(sock, machine)
         try:
             driver.start()
@@ -520,14 +555,18 @@ async def punch(
     if outcome is Outcome.TIMED_OUT:
         raise HandshakeTimeoutError(f"no handshake with {peer} within {timeout:g} s")
     final = peer if machine.peer == key else machine.peer
-    _report(outcome, final)
+    report(outcome, final)
     return final
 
 
-def _report(outcome: Outcome, peer: Endpoint) -> None:
+def report(outcome: Outcome, peer: Endpoint, via: object = None) -> None:
+    """Log how a handshake ended (`via`: the relay it ran through, if any)."""
+    through = f" through {via}" if via is not None else ""
     if outcome is Outcome.PRESUMED:
-        log.warning("no ready from %s, but its hellos stopped after our ready: taking it as done", peer)
-    log.info("handshake with %s done", peer)
+        log.warning(
+            "no ready from %s%s, but its hellos stopped after our ready: taking it as done", peer, through
+        )
+    log.info("handshake with %s%s done", peer, through)
 
 
 async def punch_fanout(
@@ -589,5 +628,5 @@ async def punch_fanout(
     machine = machines[winner]
     log.info("fan-out: socket %d of %d (%s) got through", winner + 1, len(socks), socks[winner].getsockname())
     final = peer if machine.peer == key else machine.peer
-    _report(machine.outcome or Outcome.COMPLETED, final)
+    report(machine.outcome or Outcome.COMPLETED, final)
     return socks[winner], final

@@ -35,7 +35,7 @@ from aioice import stun, turn
 
 from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError, TurnAuthError, TurnError, TurnUnreachableError
-from plexus.puncher import DEFAULT_TIMEOUT, Acceptor, Handshake, Inviter, Outcome
+from plexus.puncher import DEFAULT_TIMEOUT, Outcome, handshake, report
 
 log = logging.getLogger(__name__)
 
@@ -562,11 +562,9 @@ async def punch(
     """
     loop = asyncio.get_running_loop()
     key = Endpoint(_canonical_ip(peer.host), peer.port)
-    machine: Handshake
-    if accept:
-        machine = Acceptor(key, secret, loop.time(), timeout=timeout, peer_reflexive=peer_reflexive)
-    else:
-        machine = Inviter(key, secret, loop.time(), timeout=timeout, peer_reflexive=peer_reflexive)
+    machine = handshake(
+        key, secret, loop.time(), accept=accept, timeout=timeout, peer_reflexive=peer_reflexive
+    )
     while True:
         for datagram in machine.datagrams_to_send():
             relay.sendto(datagram.data, datagram.to or machine.peer)
@@ -584,9 +582,6 @@ async def punch(
         machine.datagram_received(data, Endpoint(_canonical_ip(source.host), source.port), loop.time())
     if machine.outcome is Outcome.TIMED_OUT:
         raise HandshakeTimeoutError(f"no handshake with {peer} through {relay} within {timeout:g} s")
-    if machine.outcome is Outcome.PRESUMED:
-        log.warning(
-            "no ready from %s, but its hellos stopped after our ready: taking it as done", machine.peer
-        )
-    log.info("handshake with %s through %s done", machine.peer, relay)
+    assert machine.outcome is not None  # the loop ends only with an outcome
+    report(machine.outcome, machine.peer, via=relay)
     return machine.peer

@@ -1,11 +1,12 @@
 """One plexus session from each side: STUN on the punching socket, the mail rendezvous, the punch, the launch.
 
-Inviter (once): stop its previous session's command -> STUN -> request by mail -> wait for the response ->
-handshake -> launch -> watch the command for a moment.
-Acceptor: STUN once (an unsuitable NAT is refused at the start), then forever: wait for a request -> stop
-the previous session's command -> STUN -> TTL punch -> response by mail -> handshake -> launch. A request it
-cannot serve (the inner port held, STUN failing, the NAT turned unsuitable) gets a refusal by mail, so the
-inviter stops waiting at once.
+Inviter (once): stop its previous session's command -> STUN (with its NAT's mapping) -> request by mail ->
+wait for the response -> the way through (plexus/path.py) -> handshake -> launch -> watch the command for a
+moment (on a relay it allocated: carry the command's datagrams until it exits).
+Acceptor: STUN once, then forever: wait for a request -> stop the previous session's command -> STUN -> the
+way through -> the punch (TTL-limited hello, fan-out, spray or relay) -> response by mail -> handshake ->
+launch. A request it cannot serve (the inner port held, STUN failing, no way through) gets a refusal by mail,
+so the inviter stops waiting at once.
 The acceptor serves each request in its own task, so a slow or failing session never stops the loop. Stopped
 (cancelled), it stops the commands it launched: their lifetime is the acceptor's.
 """

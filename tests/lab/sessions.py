@@ -147,6 +147,17 @@ def accepting(lab: Lab, workdir: Path, running: list[Plexus], **kwargs: Any) -> 
     return acceptor, inviter, acceptor_side
 
 
+def invite_once(
+    lab: Lab, me: Side, peer: Side, workdir: Path, running: list[Plexus], **kwargs: Any
+) -> tuple[Plexus, int, float]:
+    """Run an inviter on host a to its end (in `running`): it, its exit code and how long it took."""
+    started = time.monotonic()
+    invite = start(lab, me, peer, workdir, accept=False, **kwargs)
+    running.append(invite)
+    code = invite.wait(90)
+    return invite, code, time.monotonic() - started
+
+
 def pids_of(lab: Lab, host: str, name: str) -> list[int]:
     """The processes in that host's namespace only (pkill would see every namespace's) that run the program or
     script called `name` (argv[0], or the script an interpreter runs)."""
