@@ -166,9 +166,6 @@ async def invite(config: SessionConfig) -> Tunnel:
                     response = await mediator.invite(offer, config.response_timeout, submission)
                 theirs = response.reach
                 chosen = plan(mine, theirs, own_relay=own is not None)
-                if own is not None and chosen.relay is not None:
-                    await relays.aclose()  # the peer's relay is the one to use
-                    own = None
                 log.info("peer endpoint %s, punching", response.outer)
                 secret = puzzle ^ response.puzzle
                 fallback = theirs.relay if theirs is not None else None
@@ -187,6 +184,8 @@ async def invite(config: SessionConfig) -> Tunnel:
             if slot is not None:
                 slot.save(process.pid)
             watching = asyncio.ensure_future(launcher.watch(process, grace=INVITER_WATCH_SECONDS))
+            if punched.relay is None:
+                await relays.aclose()  # an allocation kept for a fallback that was not needed
         status = await watching
         if status:
             raise CommandFailedError(
@@ -382,6 +381,7 @@ async def _serve(
             log.error("session with %s failed: %s", peer, error)
             return
         if punched.relay is None:
+            await relays.aclose()  # a standby allocation: not held for as long as the command runs
             await _watch(process, running)
             return
         try:
