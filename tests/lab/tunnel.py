@@ -26,10 +26,15 @@ def exec_sh(
     *args: str, directory: Path | None = None, as_nobody: bool = False
 ) -> subprocess.CompletedProcess[str]:
     env = os.environ | ({"PLEXUS_OPENVPN_DIR": str(directory)} if directory else {})
+    if not as_nobody:
+        return subprocess.run([str(EXEC_SH), *args], env=env, capture_output=True, text=True, timeout=30)
+    # As nobody the script comes on stdin: the clone may sit in a folder only root can enter (mktemp -d).
     nobody = pwd.getpwnam("nobody")
     prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
-    argv = [*prefix, str(EXEC_SH), *args] if as_nobody else [str(EXEC_SH), *args]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+    argv = [*prefix, "bash", "-s", "--", *args]
+    return subprocess.run(
+        argv, env=env, input=EXEC_SH.read_text(), capture_output=True, text=True, timeout=30
+    )
 
 
 def init(directory: Path) -> str:
