@@ -72,8 +72,12 @@ PROBE_SCHEDULE = Schedule(rto=0.1, max_rto=0.4, attempts=4, timeout=1.2)
 def probe_schedule(rtt: float, base: Schedule = PROBE_SCHEDULE) -> Schedule:
     """The follow-up tests' schedule, stretched so that a long round trip still gets its answers in time."""
     rto = max(base.rto, 1.5 * rtt)
-    return Schedule(rto=rto, max_rto=max(base.max_rto, 4 * rto), attempts=base.attempts,
-                    timeout=max(base.timeout, 5 * rtt))
+    return Schedule(
+        rto=rto,
+        max_rto=max(base.max_rto, 4 * rto),
+        attempts=base.attempts,
+        timeout=max(base.timeout, 5 * rtt),
+    )
 
 
 # Codec ---------------------------------------------------------------------------------------------------
@@ -131,8 +135,9 @@ class Transaction:
     sees its datagram return through the NAT.
     """
 
-    def __init__(self, destination: Endpoint, message: stun.Message, now: float,
-                 schedule: Schedule = DEFAULT_SCHEDULE) -> None:
+    def __init__(
+        self, destination: Endpoint, message: stun.Message, now: float, schedule: Schedule = DEFAULT_SCHEDULE
+    ) -> None:
         self.destination = destination
         self.message = message
         self.schedule = schedule
@@ -194,9 +199,12 @@ class Transaction:
 
     def receive(self, message: stun.Message, source: Endpoint, now: float) -> bool:
         """Take `message` if it answers this transaction; returns whether it did."""
-        if (not self.pending or message.transaction_id != self.transaction_id
-                or message.message_method != self.message.message_method
-                or message.message_class not in self._answers):
+        if (
+            not self.pending
+            or message.transaction_id != self.transaction_id
+            or message.message_method != self.message.message_method
+            or message.message_class not in self._answers
+        ):
             return False
         self.response, self.source, self.answered_at = message, source, now
         self.outcome = Outcome.REFUSED if message.message_class == stun.Class.ERROR else Outcome.ANSWERED
@@ -283,18 +291,31 @@ class NatReport:
     def to_json(self) -> dict[str, str | bool | None]:
         """The report as a JSON object (json.dumps it): the form `plexus --explore --json` prints."""
         return {
-            "inner": str(self.inner), "outer": str(self.outer), "nat": self.nat,
-            "mapping": self.mapping, "filtering": self.filtering, "hairpin": self.hairpin,
+            "inner": str(self.inner),
+            "outer": str(self.outer),
+            "nat": self.nat,
+            "mapping": self.mapping,
+            "filtering": self.filtering,
+            "hairpin": self.hairpin,
         }
 
     def render(self) -> str:
         """The report for people, one finding a line."""
-        def behaviour(value: Behaviour | None) -> str:
-            return "untested (the STUN server offers no working alternate address)" if value is None \
-                else f"endpoint-{value}" if value == "independent" else value
 
-        verdict = {True: "yes", False: "not directly: the mapping changes per destination (see below)",
-                   None: "unknown: the mapping could not be tested"}[self.punchable]
+        def behaviour(value: Behaviour | None) -> str:
+            return (
+                "untested (the STUN server offers no working alternate address)"
+                if value is None
+                else f"endpoint-{value}"
+                if value == "independent"
+                else value
+            )
+
+        verdict = {
+            True: "yes",
+            False: "not directly: the mapping changes per destination (see below)",
+            None: "unknown: the mapping could not be tested",
+        }[self.punchable]
         preserved = "port preserved" if self.port_preserved else "port changed"
         hairpin = "untested" if self.hairpin is None else "yes" if self.hairpin else "no"
         lines = [
@@ -321,8 +342,15 @@ class Discovery(Exchange):
     PROBE socket; they run at once, together with the hairpin test, after the mapping tests.
     """
 
-    def __init__(self, server: Endpoint, now: float, schedule: Schedule = DEFAULT_SCHEDULE,
-                 probe: Schedule = PROBE_SCHEDULE, *, mapping_only: bool = False) -> None:
+    def __init__(
+        self,
+        server: Endpoint,
+        now: float,
+        schedule: Schedule = DEFAULT_SCHEDULE,
+        probe: Schedule = PROBE_SCHEDULE,
+        *,
+        mapping_only: bool = False,
+    ) -> None:
         super().__init__()
         self.server = server
         self.mapping_only = mapping_only
@@ -385,8 +413,10 @@ class Discovery(Exchange):
         self.other = other
         self._mapping_tests = (
             self.start(PUNCH, Transaction(other, binding_request(), now, self._probe)),
-            self.start(PUNCH, Transaction(Endpoint(other.host, self.server.port), binding_request(), now,
-                                          self._probe)),
+            self.start(
+                PUNCH,
+                Transaction(Endpoint(other.host, self.server.port), binding_request(), now, self._probe),
+            ),
         )
 
     def _conclude_mapping(self, now: float) -> None:
@@ -400,8 +430,11 @@ class Discovery(Exchange):
         elif to_alternate_ip.pending:
             return
         elif to_alternate.mapped is not None and to_alternate_ip.mapped is not None:
-            self.mapping = "address-dependent" if to_alternate_ip.mapped == to_alternate.mapped \
+            self.mapping = (
+                "address-dependent"
+                if to_alternate_ip.mapped == to_alternate.mapped
                 else "address-and-port-dependent"
+            )
         # An alternate address that does not answer leaves mapping and filtering untested.
         self._mapping_concluded(now, filtering=to_alternate.mapped is not None)
 
@@ -414,7 +447,8 @@ class Discovery(Exchange):
         if filtering:
             self._filtering_tests = [
                 self.start(PROBE, Transaction(self.server, binding_request(change), now, self._probe))
-                for change in (0, CHANGE_PORT, CHANGE_IP | CHANGE_PORT)]
+                for change in (0, CHANGE_PORT, CHANGE_IP | CHANGE_PORT)
+            ]
         hairpin = stun.Message(stun.Method.BINDING, stun.Class.INDICATION)
         self._hairpin_test = self.start(PUNCH, Transaction(self.outer, hairpin, now, self._probe))
 
@@ -429,9 +463,10 @@ class Discovery(Exchange):
             return
         if any(t.pending for t in self._filtering_tests):
             return
-        if both_changed.mapped is not None or (port_changed.mapped is not None
-                                               and port_changed.source != Endpoint(self.server.host,
-                                                                                   self.other.port)):
+        if both_changed.mapped is not None or (
+            port_changed.mapped is not None
+            and port_changed.source != Endpoint(self.server.host, self.other.port)
+        ):
             return  # the server answered but ignored CHANGE-REQUEST: filtering untested
         if port_changed.mapped is not None:
             self.filtering = "address-dependent"
@@ -442,8 +477,14 @@ class Discovery(Exchange):
         """The findings; only once the primary server has given the outer endpoint."""
         outer = self.outer
         assert outer is not None
-        return NatReport(inner=inner, outer=outer, nat=outer != inner, mapping=self.mapping,
-                         filtering=self.filtering, hairpin=self.hairpin)
+        return NatReport(
+            inner=inner,
+            outer=outer,
+            nat=outer != inner,
+            mapping=self.mapping,
+            filtering=self.filtering,
+            hairpin=self.hairpin,
+        )
 
 
 # asyncio driver ------------------------------------------------------------------------------------------
@@ -470,8 +511,9 @@ async def _drive(machine: Exchange, socks: Sequence[socket.socket]) -> None:
             for index, sock in enumerate(socks):
                 if index not in reads.values():
                     reads[asyncio.ensure_future(loop.sock_recvfrom(sock, 2048))] = index
-            done, _ = await asyncio.wait(reads, timeout=max(0.0, timer - loop.time()),
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                reads, timeout=max(0.0, timer - loop.time()), return_when=asyncio.FIRST_COMPLETED
+            )
             for task in done:
                 index = reads.pop(task)
                 try:
@@ -491,8 +533,9 @@ async def resolve(server: Endpoint) -> Endpoint:
         return server
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(server.host, server.port, family=socket.AF_INET,
-                                       type=socket.SOCK_DGRAM)
+        infos = await loop.getaddrinfo(
+            server.host, server.port, family=socket.AF_INET, type=socket.SOCK_DGRAM
+        )
     except OSError as exc:
         raise StunError(f"cannot resolve STUN server {server.host}: {exc.strerror or exc}") from exc
     host, port = infos[0][4][:2]
@@ -522,14 +565,16 @@ def inner_endpoint(sock: socket.socket, toward: Endpoint) -> Endpoint:
     return Endpoint(host, port)
 
 
-async def query_outer(sock: socket.socket, server: Endpoint, *,
-                      schedule: Schedule = DEFAULT_SCHEDULE) -> Endpoint:
+async def query_outer(
+    sock: socket.socket, server: Endpoint, *, schedule: Schedule = DEFAULT_SCHEDULE
+) -> Endpoint:
     """The outer endpoint of `sock` as `server` sees it: one binding request on the caller's socket."""
     _check_socket(sock)
     address = await resolve(server)
     exchange = Exchange()
-    transaction = exchange.start(0, Transaction(address, binding_request(), asyncio.get_running_loop().time(),
-                                                schedule))
+    transaction = exchange.start(
+        0, Transaction(address, binding_request(), asyncio.get_running_loop().time(), schedule)
+    )
     await _drive(exchange, [sock])
     if transaction.mapped is None:
         raise StunError(_failure(server, address, transaction))
@@ -543,8 +588,13 @@ def _failure(server: Endpoint, address: Endpoint, transaction: Transaction) -> s
     return f"STUN server {name} gave {transaction.describe_failure()}"
 
 
-async def explore(sock: socket.socket, server: Endpoint, *, schedule: Schedule = DEFAULT_SCHEDULE,
-                  probe: Schedule = PROBE_SCHEDULE) -> NatReport:
+async def explore(
+    sock: socket.socket,
+    server: Endpoint,
+    *,
+    schedule: Schedule = DEFAULT_SCHEDULE,
+    probe: Schedule = PROBE_SCHEDULE,
+) -> NatReport:
     """RFC 5780 discovery for the punching socket `sock`, which stays open and keeps its mapping.
 
     The filtering tests run on a second socket bound to the same address, created and closed here.
@@ -552,8 +602,13 @@ async def explore(sock: socket.socket, server: Endpoint, *, schedule: Schedule =
     return await _discover(sock, server, schedule, probe, mapping_only=False)
 
 
-async def probe_mapping(sock: socket.socket, server: Endpoint, *, schedule: Schedule = DEFAULT_SCHEDULE,
-                        probe: Schedule = PROBE_SCHEDULE) -> NatReport:
+async def probe_mapping(
+    sock: socket.socket,
+    server: Endpoint,
+    *,
+    schedule: Schedule = DEFAULT_SCHEDULE,
+    probe: Schedule = PROBE_SCHEDULE,
+) -> NatReport:
     """The outer endpoint and the mapping behaviour only (filtering and hairpin None): what a session needs.
 
     Its answers all come from addresses `sock` has sent to, so it takes about two round trips.
@@ -561,8 +616,9 @@ async def probe_mapping(sock: socket.socket, server: Endpoint, *, schedule: Sche
     return await _discover(sock, server, schedule, probe, mapping_only=True)
 
 
-async def _discover(sock: socket.socket, server: Endpoint, schedule: Schedule, probe: Schedule, *,
-                    mapping_only: bool) -> NatReport:
+async def _discover(
+    sock: socket.socket, server: Endpoint, schedule: Schedule, probe: Schedule, *, mapping_only: bool
+) -> NatReport:
     _check_socket(sock)
     address = await resolve(server)
     inner = inner_endpoint(sock, address)

@@ -8,7 +8,8 @@ connection was down is still found after reconnecting. It sleeps in IDLE (renewe
 It keeps the mailbox bounded: every message from the peer's route that it judged, taken or ignored, is
 consumed (flagged \\Deleted, then expunged by UID with UIDPLUS); so is the route's mail that arrived before a
 wait began (the acceptor clears it as it starts, the inviter as it leaves), and the inviter's own request when
-it lands in a mailbox the inviter reads. Nothing else is touched.
+it lands in a mailbox the inviter reads. An inviter leaves alone a fresh answer to another request: another
+session from the same account waits for it. Nothing else is touched.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ CLEANUP_TIMEOUT = 3.0
 # The same when leaving by cancellation (SIGTERM, Ctrl-C): an acceptor must be gone within 1 s of SIGTERM.
 CANCELLED_CLEANUP_TIMEOUT = 0.5
 UID_CHUNK = 200  # UIDs per FETCH, STORE or EXPUNGE command: keeps command lines short
-_HEADER_FIELDS = "BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT)]"
-_ID_FIELDS = "BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT MESSAGE-ID)]"
+_HEADER_FIELDS = "BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT IN-REPLY-TO)]"
+_ID_FIELDS = "INTERNALDATE BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT MESSAGE-ID IN-REPLY-TO)]"
 _SEARCH = re.compile(rb"^(?:\* )?SEARCH\b(.*)$", re.IGNORECASE)
 _ATOM_SAFE = re.compile(r"[ -~]*")  # what goes into a quoted IMAP string as is
 _FETCH_START = re.compile(rb"^\d+ FETCH \(")
@@ -331,7 +332,8 @@ class Inbox:
         return _parse_search(response.lines)
 
     async def headers(self, uids: Iterable[int]) -> list[Fetched]:
-        """Flags and From, To, Subject and Message-ID of these messages (PEEK: they stay unseen)."""
+        """Flags, arrival and From, To, Subject, Message-ID and In-Reply-To of these messages (PEEK: they stay
+        unseen)."""
         found: list[Fetched] = []
         for chunk in _chunks(uids):
             response = await self._command(
@@ -581,7 +583,7 @@ class Mediator:
             letter = None
             # Mail already flagged \Deleted is someone's (maybe another client's) to expunge: never touched.
             mine = self._config.incoming.matches(message.parse_headers(item.data))
-            if mine and "\\deleted" not in item.flags:
+            if mine and "\\deleted" not in item.flags and not self._answers_another(item):
                 if cursor.counts(item):
                     letter = await self._take(item, kind, reply_to, request)
                 else:
@@ -607,6 +609,18 @@ class Mediator:
         if letter.offer is not None:
             log.info("%s from %s: outer endpoint %s", letter.kind, self._peer, letter.offer.outer)
         return letter
+
+    def _answers_another(self, item: Fetched) -> bool:
+        """For an inviter: whether this is a fresh answer to a request not its own. Another session from the
+        same account waits for it (two invites at once), so it is that session's to take and consume; once
+        older than any wait (the clock tolerance), it is anyone's to clear."""
+        if not self._inviting:
+            return False
+        answers = message.in_reply_to_of(message.parse_headers(item.data))
+        if answers is None or answers == self._request_id:
+            return False
+        age = datetime.datetime.now(datetime.UTC) - item.arrived if item.arrived is not None else None
+        return age is None or age <= message.CLOCK_TOLERANCE
 
     @property
     def _peer(self) -> str:
@@ -662,7 +676,11 @@ class Mediator:
             headers = message.parse_headers(item.data)
             if "\\deleted" in item.flags:
                 continue
-            earlier = item.uid < first and self._config.incoming.matches(headers)
+            earlier = (
+                item.uid < first
+                and self._config.incoming.matches(headers)
+                and not self._answers_another(item)
+            )
             ours = (
                 request_id is not None
                 and self._config.outgoing.matches(headers)

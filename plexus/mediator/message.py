@@ -336,6 +336,11 @@ def message_id_of(headers: Message) -> str | None:
     return _message_id(headers, "Message-ID")
 
 
+def in_reply_to_of(headers: Message) -> str | None:
+    """The request a response or refusal answers (plexus 2.2 names none)."""
+    return _message_id(headers, "In-Reply-To")
+
+
 def _message_id(message: Message, name: str) -> str | None:
     value = message.get(name)
     if value is None:

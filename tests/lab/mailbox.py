@@ -3,6 +3,7 @@ and the benchmark's soak count what plexus left in a mailbox."""
 
 from __future__ import annotations
 
+import datetime
 import imaplib
 import re
 import ssl
@@ -31,9 +32,12 @@ class Mailbox:
 
         return self.lab.run_sync("a", run)
 
-    def append(self, raw: bytes, flags: str = "") -> int:
+    def append(self, raw: bytes, flags: str = "", arrived: datetime.datetime | None = None) -> int:
+        """Put a message in INBOX as if delivered (at `arrived`: its INTERNALDATE); return its UID."""
+
         def work(imap: imaplib.IMAP4_SSL) -> int:
-            _, data = imap.append("INBOX", f"({flags})" if flags else None, None, raw)
+            when = imaplib.Time2Internaldate(arrived) if arrived is not None else None
+            _, data = imap.append("INBOX", f"({flags})" if flags else None, when, raw)
             match = re.search(rb"APPENDUID \d+ (\d+)", data[0])
             assert match is not None, data
             return int(match.group(1))

@@ -264,16 +264,27 @@ async def test_replayed_stale_and_forged_requests_are_ignored(
     await purge_responses(mailboxes["local"], pair.tag, 2)
 
 
-async def test_response_to_another_request_is_ignored(lab: Lab, mailboxes: dict[str, Mailbox]) -> None:
+async def test_response_to_another_request_is_ignored_and_left_to_its_inviter(
+    lab: Lab, mailboxes: dict[str, Mailbox]
+) -> None:
+    """Two invites at once from one account: each leaves the other's fresh response where it is. A response
+    older than any wait is cleared like other stale mail."""
     pair = Pair.make(lab, shared=False)
     inviter_box = mailboxes["local"]
     before = inviter_box.append(letter(pair.acceptor, "response", puzzle=1))  # arrived before the request
+    long_ago = datetime.datetime.now(datetime.UTC) - 2 * message.CLOCK_TOLERANCE
+    forgotten = inviter_box.append(
+        letter(pair.acceptor, "response", puzzle=3, in_reply_to="<gone@lab.test>"), arrived=long_ago
+    )
     task = asyncio.ensure_future(invite(lab, pair.inviter, timeout=8))
     await until(lambda: bool(mailboxes["remote"].with_subject(pair.inviter.host_id)))
-    stale = inviter_box.append(letter(pair.acceptor, "response", puzzle=2, in_reply_to="<other@lab.test>"))
+    others = inviter_box.append(letter(pair.acceptor, "response", puzzle=2, in_reply_to="<other@lab.test>"))
     with pytest.raises(MailTimeoutError):
         await task
-    inviter_box.purge([before, stale])
+    flags = inviter_box.flags()
+    assert "\\Deleted" not in flags[others]  # untouched: the other inviter takes and consumes it
+    assert before not in flags and forgotten not in flags
+    inviter_box.purge([others])
     mailboxes["remote"].purge(mailboxes["remote"].with_subject(pair.tag))
 
 
@@ -480,8 +491,8 @@ async def test_refusal_with_smime(
 async def test_refusal_of_another_request_does_not_end_the_wait(
     lab: Lab, mailboxes: dict[str, Mailbox], identities: dict[str, Any]
 ) -> None:
-    """Refusals that do not answer this request are ignored (and consumed): another puzzle (an old refusal
-    replayed), our puzzle but naming another request, our puzzle but stale."""
+    """Refusals that do not answer this request are ignored: another puzzle (an old refusal replayed) and our
+    puzzle but stale are consumed; one naming another request is left to that request's inviter."""
     pair = Pair.make(lab, shared=False)
     inviter_box = mailboxes["local"]
     old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
@@ -489,12 +500,15 @@ async def test_refusal_of_another_request_does_not_end_the_wait(
     await until(lambda: bool(mailboxes["remote"].with_subject(pair.inviter.host_id)))
     ignored = [
         inviter_box.append(letter(pair.acceptor, "refusal", puzzle=9999)),
-        inviter_box.append(letter(pair.acceptor, "refusal", puzzle=1111, in_reply_to="<other@lab.test>")),
         inviter_box.append(letter(pair.acceptor, "refusal", puzzle=1111, date=old)),
     ]
+    others = inviter_box.append(letter(pair.acceptor, "refusal", puzzle=1111, in_reply_to="<other@lab.test>"))
     outcome = await task
     assert isinstance(outcome.error, MailTimeoutError), outcome.error
-    assert not set(ignored) & set(inviter_box.flags())  # consumed as the inviter left
+    flags = inviter_box.flags()
+    assert not set(ignored) & set(flags)  # consumed as the inviter left
+    assert "\\Deleted" not in flags[others]
+    inviter_box.purge([others])
     async with accepting(lab, pair.acceptor) as acceptor:  # finds the timed-out request at its start
         await assert_session_left_nothing(pair, mailboxes)
     assert acceptor.invitations == []

@@ -46,8 +46,12 @@ BEHAVIOURS: list[Behaviour] = ["independent", "address-dependent", "address-and-
 
 
 def response(request: codec.Message, **attributes: Any) -> codec.Message:
-    return codec.Message(codec.Method.BINDING, codec.Class.RESPONSE, request.transaction_id,
-                         {name.replace("_", "-"): value for name, value in attributes.items()})
+    return codec.Message(
+        codec.Method.BINDING,
+        codec.Class.RESPONSE,
+        request.transaction_id,
+        {name.replace("_", "-"): value for name, value in attributes.items()},
+    )
 
 
 # Codec ---------------------------------------------------------------------------------------------------
@@ -67,8 +71,12 @@ def test_plain_binding_request_carries_no_attribute() -> None:
 
 
 def test_response_round_trip_reads_rfc5780_attributes() -> None:
-    message = response(binding_request(), XOR_MAPPED_ADDRESS=("198.51.100.2", 40000),
-                       OTHER_ADDRESS=("203.0.113.11", 3479), RESPONSE_ORIGIN=("203.0.113.10", 3478))
+    message = response(
+        binding_request(),
+        XOR_MAPPED_ADDRESS=("198.51.100.2", 40000),
+        OTHER_ADDRESS=("203.0.113.11", 3479),
+        RESPONSE_ORIGIN=("203.0.113.10", 3478),
+    )
     parsed = decode(bytes(message))
     assert mapped_address(parsed) == Endpoint("198.51.100.2", 40000)
     assert other_address(parsed) == Endpoint("203.0.113.11", 3479)
@@ -76,21 +84,32 @@ def test_response_round_trip_reads_rfc5780_attributes() -> None:
 
 
 def test_rfc3489_attributes_are_the_fallback() -> None:
-    message = response(binding_request(), MAPPED_ADDRESS=("198.51.100.2", 1),
-                       CHANGED_ADDRESS=("203.0.113.11", 2))
+    message = response(
+        binding_request(), MAPPED_ADDRESS=("198.51.100.2", 1), CHANGED_ADDRESS=("203.0.113.11", 2)
+    )
     parsed = decode(bytes(message))
     assert mapped_address(parsed) == Endpoint("198.51.100.2", 1)
     assert other_address(parsed) == Endpoint("203.0.113.11", 2)
 
 
 def test_xor_mapped_address_wins_over_mapped_address() -> None:
-    message = response(binding_request(), MAPPED_ADDRESS=("10.0.0.1", 1),
-                       XOR_MAPPED_ADDRESS=("198.51.100.2", 2))
+    message = response(
+        binding_request(), MAPPED_ADDRESS=("10.0.0.1", 1), XOR_MAPPED_ADDRESS=("198.51.100.2", 2)
+    )
     assert mapped_address(decode(bytes(message))) == Endpoint("198.51.100.2", 2)
 
 
-@pytest.mark.parametrize("data", [b"", b"hello", bytes(19), b"\xc0" + bytes(19), bytes(20),
-                                  b"\x00\x01\x00\x04\x21\x12\xa4\x42" + bytes(12)])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"hello",
+        bytes(19),
+        b"\xc0" + bytes(19),
+        bytes(20),
+        b"\x00\x01\x00\x04\x21\x12\xa4\x42" + bytes(12),
+    ],
+)
 def test_non_stun_datagrams_are_a_parse_error(data: bytes) -> None:
     with pytest.raises(StunParseError):
         decode(data)
@@ -189,8 +208,12 @@ def test_rtt_is_unknown_after_a_retransmission() -> None:
 def test_error_response_refuses_the_transaction() -> None:
     request = binding_request()
     transaction = Transaction(Endpoint("192.0.2.1", 3478), request, 0.0)
-    error = codec.Message(codec.Method.BINDING, codec.Class.ERROR, request.transaction_id,
-                          {"ERROR-CODE": (420, "Unknown Attribute")})
+    error = codec.Message(
+        codec.Method.BINDING,
+        codec.Class.ERROR,
+        request.transaction_id,
+        {"ERROR-CODE": (420, "Unknown Attribute")},
+    )
     assert transaction.receive(decode(bytes(error)), Endpoint("192.0.2.1", 3478), 0.1)
     assert transaction.outcome is Outcome.REFUSED
     assert transaction.describe_failure() == "error 420 Unknown Attribute"
@@ -207,9 +230,16 @@ INNER = [Endpoint("10.0.1.2", 5000), Endpoint("10.0.1.2", 5001)]
 class SimulatedNetwork:
     """A NAT of the given behaviours in front of two sockets, and an RFC 5780 server beyond it."""
 
-    def __init__(self, mapping: Behaviour | None, filtering: Behaviour = "independent", hairpin: bool = False,
-                 *, alternate: bool = True, alternate_answers: bool = True,
-                 honours_change: bool = True) -> None:
+    def __init__(
+        self,
+        mapping: Behaviour | None,
+        filtering: Behaviour = "independent",
+        hairpin: bool = False,
+        *,
+        alternate: bool = True,
+        alternate_answers: bool = True,
+        honours_change: bool = True,
+    ) -> None:
         self.mapping, self.filtering, self.hairpin = mapping, filtering, hairpin
         self.alternate, self.alternate_answers = alternate, alternate_answers
         self.honours_change = honours_change
@@ -222,8 +252,11 @@ class SimulatedNetwork:
         if self.mapping is None:
             public = inner
         else:
-            key: tuple[Any, ...] = {"independent": (inner,), "address-dependent": (inner, destination.host),
-                                    "address-and-port-dependent": (inner, destination)}[self.mapping]
+            key: tuple[Any, ...] = {
+                "independent": (inner,),
+                "address-dependent": (inner, destination.host),
+                "address-and-port-dependent": (inner, destination),
+            }[self.mapping]
             # The first mapping keeps the inner port, as Linux does when it is free.
             port = self.ports.setdefault(key, inner.port if not self.ports else 40000 + len(self.ports))
             public = Endpoint(PUBLIC_IP, port)
@@ -236,12 +269,17 @@ class SimulatedNetwork:
             return None
         contacted = self.contacted[public]
         same_host = any(c.host == source.host for c in contacted)
-        allowed = (self.mapping is None or self.filtering == "independent"
-                   or (self.filtering == "address-dependent" and same_host) or source in contacted)
+        allowed = (
+            self.mapping is None
+            or self.filtering == "independent"
+            or (self.filtering == "address-dependent" and same_host)
+            or source in contacted
+        )
         return self.owner[public] if allowed else None
 
-    def server(self, request: codec.Message, public: Endpoint,
-               destination: Endpoint) -> tuple[Endpoint, bytes]:
+    def server(
+        self, request: codec.Message, public: Endpoint, destination: Endpoint
+    ) -> tuple[Endpoint, bytes]:
         change = request.attributes.get("CHANGE-REQUEST", 0) if self.honours_change else 0
         host = destination.host
         if change & CHANGE_IP:
@@ -288,8 +326,9 @@ def discover(network: SimulatedNetwork, mapping_only: bool = False) -> tuple[Nat
     return discovery.report(INNER[0]), now
 
 
-@pytest.mark.parametrize(("mapping", "filtering", "hairpin"),
-                         list(itertools.product(BEHAVIOURS, BEHAVIOURS, [False, True])))
+@pytest.mark.parametrize(
+    ("mapping", "filtering", "hairpin"), list(itertools.product(BEHAVIOURS, BEHAVIOURS, [False, True]))
+)
 def test_every_nat_behaviour_is_classified(mapping: Behaviour, filtering: Behaviour, hairpin: bool) -> None:
     report, elapsed = discover(SimulatedNetwork(mapping, filtering, hairpin))
     assert (report.mapping, report.filtering, report.hairpin) == (mapping, filtering, hairpin)
@@ -307,8 +346,9 @@ def test_mapping_only_takes_two_round_trips(mapping: Behaviour) -> None:
 
 def test_no_nat() -> None:
     report, _ = discover(SimulatedNetwork(None))
-    assert report == NatReport(INNER[0], INNER[0], nat=False, mapping="independent", filtering="independent",
-                               hairpin=True)
+    assert report == NatReport(
+        INNER[0], INNER[0], nat=False, mapping="independent", filtering="independent", hairpin=True
+    )
     assert report.punchable
 
 
@@ -356,11 +396,18 @@ def test_silent_primary_fails_at_the_bound() -> None:
 
 
 def test_report_json_and_text() -> None:
-    report = NatReport(Endpoint("10.0.1.2", 5000), Endpoint("198.51.100.2", 5000), True, "independent",
-                       "address-and-port-dependent", False)
+    report = NatReport(
+        Endpoint("10.0.1.2", 5000),
+        Endpoint("198.51.100.2", 5000),
+        True,
+        "independent",
+        "address-and-port-dependent",
+        False,
+    )
     assert json.dumps(report.to_json()) == (
         '{"inner": "10.0.1.2:5000", "outer": "198.51.100.2:5000", "nat": true, "mapping": "independent", '
-        '"filtering": "address-and-port-dependent", "hairpin": false}')
+        '"filtering": "address-and-port-dependent", "hairpin": false}'
+    )
     text = report.render()
     assert "198.51.100.2:5000 (port preserved)" in text and "endpoint-independent" in text
     untested = NatReport(Endpoint("10.0.1.2", 5000), Endpoint("198.51.100.2", 1), True, None, None, None)
@@ -374,8 +421,14 @@ def test_report_json_and_text() -> None:
 class FakeStunServer:
     """An RFC 5780 server on 127.0.0.1 and 127.0.0.2, each at a primary and an alternate port."""
 
-    def __init__(self, *, alternate: bool = True, silent: bool = False, noise: bool = False,
-                 error: tuple[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        alternate: bool = True,
+        silent: bool = False,
+        noise: bool = False,
+        error: tuple[int, str] | None = None,
+    ) -> None:
         self.alternate, self.silent, self.noise, self.error = alternate, silent, noise, error
         self.socks: dict[Endpoint, socket.socket] = {}
         self.requests = 0
@@ -429,11 +482,13 @@ class FakeStunServer:
         sender = self.socks[Endpoint(host, port)]
         if self.noise:
             sender.sendto(b"\x00\x01not stun at all", address)
-            stranger = codec.Message(codec.Method.BINDING, codec.Class.RESPONSE, None,
-                                     {"XOR-MAPPED-ADDRESS": ("192.0.2.66", 6666)})
+            stranger = codec.Message(
+                codec.Method.BINDING, codec.Class.RESPONSE, None, {"XOR-MAPPED-ADDRESS": ("192.0.2.66", 6666)}
+            )
             sender.sendto(bytes(stranger), address)
-        sender.sendto(bytes(codec.Message(codec.Method.BINDING, klass, request.transaction_id, attributes)),
-                      address)
+        sender.sendto(
+            bytes(codec.Message(codec.Method.BINDING, klass, request.transaction_id, attributes)), address
+        )
 
 
 @asynccontextmanager
@@ -517,8 +572,9 @@ async def test_explore_on_loopback_sees_no_nat() -> None:
         with client_socket() as sock:
             report = await explore(sock, server.primary)
             own = Endpoint(*sock.getsockname())
-            assert report == NatReport(own, own, nat=False, mapping="independent", filtering="independent",
-                                       hairpin=True)
+            assert report == NatReport(
+                own, own, nat=False, mapping="independent", filtering="independent", hairpin=True
+            )
             assert sock.fileno() != -1
 
 
@@ -535,7 +591,11 @@ async def test_probe_mapping_uses_only_the_callers_socket() -> None:
         with client_socket() as sock:
             report = await probe_mapping(sock, server.primary)
             assert (report.nat, report.mapping, report.filtering, report.hairpin) == (
-                False, "independent", None, None)
+                False,
+                "independent",
+                None,
+                None,
+            )
             assert server.requests == 3
 
 
