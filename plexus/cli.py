@@ -21,14 +21,18 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 import typer.core
+import uvloop
 from typer import _click as click  # typer (pinned) carries its own click; help formatting is typed there
 
-from plexus import __version__, launcher, path, session, stun
+from plexus import __version__, identity, launcher, path, session, stun
 from plexus.endpoint import Endpoint
-from plexus.errors import MEANINGS, ExitCode, Interrupted, PlexusError, UsageError
-from plexus.mediator import MailConfig, SmimeConfig
+from plexus.errors import MEANINGS, STOP_SIGNALS, ExitCode, Interrupted, PlexusError, UsageError
+from plexus.mediator import MailConfig, SmimeConfig, smime
 from plexus.mediator.message import MAPPINGS, Reach
 from plexus.session import TurnConfig
+from plexus.streams import StreamsConfig
+from plexus.streams.forward import Forward
+from plexus.streams.wire import Allowed, Target
 
 log = logging.getLogger("plexus")
 
@@ -147,6 +151,17 @@ class Options:
             return setting.value if setting else None
         return str(value)
 
+    def values(self, name: str) -> list[str]:
+        """A repeatable option: each time given on the command line, or comma-separated in --config; a
+        comma-separated list works on the command line too."""
+        given = self._from_command_line(name)
+        if given:
+            texts = list(given)
+        else:
+            setting = self._config.get(name)
+            texts = [setting.value] if setting else []
+        return [item.strip() for text in texts for item in text.split(",") if item.strip()]
+
     def flag(self, name: str) -> bool:
         if self._from_command_line(name):
             return True
@@ -235,17 +250,8 @@ def session_config(options: Options) -> session.SessionConfig:
     hops = options.number("punch-hops", 7, 255)
     if not hops.is_integer():
         raise UsageError(f"{options.origin('punch-hops')} must be a whole number from 1 to 255")
-    exec_command = options.require("exec-command")
-    launcher.check_executable(exec_command)
-    log_file = Path(p).expanduser() if (p := options.get("exec-log-file")) else None
-    if log_file is not None:
-        launcher.check_log_file(log_file)
-    command = launcher.Command(
-        path=exec_command,
-        words=launcher.parse_args(options.get("exec-args")),
-        pwd=options.path("exec-pwd", directory=True),
-        log_file=log_file,
-    )
+    streams = streams_config(options, smime_config(options))
+    command = command_config(options, streams)
     inner = options.endpoint("stun-client") if options.get("stun-client") else Endpoint("0.0.0.0", 0)
     keep_sessions = options.flag("keep-sessions")
     if keep_sessions and inner.port and options.flag("accept"):
@@ -265,7 +271,90 @@ def session_config(options: Options) -> session.SessionConfig:
         ),
         keep_sessions=keep_sessions,
         turn=turn_config(options),
+        streams=streams,
     )
+
+
+def command_config(options: Options, streams: StreamsConfig | None) -> launcher.Command | None:
+    """The command to launch: required unless the session carries streams (an inviter's --stdio or
+    --forward replace it; an acceptor with --forward-allow may have both)."""
+    exec_command = options.get("exec-command")
+    if streams is not None and streams.inviting:
+        if exec_command:
+            raise UsageError("--stdio and --forward carry the session themselves: leave out --exec-command")
+        return None
+    if not exec_command and streams is not None:
+        return None
+    exec_command = options.require("exec-command")
+    launcher.check_executable(exec_command)
+    log_file = Path(p).expanduser() if (p := options.get("exec-log-file")) else None
+    if log_file is not None:
+        launcher.check_log_file(log_file)
+    return launcher.Command(
+        path=exec_command,
+        words=launcher.parse_args(options.get("exec-args")),
+        pwd=options.path("exec-pwd", directory=True),
+        log_file=log_file,
+    )
+
+
+NO_IDENTITY = (
+    "streams need to know the peer: give --identity=FILE (made on first use) and --peer-identity=ID (the "
+    "peer's `plexus --identity=FILE --show-id` prints it), or S/MIME (--smime-*), or --anonymous to let "
+    "anyone who reads the mailbox in"
+)
+
+
+def streams_config(options: Options, smime_files: SmimeConfig | None) -> StreamsConfig | None:
+    """--forward-allow (acceptor), --stdio or --forward (inviter), and who may be on the other end."""
+    accepting = options.flag("accept")
+    allowed = [
+        Target.parse(text, options.origin("forward-allow")) for text in options.values("forward-allow")
+    ]
+    stdio = Target.parse(text, options.origin("stdio")) if (text := options.get("stdio")) else None
+    forwards = tuple(Forward.parse(text) for text in options.values("forward"))
+    if accepting and (stdio or forwards):
+        raise UsageError(
+            "--stdio and --forward are the inviter's: the acceptor lists targets in --forward-allow"
+        )
+    if not accepting and allowed:
+        raise UsageError(
+            "--forward-allow is the acceptor's (with --accept): the inviter uses --stdio or --forward"
+        )
+    if stdio and forwards:
+        raise UsageError("--stdio and --forward: give one or the other")
+    if not (allowed or stdio or forwards):
+        return None
+    me, check = trust(options, smime_files)
+    return StreamsConfig(me, check, Allowed.of(allowed) if accepting else None, stdio, forwards)
+
+
+def trust(options: Options, smime_files: SmimeConfig | None) -> tuple[identity.Identity, identity.PeerCheck]:
+    """This host's identity and what the peer must prove: --identity and --peer-identity, else S/MIME's
+    certificates, else (asked for by name) nothing."""
+    key_file = options.get("identity")
+    if key_file:
+        pinned = options.get("peer-identity")
+        if not pinned:
+            raise UsageError(
+                "missing --peer-identity: pin the peer's id (`plexus --identity=FILE --show-id` prints it)"
+            )
+        me = identity.Identity.load(Path(key_file).expanduser())
+        return me, identity.PeerCheck(identity.parse_id(pinned, options.origin("peer-identity")))
+    if smime_files is not None:
+        keys = smime.Keys.load(smime_files)
+        return identity.Identity.of_smime(keys), identity.PeerCheck.of_smime(keys)
+    if options.flag("anonymous"):
+        log.warning("streams are anonymous (--anonymous): whoever reads the mailbox can reach the targets")
+        return identity.Identity.ephemeral(), identity.PeerCheck(None)
+    raise UsageError(NO_IDENTITY)
+
+
+def show_id(options: Options) -> None:
+    key_file = options.get("identity")
+    if not key_file:
+        raise UsageError("--show-id needs --identity=FILE (made on first use)")
+    print(identity.Identity.load(Path(key_file).expanduser()).id)
 
 
 def setup_logging(options: Options) -> None:
@@ -333,7 +422,7 @@ def run_until_signal(main: Coroutine[Any, Any, T]) -> T:
                 received.append(signum)
                 task.cancel()
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop, signum)
         try:
             return await main
@@ -342,7 +431,9 @@ def run_until_signal(main: Coroutine[Any, Any, T]) -> T:
                 raise Interrupted(received[0]) from None
             raise
 
-    return asyncio.run(guarded())
+    # uvloop: the streams' QUIC is bound by the event loop's cost per datagram, and uvloop halves it.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(guarded())
 
 
 def _version(value: bool) -> None:
@@ -387,6 +478,15 @@ HELP_GROUPS = {
         "turn-passwd",
     ),
     "The command": ("exec-command", "exec-args", "exec-pwd", "exec-log-file"),
+    "Streams (ssh and TCP over QUIC, no root)": (
+        "forward-allow",
+        "stdio",
+        "forward",
+        "identity",
+        "show-id",
+        "peer-identity",
+        "anonymous",
+    ),
     "S/MIME (sign and encrypt the mail)": ("smime-cert", "smime-key", "smime-peer", "smime-ca"),
     "Logging": ("log-level", "log-file"),
     "Other": ("examples", "version", "help"),
@@ -398,6 +498,9 @@ Examples:
   The laptop connects once, launches the command and exits (from cron:
   plexus-reconnect in --examples):
     plexus --config /etc/plexus/laptop.conf
+  ssh to the home host through plexus (the host: --accept --forward-allow
+  127.0.0.1:22 --identity=FILE --peer-identity=ID):
+    ssh -o ProxyCommand='plexus --config laptop.conf --stdio=127.0.0.1:22' home
   Does this network's NAT allow hole punching?
     plexus --explore --stun-server=stun.example.net
 
@@ -497,6 +600,39 @@ def run(
     ] = None,
     exec_pwd: Annotated[Value, _option("DIR", "Its working directory.")] = None,
     exec_log_file: Annotated[Value, _option("FILE", "File for its stdout and stderr.")] = None,
+    forward_allow: Annotated[
+        list[str] | None,
+        _option(
+            "HOST:PORT",
+            "Acceptor: a target the inviter may reach through streams (repeat it, or comma-separate it in "
+            "--config; [IPv6]:PORT). None listed: no streams.",
+        ),
+    ] = None,
+    stdio: Annotated[
+        Value, _option("HOST:PORT", "Inviter: carry stdin and stdout to this target (ssh's ProxyCommand).")
+    ] = None,
+    forward: Annotated[
+        list[str] | None,
+        _option(
+            "[BIND:]PORT:HOST:PORT",
+            "Inviter: listen on BIND:PORT (127.0.0.1 by default) and carry each connection to HOST:PORT on "
+            "the acceptor's side, as ssh -L does, until interrupted (repeatable).",
+        ),
+    ] = None,
+    identity_: Annotated[
+        Value, _option("FILE", "This host's identity key for streams (made on first use).", "--identity")
+    ] = None,
+    show_id_: Annotated[
+        bool, typer.Option("--show-id", help="Print the id of --identity (for the peer's --peer-identity).")
+    ] = False,
+    peer_identity: Annotated[Value, _option("ID", "The peer's id, as its --show-id prints it.")] = None,
+    anonymous: Annotated[
+        bool,
+        typer.Option(
+            "--anonymous",
+            help="Streams without identities: whoever reads the mailbox could reach the allowed targets.",
+        ),
+    ] = False,
     response_timeout: Annotated[
         Value, _option("SECONDS", "How long the inviter waits for the response [default: 60].")
     ] = None,
@@ -523,13 +659,17 @@ def run(
     ] = False,
 ) -> None:
     """Connect two hosts behind NATs: STUN, an email rendezvous, UDP hole punching, then your command."""
-    given = dict(locals()) | {"explore": explore_, "json": json_}  # named so to spare the builtins
+    # named so to spare the builtins and the modules
+    given = dict(locals()) | {"explore": explore_, "json": json_, "identity": identity_, "show_id": show_id_}
     config_path = Path(config).expanduser() if config else None
     options = Options(given, read_config(config_path) if config_path else {}, config_path)
     setup_logging(options)
     accepting, exploring, as_json = (options.flag(name) for name in ("accept", "explore", "json"))
     if exploring:
         run_until_signal(explore(options, as_json))
+        return
+    if options.flag("show-id"):
+        show_id(options)
         return
     config_ = session_config(options)
     if not accepting:

@@ -25,6 +25,10 @@ class ExitCode(IntEnum):
     TURN_AUTH = 12  # the TURN server refused the user name or password
     TURN_UNREACHABLE = 13  # no answer from the TURN server
     TURN_REFUSED = 14  # the TURN server answered but refused the allocation or a request on it, or dropped it
+    PEER_IDENTITY = 15  # streams: the peer proved another identity than the one pinned
+    TARGET_REFUSED = 16  # streams: the acceptor refused the target (not allowed, or it could not connect)
+    STREAMS_LOST = 17  # streams: the encrypted connection failed or went silent (idle timeout)
+    HANGUP = 129  # SIGHUP, 128 + 1: the terminal went away, or ssh ended its --stdio ProxyCommand
     INTERRUPTED = 130  # SIGINT (Ctrl-C), 128 + 2 as shells report it
     TERMINATED = 143  # SIGTERM, 128 + 15; an acceptor stopped by SIGTERM exits OK instead (a service's stop)
 
@@ -46,6 +50,10 @@ MEANINGS = {
     ExitCode.TURN_AUTH: "the TURN server refused the user name or password",
     ExitCode.TURN_UNREACHABLE: "the TURN server did not answer",
     ExitCode.TURN_REFUSED: "the TURN server refused the relay (quota, policy) or lost the allocation",
+    ExitCode.PEER_IDENTITY: "streams: the peer is not the identity pinned (--peer-identity, --smime-peer)",
+    ExitCode.TARGET_REFUSED: "streams: the acceptor refused the target (not allowed there, or unreachable)",
+    ExitCode.STREAMS_LOST: "streams: the encrypted connection to the peer could not be set up or was lost",
+    ExitCode.HANGUP: "hung up (SIGHUP): the terminal closed, or ssh ended its ProxyCommand",
     ExitCode.INTERRUPTED: "interrupted (SIGINT, Ctrl-C)",
     ExitCode.TERMINATED: "terminated (SIGTERM) before the session ended",
 }
@@ -93,10 +101,17 @@ class Interrupted(PlexusError):
     """SIGINT or SIGTERM ended the run; the exit code tells which."""
 
     def __init__(self, signum: int) -> None:
-        terminated = signum == signal.SIGTERM
-        super().__init__("terminated" if terminated else "interrupted")
+        word, self.exit_code = _STOPS[signal.Signals(signum)]
+        super().__init__(word)
         self.signum = signum
-        self.exit_code = ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED
+
+
+_STOPS = {
+    signal.SIGINT: ("interrupted", ExitCode.INTERRUPTED),
+    signal.SIGTERM: ("terminated", ExitCode.TERMINATED),
+    signal.SIGHUP: ("hung up", ExitCode.HANGUP),
+}
+STOP_SIGNALS = tuple(_STOPS)
 
 
 class CommandFailedError(PlexusError):
@@ -119,3 +134,19 @@ class TurnAuthError(TurnError):
 
 class TurnUnreachableError(TurnError):
     exit_code = ExitCode.TURN_UNREACHABLE
+
+
+class PeerIdentityError(PlexusError):
+    exit_code = ExitCode.PEER_IDENTITY
+
+
+class TargetRefusedError(PlexusError):
+    exit_code = ExitCode.TARGET_REFUSED
+
+
+class StreamsLostError(PlexusError):
+    exit_code = ExitCode.STREAMS_LOST
+
+
+class NotServedError(PlexusError):
+    """An acceptor's reason to refuse a request it is not configured for (the inviter exits PEER_REFUSED)."""

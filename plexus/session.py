@@ -19,7 +19,7 @@ import logging
 import secrets
 import socket
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from plexus import launcher, path, puncher, stun
@@ -28,6 +28,8 @@ from plexus.errors import (
     CommandFailedError,
     HandshakeTimeoutError,
     NatUnsuitableError,
+    NotServedError,
+    PeerRefusedError,
     PlexusError,
     UsageError,
 )
@@ -39,6 +41,7 @@ from plexus.path import Method
 from plexus.relay import Relay
 from plexus.relay import forward as relay_forward
 from plexus.relay import punch as relay_punch
+from plexus.streams import StreamsConfig, carry
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +69,20 @@ class SessionConfig:
     inner: Endpoint  # --stun-client; port 0 lets the system choose
     stun_server: Endpoint
     mail: MailConfig
-    command: Command
+    command: Command | None  # None: streams only (an acceptor with --forward-allow, an inviter's --stdio)
     punch_hops: int = 7
     response_timeout: float = 60.0
     handshake_timeout: float = 60.0
     keep_sessions: bool = False  # True: sessions run side by side; False: a new one replaces the last
     turn: TurnConfig | None = None
+    streams: StreamsConfig | None = None
 
     def slot(self, role: str) -> Slot | None:
-        """Where the last session's command is remembered, unless sessions are kept side by side."""
-        return None if self.keep_sessions else Slot.for_session(role, self.mail.host_id, self.mail.peer_id)
+        """Where the last session's command is remembered, unless sessions are kept side by side (streams
+        sessions always are: a new ssh must not end the last one)."""
+        if self.keep_sessions or self.command is None:
+            return None
+        return Slot.for_session(role, self.mail.host_id, self.mail.peer_id)
 
 
 def bind(inner: Endpoint) -> socket.socket:
@@ -160,11 +167,16 @@ async def invite(config: SessionConfig) -> Tunnel:
                     own = None
                     if found.mapping == "dependent" and config.turn is not None:
                         own = await _allocate(config, relays)
-                    mine = Reach(found.mapping, own.relayed if own else None)
+                    streams = config.streams is not None and config.streams.inviting
+                    mine = Reach(found.mapping, own.relayed if own else None, streams)
                     puzzle = secrets.randbits(64)
                     offer = Offer(found.outer, puzzle, mine)
                     response = await mediator.invite(offer, config.response_timeout, submission)
                 theirs = response.reach
+                if streams and (theirs is None or not theirs.streams):
+                    raise PeerRefusedError(
+                        f"{config.mail.peer_id} does not serve streams (a plexus without them, or plexus 2.2)"
+                    )
                 chosen = plan(mine, theirs, own_relay=own is not None)
                 log.info("peer endpoint %s, punching", response.outer)
                 secret = puzzle ^ response.puzzle
@@ -180,6 +192,12 @@ async def invite(config: SessionConfig) -> Tunnel:
                     relay=own,
                     fallback=fallback,
                 )
+            if config.command is None:
+                assert config.streams is not None
+                if punched.relay is None:
+                    await relays.aclose()
+                await _relay_while(punched, _streams(punched, config.streams, accept=False))
+                return punched.tunnel
             process = launcher.start(config.command, punched.tunnel)
             if slot is not None:
                 slot.save(process.pid)
@@ -193,7 +211,7 @@ async def invite(config: SessionConfig) -> Tunnel:
                 "its launch (its output is in --exec-log-file)"
             )
         if punched.relay is not None:
-            await _relay_while_running(punched, process, set())
+            await _relay_while(punched, _command(process, set()))
     return punched.tunnel
 
 
@@ -298,28 +316,45 @@ def _free_port() -> int:
         return port
 
 
-async def _relay_while_running(
-    punched: Punched, process: subprocess.Popen[bytes], running: set[Running]
-) -> None:
-    """Carry the command's datagrams through the relay until the command exits; a lost relay ends it."""
-    assert punched.relay is not None and punched.local is not None and punched.peer is not None
+async def _relay_while(punched: Punched, work: Awaitable[None]) -> None:
+    """Run the work (the command's life, or the streams) and, on a relay this side allocated, carry its
+    datagrams through the relay meanwhile; a lost relay ends the work."""
+    if punched.relay is None:
+        await work
+        return
+    assert punched.local is not None and punched.peer is not None
     with contextlib.closing(punched.local):
         forwarding = asyncio.ensure_future(
             relay_forward(punched.relay, punched.local, punched.tunnel.inner, punched.peer)
         )
-        watching = asyncio.ensure_future(_watch(process, running))
+        working = asyncio.ensure_future(work)
         try:
-            await asyncio.wait({forwarding, watching}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({forwarding, working}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             forwarding.cancel()
-            if not watching.done():  # the relay is gone or plexus is stopping: the command has no path left
-                command = Running.of(process.pid)
-                if command is not None:
-                    await command.stop(SHUTDOWN_GRACE)
-                watching.cancel()
+            working.cancel()  # the relay is gone or plexus is stopping: the work has no path left
+            await asyncio.gather(working, return_exceptions=True)
         lost = forwarding.exception() if forwarding.done() and not forwarding.cancelled() else None
         if lost is not None:
             raise lost
+        working.result()
+
+
+async def _command(process: subprocess.Popen[bytes], running: set[Running]) -> None:
+    """The launched command's life; cancelled, it stops the command."""
+    try:
+        await _watch(process, running)
+    except asyncio.CancelledError:
+        command = Running.of(process.pid)
+        if command is not None:
+            await command.stop(SHUTDOWN_GRACE)
+        raise
+
+
+async def _streams(punched: Punched, config: StreamsConfig, *, accept: bool) -> None:
+    """The streams on the tunnel's inner endpoint (on a relay this side allocated: the loopback endpoint
+    facing plexus's forwarder), bound now that the punch has let the port go."""
+    await carry(bind(punched.tunnel.inner), punched.tunnel, config, accept=accept)
 
 
 async def accept(config: SessionConfig) -> None:
@@ -368,26 +403,49 @@ async def _serve(
     running: set[Running],
 ) -> None:
     peer = invitation.offer.outer
+    if _wants_streams(invitation):  # streams sessions run side by side: no command of another is stopped
+        turn = slot = None
     async with contextlib.AsyncExitStack() as relays:
         try:
             async with _maybe(turn):
                 if slot is not None:
                     await slot.stop_previous()
                 punched = await _answer(config, mediator, invitation, relays)
-                process = launcher.start(config.command, punched.tunnel)
-                if slot is not None:
-                    slot.save(process.pid)
+                if _wants_streams(invitation):
+                    process = None
+                else:
+                    assert config.command is not None  # _answer refused the request otherwise
+                    process = launcher.start(config.command, punched.tunnel)
+                    if slot is not None:
+                        slot.save(process.pid)
         except PlexusError as error:
             log.error("session with %s failed: %s", peer, error)
             return
         if punched.relay is None:
-            await relays.aclose()  # a standby allocation: not held for as long as the command runs
-            await _watch(process, running)
-            return
+            await relays.aclose()  # a standby allocation: not held for as long as the session runs
         try:
-            await _relay_while_running(punched, process, running)
+            if process is None:
+                assert config.streams is not None
+                await _relay_while(punched, _streams(punched, config.streams, accept=True))
+            else:
+                await _relay_while(punched, _command(process, running))
         except PlexusError as error:
             log.error("session with %s ended: %s", peer, error)
+            return
+        log.info("session with %s ended", peer)
+
+
+def _wants_streams(invitation: Invitation) -> bool:
+    return invitation.offer.reach is not None and invitation.offer.reach.streams
+
+
+def _servable(config: SessionConfig, invitation: Invitation) -> None:
+    """An acceptor serves what it was configured for: its command, its streams, or both."""
+    if _wants_streams(invitation):
+        if config.streams is None or config.streams.allowed is None:
+            raise NotServedError("this acceptor forwards no streams (it has no --forward-allow)")
+    elif config.command is None:
+        raise NotServedError("this acceptor runs no command, it only forwards streams (--stdio, --forward)")
 
 
 async def _watch(process: subprocess.Popen[bytes], running: set[Running]) -> None:
@@ -409,6 +467,7 @@ async def _answer(
         try:
             async with mediator.submission() as submission:
                 async with _refusing(mediator, invitation, submission):
+                    _servable(config, invitation)
                     sock = closing.enter_context(contextlib.closing(bind(config.inner)))
                     found = await discover(sock, config.stun_server)
                     theirs = invitation.offer.reach
@@ -417,7 +476,7 @@ async def _answer(
                     # direct attempt fails; unless the inviter brought one (a 2.2 inviter knows of none).
                     if config.turn is not None and theirs is not None and theirs.relay is None:
                         own = await _allocate(config, relays)
-                    mine = Reach(found.mapping, own.relayed if own else None)
+                    mine = Reach(found.mapping, own.relayed if own else None, _wants_streams(invitation))
                     chosen = plan(mine, theirs, own_relay=own is not None)
                 puzzle = secrets.randbits(64)
                 secret = puzzle ^ invitation.offer.puzzle

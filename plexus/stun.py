@@ -3,8 +3,8 @@
 The protocol logic is sans-I/O: `Transaction` (one binding request with its retransmission schedule),
 `Exchange` (transactions on numbered sockets) and `Discovery` (the RFC 5780 test sequence) are fed datagrams
 and the time and hand back datagrams to send and the time they next want to be woken. `query_outer()` and
-`explore()` are the thin asyncio driver: they run on the caller's socket through loop.sock_sendto /
-sock_recvfrom and leave it open and free of readers, so the puncher goes on with the very same socket and the
+`explore()` are the thin asyncio driver: they run on the caller's socket through a loop reader and
+leave it open and free of readers, so the puncher goes on with the very same socket and the
 very same NAT mapping.
 """
 
@@ -493,38 +493,49 @@ class Discovery(Exchange):
 async def _drive(machine: Exchange, socks: Sequence[socket.socket]) -> None:
     """Run `machine` on `socks` until it has nothing left to wait for.
 
-    Receives go through loop.sock_recvfrom, whose readers are all removed before returning, so the caller can
-    hand the socket straight to another reader.
+    The sockets are non-blocking and read by loop readers (any event loop has them; uvloop has no
+    sock_recvfrom), all removed before returning, so the caller can hand a socket straight to another reader.
+    A send that fails for lack of buffer space is dropped like a lost datagram: the schedule resends.
     """
     loop = asyncio.get_running_loop()
-    reads: dict[asyncio.Task[tuple[bytes, Any]], int] = {}
+    arrived: asyncio.Queue[tuple[int, bytes, Any]] = asyncio.Queue()
+
+    def readable(index: int) -> None:
+        while True:
+            try:
+                data, address = socks[index].recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # e.g. an ICMP error reported on the socket: the schedule covers it
+            arrived.put_nowait((index, data, address))
+
+    for index, sock in enumerate(socks):
+        loop.add_reader(sock.fileno(), readable, index)
     try:
         while True:
             for out in machine.datagrams_to_send(loop.time()):
                 try:
-                    await loop.sock_sendto(socks[out.sock], out.data, out.destination)
+                    socks[out.sock].sendto(out.data, out.destination)
+                except (BlockingIOError, InterruptedError):
+                    pass
                 except OSError as exc:
                     raise StunError(f"cannot send to {out.destination}: {exc.strerror or exc}") from exc
             timer = machine.next_timer()
             if timer is None:
                 return
-            for index, sock in enumerate(socks):
-                if index not in reads.values():
-                    reads[asyncio.ensure_future(loop.sock_recvfrom(sock, 2048))] = index
-            done, _ = await asyncio.wait(
-                reads, timeout=max(0.0, timer - loop.time()), return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in done:
-                index = reads.pop(task)
-                try:
-                    data, address = task.result()
-                except OSError:
-                    continue  # e.g. an ICMP error reported on the socket: the schedule covers it
+            try:
+                async with asyncio.timeout_at(timer):
+                    index, data, address = await arrived.get()
+            except TimeoutError:
+                continue
+            machine.receive(index, data, Endpoint(address[0], address[1]), loop.time())
+            while not arrived.empty():
+                index, data, address = arrived.get_nowait()
                 machine.receive(index, data, Endpoint(address[0], address[1]), loop.time())
     finally:
-        for task in reads:
-            task.cancel()
-        await asyncio.gather(*reads, return_exceptions=True)
+        for sock in socks:
+            loop.remove_reader(sock.fileno())
 
 
 async def resolve(server: Endpoint) -> Endpoint:

@@ -50,13 +50,16 @@ REACH_HEADER = "X-Plexus-Reach"
 class Reach:
     """What a side says about how it can be reached, beyond plexus 2.2's line: its NAT's mapping as STUN saw
     it (endpoint-independent or not), and a TURN relay address it allocated, if any. It travels in the
-    X-Plexus-Reach header, which plexus 2.2 ignores; a 2.2 peer's mail has none."""
+    X-Plexus-Reach header, which plexus 2.2 ignores; a 2.2 peer's mail has none. An inviter also says here
+    whether it wants streams (QUIC, plexus/streams/) rather than the acceptor's command."""
 
     mapping: Mapping
     relay: Endpoint | None = None
+    streams: bool = False
 
     def header(self) -> str:
-        return f"mapping={self.mapping}" + (f"; relay={self.relay}" if self.relay else "")
+        relay = f"; relay={self.relay}" if self.relay else ""
+        return f"mapping={self.mapping}{relay}" + ("; streams=1" if self.streams else "")
 
     @classmethod
     def parse(cls, text: str) -> Reach:
@@ -73,7 +76,7 @@ class Reach:
                 raise MessageError(f"{REACH_HEADER}: bad relay {fields['relay'][:60]!r}") from error
             if not relay.port:
                 raise MessageError(f"{REACH_HEADER}: relay port 0")
-        return cls(mapping, relay)
+        return cls(mapping, relay, fields.get("streams") == "1")
 
 
 @dataclass(frozen=True)

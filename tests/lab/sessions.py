@@ -109,30 +109,33 @@ def start(
     workdir: Path,
     *,
     accept: bool,
-    overrides: dict[str, str] | None = None,
+    overrides: dict[str, str | None] | None = None,
     argv: list[str] | None = None,
     env: dict[str, str] | None = None,
     wrapper: tuple[str, ...] = (),
+    stdin: Any = subprocess.DEVNULL,
+    text: bool = True,
 ) -> Plexus:
-    """Start plexus on me.host. An override with an empty value is a bare flag; `argv` replaces the
-    generated options entirely (for --config tests); `env` adds variables to its environment, which the
-    launched command inherits; `wrapper` runs plexus under another command (unshare, say)."""
+    """Start plexus on me.host. An override with an empty value is a bare flag, with None it removes the
+    option; `argv` replaces the generated options entirely (for --config tests); `env` adds variables to
+    its environment, which the launched command inherits; `wrapper` runs plexus under another command
+    (unshare, say); `stdin` and `text` are for --stdio."""
     name = f"{me.host}-{'acceptor' if accept else 'inviter'}-{uuid.uuid4().hex[:4]}"
     log_file, exec_log = workdir / f"{name}.log", workdir / f"{name}.exec.log"
     if argv is None:
         values = options(lab, me, peer) | {"log-level": "debug", "log-file": str(log_file)}
         values |= {"exec-log-file": str(exec_log)} | (overrides or {})
-        argv = [f"--{key}={value}" if value else f"--{key}" for key, value in values.items()]
+        argv = [f"--{key}={value}" if value else f"--{key}" for key, value in values.items() if value is not None]
         argv += ["--accept"] if accept else []
     process = lab.popen(
         me.host,
         [*wrapper, sys.executable, "-m", "plexus", *argv],
         cwd=ROOT,
         env=os.environ | env if env else None,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
+        text=text,
     )
     return Plexus(me, process, log_file, exec_log)
 

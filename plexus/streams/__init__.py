@@ -1,0 +1,67 @@
+"""Streams: TCP carried over the punched path in QUIC, instead of (or beside) launching a command.
+
+quic.py drives the QUIC connection, wire.py is what starts each stream, forward.py moves the bytes. `carry`
+is what a session runs on its tunnel, as it would launch a command on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass
+
+from plexus.identity import Identity, PeerCheck
+from plexus.launcher import Tunnel
+from plexus.path import Method
+from plexus.streams import forward, quic
+from plexus.streams.forward import Forward
+from plexus.streams.wire import Allowed, Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamsConfig:
+    """Who this host is and whom it accepts, and what it forwards: the acceptor its --forward-allow list,
+    the inviter --stdio or --forward."""
+
+    identity: Identity
+    check: PeerCheck
+    allowed: Allowed | None = None  # acceptor: None serves no streams at all
+    stdio: Target | None = None  # inviter
+    forwards: tuple[Forward, ...] = ()  # inviter
+
+    @property
+    def inviting(self) -> bool:
+        return self.stdio is not None or bool(self.forwards)
+
+
+async def carry(sock: socket.socket, tunnel: Tunnel, config: StreamsConfig, *, accept: bool) -> None:
+    """The session's streams over the tunnel, from `sock` (bound to the tunnel's inner endpoint; taken
+    over), until they are done or the peer goes.
+
+    The inviter ends after --stdio's stream ends, or with the link (--forward runs until interrupted); the
+    acceptor serves whatever streams the inviter opens until the inviter closes or falls silent. Both ping
+    while the link lives, which keeps both NAT mappings open."""
+    size = quic.RELAYED_DATAGRAM_SIZE if tunnel.path == Method.RELAY else quic.DATAGRAM_SIZE
+    if accept:
+        link = await quic.serve(sock, tunnel.peer, config.identity, config.check, datagram_size=size)
+    else:
+        link = await quic.connect(sock, tunnel.peer, config.identity, config.check, datagram_size=size)
+    log.info("streams: QUIC connected with %s (peer id %s)", tunnel.peer, link.peer_id)
+    pinging = asyncio.ensure_future(link.keepalive())
+    try:
+        if accept:
+            assert config.allowed is not None
+            await forward.serve(link, config.allowed)
+        elif config.stdio is not None:
+            await forward.stdio(link, config.stdio)
+        else:
+            await asyncio.gather(*(forward.listen(link, each) for each in config.forwards))
+    finally:
+        pinging.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pinging
+        await link.close()

@@ -1,0 +1,381 @@
+"""QUIC over the punched path: a thin asyncio driver around aioquic's sans-I/O QuicConnection.
+
+The acceptor serves and the inviter connects, on a UDP socket bound to the session's inner endpoint and
+connected to the peer's (so stray datagrams from anyone else never reach QUIC). Both sides prove an identity
+in TLS 1.3 and check the peer's (identity.PeerCheck) when the handshake completes, before any stream's bytes
+are handed on. Each TCP connection is one bidirectional stream (streams/forward.py).
+
+Throughput is bound by Python's work per datagram, so the driver does as little per datagram as it can: it
+sends once per batch of received datagrams (a flush scheduled with call_soon, not one per datagram), and the
+event loop is uvloop's where the CLI runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
+import ssl
+import typing
+
+from aioquic._buffer import Buffer, BufferReadError
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import pull_quic_header
+from cryptography import x509
+
+from plexus.endpoint import Endpoint
+from plexus.errors import PeerIdentityError, PlexusError, StreamsLostError
+from plexus.identity import Identity, PeerCheck, id_of
+from plexus.streams.wire import ALPN
+
+log = logging.getLogger(__name__)
+
+# A peer silent this long is gone (QUIC's idle timeout, RFC 9000 10.1): the session ends.
+IDLE_TIMEOUT = 60.0
+# Each side pings this often while it has streams open (or a --forward listener): UDP mappings in NATs
+# expire after 30 s or more of silence, and the pings keep both alive.
+KEEPALIVE_INTERVAL = 15.0
+HANDSHAKE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 0.5  # how long a closing side waits for its CONNECTION_CLOSE to leave and the peer to ack
+# A direct path's datagrams: 1400 bytes of UDP payload fit every common path MTU (1500, PPPoE's 1492, IPv6
+# and tunnel overheads). Through a TURN relay the relay's own framing (up to 36 bytes) must fit as well.
+DATAGRAM_SIZE = 1400
+RELAYED_DATAGRAM_SIZE = 1200
+# Unacknowledged bytes a stream's writer may have in flight before it waits: above the bandwidth-delay product
+# of a fast path (200 Mbit/s x 25 ms = 625 KB), small enough to bound memory per stream.
+SEND_BUFFER = 1 << 20
+STREAM_WINDOW = 4 << 20
+CONNECTION_WINDOW = 16 << 20
+CLOSE_IDENTITY = 0x100  # application close codes: the peer's identity is not the pinned one
+CLOSE_DONE = 0x0  # the session is over
+
+
+class _Connection(QuicConnection):
+    """aioquic's QuicConnection and the three things plexus needs beyond its public API, kept here."""
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            # aioquic's server asks for the client's certificate only when told so on its TLS context.
+            self.tls._request_client_certificate = True
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        return self.tls._peer_certificate
+
+    def unacknowledged(self, stream_id: int) -> int:
+        """Bytes written to the stream and not yet acknowledged by the peer."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return stream.sender._buffer_stop - stream.sender._buffer_start
+
+
+def configuration(identity: Identity, *, client: bool, datagram_size: int) -> QuicConfiguration:
+    config = QuicConfiguration(
+        is_client=client,
+        alpn_protocols=[ALPN],
+        idle_timeout=IDLE_TIMEOUT,
+        max_datagram_size=datagram_size,
+        max_stream_data=STREAM_WINDOW,
+        max_data=CONNECTION_WINDOW,
+        # The certificate is checked against the pinned identity (PeerCheck), not against a CA or a name.
+        verify_mode=ssl.CERT_NONE,
+    )
+    config.certificate = identity.certificate
+    config.private_key = identity.key
+    return config
+
+
+class Stream:
+    """One bidirectional QUIC stream, read and written like a TCP connection (EOF is a FIN)."""
+
+    def __init__(self, link: Link, stream_id: int) -> None:
+        self.id = stream_id
+        self._link = link
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._eof = False
+        self._error: PlexusError | None = None
+        self._readable = asyncio.Event()
+
+    async def read(self) -> bytes:
+        """The next bytes that arrived, b"" once the peer has finished its side."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        return self._chunks.popleft()
+
+    async def write(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._link.send(self.id, data, end=False)
+        await self._link.drained(self)
+
+    def write_eof(self) -> None:
+        if self._error is None:
+            self._link.send(self.id, b"", end=True)
+
+    def reset(self) -> None:
+        """Abandon the stream both ways (the TCP side broke): the peer sees a reset, not a FIN."""
+        if self._error is None:
+            self._link.reset(self.id)
+
+    def _receive(self, data: bytes, end: bool) -> None:
+        if data:
+            self._chunks.append(data)
+        self._eof = self._eof or end
+        self._readable.set()
+
+    def _fail(self, error: PlexusError) -> None:
+        if self._error is None:
+            self._error = error
+        self._readable.set()
+
+
+class Link(asyncio.DatagramProtocol):
+    """One QUIC connection on one connected UDP socket."""
+
+    def __init__(self, quic: _Connection | None, check: PeerCheck, config: QuicConfiguration) -> None:
+        self._quic = quic  # the acceptor's is made from the client's first Initial
+        self._check = check
+        self._config = config
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._flush_pending = False
+        self._streams: dict[int, Stream] = {}
+        self._progress = self._loop.create_future()  # resolved (and replaced) whenever ACKs may have arrived
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self.accepted: asyncio.Queue[Stream | None] = asyncio.Queue()  # None: the link closed
+
+    # asyncio.DatagramProtocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = typing.cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._quic is None:
+            self._quic = self._accept_initial(data)
+            if self._quic is None:
+                return
+        self._quic.receive_datagram(data, addr, self._loop.time())
+        self._events()
+        self._schedule_flush()
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP error on the streams socket: %s", exc)  # ICMP unreachable: QUIC retransmits anyway
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(StreamsLostError("the streams socket closed"))
+
+    # driving
+
+    def _accept_initial(self, data: bytes) -> _Connection | None:
+        """The acceptor's connection, made from the inviter's first Initial; other datagrams (the punch's
+        late hellos) are dropped."""
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=self._config.connection_id_length)
+        except (ValueError, BufferReadError):
+            return None
+        if header.packet_type is None or header.version is None:
+            return None
+        return _Connection(
+            configuration=self._config, original_destination_connection_id=header.destination_cid
+        )
+
+    def _events(self) -> None:
+        assert self._quic is not None
+        while (event := self._quic.next_event()) is not None:
+            if isinstance(event, events.HandshakeCompleted):
+                self._handshake_completed()
+            elif isinstance(event, events.StreamDataReceived):
+                if self.ready.done() and self.ready.exception() is None:
+                    self._stream(event.stream_id)._receive(event.data, event.end_stream)
+            elif isinstance(event, events.StreamReset):
+                stream = self._streams.pop(event.stream_id, None)
+                if stream is not None:
+                    stream._fail(StreamsLostError("the peer reset the stream"))
+            elif isinstance(event, events.ConnectionTerminated):
+                self._terminated(event)
+        self._wake_writers()
+
+    def _handshake_completed(self) -> None:
+        assert self._quic is not None
+        try:
+            self._check.check(self._quic.peer_certificate)
+        except PeerIdentityError as error:
+            log.error("streams: %s", error)
+            self._quic.close(error_code=CLOSE_IDENTITY, reason_phrase="identity not pinned")
+            self._end(error)
+            return
+        self.ready.set_result(None)
+
+    def _terminated(self, event: events.ConnectionTerminated) -> None:
+        reason = event.reason_phrase or f"code {event.error_code:#x}"
+        if event.error_code == CLOSE_IDENTITY:
+            error: PlexusError = PeerIdentityError(
+                "the peer refused this host's identity (it pins another id)"
+            )
+        elif event.error_code == CLOSE_DONE and event.frame_type is None:
+            error = StreamsLostError("the peer closed the session")
+        else:
+            error = StreamsLostError(f"the streams connection failed: {reason}")
+        self._end(error)
+
+    def _end(self, error: PlexusError) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(error)
+            self.ready.exception()  # whoever waits for it sees it; nobody waiting is fine too
+        for stream in self._streams.values():
+            stream._fail(error)
+        if not self.closed.done():
+            self.closed.set_result(None)
+            self.accepted.put_nowait(None)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._wake_writers()
+
+    def _stream(self, stream_id: int) -> Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            stream = self._streams[stream_id] = Stream(self, stream_id)
+            self.accepted.put_nowait(stream)
+        return stream
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        if self._quic is None or self._transport is None or self._transport.is_closing():
+            return
+        for data, _ in self._quic.datagrams_to_send(self._loop.time()):
+            self._transport.sendto(data)
+        if self._timer is not None:
+            self._timer.cancel()
+        when = self._quic.get_timer()
+        self._timer = None if when is None else self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._quic is not None:
+            self._quic.handle_timer(self._loop.time())
+            self._events()
+            self._flush()
+
+    def _wake_writers(self) -> None:
+        if not self._progress.done():
+            self._progress.set_result(None)
+        self._progress = self._loop.create_future()
+
+    # used by Stream and the forwarding
+
+    def send(self, stream_id: int, data: bytes, *, end: bool) -> None:
+        assert self._quic is not None
+        self._quic.send_stream_data(stream_id, data, end_stream=end)
+        self._schedule_flush()
+
+    async def drained(self, stream: Stream) -> None:
+        """Wait while the stream has more than SEND_BUFFER bytes unacknowledged."""
+        assert self._quic is not None
+        while self._quic.unacknowledged(stream.id) > SEND_BUFFER and not self.closed.done():
+            await asyncio.shield(self._progress)
+        if stream._error is not None:
+            raise stream._error
+
+    def reset(self, stream_id: int) -> None:
+        assert self._quic is not None
+        with contextlib.suppress(ValueError):  # already finished
+            self._quic.reset_stream(stream_id, error_code=1)
+        self._streams.pop(stream_id, None)
+        self._schedule_flush()
+
+    def open(self) -> Stream:
+        assert self._quic is not None
+        stream_id = self._quic.get_next_available_stream_id()
+        stream = self._streams[stream_id] = Stream(self, stream_id)
+        return stream
+
+    def forget(self, stream: Stream) -> None:
+        self._streams.pop(stream.id, None)
+
+    @property
+    def peer_id(self) -> str | None:
+        certificate = None if self._quic is None else self._quic.peer_certificate
+        return None if certificate is None else id_of(certificate.public_key())
+
+    async def keepalive(self) -> None:
+        """Ping every KEEPALIVE_INTERVAL until cancelled: the NAT mappings stay while this side wants them."""
+        assert self._quic is not None
+        uid = 0
+        while not self.closed.done():
+            await asyncio.sleep(KEEPALIVE_INTERVAL)
+            uid += 1
+            self._quic.send_ping(uid)
+            self._schedule_flush()
+
+    async def close(self) -> None:
+        """Close cleanly: CONNECTION_CLOSE sent, then the socket, after at most CLOSE_TIMEOUT."""
+        if self._quic is not None and not self.closed.done():
+            self._quic.close(error_code=CLOSE_DONE, reason_phrase="session over")
+            self._flush()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.closed), CLOSE_TIMEOUT)
+        self._end(StreamsLostError("the session is over"))
+        if self._transport is not None:
+            self._transport.close()
+
+
+async def _link(
+    sock: socket.socket, quic: _Connection | None, check: PeerCheck, config: QuicConfiguration
+) -> Link:
+    loop = asyncio.get_running_loop()
+    link = Link(quic, check, config)
+    await loop.create_datagram_endpoint(lambda: link, sock=sock)
+    return link
+
+
+async def connect(
+    sock: socket.socket, peer: Endpoint, identity: Identity, check: PeerCheck, *, datagram_size: int
+) -> Link:
+    """The inviter's side: the handshake with the acceptor at `peer`, checked; `sock` is taken over."""
+    config = configuration(identity, client=True, datagram_size=datagram_size)
+    sock.connect(peer)
+    quic = _Connection(configuration=config)
+    link = await _link(sock, quic, check, config)
+    quic.connect(peer, now=asyncio.get_running_loop().time())
+    link._flush()
+    return await _ready(link)
+
+
+async def serve(
+    sock: socket.socket, peer: Endpoint, identity: Identity, check: PeerCheck, *, datagram_size: int
+) -> Link:
+    """The acceptor's side: wait for the inviter's handshake from `peer`, checked; `sock` is taken over."""
+    config = configuration(identity, client=False, datagram_size=datagram_size)
+    sock.connect(peer)
+    link = await _link(sock, None, check, config)
+    return await _ready(link)
+
+
+async def _ready(link: Link) -> Link:
+    try:
+        await asyncio.wait_for(asyncio.shield(link.ready), HANDSHAKE_TIMEOUT)
+    except TimeoutError:
+        await link.close()
+        raise StreamsLostError(f"no QUIC handshake with the peer within {HANDSHAKE_TIMEOUT:g} s") from None
+    except PlexusError:
+        await link.close()
+        raise
+    return link

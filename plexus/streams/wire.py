@@ -1,0 +1,119 @@
+"""The start of each QUIC stream: which target the inviter asks for, and the acceptor's verdict.
+
+Sans-I/O: frames are built to bytes and read back from whatever bytes have arrived. A frame is a code (one
+byte), a length (two bytes, big-endian) and that many bytes of UTF-8. The inviter opens a stream with an OPEN
+frame naming `host:port`; the acceptor answers with one status frame (its text a reason) and, on CONNECTED,
+both sides then carry the TCP connection's bytes as they are, a FIN for a TCP half-close. docs/streams.md
+has the byte layout.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+
+from plexus.errors import UsageError
+
+ALPN = "plexus-streams/1"
+MAX_TEXT = 1024  # a target or a reason: far more than any real one
+_HEAD = struct.Struct("!BH")
+_TARGET = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<v6port>\d+)|(?P<host>[^\[\]:]+):(?P<port>\d+)")
+
+
+class Code(IntEnum):
+    OPEN = 0x01  # inviter -> acceptor: the target
+    CONNECTED = 0x10  # acceptor -> inviter: the bytes that follow are the target's
+    NOT_ALLOWED = 0x11  # the target is not in --forward-allow
+    UNREACHABLE = 0x12  # allowed, but connecting to it failed (the reason says how)
+    BAD_REQUEST = 0x13  # not an OPEN frame, or a target that does not parse
+
+
+class FrameError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    """HOST:PORT, as written in --forward-allow, --stdio and --forward: a name, IPv4, or [IPv6]."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, option: str) -> Target:
+        match = _TARGET.fullmatch(text.strip())
+        if match is None:
+            raise UsageError(f"{option} {text!r}: expected HOST:PORT ([ADDRESS]:PORT for IPv6)")
+        host = match.group("v6") or match.group("host")
+        port = int(match.group("v6port") or match.group("port"))
+        if not 0 < port < 65536:
+            raise UsageError(f"{option} {text!r}: port {port} is not 1-65535")
+        if match.group("v6") is not None:
+            try:
+                host = str(ipaddress.IPv6Address(host))
+            except ValueError as error:
+                raise UsageError(f"{option} {text!r}: {host!r} is not an IPv6 address") from error
+        return cls(host.lower(), port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """--forward-allow: exactly these targets, as written (a name is not resolved to match an address);
+    none listed, none reachable."""
+
+    targets: frozenset[Target]
+
+    @classmethod
+    def of(cls, targets: Iterable[Target]) -> Allowed:
+        return cls(frozenset(targets))
+
+    def permits(self, target: Target) -> bool:
+        return target in self.targets
+
+
+def frame(code: Code, text: str = "") -> bytes:
+    data = text.encode("utf-8")[:MAX_TEXT]
+    return _HEAD.pack(code, len(data)) + data
+
+
+def read_frame(buffer: bytes) -> tuple[Code, str, bytes] | None:
+    """The first frame in `buffer` and the bytes after it, or None while it is incomplete."""
+    if len(buffer) < _HEAD.size:
+        return None
+    raw, length = _HEAD.unpack_from(buffer)
+    if length > MAX_TEXT:
+        raise FrameError(f"frame of {length} bytes (at most {MAX_TEXT})")
+    end = _HEAD.size + length
+    if len(buffer) < end:
+        return None
+    try:
+        code = Code(raw)
+        text = buffer[_HEAD.size : end].decode("utf-8")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise FrameError(f"unreadable frame (code {raw:#04x})") from error
+    return code, text, buffer[end:]
+
+
+def open_frame(target: Target) -> bytes:
+    return frame(Code.OPEN, str(target))
+
+
+def read_open(buffer: bytes) -> tuple[Target, bytes] | None:
+    """The target an OPEN frame asks for; FrameError for anything else."""
+    found = read_frame(buffer)
+    if found is None:
+        return None
+    code, text, rest = found
+    if code is not Code.OPEN:
+        raise FrameError(f"expected OPEN, got {code.name}")
+    try:
+        return Target.parse(text, "target"), rest
+    except UsageError as error:
+        raise FrameError(str(error)) from error
