@@ -18,6 +18,7 @@ from tests.lab import sessions
 from tests.lab.lab import Lab
 from tests.lab.services import BYE, Sshd, TcpTarget, exchange, http_get, pattern, with_loss
 from tests.lab.sessions import Plexus, Side
+from tests.labtests.test_reach import turn
 
 pytestmark = pytest.mark.lab
 
@@ -242,3 +243,24 @@ def test_without_an_identity_forwarding_is_refused_with_how_to_make_one(
     assert acceptor.wait(20) == ExitCode.USAGE
     message = acceptor.stderr()
     assert message.count("\n") == 1 and "--identity" in message and "--anonymous" in message, message
+
+
+@pytest.mark.parametrize("relayed", ["a", "b"])
+def test_streams_cross_a_turn_relay(
+    lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids, relayed: str
+) -> None:
+    """Both NATs map per destination: the session goes through TURN (allocated by the side named, whose
+    streams then pass plexus's own relay forwarder), and the streams with it."""
+    for host in ("a", "b"):
+        lab.set_nat(host, "symmetric")
+    data = pattern(2 << 20)
+    acceptor_relay = turn(lab) if relayed == "b" else {}
+    inviter_relay = turn(lab) if relayed == "a" else {}
+    with TcpTarget(lab, "b", "sink", port=7009):
+        acceptor, *sides = start_acceptor(lab, tmp_path, running, ids, "127.0.0.1:7009", **acceptor_relay)
+        code, out, err = stdio(
+            lab, tmp_path, running, (sides[0], sides[1]), ids, "127.0.0.1:7009", data, **inviter_relay
+        )
+    assert code == 0, f"{err}\n{acceptor.log()[-3000:]}"
+    assert out == f"{len(data)} {hashlib.sha256(data).hexdigest()}\n".encode()
+    assert "path: relay" in acceptor.log()
