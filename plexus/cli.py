@@ -285,7 +285,9 @@ def command_config(options: Options, streams: StreamsConfig | None) -> launcher.
         return None
     if not exec_command and streams is not None:
         return None
-    exec_command = options.require("exec-command")
+    if not exec_command:
+        forwarding = " (or --forward-allow, to forward streams)" if options.flag("accept") else ""
+        raise UsageError(f"missing --exec-command{forwarding} (give it on the command line or in --config)")
     launcher.check_executable(exec_command)
     log_file = Path(p).expanduser() if (p := options.get("exec-log-file")) else None
     if log_file is not None:
@@ -358,7 +360,8 @@ def show_id(options: Options) -> None:
 
 
 def setup_logging(options: Options) -> None:
-    level_name = (options.get("log-level") or "info").lower()
+    # With --stdio, stderr is the terminal of the ssh session plexus carries: only problems belong there.
+    level_name = (options.get("log-level") or ("warning" if options.get("stdio") else "info")).lower()
     if level_name not in LOG_LEVELS:
         raise UsageError(f"--log-level must be one of {'|'.join(LOG_LEVELS)}")
     logging.addLevelName(LOG_LEVELS["trace"], "TRACE")
@@ -371,9 +374,11 @@ def setup_logging(options: Options) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LOG_LEVELS[level_name])
-    # aioimaplib reports every untagged line it skips at INFO: that is protocol chatter, shown only at trace.
+    # aioimaplib reports every untagged line it skips at INFO, aioquic its handshake's steps: protocol
+    # chatter, shown only at trace.
     chatter = LOG_LEVELS["trace"] if level_name == "trace" else max(LOG_LEVELS[level_name], logging.WARNING)
     logging.getLogger("aioimaplib").setLevel(chatter)
+    logging.getLogger("quic").setLevel(chatter)  # aioquic's per-connection notes (version, ALPN, close)
 
 
 async def explore(options: Options, as_json: bool) -> None:
@@ -672,15 +677,14 @@ def run(
         show_id(options)
         return
     config_ = session_config(options)
-    if not accepting:
-        run_until_signal(session.invite(config_))
-        return
+    # A normal end by signal: a service manager stopping the acceptor, ssh ending its ProxyCommand (--stdio).
+    normal_end = signal.SIGTERM if accepting else signal.SIGHUP if options.get("stdio") else None
     try:
-        run_until_signal(session.accept(config_))
+        run_until_signal(session.accept(config_) if accepting else session.invite(config_))
     except Interrupted as stopped:
-        if stopped.signum != signal.SIGTERM:
+        if stopped.signum != normal_end:
             raise
-        log.info("stopped")  # a service manager's stop is the acceptor's normal end
+        log.info("stopped")
 
 
 OPTION_NAMES = frozenset(

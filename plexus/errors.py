@@ -28,7 +28,7 @@ class ExitCode(IntEnum):
     PEER_IDENTITY = 15  # streams: the peer proved another identity than the one pinned
     TARGET_REFUSED = 16  # streams: the acceptor refused the target (not allowed, or it could not connect)
     STREAMS_LOST = 17  # streams: the encrypted connection failed or went silent (idle timeout)
-    HANGUP = 129  # SIGHUP, 128 + 1: the terminal went away, or ssh ended its --stdio ProxyCommand
+    HANGUP = 129  # SIGHUP, 128 + 1: the terminal went away (with --stdio: ssh's normal end, exit OK instead)
     INTERRUPTED = 130  # SIGINT (Ctrl-C), 128 + 2 as shells report it
     TERMINATED = 143  # SIGTERM, 128 + 15; an acceptor stopped by SIGTERM exits OK instead (a service's stop)
 
@@ -53,7 +53,7 @@ MEANINGS = {
     ExitCode.PEER_IDENTITY: "streams: the peer is not the identity pinned (--peer-identity, --smime-peer)",
     ExitCode.TARGET_REFUSED: "streams: the acceptor refused the target (not allowed there, or unreachable)",
     ExitCode.STREAMS_LOST: "streams: the encrypted connection to the peer could not be set up or was lost",
-    ExitCode.HANGUP: "hung up (SIGHUP): the terminal closed, or ssh ended its ProxyCommand",
+    ExitCode.HANGUP: "hung up (SIGHUP): the terminal closed (--stdio: ssh's normal end, exit 0)",
     ExitCode.INTERRUPTED: "interrupted (SIGINT, Ctrl-C)",
     ExitCode.TERMINATED: "terminated (SIGTERM) before the session ended",
 }
