@@ -125,7 +125,9 @@ def start(
     if argv is None:
         values = options(lab, me, peer) | {"log-level": "debug", "log-file": str(log_file)}
         values |= {"exec-log-file": str(exec_log)} | (overrides or {})
-        argv = [f"--{key}={value}" if value else f"--{key}" for key, value in values.items() if value is not None]
+        argv = [
+            f"--{key}={value}" if value else f"--{key}" for key, value in values.items() if value is not None
+        ]
         argv += ["--accept"] if accept else []
     process = lab.popen(
         me.host,

@@ -264,3 +264,23 @@ def test_streams_cross_a_turn_relay(
     assert code == 0, f"{err}\n{acceptor.log()[-3000:]}"
     assert out == f"{len(data)} {hashlib.sha256(data).hexdigest()}\n".encode()
     assert "path: relay" in acceptor.log()
+
+
+def test_an_acceptor_serves_what_it_is_configured_for(
+    lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids
+) -> None:
+    """Command and streams side by side on one acceptor; a request for what it lacks gets a refusal (11)."""
+    with TcpTarget(lab, "b", "echo", port=7007):
+        both = acceptor_options(ids, "127.0.0.1:7007") | {"exec-command": str(sessions.HELLO)}
+        acceptor, me, peer = sessions.accepting(lab, tmp_path, running, overrides=both)
+        code, out, err = stdio(lab, tmp_path, running, (me, peer), ids, "127.0.0.1:7007", b"ping\n")
+        assert (code, out) == (0, b"ping\n" + BYE), err
+        invite, code, _ = sessions.invite_once(lab, me, peer, tmp_path, running)
+        assert code == 0, invite.stderr()
+        acceptor.wait_hello()
+    _, me, peer = sessions.accepting(lab, tmp_path, running)
+    code, out, err = stdio(lab, tmp_path, running, (me, peer), ids, "127.0.0.1:7007", b"")
+    assert code == ExitCode.PEER_REFUSED and "forwards no streams" in err, err
+    _, me, peer = start_acceptor(lab, tmp_path, running, ids, "127.0.0.1:7007")
+    invite, code, _ = sessions.invite_once(lab, me, peer, tmp_path, running)
+    assert code == ExitCode.PEER_REFUSED and "runs no command" in invite.stderr()

@@ -370,6 +370,8 @@ def test_a_refusal_and_a_response_with_one_puzzle_are_both_admitted() -> None:
         Reach("independent"),
         Reach("dependent", Endpoint("203.0.113.10", 49152)),
         Reach("dependent", Endpoint("2001:db8::1", 3479)),
+        Reach("independent", streams=True),
+        Reach("dependent", Endpoint("203.0.113.10", 49152), streams=True),
     ],
 )
 def test_reach_travels_in_a_header_plexus_2_2_ignores(reach: Reach) -> None:
