@@ -2,7 +2,8 @@
 
 In its own NAT lab it measures the time to connect (with its phases, beside the floor the same path could not
 beat), which NAT pairs connect and how the others fail, what an idle acceptor and one session cost, and the
-reconnect loop with real OpenVPN (bench/soak.py).
+reconnect loop with real OpenVPN (bench/soak.py), and streams: TCP through plexus's QUIC beside plain TCP,
+OpenVPN and the raw UDP path (bench/streams.py).
 Progress goes to stderr, the report to stdout (a plain-text table), and with --json FILE also to that file.
 """
 
@@ -22,12 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import floor, report, runs, soak
+from bench import floor, report, runs, soak, streams
 from bench.stats import summarize
 from bench.timeline import PHASES, TimelineError
 from tests.lab.lab import Lab, LabError, lab_available
 
-SECTIONS = ("connect", "matrix", "footprint", "soak")
+SECTIONS = ("connect", "matrix", "footprint", "soak", "streams")
 T = TypeVar("T")
 
 
@@ -56,6 +57,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--cycles", type=_positive(int), default=20, help="reconnect cycles in the soak (default 20)"
+    )
+    parser.add_argument(
+        "--stream-mib",
+        type=_positive(int),
+        default=200,
+        help="MiB of the streams' bulk transfer (default 200)",
+    )
+    parser.add_argument(
+        "--round-trips", type=_positive(int), default=1000,
+        help="1-byte round trips per path in the streams section (default 1000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ssh-runs",
+        type=_positive(int),
+        default=5,
+        help="ssh logins timed in the streams section (default 5)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON here")
     return parser.parse_args(argv)
@@ -208,6 +225,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ),
             )
             results["soak"] = found.to_json()
+        if "streams" in args.sections:
+            results["streams"] = streams.measure(
+                lab, workdir / "streams", args.stream_mib, args.round_trips, args.ssh_runs, progress
+            )
     results["bench_seconds"] = round(time.monotonic() - started, 1)
     return results
 

@@ -35,6 +35,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _footprint(results["footprint"])
     if "soak" in results:
         lines += _soak(results["soak"])
+    if "streams" in results:
+        lines += _streams(results["streams"])
     failures = results.get("failures", [])
     lines += ["", f"== Checks: {len(failures)} failed" if failures else "== Checks: all passed"]
     lines += [f"FAILED: {failure}" for failure in failures]
@@ -145,6 +147,61 @@ def _soak(found: dict[str, Any]) -> list[str]:
     ]
 
 
+STREAM_PATHS = {"tcp": "plain TCP, no NAT", "plexus": "plexus streams", "openvpn": "OpenVPN"}
+
+
+def _streams(found: dict[str, Any]) -> list[str]:
+    udp, targets, ssh = found["udp"], found["targets"], found["ssh"]
+    lines = [
+        "",
+        f"== Streams: one TCP connection from a to b (cone NATs, 0 ms links): {found['mib']} MiB into a sink "
+        f"on b, then {found['round_trips']} 1-byte round trips to an echo on b",
+        "Mbit/s of the bulk transfer; round-trip times in ms (median, p95, and what each path adds to plain "
+        "TCP's); CPU seconds per MiB of the bulk transfer, user + system, of the process on a and on b "
+        "(plexus: inviter, acceptor; OpenVPN: each host's openvpn); the sink's answer checked",
+        _row("path", ["Mbit/s", "med ms", "p95 ms", "+med ms", "+p95 ms", "CPU a", "CPU b", "answer"]),
+    ]
+    for name, title in STREAM_PATHS.items():
+        bulk, rtt = found["bulk"][name], found["rtt"][name]
+        added = found["added_rtt_ms"].get(name)
+        per_mib = found["cpu_seconds_per_mib"].get(name)
+        lines.append(_row(title, [
+            f"{bulk['mbit_s']:.0f}", f"{rtt['median_ms']:.3f}", f"{rtt['p95_ms']:.3f}",
+            f"{added['median_ms']:+.3f}" if added else "-", f"{added['p95_ms']:+.3f}" if added else "-",
+            f"{per_mib['inviter']:.4f}" if per_mib else "-", f"{per_mib['acceptor']:.4f}" if per_mib else "-",
+            "ok" if bulk["ok"] and not rtt["wrong"] else "WRONG",
+        ]))  # fmt: skip
+    busy = "; ".join(
+        f"{STREAM_PATHS[name]} {100 * share['inviter']:.0f} % / {100 * share['acceptor']:.0f} %"
+        for name, share in found["cpu_share"].items()
+    )
+    lines.append(_row("raw UDP, punched", [f"{udp['mbit_s']:.0f}"] + ["-"] * 6 + [f"{udp['loss_pct']:.1f}%"]))
+    lines += [
+        f"raw UDP: one Python sender, {udp['datagram_bytes']}-byte datagrams, no encryption: sent at "
+        f"{udp['send_mbit_s']:.0f} Mbit/s, received {udp['mbit_s']:.0f} Mbit/s, "
+        f"{udp['received_datagrams']} of {udp['sent_datagrams']} datagrams (loss {udp['loss_pct']:.1f} %; "
+        f"{udp['receive_buffer_drops']} dropped by b's kernel with the receiver's socket buffer full)",
+        f"busy share of one core during the transfer, a / b: {busy}",
+        f"ssh until the remote command's first output (a fresh session each time): through plexus --stdio "
+        f"{_ssh(ssh['plexus'])}; through a plain relay without plexus {_ssh(ssh['pipe'])}",
+        f"target one stream >= {targets['one_stream_mbit_s']:g} Mbit/s: "
+        f"{'met' if targets['throughput_met'] else 'NOT met'} ({found['bulk']['plexus']['mbit_s']:.0f}); "
+        f"target added RTT < {targets['added_rtt_ms']:g} ms: {'met' if targets['rtt_met'] else 'NOT met'} "
+        f"({found['added_rtt_ms']['plexus']['median_ms']:.3f} ms median)",
+    ]
+    return lines
+
+
+def _ssh(found: dict[str, Any]) -> str:
+    times = found["seconds"]
+    if not times:
+        return f"never ({len(found['wrong'])} failed)"
+    failed = f", {len(found['wrong'])} failed" if found["wrong"] else ""
+    return (
+        f"median {found['median_seconds']:.2f} s of {len(times)} ({min(times):.2f}-{max(times):.2f}){failed}"
+    )
+
+
 def _reach(mode: str) -> Reach:
     return Reach("dependent" if mode == "symmetric" else "independent")
 
@@ -171,6 +228,8 @@ def check(results: dict[str, Any]) -> list[str]:
             )
     if "soak" in results:
         failures += _check_soak(results["soak"])
+    if "streams" in results:
+        failures += _check_streams(results["streams"])
     return failures
 
 
@@ -186,4 +245,25 @@ def _check_soak(found: dict[str, Any]) -> list[str]:
     growth = found["acceptor_rss_after_bytes"] - found["acceptor_rss_before_bytes"]
     if growth > SOAK_RSS_GROWTH:
         failures.append(f"soak: the acceptor's RSS grew by {growth / MIB:.1f} MiB")
+    return failures
+
+
+def _check_streams(found: dict[str, Any]) -> list[str]:
+    """Only what must be right whatever the machine: every byte delivered. The speed targets are reported."""
+    failures = []
+    for name, bulk in found["bulk"].items():
+        if not bulk["ok"]:
+            failures.append(
+                f"streams {name}: the sink answered {bulk['reply']!r}, expected {bulk['expected']!r}"
+            )
+    for name, rtt in found["rtt"].items():
+        if rtt["wrong"]:
+            failures.append(f"streams {name}: {rtt['wrong']} echo round trips came back wrong")
+    for name, ssh in found["ssh"].items():
+        if ssh["wrong"]:
+            failures.append(
+                f"streams: ssh through {name} failed {len(ssh['wrong'])} times: {ssh['wrong'][0]}"
+            )
+    if not found["udp"]["received_datagrams"]:
+        failures.append("streams: no raw UDP datagram crossed the punched NATs")
     return failures

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from typing import Any
 
 import pytest
 
@@ -80,6 +81,31 @@ def test_floor_counts_round_trips_on_each_path() -> None:
     assert floor.floor(floor.Paths(0, 0, 0.5))["mail_in"] == 0.5
 
 
+def _streams() -> dict[str, Any]:
+    mbit = {"tcp": 5000.0, "plexus": 180.0, "openvpn": 500.0}
+    rtt = {"tcp": 0.05, "plexus": 0.5, "openvpn": 0.1}
+    sides = {"inviter": 0.05, "acceptor": 0.04}
+    return {
+        "mib": 200, "round_trips": 1000, "ssh_runs": 2,
+        "bulk": {name: {"bytes": 200 * report.MIB, "seconds": 1.0, "mbit_s": value, "ok": True,
+                        "reply": "209715200 ab", "expected": "209715200 ab"} for name, value in mbit.items()},
+        "rtt": {name: {"n": 1000, "median_ms": ms, "p95_ms": 2 * ms, "min_ms": ms, "max_ms": 3 * ms,
+                       "wrong": 0} for name, ms in rtt.items()},
+        "udp": {"datagram_bytes": 1400, "sent_datagrams": 100, "received_datagrams": 90, "loss_pct": 10.0,
+                "receive_buffer_drops": 10,
+                "send_seconds": 1.0, "send_mbit_s": 2000.0, "receive_seconds": 1.0, "mbit_s": 1800.0},
+        "ssh": {"plexus": {"seconds": [1.5, 1.7], "median_seconds": 1.6, "wrong": []},
+                "pipe": {"seconds": [0.4, 0.4], "median_seconds": 0.4, "wrong": []}},
+        "added_rtt_ms": {name: {"median_ms": rtt[name] - 0.05, "p95_ms": 2 * rtt[name] - 0.1}
+                         for name in ("plexus", "openvpn")},
+        "cpu_seconds": {"plexus": sides, "openvpn": sides},
+        "cpu_seconds_per_mib": {"plexus": sides, "openvpn": sides},
+        "cpu_share": {"plexus": {"inviter": 1.0, "acceptor": 0.9}, "openvpn": sides},
+        "targets": {"one_stream_mbit_s": 200.0, "added_rtt_ms": 1.0, "throughput_met": False,
+                    "rtt_met": True},
+    }  # fmt: skip
+
+
 def test_report_shows_each_section() -> None:
     summary = summarize([1.0, 2.0]).to_json()
     results = {
@@ -103,6 +129,7 @@ def test_report_shows_each_section() -> None:
             "acceptor_session_cpu_seconds": 0.01, "acceptor_rss_after_bytes": 0,
             "inviter": {"code": 0, "seconds": 2.0, "cpu_seconds": 0.5, "max_rss_bytes": 1 << 20},
         },
+        "streams": _streams(),
     }  # fmt: skip
     text = report.render(results)
     assert "25 ms one-way delay" in text
@@ -110,6 +137,11 @@ def test_report_shows_each_section() -> None:
     assert "fan-out 3/3 1.6 s" in text and "1 of 2 pairs connect every time" in text
     assert "spray 2/3 1.7 s (HANDSHAKE_TIMEOUT)" in text
     assert "RSS 1.0 MiB" in text and "Checks: all passed" in text
+    assert (
+        "plexus streams           180    0.500    1.000   +0.450   +0.900   0.0500   0.0400       ok" in text
+    )
+    assert "through plexus --stdio median 1.60 s of 2 (1.50-1.70)" in text
+    assert "200 Mbit/s: NOT met (180)" in text and "1 ms: met (0.450 ms median)" in text
 
 
 def test_check_asserts_what_the_figures_must_show() -> None:
@@ -129,3 +161,20 @@ def test_check_asserts_what_the_figures_must_show() -> None:
     assert len(failures) == 3
     assert "over 2 x its floor" in failures[0] and "expected relay every time" in failures[1]
     assert "2.00 % of a core" in failures[2]
+
+
+def test_check_fails_the_streams_only_on_wrong_bytes() -> None:
+    slow = _streams()  # misses both targets: reported, not failed
+    slow["bulk"]["plexus"]["mbit_s"], slow["targets"]["throughput_met"] = 10.0, False
+    assert report.check({"streams": slow}) == []
+    wrong = _streams()
+    wrong["bulk"]["openvpn"]["reply"] = "209715199 cd"
+    wrong["bulk"]["openvpn"]["ok"] = False
+    wrong["rtt"]["plexus"]["wrong"] = 3
+    wrong["ssh"]["plexus"] = {"seconds": [1.5], "median_seconds": 1.5, "wrong": ["exit 255: refused"]}
+    failures = report.check({"streams": wrong})
+    assert len(failures) == 3
+    assert "streams openvpn: the sink answered '209715199 cd'" in failures[0]
+    assert "3 echo round trips" in failures[1] and "exit 255: refused" in failures[2]
+    host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
+    assert "WRONG" in report.render({"machine": host, "bench_seconds": 1.0, "streams": wrong})
