@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,10 +118,13 @@ def _create(path: Path) -> ec.EllipticCurvePrivateKey:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    draft = path.with_name(f".{path.name}.{os.getpid()}.new")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)  # 0600
+    except OSError as error:
+        raise UsageError(f"cannot create --identity {path}: {error.strerror}") from error
+    draft = Path(name)
+    try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(pem)
         os.link(draft, path)  # fails if the name exists, unlike a rename

@@ -72,8 +72,9 @@ async def _answer(link: Link, stream: Stream, allowed: Allowed) -> None:
     try:
         target, rest = await asyncio.wait_for(_read_open(stream), OPEN_TIMEOUT)
     except (FrameError, TimeoutError) as error:
-        log.warning("stream %d: bad request: %s", stream.id, error or "no OPEN in time")
-        await _verdict(link, stream, Code.BAD_REQUEST, str(error or "no OPEN in time"))
+        reason = str(error) if isinstance(error, FrameError) else f"no OPEN frame within {OPEN_TIMEOUT:g} s"
+        log.warning("stream %d: bad request: %s", stream.id, reason)
+        await _verdict(link, stream, Code.BAD_REQUEST, reason)
         return
     except PlexusError:
         link.forget(stream)

@@ -24,7 +24,7 @@ from aioquic._buffer import Buffer, BufferReadError
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import pull_quic_header
+from aioquic.quic.packet import QuicErrorCode, pull_quic_header
 from cryptography import x509
 
 from plexus.endpoint import Endpoint
@@ -221,7 +221,10 @@ class Link(asyncio.DatagramProtocol):
 
     def _terminated(self, event: events.ConnectionTerminated) -> None:
         reason = event.reason_phrase or f"code {event.error_code:#x}"
-        if event.error_code == CLOSE_IDENTITY:
+        # A peer that refuses us before our handshake completed can only say so in Handshake packets, where
+        # RFC 9000 turns its application close into a transport APPLICATION_ERROR.
+        refused_early = event.error_code == QuicErrorCode.APPLICATION_ERROR and not self.ready.done()
+        if event.error_code == CLOSE_IDENTITY or refused_early:
             error: PlexusError = PeerIdentityError(
                 "the peer refused this host's identity (it pins another id)"
             )
@@ -303,6 +306,8 @@ class Link(asyncio.DatagramProtocol):
 
     def open(self) -> Stream:
         assert self._quic is not None
+        if self.closed.done():
+            raise StreamsLostError("the streams connection to the peer has ended")
         stream_id = self._quic.get_next_available_stream_id()
         stream = self._streams[stream_id] = Stream(self, stream_id)
         return stream

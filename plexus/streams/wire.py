@@ -79,7 +79,8 @@ class Allowed:
 
 
 def frame(code: Code, text: str = "") -> bytes:
-    data = text.encode("utf-8")[:MAX_TEXT]
+    # Cut at MAX_TEXT bytes, but never inside a character: the frame must read back.
+    data = text.encode("utf-8")[:MAX_TEXT].decode("utf-8", "ignore").encode("utf-8")
     return _HEAD.pack(code, len(data)) + data
 
 

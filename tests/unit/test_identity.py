@@ -132,12 +132,6 @@ def test_two_processes_making_the_key_at_once_end_with_one(tmp_path: Path) -> No
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(f".host{round_}")] == []
 
 
-@pytest.mark.xfail(
-    reason="identity._create names its draft .NAME.PID.new: two threads of one process share it, so one "
-    "can link the other's key under the name and return its own (or fail with ENOENT once the other "
-    "unlinked the draft)",
-    strict=True,
-)
 def test_two_threads_making_the_key_at_once_end_with_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -51,11 +51,6 @@ def test_a_longer_text_is_cut_to_max_text() -> None:
     assert found == (Code.UNREACHABLE, "b" * wire.MAX_TEXT, b"")
 
 
-@pytest.mark.xfail(
-    reason="wire.frame cuts the UTF-8 bytes at MAX_TEXT, possibly inside a character: read_frame then "
-    "raises FrameError on a frame plexus wrote itself",
-    strict=True,
-)
 def test_a_long_text_cut_inside_a_character_still_reads_back() -> None:
     found = wire.read_frame(wire.frame(Code.NOT_ALLOWED, "x" + "é" * wire.MAX_TEXT))
     assert found is not None and found[1].startswith("xé")
@@ -383,13 +378,6 @@ async def test_an_inviter_pinning_another_id_does_not_connect() -> None:
             await asyncio.wait_for(serving_, 5)
 
 
-@pytest.mark.xfail(
-    reason="the inviter refuses the acceptor before the acceptor completed its handshake, so aioquic sends "
-    "the application close (CLOSE_IDENTITY) in Handshake packets as a transport APPLICATION_ERROR (0xc): "
-    "the acceptor reports 'the streams connection failed: code 0xc' (StreamsLostError)",
-    raises=StreamsLostError,
-    strict=True,
-)
 async def test_an_acceptor_refused_by_the_inviter_learns_why() -> None:
     async with pair() as ends:
         serving_ = ends.serve(PeerCheck(ends.inviter.id))
@@ -438,12 +426,6 @@ async def test_closing_one_side_ends_the_other_at_once(closer: str) -> None:
                     await asyncio.wait_for(stream.read(), 1.0)
 
 
-@pytest.mark.xfail(
-    reason="a Stream opened on a link that has ended is never failed (Link._end only fails the streams it "
-    "has then): open_target waits for its 20 s verdict timeout instead of raising StreamsLostError at once",
-    raises=TimeoutError,
-    strict=True,
-)
 @pytest.mark.parametrize("closer", ["inviter", "acceptor"])
 async def test_a_stream_opened_after_the_link_closed_fails_at_once(closer: str) -> None:
     async with pair() as ends:
@@ -465,11 +447,6 @@ async def test_a_stream_that_does_not_start_with_open_is_a_bad_request() -> None
             assert (code, reason) == (Code.BAD_REQUEST, "expected OPEN, got CONNECTED")
 
 
-@pytest.mark.xfail(
-    reason="forward._answer words a timeout as str(error or 'no OPEN in time'): a TimeoutError is truthy "
-    "and its str() is empty, so the BAD_REQUEST verdict (and the log line) give no reason",
-    strict=True,
-)
 async def test_a_stream_whose_open_never_comes_is_a_bad_request_with_a_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -481,7 +458,7 @@ async def test_a_stream_whose_open_never_comes_is_a_bad_request_with_a_reason(
             await stream.write(b"\x01")  # the start of an OPEN frame, and nothing more
             code, reason, _ = await asyncio.wait_for(read_verdict(stream), 5)
             assert code is Code.BAD_REQUEST
-            assert reason == "no OPEN in time"
+            assert reason.startswith("no OPEN frame within")
 
 
 async def read_verdict(stream: quic.Stream) -> tuple[Code, str, bytes]:
