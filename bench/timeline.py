@@ -74,7 +74,7 @@ class Timeline:
 def timeline(started: float, inviter_log: str, acceptor_log: str, launched: tuple[float, float]) -> Timeline:
     """Phase durations of one session; `launched` = the two hello.py start times (inviter's, acceptor's)."""
     inviter, acceptor = parse_log(inviter_log), parse_log(acceptor_log)
-    loop_runs = find(inviter, "Using selector")
+    loop_runs = find(inviter, "event loop running")
     stun = find(inviter, "inner endpoint")
     match = _OUTER.search(stun.message)
     if match is None:

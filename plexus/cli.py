@@ -429,6 +429,7 @@ def run_until_signal(main: Coroutine[Any, Any, T]) -> T:
 
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop, signum)
+        log.debug("event loop running (%s)", type(loop).__module__)  # the benchmark's start of the flow
         try:
             return await main
         except asyncio.CancelledError:

@@ -12,7 +12,7 @@ from bench.stats import quantile, summarize
 from bench.timeline import PHASES, TimelineError, parse_log, timeline
 
 INVITER = """\
-2026-11-22 04:17:06,770 DEBUG asyncio: Using selector: EpollSelector
+2026-11-22 04:17:06,770 DEBUG plexus: event loop running (uvloop)
 2026-11-22 04:17:06,772 INFO plexus.session: inner endpoint 10.0.1.2:60551, outer endpoint 198.51.100.2:60551
 2026-11-22 04:17:06,841 INFO plexus.mediator.email: request sent to remote (<x@t>), waiting
 2026-11-22 04:17:07,886 INFO plexus.mediator.email: response from remote: outer endpoint 198.51.100.6:35384
