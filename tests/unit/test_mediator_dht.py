@@ -1,0 +1,625 @@
+"""The DHT rendezvous, sans I/O: key texts, cards, sealed letters, screening."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import struct
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from plexus.endpoint import Endpoint
+from plexus.identity import Identity, id_of
+from plexus.mediator.dht import (
+    ADVENT_LIFETIME,
+    ADVENT_REFRESH,
+    CARD_LIFETIME,
+    DhtMessageError,
+    Kind,
+    Letter,
+    Screen,
+    day_of,
+    fresh_advent,
+    key_text,
+    listening_days,
+    make_card,
+    read_card,
+    seal,
+    unseal,
+)
+from plexus.mediator.message import CLOCK_TOLERANCE, NO_REASON, Offer, Reach
+
+NOW = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.UTC)
+ECDSA = ec.ECDSA(hashes.SHA256())
+
+
+def new_identity() -> Identity:
+    return Identity.of_key(ec.generate_private_key(ec.SECP256R1()))
+
+
+ALICE = new_identity()  # the inviter
+BOB = new_identity()  # the acceptor
+EVE = new_identity()
+OFFER = Offer(Endpoint("198.51.100.2", 40000), 7, Reach("independent"))
+
+
+def ec_key(identity: Identity) -> ec.EllipticCurvePrivateKey:
+    assert isinstance(identity.key, ec.EllipticCurvePrivateKey)
+    return identity.key
+
+
+def public(identity: Identity) -> ec.EllipticCurvePublicKey:
+    return ec_key(identity).public_key()
+
+
+def spki(identity: Identity) -> bytes:
+    return public(identity).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+# Who sends each kind to whom, and under whose id it lives.
+ROUTES: dict[Kind, tuple[Identity, Identity, str]] = {
+    "request": (ALICE, BOB, key_text("request", BOB.id, NOW.date())),
+    "response": (BOB, ALICE, key_text("response", ALICE.id, NOW.date())),
+    "refusal": (BOB, ALICE, key_text("response", ALICE.id, NOW.date())),
+    "advent": (BOB, ALICE, key_text("advent", BOB.id, NOW.date())),
+}
+
+
+def letter(kind: Kind = "request", puzzle: int = 7, **changes: Any) -> Letter:
+    sender, recipient, key = ROUTES[kind]
+    fields: dict[str, Any] = {
+        "kind": kind,
+        "sender": sender.id,
+        "recipient": recipient.id,
+        "key": key,
+        "issued": NOW,
+        "puzzle": puzzle,
+        "offer": None if kind == "refusal" else replace(OFFER, puzzle=puzzle),
+        "answers": 3 if kind == "response" else puzzle if kind == "refusal" else None,
+        "reason": "busy" if kind == "refusal" else None,
+    }
+    fields.update(changes)
+    return Letter(**fields)
+
+
+def sealed(kind: Kind = "request", **changes: Any) -> bytes:
+    sender, recipient, _ = ROUTES[kind]
+    return seal(letter(kind, **changes), sender, public(recipient))
+
+
+def content_of(base: Kind = "request", /, **changes: Any) -> bytes:
+    """A letter's JSON with fields replaced (None: removed), past what Letter itself would allow."""
+    content = json.loads(letter(base).encode())
+    content.update(changes)
+    return json.dumps({k: v for k, v in content.items() if v is not None}, sort_keys=True).encode()
+
+
+def seal_by_hand(
+    content: bytes, key: str, signer: Identity, recipient: Identity, signed: bytes | None = None
+) -> bytes:
+    """The sealed layout written from the module docstring, independently of seal()."""
+    signature = ec_key(signer).sign(b"plexus dht v1\0" + key.encode() + b"\0" + (signed or content), ECDSA)
+    plaintext = (
+        struct.pack("!H", len(spki(signer)))
+        + spki(signer)
+        + struct.pack("!H", len(signature))
+        + signature
+        + content
+    )
+    ephemeral = ec.generate_private_key(ec.SECP256R1())
+    point = ephemeral.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    shared = ephemeral.exchange(ec.ECDH(), public(recipient))
+    aes = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"plexus dht v1").derive(shared)
+    nonce = os.urandom(12)
+    return b"PXD1" + point + nonce + AESGCM(aes).encrypt(nonce, plaintext, b"PXD1" + point + key.encode())
+
+
+# Keys
+
+
+def test_key_text() -> None:
+    assert key_text("card", "a" * 32, datetime.date(2026, 1, 2)) == f"plexus/2/card/{'a' * 32}/2026-01-02"
+
+
+def test_day_is_utc() -> None:
+    tokyo = datetime.timezone(datetime.timedelta(hours=9))
+    assert day_of(datetime.datetime(2026, 1, 2, 8, 0, tzinfo=tokyo)) == datetime.date(2026, 1, 1)
+
+
+def test_listening_days_around_midnight() -> None:
+    before = datetime.datetime(2026, 12, 31, 23, 59, 30, tzinfo=datetime.UTC)
+    after = before + datetime.timedelta(minutes=1)
+    assert listening_days(before) == (
+        datetime.date(2026, 12, 30),
+        datetime.date(2026, 12, 31),
+        datetime.date(2027, 1, 1),
+    )
+    assert listening_days(after) == (
+        datetime.date(2026, 12, 31),
+        datetime.date(2027, 1, 1),
+        datetime.date(2027, 1, 2),
+    )
+    # A sender on either side of midnight from the listener writes under a day the listener watches.
+    assert day_of(after) in listening_days(before)
+    assert day_of(before) in listening_days(after)
+
+
+def test_advent_constants() -> None:
+    assert ADVENT_REFRESH < ADVENT_LIFETIME
+
+
+# Cards
+
+
+def test_card_round_trip() -> None:
+    key = read_card(make_card(BOB, NOW), BOB.id, NOW + CARD_LIFETIME)
+    assert id_of(key) == BOB.id
+
+
+def test_card_layout() -> None:
+    card = make_card(BOB, NOW)
+    n = len(spki(BOB))
+    assert card[:4] == b"PXC1"
+    assert struct.unpack_from("!H", card, 4) == (n,)
+    assert card[6 : 6 + n] == spki(BOB)
+    assert struct.unpack_from("!d", card, 6 + n) == (NOW.timestamp(),)
+    (m,) = struct.unpack_from("!H", card, 14 + n)
+    assert len(card) == 16 + n + m
+    public(BOB).verify(card[16 + n :], b"plexus card v1\0" + card[: 14 + n], ECDSA)
+
+
+def test_card_of_another_id() -> None:
+    with pytest.raises(DhtMessageError, match=f"card of {BOB.id}, not of {ALICE.id}"):
+        read_card(make_card(BOB, NOW), ALICE.id, NOW)
+
+
+def test_card_tampered_anywhere() -> None:
+    card = make_card(BOB, NOW)
+    for at in range(len(card)):
+        tampered = card[:at] + bytes([card[at] ^ 0x01]) + card[at + 1 :]
+        with pytest.raises(DhtMessageError):
+            read_card(tampered, BOB.id, NOW)
+
+
+def test_card_cut_or_extended() -> None:
+    card = make_card(BOB, NOW)
+    for end in range(len(card)):
+        with pytest.raises(DhtMessageError):
+            read_card(card[:end], BOB.id, NOW)
+    with pytest.raises(DhtMessageError, match="bytes after"):
+        read_card(card + b"\0", BOB.id, NOW)
+
+
+@pytest.mark.parametrize("offset", [CARD_LIFETIME, -CARD_LIFETIME])
+def test_stale_card(offset: datetime.timedelta) -> None:
+    card = make_card(BOB, NOW)
+    read_card(card, BOB.id, NOW + offset)
+    with pytest.raises(DhtMessageError, match="card issued"):
+        read_card(card, BOB.id, NOW + offset * 1.001)
+
+
+def card_by_hand(key: ec.EllipticCurvePrivateKey, issued: float) -> bytes:
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    body = b"PXC1" + struct.pack("!H", len(der)) + der + struct.pack("!d", issued)
+    signature = key.sign(b"plexus card v1\0" + body, ECDSA)
+    return body + struct.pack("!H", len(signature)) + signature
+
+
+def test_card_by_hand_is_read() -> None:
+    assert id_of(read_card(card_by_hand(ec_key(BOB), NOW.timestamp()), BOB.id, NOW)) == BOB.id
+
+
+def test_card_issued_nan() -> None:
+    with pytest.raises(DhtMessageError, match="card issued"):
+        read_card(card_by_hand(ec_key(BOB), math.nan), BOB.id, NOW)
+
+
+def test_card_of_another_curve() -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    with pytest.raises(DhtMessageError, match="not P-256"):
+        read_card(card_by_hand(key, NOW.timestamp()), id_of(key.public_key()), NOW)
+
+
+def test_card_needs_a_p256_identity() -> None:
+    rsa_identity = Identity(rsa.generate_private_key(65537, 2048), BOB.certificate)
+    with pytest.raises(ValueError, match="P-256"):
+        make_card(rsa_identity, NOW)
+
+
+# Sealing
+
+
+@pytest.mark.parametrize("kind", ["request", "response", "refusal", "advent"])
+def test_seal_round_trip(kind: Kind) -> None:
+    sender, recipient, key = ROUTES[kind]
+    original = letter(kind)
+    got, sender_key = unseal(seal(original, sender, public(recipient)), recipient, key, sender.id)
+    assert got == original
+    assert id_of(sender_key) == sender.id
+
+
+def test_request_with_advent_round_trip() -> None:
+    original = letter("request", advent=2**64 - 1)
+    assert unseal(seal(original, ALICE, public(BOB)), BOB, original.key, ALICE.id)[0] == original
+
+
+def test_sealed_layout() -> None:
+    """Open seal()'s output by hand, following the module docstring."""
+    original = letter("request")
+    value = seal(original, ALICE, public(BOB))
+    assert value[:4] == b"PXD1"
+    point, nonce, ciphertext = value[4:69], value[69:81], value[81:]
+    ephemeral = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    shared = ec_key(BOB).exchange(ec.ECDH(), ephemeral)
+    aes = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"plexus dht v1").derive(shared)
+    plaintext = AESGCM(aes).decrypt(nonce, ciphertext, b"PXD1" + point + original.key.encode())
+    (n,) = struct.unpack_from("!H", plaintext, 0)
+    assert plaintext[2 : 2 + n] == spki(ALICE)
+    (m,) = struct.unpack_from("!H", plaintext, 2 + n)
+    signature, content = plaintext[4 + n : 4 + n + m], plaintext[4 + n + m :]
+    public(ALICE).verify(signature, b"plexus dht v1\0" + original.key.encode() + b"\0" + content, ECDSA)
+    assert content == original.encode()
+
+
+def test_sealed_by_hand_is_read() -> None:
+    key = ROUTES["request"][2]
+    got, _ = unseal(seal_by_hand(content_of(), key, ALICE, BOB), BOB, key, ALICE.id)
+    assert got == letter()
+
+
+def test_sealed_to_another_host() -> None:
+    key = ROUTES["request"][2]
+    value = seal(letter(recipient=EVE.id), ALICE, public(EVE))
+    with pytest.raises(DhtMessageError, match="not encrypted to this host"):
+        unseal(value, BOB, key, ALICE.id)
+
+
+def test_tampered_anywhere() -> None:
+    key = ROUTES["request"][2]
+    value = sealed()
+    for at in range(len(value)):
+        tampered = value[:at] + bytes([value[at] ^ 0x01]) + value[at + 1 :]
+        with pytest.raises(DhtMessageError) as caught:
+            unseal(tampered, BOB, key, ALICE.id)
+        if at >= 4 + 65:  # past the magic and the point: the AEAD tag fails
+            assert "not encrypted to this host" in str(caught.value)
+
+
+def test_moved_to_another_key() -> None:
+    value = sealed()
+    moved = key_text("request", BOB.id, NOW.date() + datetime.timedelta(days=1))
+    with pytest.raises(DhtMessageError, match="not encrypted to this host"):
+        unseal(value, BOB, moved, ALICE.id)
+
+
+@pytest.mark.parametrize("value", [b"", b"PXD1", b"PXD1" + bytes(92), b"PXC1" + bytes(200)])
+def test_not_a_sealed_value(value: bytes) -> None:
+    with pytest.raises(DhtMessageError):
+        unseal(value, BOB, ROUTES["request"][2], ALICE.id)
+
+
+def test_forged_by_another_identity() -> None:
+    key = ROUTES["request"][2]
+    signed_by_eve = seal(letter(sender=EVE.id), EVE, public(BOB))
+    claims_alice = seal_by_hand(content_of(), key, EVE, BOB)
+    for value in (signed_by_eve, claims_alice):
+        with pytest.raises(DhtMessageError, match=f"from {EVE.id}, not the pinned peer"):
+            unseal(value, BOB, key, ALICE.id)
+
+
+def test_bad_signature() -> None:
+    key = ROUTES["request"][2]
+    value = seal_by_hand(content_of(), key, ALICE, BOB, signed=content_of(puzzle=8))
+    with pytest.raises(DhtMessageError, match="bad signature"):
+        unseal(value, BOB, key, ALICE.id)
+
+
+def test_addressed_to_someone_else() -> None:
+    key = ROUTES["request"][2]
+    value = seal_by_hand(content_of(to=EVE.id), key, ALICE, BOB)
+    with pytest.raises(DhtMessageError, match=f"to {EVE.id}, not this host"):
+        unseal(value, BOB, key, ALICE.id)
+
+
+def test_from_someone_else_than_its_signer() -> None:
+    key = ROUTES["request"][2]
+    value = seal_by_hand(content_of(**{"from": EVE.id}), key, ALICE, BOB)
+    with pytest.raises(DhtMessageError, match=f"says it is from {EVE.id}"):
+        unseal(value, BOB, key, ALICE.id)
+
+
+def test_written_for_another_key() -> None:
+    key = ROUTES["request"][2]
+    other = key_text("request", BOB.id, NOW.date() - datetime.timedelta(days=1))
+    value = seal_by_hand(content_of(key=other), key, ALICE, BOB)
+    with pytest.raises(DhtMessageError, match="written for"):
+        unseal(value, BOB, key, ALICE.id)
+
+
+def test_unreadable_content_inside() -> None:
+    key = ROUTES["request"][2]
+    with pytest.raises(DhtMessageError, match="not JSON"):
+        unseal(seal_by_hand(b"{", key, ALICE, BOB), BOB, key, ALICE.id)
+
+
+def test_seal_checks_its_keys() -> None:
+    with pytest.raises(ValueError, match="not for these keys"):
+        seal(letter(), EVE, public(BOB))
+    with pytest.raises(ValueError, match="not for these keys"):
+        seal(letter(), ALICE, public(EVE))
+    with pytest.raises(ValueError, match="P-256"):
+        seal(letter(), ALICE, ec.generate_private_key(ec.SECP384R1()).public_key())
+    rsa_identity = Identity(rsa.generate_private_key(65537, 2048), ALICE.certificate)
+    with pytest.raises(ValueError, match="P-256"):
+        seal(letter(), rsa_identity, public(BOB))
+
+
+# Letters
+
+
+def test_encoding_is_compact_and_sorted() -> None:
+    encoded = letter("response", puzzle=9).encode()
+    assert (
+        encoded
+        == (
+            f'{{"answers":3,"from":"{BOB.id}","issued":{NOW.timestamp()},"key":"{ROUTES["response"][2]}",'
+            f'"kind":"response","outer":"198.51.100.2:40000","puzzle":9,"reach":"mapping=independent",'
+            f'"to":"{ALICE.id}","v":1}}'
+        ).encode()
+    )
+
+
+def test_refusal_encoding_has_no_offer() -> None:
+    content = json.loads(letter("refusal").encode())
+    assert content["reason"] == "busy"
+    assert "outer" not in content and "reach" not in content
+
+
+def test_reason_is_sanitized() -> None:
+    assert letter("refusal", reason="no\r\ncommand\x00 here").reason == "no command? here"
+    assert letter("refusal", reason=" ").reason == NO_REASON
+
+
+def test_ipv6_relay_and_streams_round_trip() -> None:
+    offer = Offer(Endpoint("2001:db8::1", 5), 7, Reach("dependent", Endpoint("2001:db8::2", 6), True))
+    original = letter("request", offer=offer)
+    assert Letter.decode(original.encode()) == original
+
+
+@pytest.mark.parametrize(
+    ("kind", "changes"),
+    [
+        ("refusal", {"offer": OFFER}),
+        ("request", {"offer": None}),
+        ("request", {"offer": replace(OFFER, reach=None)}),
+        ("request", {"offer": replace(OFFER, puzzle=8)}),
+        ("request", {"answers": 1}),
+        ("request", {"reason": "why"}),
+        ("response", {"answers": None}),
+        ("response", {"advent": 1}),
+        ("advent", {"advent": 1}),
+        ("refusal", {"answers": 8}),
+        ("refusal", {"reason": None}),
+        ("request", {"puzzle": -1, "offer": replace(OFFER, puzzle=-1)}),
+        ("request", {"puzzle": 2**64, "offer": replace(OFFER, puzzle=2**64)}),
+        ("request", {"advent": 2**64}),
+        ("response", {"answers": -1}),
+    ],
+)
+def test_letter_must_fit_its_kind(kind: Kind, changes: dict[str, Any]) -> None:
+    with pytest.raises(DhtMessageError):
+        letter(kind, **changes)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xff",
+        "{}".encode("utf-16"),
+        b"[]",
+        b"null",
+        b"[" * 100_000,
+        content_of(v=2),
+        content_of(v=True),
+        content_of(v=1.0),
+        content_of(v="1"),
+        content_of(kind="invite"),
+        content_of(kind=1),
+        content_of(puzzle=-1),
+        content_of(puzzle=2**64),
+        content_of(puzzle="7"),
+        content_of(puzzle=True),
+        content_of(puzzle=7.0),
+        content_of(puzzle=None),
+        content_of(outer="host.example:5"),
+        content_of(outer="198.51.100.2:0"),
+        content_of(outer="198.51.100.2:65536"),
+        content_of(outer="198.51.100.2"),
+        content_of(outer="198.51.100.2:\u00b2"),
+        content_of(outer=None),
+        content_of(reach=None),
+        content_of(reach="mapping=sometimes"),
+        content_of(reach="mapping=independent; relay=nowhere"),
+        content_of(reach=1),
+        content_of(to="A" * 32),
+        content_of(to=None),
+        content_of(**{"from": "a" * 31}),
+        content_of(key=None),
+        content_of(issued=None),
+        content_of(issued="now"),
+        content_of(issued=True),
+        content_of(issued=1e300),
+        content_of(issued=-1e300),
+        content_of(issued=10**400),
+        content_of("request", answers=1),
+        content_of("request", advent="1"),
+        content_of("response", answers=None),
+        content_of("refusal", answers=8),
+        content_of("refusal", reason=None),
+        content_of("refusal", reason=5),
+        b'{"issued":NaN}',
+        content_of().replace(str(NOW.timestamp()).encode(), b"NaN"),
+        content_of().replace(str(NOW.timestamp()).encode(), b"Infinity"),
+    ],
+)
+def test_malformed_content(data: bytes) -> None:
+    with pytest.raises(DhtMessageError):
+        Letter.decode(data)
+
+
+def test_unknown_fields_are_ignored() -> None:
+    assert Letter.decode(content_of(later="field")) == letter()
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+FIELDS = [
+    "v",
+    "kind",
+    "from",
+    "to",
+    "key",
+    "issued",
+    "puzzle",
+    "outer",
+    "reach",
+    "answers",
+    "advent",
+    "reason",
+]
+
+
+def decodes_or_refuses(data: bytes) -> None:
+    with contextlib.suppress(DhtMessageError):
+        Letter.decode(data)
+
+
+@settings(deadline=None)
+@given(st.binary(max_size=300))
+def test_decode_any_bytes(data: bytes) -> None:
+    decodes_or_refuses(data)
+
+
+@settings(deadline=None)
+@given(JSON)
+def test_decode_any_json(value: object) -> None:
+    decodes_or_refuses(json.dumps(value).encode())
+
+
+@settings(deadline=None)
+@given(
+    st.sampled_from(["request", "response", "refusal", "advent"]),
+    st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=3),
+    st.sets(st.sampled_from(FIELDS), max_size=2),
+)
+def test_decode_mutated_letter(kind: Kind, replaced: dict[str, object], removed: set[str]) -> None:
+    content = json.loads(letter(kind).encode())
+    content.update(replaced)
+    for name in removed:
+        content.pop(name, None)
+    decodes_or_refuses(json.dumps(content).encode())
+
+
+@settings(deadline=None)
+@given(
+    st.sampled_from(["request", "response", "refusal", "advent"]),
+    st.integers(0, 2**64 - 1),
+    st.datetimes(
+        datetime.datetime(2000, 1, 1), datetime.datetime(2200, 1, 1), timezones=st.just(datetime.UTC)
+    ),
+    st.text(max_size=300),
+)
+def test_encode_decode_round_trip(kind: Kind, puzzle: int, issued: datetime.datetime, reason: str) -> None:
+    changes: dict[str, Any] = {"issued": issued}
+    if kind == "refusal":
+        changes["reason"] = reason
+    original = letter(kind, puzzle, **changes)
+    assert Letter.decode(original.encode()) == original
+
+
+# Screening
+
+
+def test_screen_admits_once() -> None:
+    screen = Screen()
+    screen.admit(letter("request"), "request", NOW)
+    with pytest.raises(DhtMessageError, match="replay"):
+        screen.admit(letter("request", issued=NOW + datetime.timedelta(seconds=1)), "request", NOW)
+    screen.admit(letter("request", 8), "request", NOW)
+
+
+def test_screen_wrong_kind() -> None:
+    with pytest.raises(DhtMessageError, match="expected a request, got a advent"):
+        Screen().admit(letter("advent"), "request", NOW)
+    with pytest.raises(DhtMessageError, match="expected a advent, got a refusal"):
+        Screen().admit(letter("refusal", 3), "advent", NOW, request=3)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_screen_stale(sign: int) -> None:
+    screen = Screen()
+    late = CLOCK_TOLERANCE + datetime.timedelta(seconds=1)
+    with pytest.raises(DhtMessageError, match="from now"):
+        screen.admit(letter("request"), "request", NOW + sign * late)
+    screen.admit(letter("request"), "request", NOW + sign * CLOCK_TOLERANCE)
+
+
+def test_screen_response_to_our_request_only() -> None:
+    screen = Screen()
+    with pytest.raises(DhtMessageError, match="answers the request 3, not ours"):
+        screen.admit(letter("response"), "response", NOW, request=4)
+    with pytest.raises(DhtMessageError, match="not ours"):
+        screen.admit(letter("response"), "response", NOW)
+    screen.admit(letter("response"), "response", NOW, request=3)
+
+
+def test_screen_refusal_answers_our_request() -> None:
+    screen = Screen()
+    with pytest.raises(DhtMessageError, match="answers the request 5, not ours"):
+        screen.admit(letter("refusal", 5), "response", NOW, request=4)
+    with pytest.raises(DhtMessageError, match="expected a response"):
+        screen.admit(letter("refusal", 4), "response", NOW)
+    screen.admit(letter("refusal", 4), "response", NOW, request=4)
+    with pytest.raises(DhtMessageError, match="replay"):
+        screen.admit(letter("refusal", 4), "response", NOW, request=4)
+
+
+def test_screen_advent_freshness() -> None:
+    lifetime = datetime.timedelta(seconds=ADVENT_LIFETIME)
+    screen = Screen()
+    with pytest.raises(DhtMessageError, match="stale"):
+        screen.admit(letter("advent", 1), "advent", NOW + lifetime + datetime.timedelta(seconds=1))
+    screen.admit(letter("advent", 1), "advent", NOW + lifetime)
+    with pytest.raises(DhtMessageError, match="from now"):
+        screen.admit(letter("advent", 2), "advent", NOW - CLOCK_TOLERANCE - datetime.timedelta(seconds=1))
+
+
+def test_fresh_advent() -> None:
+    lifetime = datetime.timedelta(seconds=ADVENT_LIFETIME)
+    assert fresh_advent(letter("advent"), NOW + lifetime)
+    assert fresh_advent(letter("advent"), NOW - CLOCK_TOLERANCE)
+    assert not fresh_advent(letter("advent"), NOW + lifetime + datetime.timedelta(microseconds=1))
+    assert not fresh_advent(letter("request"), NOW)
