@@ -27,7 +27,8 @@ from typer import _click as click  # typer (pinned) carries its own click; help 
 from plexus import __version__, identity, launcher, path, session, stun
 from plexus.endpoint import Endpoint
 from plexus.errors import MEANINGS, STOP_SIGNALS, ExitCode, Interrupted, PlexusError, UsageError
-from plexus.mediator import MailConfig, SmimeConfig, smime
+from plexus.mediator import MailConfig, SmimeConfig, dht, smime
+from plexus.mediator.dhtnode import DhtConfig
 from plexus.mediator.message import MAPPINGS, Reach
 from plexus.session import TurnConfig
 from plexus.streams import StreamsConfig
@@ -262,7 +263,7 @@ def session_config(options: Options) -> session.SessionConfig:
     return session.SessionConfig(
         inner=inner,
         stun_server=options.endpoint("stun-server", STUN_PORT),
-        mail=mail_config(options),
+        rendezvous=rendezvous_config(options),
         command=command,
         punch_hops=int(hops),
         response_timeout=options.number("response-timeout", 60, MAX_TIMEOUT),
@@ -334,15 +335,8 @@ def streams_config(options: Options, smime_files: SmimeConfig | None) -> Streams
 def trust(options: Options, smime_files: SmimeConfig | None) -> tuple[identity.Identity, identity.PeerCheck]:
     """This host's identity and what the peer must prove: --identity and --peer-identity, else S/MIME's
     certificates, else (asked for by name) nothing."""
-    key_file = options.get("identity")
-    if key_file:
-        pinned = options.get("peer-identity")
-        if not pinned:
-            raise UsageError(
-                "missing --peer-identity: pin the peer's id (`plexus --identity=FILE --show-id` prints it)"
-            )
-        me = identity.Identity.load(Path(key_file).expanduser())
-        return me, identity.PeerCheck(identity.parse_id(pinned, options.origin("peer-identity")))
+    if options.get("identity"):
+        return pinned_identities(options)
     if smime_files is not None:
         keys = smime.Keys.load(smime_files)
         return identity.Identity.of_smime(keys), identity.PeerCheck.of_smime(keys)
@@ -350,6 +344,53 @@ def trust(options: Options, smime_files: SmimeConfig | None) -> tuple[identity.I
         log.warning("streams are anonymous (--anonymous): whoever reads the mailbox can reach the targets")
         return identity.Identity.ephemeral(), identity.PeerCheck(None)
     raise UsageError(NO_IDENTITY)
+
+
+def pinned_identities(options: Options) -> tuple[identity.Identity, identity.PeerCheck]:
+    """--identity (made on first use) and --peer-identity, both required."""
+    key_file = options.require("identity")
+    pinned = options.get("peer-identity")
+    if not pinned:
+        raise UsageError(
+            "missing --peer-identity: pin the peer's id (`plexus --identity=FILE --show-id` prints it)"
+        )
+    me = identity.Identity.load(Path(key_file).expanduser())
+    return me, identity.PeerCheck(identity.parse_id(pinned, options.origin("peer-identity")))
+
+
+RENDEZVOUS = ("email", "dht")
+
+
+def _network_id(options: Options) -> int:
+    text = (options.get("dht-network") or "0").strip()
+    if not text.isdigit() or int(text) >= 2**32:
+        raise UsageError(f"{options.origin('dht-network')} must be a whole number from 0 to {2**32 - 1}")
+    return int(text)
+
+
+def rendezvous_config(options: Options) -> MailConfig | DhtConfig:
+    """By mail unless the DHT is asked for: --rendezvous=dht, or --dht-bootstrap given."""
+    chosen = (options.get("rendezvous") or ("dht" if options.values("dht-bootstrap") else "email")).lower()
+    if chosen not in RENDEZVOUS:
+        raise UsageError(f"{options.origin('rendezvous')} must be email or dht, not {chosen!r}")
+    if chosen == "email":
+        return mail_config(options)
+    nodes = options.values("dht-bootstrap")
+    if not nodes:
+        raise UsageError("the DHT rendezvous needs --dht-bootstrap=HOST[:PORT] (a node of the DHT to join)")
+    try:
+        bootstrap = tuple(Endpoint.parse(node, dht.DEFAULT_PORT) for node in nodes)
+    except ValueError as error:
+        raise UsageError(f"{options.origin('dht-bootstrap')}: {error}") from error
+    me, check = pinned_identities(options)
+    assert check.pinned_id is not None
+    return DhtConfig(
+        identity=me,
+        peer_id=check.pinned_id,
+        bootstrap=bootstrap,
+        port=int(options.number("dht-port", 0, 65535)) if options.get("dht-port") else 0,
+        network=_network_id(options),
+    )
 
 
 def show_id(options: Options) -> None:
@@ -473,6 +514,12 @@ HELP_GROUPS = {
         "email-cert",
         "email-key",
         "response-timeout",
+    ),
+    "Rendezvous on OpenDHT (with --identity and --peer-identity)": (
+        "rendezvous",
+        "dht-bootstrap",
+        "dht-port",
+        "dht-network",
     ),
     "NAT traversal": (
         "stun-server",
@@ -639,6 +686,19 @@ def run(
             help="Streams without identities: whoever reads the mailbox could reach the allowed targets.",
         ),
     ] = False,
+    rendezvous: Annotated[
+        Value, _option("email|dht", "How the peers meet [default: dht with --dht-bootstrap, else email].")
+    ] = None,
+    dht_bootstrap: Annotated[
+        list[str] | None,
+        _option(
+            "HOST[:PORT]", "A node of the DHT to join (port 4222 by default; repeatable).", "--dht-bootstrap"
+        ),
+    ] = None,
+    dht_port: Annotated[Value, _option("PORT", "This host's DHT node's UDP port [default: any].")] = None,
+    dht_network: Annotated[
+        Value, _option("ID", "The DHT network id: 0 is the public OpenDHT network [default: 0].")
+    ] = None,
     response_timeout: Annotated[
         Value, _option("SECONDS", "How long the inviter waits for the response [default: 60].")
     ] = None,

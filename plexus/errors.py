@@ -28,6 +28,8 @@ class ExitCode(IntEnum):
     PEER_IDENTITY = 15  # streams: the peer proved another identity than the one pinned
     TARGET_REFUSED = 16  # streams: the acceptor refused the target (not allowed, or it could not connect)
     STREAMS_LOST = 17  # streams: the encrypted connection failed or went silent (idle timeout)
+    PEER_NOT_FOUND = 18  # DHT: the peer's card or its response did not appear within --response-timeout
+    DHT_UNREACHABLE = 19  # DHT: no node answered (--dht-bootstrap)
     HANGUP = 129  # SIGHUP, 128 + 1: the terminal went away (with --stdio: ssh's normal end, exit OK instead)
     INTERRUPTED = 130  # SIGINT (Ctrl-C), 128 + 2 as shells report it
     TERMINATED = 143  # SIGTERM, 128 + 15; an acceptor stopped by SIGTERM exits OK instead (a service's stop)
@@ -53,6 +55,8 @@ MEANINGS = {
     ExitCode.PEER_IDENTITY: "streams: the peer is not the identity pinned (--peer-identity, --smime-peer)",
     ExitCode.TARGET_REFUSED: "streams: the acceptor refused the target (not allowed there, or unreachable)",
     ExitCode.STREAMS_LOST: "streams: the encrypted connection to the peer could not be set up or was lost",
+    ExitCode.PEER_NOT_FOUND: "DHT: the peer is not there (no card), or no response within --response-timeout",
+    ExitCode.DHT_UNREACHABLE: "DHT: no node answered (--dht-bootstrap, UDP egress)",
     ExitCode.HANGUP: "hung up (SIGHUP): the terminal closed (--stdio: ssh's normal end, exit 0)",
     ExitCode.INTERRUPTED: "interrupted (SIGINT, Ctrl-C)",
     ExitCode.TERMINATED: "terminated (SIGTERM) before the session ended",
@@ -150,3 +154,11 @@ class StreamsLostError(PlexusError):
 
 class NotServedError(PlexusError):
     """An acceptor's reason to refuse a request it is not configured for (the inviter exits PEER_REFUSED)."""
+
+
+class PeerNotFoundError(PlexusError):
+    exit_code = ExitCode.PEER_NOT_FOUND
+
+
+class DhtUnreachableError(PlexusError):
+    exit_code = ExitCode.DHT_UNREACHABLE

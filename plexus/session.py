@@ -35,6 +35,7 @@ from plexus.errors import (
 )
 from plexus.launcher import Command, Running, Slot, Tunnel
 from plexus.mediator import Invitation, MailConfig, Mediator, Offer
+from plexus.mediator.dhtnode import DhtConfig, DhtMediator
 from plexus.mediator.email import Submission
 from plexus.mediator.message import Mapping, Reach
 from plexus.path import Method
@@ -68,7 +69,7 @@ class TurnConfig:
 class SessionConfig:
     inner: Endpoint  # --stun-client; port 0 lets the system choose
     stun_server: Endpoint
-    mail: MailConfig
+    rendezvous: MailConfig | DhtConfig  # how the peers meet: by mail (the default) or on OpenDHT
     command: Command | None  # None: streams only (an acceptor with --forward-allow, an inviter's --stdio)
     punch_hops: int = 7
     response_timeout: float = 60.0
@@ -82,7 +83,12 @@ class SessionConfig:
         sessions always are: a new ssh must not end the last one)."""
         if self.keep_sessions or self.command is None:
             return None
-        return Slot.for_session(role, self.mail.host_id, self.mail.peer_id)
+        return Slot.for_session(role, self.rendezvous.host_id, self.rendezvous.peer_id)
+
+    def mediator(self) -> Mediator | DhtMediator:
+        if isinstance(self.rendezvous, DhtConfig):
+            return DhtMediator(self.rendezvous)
+        return Mediator(self.rendezvous)
 
 
 def bind(inner: Endpoint) -> socket.socket:
@@ -155,7 +161,7 @@ async def invite(config: SessionConfig) -> Tunnel:
     """
     slot = config.slot("invite")
     async with contextlib.AsyncExitStack() as relays:
-        async with Mediator(config.mail) as mediator:
+        async with config.mediator() as mediator:
             if slot is not None:
                 await slot.stop_previous()  # a stale tunnel holds the inner port and would double the new one
             with contextlib.closing(bind(config.inner)) as sock:
@@ -175,7 +181,7 @@ async def invite(config: SessionConfig) -> Tunnel:
                 theirs = response.reach
                 if streams and (theirs is None or not theirs.streams):
                     raise PeerRefusedError(
-                        f"{config.mail.peer_id} does not serve streams (a plexus without them, or plexus 2.2)"
+                        f"{config.rendezvous.peer_id} does not serve streams (a plexus without them, or 2.2)"
                     )
                 chosen = plan(mine, theirs, own_relay=own is not None)
                 log.info("peer endpoint %s, punching", response.outer)
@@ -370,7 +376,7 @@ async def accept(config: SessionConfig) -> None:
     # Replacing sessions take turns, so the newest request wins; kept ones each have their own inner port.
     turn = None if config.keep_sessions else asyncio.Lock()
     try:
-        async with Mediator(config.mail) as mediator:  # the IMAP login runs while STUN does
+        async with config.mediator() as mediator:  # the IMAP login (the DHT join) runs while STUN does
             if slot is not None:
                 await slot.stop_previous()  # left by an acceptor that was killed: it holds the inner port
             with contextlib.closing(bind(config.inner)) as sock:
@@ -396,7 +402,7 @@ async def accept(config: SessionConfig) -> None:
 
 async def _serve(
     config: SessionConfig,
-    mediator: Mediator,
+    mediator: Mediator | DhtMediator,
     invitation: Invitation,
     turn: asyncio.Lock | None,
     slot: Slot | None,
@@ -459,7 +465,10 @@ async def _watch(process: subprocess.Popen[bytes], running: set[Running]) -> Non
 
 
 async def _answer(
-    config: SessionConfig, mediator: Mediator, invitation: Invitation, relays: contextlib.AsyncExitStack
+    config: SessionConfig,
+    mediator: Mediator | DhtMediator,
+    invitation: Invitation,
+    relays: contextlib.AsyncExitStack,
 ) -> Punched:
     """STUN, the plan, the punch, the response, the handshake; the SMTP session opens while STUN runs."""
     handshake: asyncio.Future[Punched] | None = None
@@ -506,7 +515,7 @@ async def _answer(
 
 @contextlib.asynccontextmanager
 async def _refusing(
-    mediator: Mediator, invitation: Invitation, submission: Submission
+    mediator: Mediator | DhtMediator, invitation: Invitation, submission: Submission | None
 ) -> AsyncIterator[None]:
     """A failure before the response is the inviter's to know at once: it gets the reason in a refusal."""
     try:

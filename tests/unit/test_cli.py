@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from plexus import __version__, cli
+from plexus.identity import Identity
+from plexus.mediator import MailConfig
+from plexus.mediator.dhtnode import DhtConfig
 from plexus.endpoint import Endpoint
 from plexus.errors import ExitCode, Interrupted, UsageError
 
@@ -128,8 +131,38 @@ def test_session_config_from_a_full_command_line(tmp_path: Path) -> None:
     assert config.inner == Endpoint("10.0.1.2", 5000)
     assert config.stun_server == Endpoint("203.0.113.10", 3478)
     assert config.punch_hops == 7
-    assert (config.mail.address, config.mail.peer_address) == ("a@lab.test", "b@lab.test")
-    assert config.mail.smime is None
+    assert isinstance(config.rendezvous, MailConfig)
+    assert (config.rendezvous.address, config.rendezvous.peer_address) == ("a@lab.test", "b@lab.test")
+    assert config.rendezvous.smime is None
+
+
+def test_the_dht_rendezvous_needs_identities_and_a_bootstrap_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "id.key"
+    peer = Identity.load(tmp_path / "peer.key").id
+    base = ["--stun-server=203.0.113.10", f"--exec-command={sys.executable}"]
+    for extra, message in [
+        (["--rendezvous=dht"], "needs --dht-bootstrap"),
+        (["--rendezvous=carrier-pigeon"], "--rendezvous must be email or dht"),
+        (["--dht-bootstrap=203.0.113.10"], "missing --identity"),
+        (["--dht-bootstrap=203.0.113.10", f"--identity={key}"], "missing --peer-identity"),
+        (["--dht-bootstrap=203.0.113.10:x", f"--identity={key}", f"--peer-identity={peer}"], "--dht-bootstrap"),
+        ([f"--dht-bootstrap=203.0.113.10", f"--identity={key}", f"--peer-identity={peer}", "--dht-network=-1"],
+         "--dht-network must be a whole number"),
+    ]:  # fmt: skip
+        code, _, err = run([*base, *extra], capsys)
+        assert code == ExitCode.USAGE, (extra, err)
+        assert err.count("\n") == 1 and message in err, (extra, err)
+    options = cli.Options(
+        {"stun_server": "203.0.113.10", "exec_command": sys.executable, "identity": str(key),
+         "peer_identity": peer.upper(), "dht_bootstrap": ["203.0.113.10", "203.0.113.11:4300"]},
+        {},
+    )  # fmt: skip
+    config = cli.session_config(options)
+    assert isinstance(config.rendezvous, DhtConfig)
+    assert config.rendezvous.bootstrap == (Endpoint("203.0.113.10", 4222), Endpoint("203.0.113.11", 4300))
+    assert config.rendezvous.peer_id == peer and config.rendezvous.host_id == Identity.load(key).id
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
