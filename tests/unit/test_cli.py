@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from plexus import __version__, cli
+from plexus.endpoint import Endpoint
+from plexus.errors import ExitCode, Interrupted, UsageError
 from plexus.identity import Identity
 from plexus.mediator import MailConfig
 from plexus.mediator.dhtnode import DhtConfig
-from plexus.endpoint import Endpoint
-from plexus.errors import ExitCode, Interrupted, UsageError
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -142,15 +142,15 @@ def test_the_dht_rendezvous_needs_identities_and_a_bootstrap_node(
     key = tmp_path / "id.key"
     peer = Identity.load(tmp_path / "peer.key").id
     base = ["--stun-server=203.0.113.10", f"--exec-command={sys.executable}"]
+    ids = [f"--identity={key}", f"--peer-identity={peer}"]
     for extra, message in [
         (["--rendezvous=dht"], "needs --dht-bootstrap"),
         (["--rendezvous=carrier-pigeon"], "--rendezvous must be email or dht"),
         (["--dht-bootstrap=203.0.113.10"], "missing --identity"),
         (["--dht-bootstrap=203.0.113.10", f"--identity={key}"], "missing --peer-identity"),
-        (["--dht-bootstrap=203.0.113.10:x", f"--identity={key}", f"--peer-identity={peer}"], "--dht-bootstrap"),
-        ([f"--dht-bootstrap=203.0.113.10", f"--identity={key}", f"--peer-identity={peer}", "--dht-network=-1"],
-         "--dht-network must be a whole number"),
-    ]:  # fmt: skip
+        (["--dht-bootstrap=203.0.113.10:x", *ids], "--dht-bootstrap"),
+        (["--dht-bootstrap=203.0.113.10", *ids, "--dht-network=-1"], "--dht-network must be a whole number"),
+    ]:
         code, _, err = run([*base, *extra], capsys)
         assert code == ExitCode.USAGE, (extra, err)
         assert err.count("\n") == 1 and message in err, (extra, err)
