@@ -388,7 +388,7 @@ def rendezvous_config(options: Options) -> MailConfig | DhtConfig:
         identity=me,
         peer_id=check.pinned_id,
         bootstrap=bootstrap,
-        port=int(options.number("dht-port", 0, 65535)) if options.get("dht-port") else 0,
+        port=int(options.number("dht-port", dht.DEFAULT_PORT, 65535)),
         network=_network_id(options),
     )
 
@@ -695,7 +695,7 @@ def run(
             "HOST[:PORT]", "A node of the DHT to join (port 4222 by default; repeatable).", "--dht-bootstrap"
         ),
     ] = None,
-    dht_port: Annotated[Value, _option("PORT", "This host's DHT node's UDP port [default: any].")] = None,
+    dht_port: Annotated[Value, _option("PORT", "This host's DHT node's UDP port [default: 4222].")] = None,
     dht_network: Annotated[
         Value, _option("ID", "The DHT network id: 0 is the public OpenDHT network [default: 0].")
     ] = None,

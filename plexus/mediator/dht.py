@@ -2,9 +2,9 @@ r"""The OpenDHT rendezvous, sans I/O: where values live, cards, sealed letters, 
 
 Keys. A value lives under the InfoHash of a key text `plexus/2/<family>/<host id>/<YYYY-MM-DD>` (UTC day; the
 driver hashes it). The card, advent and requests live under the acceptor's id, responses and refusals under
-the inviter's (family "response"). A sender uses its own today; a listener watches yesterday, today and
-tomorrow, so clock skew around midnight loses nothing. Keys roll daily so that presence cannot be followed
-under one fixed key by anyone who does not know the id.
+the inviter's (family "response"). A listener watches its own today; a sender puts under its today and,
+within the clock tolerance of midnight, under the day on the other side too, so skew loses nothing. Keys
+roll daily so that presence cannot be followed under one fixed key by anyone who does not know the id.
 
 Card: a host's public key, so that a peer that knows only the id can encrypt to it. Republished daily.
     b"PXC1" | u16 n | SPKI DER (n) | f64 issued (unix seconds) | u16 m | signature DER (m)
@@ -57,7 +57,7 @@ ADVENT_LIFETIME = 120.0
 # A card is republished daily; two days also covers the clocks of both hosts straddling midnight.
 CARD_LIFETIME = datetime.timedelta(days=2)
 
-Family = Literal["card", "advent", "request", "response"]
+Family = Literal["card", "advent", "request", "response", "node"]  # "node": the host's DHT node id
 Kind = Literal["request", "response", "refusal", "advent"]
 KINDS: dict[str, Kind] = {
     "request": "request",
@@ -92,11 +92,18 @@ def day_of(now: datetime.datetime) -> datetime.date:
     return now.astimezone(datetime.UTC).date()
 
 
-def listening_days(now: datetime.datetime) -> tuple[datetime.date, datetime.date, datetime.date]:
-    """Yesterday, today and tomorrow (UTC): a sender's clock may be on either side of midnight from ours."""
+def sending_days(now: datetime.datetime) -> tuple[datetime.date, ...]:
+    """The days (UTC) a value is put under: today, and within CLOCK_TOLERANCE of midnight the day on the
+    other side too, since the listener's clock may already (or still) be there. A listener watches only its
+    own today: an OpenDHT node that also listened on yesterday's and tomorrow's keys was not pushed values put
+    under today's (seen with opendht 4.4.2 in the lab)."""
     today = day_of(now)
-    one = datetime.timedelta(days=1)
-    return today - one, today, today + one
+    days = [today]
+    if day_of(now + CLOCK_TOLERANCE) != today:
+        days.append(day_of(now + CLOCK_TOLERANCE))
+    if day_of(now - CLOCK_TOLERANCE) != today:
+        days.insert(0, day_of(now - CLOCK_TOLERANCE))
+    return tuple(days)
 
 
 def make_card(identity: Identity, now: datetime.datetime) -> bytes:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -28,9 +28,13 @@ from plexus.mediator.message import Offer
 
 log = logging.getLogger(__name__)
 
-# How long the first put may take before the DHT counts as unreachable: a bootstrap node answers in
-# milliseconds; a put that has found no node by then never will.
+# How long the bootstrap nodes may take to answer a ping before the DHT counts as unreachable: they answer
+# in milliseconds; OpenDHT itself gives up on a ping after about 9 s.
 JOIN_TIMEOUT = 10.0
+# A put's confirmation waits for every node it targets, unreachable ones (behind NATs) until they time out,
+# about a second; the nodes that store it push it to listeners at once. So letters are sent without waiting
+# for the confirmation, and a leaving mediator gives the last ones this long.
+PUT_GRACE = 2.0
 DAY_CHECK = 600.0  # how often a long-lived listener looks whether the UTC day (and so the keys) rolled on
 
 
@@ -41,7 +45,9 @@ class DhtConfig:
     identity: Identity
     peer_id: str
     bootstrap: tuple[Endpoint, ...]
-    port: int = 0
+    # A fixed port by default: with the day's node id (see _Node.start) a run from cron takes over its last
+    # run's place in the DHT, so searches are not held up by a dead node at its old address.
+    port: int = dht.DEFAULT_PORT
     network: int = 0
 
     @property
@@ -65,6 +71,12 @@ class _Node:
     def start(self) -> None:
         settings = opendht.DhtConfig()
         settings.setNetwork(self._config.network)
+        settings.setPeerDiscovery(False, False)  # no multicast on the LAN: only --dht-bootstrap is joined
+        # The same node id for a host all day (a rolling one, like the keys): a run from cron then takes over
+        # its last run's place in the other nodes' routing tables instead of leaving a dead node there, which
+        # every search near it would wait a second for.
+        node_id = dht.key_text("node", self._config.identity.id, dht.day_of(_now()))
+        settings.setNodeId(opendht.InfoHash.get(node_id))
         try:
             self._runner.run(port=self._config.port, config=settings)
         except Exception as error:  # opendht raises plain RuntimeErrors from C++
@@ -93,11 +105,27 @@ class _Node:
         self._runner.put(opendht.InfoHash.get(key_text), opendht.Value(data), finished, permanent)
         return await done
 
+    async def ping(self, node: Endpoint) -> bool:
+        try:
+            addresses = await asyncio.to_thread(opendht.SockAddr.resolve, node.host, str(node.port))
+        except Exception:  # opendht raises plain RuntimeErrors from C++ for a name that does not resolve
+            return False
+        answered: asyncio.Future[bool] = self._loop.create_future()
+        for address in addresses[:1]:
+            self._runner.ping(
+                address, lambda ok: self._loop.call_soon_threadsafe(_resolve, answered, bool(ok))
+            )
+            return await answered
+        return False
+
     def listen(self, key_text: str, into: asyncio.Queue[tuple[str, bytes]]) -> None:
         if key_text in self._tokens:
             return
 
         def arrived(value: Any, expired: bool) -> bool:
+            log.debug(
+                "value under %s (%d bytes%s)", key_text, len(value.data), ", expired" if expired else ""
+            )
             if not expired:
                 self._loop.call_soon_threadsafe(into.put_nowait, (key_text, bytes(value.data)))
             return True
@@ -124,12 +152,15 @@ class DhtMediator:
         self._screen = dht.Screen()
         self._node: _Node | None = None
         self._joined: asyncio.Future[None] | None = None
+        self._puts: set[asyncio.Task[None]] = (
+            set()
+        )  # letters on their way: a put confirms long after the push
         self._peer_keys: dict[int, Any] = {}  # request puzzle -> the inviter's public key, to answer it
 
     async def __aenter__(self) -> DhtMediator:
         self._node = _Node(self._config)
         self._node.start()
-        self._joined = asyncio.ensure_future(self._publish_card())  # while STUN runs
+        self._joined = asyncio.ensure_future(self._join())  # while STUN runs
         return self
 
     async def __aexit__(
@@ -138,6 +169,8 @@ class DhtMediator:
         if self._joined is not None:
             self._joined.cancel()
             await asyncio.gather(self._joined, return_exceptions=True)
+        if self._puts:  # stored by now, or never: the node is about to go
+            await asyncio.wait(self._puts, timeout=PUT_GRACE)
         if self._node is not None:
             await self._node.stop()
 
@@ -149,20 +182,44 @@ class DhtMediator:
         """Nothing to open ahead of a message: a put needs no session."""
         return contextlib.nullcontext()
 
-    async def _publish_card(self) -> None:
-        """This host's card under today's key, kept by the node while it runs; the first put proves the
-        DHT reachable."""
+    async def _join(self) -> None:
+        """Ping the bootstrap nodes: the first answer proves the DHT reachable. Then the card goes out, under
+        today's key (near midnight the next or last day's too), kept put by the node while it runs."""
         node = self._require()
-        text = dht.key_text("card", self._me.id, dht.day_of(_now()))
+        pings = [asyncio.ensure_future(node.ping(each)) for each in self._config.bootstrap]
         try:
             async with asyncio.timeout(JOIN_TIMEOUT):
-                stored = await node.put(text, dht.make_card(self._me, _now()), permanent=True)
+                for answered in asyncio.as_completed(pings):
+                    if await answered:
+                        break
+                else:
+                    raise TimeoutError
         except TimeoutError:
-            stored = False
-        if not stored:
-            where = ", ".join(str(node) for node in self._config.bootstrap) or "no --dht-bootstrap given"
-            raise DhtUnreachableError(f"no DHT node answered within {JOIN_TIMEOUT:g} s ({where})")
+            where = ", ".join(map(str, self._config.bootstrap)) or "no --dht-bootstrap given"
+            raise DhtUnreachableError(f"no DHT node answered within {JOIN_TIMEOUT:g} s ({where})") from None
+        finally:
+            for ping in pings:
+                ping.cancel()
         log.info("on the DHT as %s", self._me.id)
+        self._publish_card()
+
+    def _publish_card(self) -> None:
+        now = _now()
+        cards = [
+            (dht.key_text("card", self._me.id, day), dht.make_card(self._me, now))
+            for day in dht.sending_days(now)
+        ]
+        self._background(self._put_all(cards, "card", permanent=True))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._puts.add(task)
+        task.add_done_callback(self._puts.discard)
+
+    async def _put_all(self, values: list[tuple[str, bytes]], what: str, *, permanent: bool = False) -> None:
+        results = [await self._require().put(text, value, permanent=permanent) for text, value in values]
+        if not any(results):
+            log.warning("no DHT node stored the %s for %s", what, self.peer_id)
 
     def _require(self) -> _Node:
         assert self._node is not None, "DhtMediator used outside `async with`"
@@ -174,17 +231,26 @@ class DhtMediator:
 
     @contextlib.contextmanager
     def _listening(self, family: dht.Family, host_id: str) -> Iterator[asyncio.Queue[tuple[str, bytes]]]:
-        """Values under the host's keys of yesterday, today and tomorrow (clock skew at midnight)."""
+        """Values under the host's key of today (UTC); senders cover clock skew around midnight."""
         node = self._require()
         arrived: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-        texts = [dht.key_text(family, host_id, day) for day in dht.listening_days(_now())]
-        for text in texts:
-            node.listen(text, arrived)
+        text = dht.key_text(family, host_id, dht.day_of(_now()))
+        node.listen(text, arrived)
         try:
             yield arrived
         finally:
-            for text in texts:
-                node.forget(text)
+            node.forget(text)
+
+    def _send(self, family: dht.Family, host_id: str, recipient: Any, **fields: Any) -> None:
+        """Put a letter sealed to the recipient under each sending day's key, without waiting for the
+        confirmation (PUT_GRACE)."""
+        now = _now()
+        values = []
+        for day in dht.sending_days(now):
+            text = dht.key_text(family, host_id, day)
+            letter = dht.Letter(sender=self._me.id, recipient=self.peer_id, key=text, issued=now, **fields)
+            values.append((text, dht.seal(letter, self._me, recipient)))
+        self._background(self._put_all(values, fields["kind"]))
 
     async def _peer_card(self, deadline: float) -> Any:
         loop = asyncio.get_running_loop()
@@ -208,19 +274,8 @@ class DhtMediator:
         deadline = loop.time() + timeout
         await self._ready()
         peer_key = await self._peer_card(deadline)
-        node = self._require()
-        text = dht.key_text("request", self.peer_id, dht.day_of(_now()))
-        request = dht.Letter(
-            kind="request",
-            sender=self._me.id,
-            recipient=self.peer_id,
-            key=text,
-            issued=_now(),
-            puzzle=offer.puzzle,
-            offer=offer,
-        )
         with self._listening("response", self._me.id) as answers:  # before the put: no answer is missed
-            await node.put(text, dht.seal(request, self._me, peer_key))
+            self._send("request", self.peer_id, peer_key, kind="request", puzzle=offer.puzzle, offer=offer)
             log.info("request put for %s, waiting for the response", self.peer_id)
             while (remaining := deadline - loop.time()) > 0:
                 try:
@@ -264,28 +319,25 @@ class DhtMediator:
                     if letter is not None and letter.offer is not None:
                         log.info("request from %s: outer endpoint %s", self.peer_id, letter.offer.outer)
                         yield Invitation(letter.offer, None)
-            await self._publish_card()  # under the new day's key
+            self._publish_card()  # under the new day's key
 
     async def answer(self, invitation: Invitation, offer: Offer, submission: object = None) -> None:
-        await self._reply(invitation, "response", offer=offer)
+        self._reply(invitation, "response", offer=offer)
 
     async def refuse(self, invitation: Invitation, reason: str, submission: object = None) -> None:
-        await self._reply(invitation, "refusal", reason=reason)
+        self._reply(invitation, "refusal", reason=reason)
 
-    async def _reply(
+    def _reply(
         self, invitation: Invitation, kind: dht.Kind, offer: Offer | None = None, reason: str | None = None
     ) -> None:
         request = invitation.offer.puzzle
-        text = dht.key_text("response", self.peer_id, dht.day_of(_now()))
-        letter = dht.Letter(
+        self._send(
+            "response",
+            self.peer_id,
+            self._peer_keys.pop(request),
             kind=kind,
-            sender=self._me.id,
-            recipient=self.peer_id,
-            key=text,
-            issued=_now(),
             puzzle=offer.puzzle if offer is not None else request,
             offer=offer,
             answers=request,
             reason=reason,
         )
-        await self._require().put(text, dht.seal(letter, self._me, self._peer_keys.pop(request)))

@@ -1,0 +1,112 @@
+"""The DHT rendezvous end to end: a private OpenDHT network in the lab's public namespace, the two hosts
+joining it through their NATs, real plexus processes meeting there instead of by mail."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plexus.errors import ExitCode
+from plexus.identity import Identity
+from tests.lab import sessions
+from tests.lab.dht import DhtNetwork
+from tests.lab.lab import Lab
+from tests.lab.sessions import Plexus, Side
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def network(_lab_instance: Lab) -> Iterator[DhtNetwork]:
+    with DhtNetwork(_lab_instance) as started:
+        yield started
+
+
+class Hosts:
+    """Identity files for an inviter on a and an acceptor on b."""
+
+    def __init__(self, directory: Path) -> None:
+        self.inviter_file, self.acceptor_file = directory / "laptop.key", directory / "home.key"
+        self.inviter = Identity.load(self.inviter_file)
+        self.acceptor = Identity.load(self.acceptor_file)
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Hosts:
+    return Hosts(tmp_path / "ids")
+
+
+def dht_options(network: DhtNetwork, me: Path, peer: Identity) -> dict[str, str | None]:
+    """A side's options in DHT mode: no mail at all."""
+    gone = ("host-id", "peer-id", "email-smtps", "email-imaps", "email-login", "email-passwd", "email-from")
+    return dict.fromkeys((*gone, "email-to", "email-ca")) | {
+        "dht-bootstrap": ",".join(network.bootstrap),
+        "identity": str(me),
+        "peer-identity": peer.id,
+    }
+
+
+def start(
+    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts, *, accept: bool
+) -> Plexus:
+    host = "b" if accept else "a"
+    me, peer = (hosts.acceptor_file, hosts.inviter) if accept else (hosts.inviter_file, hosts.acceptor)
+    side = Side(host, sessions.pair(lab)[0].account, f"{host}-dht")
+    process = sessions.start(
+        lab, side, side, tmp_path, accept=accept, overrides=dht_options(network, me, peer)
+    )
+    running.append(process)
+    return process
+
+
+def wait_for(plexus: Plexus, text: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in plexus.log():
+        code = plexus.process.poll()
+        assert code is None, f"exited {code}: {plexus.stderr()}\n{plexus.log()}"
+        assert time.monotonic() < deadline, plexus.log()
+        time.sleep(0.05)
+
+
+def test_a_session_meets_on_the_dht_and_connects(
+    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
+) -> None:
+    acceptor = start(lab, tmp_path, running, network, hosts, accept=True)
+    wait_for(acceptor, "waiting for requests")
+    started = time.monotonic()
+    invite = start(lab, tmp_path, running, network, hosts, accept=False)
+    code = invite.wait(60)
+    elapsed = time.monotonic() - started
+    assert code == 0, f"{invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    mine, theirs = invite.wait_hello()[0], acceptor.wait_hello()[0]
+    assert mine["args"]["secret"] == theirs["args"]["secret"]
+    assert mine["received"] and theirs["received"]
+    print(f"DHT session: inviter exited 0 after {elapsed:.2f} s")
+
+
+def test_a_peer_that_is_not_running_is_not_found(
+    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
+) -> None:
+    stranger = Identity.load(tmp_path / "stranger.key")
+    overrides = dht_options(network, hosts.inviter_file, stranger) | {"response-timeout": "5"}
+    side = Side("a", lab.accounts["local"], "a-dht")
+    invite = sessions.start(lab, side, side, tmp_path, accept=False, overrides=overrides)
+    running.append(invite)
+    assert invite.wait(30) == ExitCode.PEER_NOT_FOUND
+    message = invite.stderr()
+    assert message.count("\n") == 1 and stranger.id in message, message
+
+
+def test_an_unreachable_dht_has_its_exit_code(
+    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
+) -> None:
+    nobody = {"dht-bootstrap": "203.0.113.10:4999"}
+    overrides = dht_options(network, hosts.inviter_file, hosts.acceptor) | nobody
+    side = Side("a", lab.accounts["local"], "a-dht")
+    invite = sessions.start(lab, side, side, tmp_path, accept=False, overrides=overrides)
+    running.append(invite)
+    assert invite.wait(40) == ExitCode.DHT_UNREACHABLE, invite.stderr()
+    assert invite.stderr().count("\n") == 1
