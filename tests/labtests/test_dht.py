@@ -3,14 +3,21 @@ joining it through their NATs, real plexus processes meeting there instead of by
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import opendht
 import pytest
 
+from plexus.endpoint import Endpoint
 from plexus.errors import ExitCode
 from plexus.identity import Identity
+from plexus.mediator import dht
+from plexus.mediator.message import CLOCK_TOLERANCE, Offer, Reach
 from tests.lab import sessions
 from tests.lab.dht import DhtNetwork
 from tests.lab.lab import Lab
@@ -110,3 +117,57 @@ def test_an_unreachable_dht_has_its_exit_code(
     running.append(invite)
     assert invite.wait(40) == ExitCode.DHT_UNREACHABLE, invite.stderr()
     assert invite.stderr().count("\n") == 1
+
+
+def put_values(lab: Lab, network: DhtNetwork, key: str, values: list[bytes]) -> None:
+    """Put raw values under a key text from host a, as anyone on the DHT could, in order."""
+
+    def run() -> None:
+        runner = opendht.DhtRunner()
+        runner.run(port=0)
+        try:
+            for node in network.bootstrap:
+                runner.bootstrap(*node.rsplit(":", 1))
+            for value in values:
+                stored = threading.Event()
+                runner.put(opendht.InfoHash.get(key), opendht.Value(value), lambda _ok, _nodes: stored.set())  # noqa: B023 (waited for in this turn)
+                stored.wait(5)
+        finally:
+            runner.join()
+
+    lab.run_sync("a", run)
+
+
+def test_forged_unsigned_replayed_or_misdirected_values_start_nothing(
+    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
+) -> None:
+    acceptor = start(lab, tmp_path, running, network, hosts, accept=True)
+    wait_for(acceptor, "waiting for requests")
+    now = datetime.datetime.now(datetime.UTC)
+    key = dht.key_text("request", hosts.acceptor.id, dht.day_of(now))
+    stranger = Identity.load(tmp_path / "stranger.key")
+    home = hosts.acceptor.certificate.public_key()
+
+    def request(sender: Identity, puzzle: int, issued: datetime.datetime = now) -> dht.Letter:
+        offer = Offer(Endpoint("198.51.100.2", 40000), puzzle, Reach("independent"))
+        return dht.Letter("request", sender.id, hosts.acceptor.id, key, issued, puzzle, offer)
+
+    genuine = dht.seal(request(hosts.inviter, 1), hosts.inviter, home)
+    bad = {
+        "unsigned garbage": b"PXD1" + bytes(200),
+        "forged (a stranger's)": dht.seal(request(stranger, 2), stranger, home),
+        "sealed to another host": dht.seal(
+            dataclasses.replace(request(hosts.inviter, 3), recipient=stranger.id),
+            hosts.inviter,
+            stranger.certificate.public_key(),
+        ),
+        "stale": dht.seal(request(hosts.inviter, 4, now - 2 * CLOCK_TOLERANCE), hosts.inviter, home),
+    }
+    put_values(lab, network, key, [*bad.values(), genuine, genuine])  # the second genuine: a replay
+    wait_for(acceptor, "request from")
+    time.sleep(1.0)  # time for every value to arrive
+    log = acceptor.log()
+    assert log.count("request from") == 1, log  # only the genuine request, once
+    ignored = [line for line in log.splitlines() if "ignoring a value" in line]
+    for reason in ("not encrypted to this host", "not the pinned peer", "from now", "replay"):
+        assert any(reason in line for line in ignored), (reason, ignored)
