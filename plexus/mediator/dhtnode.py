@@ -35,7 +35,10 @@ JOIN_TIMEOUT = 10.0
 # about a second; the nodes that store it push it to listeners at once. So letters are sent without waiting
 # for the confirmation, and a leaving mediator gives the last ones this long.
 PUT_GRACE = 2.0
-DAY_CHECK = 600.0  # how often a long-lived listener looks whether the UTC day (and so the keys) rolled on
+DAY_CHECK = 600.0
+# How long an inviter waits for advents after the acceptor's card arrived: both listens started together
+# and come back in the same DHT round trip, so a missing advent costs only this.
+ADVENT_WAIT = 0.2  # how often a long-lived listener looks whether the UTC day (and so the keys) rolled on
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,12 @@ class _Node:
             self._runner.cancelListen(token)
 
 
+def _direct(offer: Offer | None) -> bool:
+    """Whether the fast path may serve this side: it maps endpoint-independently and brings no relay."""
+    reach = offer.reach if offer is not None else None
+    return reach is not None and reach.mapping == "independent" and reach.relay is None
+
+
 def _resolve(future: asyncio.Future[Any], value: Any = None) -> None:
     if not future.done():
         future.set_result(value)
@@ -156,6 +165,10 @@ class DhtMediator:
             set()
         )  # letters on their way: a put confirms long after the push
         self._peer_keys: dict[int, Any] = {}  # request puzzle -> the inviter's public key, to answer it
+        self._peer_key: asyncio.Future[Any] = (
+            asyncio.get_running_loop().create_future()
+        )  # the peer's, once known
+        self.fast = False  # the last invite took an advent (the fast path): no response was waited for
 
     async def __aenter__(self) -> DhtMediator:
         self._node = _Node(self._config)
@@ -269,11 +282,32 @@ class DhtMediator:
         )
 
     async def invite(self, offer: Offer, timeout: float = 60.0, submission: object = None) -> Offer:
-        """Put the request (sealed to the acceptor) and wait for the response that answers it."""
+        """Put the request (sealed to the acceptor) and wait for the response that answers it; or, when the
+        acceptor's advent is fresh and both sides map endpoint-independently, put the request naming the
+        advent and return the advent's offer at once (self.fast): one DHT hop instead of two."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         await self._ready()
-        peer_key = await self._peer_card(deadline)
+        self.fast = False
+        with self._listening("advent", self.peer_id) as advents:  # while the card is looked up
+            peer_key = await self._peer_card(deadline)
+            advent = await self._advent(advents, offer) if _direct(offer) else None
+        if advent is not None:
+            assert advent.offer is not None
+            self._send(
+                "request",
+                self.peer_id,
+                peer_key,
+                kind="request",
+                puzzle=offer.puzzle,
+                offer=offer,
+                advent=advent.puzzle,
+            )
+            log.info(
+                "request put for %s, taking its advent: outer endpoint %s", self.peer_id, advent.offer.outer
+            )
+            self.fast = True
+            return advent.offer
         with self._listening("response", self._me.id) as answers:  # before the put: no answer is missed
             self._send("request", self.peer_id, peer_key, kind="request", puzzle=offer.puzzle, offer=offer)
             log.info("request put for %s, waiting for the response", self.peer_id)
@@ -292,6 +326,40 @@ class DhtMediator:
                 return letter.offer
         raise PeerNotFoundError(f"no response from {self.peer_id} on the DHT within {timeout:g} s")
 
+    async def _advent(self, advents: asyncio.Queue[tuple[str, bytes]], offer: Offer) -> dht.Letter | None:
+        """The freshest usable advent that arrived by now or within ADVENT_WAIT: the listen started with the
+        card's, and both keys' values come back alike, in one DHT round trip."""
+        found: dht.Letter | None = None
+        try:
+            async with asyncio.timeout(ADVENT_WAIT):
+                while True:
+                    key, value = await advents.get()
+                    letter = self._open(key, value, "advent")
+                    if (
+                        letter is not None
+                        and _direct(letter.offer)
+                        and (found is None or letter.issued > found.issued)
+                    ):
+                        found = letter
+                    if advents.empty() and found is not None:
+                        return found
+        except TimeoutError:
+            return found
+
+    async def advertise(self, offer: Offer) -> None:
+        """Put an advent for the pinned inviter: this side's outer endpoint and puzzle, ahead of a request.
+        Waits until the inviter's key is known (its card, or an earlier request)."""
+        peer_key = await asyncio.shield(self._peer_key)
+        self._send("advent", self._me.id, peer_key, kind="advent", puzzle=offer.puzzle, offer=offer)
+        log.debug("advent put: outer endpoint %s", offer.outer)
+
+    async def learn_peer_key(self) -> None:
+        """The inviter's key from its card, when it runs (an acceptor needs it to seal advents to it)."""
+        if not self._peer_key.done():
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(PeerNotFoundError):
+                _resolve(self._peer_key, await self._peer_card(loop.time() + DAY_CHECK))
+
     def _open(self, key: str, value: bytes, kind: dht.Kind, request: int | None = None) -> dht.Letter | None:
         try:
             letter, sender = dht.unseal(value, self._me, key, self.peer_id)
@@ -301,6 +369,7 @@ class DhtMediator:
             return None
         if kind == "request":
             self._peer_keys[letter.puzzle] = sender
+            _resolve(self._peer_key, sender)
         return letter
 
     async def requests(self) -> AsyncIterator[Invitation]:
@@ -318,7 +387,7 @@ class DhtMediator:
                     letter = self._open(key, value, "request")
                     if letter is not None and letter.offer is not None:
                         log.info("request from %s: outer endpoint %s", self.peer_id, letter.offer.outer)
-                        yield Invitation(letter.offer, None)
+                        yield Invitation(letter.offer, None, advent=letter.advent)
             self._publish_card()  # under the new day's key
 
     async def answer(self, invitation: Invitation, offer: Offer, submission: object = None) -> None:
