@@ -32,10 +32,10 @@ from plexus.mediator.dht import (
     day_of,
     fresh_advent,
     key_text,
-    listening_days,
     make_card,
     read_card,
     seal,
+    sending_days,
     unseal,
 )
 from plexus.mediator.message import CLOCK_TOLERANCE, NO_REASON, Offer, Reach
@@ -141,22 +141,17 @@ def test_day_is_utc() -> None:
     assert day_of(datetime.datetime(2026, 1, 2, 8, 0, tzinfo=tokyo)) == datetime.date(2026, 1, 1)
 
 
-def test_listening_days_around_midnight() -> None:
-    before = datetime.datetime(2026, 12, 31, 23, 59, 30, tzinfo=datetime.UTC)
-    after = before + datetime.timedelta(minutes=1)
-    assert listening_days(before) == (
-        datetime.date(2026, 12, 30),
-        datetime.date(2026, 12, 31),
-        datetime.date(2027, 1, 1),
-    )
-    assert listening_days(after) == (
-        datetime.date(2026, 12, 31),
-        datetime.date(2027, 1, 1),
-        datetime.date(2027, 1, 2),
-    )
-    # A sender on either side of midnight from the listener writes under a day the listener watches.
-    assert day_of(after) in listening_days(before)
-    assert day_of(before) in listening_days(after)
+def test_sending_days_cover_a_listener_across_midnight() -> None:
+    noon = datetime.datetime(2026, 12, 31, 12, 0, tzinfo=datetime.UTC)
+    before = datetime.datetime(2026, 12, 31, 23, 58, 0, tzinfo=datetime.UTC)
+    after = before + datetime.timedelta(minutes=4)
+    assert sending_days(noon) == (datetime.date(2026, 12, 31),)
+    assert sending_days(before) == (datetime.date(2026, 12, 31), datetime.date(2027, 1, 1))
+    assert sending_days(after) == (datetime.date(2026, 12, 31), datetime.date(2027, 1, 1))
+    # A listener whose clock is up to the tolerance away watches a day the sender puts under.
+    for skew in (-4, -1, 0, 1, 4):
+        listener = day_of(before + datetime.timedelta(minutes=skew))
+        assert listener in sending_days(before)
 
 
 def test_advent_constants() -> None:
