@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from plexus.mediator.message import CLOCK_TOLERANCE, Offer, Reach
 from tests.lab import sessions
 from tests.lab.dht import DhtNetwork
 from tests.lab.lab import Lab
+from tests.lab.services import BYE, TcpTarget
 from tests.lab.sessions import Plexus, Side
 
 pytestmark = pytest.mark.lab
@@ -199,3 +201,26 @@ def test_the_fast_path_takes_a_fresh_advent_and_a_stale_one_falls_back(
     running.append(stale)
     assert stale.wait(60) == ExitCode.PEER_NOT_FOUND, stale.stderr()
     assert "advent did not answer" in stale.log()
+
+
+def test_streams_run_over_a_session_met_on_the_dht(
+    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
+) -> None:
+    """The same identities serve the DHT and the streams: ssh-style --stdio to an echo target on b."""
+    with TcpTarget(lab, "b", "echo", port=7007):
+        allow = {"exec-command": None, "forward-allow": "127.0.0.1:7007"}
+        overrides = dht_options(network, hosts.acceptor_file, hosts.inviter) | allow
+        me, peer = Side("a", lab.accounts["local"], "a-dht"), Side("b", lab.accounts["remote"], "b-dht")
+        acceptor = sessions.start(lab, peer, me, tmp_path, accept=True, overrides=overrides)
+        running.append(acceptor)
+        wait_for(acceptor, "waiting for requests")
+        inviter = dht_options(network, hosts.inviter_file, hosts.acceptor) | {
+            "exec-command": None,
+            "stdio": "127.0.0.1:7007",
+        }
+        invite = sessions.start(
+            lab, me, peer, tmp_path, accept=False, overrides=inviter, stdin=subprocess.PIPE, text=False
+        )
+        running.append(invite)
+        out, err = invite.process.communicate(b"over the DHT\n", timeout=60)
+    assert (invite.process.returncode, out) == (0, b"over the DHT\n" + BYE), err.decode()
