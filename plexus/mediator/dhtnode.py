@@ -35,10 +35,11 @@ JOIN_TIMEOUT = 10.0
 # about a second; the nodes that store it push it to listeners at once. So letters are sent without waiting
 # for the confirmation, and a leaving mediator gives the last ones this long.
 PUT_GRACE = 2.0
-DAY_CHECK = 600.0
-# How long an inviter waits for advents after the acceptor's card arrived: both listens started together
-# and come back in the same DHT round trip, so a missing advent costs only this.
-ADVENT_WAIT = 0.2  # how often a long-lived listener looks whether the UTC day (and so the keys) rolled on
+DAY_CHECK = 600.0  # how often a long-lived listener looks whether the UTC day (and so the keys) rolled on
+STOP_TIMEOUT = 2.0  # for the node's shutdown to say it is done
+# The most an inviter waits for the search for advents to end (it runs beside the card's, and ends when its
+# nodes have answered or timed out): a missing advent then costs the two-hop path nothing more.
+ADVENT_SEARCH = 3.0
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,16 @@ class _Node:
             self._runner.bootstrap(node.host, str(node.port))
 
     async def stop(self) -> None:
+        """Shut the node down, without join(): opendht's bindings hold the GIL while join() waits for the
+        runner's lock, which the runner holds while it calls back into Python, so a pending callback would
+        hang both threads (reproduced in the lab). Only calls that queue an operation are made here."""
         for token in self._tokens.values():
             self._runner.cancelListen(token)
         self._tokens.clear()
         done = self._loop.create_future()
         self._runner.shutdown(lambda: self._loop.call_soon_threadsafe(_resolve, done))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done, 2.0)
-        await asyncio.to_thread(self._runner.join)
+            await asyncio.wait_for(done, STOP_TIMEOUT)
 
     async def put(self, key_text: str, data: bytes, *, permanent: bool = False) -> bool:
         done: asyncio.Future[bool] = self._loop.create_future()
@@ -120,6 +123,21 @@ class _Node:
             )
             return await answered
         return False
+
+    def get(self, key_text: str) -> asyncio.Future[list[tuple[str, bytes]]]:
+        """The values under the key once the search has ended (its nodes answered or timed out)."""
+        found: list[tuple[str, bytes]] = []
+        done: asyncio.Future[list[tuple[str, bytes]]] = self._loop.create_future()
+
+        def arrived(value: Any) -> bool:
+            found.append((key_text, bytes(value.data)))
+            return True
+
+        def finished(_ok: bool, _nodes: Any) -> None:
+            self._loop.call_soon_threadsafe(_resolve, done, list(found))
+
+        self._runner.get(opendht.InfoHash.get(key_text), arrived, finished)
+        return done
 
     def listen(self, key_text: str, into: asyncio.Queue[tuple[str, bytes]]) -> None:
         if key_text in self._tokens:
@@ -289,9 +307,12 @@ class DhtMediator:
         deadline = loop.time() + timeout
         await self._ready()
         self.fast = False
-        with self._listening("advent", self.peer_id) as advents:  # while the card is looked up
-            peer_key = await self._peer_card(deadline)
-            advent = await self._advent(advents, offer) if _direct(offer) else None
+        advents = self._require().get(dht.key_text("advent", self.peer_id, dht.day_of(_now())))
+        try:
+            peer_key = await self._peer_card(deadline)  # the advents' search runs meanwhile
+            advent = await self._advent(advents) if _direct(offer) else None
+        finally:
+            advents.cancel()
         if advent is not None:
             assert advent.offer is not None
             self._send(
@@ -326,25 +347,22 @@ class DhtMediator:
                 return letter.offer
         raise PeerNotFoundError(f"no response from {self.peer_id} on the DHT within {timeout:g} s")
 
-    async def _advent(self, advents: asyncio.Queue[tuple[str, bytes]], offer: Offer) -> dht.Letter | None:
-        """The freshest usable advent that arrived by now or within ADVENT_WAIT: the listen started with the
-        card's, and both keys' values come back alike, in one DHT round trip."""
-        found: dht.Letter | None = None
+    async def _advent(self, search: asyncio.Future[list[tuple[str, bytes]]]) -> dht.Letter | None:
+        """The freshest usable advent the search found (ADVENT_SEARCH at most)."""
         try:
-            async with asyncio.timeout(ADVENT_WAIT):
-                while True:
-                    key, value = await advents.get()
-                    letter = self._open(key, value, "advent")
-                    if (
-                        letter is not None
-                        and _direct(letter.offer)
-                        and (found is None or letter.issued > found.issued)
-                    ):
-                        found = letter
-                    if advents.empty() and found is not None:
-                        return found
+            values = await asyncio.wait_for(asyncio.shield(search), ADVENT_SEARCH)
         except TimeoutError:
-            return found
+            return None
+        found: dht.Letter | None = None
+        for key, value in values:
+            letter = self._open(key, value, "advent")
+            if (
+                letter is not None
+                and _direct(letter.offer)
+                and (found is None or letter.issued > found.issued)
+            ):
+                found = letter
+        return found
 
     async def advertise(self, offer: Offer) -> None:
         """Put an advent for the pinned inviter: this side's outer endpoint and puzzle, ahead of a request.
