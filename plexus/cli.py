@@ -673,7 +673,10 @@ def run(
         ),
     ] = None,
     identity_: Annotated[
-        Value, _option("FILE", "This host's identity key for streams (made on first use).", "--identity")
+        Value,
+        _option(
+            "FILE", "This host's identity key, for streams and the DHT (made on first use).", "--identity"
+        ),
     ] = None,
     show_id_: Annotated[
         bool, typer.Option("--show-id", help="Print the id of --identity (for the peer's --peer-identity).")
