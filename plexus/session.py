@@ -508,6 +508,8 @@ async def _answer(
     advent = None
     if invitation.advent is not None:
         advent = advents.pop(invitation.advent, None)
+        if advent is not None:
+            advent.taken.set()
         if advent is None:  # taken by another request, or retired: the inviter asks again, two hops
             raise NotServedError(f"the request names advent {invitation.advent}, which is gone")
     handshake: asyncio.Future[Punched] | None = None
@@ -566,6 +568,7 @@ class Advent:
     found: Found
     puzzle: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # the socket: the keepalive's or the session's
+    taken: asyncio.Event = field(default_factory=asyncio.Event)  # a request took it: the next one follows now
 
 
 async def _advertise(config: SessionConfig, mediator: DhtMediator, advents: dict[int, Advent]) -> None:
@@ -608,7 +611,8 @@ async def _keep(
         await mediator.advertise(offer)
         renew = loop.time() + dht.ADVENT_REFRESH
         while advent.puzzle in advents and loop.time() < renew:
-            await asyncio.sleep(ADVENT_KEEPALIVE)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(advent.taken.wait(), ADVENT_KEEPALIVE)
             async with advent.lock:
                 if advent.puzzle not in advents:
                     return  # taken: the socket is the session's now

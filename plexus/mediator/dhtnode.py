@@ -37,8 +37,8 @@ JOIN_TIMEOUT = 10.0
 PUT_GRACE = 2.0
 DAY_CHECK = 600.0  # how often a long-lived listener looks whether the UTC day (and so the keys) rolled on
 STOP_TIMEOUT = 2.0  # for the node's shutdown to say it is done
-# The most an inviter waits for the search for advents to end (it runs beside the card's, and ends when its
-# nodes have answered or timed out): a missing advent then costs the two-hop path nothing more.
+# The most an inviter waits for an advent, or for the search for one to end (it runs beside the card's):
+# a missing advent then costs the two-hop path nothing more than the search.
 ADVENT_SEARCH = 3.0
 
 
@@ -124,20 +124,19 @@ class _Node:
             return await answered
         return False
 
-    def get(self, key_text: str) -> asyncio.Future[list[tuple[str, bytes]]]:
-        """The values under the key once the search has ended (its nodes answered or timed out)."""
-        found: list[tuple[str, bytes]] = []
-        done: asyncio.Future[list[tuple[str, bytes]]] = self._loop.create_future()
+    def get(self, key_text: str) -> _Search:
+        """The values under the key as the search finds them, then None once it has ended."""
+        search = _Search(asyncio.Queue())
 
         def arrived(value: Any) -> bool:
-            found.append((key_text, bytes(value.data)))
-            return True
+            self._loop.call_soon_threadsafe(search.values.put_nowait, (key_text, bytes(value.data)))
+            return not search.cancelled
 
         def finished(_ok: bool, _nodes: Any) -> None:
-            self._loop.call_soon_threadsafe(_resolve, done, list(found))
+            self._loop.call_soon_threadsafe(search.values.put_nowait, None)
 
         self._runner.get(opendht.InfoHash.get(key_text), arrived, finished)
-        return done
+        return search
 
     def listen(self, key_text: str, into: asyncio.Queue[tuple[str, bytes]]) -> None:
         if key_text in self._tokens:
@@ -157,6 +156,15 @@ class _Node:
         token = self._tokens.pop(key_text, None)
         if token is not None:
             self._runner.cancelListen(token)
+
+
+@dataclass
+class _Search:
+    values: asyncio.Queue[tuple[str, bytes] | None]  # None: the search has ended
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 def _direct(offer: Offer | None) -> bool:
@@ -347,21 +355,21 @@ class DhtMediator:
                 return letter.offer
         raise PeerNotFoundError(f"no response from {self.peer_id} on the DHT within {timeout:g} s")
 
-    async def _advent(self, search: asyncio.Future[list[tuple[str, bytes]]]) -> dht.Letter | None:
-        """The freshest usable advent the search found (ADVENT_SEARCH at most)."""
-        try:
-            values = await asyncio.wait_for(asyncio.shield(search), ADVENT_SEARCH)
-        except TimeoutError:
-            return None
+    async def _advent(self, search: _Search) -> dht.Letter | None:
+        """The first usable advent the search brings (the acceptor puts a new one as soon as one is taken),
+        or None once the search has ended without one (ADVENT_SEARCH at most)."""
         found: dht.Letter | None = None
-        for key, value in values:
-            letter = self._open(key, value, "advent")
-            if (
-                letter is not None
-                and _direct(letter.offer)
-                and (found is None or letter.issued > found.issued)
-            ):
-                found = letter
+        try:
+            async with asyncio.timeout(ADVENT_SEARCH):
+                while (item := await search.values.get()) is not None:
+                    letter = self._open(*item, "advent")
+                    newer = letter is not None and (found is None or letter.issued > found.issued)
+                    if letter is not None and newer and _direct(letter.offer):
+                        found = letter  # the newest of those at hand: an older one may be taken
+                    if found is not None and search.values.empty():
+                        return found
+        except TimeoutError:
+            pass
         return found
 
     async def advertise(self, offer: Offer) -> None:
