@@ -2,8 +2,8 @@
 
 In its own NAT lab it measures the time to connect (with its phases, beside the floor the same path could not
 beat), which NAT pairs connect and how the others fail, what an idle acceptor and one session cost, and the
-reconnect loop with real OpenVPN (bench/soak.py), and streams: TCP through plexus's QUIC beside plain TCP,
-OpenVPN and the raw UDP path (bench/streams.py).
+reconnect loop with real OpenVPN (bench/soak.py), streams: TCP through plexus's QUIC beside plain TCP,
+OpenVPN and the raw UDP path (bench/streams.py), and the DHT rendezvous beside the mail (bench/dht.py).
 Progress goes to stderr, the report to stdout (a plain-text table), and with --json FILE also to that file.
 """
 
@@ -23,12 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import floor, report, runs, soak, streams
+from bench import dht, floor, report, runs, soak, streams
 from bench.stats import summarize
-from bench.timeline import PHASES, TimelineError
+from bench.timeline import PHASES, Timeline, TimelineError
 from tests.lab.lab import Lab, LabError, lab_available
 
-SECTIONS = ("connect", "matrix", "footprint", "soak", "streams")
+SECTIONS = ("connect", "matrix", "footprint", "soak", "streams", "dht")
 T = TypeVar("T")
 
 
@@ -127,7 +127,14 @@ def set_delay(lab: Lab, delay_ms: float) -> None:
         lab.set_link(host, delay_ms=delay_ms)
 
 
-def bench_connect(lab: Lab, workdir: Path, args: argparse.Namespace, delivery: float) -> list[dict[str, Any]]:
+def bench_connect(
+    lab: Lab,
+    workdir: Path,
+    args: argparse.Namespace,
+    delivery: float,
+    keep: dict[float, list[Timeline]] | None = None,
+) -> list[dict[str, Any]]:
+    """The mail sessions at each delay; their timelines also go to `keep` (for the dht section)."""
     results = []
     for delay in args.delays:
         set_delay(lab, delay)
@@ -136,6 +143,8 @@ def bench_connect(lab: Lab, workdir: Path, args: argparse.Namespace, delivery: f
                  f"{paths.rtt_acceptor * 1000:.1f} ms (b); {args.runs} sessions")  # fmt: skip
         timelines = runs.connect(lab, workdir, args.runs, on_run=lambda i, t: progress(
             f"  run {i}: {t.total:.2f} s"))  # fmt: skip
+        if keep is not None:
+            keep[delay] = timelines
         bound = floor.floor(paths)
         results.append({
             "delay_ms": delay,
@@ -198,11 +207,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="plexus-bench-") as tmp, Lab() as lab:
         workdir = Path(tmp)
         progress(f"lab up in {lab.startup_s:.1f} s")
-        if "connect" in args.sections:
+        mail: dict[float, list[Timeline]] = {}  # the connect section's sessions, for the dht section
+        if "connect" in args.sections or "dht" in args.sections:
             delivery = floor.measure_delivery(lab, "a")
             progress(f"mail server delivery (DATA until the IDLE push): {delivery * 1000:.0f} ms")
             results["delivery_seconds"] = round(delivery, 4)
-            results["connect"] = bench_connect(lab, workdir, args, delivery)
+        if "connect" in args.sections:
+            results["connect"] = bench_connect(lab, workdir, args, delivery, keep=mail)
+        if "dht" in args.sections:
+            results["dht"] = dht.measure(
+                lab, workdir / "dht", args.runs, args.delays, args.idle, delivery, mail, progress
+            )
         if "matrix" in args.sections:
             results["matrix_timeout"] = args.fail_timeout
             results["matrix_tries"] = args.tries

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from bench import dht
 from bench.timeline import PHASES
 from plexus import path
 from plexus.mediator.message import Reach
@@ -37,6 +38,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _soak(results["soak"])
     if "streams" in results:
         lines += _streams(results["streams"])
+    if "dht" in results:
+        lines += _dht(results["dht"])
     failures = results.get("failures", [])
     lines += ["", f"== Checks: {len(failures)} failed" if failures else "== Checks: all passed"]
     lines += [f"FAILED: {failure}" for failure in failures]
@@ -230,6 +233,10 @@ def check(results: dict[str, Any]) -> list[str]:
         failures += _check_soak(results["soak"])
     if "streams" in results:
         failures += _check_streams(results["streams"])
+    if "dht" in results:
+        # Only what went wrong: a session that failed, a measurement that could not be made. The times and the
+        # fast path's target are reported.
+        failures += [f"dht: {failure}" for failure in results["dht"]["failures"]]
     return failures
 
 
@@ -267,3 +274,137 @@ def _check_streams(found: dict[str, Any]) -> list[str]:
     if not found["udp"]["received_datagrams"]:
         failures.append("streams: no raw UDP datagram crossed the punched NATs")
     return failures
+
+
+def _dht(found: dict[str, Any]) -> list[str]:
+    ways = [(way, title) for way, title in dht.WAYS.items()]
+    lines = [
+        "",
+        f"== DHT rendezvous: time to connect over OpenDHT ({found['nodes']} nodes in the lab's public "
+        "namespace) beside the mail, in seconds",
+        f"{found['runs']} sessions per way and delay, each a fresh inviter (--dht-port 4222, the day's "
+        "node id, as from cron) against one long-running acceptor; each DHT acceptor's first session is a "
+        "warm-up, not counted. DHT, two hops: the acceptor with a fixed --stun-client port (no advents); "
+        "DHT, fast path: the acceptor as deployed, whose advent lets a request go without a response.",
+        f"Floors: STUN and the handshake in round trips (docs/performance.md); the DHT's steps the least of "
+        f"{found['floor_rounds']} rounds of two plain OpenDHT nodes in the plexus nodes' places.",
+    ]
+    for entry in found["delays"]:
+        hops = entry["hops"]
+        lines += [
+            "",
+            f"== DHT {entry['delay_ms']:g} ms one-way delay per link: RTT host-servers "
+            f"{entry['rtt_inviter'] * 1000:.1f} ms (a) / {entry['rtt_acceptor'] * 1000:.1f} ms (b), "
+            f"host-host {entry['rtt_peers'] * 1000:.1f} ms",
+            f"{'':<19}" + "".join(f"{title:>27}" for _, title in ways),
+            _row("phase", ["median", "p90", "floor"] * len(ways)),
+        ]
+        for name, _ in dht.COMMON:
+            cells = []
+            for way, _ in ways:
+                phase = entry[way].get("common", {}).get(name)
+                cells += (
+                    ["-"] * 3
+                    if phase is None
+                    else [f"{phase['measured']['median']:.3f}", f"{phase['measured']['p90']:.3f}",
+                          f"{phase['floor']:.3f}"]
+                )  # fmt: skip
+            lines.append(_row(name, cells))
+        cells = []
+        for way, _ in ways:
+            total = entry[way]["total"]
+            cells += ["-", "-"] if total is None else [f"{total['median']:.3f}", f"{total['p90']:.3f}"]
+            cells.append(f"{entry[way]['floor']:.3f}")
+        lines.append(_row("total", cells))
+        lines.append("sessions: " + "; ".join(_dht_sessions(title, entry[way], way)
+                                               for way, title in ways))  # fmt: skip
+        for way in ("dht", "fast"):
+            lines += _dht_phases(dht.WAYS[way], entry[way], dht.phases_of(way))
+        lines.append(_dht_hops(hops))
+    zero = next((entry for entry in found["delays"] if entry["delay_ms"] == 0), None)
+    if zero is not None:
+        lines.append(_dht_target(zero, found["target_seconds"]))
+    lines += _dht_idle(found["idle"])
+    lines += ["", "phases (DHT):"] + [f"  {name:<18} {meaning}" for name, meaning in dht.DHT_PHASES]
+    lines += ["side by side:"] + [f"  {name:<18} {meaning}" for name, meaning in dht.COMMON]
+    return lines
+
+
+def _dht_target(zero: dict[str, Any], target: float) -> str:
+    verdicts = []
+    for way, which, what in (("dht", "total", ""), ("fast", "own_total", " (sessions that took the advent)"),
+                             ("fast", "total", " (all sessions)")):  # fmt: skip
+        total = zero[way][which]
+        if total is not None:
+            verdict = "met" if total["median"] <= target else "NOT met"
+            verdicts.append(f"{dht.WAYS[way]}{what} {verdict} ({total['median']:.3f} s)")
+    return f"target, median time to connect at most {target:g} s at 0 ms links: " + "; ".join(verdicts)
+
+
+def _dht_sessions(title: str, entry: dict[str, Any], way: str) -> str:
+    if way == "mail":
+        return f"{title} {len(entry['runs'])} ok"
+    kinds = ", ".join(f"{count} {kind}" for kind, count in entry["kinds"].items())
+    warm = entry["warm_up"]
+    first = "failed" if warm["total"] is None else f"{warm['total']:.2f} s, {warm['kind']}"
+    exits, waited = entry["inviter_seconds"], entry.get("waited")
+    ended = "" if exits is None else f", inviter exits after {exits['median']:.2f} s"
+    if waited is not None:
+        ended += f", waited for an untaken advent: median {waited['median']:.1f} s, max {waited['max']:.1f} s"
+    return f"{title} {kinds} (warm-up {first}{ended})"
+
+
+def _dht_phases(title: str, entry: dict[str, Any], phases: tuple[tuple[str, str], ...]) -> list[str]:
+    if "phases" not in entry:
+        return [f"{title}: no session met this way"]
+    lines = [f"{title}, {entry['phases']['start']['measured']['n']} sessions:",
+             _row("phase", ["median", "min", "p90", "max", "IQR", "floor", "ratio"])]  # fmt: skip
+    for name, _ in phases:
+        phase = entry["phases"][name]
+        lines.append(_row(name, [*_spread(phase["measured"]), f"{phase['floor']:.3f}",
+                                 _ratio(phase["measured"]["median"], phase["floor"])]))  # fmt: skip
+    meet = entry["common"]["rendezvous"]
+    lines.append(_row("(rendezvous)", [*_spread(meet["measured"]), f"{meet['floor']:.3f}",
+                                       _ratio(meet["measured"]["median"], meet["floor"])]))  # fmt: skip
+    total = entry["own_total"]
+    lines.append(_row("total", [*_spread(total), f"{entry['floor']:.3f}",
+                                _ratio(total["median"], entry["floor"])]))  # fmt: skip
+    return lines
+
+
+def _dht_hops(hops: dict[str, Any]) -> str:
+    def ms(name: str) -> str:
+        found = hops[name]
+        return "-" if found is None else f"{found['min'] * 1000:.1f} / {found['median'] * 1000:.1f} ms"
+
+    warm = hops["warm_up_round_trip"]
+    failed = f", {len(hops['failed'])} failed" if hops["failed"] else ""
+    return (
+        f"plain OpenDHT nodes, min / median of {hops['rounds']}{failed}: card lookup {ms('card')}, "
+        f"request put until pushed {ms('request')}, response {ms('response')}, round trip {ms('round_trip')}"
+        + ("" if warm is None else f"; warm-up round trip {warm * 1000:.1f} ms")
+    )
+
+
+def _dht_idle(idle: dict[str, Any]) -> list[str]:
+    seconds, udp, per = idle["seconds"], idle["udp"], idle["udp_per_minute"]
+    share = 100 * idle["cpu_seconds"] / seconds
+
+    def traffic(name: str) -> str:
+        return (
+            f"in {udp[name + '_in']['packets']} packets / {udp[name + '_in']['bytes']} bytes, "
+            f"out {udp[name + '_out']['packets']} / {udp[name + '_out']['bytes']} "
+            f"(per minute {per[name + '_in']['packets']:g} / {per[name + '_in']['bytes']:g} in, "
+            f"{per[name + '_out']['packets']:g} / {per[name + '_out']['bytes']:g} out)"
+        )
+
+    return [
+        "",
+        f"== Idle acceptor in DHT mode over {seconds:g} s ({idle['settle_seconds']:g} s after one session, "
+        f"so it keeps an advent out; advents put meanwhile: {idle['advents_put']})",
+        f"CPU {idle['cpu_seconds']:.2f} s (counted in {idle['clock_tick_seconds']:g} s ticks) = "
+        f"{share:.3f} % of one core, RSS {idle['rss_bytes'] / MIB:.1f} MiB "
+        f"(peak {idle['peak_rss_bytes'] / MIB:.1f} MiB)",
+        f"UDP on b's NAT router's WAN side, IP bytes: DHT node (port 4222) {traffic('dht')}",
+        f"other UDP (the advent's STUN keepalive) {traffic('other')}",
+    ]

@@ -1,0 +1,736 @@
+"""The DHT rendezvous beside the mail: time to connect, its phases and their floors, and an idle acceptor.
+
+A private OpenDHT network of three nodes runs in the lab's pub namespace (tests/lab/dht.py); hosts a and b
+join it through their cone NATs, as plexus does with `--dht-bootstrap`. At each delay, three ways to meet:
+
+- mail: the connect section's sessions (run here when that section is not);
+- DHT, two hops: the request and the response. The acceptor has a fixed `--stun-client` port, which keeps
+  it from putting advents, so every session takes both hops;
+- DHT, fast: the acceptor as deployed, which keeps an advent out for its pinned inviter; a session that finds
+  it puts its request naming the advent and punches at once (one hop). Each counted session starts once the
+  acceptor has an advent out that no session took (the wait is reported; PACE_TIMEOUT at most): an inviter
+  that came sooner would find only the taken one, fresh on the DHT for 120 s, punch toward it in vain for
+  3 s and ask again in two hops, as cron runs minutes apart do not.
+
+Each DHT way at each delay is one long-running acceptor on b and `runs` inviters on a, one after another,
+each a fresh process with the default `--dht-port` 4222 and the day's node id, as from cron. The first
+session after an acceptor starts is a warm-up: not counted, shown apart. It pays for routing tables that do
+not know the pair's nodes yet, and on the fast path for an acceptor that does not know the inviter's key
+yet (no advent).
+
+Every acceptor, the idle one and the plain nodes (below) get a DHT network of their own, freshly formed
+(it takes a fraction of a second), with the same pair of identities throughout, as deployed. In one network,
+an acceptor started again would take its predecessor's requests, still stored on the DHT and fresh for
+5 minutes, for new ones (its memory of the puzzles it has seen does not outlive its process), and would
+start a session toward each of those long-gone inviters while a real request waits. And a pair with new
+identities would leave its old node ids at the same addresses, which every search in a network this small
+waits about a second for.
+
+The timeline comes from the two debug logs, as bench/timeline.py reads the mail's (DHT_PHASES, FAST_PHASES).
+For the side-by-side table every way is cut the same (COMMON): start, stun, request_out (until the request
+is sent or put), rendezvous (from there until both sides know where to punch: the inviter has the response,
+or, on the fast path, the acceptor has the request), handshake, launch.
+
+Floors: STUN and the handshake count round trips as bench/floor.py does. The DHT's own steps are measured
+with two plain OpenDHT nodes in the plexus nodes' places (the same ports and node ids), after the sessions:
+a long-running one on b and a fresh one on a each round, which joins (ping), looks up a card (a listen until
+the stored value arrives), listens for the response, and puts the request; b's node, pushed the request,
+puts the response at once. The minimum over the rounds of each step is its floor; the card's less one round
+trip, since plexus joins and starts the lookup while its STUN runs.
+
+The idle acceptor: one in DHT mode as deployed, after one session (so it knows the inviter's key and keeps an
+advent out), `idle` seconds: its CPU (/proc/PID/stat) and the UDP crossing b's NAT router (nftables counters
+on its WAN side): the DHT node's (port 4222) and the rest (the advent's STUN keepalive).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import opendht
+
+from bench import floor, runs
+from bench.stats import summarize
+from bench.timeline import PHASES, Timeline, TimelineError, find, parse_log
+from plexus.identity import Identity
+from plexus.mediator import dht
+from tests.lab import sessions
+from tests.lab.dht import DhtNetwork
+from tests.lab.lab import Lab
+from tests.lab.sessions import Plexus, Side
+
+# The issue's target for the fast path, reported beside the figures, never a failure of the benchmark
+TARGET_SECONDS = 0.9
+FLOOR_ROUNDS = 5  # counted rounds of the plain nodes per delay, after one warm-up round
+FLOOR_WAIT = 10.0  # seconds any step of a plain node may take
+TWO_HOP_INNER = "0.0.0.0:40000"  # the two-hop acceptor's --stun-client: a fixed port means no advents
+# The most a fast-path session waits for an advent that no session took: an acceptor renews a taken one at
+# once, or at its next STUN keepalive, 20 s later at most
+PACE_TIMEOUT = 25.0
+IDLE_SETTLE = 5.0  # seconds between the idle acceptor's session and the start of the measurement
+NFT_TABLE = "bench_dht"
+
+WAYS = {"mail": "mail", "dht": "DHT, two hops", "fast": "DHT, fast path"}
+DHT_PHASES = (
+    ("start", "inviter: process start, Python and imports, until its event loop runs"),
+    ("stun", "inviter: STUN binding + mapping test (the DHT join, a ping, runs meanwhile)"),
+    ("card", "inviter: the acceptor's card looked up (and on the fast path its advent), the request put"),
+    ("request_in", "request: the put's search and store, the push to the acceptor's listen, open, screen"),
+    ("stun_acceptor", "acceptor: STUN binding + mapping test"),
+    ("response_in", "response: sealed and put by the acceptor, pushed to the inviter's listen, opened"),
+    ("handshake", "hello/ready between the peers, until both sides are done"),
+    ("launch", "until both launched commands run (plexus/examples/hello.py started)"),
+)
+FAST_PHASES = (
+    *DHT_PHASES[:4],
+    ("handshake", "hello/ready: the inviter punches since its put, the acceptor once the request is in"),
+    DHT_PHASES[-1],
+)
+COMMON = (
+    ("start", "inviter: process start until its event loop runs"),
+    ("stun", "inviter: STUN"),
+    ("request_out", "inviter: until the request is sent (mail: the SMTP session's rest and DATA) or put "
+                    "(DHT: the acceptor's card looked up)"),
+    ("rendezvous", "from there until both sides know where to punch: the inviter has the response (mail, "
+                   "DHT two hops), or the acceptor has the request (fast path: the inviter took the advent)"),
+    ("handshake", "hello/ready between the peers, until both sides are done"),
+    ("launch", "until both launched commands run"),
+)  # fmt: skip
+_PARTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "mail": {"request_out": ("mail_out",),
+             "rendezvous": ("mail_in", "stun_acceptor", "mail_out_response", "mail_in_response")},
+    "dht": {"request_out": ("card",), "rendezvous": ("request_in", "stun_acceptor", "response_in")},
+    "fast": {"request_out": ("card",), "rendezvous": ("request_in",)},
+}  # fmt: skip
+# On the fast path the inviter's hellos are under way when the acceptor learns of the request: one round trip
+# between the hosts from then (the acceptor's hello opens its NAT, the next hello of the inviter's passes).
+FAST_HANDSHAKE_RTT = 1.0
+_OUTER = re.compile(r"outer endpoint (\S+)$")
+
+
+def phases_of(way: str) -> tuple[tuple[str, str], ...]:
+    return {"mail": PHASES, "dht": DHT_PHASES, "fast": FAST_PHASES}[way]
+
+
+def common(way: str, phases: dict[str, float]) -> dict[str, float]:
+    """A way's phases (or their floors) cut the same for every way: COMMON."""
+    parts = _PARTS[way]
+    return {name: sum(phases[part] for part in parts.get(name, (name,))) for name, _ in COMMON}
+
+
+# ---- the timeline of a DHT session -------------------------------------------------------------------------
+
+
+def dht_timeline(
+    started: float, inviter_log: str, acceptor_log: str, launched: tuple[float, float], *, fast: bool
+) -> Timeline:
+    """Phase durations of one DHT session (DHT_PHASES, or FAST_PHASES when the inviter took an advent)."""
+    inviter, acceptor = parse_log(inviter_log), parse_log(acceptor_log)
+    loop_runs = find(inviter, "event loop running")
+    stun = find(inviter, "inner endpoint")
+    match = _OUTER.search(stun.message)
+    if match is None:
+        raise TimelineError(f"no outer endpoint in {stun.message!r}")
+    outer = match.group(1)
+    put = find(inviter, "request put for", after=stun.at)
+    # The acceptor has served earlier sessions: everything from here on belongs to this one.
+    request_in = find(acceptor, "request from", after=put.at - 1, contains=f"endpoint {outer}")
+    punching = find(inviter, "peer endpoint", after=put.at)
+    done = max(
+        find(inviter, "handshake with", after=punching.at).at,
+        find(acceptor, "handshake with", after=request_in.at, contains=outer).at,
+    )
+    end = max(launched)
+    names: tuple[tuple[str, str], ...]
+    if fast:
+        marks = [started, loop_runs.at, stun.at, put.at, request_in.at, done, end]
+        names = FAST_PHASES
+    else:
+        acceptor_stun = find(acceptor, "inner endpoint", after=request_in.at)
+        marks = [
+            started,
+            loop_runs.at,
+            stun.at,
+            put.at,
+            request_in.at,
+            acceptor_stun.at,
+            punching.at,
+            done,
+            end,
+        ]
+        names = DHT_PHASES
+    phases = {
+        name: later - earlier for (name, _), (earlier, later) in zip(names, pairwise(marks), strict=True)
+    }
+    return Timeline(total=end - started, phases=phases)
+
+
+def request_seen(inviter_log: str, acceptor_log: str) -> float:
+    """When the acceptor logged the inviter's (first) request: the inviter's outer endpoint names it."""
+    inviter = parse_log(inviter_log)
+    stun = find(inviter, "inner endpoint")
+    match = _OUTER.search(stun.message)
+    if match is None:
+        raise TimelineError(f"no outer endpoint in {stun.message!r}")
+    put = find(inviter, "request put for", after=stun.at)
+    return find(parse_log(acceptor_log), "request from", after=put.at - 1, contains=f"endpoint {match[1]}").at
+
+
+# ---- plexus in DHT mode ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ids:
+    """The two hosts' identity files (made on first use) and identities."""
+
+    inviter_file: Path
+    acceptor_file: Path
+    inviter: Identity
+    acceptor: Identity
+
+    @classmethod
+    def make(cls, directory: Path) -> Ids:
+        directory.mkdir(parents=True, exist_ok=True)
+        inviter_file, acceptor_file = directory / "laptop.key", directory / "home.key"
+        return cls(inviter_file, acceptor_file, Identity.load(inviter_file), Identity.load(acceptor_file))
+
+    def options(self, network: DhtNetwork, *, accept: bool) -> dict[str, str | None]:
+        """A side's options in DHT mode (as tests/labtests/test_dht.py's): no mail at all."""
+        me, peer = (self.acceptor_file, self.inviter) if accept else (self.inviter_file, self.acceptor)
+        gone = ("host-id", "peer-id", "email-smtps", "email-imaps", "email-login", "email-passwd",
+                "email-from", "email-to", "email-ca")  # fmt: skip
+        return dict.fromkeys(gone) | {
+            "dht-bootstrap": ",".join(network.bootstrap),
+            "identity": str(me),
+            "peer-identity": peer.id,
+        }
+
+    def node_id(self, *, accept: bool) -> str:
+        """The key text of the day's node id that the side's plexus takes (dhtnode.py's _Node.start)."""
+        me = self.acceptor if accept else self.inviter
+        return dht.key_text("node", me.id, dht.day_of(datetime.datetime.now(datetime.UTC)))
+
+
+def _side(lab: Lab, host: str) -> Side:
+    return Side(host, lab.accounts["local" if host == "a" else "remote"], f"{host}-dht")
+
+
+@contextlib.contextmanager
+def dht_acceptor(
+    lab: Lab, workdir: Path, network: DhtNetwork, ids: Ids, extra: dict[str, str | None] | None = None
+) -> Iterator[Plexus]:
+    """A listening acceptor on host b in DHT mode (with `extra` options); stopped on leaving."""
+    side = _side(lab, "b")
+    overrides = ids.options(network, accept=True) | (extra or {})
+    process = sessions.start(lab, side, side, workdir, accept=True, overrides=overrides)
+    try:
+        sessions.wait_until_listening(process)
+        yield process
+    finally:
+        process.stop()
+
+
+@dataclass(frozen=True)
+class Session:
+    code: int  # the inviter's exit code
+    kind: str  # how it met: "two hops", "fast", "fell back" (an advent that did not answer), or "failed"
+    total: float | None  # from the inviter's start until both launched commands run
+    timeline: Timeline | None  # None for a session that failed or fell back
+    inviter_seconds: float  # the inviter process's whole run (it watches its command 1 s before it exits)
+    error: str = ""
+    taken_at: float | None = None  # a session that took an advent: when the acceptor had its request
+    waited: float = 0.0  # before it started, for an advent that no session took (the fast path)
+
+
+def launched(inviter: Plexus, listening: Plexus, timeout: float = 30.0) -> tuple[float, float]:
+    """The two hello.py start times (the inviter's, the acceptor's) of one session, matched by its secret."""
+    mine = inviter.wait_hello()[0]
+    secret = mine["args"]["secret"]
+    deadline = time.monotonic() + timeout
+    while True:
+        theirs = next((r for r in listening.hello_results() if r["args"]["secret"] == secret), None)
+        if theirs is not None:
+            return mine["started"], theirs["started"]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the acceptor's command never reported\n{listening.log()}")
+        time.sleep(0.05)
+
+
+def dht_session(lab: Lab, workdir: Path, network: DhtNetwork, ids: Ids, listening: Plexus) -> Session:
+    """One inviter on host a, run to its end, against the listening acceptor."""
+    side = _side(lab, "a")
+    started = time.time()
+    inviter = sessions.start(
+        lab, side, side, workdir, accept=False, overrides=ids.options(network, accept=False)
+    )
+    ended = runs.reap(inviter, started)
+    if ended.code != 0:
+        last = (inviter.stderr().strip().splitlines() or ["(no message)"])[-1]
+        return Session(
+            ended.code, "failed", None, None, ended.seconds, f"inviter exited {ended.code}: {last}"
+        )
+    try:
+        times = launched(inviter, listening)
+    except (RuntimeError, AssertionError) as missing:
+        return Session(ended.code, "failed", None, None, ended.seconds, str(missing).splitlines()[0])
+    log = inviter.log()
+    kind = "fell back" if "asking again" in log else "fast" if "taking its advent" in log else "two hops"
+    timeline, problem, taken_at = None, "", None
+    if kind != "fell back":
+        try:
+            timeline = dht_timeline(started, log, listening.log(), times, fast=kind == "fast")
+            if kind == "fast":
+                taken_at = request_seen(log, listening.log())
+        except TimelineError as failure:
+            kind, problem = "failed", f"no timeline: {failure}"
+    return Session(ended.code, kind, max(times) - started, timeline, ended.seconds, problem, taken_at)
+
+
+def dht_sessions(
+    lab: Lab,
+    workdir: Path,
+    network: DhtNetwork,
+    ids: Ids,
+    count: int,
+    on_session: Callable[[int, Session], None],
+    extra: dict[str, str | None] | None = None,
+    *,
+    pace: bool = False,
+) -> tuple[Session, list[Session]]:
+    """A warm-up session and `count` counted ones against one acceptor. With `pace` (the fast path) each
+    counted one starts once the acceptor has an advent out that no session took (Session.waited): PACE_TIMEOUT
+    seconds at most, and once an acceptor has not renewed a taken advent in that time, without waiting."""
+    with dht_acceptor(lab, workdir, network, ids, extra) as listening:
+        warm_up = dht_session(lab, workdir, network, ids, listening)
+        on_session(0, warm_up)
+        counted: list[Session] = []
+        since, renews = 0.0, pace  # an advent put after `since` (wall clock) is one no session took
+        for run in range(1, count + 1):
+            waited = 0.0
+            if renews:
+                waited, renews = wait_for_advent(listening, since)
+            found = dataclasses.replace(dht_session(lab, workdir, network, ids, listening), waited=waited)
+            since = found.taken_at or since
+            counted.append(found)
+            on_session(run, found)
+    return warm_up, counted
+
+
+def wait_for_advent(listening: Plexus, since: float, timeout: float = PACE_TIMEOUT) -> tuple[float, bool]:
+    """Seconds until the acceptor's log shows an advent put after `since`, and whether one came in time."""
+    started = time.monotonic()
+    while True:
+        if any(e.message.startswith("advent put") and e.at > since for e in parse_log(listening.log())):
+            return time.monotonic() - started, True
+        if time.monotonic() - started > timeout:
+            return time.monotonic() - started, False
+        time.sleep(0.05)
+
+
+# ---- floors of the DHT's own steps: plain OpenDHT nodes in the plexus nodes' places ------------------------
+
+
+class _Arrivals:
+    """What a listen brought, each value with when it first came (time.monotonic)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[bytes, float] = {}
+        self._changed = threading.Condition()
+
+    def __call__(self, value: Any, expired: bool = False) -> bool:
+        if not expired:
+            with self._changed:
+                self._seen.setdefault(bytes(value.data), time.monotonic())
+                self._changed.notify_all()
+        return True
+
+    def wait(self, wanted: bytes | None, timeout: float = FLOOR_WAIT) -> float:
+        """When `wanted` came (or any value, for None); TimeoutError if it did not within the timeout."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                times = [at for data, at in self._seen.items() if wanted is None or data == wanted]
+                if times:
+                    return min(times)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no value {wanted!r} within {timeout:g} s")
+                self._changed.wait(left)
+
+
+def _node(lab: Lab, host: str, node_id: str, bootstrap: Sequence[str]) -> Any:
+    """A DhtRunner in the host's namespace on plexus's port, with the node id plexus would take there."""
+
+    def start() -> Any:
+        runner = opendht.DhtRunner()
+        config = opendht.DhtConfig()
+        config.setPeerDiscovery(False, False)
+        config.setNodeId(opendht.InfoHash.get(node_id))
+        runner.run(port=dht.DEFAULT_PORT, config=config)  # its threads and socket stay in the namespace
+        return runner
+
+    runner = lab.run_sync(host, start)
+    for address in bootstrap:
+        runner.bootstrap(*address.rsplit(":", 1))
+    return runner
+
+
+def _join(runner: Any, bootstrap: Sequence[str]) -> None:
+    """As plexus joins: ping the bootstrap nodes, go on at the first answer."""
+    answered = threading.Event()
+    for address in bootstrap:
+        node = opendht.SockAddr.resolve(*address.rsplit(":", 1))[0]
+        runner.ping(node, lambda ok: answered.set() if ok else None)
+    if not answered.wait(FLOOR_WAIT):
+        raise TimeoutError("no bootstrap node answered a ping")
+
+
+def _stop(runner: Any) -> None:
+    """As plexus stops its node: shutdown, then join once it is done. join() holds the GIL while it waits for
+    the node's threads, so a callback into Python still due then would never return."""
+    done = threading.Event()
+    runner.shutdown(done.set)
+    done.wait(FLOOR_WAIT)
+    runner.join()
+
+
+@dataclass(frozen=True)
+class Round:
+    card: float  # joined until the card's value arrived
+    request: float  # the request put on a until pushed to b
+    response: float  # the response put on b until pushed to a
+
+    @property
+    def round_trip(self) -> float:
+        return self.request + self.response
+
+
+def dht_hops(lab: Lab, network: DhtNetwork, ids: Ids, rounds: int) -> tuple[Round | str, list[Round | str]]:
+    """A warm-up round and `rounds` counted ones (a round that failed: why, as text)."""
+    tag = uuid.uuid4().hex[:8]
+    card_key, request_key, response_key = (
+        opendht.InfoHash.get(f"bench/{tag}/{what}") for what in ("card", "request", "response")
+    )
+    home = _node(lab, "b", ids.node_id(accept=True), network.bootstrap)
+    try:
+        _join(home, network.bootstrap)
+        requests = _Arrivals()
+        home.listen(request_key, requests)
+        home.put(card_key, opendht.Value(b"card"), lambda ok, nodes: None, True)
+
+        def one(number: int) -> Round | str:
+            laptop = _node(lab, "a", ids.node_id(accept=False), network.bootstrap)
+            try:
+                _join(laptop, network.bootstrap)
+                joined = time.monotonic()
+                cards, responses = _Arrivals(), _Arrivals()
+                laptop.listen(card_key, cards)
+                card = cards.wait(None) - joined
+                laptop.listen(response_key, responses)
+                request, response = f"request {tag} {number}".encode(), f"response {tag} {number}".encode()
+                put = time.monotonic()
+                laptop.put(request_key, opendht.Value(request), lambda ok, nodes: None, False)
+                pushed = requests.wait(request)
+                answered = time.monotonic()
+                home.put(response_key, opendht.Value(response), lambda ok, nodes: None, False)
+                return Round(card, pushed - put, responses.wait(response) - answered)
+            except TimeoutError as error:
+                return str(error)
+            finally:
+                _stop(laptop)
+
+        return one(0), [one(number) for number in range(1, rounds + 1)]
+    finally:
+        _stop(home)
+
+
+# ---- the idle acceptor's UDP, counted on b's NAT router ----------------------------------------------------
+
+_NFT_COUNTERS = f"""\
+table ip {NFT_TABLE}
+delete table ip {NFT_TABLE}
+table ip {NFT_TABLE} {{
+    counter dht_in {{ }}
+    counter dht_out {{ }}
+    counter other_in {{ }}
+    counter other_out {{ }}
+    chain inbound {{
+        type filter hook prerouting priority raw - 5;
+        iifname "wan" udp dport {dht.DEFAULT_PORT} counter name "dht_in" accept
+        iifname "wan" meta l4proto udp counter name "other_in"
+    }}
+    chain outbound {{
+        type filter hook postrouting priority srcnat + 5;
+        oifname "wan" udp sport {dht.DEFAULT_PORT} counter name "dht_out" accept
+        oifname "wan" meta l4proto udp counter name "other_out"
+    }}
+}}
+"""
+
+
+def _nft(lab: Lab, *argv: str, text: str | None = None) -> str:
+    done = lab.exec("nat-b", ["nft", *argv], input=text)
+    if done.returncode != 0:
+        raise RuntimeError(f"nft {' '.join(argv)} on b's NAT router: {done.stderr.strip()}")
+    return str(done.stdout)
+
+
+def udp_counters(lab: Lab) -> dict[str, dict[str, int]]:
+    """Packets and bytes (IP) so far, per counter of _NFT_COUNTERS."""
+    found = json.loads(_nft(lab, "-j", "list", "table", "ip", NFT_TABLE))
+    return {
+        item["counter"]["name"]: {"packets": item["counter"]["packets"], "bytes": item["counter"]["bytes"]}
+        for item in found["nftables"]
+        if "counter" in item
+    }
+
+
+def idle_acceptor(
+    lab: Lab, workdir: Path, network: DhtNetwork, ids: Ids, seconds: float
+) -> tuple[dict[str, Any], list[str]]:
+    """An acceptor in DHT mode as deployed, idle for `seconds` after one session; and what went wrong."""
+    failures = []
+    _nft(lab, "-f", "-", text=_NFT_COUNTERS)
+    try:
+        with dht_acceptor(lab, workdir, network, ids) as listening:
+            first = dht_session(lab, workdir, network, ids, listening)
+            if first.code != 0 or first.kind == "failed":
+                failures.append(f"idle acceptor's session: {first.error}")
+            time.sleep(IDLE_SETTLE)
+            pid = listening.process.pid
+            before, counted, advents = (
+                runs.sample(pid),
+                udp_counters(lab),
+                listening.log().count("advent put"),
+            )
+            time.sleep(seconds)
+            after, now = runs.sample(pid), udp_counters(lab)
+            if listening.process.poll() is not None:
+                failures.append(f"the idle acceptor exited {listening.process.returncode}")
+            advents = listening.log().count("advent put") - advents
+    finally:
+        _nft(lab, "delete", "table", "ip", NFT_TABLE)
+    udp = {
+        name: {what: now[name][what] - counted[name][what] for what in ("packets", "bytes")} for name in now
+    }
+    return {
+        "seconds": seconds,
+        "settle_seconds": IDLE_SETTLE,
+        "cpu_seconds": round(after.cpu - before.cpu, 3),
+        "clock_tick_seconds": 1 / runs.CLOCK_TICKS,
+        "rss_bytes": after.rss,
+        "peak_rss_bytes": after.peak_rss,
+        "advents_put": advents,
+        "udp": udp,
+        "udp_per_minute": {
+            name: {what: round(count * 60 / seconds, 1) for what, count in values.items()}
+            for name, values in udp.items()
+        },
+    }, failures
+
+
+# ---- the section -------------------------------------------------------------------------------------------
+
+
+def _session_line(way: str, number: int, found: Session) -> str:
+    label = "warm-up" if number == 0 else f"run {number}"
+    if found.total is None:
+        return f"  {WAYS[way]} {label}: FAILED ({found.error})"
+    waited = f" (after {found.waited:.1f} s for an untaken advent)" if found.waited >= 0.1 else ""
+    return f"  {WAYS[way]} {label}: {found.total:.2f} s, {found.kind}{waited}"
+
+
+def way_entry(
+    way: str, timelines: list[Timeline], totals: list[float], bound: dict[str, float]
+) -> dict[str, Any]:
+    """A way's figures at one delay: totals (every counted session that connected), phases (the sessions
+    that met the way's own way), each beside its floor."""
+    entry: dict[str, Any] = {
+        "total": summarize(totals).to_json() if totals else None,
+        "floor": round(sum(bound.values()), 4),
+        "runs": [round(total, 4) for total in totals],
+    }
+    if timelines:
+        entry["phases"] = {
+            name: {"measured": summarize([t.phases[name] for t in timelines]).to_json(),
+                   "floor": round(bound[name], 4)}
+            for name, _ in phases_of(way)
+        }  # fmt: skip
+        cut = [common(way, t.phases) for t in timelines]
+        floors = common(way, bound)
+        entry["common"] = {
+            name: {"measured": summarize([c[name] for c in cut]).to_json(), "floor": round(floors[name], 4)}
+            for name, _ in COMMON
+        }
+    return entry
+
+
+def dht_entry(way: str, warm_up: Session, counted: list[Session], bound: dict[str, float]) -> dict[str, Any]:
+    """A DHT way's figures at one delay (way_entry's), with how its sessions met and its warm-up."""
+    expected = "fast" if way == "fast" else "two hops"
+    ok = [s for s in counted if s.total is not None]
+    own = [s for s in ok if s.kind == expected and s.timeline is not None]
+    entry = way_entry(way, [s.timeline for s in own if s.timeline], [s.total for s in ok if s.total], bound)
+    # the sessions that met the way's own way: their totals beside their phases
+    entry["own_total"] = summarize([s.total for s in own if s.total]).to_json() if own else None
+    kinds: dict[str, int] = {}
+    for found in counted:
+        kinds[found.kind] = kinds.get(found.kind, 0) + 1
+    entry |= {
+        "sessions": len(counted),
+        "kinds": kinds,
+        "warm_up": {
+            "kind": warm_up.kind,
+            "total": None if warm_up.total is None else round(warm_up.total, 4),
+        },
+        "inviter_seconds": summarize([s.inviter_seconds for s in ok]).to_json() if ok else None,
+        "waited": summarize([s.waited for s in counted]).to_json() if way == "fast" and counted else None,
+    }
+    return entry
+
+
+def hops_entry(warm_up: Round | str, counted: list[Round | str]) -> dict[str, Any]:
+    """The plain nodes' rounds at one delay: each step's summary, the failed rounds, the warm-up's."""
+    done = [r for r in counted if isinstance(r, Round)]
+    entry: dict[str, Any] = {
+        "rounds": len(counted),
+        "failed": [r for r in counted if isinstance(r, str)],
+        "warm_up_round_trip": round(warm_up.round_trip, 4) if isinstance(warm_up, Round) else None,
+    }
+    for name in ("card", "request", "response", "round_trip"):
+        entry[name] = summarize([getattr(r, name) for r in done]).to_json() if done else None
+    return entry
+
+
+def floors(way: str, paths: floor.Paths, hops: dict[str, Any]) -> dict[str, float]:
+    """The floor of each phase of a DHT way: round trips counted as bench/floor.py does, the DHT's own steps
+    the plain nodes' minimum (zero when they could not be measured)."""
+    a, b = paths.rtt_inviter, paths.rtt_acceptor
+
+    def least(name: str) -> float:
+        return float(hops[name]["min"]) if hops.get(name) else 0.0
+
+    bound = {
+        "start": 0.0,
+        "stun": floor.STUN_RTT * a,
+        # the join (a ping: one round trip) and the card's lookup start while STUN (two) runs
+        "card": max(0.0, least("card") - a),
+        "request_in": least("request"),
+        "stun_acceptor": floor.STUN_RTT * b,
+        "response_in": least("response"),
+        "handshake": floor.HANDSHAKE_RTT * paths.rtt_peers,
+        "launch": 0.0,
+    }
+    if way == "fast":
+        bound["handshake"] = FAST_HANDSHAKE_RTT * paths.rtt_peers
+        return {name: bound[name] for name, _ in FAST_PHASES}
+    return bound
+
+
+def measure(
+    lab: Lab,
+    workdir: Path,
+    count: int,
+    delays: Sequence[float],
+    idle: float,
+    delivery: float,
+    mail: dict[float, list[Timeline]],
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """The section: `mail` holds the connect section's timelines per delay (those missing are run here)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    failures: list[str] = []
+    rtts: dict[float, floor.Paths] = {}
+    found: dict[tuple[str, float], tuple[Session, list[Session]]] = {}
+
+    def note(way: str, delay: float) -> Callable[[int, Session], None]:
+        def on_session(number: int, session: Session) -> None:
+            progress(_session_line(way, number, session))
+            if session.total is None or session.error:
+                label = "warm-up" if number == 0 else f"run {number}"
+                failures.append(f"{delay:g} ms, {WAYS[way]}, {label}: {session.error}")
+
+        return on_session
+
+    ids = Ids.make(workdir / "ids")
+    nodes = 0
+
+    @contextlib.contextmanager
+    def fresh(what: str) -> Iterator[DhtNetwork]:
+        nonlocal nodes
+        with DhtNetwork(lab) as network:
+            nodes = network.count
+            progress(f"DHT: {what}: a fresh network of {nodes} nodes, up in {network.startup_s:.1f} s")
+            yield network
+
+    for delay in delays:
+        set_delay(lab, delay)
+        rtts[delay] = floor.Paths(floor.ping_rtt(lab, "a"), floor.ping_rtt(lab, "b"), delivery)
+        if delay not in mail:
+            progress(f"DHT: {delay:g} ms links: {count} mail sessions to compare with")
+            mail[delay] = runs.connect(lab, workdir, count, on_run=lambda i, t: progress(
+                f"  mail run {i}: {t.total:.2f} s"))  # fmt: skip
+        with fresh(f"{delay:g} ms links, two hops (acceptor --stun-client {TWO_HOP_INNER})") as network:
+            found["dht", delay] = dht_sessions(lab, workdir, network, ids, count, note("dht", delay),
+                                               {"stun-client": TWO_HOP_INNER})  # fmt: skip
+        with fresh(f"{delay:g} ms links, fast path (the acceptor's advent)") as network:
+            found["fast", delay] = dht_sessions(lab, workdir, network, ids, count, note("fast", delay),
+                                                pace=True)  # fmt: skip
+    set_delay(lab, 0)
+    with fresh(f"an idle acceptor for {idle:g} s (after one session and {IDLE_SETTLE:g} s)") as network:
+        idle_found, idle_failures = idle_acceptor(lab, workdir, network, ids, idle)
+    failures += idle_failures
+    hops: dict[float, dict[str, Any]] = {}
+    for delay in delays:
+        set_delay(lab, delay)
+        with fresh(f"{delay:g} ms links, plain nodes") as network:
+            hops[delay] = hops_entry(*dht_hops(lab, network, ids, FLOOR_ROUNDS))
+        trip = hops[delay]["round_trip"]
+        progress("  round trip "
+                 + (f"min {trip['min'] * 1000:.1f} ms, median {trip['median'] * 1000:.1f} ms" if trip
+                    else "not measured"))  # fmt: skip
+    set_delay(lab, 0)
+    entries = []
+    for delay in delays:
+        paths = rtts[delay]
+        if not hops[delay]["round_trip"]:
+            failures.append(
+                f"{delay:g} ms: no round of the plain DHT nodes completed: {hops[delay]['failed']}"
+            )
+        entry: dict[str, Any] = {
+            "delay_ms": delay,
+            "rtt_inviter": paths.rtt_inviter,
+            "rtt_acceptor": paths.rtt_acceptor,
+            "rtt_peers": paths.rtt_peers,
+            "hops": hops[delay],
+            "mail": way_entry("mail", mail[delay], [t.total for t in mail[delay]], floor.floor(paths)),
+        }
+        for way in ("dht", "fast"):
+            entry[way] = dht_entry(way, *found[way, delay], floors(way, paths, hops[delay]))
+        entries.append(entry)
+    return {
+        "nodes": nodes,
+        "runs": count,
+        "floor_rounds": FLOOR_ROUNDS,
+        "target_seconds": TARGET_SECONDS,
+        "delays": entries,
+        "idle": idle_found,
+        "failures": failures,
+    }
+
+
+def set_delay(lab: Lab, delay_ms: float) -> None:
+    for host in ("a", "b"):
+        lab.set_link(host, delay_ms=delay_ms)
