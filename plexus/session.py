@@ -522,7 +522,8 @@ async def _answer(
                         sock = closing.enter_context(contextlib.closing(bind(config.inner)))
                         found = await discover(sock, config.stun_server)
                     else:
-                        await advent.lock.acquire()  # a keepalive's STUN exchange on the socket ends first
+                        async with advent.lock:  # a keepalive's STUN exchange on the socket ends first
+                            pass  # later ones see the advent gone and leave the socket alone
                         sock = closing.enter_context(contextlib.closing(advent.sock))
                         found = advent.found
                     theirs = invitation.offer.reach

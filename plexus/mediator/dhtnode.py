@@ -401,6 +401,7 @@ class DhtMediator:
     async def requests(self) -> AsyncIterator[Invitation]:
         """Each fresh request from the peer, forever; the listened keys follow the UTC day."""
         await self._ready()
+        await self._pass_over_earlier_requests()
         while True:
             day = dht.day_of(_now())
             with self._listening("request", self._me.id) as arrived:
@@ -415,6 +416,25 @@ class DhtMediator:
                         log.info("request from %s: outer endpoint %s", self.peer_id, letter.offer.outer)
                         yield Invitation(letter.offer, None, advent=letter.advent)
             self._publish_card()  # under the new day's key
+
+    async def _pass_over_earlier_requests(self) -> None:
+        """The requests already on the DHT at the start are not answered (their inviters have given up, or
+        will): they are screened now, so that the listen that follows sees each as a replay. Otherwise a
+        restarted acceptor would start a session toward every inviter of the last minutes."""
+        search = self._require().get(dht.key_text("request", self._me.id, dht.day_of(_now())))
+        earlier = 0
+        try:
+            async with asyncio.timeout(ADVENT_SEARCH):
+                while (item := await search.values.get()) is not None:
+                    earlier += self._open(*item, "request") is not None
+        except TimeoutError:
+            search.cancel()
+        log.log(
+            logging.INFO if earlier else logging.DEBUG,
+            "%d request(s) from %s already on the DHT at the start: not answered",
+            earlier,
+            self.peer_id,
+        )
 
     async def answer(self, invitation: Invitation, offer: Offer, submission: object = None) -> None:
         self._reply(invitation, "response", offer=offer)

@@ -224,3 +224,21 @@ def test_streams_run_over_a_session_met_on_the_dht(
         running.append(invite)
         out, err = invite.process.communicate(b"over the DHT\n", timeout=60)
     assert (invite.process.returncode, out) == (0, b"over the DHT\n" + BYE), err.decode()
+
+
+def test_a_restarted_acceptor_does_not_answer_the_requests_already_on_the_dht(
+    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
+) -> None:
+    first = start(lab, tmp_path, running, network, hosts, accept=True)
+    wait_for(first, "waiting for requests")
+    invite = start(lab, tmp_path, running, network, hosts, accept=False)
+    assert invite.wait(60) == 0, invite.stderr()
+    first.stop()
+    again = start(lab, tmp_path, running, network, hosts, accept=True)
+    wait_for(again, "already on the DHT at the start: not answered")
+    wait_for(again, "waiting for requests")
+    started = time.monotonic()
+    invite = start(lab, tmp_path, running, network, hosts, accept=False)
+    assert invite.wait(60) == 0, f"{invite.stderr()}\n{again.log()}"
+    assert time.monotonic() - started < 15, again.log()
+    assert again.log().count("request from") == 1  # the new one only
