@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 INVITER_WATCH_SECONDS = 1.0
 # A stopped acceptor gives its commands this long to end after SIGTERM: a service stops within a second.
 SHUTDOWN_GRACE = 0.5
-RELAY_HOPS = 64  # toward a relay the first hello must arrive (the default TTL of most systems)
+ARRIVING_HOPS = 64  # a first hello that must arrive (toward a relay, or an inviter punching already)
 # With a relay to fall back on, how long a direct attempt may take: a birthday needs up to about 7 s.
 FALLBACK_BOUND = 10.0
 # How long a punch toward an acceptor's advent may take before the inviter asks again, two hops: a live
@@ -253,6 +253,7 @@ async def _punch(
     relay: Relay | None,
     fallback: Endpoint | None = None,
     limit: float | None = None,
+    hops: int | None = None,
 ) -> Punched:
     """Confirm the path the plan names; `sock`, the socket STUN ran on, is closed on every path.
 
@@ -270,7 +271,10 @@ async def _punch(
     if limit is not None:
         bound = min(bound, limit)
     try:
-        return await _direct(chosen, sock, found, peer, secret, config, accept=accept, timeout=bound)
+        hops = hops if hops is not None else config.punch_hops
+        return await _direct(
+            chosen, sock, found, peer, secret, config, accept=accept, timeout=bound, hops=hops
+        )
     except HandshakeTimeoutError:
         if not can_fall_back:
             raise
@@ -291,6 +295,7 @@ async def _direct(
     *,
     accept: bool,
     timeout: float,
+    hops: int,
 ) -> Punched:
     if chosen.method is Method.FANOUT:
         extra = [bind(Endpoint(found.inner.host, 0)) for _ in range(puncher.FANOUT_SOCKETS - 1)]
@@ -305,7 +310,7 @@ async def _direct(
         peer,
         secret,
         accept=accept,
-        hops=config.punch_hops,
+        hops=hops,
         timeout=timeout,
         peer_reflexive=chosen.peer_reflexive,
         spray=puncher.Spray() if chosen.method is Method.SPRAY else None,
@@ -334,7 +339,7 @@ async def _toward_relay(
     # The TTL-limited punch must die between the NATs; toward a relay it must arrive, so the relay learns
     # where this side's NAT maps it.
     timeout = config.handshake_timeout
-    peer = await puncher.punch(sock, relayed, secret, accept=accept, hops=RELAY_HOPS, timeout=timeout)
+    peer = await puncher.punch(sock, relayed, secret, accept=accept, hops=ARRIVING_HOPS, timeout=timeout)
     return Punched(Tunnel(inner, found.outer, peer, secret, Method.RELAY))
 
 
@@ -550,6 +555,9 @@ async def _answer(
                         accept=True,
                         relay=own,
                         fallback=fallback,
+                        # The inviter that took an advent punches already: its NAT lets this side's first
+                        # hello in, so it need not die on the way (TTL-limited) and wait for the next one.
+                        hops=ARRIVING_HOPS if advent is not None else None,
                     )
                 )
                 await asyncio.sleep(0)
