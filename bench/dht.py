@@ -49,7 +49,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import re
 import threading
 import time
 import uuid
@@ -63,7 +62,7 @@ import opendht
 
 from bench import floor, runs
 from bench.stats import summarize
-from bench.timeline import PHASES, Timeline, TimelineError, find, parse_log
+from bench.timeline import PHASES, Timeline, TimelineError, find, inviter_stun, parse_log
 from plexus.identity import Identity
 from plexus.mediator import dht
 from tests.lab import sessions
@@ -117,7 +116,6 @@ _PARTS: dict[str, dict[str, tuple[str, ...]]] = {
 # On the fast path the inviter's hellos are under way when the acceptor learns of the request: one round trip
 # between the hosts from then (the acceptor's hello opens its NAT, the next hello of the inviter's passes).
 FAST_HANDSHAKE_RTT = 1.0
-_OUTER = re.compile(r"outer endpoint (\S+)$")
 
 
 def phases_of(way: str) -> tuple[tuple[str, str], ...]:
@@ -139,11 +137,7 @@ def dht_timeline(
     """Phase durations of one DHT session (DHT_PHASES, or FAST_PHASES when the inviter took an advent)."""
     inviter, acceptor = parse_log(inviter_log), parse_log(acceptor_log)
     loop_runs = find(inviter, "event loop running")
-    stun = find(inviter, "inner endpoint")
-    match = _OUTER.search(stun.message)
-    if match is None:
-        raise TimelineError(f"no outer endpoint in {stun.message!r}")
-    outer = match.group(1)
+    stun, outer = inviter_stun(inviter)
     put = find(inviter, "request put for", after=stun.at)
     # The acceptor has served earlier sessions: everything from here on belongs to this one.
     request_in = find(acceptor, "request from", after=put.at - 1, contains=f"endpoint {outer}")
@@ -180,12 +174,9 @@ def dht_timeline(
 def request_seen(inviter_log: str, acceptor_log: str) -> float:
     """When the acceptor logged the inviter's (first) request: the inviter's outer endpoint names it."""
     inviter = parse_log(inviter_log)
-    stun = find(inviter, "inner endpoint")
-    match = _OUTER.search(stun.message)
-    if match is None:
-        raise TimelineError(f"no outer endpoint in {stun.message!r}")
+    stun, outer = inviter_stun(inviter)
     put = find(inviter, "request put for", after=stun.at)
-    return find(parse_log(acceptor_log), "request from", after=put.at - 1, contains=f"endpoint {match[1]}").at
+    return find(parse_log(acceptor_log), "request from", after=put.at - 1, contains=f"endpoint {outer}").at
 
 
 # ---- plexus in DHT mode ------------------------------------------------------------------------------------

@@ -71,15 +71,20 @@ class Timeline:
     phases: dict[str, float]
 
 
-def timeline(started: float, inviter_log: str, acceptor_log: str, launched: tuple[float, float]) -> Timeline:
-    """Phase durations of one session; `launched` = the two hello.py start times (inviter's, acceptor's)."""
-    inviter, acceptor = parse_log(inviter_log), parse_log(acceptor_log)
-    loop_runs = find(inviter, "event loop running")
+def inviter_stun(inviter: Sequence[Event]) -> tuple[Event, str]:
+    """The inviter's STUN line and its outer endpoint, as the acceptor reads it from the request."""
     stun = find(inviter, "inner endpoint")
     match = _OUTER.search(stun.message)
     if match is None:
         raise TimelineError(f"no outer endpoint in {stun.message!r}")
-    outer = match.group(1)  # the inviter's, as the acceptor reads it from the request
+    return stun, match.group(1)
+
+
+def timeline(started: float, inviter_log: str, acceptor_log: str, launched: tuple[float, float]) -> Timeline:
+    """Phase durations of one session; `launched` = the two hello.py start times (inviter's, acceptor's)."""
+    inviter, acceptor = parse_log(inviter_log), parse_log(acceptor_log)
+    loop_runs = find(inviter, "event loop running")
+    stun, outer = inviter_stun(inviter)
     request_sent = find(inviter, "request sent")
     # The acceptor has served earlier sessions: everything from here on belongs to this one.
     request_in = find(acceptor, "request from", after=request_sent.at - 1, contains=f"endpoint {outer}")
