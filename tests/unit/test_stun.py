@@ -41,6 +41,7 @@ from plexus.stun import (
     probe_schedule,
     query_outer,
 )
+from tests.fuzz import FUZZ
 
 BEHAVIOURS: list[Behaviour] = ["independent", "address-dependent", "address-and-port-dependent"]
 
@@ -115,6 +116,7 @@ def test_non_stun_datagrams_are_a_parse_error(data: bytes) -> None:
         decode(data)
 
 
+@FUZZ
 @given(st.binary(max_size=120))
 def test_any_bytes_parse_or_raise_stun_parse_error(data: bytes) -> None:
     with suppress(StunParseError):
@@ -135,6 +137,7 @@ def stun_like(draw: st.DrawFn) -> bytes:
     return struct.pack("!HHI", message_type, len(body), codec.COOKIE) + transaction_id + body
 
 
+@FUZZ
 @given(stun_like())
 def test_structured_garbage_parses_or_raises_stun_parse_error(data: bytes) -> None:
     with suppress(StunParseError):
