@@ -21,7 +21,7 @@ from plexus.errors import UsageError
 ALPN = "plexus-streams/1"
 MAX_TEXT = 1024  # a target or a reason: far more than any real one
 _HEAD = struct.Struct("!BH")
-_TARGET = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<v6port>\d+)|(?P<host>[^\[\]:]+):(?P<port>\d+)")
+_TARGET = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<v6port>[0-9]{1,5})|(?P<host>[^\[\]:]+):(?P<port>[0-9]{1,5})")
 
 
 class Code(IntEnum):

@@ -3,6 +3,7 @@
 import asyncio
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def test_missing_named_files_and_bad_values_are_usage_errors(
         (["--email-ca=/nonexistent/ca.pem"], "--email-ca /nonexistent/ca.pem: no such file"),
         (["--exec-pwd=/nonexistent"], "no such directory"),
         (["--punch-hops=2.5"], "--punch-hops must be a whole number"),
-        (["--punch-hops=0"], "--punch-hops must be a number above 0 and at most 255"),
+        (["--punch-hops=0"], "--punch-hops must be a whole number from 1 to 255, not '0'"),
         (["--response-timeout=nan"], "--response-timeout must be a number above 0"),
         (["--handshake-timeout=inf"], "--handshake-timeout must be a number above 0"),
         (["--exec-args='open"], "cannot split --exec-args"),
@@ -96,6 +97,7 @@ def test_config_file_uses_the_option_names(tmp_path: Path) -> None:
         "# comment\n[plexus]\naccept\nhost-id = remote\n--peer-id=local\nemail-password = se=cret\n"
         "stun-server = 203.0.113.10\n"
     )
+    path.chmod(0o600)  # it holds a password
     values = cli.read_config(path)
     assert {name: setting.value for name, setting in values.items()} == {
         "accept": "true",
@@ -165,9 +167,10 @@ def test_the_dht_rendezvous_needs_identities_and_a_bootstrap_node(
     assert config.rendezvous.peer_id == peer and config.rendezvous.host_id == Identity.load(key).id
 
 
-def write_config(tmp_path: Path, text: str) -> Path:
+def write_config(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
     path = tmp_path / "plexus.conf"
     path.write_text(text)
+    path.chmod(mode)
     return path
 
 
@@ -262,3 +265,171 @@ def test_a_signal_cancels_the_flow_and_ends_it_as_interrupted(signum: int, code:
     with pytest.raises(Interrupted) as error:
         cli.run_until_signal(flow())
     assert (error.value.exit_code, unwound) == (code, [True])
+
+
+# Bad input found at start (issue 16, item 7): one line naming the option, the file and line, or the variable.
+
+
+def dht_options(tmp_path: Path) -> list[str]:
+    return [
+        "--stun-server=203.0.113.10",
+        f"--exec-command={sys.executable}",
+        "--dht-bootstrap=203.0.113.10",
+        f"--identity={tmp_path / 'id.key'}",
+        f"--peer-identity={Identity.load(tmp_path / 'peer.key').id}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--dht-network=²"], "--dht-network must be a whole number from 0 to 4294967295, not '²'"),
+        (["--dht-network=٣"], "--dht-network must be a whole number from 0 to 4294967295, not '٣'"),
+        (["--dht-port=0.5"], "--dht-port must be a whole number from 1 to 65535, not '0.5'"),
+        (["--dht-port=4²"], "--dht-port must be a whole number from 1 to 65535, not '4²'"),
+        (
+            ["--dht-bootstrap=203.0.113.10:²"],
+            "--dht-bootstrap: bad endpoint '203.0.113.10:²': port must be 0-65535",
+        ),
+    ],
+)
+def test_dht_numbers_take_ascii_digits_only(
+    tmp_path: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run([*dht_options(tmp_path), *extra], capsys)
+    assert (code, err) == (ExitCode.USAGE, f"plexus: {message}\n")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--stun-server=127.0.0.1:²"], "--stun-server: bad endpoint '127.0.0.1:²': port must be 0-65535"),
+        (["--stun-server=[::1]x"], "--stun-server: bad endpoint '[::1]x': expected ':' after ']'"),
+        (["--stun-client=10.0.1.2:" + "9" * 5000], "--stun-client: bad endpoint"),
+        (["--punch-hops=٣"], "--punch-hops must be a whole number from 1 to 255, not '٣'"),
+        (["--punch-hops=1_0"], "--punch-hops must be a whole number from 1 to 255, not '1_0'"),
+        (
+            ["--response-timeout=1e3"],
+            "--response-timeout must be a number above 0 and at most 86400, not '1e3'",
+        ),
+        (
+            ["--handshake-timeout=-5"],
+            "--handshake-timeout must be a number above 0 and at most 86400, not '-5'",
+        ),
+        (["--exec-command=/tmp"], "--exec-command /tmp is a directory, not a program"),
+        (["--exec-command=tmp"], "--exec-command tmp is not found in PATH"),  # PATH=/: /tmp is a folder
+    ],
+)
+def test_bad_values_are_found_at_start(
+    tmp_path: Path,
+    extra: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PATH", "/")
+    code, _, err = run([*full_options(tmp_path), *extra], capsys)
+    assert (code, err.count("\n")) == (ExitCode.USAGE, 1), err
+    assert err.startswith(f"plexus: {message}"), err
+
+
+@pytest.mark.parametrize("value", ["abc", "²", "0", "nan", ""])
+def test_a_bad_handshake_timeout_variable_is_named(
+    tmp_path: Path, value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PLEXUS_HANDSHAKE_TIMEOUT", value)
+    code, _, err = run(full_options(tmp_path), capsys)
+    assert (code, err) == (
+        ExitCode.USAGE,
+        f"plexus: PLEXUS_HANDSHAKE_TIMEOUT must be a number above 0 and at most 86400, not {value!r}\n",
+    )
+    monkeypatch.setenv("PLEXUS_HANDSHAKE_TIMEOUT", "2.5")
+    config = cli.session_config(
+        cli.Options({}, cli.read_config(write_config(tmp_path, config_text(tmp_path))))
+    )
+    assert config.handshake_timeout == 2.5
+
+
+def config_text(tmp_path: Path) -> str:
+    return "".join(f"{o.removeprefix('--').replace('=', ' = ', 1)}\n" for o in full_options(tmp_path))
+
+
+def test_a_config_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "plexus.conf"
+    path.write_text(config_text(tmp_path), encoding="utf-8-sig")  # as Windows' Notepad saves it
+    path.chmod(0o600)
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    values = cli.read_config(path)
+    assert values["host-id"] == cli.Setting("remote", 1)
+    assert cli.session_config(cli.Options({}, values, path)).rendezvous.host_id == "remote"  # type: ignore[union-attr]
+
+
+def test_a_config_file_in_another_encoding_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, "")
+    path.write_bytes("host-id = caf\xe9\n".encode("latin-1"))
+    code, _, err = run([f"--config={path}"], capsys)
+    assert (code, err) == (ExitCode.USAGE, f"plexus: cannot read --config {path}: not a UTF-8 text file\n")
+
+
+def forward_options(tmp_path: Path, forward: str) -> list[str]:
+    return [*full_options(tmp_path)[:-1], f"--forward={forward}", "--anonymous"]
+
+
+@pytest.mark.parametrize(
+    ("forward", "message"),
+    [
+        ("999.1.1.1:8080:127.0.0.1:22", "--forward 999.1.1.1:8080: 999.1.1.1 is not an IP address"),
+        ("127.1:8080:127.0.0.1:22", "--forward 127.1:8080: 127.1 is not an IP address"),
+        ("192.0.2.1:8080:127.0.0.1:22", "cannot listen on --forward 192.0.2.1:8080: Cannot assign requested"),
+        (
+            "[::ffff:1.2.3.4.5]:8080:h:22",
+            "--forward [::ffff:1.2.3.4.5]:8080: ::ffff:1.2.3.4.5 is not an IP address",
+        ),
+    ],
+)
+def test_a_bad_forward_bind_address_is_found_at_start(
+    tmp_path: Path, forward: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(forward_options(tmp_path, forward), capsys)
+    assert (code, err.count("\n")) == (ExitCode.USAGE, 1), err
+    assert err.startswith(f"plexus: {message}"), err
+
+
+def test_a_forward_bind_name_that_does_not_resolve_is_found_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = []
+
+    def no_such_name(host: str, *args: object, **kwargs: object) -> object:
+        asked.append(host)  # no DNS query leaves the test
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+    code, _, err = run(forward_options(tmp_path, "nowhere.invalid:8080:127.0.0.1:22"), capsys)
+    assert (code, asked) == (ExitCode.USAGE, ["nowhere.invalid"])
+    assert err == (
+        "plexus: --forward nowhere.invalid:8080: cannot resolve nowhere.invalid: Name or service not known\n"
+    )
+
+
+def test_a_forward_port_in_use_is_found_at_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = run(forward_options(tmp_path, f"{port}:127.0.0.1:22"), capsys)
+    assert (code, err) == (
+        ExitCode.USAGE,
+        f"plexus: cannot listen on --forward 127.0.0.1:{port}: Address already in use\n",
+    )
+    options = cli.Options({"forward": [f"{port}:127.0.0.1:22"], "anonymous": True}, {})
+    assert cli.streams_config(options, None) is not None  # free again: the check left nothing bound
+
+
+def test_help_and_an_unreadable_config_read_well(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and max(map(len, out.splitlines())) <= 110
+    code, _, err = run([f"--config={tmp_path}"], capsys)
+    assert (code, err) == (ExitCode.USAGE, f"plexus: cannot read --config {tmp_path}: Is a directory\n")
