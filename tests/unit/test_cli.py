@@ -1,13 +1,21 @@
 """The command line's contract: one-line errors with distinct exit codes, 2.2's option names, --config."""
 
 import asyncio
+import base64
+import json
+import logging
 import os
 import signal
 import socket
+import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
+from aioimaplib import aioimaplib
 
 from plexus import __version__, cli
 from plexus.endpoint import Endpoint
@@ -121,15 +129,7 @@ def test_config_file_rejects_unknown_names(tmp_path: Path) -> None:
 
 
 def test_session_config_from_a_full_command_line(tmp_path: Path) -> None:
-    options = cli.Options(
-        {
-            name.removeprefix("--").split("=")[0].replace("-", "_"): name.split("=", 1)[1]
-            for name in full_options(tmp_path)
-        }
-        | {"email_passwd": "p"},
-        {},
-    )
-    config = cli.session_config(options)
+    config = cli.session_config(cli.Options(given(full_options(tmp_path)), {}))
     assert config.inner == Endpoint("10.0.1.2", 5000)
     assert config.stun_server == Endpoint("203.0.113.10", 3478)
     assert config.punch_hops == 7
@@ -361,7 +361,7 @@ def test_a_config_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
     assert path.read_bytes().startswith(b"\xef\xbb\xbf")
     values = cli.read_config(path)
     assert values["host-id"] == cli.Setting("remote", 1)
-    assert cli.session_config(cli.Options({}, values, path)).rendezvous.host_id == "remote"  # type: ignore[union-attr]
+    assert cli.session_config(cli.Options({}, values, path)).rendezvous.host_id == "remote"
 
 
 def test_a_config_file_in_another_encoding_is_named(
@@ -433,3 +433,176 @@ def test_help_and_an_unreadable_config_read_well(tmp_path: Path, capsys: pytest.
     assert code == 0 and max(map(len, out.splitlines())) <= 110
     code, _, err = run([f"--config={tmp_path}"], capsys)
     assert (code, err) == (ExitCode.USAGE, f"plexus: cannot read --config {tmp_path}: Is a directory\n")
+
+
+# Secrets (issue 16, item 8): what plexus reads must be private as ssh wants a key, what it writes is.
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """setup_logging replaces the root logger's handlers: put pytest's back, close the ones a test made."""
+    root, imap = logging.getLogger(), logging.getLogger("aioimaplib")
+    handlers, levels = root.handlers[:], (root.level, imap.level)
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(levels[0])
+    imap.setLevel(levels[1])
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_new_log_file_is_private_and_an_existing_one_keeps_its_mode_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_file = tmp_path / "plexus.log"
+    code, _, _ = run([f"--log-file={log_file}", "--accept"], capsys)
+    assert (code, mode_of(log_file)) == (ExitCode.USAGE, 0o600)
+    assert "exit 2: missing --exec-command" in log_file.read_text()
+    log_file.chmod(0o644)
+    run([f"--log-file={log_file}", "--accept"], capsys)
+    assert mode_of(log_file) == 0o644
+    warning = f"--log-file {log_file} is readable by group or others (mode 0644): chmod 600 {log_file}"
+    assert warning in log_file.read_text()
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_new_exec_log_file_is_private(tmp_path: Path) -> None:
+    exec_log = tmp_path / "command.log"
+    options = [*full_options(tmp_path), f"--exec-log-file={exec_log}"]
+    cli.session_config(cli.Options(given(options), {}))
+    assert mode_of(exec_log) == 0o600
+
+
+def given(argv: list[str]) -> dict[str, Any]:
+    """Command-line options as typer hands them to cli.Options."""
+    values = (option.removeprefix("--").split("=", 1) for option in argv)
+    return {cli.ALIASES.get(name, name).replace("-", "_"): value for name, value in values}
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "message"),
+    [
+        ("email-passwd = secret\n", 0o644, "holds a password and is readable by group or others (mode 0644)"),
+        (
+            "turn-password = secret\n",
+            0o640,
+            "holds a password and is readable by group or others (mode 0640)",
+        ),
+        ("host-id = home\n", 0o664, "is writable by group or others (mode 0664)"),
+        ("host-id = home\n", 0o602, "is writable by group or others (mode 0602)"),
+    ],
+)
+def test_a_config_file_others_can_change_or_read_its_password_from_is_refused(
+    tmp_path: Path, text: str, mode: int, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It names the command plexus runs, as root under systemd; a password in it is the mailbox's.
+    path = write_config(tmp_path, text, mode)
+    code, _, err = run([f"--config={path}"], capsys)
+    assert (code, err) == (ExitCode.USAGE, f"plexus: --config {path} {message}: chmod 600 {path}\n")
+
+
+def test_a_config_file_without_a_password_may_be_readable(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "host-id = home\n", 0o644)
+    assert cli.read_config(path)["host-id"].value == "home"
+
+
+def test_a_config_file_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_config(tmp_path, "host-id = home\n")
+    owner = path.stat().st_uid
+    if os.geteuid() == 0:
+        os.chown(path, 65534, -1)
+        owner = 65534
+    else:  # another user than the file's owner, and not root
+        monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
+    with pytest.raises(UsageError, match=rf"^--config {path} belongs to another user \(uid {owner}\)"):
+        cli.read_config(path)
+
+
+@pytest.mark.parametrize("name", ["email-key", "smime-key"])
+def test_a_private_key_others_can_read_is_refused(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "client.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    key.chmod(0o644)
+    others = (
+        [f"--smime-cert={sys.executable}", f"--smime-peer={sys.executable}"] if name == "smime-key" else []
+    )
+    code, _, err = run([*full_options(tmp_path), *others, f"--{name}={key}"], capsys)
+    assert (code, err) == (
+        ExitCode.USAGE,
+        f"plexus: --{name} {key} holds a private key and is readable by group or others (mode 0644): "
+        f"chmod 600 {key}\n",
+    )
+
+
+# Quoted and escaped by IMAP (\" and \\), then shown by aioimaplib as a bytes repr (\\\" and \\\\\\\\).
+PASSWORD = "pa\"ss\\wo'rd"
+
+
+def imap_login_logged(password: str) -> None:
+    """aioimaplib's own LOGIN line, logged as it does at debug level, with its own scrubbing."""
+
+    async def send() -> None:
+        protocol = aioimaplib.IMAP4ClientProtocol(asyncio.get_running_loop())
+        protocol.transport = mock.Mock()
+        login = aioimaplib.Command("LOGIN", "A001", "me", aioimaplib.quoted(password))
+        protocol.send(str(login), scrub=password)
+
+    asyncio.run(send())
+
+
+@pytest.mark.parametrize("to_file", [True, False])
+@pytest.mark.usefixtures("restore_logging")
+def test_no_password_reaches_the_log_in_any_quoting(
+    tmp_path: Path, to_file: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_file = tmp_path / "plexus.log"
+    turn = "tu\\rn'pass\"word"
+    options = {"log_level": "trace", "email_login": "me", "email_passwd": PASSWORD, "turn_passwd": turn}
+    cli.setup_logging(cli.Options(options | ({"log_file": str(log_file)} if to_file else {}), {}))
+    imap_login_logged(PASSWORD)
+    logger = logging.getLogger("plexus.test")
+    logger.debug("as given %s, in a repr %r, as JSON %s", PASSWORD, PASSWORD, json.dumps(PASSWORD))
+    logger.debug("bytes %r, TURN %s %r", PASSWORD.encode(), turn, {"password": turn})
+    plain = base64.b64encode(f"\0me\0{PASSWORD}".encode()).decode()
+    logger.debug("AUTH PLAIN %s, AUTH LOGIN %s", plain, base64.b64encode(PASSWORD.encode()).decode())
+    try:
+        raise ValueError(f"login {PASSWORD!r} refused")
+    except ValueError:
+        logger.debug("failure", exc_info=True)
+    text = log_file.read_text() if to_file else capsys.readouterr().err
+    assert "ValueError: login '***' refused" in text
+    for secret in (PASSWORD, turn):
+        for form in cli._forms(secret, "me"):
+            assert form not in text, (form, text)
+    for line in (
+        """aioimaplib.aioimaplib: Sending : b'A001 LOGIN me "***"\\r\\n'""",
+        """plexus.test: as given ***, in a repr '***', as JSON "***"\n""",
+        "plexus.test: bytes b'***', TURN *** {'password': '***'}",
+        "plexus.test: AUTH PLAIN ***, AUTH LOGIN ***",
+    ):
+        assert line in text, text
+    # What aioimaplib logs without the filter: its scrubbing looked for the password as given, found nothing.
+    unfiltered = repr(f"A001 LOGIN me {aioimaplib.quoted(PASSWORD)}\r\n".encode())
+    assert "*" not in unfiltered and "wo\\'rd" in unfiltered
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_an_unexpected_error_s_line_is_redacted_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli.setup_logging(cli.Options({"email_passwd": PASSWORD}, {}))
+    with pytest.raises(SystemExit):
+        cli._fail(f"unexpected error: cannot log in with {PASSWORD}", ExitCode.ERROR)
+    assert capsys.readouterr().err == "plexus: unexpected error: cannot log in with ***\n"
+
+
+def test_a_short_password_is_not_redacted_out_of_every_word() -> None:
+    assert cli.Redactor(cli.Options({"email_passwd": "p"}, {})).redact("plexus: stopped") == "plexus: stopped"
