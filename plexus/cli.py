@@ -383,7 +383,9 @@ def check_listen(listen: Endpoint, origin: str) -> None:
         raise UsageError(f"{where}: cannot resolve {listen.host}: {reason}") from error
     for family, kind, proto, _, address in found:
         with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's listener does
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's listener sets them
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 probe.bind(address)
             except OSError as error:
@@ -825,7 +827,9 @@ def run(
         Value, _option("LEVEL", "fatal|error|warning|info|debug|trace [default: info].")
     ] = None,
     log_file: Annotated[Value, _option("FILE", "Write the log here instead of stderr.")] = None,
-    config: Annotated[Value, _option("FILE", "File of `name = value` lines with these options.")] = None,
+    config: Annotated[
+        Value, _option("FILE", "File of `name = value` lines with these options (mode 600 with a password).")
+    ] = None,
     examples: Annotated[
         bool,
         typer.Option(
