@@ -247,7 +247,7 @@ class Slot:
         running = Running.of(pid)
         if running is None:
             return  # ended at once: nothing to stop next time
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files.make_folders(self.path.parent)
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps({"pid": running.pid, "started": running.started}))
         temporary.replace(self.path)
