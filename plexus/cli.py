@@ -7,12 +7,13 @@ parse the options, but their multi-line usage boxes are replaced by that one lin
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
-import math
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import typer.core
 import uvloop
 from typer import _click as click  # typer (pinned) carries its own click; help formatting is typed there
 
-from plexus import __version__, identity, launcher, path, session, stun
+from plexus import __version__, files, identity, launcher, path, session, stun
 from plexus.endpoint import Endpoint
 from plexus.errors import MEANINGS, STOP_SIGNALS, ExitCode, Interrupted, PlexusError, UsageError
 from plexus.mediator import MailConfig, SmimeConfig, dht, smime
@@ -46,10 +47,17 @@ LOG_LEVELS = {
     "trace": logging.DEBUG - 5,
 }
 STUN_PORT = 3478
+HANDSHAKE_VARIABLE = "PLEXUS_HANDSHAKE_TIMEOUT"
 MAX_TIMEOUT = 24 * 3600.0
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 T = TypeVar("T")
 ALIASES = {"email-password": "email-passwd", "turn-password": "turn-passwd"}
+PASSWORDS = ("email-passwd", "turn-passwd")
+# Options naming a private key: refused when others can read the file, as ssh refuses one.
+PRIVATE_KEYS = ("email-key", "smime-key")
+# Numbers in ASCII digits only: float() and int() also take Arabic-Indic digits, '1_0', and more.
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+_WHOLE = re.compile(r"[0-9]{1,20}")
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
 
@@ -67,13 +75,25 @@ def read_config(path: Path) -> dict[str, Setting]:
 
     `#` starts a comment at the start of a line or after whitespace; a value may be quoted ("..." or '...'),
     which keeps a `#` or surrounding spaces in it. A bare name sets a flag; [sections] are ignored (2.2 has
-    none). Each error names the file, the line and the option.
+    none); a UTF-8 byte order mark (Windows editors) is skipped. Each error names the file, the line and the
+    option. The file names the command plexus runs: refused when another user could change it, and when it
+    holds a password others can read (plexus.files).
     """
     try:
-        lines = path.read_text().splitlines()
+        with path.open("rb") as file:
+            info, data = os.fstat(file.fileno()), file.read()
+        lines = data.decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not a text file"
+        reason = error.strerror if isinstance(error, OSError) else "not a UTF-8 text file"
         raise UsageError(f"cannot read --config {path}: {reason}") from error
+    files.check(info, f"--config {path}", path, holds=None)
+    values = _parse_config(path, lines)
+    if any(name in values for name in PASSWORDS):
+        files.check(info, f"--config {path}", path, holds="a password")
+    return values
+
+
+def _parse_config(path: Path, lines: list[str]) -> dict[str, Setting]:
     values: dict[str, Setting] = {}
     for number, line in enumerate(lines, 1):
         where = f"{path}:{number}"
@@ -191,17 +211,31 @@ class Options:
             raise UsageError(f"{self.origin(name)} {value}: no such {kind}")
         if not os.access(path, os.R_OK | (os.X_OK if directory else 0)):
             raise UsageError(f"{self.origin(name)} {value}: permission denied")
+        if name in PRIVATE_KEYS:
+            files.check(path.stat(), f"{self.origin(name)} {value}", path, holds="a private key")
         return path
 
     def number(self, name: str, default: float, maximum: float) -> float:
         value = self.get(name)
-        try:
-            number = float(value) if value is not None else float(default)
-        except ValueError as error:
-            raise UsageError(f"{self.origin(name)}: expected a number, got {value!r}") from error
-        if not math.isfinite(number) or not 0 < number <= maximum:
-            raise UsageError(f"{self.origin(name)} must be a number above 0 and at most {maximum:g}")
-        return number
+        return default if value is None else parse_number(value, self.origin(name), maximum)
+
+    def whole(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.get(name)
+        return default if value is None else parse_whole(value, self.origin(name), low, high)
+
+
+def parse_number(text: str, where: str, maximum: float) -> float:
+    """A decimal number above 0 and at most `maximum`, in ASCII digits; `where` names the option."""
+    if _NUMBER.fullmatch(text.strip()) and 0 < (value := float(text)) <= maximum:
+        return value
+    raise UsageError(f"{where} must be a number above 0 and at most {maximum:g}, not {text!r}")
+
+
+def parse_whole(text: str, where: str, low: int, high: int) -> int:
+    """A whole number from `low` to `high`, in ASCII digits (str.isdigit takes '²', which int() refuses)."""
+    if _WHOLE.fullmatch(text.strip()) and low <= (value := int(text)) <= high:
+        return value
+    raise UsageError(f"{where} must be a whole number from {low} to {high}, not {text!r}")
 
 
 def smime_config(options: Options) -> SmimeConfig | None:
@@ -248,9 +282,10 @@ def turn_config(options: Options) -> TurnConfig | None:
 
 def session_config(options: Options) -> session.SessionConfig:
     """Everything a session needs, checked now: nothing is sent before every option has proved usable."""
-    hops = options.number("punch-hops", 7, 255)
-    if not hops.is_integer():
-        raise UsageError(f"{options.origin('punch-hops')} must be a whole number from 1 to 255")
+    hops = options.whole("punch-hops", 7, 1, 255)
+    # The variable tests and benchmarks set in place of --handshake-timeout: checked as the option is.
+    variable = os.environ.get(HANDSHAKE_VARIABLE)
+    handshake_default = 60.0 if variable is None else parse_number(variable, HANDSHAKE_VARIABLE, MAX_TIMEOUT)
     streams = streams_config(options, smime_config(options))
     command = command_config(options, streams)
     inner = options.endpoint("stun-client") if options.get("stun-client") else Endpoint("0.0.0.0", 0)
@@ -265,11 +300,9 @@ def session_config(options: Options) -> session.SessionConfig:
         stun_server=options.endpoint("stun-server", STUN_PORT),
         rendezvous=rendezvous_config(options),
         command=command,
-        punch_hops=int(hops),
+        punch_hops=hops,
         response_timeout=options.number("response-timeout", 60, MAX_TIMEOUT),
-        handshake_timeout=options.number(
-            "handshake-timeout", float(os.environ.get("PLEXUS_HANDSHAKE_TIMEOUT", "60")), MAX_TIMEOUT
-        ),
+        handshake_timeout=options.number("handshake-timeout", handshake_default, MAX_TIMEOUT),
         keep_sessions=keep_sessions,
         turn=turn_config(options),
         streams=streams,
@@ -328,8 +361,35 @@ def streams_config(options: Options, smime_files: SmimeConfig | None) -> Streams
         raise UsageError("--stdio and --forward: give one or the other")
     if not (allowed or stdio or forwards):
         return None
+    for forward in forwards:
+        check_listen(forward.listen, options.origin("forward"))
     me, check = trust(options, smime_files)
     return StreamsConfig(me, check, Allowed.of(allowed) if accepting else None, stdio, forwards)
+
+
+_IPV4_LIKE = re.compile(r"[0-9.]+")
+
+
+def check_listen(listen: Endpoint, origin: str) -> None:
+    """Bind --forward's local address once now, as the listener will after the rendezvous: a typo, a name
+    that does not resolve, a port in use or not allowed is found before anything is sent."""
+    where = f"{origin} {listen}"
+    if (":" in listen.host or _IPV4_LIKE.fullmatch(listen.host)) and not listen.is_ip:  # no name for DNS
+        raise UsageError(f"{where}: {listen.host} is not an IP address")
+    try:
+        found = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not a host name"
+        raise UsageError(f"{where}: cannot resolve {listen.host}: {reason}") from error
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's listener sets them
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                raise UsageError(f"cannot listen on {where}: {error.strerror}") from error
 
 
 def trust(options: Options, smime_files: SmimeConfig | None) -> tuple[identity.Identity, identity.PeerCheck]:
@@ -361,13 +421,6 @@ def pinned_identities(options: Options) -> tuple[identity.Identity, identity.Pee
 RENDEZVOUS = ("email", "dht")
 
 
-def _network_id(options: Options) -> int:
-    text = (options.get("dht-network") or "0").strip()
-    if not text.isdigit() or int(text) >= 2**32:
-        raise UsageError(f"{options.origin('dht-network')} must be a whole number from 0 to {2**32 - 1}")
-    return int(text)
-
-
 def rendezvous_config(options: Options) -> MailConfig | DhtConfig:
     """By mail unless the DHT is asked for: --rendezvous=dht, or --dht-bootstrap given."""
     chosen = (options.get("rendezvous") or ("dht" if options.values("dht-bootstrap") else "email")).lower()
@@ -388,8 +441,8 @@ def rendezvous_config(options: Options) -> MailConfig | DhtConfig:
         identity=me,
         peer_id=check.pinned_id,
         bootstrap=bootstrap,
-        port=int(options.number("dht-port", dht.DEFAULT_PORT, 65535)),
-        network=_network_id(options),
+        port=options.whole("dht-port", dht.DEFAULT_PORT, 1, 65535),
+        network=options.whole("dht-network", 0, 0, 2**32 - 1),
     )
 
 
@@ -406,20 +459,82 @@ def setup_logging(options: Options) -> None:
     if level_name not in LOG_LEVELS:
         raise UsageError(f"--log-level must be one of {'|'.join(LOG_LEVELS)}")
     logging.addLevelName(LOG_LEVELS["trace"], "TRACE")
-    log_file = options.get("log-file")
+    log_file = Path(name).expanduser() if (name := options.get("log-file")) else None
+    warning = files.readable_by_others(log_file) if log_file else None
     try:
+        if log_file:
+            files.create_private(log_file)  # what the mail servers were told lands here at trace level
         handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
     except OSError as error:
         raise UsageError(f"cannot open --log-file {log_file}: {error.strerror}") from error
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(Redactor(options))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LOG_LEVELS[level_name])
+    if warning:
+        log.warning("--log-file %s", warning)
     # aioimaplib reports every untagged line it skips at INFO, aioquic its handshake's steps: protocol
     # chatter, shown only at trace.
     chatter = LOG_LEVELS["trace"] if level_name == "trace" else max(LOG_LEVELS[level_name], logging.WARNING)
     logging.getLogger("aioimaplib").setLevel(chatter)
     logging.getLogger("quic").setLevel(chatter)  # aioquic's per-connection notes (version, ALPN, close)
+
+
+class Redactor(logging.Filter):
+    """Blanks the configured passwords out of every record, in each form a library may log them: aioimaplib
+    scrubs its LOGIN line of the password only as given, not as it quoted it (a `"` or `\\` escaped), and
+    shows the line as a bytes repr; a repr, JSON, or base64 as SMTP's AUTH sends it, may carry one too."""
+
+    def __init__(self, options: Options) -> None:
+        super().__init__()
+        login = options.get("email-login") or ""
+        forms = {
+            form
+            for name in PASSWORDS
+            if len(secret := options.get(name) or "") >= MIN_REDACTED
+            for form in _forms(secret, login)
+        }
+        longest_first = sorted(forms, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, longest_first))) if forms else None
+
+    def redact(self, text: str) -> str:
+        return self._pattern.sub(REDACTED, text) if self._pattern else text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._pattern is None:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # bad arguments: logging would show them, the password too
+            message = f"{record.msg} (unformattable arguments)"
+        record.msg, record.args = self.redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+
+REDACTED = "***"
+# A shorter password would blank out common words all over the log (and is guessed in no time anyway).
+MIN_REDACTED = 4
+
+
+def _forms(secret: str, login: str) -> set[str]:
+    """The secret as it may appear in a log line: as is or IMAP-quoted; each inside a str or bytes repr (with
+    `'` escaped or not: repr picks its quote by the whole line) or a JSON string; in base64 as AUTH LOGIN
+    and AUTH PLAIN send it."""
+    found = set()
+    for text in (secret, secret.replace("\\", "\\\\").replace('"', '\\"')):
+        # With both quotes in it, repr quotes with ' and escapes each ' the secret holds.
+        escaped = (repr(text + "'\"")[1:-4], repr((text + "'\"").encode())[2:-4])
+        found |= {text, json.dumps(text)[1:-1], *escaped, *(body.replace("\\'", "'") for body in escaped)}
+    plain = f"\0{login}\0{secret}".encode()
+    found |= {base64.b64encode(value).decode("ascii") for value in (secret.encode(), plain)}
+    return found
 
 
 async def explore(options: Options, as_json: bool) -> None:
@@ -712,7 +827,9 @@ def run(
         Value, _option("LEVEL", "fatal|error|warning|info|debug|trace [default: info].")
     ] = None,
     log_file: Annotated[Value, _option("FILE", "Write the log here instead of stderr.")] = None,
-    config: Annotated[Value, _option("FILE", "File of `name = value` lines with these options.")] = None,
+    config: Annotated[
+        Value, _option("FILE", "File of `name = value` lines with these options (mode 600 with a password).")
+    ] = None,
     examples: Annotated[
         bool,
         typer.Option(
@@ -783,7 +900,10 @@ def _terminated(signum: int, frame: object) -> None:
 
 
 def _fail(message: str, code: ExitCode) -> NoReturn:
-    if any(isinstance(handler, logging.FileHandler) for handler in logging.getLogger().handlers):
+    handlers = logging.getLogger().handlers
+    if any(isinstance(handler, logging.FileHandler) for handler in handlers):
         log.error("exit %d: %s", code, message)  # a log file read later must say how the run ended
+    for redactor in (f for handler in handlers for f in handler.filters if isinstance(f, Redactor)):
+        message = redactor.redact(message)  # an unexpected error may quote what a library was sending
     print(f"plexus: {message}", file=sys.stderr)
     sys.exit(code)

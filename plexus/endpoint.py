@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import NamedTuple
+
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII: str.isdigit takes '²', which int() then refuses
 
 
 class Endpoint(NamedTuple):
@@ -21,7 +24,9 @@ class Endpoint(NamedTuple):
             host, sep, rest = text[1:].partition("]")
             if not sep:
                 raise ValueError(f"bad endpoint {text!r}: missing ']'")
-            port_text = rest[1:] if rest.startswith(":") else None
+            if rest and not rest.startswith(":"):
+                raise ValueError(f"bad endpoint {text!r}: expected ':' after ']'")
+            port_text = rest[1:] if rest else None
         elif text.count(":") == 1:
             host, _, port_text = text.partition(":")
         else:
@@ -32,7 +37,7 @@ class Endpoint(NamedTuple):
             if default_port is None:
                 raise ValueError(f"bad endpoint {text!r}: expected HOST:PORT")
             return cls(host, default_port)
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if not _PORT.fullmatch(port_text) or not 0 <= int(port_text) <= 65535:
             raise ValueError(f"bad endpoint {text!r}: port must be 0-65535")
         return cls(host, int(port_text))
 

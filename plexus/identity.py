@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
+from plexus import files
 from plexus.errors import PeerIdentityError, UsageError
 from plexus.mediator import smime
 
@@ -71,11 +72,13 @@ class Identity:
     def load(cls, path: Path) -> Identity:
         """Read the key file, or make it when there is none (a usage error when it cannot be either)."""
         try:
-            data = path.read_bytes()
+            with path.open("rb") as file:
+                info, data = os.fstat(file.fileno()), file.read()
         except FileNotFoundError:
             return cls.of_key(_create(path))
         except OSError as error:
             raise UsageError(f"cannot read --identity {path}: {error.strerror}") from error
+        files.check(info, f"--identity {path}", path, holds="a private key")
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as error:
@@ -119,7 +122,7 @@ def _create(path: Path) -> ec.EllipticCurvePrivateKey:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files.make_folders(path.parent)
         descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)  # 0600
     except OSError as error:
         raise UsageError(f"cannot create --identity {path}: {error.strerror}") from error

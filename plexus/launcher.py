@@ -19,12 +19,14 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from plexus import files
 from plexus.endpoint import Endpoint
 from plexus.errors import LaunchError, UsageError
 
@@ -100,6 +102,8 @@ def start(command: Command, tunnel: Tunnel) -> subprocess.Popen[bytes]:
     """Start the command detached; raises LaunchError when it cannot be started at all."""
     argv = [command.path, *expand_args(command.words, tunnel)]
     try:
+        if command.log_file is not None:
+            files.create_private(command.log_file)  # removed since the check at start: made private again
         output = open(command.log_file, "ab") if command.log_file else subprocess.DEVNULL  # noqa: SIM115
     except OSError as error:
         raise LaunchError(f"cannot open --exec-log-file {command.log_file}: {error.strerror}") from error
@@ -243,7 +247,7 @@ class Slot:
         running = Running.of(pid)
         if running is None:
             return  # ended at once: nothing to stop next time
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files.make_folders(self.path.parent)
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps({"pid": running.pid, "started": running.started}))
         temporary.replace(self.path)
@@ -272,21 +276,22 @@ def state_dir() -> Path:
 def check_executable(path: str) -> None:
     """Refuse early, before any mail is sent, when the command cannot be run."""
     if os.sep in path:
+        if os.path.isdir(path):
+            raise UsageError(f"--exec-command {path} is a directory, not a program")
         if not os.path.isfile(path):
             raise UsageError(f"--exec-command {path} does not exist")
         if not os.access(path, os.X_OK):
             raise UsageError(f"--exec-command {path} is not executable")
-    elif not any(
-        os.access(os.path.join(folder, path), os.X_OK)
-        for folder in os.environ.get("PATH", "").split(os.pathsep)
-    ):
+    elif shutil.which(path) is None:  # which() skips folders and files without the x bit, as exec would
         raise UsageError(f"--exec-command {path} is not found in PATH")
 
 
 def check_log_file(path: Path) -> None:
-    """The command's log file must be writable (it is created if missing) before any mail is sent."""
+    """The command's log file must be writable (made 0600 if missing: the command may print its secret)
+    before any mail is sent."""
     try:
-        with open(path, "ab"):
-            pass
+        files.create_private(path)
     except OSError as error:
         raise UsageError(f"cannot write --exec-log-file {path}: {error.strerror}") from error
+    if (warning := files.readable_by_others(path)) is not None:
+        log.warning("--exec-log-file %s", warning)

@@ -48,7 +48,7 @@ class Forward:
         return cls(Endpoint(bind, port), Target.parse(match.group("target"), "--forward"))
 
 
-_FORWARD = re.compile(r"(?:(?P<bind>\[[^\]]+\]|[^:\[\]]+):)?(?P<port>\d+):(?P<target>.+)")
+_FORWARD = re.compile(r"(?:(?P<bind>\[[^\]]+\]|[^:\[\]]+):)?(?P<port>[0-9]{1,5}):(?P<target>.+)")
 
 
 # The acceptor's side

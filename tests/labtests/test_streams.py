@@ -107,6 +107,7 @@ def laptop_config(lab: Lab, tmp_path: Path, me: Side, peer: Side, ids: Ids) -> P
     values |= {"log-level": "debug"}
     path = tmp_path / "laptop.conf"
     path.write_text("".join(f"{key} = {value}\n" for key, value in values.items() if value is not None))
+    path.chmod(0o600)  # it holds the mail password: plexus refuses it readable by others
     return path
 
 

@@ -39,6 +39,48 @@ def test_the_key_file_is_made_on_first_use_private_and_loaded_again(tmp_path: Pa
     assert [p.name for p in path.parent.iterdir()] == ["host.pem"]  # no draft left behind
 
 
+def test_a_new_key_s_folders_are_private(tmp_path: Path) -> None:
+    Identity.load(tmp_path / "config" / "plexus" / "host.pem")
+    for folder in (tmp_path / "config", tmp_path / "config" / "plexus"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        (0o644, "holds a private key and is readable by group or others (mode 0644)"),
+        (0o640, "holds a private key and is readable by group or others (mode 0640)"),
+        (0o604, "holds a private key and is readable by group or others (mode 0604)"),
+        (0o620, "is writable by group or others (mode 0620)"),
+    ],
+)
+def test_a_key_others_can_read_or_change_is_refused_as_ssh_does(
+    tmp_path: Path, mode: int, message: str
+) -> None:
+    # Even for root, who reads it anyway (tests run as root in CI): the others still can.
+    path = tmp_path / "host.pem"
+    made = Identity.load(path)
+    path.chmod(mode)
+    with pytest.raises(UsageError) as error:
+        Identity.load(path)
+    assert str(error.value) == f"--identity {path} {message}: chmod 600 {path}"
+    path.chmod(0o400)
+    assert Identity.load(path).id == made.id
+
+
+def test_a_key_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "host.pem"
+    Identity.load(path)
+    owner = path.stat().st_uid
+    if os.geteuid() == 0:
+        os.chown(path, 65534, -1)
+        owner = 65534
+    else:  # another user than the file's owner, and not root
+        monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
+    with pytest.raises(UsageError, match=rf"^--identity {path} belongs to another user \(uid {owner}\)"):
+        Identity.load(path)
+
+
 def test_the_id_is_32_base32_characters_of_the_public_key() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     me = Identity.of_key(key)
@@ -83,6 +125,7 @@ def test_an_unusable_key_file_is_a_one_line_usage_error(tmp_path: Path, content:
     path = tmp_path / "host.pem"
     data = content()
     path.write_bytes(data)
+    path.chmod(0o600)
     with pytest.raises(UsageError) as error:
         Identity.load(path)
     text = str(error.value)

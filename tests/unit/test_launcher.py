@@ -3,6 +3,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,23 @@ def test_check_executable(tmp_path: Path) -> None:
     ]:
         with pytest.raises(UsageError, match=reason):
             launcher.check_executable(path)
+
+
+def test_a_slot_s_new_folders_are_private(tmp_path: Path) -> None:
+    slot = Slot(tmp_path / "state" / "plexus" / "slot.json")
+    slot.save(os.getpid())
+    assert slot.load() == Running.of(os.getpid())
+    for folder in (tmp_path / "state", tmp_path / "state" / "plexus"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def test_the_command_s_log_file_is_made_private(tmp_path: Path) -> None:
+    log_file = tmp_path / "new.log"
+    launcher.check_log_file(log_file)
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+    log_file.unlink()  # gone by launch time: made private again
+    launcher.start(Command("/bin/true", (), log_file=log_file), TUNNEL).wait()
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
 
 
 def test_an_unwritable_log_file_is_a_usage_error(tmp_path: Path) -> None:
