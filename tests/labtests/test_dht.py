@@ -156,7 +156,7 @@ def test_forged_unsigned_replayed_or_misdirected_values_start_nothing(
 
     genuine = dht.seal(request(hosts.inviter, 1), hosts.inviter, home)
     bad = {
-        "unsigned garbage": b"PXD1" + bytes(200),
+        "unsigned garbage": b"PXD3" + bytes(200),
         "forged (a stranger's)": dht.seal(request(stranger, 2), stranger, home),
         "sealed to another host": dht.seal(
             dataclasses.replace(request(hosts.inviter, 3), recipient=stranger.id),
