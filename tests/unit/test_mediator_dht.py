@@ -614,12 +614,6 @@ def decodes_or_refuses(data: bytes) -> None:
 
 
 @FUZZ
-@given(st.binary(max_size=300))
-def test_decode_any_bytes(data: bytes) -> None:
-    decodes_or_refuses(data)
-
-
-@FUZZ
 @given(JSON)
 def test_decode_any_json(value: object) -> None:
     decodes_or_refuses(json.dumps(value).encode())
