@@ -608,15 +608,15 @@ FIELDS = [
 ]
 
 
-def decodes_or_refuses(data: bytes) -> None:
+def read_or_refuse(parse: Callable[[], object]) -> None:
     with contextlib.suppress(DhtMessageError):
-        Letter.decode(data)
+        parse()
 
 
 @FUZZ
 @given(JSON)
 def test_decode_any_json(value: object) -> None:
-    decodes_or_refuses(json.dumps(value).encode())
+    read_or_refuse(lambda: Letter.decode(json.dumps(value).encode()))
 
 
 @settings(deadline=None)
@@ -751,11 +751,6 @@ def hostile(genuine: bytes, magic: bytes) -> st.SearchStrategy[bytes]:
     )
 
 
-def read_or_refuse(parse: Callable[[], object]) -> None:
-    with contextlib.suppress(DhtMessageError):
-        parse()
-
-
 @FUZZ
 @given(hostile(CARD, b"PXC3"))
 def test_fuzz_card(value: bytes) -> None:
@@ -840,6 +835,21 @@ class FakeNode:
         return search
 
 
+def joined(me: Identity, peer: Identity, values: list[bytes]) -> dhtnode.DhtMediator:
+    """A mediator on a FakeNode, as if it had joined the DHT."""
+    mediator = dhtnode.DhtMediator(DhtConfig(me, peer.id, ()))
+    mediator._node = FakeNode(values)  # type: ignore[assignment]
+    mediator._joined = asyncio.get_running_loop().create_future()
+    mediator._joined.set_result(None)
+    return mediator
+
+
+def ignored(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    """The values logged as ignored: (level, message); and none was logged with a traceback."""
+    assert all(record.exc_info is None for record in caplog.records)
+    return [(r.levelname, r.getMessage()) for r in caplog.records if "ignoring a value" in r.getMessage()]
+
+
 async def test_no_value_stops_the_acceptors_listen(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -854,16 +864,31 @@ async def test_no_value_stops_the_acceptors_listen(
         return unseal(value, *args)
 
     monkeypatch.setattr(dht, "unseal", buggy)
-    mediator = dhtnode.DhtMediator(DhtConfig(BOB, ALICE.id, ()))
-    mediator._node = FakeNode([b"garbage", b"PXD3 boom", genuine])  # type: ignore[assignment]
-    mediator._joined = asyncio.get_running_loop().create_future()
-    mediator._joined.set_result(None)
+    mediator = joined(BOB, ALICE, [b"garbage", b"PXD3 boom", genuine])
     with caplog.at_level("DEBUG", logger="plexus.mediator.dhtnode"):
         requests = cast(AsyncGenerator[Invitation], mediator.requests())
         invitation = await asyncio.wait_for(anext(requests), 5)
         await requests.aclose()
     assert invitation.offer.puzzle == 9
-    ignored = [record for record in caplog.records if "ignoring a value" in record.getMessage()]
-    assert [record.levelname for record in ignored] == ["DEBUG", "WARNING"]
-    assert "IndexError 'a bug\\nover two lines'" in ignored[1].getMessage()
-    assert all(record.exc_info is None for record in caplog.records)
+    (first, _), (second, message) = ignored(caplog)
+    assert (first, second) == ("DEBUG", "WARNING")
+    assert "IndexError 'a bug\\nover two lines'" in message
+
+
+async def test_no_card_stops_the_look_for_the_peers(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    key = key_text("card", ALICE.id, day_of(now))
+
+    def buggy(value: bytes, *args: Any) -> ec.EllipticCurvePublicKey:
+        if value == b"PXC3 boom":
+            raise OverflowError("a bug")
+        return read_card(value, *args)
+
+    monkeypatch.setattr(dht, "read_card", buggy)
+    mediator = joined(BOB, ALICE, [make_card(EVE, key, now), b"PXC3 boom", make_card(ALICE, key, now)])
+    with caplog.at_level("DEBUG", logger="plexus.mediator.dhtnode"):
+        await asyncio.wait_for(mediator.learn_peer_key(), 5)
+    assert id_of(await mediator._peer_key) == ALICE.id
+    assert [level for level, _ in ignored(caplog)] == ["DEBUG", "WARNING"]
