@@ -208,10 +208,10 @@ class Ids:
             "peer-identity": peer.id,
         }
 
-    def node_id(self, *, accept: bool) -> str:
-        """The key text of the day's node id that the side's plexus takes (dhtnode.py's _Node.start)."""
+    def node_id(self, *, accept: bool) -> bytes:
+        """The day's node id that the side's plexus takes (dhtnode.py's _Node.start)."""
         me = self.acceptor if accept else self.inviter
-        return dht.key_text("node", me.id, dht.day_of(datetime.datetime.now(datetime.UTC)))
+        return dht.node_id(me, dht.day_of(datetime.datetime.now(datetime.UTC)))
 
 
 def _side(lab: Lab, host: str) -> Side:
@@ -361,14 +361,14 @@ class _Arrivals:
                 self._changed.wait(left)
 
 
-def _node(lab: Lab, host: str, node_id: str, bootstrap: Sequence[str]) -> Any:
+def _node(lab: Lab, host: str, node_id: bytes, bootstrap: Sequence[str]) -> Any:
     """A DhtRunner in the host's namespace on plexus's port, with the node id plexus would take there."""
 
     def start() -> Any:
         runner = opendht.DhtRunner()
         config = opendht.DhtConfig()
         config.setPeerDiscovery(False, False)
-        config.setNodeId(opendht.InfoHash.get(node_id))
+        config.setNodeId(opendht.InfoHash(node_id.hex().encode()))
         runner.run(port=dht.DEFAULT_PORT, config=config)  # its threads and socket stay in the namespace
         return runner
 

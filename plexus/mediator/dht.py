@@ -1,27 +1,38 @@
 r"""The OpenDHT rendezvous, sans I/O: where values live, cards, sealed letters, and which letters to take.
 
-Keys. A value lives under the InfoHash of a key text `plexus/2/<family>/<host id>/<YYYY-MM-DD>` (UTC day; the
+Keys. A value lives under the InfoHash of a key text `plexus/3/<family>/<host id>/<YYYY-MM-DD>` (UTC day; the
 driver hashes it). The card, advent and requests live under the acceptor's id, responses and refusals under
 the inviter's (family "response"). A listener watches its own today; a sender puts under its today and,
 within the clock tolerance of midnight, under the day on the other side too, so skew loses nothing. Keys
 roll daily so that presence cannot be followed under one fixed key by anyone who does not know the id.
+docs/dht.md says what an observer of the DHT learns and what it does not. The 3 of the key texts is in every
+magic and context below: values of an older layout neither decrypt nor verify.
 
-Card: a host's public key, so that a peer that knows only the id can encrypt to it. Republished daily.
-    b"PXC1" | u16 n | SPKI DER (n) | f64 issued (unix seconds) | u16 m | signature DER (m)
-    signature: ECDSA-SHA256 by that key over b"plexus card v1\0" + every byte before the u16 m
+Card: a host's public key, so that a peer that knows the id can encrypt to it; sealed under a key that
+follows from the id and the key text, so that only those who know the id can read it (or tell whose it is).
+Republished daily.
+    b"PXC3" | nonce (12) | AES-256-GCM ciphertext and tag of the inner card, AAD b"PXC3"
+    AES key: HKDF-SHA256(the host id (ASCII), salt=None, info=b"plexus card v3\0" + key text (UTF-8), 32)
+    inner card: u16 n | SPKI DER (n) | f64 issued (unix seconds) | u16 m | signature DER (m)
+    signature: ECDSA-SHA256 by that key over b"plexus card v3\0" + key text + b"\0" + the inner card's bytes
+      before the u16 m
 
 Letter (request, response, refusal, advent): signed by its sender, encrypted to its recipient, so that only
 the recipient learns who sent it. An advent is an acceptor's standing offer to a pinned inviter, renewed
 every ADVENT_REFRESH seconds: a request may name its puzzle to take the fast path.
-    b"PXD1" | ephemeral P-256 point (65, uncompressed) | nonce (12) | AES-256-GCM ciphertext and tag
-    AES key: HKDF-SHA256(ECDH(ephemeral, recipient's identity key), salt=None, info=b"plexus dht v1", 32)
-    AAD: b"PXD1" + ephemeral point + key text (UTF-8): a value copied under another key does not decrypt
+    b"PXD3" | HPKE (RFC 9180) base mode single-shot encryption: enc (65) | ciphertext and tag
+    suite: DHKEM(P-256, HKDF-SHA256), HKDF-SHA256, AES-256-GCM; the recipient's identity key is the KEM key,
+      the key text (UTF-8) the info: a value copied under another key does not decrypt
     plaintext: u16 n | sender's SPKI DER (n) | u16 m | signature DER (m) | content
-    signature: ECDSA-SHA256 by the sender's identity over b"plexus dht v1\0" + key text + b"\0" + content
+    signature: ECDSA-SHA256 by the sender's identity over b"plexus dht v3\0" + key text + b"\0" + content
     content: compact UTF-8 JSON, keys sorted: v (1), kind, from and to (ids), key (the key text), issued
       (unix seconds), puzzle (a refusal's: the refused request's); outer ("ip:port") and reach
       (X-Plexus-Reach text) except in a refusal; answers (response and refusal: the request's puzzle);
       advent (a request, optional: the advent's puzzle); reason (refusal)
+
+Node id: a host's DHT node id for the day, 20 bytes of HKDF-SHA256(the identity's private scalar (32 bytes),
+salt=None, info=b"plexus node v3\0" + YYYY-MM-DD). The same all day, so that a run from cron takes its
+predecessor's place (plexus/mediator/dhtnode.py); secret, so that an id does not lead to the host's node.
 Numbers are big-endian.
 """
 
@@ -37,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes, hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -57,7 +68,7 @@ ADVENT_LIFETIME = 120.0
 # A card is republished daily; two days also covers the clocks of both hosts straddling midnight.
 CARD_LIFETIME = datetime.timedelta(days=2)
 
-Family = Literal["card", "advent", "request", "response", "node"]  # "node": the host's DHT node id
+Family = Literal["card", "advent", "request", "response"]
 Kind = Literal["request", "response", "refusal", "advent"]
 KINDS: dict[str, Kind] = {
     "request": "request",
@@ -66,16 +77,18 @@ KINDS: dict[str, Kind] = {
     "advent": "advent",
 }
 
-CARD_MAGIC = b"PXC1"
-CARD_CONTEXT = b"plexus card v1\0"
-SEALED_MAGIC = b"PXD1"
-LETTER_CONTEXT = b"plexus dht v1\0"
-HKDF_INFO = b"plexus dht v1"
-VERSION = 1
-POINT_BYTES = 65
+KEY_VERSION = 3
+CARD_MAGIC = b"PXC3"
+CARD_CONTEXT = b"plexus card v3\0"
+SEALED_MAGIC = b"PXD3"
+LETTER_CONTEXT = b"plexus dht v3\0"
+NODE_CONTEXT = b"plexus node v3\0"
+VERSION = 1  # of the content JSON
 NONCE_BYTES = 12
 TAG_BYTES = 16
+NODE_ID_BYTES = 20  # an OpenDHT InfoHash
 PUZZLE_LIMIT = 2**64
+HPKE = hpke.Suite(hpke.KEM.P256, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 _ECDSA = ec.ECDSA(hashes.SHA256())
 _ID = re.compile(rf"[a-z2-7]{{{ID_LENGTH}}}")
 
@@ -85,7 +98,7 @@ class DhtMessageError(ValueError):
 
 
 def key_text(family: Family, host_id: str, day: datetime.date) -> str:
-    return f"plexus/2/{family}/{host_id}/{day.isoformat()}"
+    return f"plexus/{KEY_VERSION}/{family}/{host_id}/{day.isoformat()}"
 
 
 def day_of(now: datetime.datetime) -> datetime.date:
@@ -106,35 +119,54 @@ def sending_days(now: datetime.datetime) -> tuple[datetime.date, ...]:
     return tuple(days)
 
 
-def make_card(identity: Identity, now: datetime.datetime) -> bytes:
-    key = _p256_key(identity)
-    body = CARD_MAGIC + _prefixed(_spki(key.public_key())) + struct.pack("!d", now.timestamp())
-    return body + _prefixed(key.sign(CARD_CONTEXT + body, _ECDSA))
+def node_id(identity: Identity, day: datetime.date) -> bytes:
+    """The host's DHT node id for the day: only its private key leads to it (the module docstring)."""
+    secret = _p256_key(identity).private_numbers().private_value.to_bytes(32, "big")
+    info = NODE_CONTEXT + day.isoformat().encode()
+    return HKDF(algorithm=hashes.SHA256(), length=NODE_ID_BYTES, salt=None, info=info).derive(secret)
 
 
-def read_card(value: bytes, expected_id: str, now: datetime.datetime) -> ec.EllipticCurvePublicKey:
-    """The public key of `expected_id` from its card; DhtMessageError if the card does not prove it."""
+def make_card(identity: Identity, key: str, now: datetime.datetime) -> bytes:
+    """The card to put under the key text `key` (the identity's card key of a day)."""
+    private = _p256_key(identity)
+    body = _prefixed(_spki(private.public_key())) + struct.pack("!d", now.timestamp())
+    inner = body + _prefixed(private.sign(_card_signed(key, body), _ECDSA))
+    nonce = os.urandom(NONCE_BYTES)
+    return CARD_MAGIC + nonce + _card_cipher(identity.id, key).encrypt(nonce, inner, CARD_MAGIC)
+
+
+def read_card(value: bytes, expected_id: str, key: str, now: datetime.datetime) -> ec.EllipticCurvePublicKey:
+    """The public key of `expected_id` from its card found under the key text `key`; DhtMessageError if the
+    card does not prove it."""
     if not value.startswith(CARD_MAGIC):
         raise DhtMessageError("not a plexus card")
-    spki, at = _field(value, len(CARD_MAGIC), "card key")
-    if len(value) < at + 8:
+    head = len(CARD_MAGIC) + NONCE_BYTES
+    if len(value) < head + TAG_BYTES:
+        raise DhtMessageError(f"card of {len(value)} bytes is too short")
+    cipher = _card_cipher(expected_id, key)
+    try:
+        inner = cipher.decrypt(value[len(CARD_MAGIC) : head], value[head:], CARD_MAGIC)
+    except InvalidTag:
+        raise DhtMessageError(f"not {expected_id}'s card (or altered, or moved from another key)") from None
+    spki, at = _field(inner, 0, "card key")
+    if len(inner) < at + 8:
         raise DhtMessageError("card cut short")
-    (issued,) = struct.unpack_from("!d", value, at)
-    signature, end = _field(value, at + 8, "card signature")
-    if end != len(value):
+    (issued,) = struct.unpack_from("!d", inner, at)
+    signature, end = _field(inner, at + 8, "card signature")
+    if end != len(inner):
         raise DhtMessageError("bytes after the card's signature")
-    key = _public_key(spki, "card")
-    found = id_of(key)
+    public = _public_key(spki, "card")
+    found = id_of(public)
     if found != expected_id:
         raise DhtMessageError(f"card of {found}, not of {expected_id}")
     try:
-        key.verify(signature, CARD_CONTEXT + value[: at + 8], _ECDSA)
+        public.verify(signature, _card_signed(key, inner[: at + 8]), _ECDSA)
     except InvalidSignature:
         raise DhtMessageError("bad card signature") from None
     age = now.timestamp() - issued
     if not abs(age) <= CARD_LIFETIME.total_seconds():  # `not <=`: a NaN is refused too
         raise DhtMessageError(f"card issued {age / 3600:.1f} h ago, beyond {CARD_LIFETIME.days} days")
-    return key
+    return public
 
 
 @dataclass(frozen=True)
@@ -238,13 +270,7 @@ def seal(letter: Letter, sender: Identity, recipient: ec.EllipticCurvePublicKey)
     content = letter.encode()
     signature = key.sign(_letter_signed(letter.key, content), _ECDSA)
     plaintext = _prefixed(_spki(key.public_key())) + _prefixed(signature) + content
-    ephemeral = ec.generate_private_key(ec.SECP256R1())
-    point = ephemeral.public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-    )
-    nonce = os.urandom(NONCE_BYTES)
-    cipher = AESGCM(_aes_key(ephemeral.exchange(ec.ECDH(), recipient)))
-    return SEALED_MAGIC + point + nonce + cipher.encrypt(nonce, plaintext, _aad(point, letter.key))
+    return SEALED_MAGIC + HPKE.encrypt(plaintext, recipient, letter.key.encode())
 
 
 def unseal(
@@ -254,19 +280,10 @@ def unseal(
 
     Raises DhtMessageError with the reason; ValueError if my identity is not a P-256 key."""
     key = _p256_key(me)
-    head = len(SEALED_MAGIC) + POINT_BYTES + NONCE_BYTES
     if not value.startswith(SEALED_MAGIC):
         raise DhtMessageError("not a sealed plexus value")
-    if len(value) < head + TAG_BYTES:
-        raise DhtMessageError(f"sealed value of {len(value)} bytes is too short")
-    point = value[len(SEALED_MAGIC) : len(SEALED_MAGIC) + POINT_BYTES]
-    try:
-        ephemeral = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
-    except ValueError:
-        raise DhtMessageError("bad ephemeral key") from None
-    cipher = AESGCM(_aes_key(key.exchange(ec.ECDH(), ephemeral)))
-    try:
-        plaintext = cipher.decrypt(value[head - NONCE_BYTES : head], value[head:], _aad(point, key_text))
+    try:  # HPKE refuses everything it cannot open, a bad or missing enc included, with InvalidTag
+        plaintext = HPKE.decrypt(value[len(SEALED_MAGIC) :], key, key_text.encode())
     except InvalidTag:
         raise DhtMessageError("not encrypted to this host (or altered, or moved from another key)") from None
     spki, at = _field(plaintext, 0, "sender key")
@@ -364,12 +381,13 @@ def _field(data: bytes, at: int, what: str) -> tuple[bytes, int]:
     return data[at + 2 : end], end
 
 
-def _aes_key(shared: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=HKDF_INFO).derive(shared)
+def _card_cipher(host_id: str, key: str) -> AESGCM:
+    info = CARD_CONTEXT + key.encode()
+    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(host_id.encode()))
 
 
-def _aad(point: bytes, key: str) -> bytes:
-    return SEALED_MAGIC + point + key.encode()
+def _card_signed(key: str, body: bytes) -> bytes:
+    return CARD_CONTEXT + key.encode() + b"\0" + body
 
 
 def _letter_signed(key: str, content: bytes) -> bytes:

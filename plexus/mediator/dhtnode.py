@@ -78,9 +78,10 @@ class _Node:
         settings.setPeerDiscovery(False, False)  # no multicast on the LAN: only --dht-bootstrap is joined
         # The same node id for a host all day (a rolling one, like the keys): a run from cron then takes over
         # its last run's place in the other nodes' routing tables instead of leaving a dead node there, which
-        # every search near it would wait a second for.
-        node_id = dht.key_text("node", self._config.identity.id, dht.day_of(_now()))
-        settings.setNodeId(opendht.InfoHash.get(node_id))
+        # every search near it would wait a second for. It follows from the private key, not from the id, so
+        # that knowing a host's id does not lead to its node's address.
+        node_id = dht.node_id(self._config.identity, dht.day_of(_now()))
+        settings.setNodeId(opendht.InfoHash(node_id.hex().encode()))
         try:
             self._runner.run(port=self._config.port, config=settings)
         except Exception as error:  # opendht raises plain RuntimeErrors from C++
@@ -173,6 +174,19 @@ def _direct(offer: Offer | None) -> bool:
     return reach is not None and reach.mapping == "independent" and reach.relay is None
 
 
+def _ignore(key: str, error: Exception) -> None:
+    """Log a value that is not taken, in one line. Whatever checking it raised, it never ends a listen: the
+    value's refusal (DhtMessageError) at DEBUG, anything else (a bug, which one crafted value must not turn
+    into a way to stop an acceptor) at WARNING, without its traceback."""
+    if isinstance(error, dht.DhtMessageError):
+        log.debug("ignoring a value under %s: %s", key, error)
+    else:
+        text = str(error)[:200]
+        log.warning(
+            "ignoring a value under %s that could not be checked: %s %r", key, type(error).__name__, text
+        )
+
+
 def _resolve(future: asyncio.Future[Any], value: Any = None) -> None:
     if not future.done():
         future.set_result(value)
@@ -244,10 +258,8 @@ class DhtMediator:
 
     def _publish_card(self) -> None:
         now = _now()
-        cards = [
-            (dht.key_text("card", self._me.id, day), dht.make_card(self._me, now))
-            for day in dht.sending_days(now)
-        ]
+        texts = [dht.key_text("card", self._me.id, day) for day in dht.sending_days(now)]
+        cards = [(text, dht.make_card(self._me, text, now)) for text in texts]
         self._background(self._put_all(cards, "card", permanent=True))
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
@@ -296,13 +308,13 @@ class DhtMediator:
         with self._listening("card", self.peer_id) as cards:
             while (remaining := deadline - loop.time()) > 0:
                 try:
-                    _, value = await asyncio.wait_for(cards.get(), remaining)
+                    key, value = await asyncio.wait_for(cards.get(), remaining)
                 except TimeoutError:
                     break
                 try:
-                    return dht.read_card(value, self.peer_id, _now())
-                except dht.DhtMessageError as error:
-                    log.debug("ignoring a card under %s's key: %s", self.peer_id, error)
+                    return dht.read_card(value, self.peer_id, key, _now())
+                except Exception as error:
+                    _ignore(key, error)
         raise PeerNotFoundError(
             f"{self.peer_id} is not on the DHT (no card found): is its plexus running there?"
         )
@@ -390,8 +402,8 @@ class DhtMediator:
         try:
             letter, sender = dht.unseal(value, self._me, key, self.peer_id)
             self._screen.admit(letter, kind, _now(), request)
-        except dht.DhtMessageError as error:
-            log.debug("ignoring a value under %s: %s", key, error)
+        except Exception as error:
+            _ignore(key, error)
             return None
         if kind == "request":
             self._peer_keys[letter.puzzle] = sender

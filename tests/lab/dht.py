@@ -19,12 +19,12 @@ Both are this module run as a program:
     python -m tests.lab.dht probe put|get|listen --bootstrap IP:PORT [...] --key TEXT [--value TEXT]
                                   [--port N] [--timeout S] [--ready FILE] [--json] [--network ID]
 
-A node rewrites its ready file (JSON: its pid, address, node id, and the addresses in its IPv4 routing table)
-whenever its routing table changes, until it is stopped (SIGTERM). A probe starts a DhtRunner on 0.0.0.0 (in
-a host's namespace: behind its NAT), bootstraps, waits for a node to answer, then puts, gets (until it finds
-a value, or the --value), or listens (for a value stored or pushed later, or the --value) under
-InfoHash.get(KEY); it prints what it put or got as one line (--json: a JSON object with its timings, wall
-clock stamps comparable between processes on this machine) and exits 0, or 1 on timeout. A listen probe
+A node rewrites its ready file (JSON: its pid, address, node id, the addresses and node ids in its IPv4
+routing table) whenever its routing table changes, until it is stopped (SIGTERM). A probe starts a DhtRunner
+on 0.0.0.0 (in a host's namespace: behind its NAT), bootstraps, waits for a node to answer, then puts, gets
+(until it finds a value, or the --value), or listens (for a value stored or pushed later, or the --value)
+under InfoHash.get(KEY); it prints what it put or got as one line (--json: a JSON object with its timings,
+wall clock stamps comparable between processes on this machine) and exits 0, or 1 on timeout. A listen probe
 writes --ready once its listen is in place on the network: after a get of the same key has completed, which
 shares the listen's search.
 
@@ -139,6 +139,7 @@ class DhtNode:
     pid: int | None = None  # as the node itself reported it
     node_id: str | None = None
     table: tuple[str, ...] = ()  # addresses in its routing table, as last reported
+    table_ids: tuple[str, ...] = ()  # and the node ids there (hex)
 
     @property
     def address(self) -> str:
@@ -159,6 +160,7 @@ class DhtNode:
             return False
         self.pid, self.node_id = int(status["pid"]), str(status["id"])
         self.table = tuple(str(address) for address in status["table"])
+        self.table_ids = tuple(str(node_id) for node_id in status["ids"])
         return True
 
 
@@ -479,18 +481,18 @@ def run_node(
         if not answered.wait_for(lambda: pending == 0, timeout=PING_WAIT_S):
             _log(f"{pending} of the pings did not end within {PING_WAIT_S:g} s")
             os._exit(3)  # polling the routing table now could deadlock with a late callback
-    last: list[str] | None = None
+    last: tuple[list[str], list[str]] | None = None
     while not stop.is_set():
         table = routing_table(runner)
-        addresses = sorted(address for _, address, _ in table)
-        if addresses != last:
-            status = {"pid": os.getpid(), "address": bound, "id": node_id, "table": addresses}
+        addresses, ids = sorted(address for _, address, _ in table), sorted(found for found, _, _ in table)
+        if (addresses, ids) != last:
+            status = {"pid": os.getpid(), "address": bound, "id": node_id, "table": addresses, "ids": ids}
             if ready is not None:
                 _write_atomic(ready, json.dumps(status) + "\n")
             _log(
                 "routing table: " + (", ".join(f"{a}{' good' if g else ''}" for _, a, g in table) or "empty")
             )
-            last = addresses
+            last = addresses, ids
         stop.wait(0.05)
     _log("stopping")
     done = threading.Event()

@@ -156,7 +156,7 @@ def test_forged_unsigned_replayed_or_misdirected_values_start_nothing(
 
     genuine = dht.seal(request(hosts.inviter, 1), hosts.inviter, home)
     bad = {
-        "unsigned garbage": b"PXD1" + bytes(200),
+        "unsigned garbage": b"PXD3" + bytes(200),
         "forged (a stranger's)": dht.seal(request(stranger, 2), stranger, home),
         "sealed to another host": dht.seal(
             dataclasses.replace(request(hosts.inviter, 3), recipient=stranger.id),
@@ -247,3 +247,17 @@ def test_a_restarted_acceptor_does_not_answer_the_requests_already_on_the_dht(
     assert invite.wait(60) == 0, f"{invite.stderr()}\n{again.log()}"
     assert time.monotonic() - started < 15, again.log()
     assert again.log().count("request from") == 1  # the new one only
+
+
+def test_a_hosts_node_id_is_the_secret_one_of_the_day(
+    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
+) -> None:
+    """The DHT knows the acceptor's node by the id only its private key gives (dht.node_id): not one that
+    its public id would lead to."""
+    acceptor = start(lab, tmp_path, running, network, hosts, accept=True)
+    wait_for(acceptor, "waiting for requests")
+    secret = dht.node_id(hosts.acceptor, dht.day_of(datetime.datetime.now(datetime.UTC))).hex()
+    deadline = time.monotonic() + 20
+    while not any(node.read_ready() and secret in node.table_ids for node in network.nodes):
+        assert time.monotonic() < deadline, (secret, [node.table_ids for node in network.nodes])
+        time.sleep(0.1)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
+import itertools
 import json
 import math
 import os
 import struct
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes, hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -21,6 +24,7 @@ from hypothesis import strategies as st
 
 from plexus.endpoint import Endpoint
 from plexus.identity import Identity, id_of
+from plexus.mediator import dht, dhtnode
 from plexus.mediator.dht import (
     ADVENT_LIFETIME,
     ADVENT_REFRESH,
@@ -33,12 +37,16 @@ from plexus.mediator.dht import (
     fresh_advent,
     key_text,
     make_card,
+    node_id,
     read_card,
     seal,
     sending_days,
     unseal,
 )
+from plexus.mediator.dhtnode import DhtConfig
+from plexus.mediator.email import Invitation
 from plexus.mediator.message import CLOCK_TOLERANCE, NO_REASON, Offer, Reach
+from tests.fuzz import FUZZ
 
 NOW = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.UTC)
 ECDSA = ec.ECDSA(hashes.SHA256())
@@ -107,11 +115,18 @@ def content_of(base: Kind = "request", /, **changes: Any) -> bytes:
     return json.dumps({k: v for k, v in content.items() if v is not None}, sort_keys=True).encode()
 
 
+SUITE = hpke.Suite(hpke.KEM.P256, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+
+
+def seal_plaintext(plaintext: bytes, key: str, recipient: Identity) -> bytes:
+    """The sealed layout around a plaintext, written from the module docstring, independently of seal()."""
+    return b"PXD3" + SUITE.encrypt(plaintext, public(recipient), key.encode())
+
+
 def seal_by_hand(
     content: bytes, key: str, signer: Identity, recipient: Identity, signed: bytes | None = None
 ) -> bytes:
-    """The sealed layout written from the module docstring, independently of seal()."""
-    signature = ec_key(signer).sign(b"plexus dht v1\0" + key.encode() + b"\0" + (signed or content), ECDSA)
+    signature = ec_key(signer).sign(b"plexus dht v3\0" + key.encode() + b"\0" + (signed or content), ECDSA)
     plaintext = (
         struct.pack("!H", len(spki(signer)))
         + spki(signer)
@@ -119,21 +134,19 @@ def seal_by_hand(
         + signature
         + content
     )
-    ephemeral = ec.generate_private_key(ec.SECP256R1())
-    point = ephemeral.public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-    )
-    shared = ephemeral.exchange(ec.ECDH(), public(recipient))
-    aes = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"plexus dht v1").derive(shared)
-    nonce = os.urandom(12)
-    return b"PXD1" + point + nonce + AESGCM(aes).encrypt(nonce, plaintext, b"PXD1" + point + key.encode())
+    return seal_plaintext(plaintext, key, recipient)
+
+
+def open_by_hand(value: bytes, key: str, recipient: Identity) -> bytes:
+    assert value[:4] == b"PXD3"
+    return SUITE.decrypt(value[4:], ec_key(recipient), key.encode())
 
 
 # Keys
 
 
 def test_key_text() -> None:
-    assert key_text("card", "a" * 32, datetime.date(2026, 1, 2)) == f"plexus/2/card/{'a' * 32}/2026-01-02"
+    assert key_text("card", "a" * 32, datetime.date(2026, 1, 2)) == f"plexus/3/card/{'a' * 32}/2026-01-02"
 
 
 def test_day_is_utc() -> None:
@@ -160,82 +173,161 @@ def test_advent_constants() -> None:
 
 # Cards
 
+CARD_KEY = key_text("card", BOB.id, NOW.date())
+
+
+def card_cipher(host_id: str, key: str) -> AESGCM:
+    info = b"plexus card v3\0" + key.encode()
+    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(host_id.encode()))
+
+
+def seal_card_by_hand(inner: bytes, host_id: str = BOB.id, key: str = CARD_KEY) -> bytes:
+    """A card around an inner card, written from the module docstring, independently of make_card()."""
+    nonce = os.urandom(12)
+    return b"PXC3" + nonce + card_cipher(host_id, key).encrypt(nonce, inner, b"PXC3")
+
+
+def open_card_by_hand(card: bytes, host_id: str = BOB.id, key: str = CARD_KEY) -> bytes:
+    assert card[:4] == b"PXC3"
+    return card_cipher(host_id, key).decrypt(card[4:16], card[16:], b"PXC3")
+
+
+def inner_card_by_hand(private: ec.EllipticCurvePrivateKey, issued: float, key: str = CARD_KEY) -> bytes:
+    der = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    body = struct.pack("!H", len(der)) + der + struct.pack("!d", issued)
+    signature = private.sign(b"plexus card v3\0" + key.encode() + b"\0" + body, ECDSA)
+    return body + struct.pack("!H", len(signature)) + signature
+
+
+def card_by_hand(private: ec.EllipticCurvePrivateKey, issued: float) -> bytes:
+    host_id = id_of(private.public_key())
+    key = key_text("card", host_id, NOW.date())
+    return seal_card_by_hand(inner_card_by_hand(private, issued, key), host_id, key)
+
 
 def test_card_round_trip() -> None:
-    key = read_card(make_card(BOB, NOW), BOB.id, NOW + CARD_LIFETIME)
+    key = read_card(make_card(BOB, CARD_KEY, NOW), BOB.id, CARD_KEY, NOW + CARD_LIFETIME)
     assert id_of(key) == BOB.id
 
 
 def test_card_layout() -> None:
-    card = make_card(BOB, NOW)
+    card = make_card(BOB, CARD_KEY, NOW)
+    inner = open_card_by_hand(card)
     n = len(spki(BOB))
-    assert card[:4] == b"PXC1"
-    assert struct.unpack_from("!H", card, 4) == (n,)
-    assert card[6 : 6 + n] == spki(BOB)
-    assert struct.unpack_from("!d", card, 6 + n) == (NOW.timestamp(),)
-    (m,) = struct.unpack_from("!H", card, 14 + n)
-    assert len(card) == 16 + n + m
-    public(BOB).verify(card[16 + n :], b"plexus card v1\0" + card[: 14 + n], ECDSA)
+    assert struct.unpack_from("!H", inner, 0) == (n,)
+    assert inner[2 : 2 + n] == spki(BOB)
+    assert struct.unpack_from("!d", inner, 2 + n) == (NOW.timestamp(),)
+    (m,) = struct.unpack_from("!H", inner, 10 + n)
+    assert len(inner) == 12 + n + m
+    public(BOB).verify(
+        inner[12 + n :], b"plexus card v3\0" + CARD_KEY.encode() + b"\0" + inner[: 10 + n], ECDSA
+    )
 
 
-def test_card_of_another_id() -> None:
-    with pytest.raises(DhtMessageError, match=f"card of {BOB.id}, not of {ALICE.id}"):
-        read_card(make_card(BOB, NOW), ALICE.id, NOW)
+def test_a_card_tells_nothing_to_whoever_does_not_know_the_id() -> None:
+    """No key, no id, nothing in common between two cards (of two days or the same) but the magic."""
+    tomorrow = key_text("card", BOB.id, NOW.date() + datetime.timedelta(days=1))
+    cards = [make_card(BOB, CARD_KEY, NOW), make_card(BOB, CARD_KEY, NOW), make_card(BOB, tomorrow, NOW)]
+    for card in cards:
+        assert spki(BOB) not in card and BOB.id.encode() not in card
+        assert public(BOB).public_numbers().x.to_bytes(32, "big") not in card
+    bodies = [card[4:] for card in cards]
+    for one, other in itertools.pairwise(bodies):
+        assert sum(a == b for a, b in zip(one, other, strict=False)) < len(one) // 8  # as random bytes
+
+
+def test_card_of_another_id_or_day() -> None:
+    card = make_card(BOB, CARD_KEY, NOW)
+    alice_key = key_text("card", ALICE.id, NOW.date())
+    tomorrow = key_text("card", BOB.id, NOW.date() + datetime.timedelta(days=1))
+    for host_id, key in ((ALICE.id, alice_key), (ALICE.id, CARD_KEY), (BOB.id, tomorrow)):
+        with pytest.raises(DhtMessageError, match=f"not {host_id}'s card"):
+            read_card(card, host_id, key, NOW)
+
+
+def test_a_card_sealed_for_an_id_that_carries_another_key() -> None:
+    """Whoever knows an id can seal a card for it, but not with a key of that id inside."""
+    card = seal_card_by_hand(inner_card_by_hand(ec_key(EVE), NOW.timestamp()))
+    with pytest.raises(DhtMessageError, match=f"card of {EVE.id}, not of {BOB.id}"):
+        read_card(card, BOB.id, CARD_KEY, NOW)
+
+
+def test_card_signed_for_another_day() -> None:
+    tomorrow = key_text("card", BOB.id, NOW.date() + datetime.timedelta(days=1))
+    card = seal_card_by_hand(inner_card_by_hand(ec_key(BOB), NOW.timestamp(), tomorrow))
+    with pytest.raises(DhtMessageError, match="bad card signature"):
+        read_card(card, BOB.id, CARD_KEY, NOW)
 
 
 def test_card_tampered_anywhere() -> None:
-    card = make_card(BOB, NOW)
+    card = make_card(BOB, CARD_KEY, NOW)
     for at in range(len(card)):
         tampered = card[:at] + bytes([card[at] ^ 0x01]) + card[at + 1 :]
         with pytest.raises(DhtMessageError):
-            read_card(tampered, BOB.id, NOW)
+            read_card(tampered, BOB.id, CARD_KEY, NOW)
 
 
 def test_card_cut_or_extended() -> None:
-    card = make_card(BOB, NOW)
+    card = make_card(BOB, CARD_KEY, NOW)
     for end in range(len(card)):
         with pytest.raises(DhtMessageError):
-            read_card(card[:end], BOB.id, NOW)
+            read_card(card[:end], BOB.id, CARD_KEY, NOW)
+    with pytest.raises(DhtMessageError, match="altered"):
+        read_card(card + b"\0", BOB.id, CARD_KEY, NOW)
+    inner = inner_card_by_hand(ec_key(BOB), NOW.timestamp())
     with pytest.raises(DhtMessageError, match="bytes after"):
-        read_card(card + b"\0", BOB.id, NOW)
+        read_card(seal_card_by_hand(inner + b"\0"), BOB.id, CARD_KEY, NOW)
+    for end in range(len(inner)):
+        with pytest.raises(DhtMessageError, match="cut short"):
+            read_card(seal_card_by_hand(inner[:end]), BOB.id, CARD_KEY, NOW)
 
 
 @pytest.mark.parametrize("offset", [CARD_LIFETIME, -CARD_LIFETIME])
 def test_stale_card(offset: datetime.timedelta) -> None:
-    card = make_card(BOB, NOW)
-    read_card(card, BOB.id, NOW + offset)
+    card = make_card(BOB, CARD_KEY, NOW)
+    read_card(card, BOB.id, CARD_KEY, NOW + offset)
     with pytest.raises(DhtMessageError, match="card issued"):
-        read_card(card, BOB.id, NOW + offset * 1.001)
-
-
-def card_by_hand(key: ec.EllipticCurvePrivateKey, issued: float) -> bytes:
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    body = b"PXC1" + struct.pack("!H", len(der)) + der + struct.pack("!d", issued)
-    signature = key.sign(b"plexus card v1\0" + body, ECDSA)
-    return body + struct.pack("!H", len(signature)) + signature
+        read_card(card, BOB.id, CARD_KEY, NOW + offset * 1.001)
 
 
 def test_card_by_hand_is_read() -> None:
-    assert id_of(read_card(card_by_hand(ec_key(BOB), NOW.timestamp()), BOB.id, NOW)) == BOB.id
+    assert id_of(read_card(card_by_hand(ec_key(BOB), NOW.timestamp()), BOB.id, CARD_KEY, NOW)) == BOB.id
 
 
 def test_card_issued_nan() -> None:
     with pytest.raises(DhtMessageError, match="card issued"):
-        read_card(card_by_hand(ec_key(BOB), math.nan), BOB.id, NOW)
+        read_card(card_by_hand(ec_key(BOB), math.nan), BOB.id, CARD_KEY, NOW)
 
 
 def test_card_of_another_curve() -> None:
-    key = ec.generate_private_key(ec.SECP384R1())
+    private = ec.generate_private_key(ec.SECP384R1())
+    host_id = id_of(private.public_key())
     with pytest.raises(DhtMessageError, match="not P-256"):
-        read_card(card_by_hand(key, NOW.timestamp()), id_of(key.public_key()), NOW)
+        read_card(card_by_hand(private, NOW.timestamp()), host_id, key_text("card", host_id, NOW.date()), NOW)
 
 
 def test_card_needs_a_p256_identity() -> None:
     rsa_identity = Identity(rsa.generate_private_key(65537, 2048), BOB.certificate)
     with pytest.raises(ValueError, match="P-256"):
-        make_card(rsa_identity, NOW)
+        make_card(rsa_identity, CARD_KEY, NOW)
+
+
+# Node ids
+
+
+def test_node_id_follows_from_the_private_key_and_the_day() -> None:
+    day = NOW.date()
+    assert len(node_id(BOB, day)) == 20
+    assert node_id(Identity.of_key(ec_key(BOB)), day) == node_id(BOB, day)  # the next run takes its place
+    assert node_id(BOB, day + datetime.timedelta(days=1)) != node_id(BOB, day)
+    assert node_id(ALICE, day) != node_id(BOB, day)
+    secret = ec_key(BOB).private_numbers().private_value.to_bytes(32, "big")
+    info = b"plexus node v3\0" + day.isoformat().encode()
+    assert node_id(BOB, day) == HKDF(algorithm=hashes.SHA256(), length=20, salt=None, info=info).derive(
+        secret
+    )
 
 
 # Sealing
@@ -259,18 +351,25 @@ def test_sealed_layout() -> None:
     """Open seal()'s output by hand, following the module docstring."""
     original = letter("request")
     value = seal(original, ALICE, public(BOB))
-    assert value[:4] == b"PXD1"
-    point, nonce, ciphertext = value[4:69], value[69:81], value[81:]
-    ephemeral = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
-    shared = ec_key(BOB).exchange(ec.ECDH(), ephemeral)
-    aes = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"plexus dht v1").derive(shared)
-    plaintext = AESGCM(aes).decrypt(nonce, ciphertext, b"PXD1" + point + original.key.encode())
+    plaintext = open_by_hand(value, original.key, BOB)
     (n,) = struct.unpack_from("!H", plaintext, 0)
     assert plaintext[2 : 2 + n] == spki(ALICE)
     (m,) = struct.unpack_from("!H", plaintext, 2 + n)
     signature, content = plaintext[4 + n : 4 + n + m], plaintext[4 + n + m :]
-    public(ALICE).verify(signature, b"plexus dht v1\0" + original.key.encode() + b"\0" + content, ECDSA)
+    public(ALICE).verify(signature, b"plexus dht v3\0" + original.key.encode() + b"\0" + content, ECDSA)
     assert content == original.encode()
+    assert len(value) == 4 + 65 + len(plaintext) + 16  # the magic, HPKE's enc, the AES-GCM ciphertext
+
+
+def test_a_sealed_value_tells_nothing_of_its_sender() -> None:
+    value = sealed()
+    for secret in (
+        spki(ALICE),
+        ALICE.id.encode(),
+        BOB.id.encode(),
+        public(ALICE).public_numbers().x.to_bytes(32, "big"),
+    ):
+        assert secret not in value
 
 
 def test_sealed_by_hand_is_read() -> None:
@@ -293,7 +392,7 @@ def test_tampered_anywhere() -> None:
         tampered = value[:at] + bytes([value[at] ^ 0x01]) + value[at + 1 :]
         with pytest.raises(DhtMessageError) as caught:
             unseal(tampered, BOB, key, ALICE.id)
-        if at >= 4 + 65:  # past the magic and the point: the AEAD tag fails
+        if at >= 4:  # past the magic, HPKE refuses it
             assert "not encrypted to this host" in str(caught.value)
 
 
@@ -304,7 +403,9 @@ def test_moved_to_another_key() -> None:
         unseal(value, BOB, moved, ALICE.id)
 
 
-@pytest.mark.parametrize("value", [b"", b"PXD1", b"PXD1" + bytes(92), b"PXC1" + bytes(200)])
+@pytest.mark.parametrize(
+    "value", [b"", b"PXD3", b"PXD3" + bytes(92), b"PXD3" + b"\x04" + bytes(200), b"PXC3" + bytes(200)]
+)
 def test_not_a_sealed_value(value: bytes) -> None:
     with pytest.raises(DhtMessageError):
         unseal(value, BOB, ROUTES["request"][2], ALICE.id)
@@ -507,37 +608,6 @@ FIELDS = [
 ]
 
 
-def decodes_or_refuses(data: bytes) -> None:
-    with contextlib.suppress(DhtMessageError):
-        Letter.decode(data)
-
-
-@settings(deadline=None)
-@given(st.binary(max_size=300))
-def test_decode_any_bytes(data: bytes) -> None:
-    decodes_or_refuses(data)
-
-
-@settings(deadline=None)
-@given(JSON)
-def test_decode_any_json(value: object) -> None:
-    decodes_or_refuses(json.dumps(value).encode())
-
-
-@settings(deadline=None)
-@given(
-    st.sampled_from(["request", "response", "refusal", "advent"]),
-    st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=3),
-    st.sets(st.sampled_from(FIELDS), max_size=2),
-)
-def test_decode_mutated_letter(kind: Kind, replaced: dict[str, object], removed: set[str]) -> None:
-    content = json.loads(letter(kind).encode())
-    content.update(replaced)
-    for name in removed:
-        content.pop(name, None)
-    decodes_or_refuses(json.dumps(content).encode())
-
-
 @settings(deadline=None)
 @given(
     st.sampled_from(["request", "response", "refusal", "advent"]),
@@ -618,3 +688,204 @@ def test_fresh_advent() -> None:
     assert fresh_advent(letter("advent"), NOW - CLOCK_TOLERANCE)
     assert not fresh_advent(letter("advent"), NOW + lifetime + datetime.timedelta(microseconds=1))
     assert not fresh_advent(letter("request"), NOW)
+
+
+# Fuzzing: every parser of a value from the DHT, fed random bytes, genuine values mutated or cut short, and
+# genuine layers around mutated insides (the outer layer right, so the parsers behind it are reached). Only
+# DhtMessageError may escape.
+
+CARD = make_card(BOB, CARD_KEY, NOW)
+SEALED = {kind: sealed(kind) for kind in ROUTES}
+PLAINTEXTS = {kind: open_by_hand(SEALED[kind], ROUTES[kind][2], ROUTES[kind][1]) for kind in ROUTES}
+# A field's value replaced: of any JSON type, shallow (deep JSON comes whole: contents()).
+FIELD_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=20),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+
+
+def per_kind(values: Callable[[Kind], st.SearchStrategy[bytes]]) -> st.SearchStrategy[tuple[Kind, bytes]]:
+    return st.one_of(*(st.tuples(st.just(kind), values(kind)) for kind in ROUTES))
+
+
+@st.composite
+def mutated(draw: st.DrawFn, genuine: bytes) -> bytes:
+    """A genuine value with a few bits flipped, bytes inserted or deleted, or its tail cut off."""
+    value = bytearray(genuine)
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(value)))
+        action = draw(st.sampled_from(["flip", "insert", "delete", "cut"]))
+        if action == "flip" and at < len(value):
+            value[at] ^= 1 << draw(st.integers(0, 7))
+        elif action == "insert":
+            value[at:at] = draw(st.binary(min_size=1, max_size=8))
+        elif action == "delete":
+            del value[at : at + draw(st.integers(1, 8))]
+        elif action == "cut":
+            del value[at:]
+    return bytes(value)
+
+
+def hostile(genuine: bytes, magic: bytes) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.binary(max_size=400),
+        st.binary(max_size=400).map(lambda tail: magic + tail),
+        st.integers(0, len(genuine)).map(lambda end: genuine[:end]),
+        mutated(genuine),
+    )
+
+
+def read_or_refuse(parse: Callable[[], object]) -> None:
+    with contextlib.suppress(DhtMessageError):
+        parse()
+
+
+# Each test below mixes several generators, each with its share of the FUZZ inputs: Hypothesis's own cost
+# per input is most of the time taken, so fewer tests with more kinds of input each.
+
+
+@FUZZ
+@given(
+    st.one_of(
+        hostile(CARD, b"PXC3"),
+        hostile(open_card_by_hand(CARD), b"").map(seal_card_by_hand),
+        st.floats().map(lambda issued: seal_card_by_hand(inner_card_by_hand(ec_key(BOB), issued))),
+    )
+)
+def test_fuzz_card(value: bytes) -> None:
+    """A card, mutated or cut as a whole, or a genuine sealing around a mutated inner card."""
+    read_or_refuse(lambda: read_card(value, BOB.id, CARD_KEY, NOW))
+
+
+@FUZZ
+@given(
+    per_kind(
+        lambda kind: (
+            hostile(SEALED[kind], b"PXD3")
+            | hostile(PLAINTEXTS[kind], b"").map(
+                lambda plain: seal_plaintext(plain, ROUTES[kind][2], ROUTES[kind][1])
+            )
+        )
+    )
+)
+def test_fuzz_sealed(case: tuple[Kind, bytes]) -> None:
+    """A sealed value, mutated or cut as a whole, or genuine HPKE around a mutated plaintext."""
+    kind, value = case
+    sender, recipient, key = ROUTES[kind]
+    read_or_refuse(lambda: unseal(value, recipient, key, sender.id))
+
+
+def edited(genuine: bytes, replaced: dict[str, object], removed: set[str]) -> bytes:
+    content = json.loads(genuine) | replaced
+    return json.dumps({name: value for name, value in content.items() if name not in removed}).encode()
+
+
+def contents(kind: Kind) -> st.SearchStrategy[bytes]:
+    """A letter's content, mutated as bytes or with fields replaced and removed; or any JSON at all."""
+    genuine = letter(kind).encode()
+    edits = st.tuples(
+        st.dictionaries(st.sampled_from(FIELDS), FIELD_VALUE, max_size=3),
+        st.sets(st.sampled_from(FIELDS), max_size=2),
+    )
+    anything = JSON.map(lambda value: json.dumps(value).encode())
+    return hostile(genuine, b"{") | edits.map(lambda edit: edited(genuine, *edit)) | anything
+
+
+@FUZZ
+@given(per_kind(contents), st.sampled_from(list(ROUTES)))
+def test_fuzz_signed_content_through_the_screen(case: tuple[Kind, bytes], expected: Kind) -> None:
+    """Content the pinned peer signed, however odd: unsealed and screened as the mediator does."""
+    kind, content = case
+    sender, recipient, key = ROUTES[kind]
+
+    def take() -> None:
+        got, _ = unseal(seal_by_hand(content, key, sender, recipient), recipient, key, sender.id)
+        Screen().admit(got, expected, NOW, 3)
+
+    read_or_refuse(take)
+
+
+# The mediator's listen loop
+
+
+class FakeNode:
+    """A _Node that delivers given values under whatever key is listened to, and finds nothing earlier."""
+
+    def __init__(self, values: list[bytes]) -> None:
+        self.values = values
+
+    def listen(self, key: str, into: asyncio.Queue[tuple[str, bytes]]) -> None:
+        for value in self.values:
+            into.put_nowait((key, value))
+
+    def forget(self, key: str) -> None:
+        pass
+
+    def get(self, key: str) -> dhtnode._Search:
+        search = dhtnode._Search(asyncio.Queue())
+        search.values.put_nowait(None)
+        return search
+
+
+def joined(me: Identity, peer: Identity, values: list[bytes]) -> dhtnode.DhtMediator:
+    """A mediator on a FakeNode, as if it had joined the DHT."""
+    mediator = dhtnode.DhtMediator(DhtConfig(me, peer.id, ()))
+    mediator._node = FakeNode(values)  # type: ignore[assignment]
+    mediator._joined = asyncio.get_running_loop().create_future()
+    mediator._joined.set_result(None)
+    return mediator
+
+
+def ignored(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    """The values logged as ignored: (level, message); and none was logged with a traceback."""
+    assert all(record.exc_info is None for record in caplog.records)
+    return [(r.levelname, r.getMessage()) for r in caplog.records if "ignoring a value" in r.getMessage()]
+
+
+async def test_no_value_stops_the_acceptors_listen(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value whose checking raises anything, a bug included, costs one log line; the next one is served."""
+    now = datetime.datetime.now(datetime.UTC)
+    key = key_text("request", BOB.id, day_of(now))
+    genuine = seal(letter("request", 9, key=key, issued=now), ALICE, public(BOB))
+
+    def buggy(value: bytes, *args: Any) -> tuple[Letter, ec.EllipticCurvePublicKey]:
+        if value == b"PXD3 boom":
+            raise IndexError("a bug\nover two lines")
+        return unseal(value, *args)
+
+    monkeypatch.setattr(dht, "unseal", buggy)
+    mediator = joined(BOB, ALICE, [b"garbage", b"PXD3 boom", genuine])
+    with caplog.at_level("DEBUG", logger="plexus.mediator.dhtnode"):
+        requests = cast(AsyncGenerator[Invitation], mediator.requests())
+        invitation = await asyncio.wait_for(anext(requests), 5)
+        await requests.aclose()
+    assert invitation.offer.puzzle == 9
+    (first, _), (second, message) = ignored(caplog)
+    assert (first, second) == ("DEBUG", "WARNING")
+    assert "IndexError 'a bug\\nover two lines'" in message
+
+
+async def test_no_card_stops_the_look_for_the_peers(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    key = key_text("card", ALICE.id, day_of(now))
+
+    def buggy(value: bytes, *args: Any) -> ec.EllipticCurvePublicKey:
+        if value == b"PXC3 boom":
+            raise OverflowError("a bug")
+        return read_card(value, *args)
+
+    monkeypatch.setattr(dht, "read_card", buggy)
+    mediator = joined(BOB, ALICE, [make_card(EVE, key, now), b"PXC3 boom", make_card(ALICE, key, now)])
+    with caplog.at_level("DEBUG", logger="plexus.mediator.dhtnode"):
+        await asyncio.wait_for(mediator.learn_peer_key(), 5)
+    assert id_of(await mediator._peer_key) == ALICE.id
+    assert [level for level, _ in ignored(caplog)] == ["DEBUG", "WARNING"]
