@@ -21,6 +21,7 @@ from plexus.errors import HandshakeTimeoutError
 from plexus.puncher import Acceptor, Flag, Handshake, Inviter, Outcome, decode, encode
 
 SECRET = 0x0123456789ABCDEF
+MASKED = puncher.Masked(SECRET)  # the 2.2 codec: no state, so one serves every test
 INVITER = Endpoint("198.51.100.2", 40000)
 ACCEPTOR = Endpoint("198.51.100.6", 40001)
 STRANGER = Endpoint("203.0.113.10", 40000)
@@ -84,9 +85,9 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="64-bit"):
         encode(Flag.HELLO, 1 << 64, bytes(7))
     with pytest.raises(ValueError, match="hops"):
-        Acceptor(INVITER, SECRET, 0.0, hops=0)
+        Acceptor(INVITER, MASKED, 0.0, hops=0)
     with pytest.raises(ValueError, match="timeout"):
-        Inviter(ACCEPTOR, SECRET, 0.0, timeout=0)
+        Inviter(ACCEPTOR, MASKED, 0.0, timeout=0)
 
 
 # --- each machine alone ------------------------------------------------------------------------------------
@@ -97,12 +98,12 @@ def flags_of(machine: Handshake) -> list[tuple[Flag | None, int | None]]:
 
 
 def test_datagrams_are_60_bytes_like_2_2() -> None:
-    datagrams = Inviter(ACCEPTOR, SECRET, 0.0).datagrams_to_send()
+    datagrams = Inviter(ACCEPTOR, MASKED, 0.0).datagrams_to_send()
     assert [len(d.data) for d in datagrams] == [puncher.DATAGRAM_SIZE]
 
 
 def test_inviter_says_hello_until_ready() -> None:
-    inviter = Inviter(ACCEPTOR, SECRET, 100.0, timeout=60, random=zeros)
+    inviter = Inviter(ACCEPTOR, MASKED, 100.0, timeout=60, random=zeros)
     assert flags_of(inviter) == [(Flag.HELLO, None)]
     assert inviter.get_timer() == 100.25
     inviter.handle_timer(100.25)
@@ -120,7 +121,7 @@ def test_inviter_says_hello_until_ready() -> None:
 
 
 def test_acceptor_punches_answers_and_completes() -> None:
-    acceptor = Acceptor(INVITER, SECRET, 0.0, hops=2, random=zeros)
+    acceptor = Acceptor(INVITER, MASKED, 0.0, hops=2, random=zeros)
     assert flags_of(acceptor) == [(Flag.HELLO, 2)]
     assert acceptor.get_timer() == puncher.PUNCH_REFRESH
     acceptor.handle_timer(puncher.PUNCH_REFRESH)
@@ -136,7 +137,7 @@ def test_acceptor_punches_answers_and_completes() -> None:
 
 
 def test_acceptor_presumes_success_when_hellos_stop_after_its_ready() -> None:
-    acceptor = Acceptor(INVITER, SECRET, 0.0)
+    acceptor = Acceptor(INVITER, MASKED, 0.0)
     acceptor.datagrams_to_send()
     acceptor.datagram_received(encode(Flag.HELLO, SECRET, bytes(7)), INVITER, 10.0)
     acceptor.handle_timer(10.0 + puncher.QUIET_PERIOD - 0.01)
@@ -146,7 +147,7 @@ def test_acceptor_presumes_success_when_hellos_stop_after_its_ready() -> None:
 
 
 def test_acceptor_times_out_when_the_quiet_period_outlasts_the_deadline() -> None:
-    acceptor = Acceptor(INVITER, SECRET, 0.0, timeout=60)
+    acceptor = Acceptor(INVITER, MASKED, 0.0, timeout=60)
     acceptor.datagram_received(encode(Flag.HELLO, SECRET, bytes(7)), INVITER, 58.0)
     assert acceptor.get_timer() == 60.0
     acceptor.handle_timer(60.0)
@@ -164,7 +165,7 @@ def test_acceptor_times_out_when_the_quiet_period_outlasts_the_deadline() -> Non
     ],
 )
 def test_garbage_is_ignored(data: bytes) -> None:
-    for machine in (Inviter(ACCEPTOR, SECRET, 0.0), Acceptor(INVITER, SECRET, 0.0)):
+    for machine in (Inviter(ACCEPTOR, MASKED, 0.0), Acceptor(INVITER, MASKED, 0.0)):
         machine.datagrams_to_send()
         machine.datagram_received(data, machine.peer, 0.1)
         assert machine.outcome is None
@@ -174,8 +175,8 @@ def test_garbage_is_ignored(data: bytes) -> None:
 def test_packets_from_a_wrong_endpoint_are_ignored() -> None:
     ready = encode(Flag.READY, SECRET, bytes(7))
     hello = encode(Flag.HELLO, SECRET, bytes(7))
-    inviter = Inviter(ACCEPTOR, SECRET, 0.0)
-    acceptor = Acceptor(INVITER, SECRET, 0.0)
+    inviter = Inviter(ACCEPTOR, MASKED, 0.0)
+    acceptor = Acceptor(INVITER, MASKED, 0.0)
     for machine in (inviter, acceptor):
         machine.datagrams_to_send()
         for source in (STRANGER, machine.peer._replace(port=machine.peer.port + 1)):
@@ -188,7 +189,7 @@ def test_packets_from_a_wrong_endpoint_are_ignored() -> None:
 
 
 def test_inviter_times_out_exactly_at_the_deadline() -> None:
-    inviter = Inviter(ACCEPTOR, SECRET, 0.0, timeout=1.1)
+    inviter = Inviter(ACCEPTOR, MASKED, 0.0, timeout=1.1)
     while inviter.outcome is None:
         when = inviter.get_timer()
         assert when is not None
@@ -225,7 +226,7 @@ def simulate(
     channel: Channel, invite_at: float, timeout: float = 60.0
 ) -> Iterator[tuple[str, Handshake, float]]:
     """Run both sides in fake time to their outcomes; yields (role, machine, time of the outcome)."""
-    acceptor = Acceptor(INVITER, SECRET, 0.0, timeout=timeout)
+    acceptor = Acceptor(INVITER, MASKED, 0.0, timeout=timeout)
     machines: dict[Endpoint, Handshake] = {ACCEPTOR: acceptor}
     finished: dict[Endpoint, float] = {}
     channel.flush(ACCEPTOR, acceptor, 0.0)
@@ -243,7 +244,7 @@ def simulate(
                 continue
             machines[endpoint].datagram_received(data, source, now)
         elif endpoint not in machines:
-            machines[endpoint] = Inviter(ACCEPTOR, SECRET, now, timeout=timeout)
+            machines[endpoint] = Inviter(ACCEPTOR, MASKED, now, timeout=timeout)
         else:
             machines[endpoint].handle_timer(now)
         channel.flush(endpoint, machines[endpoint], now)
@@ -311,8 +312,8 @@ def endpoint_of(sock: socket.socket) -> Endpoint:
 @pytest.mark.parametrize("acceptor_first", [True, False])
 async def test_punch_on_loopback(acceptor_first: bool) -> None:
     a, b = udp_socket(), udp_socket()
-    accept = puncher.punch(a, endpoint_of(b), SECRET, accept=True, hops=1, timeout=10)
-    invite = puncher.punch(b, endpoint_of(a), SECRET, accept=False, timeout=10)
+    accept = puncher.punch(a, endpoint_of(b), MASKED, accept=True, hops=1, timeout=10)
+    invite = puncher.punch(b, endpoint_of(a), MASKED, accept=False, timeout=10)
     await asyncio.gather(*((accept, invite) if acceptor_first else (invite, accept)))
     assert a.fileno() == -1
     assert b.fileno() == -1
@@ -324,8 +325,8 @@ async def test_punch_on_ipv6_loopback_with_the_peer_spelled_out() -> None:
         sock.bind(("::1", 0))
     long_form = "0:0:0:0:0:0:0:1"
     await asyncio.gather(
-        puncher.punch(a, Endpoint(long_form, b.getsockname()[1]), SECRET, accept=True, hops=2, timeout=10),
-        puncher.punch(b, Endpoint(long_form, a.getsockname()[1]), SECRET, accept=False, timeout=10),
+        puncher.punch(a, Endpoint(long_form, b.getsockname()[1]), MASKED, accept=True, hops=2, timeout=10),
+        puncher.punch(b, Endpoint(long_form, a.getsockname()[1]), MASKED, accept=False, timeout=10),
     )
 
 
@@ -334,10 +335,10 @@ async def test_punch_ignores_strangers() -> None:
     with stranger:
         stranger.sendto(b"noise", endpoint_of(b))
         stranger.sendto(encode(Flag.READY, SECRET, bytes(7)), endpoint_of(b))
-        invite = asyncio.create_task(puncher.punch(b, endpoint_of(a), SECRET, accept=False, timeout=10))
+        invite = asyncio.create_task(puncher.punch(b, endpoint_of(a), MASKED, accept=False, timeout=10))
         await asyncio.sleep(0.1)
         assert not invite.done()
-        await asyncio.gather(invite, puncher.punch(a, endpoint_of(b), SECRET, accept=True, timeout=10))
+        await asyncio.gather(invite, puncher.punch(a, endpoint_of(b), MASKED, accept=True, timeout=10))
 
 
 async def test_punch_times_out_when_the_peer_is_silent() -> None:
@@ -345,7 +346,7 @@ async def test_punch_times_out_when_the_peer_is_silent() -> None:
     with silent:
         peer = endpoint_of(silent)
         with pytest.raises(HandshakeTimeoutError, match=rf"^no handshake with {peer} within 0\.3 s$"):
-            await puncher.punch(sock, peer, SECRET, accept=False, timeout=0.3)
+            await puncher.punch(sock, peer, MASKED, accept=False, timeout=0.3)
         assert silent.recv(100)  # it did say hello
     assert sock.fileno() == -1
 
@@ -353,8 +354,8 @@ async def test_punch_times_out_when_the_peer_is_silent() -> None:
 async def test_wrong_secret_times_out() -> None:
     a, b = udp_socket(), udp_socket()
     results = await asyncio.gather(
-        puncher.punch(a, endpoint_of(b), SECRET, accept=True, timeout=0.5),
-        puncher.punch(b, endpoint_of(a), SECRET ^ 1, accept=False, timeout=0.5),
+        puncher.punch(a, endpoint_of(b), MASKED, accept=True, timeout=0.5),
+        puncher.punch(b, endpoint_of(a), puncher.Masked(SECRET ^ 1), accept=False, timeout=0.5),
         return_exceptions=True,
     )
     assert all(isinstance(result, HandshakeTimeoutError) for result in results)
@@ -363,7 +364,7 @@ async def test_wrong_secret_times_out() -> None:
 async def test_cancel_closes_the_socket() -> None:
     sock, silent = udp_socket(), udp_socket()
     with silent:
-        task = asyncio.create_task(puncher.punch(sock, endpoint_of(silent), SECRET, accept=True))
+        task = asyncio.create_task(puncher.punch(sock, endpoint_of(silent), MASKED, accept=True))
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -383,7 +384,7 @@ async def test_acceptor_punches_with_hops_before_its_first_await_and_restores_th
 
     spy = Spy(socket.AF_INET, socket.SOCK_DGRAM, fileno=sock.detach())
     with peer:
-        punch = puncher.punch(spy, endpoint_of(peer), SECRET, accept=True, hops=3, timeout=5)
+        punch = puncher.punch(spy, endpoint_of(peer), MASKED, accept=True, hops=3, timeout=5)
         task = asyncio.create_task(punch)
         await asyncio.sleep(0)  # one step, as the session does before it mails the response
         assert seen == [3]
@@ -404,7 +405,7 @@ async def test_a_bug_in_a_callback_ends_punch_instead_of_hanging(monkeypatch: py
     monkeypatch.setattr(puncher, "decode", broken)
     sock, peer = udp_socket(), udp_socket()
     with peer:
-        task = asyncio.create_task(puncher.punch(sock, endpoint_of(peer), SECRET, accept=True))
+        task = asyncio.create_task(puncher.punch(sock, endpoint_of(peer), MASKED, accept=True))
         await asyncio.sleep(0)
         peer.sendto(b"anything", endpoint_of(sock))
         with pytest.raises(RuntimeError, match="bug"):
@@ -429,7 +430,7 @@ def test_peer_reflexive_switch_happens_once_and_only_for_authenticated_packets(
     role: type[Handshake], caplog: pytest.LogCaptureFixture
 ) -> None:
     mailed = Endpoint(HARD_IP, 5000)
-    machine = role(mailed, SECRET, 0.0, peer_reflexive=True, random=zeros)  # type: ignore[call-arg]
+    machine = role(mailed, MASKED, 0.0, peer_reflexive=True, random=zeros)  # type: ignore[call-arg]
     machine.datagrams_to_send()
     for data, source in (
         (b"\x01" + bytes(7), mailed._replace(port=6000)),  # unauthenticated, from a new port
@@ -458,7 +459,7 @@ def test_peer_reflexive_switch_happens_once_and_only_for_authenticated_packets(
 
 
 def test_a_packet_from_the_mailed_endpoint_settles_the_peer() -> None:
-    inviter = Inviter(ACCEPTOR, SECRET, 0.0, peer_reflexive=True)
+    inviter = Inviter(ACCEPTOR, MASKED, 0.0, peer_reflexive=True)
     inviter.datagram_received(HELLO, ACCEPTOR, 0.1)
     inviter.datagram_received(READY, ACCEPTOR._replace(port=1), 0.2)
     assert inviter.peer == ACCEPTOR
@@ -466,7 +467,7 @@ def test_a_packet_from_the_mailed_endpoint_settles_the_peer() -> None:
 
 
 def test_an_inviter_answers_hellos_early_at_most_once_per_hello_interval() -> None:
-    inviter = Inviter(ACCEPTOR, SECRET, 0.0, fanout=puncher.Fanout(interval=1.5, offset=0.5), random=zeros)
+    inviter = Inviter(ACCEPTOR, MASKED, 0.0, fanout=puncher.Fanout(interval=1.5, offset=0.5), random=zeros)
     assert sent(inviter) == []
     assert inviter.get_timer() == 0.5
     inviter.handle_timer(0.5)
@@ -477,14 +478,14 @@ def test_an_inviter_answers_hellos_early_at_most_once_per_hello_interval() -> No
     assert sent(inviter) == [(Flag.HELLO, None)]
     assert inviter.get_timer() == pytest.approx(2.3)
     # a plain inviter ignores hellos, as 2.2 does
-    plain = Inviter(ACCEPTOR, SECRET, 0.0)
+    plain = Inviter(ACCEPTOR, MASKED, 0.0)
     plain.datagrams_to_send()
     plain.datagram_received(HELLO, ACCEPTOR, 1.0)
     assert plain.datagrams_to_send() == []
 
 
 def test_a_fanout_acceptor_says_hello_with_full_ttl_until_done() -> None:
-    acceptor = Acceptor(INVITER, SECRET, 0.0, fanout=puncher.Fanout(interval=1.5, offset=0.3), random=zeros)
+    acceptor = Acceptor(INVITER, MASKED, 0.0, fanout=puncher.Fanout(interval=1.5, offset=0.3), random=zeros)
     assert flags_of(acceptor) == []
     times = []
     while (when := acceptor.get_timer()) is not None and when < 5:
@@ -500,11 +501,11 @@ def test_a_fanout_acceptor_says_hello_with_full_ttl_until_done() -> None:
 
 
 def test_fan_out_staggers_the_hellos_within_the_rate() -> None:
-    machines = puncher.fan_out(8, EASY, SECRET, 0.0, accept=False, interval=2.0, random=zeros)
+    machines = puncher.fan_out(8, EASY, MASKED, 0.0, accept=False, interval=2.0, random=zeros)
     first = [m.get_timer() if not m.datagrams_to_send() else 0.0 for m in machines]
     assert first == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
     with pytest.raises(ValueError, match="at least one"):
-        puncher.fan_out(0, EASY, SECRET, 0.0, accept=True)
+        puncher.fan_out(0, EASY, MASKED, 0.0, accept=True)
 
 
 def spray_run(machine: Handshake, until: float) -> list[tuple[float, Endpoint]]:
@@ -521,7 +522,7 @@ def spray_run(machine: Handshake, until: float) -> list[tuple[float, Endpoint]]:
 def test_spray_sends_count_distinct_probes_at_the_rate(seed: int, count: int, rate: float, role: int) -> None:
     peer = Endpoint(HARD_IP, 4000)
     spray = puncher.Spray(count, rate, random.Random(seed))
-    machine: Handshake = (Inviter, Acceptor)[role](peer, SECRET, 0.0, spray=spray, timeout=600, random=zeros)
+    machine: Handshake = (Inviter, Acceptor)[role](peer, MASKED, 0.0, spray=spray, timeout=600, random=zeros)
     probes = spray_run(machine, 600)
     ports = [to.port for _, to in probes]
     assert len(ports) == count
@@ -536,7 +537,7 @@ def test_spray_sends_count_distinct_probes_at_the_rate(seed: int, count: int, ra
 
 def test_spray_stops_at_the_first_authenticated_packet_only() -> None:
     acceptor = Acceptor(
-        Endpoint(HARD_IP, 4000), SECRET, 0.0, spray=puncher.Spray(100, 100.0), peer_reflexive=True
+        Endpoint(HARD_IP, 4000), MASKED, 0.0, spray=puncher.Spray(100, 100.0), peer_reflexive=True
     )
     assert len(spray_run(acceptor, 0.095)) == 10
     acceptor.datagram_received(b"noise" * 4, Endpoint(HARD_IP, 5555), 0.1)
@@ -657,9 +658,9 @@ def birthday(
     easy_outer = easy_nat.outbound(easy_inner, Endpoint("203.0.113.10", 3478))
     role = Acceptor if easy_accepts else Inviter
     options = puncher.Spray(spray, rng=rng, ports=ports)
-    easy = role(stun, SECRET, 0.0, timeout=timeout, random=zeros, peer_reflexive=True, spray=options)
+    easy = role(stun, MASKED, 0.0, timeout=timeout, random=zeros, peer_reflexive=True, spray=options)
     hard = puncher.fan_out(
-        sockets, easy_outer, SECRET, hard_starts, accept=not easy_accepts, timeout=timeout, random=zeros
+        sockets, easy_outer, MASKED, hard_starts, accept=not easy_accepts, timeout=timeout, random=zeros
     )
     world.add(easy_inner, easy_nat, easy, 0.0)
     for inner, machine in zip(hard_inners, hard, strict=True):
@@ -754,7 +755,7 @@ async def test_punch_fanout_returns_the_socket_that_got_through_and_closes_the_o
     lucky = socks[5]
     with udp_socket() as easy:  # answers only the lucky socket, as a port-restricted NAT would let only it in
         task = asyncio.create_task(
-            puncher.punch_fanout(socks, endpoint_of(easy), SECRET, accept=False, interval=0.4)
+            puncher.punch_fanout(socks, endpoint_of(easy), MASKED, accept=False, interval=0.4)
         )
         while True:
             data, source = await asyncio.get_running_loop().sock_recvfrom(easy, 100)
@@ -777,8 +778,8 @@ async def test_punch_fanout_against_an_easy_peer_reflexive_punch_on_loopback() -
     with elsewhere:  # the endpoint the hard side's STUN server saw: never used toward the easy side
         started = asyncio.get_running_loop().time()
         (winner, peer), final = await asyncio.gather(
-            puncher.punch_fanout(socks, endpoint_of(easy), SECRET, accept=True, timeout=5),
-            puncher.punch(easy, endpoint_of(elsewhere), SECRET, accept=False, peer_reflexive=True, timeout=5),
+            puncher.punch_fanout(socks, endpoint_of(easy), MASKED, accept=True, timeout=5),
+            puncher.punch(easy, endpoint_of(elsewhere), MASKED, accept=False, peer_reflexive=True, timeout=5),
         )
         assert asyncio.get_running_loop().time() - started < 0.5
     with winner:
@@ -794,7 +795,7 @@ async def test_punch_fanout_times_out_and_closes_every_socket() -> None:
     with udp_socket() as silent:
         peer = endpoint_of(silent)
         with pytest.raises(HandshakeTimeoutError, match=rf"^no handshake with {peer} within 0\.3 s$"):
-            await puncher.punch_fanout(socks, peer, SECRET, accept=True, timeout=0.3, interval=0.1)
+            await puncher.punch_fanout(socks, peer, MASKED, accept=True, timeout=0.3, interval=0.1)
         hellos = 0
         with contextlib.suppress(BlockingIOError):
             while decode(silent.recv(100), SECRET) is Flag.HELLO:
@@ -806,7 +807,7 @@ async def test_punch_fanout_times_out_and_closes_every_socket() -> None:
 async def test_cancelling_punch_fanout_closes_every_socket() -> None:
     socks = [udp_socket() for _ in range(4)]
     with udp_socket() as silent:
-        task = asyncio.create_task(puncher.punch_fanout(socks, endpoint_of(silent), SECRET, accept=False))
+        task = asyncio.create_task(puncher.punch_fanout(socks, endpoint_of(silent), MASKED, accept=False))
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -817,7 +818,7 @@ async def test_cancelling_punch_fanout_closes_every_socket() -> None:
 async def test_punch_returns_the_peer_endpoint_as_given() -> None:
     a, b = udp_socket(), udp_socket()
     peers = await asyncio.gather(
-        puncher.punch(a, endpoint_of(b), SECRET, accept=True, hops=1, timeout=10),
-        puncher.punch(b, endpoint_of(a), SECRET, accept=False, timeout=10),
+        puncher.punch(a, endpoint_of(b), MASKED, accept=True, hops=1, timeout=10),
+        puncher.punch(b, endpoint_of(a), MASKED, accept=False, timeout=10),
     )
     assert list(peers) == [Endpoint("127.0.0.1", p.port) for p in peers]
