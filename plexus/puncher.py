@@ -35,13 +35,12 @@ log = logging.getLogger(__name__)
 
 PACKET_SIZE = 8  # the meaningful head of a plexus 2.2 handshake datagram
 DATAGRAM_SIZE = 60  # what plexus 2.2 sends; the rest after the packet is random padding
-# The authenticated datagram (docs/protocol.md, "Authenticated packet"): version, kind (flag and sender's
-# role), nonce, the HMAC-SHA256 of those truncated to TAG_SIZE, then random padding up to DATAGRAM_SIZE.
+# The authenticated datagram, DATAGRAM_SIZE bytes (docs/protocol.md, "Authenticated packet"): version, kind
+# (flag and sender's role), nonce, random padding, then the HMAC-SHA256 of all that truncated to TAG_SIZE.
 AUTH_VERSION = 0xA1
 NONCE_SIZE = 16  # random: a repeat within one handshake is a replay, and 128 bits never repeat by chance
 TAG_SIZE = 16
-AUTH_HEAD = 2 + NONCE_SIZE
-AUTH_SIZE = AUTH_HEAD + TAG_SIZE
+AUTH_BODY = DATAGRAM_SIZE - TAG_SIZE  # what the tag covers: every byte before it
 KEY_INFO = b"plexus handshake 1"  # HKDF info: a new datagram format or key schedule gets a new label
 HELLO_INTERVAL = 0.25  # the inviter's hello period; short because the first lost hello costs connect time
 QUIET_PERIOD = 4.0  # acceptor: silence after its ready meaning the inviter got one (2.2 retries every 1.6 s)
@@ -165,20 +164,20 @@ class Authenticated(Codec):
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=KEY_INFO).derive(material)
         return cls(key, accept=accept)
 
-    def _tag(self, head: bytes) -> bytes:
-        return hmac.digest(self._key, head, "sha256")[:TAG_SIZE]
+    def _tag(self, body: bytes) -> bytes:
+        return hmac.digest(self._key, body, "sha256")[:TAG_SIZE]
 
     def seal(self, flag: Flag, random: Random) -> bytes:
-        head = bytes([AUTH_VERSION, flag | self._mine]) + random(NONCE_SIZE)
-        return head + self._tag(head) + random(DATAGRAM_SIZE - AUTH_SIZE)
+        body = bytes([AUTH_VERSION, flag | self._mine]) + random(AUTH_BODY - 2)
+        return body + self._tag(body)
 
     def open(self, data: bytes) -> Flag | None:
-        if len(data) < AUTH_SIZE or data[0] != AUTH_VERSION or data[1] & 0xFE != self._theirs:
+        if len(data) != DATAGRAM_SIZE or data[0] != AUTH_VERSION or data[1] & 0xFE != self._theirs:
             return None
-        head = data[:AUTH_HEAD]
-        if not hmac.compare_digest(self._tag(head), data[AUTH_HEAD:AUTH_SIZE]):
+        body = data[:AUTH_BODY]
+        if not hmac.compare_digest(self._tag(body), data[AUTH_BODY:]):
             return None
-        nonce = head[2:]
+        nonce = body[2 : 2 + NONCE_SIZE]
         if nonce in self._seen:
             log.debug("a replayed handshake datagram: its nonce was seen before")
             return None

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import hmac
 import itertools
+import os
 import random
 import socket
 from collections.abc import Iterator
@@ -15,10 +17,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plexus import puncher
+from plexus import puncher, session
 from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError
+from plexus.mediator.message import Reach
 from plexus.puncher import Acceptor, Flag, Handshake, Inviter, Outcome, decode, encode
+from tests.fuzz import FUZZ
 
 SECRET = 0x0123456789ABCDEF
 MASKED = puncher.Masked(SECRET)  # the 2.2 codec: no state, so one serves every test
@@ -88,6 +92,118 @@ def test_bad_arguments() -> None:
         Acceptor(INVITER, MASKED, 0.0, hops=0)
     with pytest.raises(ValueError, match="timeout"):
         Inviter(ACCEPTOR, MASKED, 0.0, timeout=0)
+
+
+# --- the authenticated packet (two plexus peers) -----------------------------------------------------------
+
+INVITER_PUZZLE, ACCEPTOR_PUZZLE = 0x0123456789ABCDEF, 0xFEDCBA9876543210
+puzzles = st.tuples(secrets_64, secrets_64)
+
+
+def counting(size: int) -> bytes:
+    return bytes(range(size))
+
+
+def sealed(*, accept: bool) -> puncher.Authenticated:
+    return puncher.Authenticated.derive(INVITER_PUZZLE, ACCEPTOR_PUZZLE, accept=accept)
+
+
+def hkdf_sha256(material: bytes, info: bytes) -> bytes:
+    """RFC 5869 by hand, no salt, 32 bytes: one block of expansion."""
+    prk = hmac.digest(bytes(32), material, "sha256")
+    return hmac.digest(prk, info + b"\x01", "sha256")
+
+
+def test_authenticated_known_answer() -> None:
+    """The bytes docs/protocol.md shows, "Authenticated packet"."""
+    material = bytes.fromhex("0123456789abcdeffedcba9876543210")  # inviter's puzzle, then the acceptor's
+    key = hkdf_sha256(material, b"plexus handshake 1")
+    assert key.hex() == "3858ba92c916d5f4caa3b48b70cc018cb16159bf4cb76b98dd2b3361845f0ebe"
+    assert sealed(accept=False)._key == key
+    hello = sealed(accept=False).seal(Flag.HELLO, counting)
+    body = bytes([0xA1, 0x00]) + bytes(range(42))
+    assert hello == body + hmac.digest(key, body, "sha256")[:16]
+    assert hello[-16:].hex() == "71cf52d2f5a87ee333b696606802a977"
+    ready = sealed(accept=True).seal(Flag.READY, counting)
+    assert ready[:2] == bytes([0xA1, 0x03])  # ready (bit 0) from the acceptor (bit 1)
+    assert ready[-16:].hex() == "a5e9b5ff36e56400310175cd88b9ee79"
+    assert len(hello) == len(ready) == puncher.DATAGRAM_SIZE
+
+
+@given(flags, puzzles)
+def test_authenticated_round_trip_both_ways(flag: Flag, pair: tuple[int, int]) -> None:
+    inviter = puncher.Authenticated.derive(*pair, accept=False)
+    acceptor = puncher.Authenticated.derive(*pair, accept=True)
+    assert acceptor.open(inviter.seal(flag, os.urandom)) is flag
+    assert inviter.open(acceptor.seal(flag, os.urandom)) is flag
+
+
+@given(flags, puzzles, puzzles)
+def test_another_sessions_datagram_is_refused(
+    flag: Flag, pair: tuple[int, int], other: tuple[int, int]
+) -> None:
+    if pair != other:
+        sent = puncher.Authenticated.derive(*other, accept=False).seal(flag, os.urandom)
+        assert puncher.Authenticated.derive(*pair, accept=True).open(sent) is None
+
+
+def test_the_puzzles_order_matters() -> None:
+    swapped = puncher.Authenticated.derive(ACCEPTOR_PUZZLE, INVITER_PUZZLE, accept=True)
+    assert swapped.open(sealed(accept=False).seal(Flag.HELLO, os.urandom)) is None
+
+
+@pytest.mark.parametrize("flag", list(Flag))
+def test_every_single_bit_flip_is_refused(flag: Flag) -> None:
+    datagram = sealed(accept=False).seal(flag, os.urandom)
+    for bit in range(8 * len(datagram)):
+        flipped = bytearray(datagram)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        assert sealed(accept=True).open(bytes(flipped)) is None, bit  # a fresh codec: no replay involved
+    assert sealed(accept=True).open(datagram) is flag
+
+
+def test_a_replay_and_a_reflection_are_refused() -> None:
+    inviter, acceptor = sealed(accept=False), sealed(accept=True)
+    hello = inviter.seal(Flag.HELLO, os.urandom)
+    assert inviter.open(hello) is None  # our own hello reflected back: the sender's role is ours
+    assert acceptor.open(hello) is Flag.HELLO
+    assert acceptor.open(hello) is None  # the same nonce again
+    assert acceptor.open(hello[:-1]) is None and acceptor.open(hello + b"\0") is None
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_any_input_opens_or_is_refused(data: bytes) -> None:
+    assert sealed(accept=True).open(data) is None  # a forger has no key: nothing random passes
+
+
+@FUZZ
+@given(st.binary(min_size=puncher.AUTH_BODY - 2, max_size=puncher.AUTH_BODY - 2), st.integers(0, 255))
+def test_a_forged_datagram_with_the_right_header_is_refused(body: bytes, kind: int) -> None:
+    forged = bytes([puncher.AUTH_VERSION, kind]) + body + os.urandom(puncher.TAG_SIZE)
+    assert sealed(accept=True).open(forged) is None
+
+
+def test_bad_keys_and_puzzles_are_refused() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        puncher.Authenticated(bytes(16), accept=True)
+    with pytest.raises(ValueError, match="64-bit"):
+        puncher.Authenticated.derive(1 << 64, 0, accept=True)
+    with pytest.raises(ValueError, match="64-bit"):
+        puncher.Masked(-1)
+
+
+def test_the_2_2_codec_makes_2_2_datagrams_byte_for_byte() -> None:
+    # a 2.2 peer (no Reach in its offer) gets the masked checksum, with secret = the XOR of the puzzles
+    codec = session.handshake_codec(INVITER_PUZZLE, ACCEPTOR_PUZZLE, None, accept=True)
+    assert isinstance(codec, puncher.Masked) and codec.secret == INVITER_PUZZLE ^ ACCEPTOR_PUZZLE
+    entropy = bytes(range(1, puncher.DATAGRAM_SIZE))
+    datagram = codec.seal(Flag.READY, lambda size: entropy[:size])
+    assert datagram == encode(Flag.READY, INVITER_PUZZLE ^ ACCEPTOR_PUZZLE, entropy[:7], entropy[7:])
+    assert decode(datagram, INVITER_PUZZLE ^ ACCEPTOR_PUZZLE) is Flag.READY
+    assert codec.open(datagram) is codec.open(datagram) is Flag.READY  # 2.2 knows no replays
+    mine = Reach("independent")
+    assert isinstance(session.handshake_codec(1, 2, mine, accept=True), puncher.Authenticated)
 
 
 # --- each machine alone ------------------------------------------------------------------------------------
@@ -204,15 +320,18 @@ def test_inviter_times_out_exactly_at_the_deadline() -> None:
 class Channel:
     """A channel that loses, duplicates and reorders; the TTL punch dies before the peer's NAT."""
 
-    def __init__(self, rng: random.Random, loss: float, duplicate: float, jitter: float) -> None:
+    def __init__(
+        self, rng: random.Random, loss: float, duplicate: float, jitter: float, authenticated: bool = False
+    ) -> None:
         self.rng, self.loss, self.duplicate, self.jitter = rng, loss, duplicate, jitter
+        self.authenticated = authenticated
         self.in_flight: list[tuple[float, int, Endpoint, Endpoint, bytes]] = []
         self.sequence = 0
         self.drop: set[tuple[Endpoint, Flag]] = set()  # scripted: all that `source` sends with `flag`
 
     def flush(self, source: Endpoint, machine: Handshake, now: float) -> None:
         for datagram in machine.datagrams_to_send():
-            if datagram.ttl is not None or (source, decode(datagram.data, SECRET)) in self.drop:
+            if datagram.ttl is not None or (source, self.flag(datagram.data)) in self.drop:
                 continue
             for _ in range(2 if self.rng.random() < self.duplicate else 1):
                 if self.rng.random() >= self.loss:
@@ -221,12 +340,16 @@ class Channel:
                     packet = (arrival, self.sequence, source, machine.peer, datagram.data)
                     heapq.heappush(self.in_flight, packet)
 
+    def flag(self, data: bytes) -> Flag | None:
+        return Flag(data[1] & 1) if self.authenticated else decode(data, SECRET)
+
 
 def simulate(
     channel: Channel, invite_at: float, timeout: float = 60.0
 ) -> Iterator[tuple[str, Handshake, float]]:
     """Run both sides in fake time to their outcomes; yields (role, machine, time of the outcome)."""
-    acceptor = Acceptor(INVITER, MASKED, 0.0, timeout=timeout)
+    codecs = (sealed(accept=False), sealed(accept=True)) if channel.authenticated else (MASKED, MASKED)
+    acceptor = Acceptor(INVITER, codecs[1], 0.0, timeout=timeout)
     machines: dict[Endpoint, Handshake] = {ACCEPTOR: acceptor}
     finished: dict[Endpoint, float] = {}
     channel.flush(ACCEPTOR, acceptor, 0.0)
@@ -244,7 +367,7 @@ def simulate(
                 continue
             machines[endpoint].datagram_received(data, source, now)
         elif endpoint not in machines:
-            machines[endpoint] = Inviter(ACCEPTOR, MASKED, now, timeout=timeout)
+            machines[endpoint] = Inviter(ACCEPTOR, codecs[0], now, timeout=timeout)
         else:
             machines[endpoint].handle_timer(now)
         channel.flush(endpoint, machines[endpoint], now)
@@ -261,11 +384,12 @@ def simulate(
     duplicate=st.floats(0, 0.5),
     jitter=st.floats(0, 1.0),
     invite_at=st.floats(0, 20),
+    authenticated=st.booleans(),
 )
 def test_both_sides_complete_despite_loss_duplication_and_reordering(
-    seed: int, loss: float, duplicate: float, jitter: float, invite_at: float
+    seed: int, loss: float, duplicate: float, jitter: float, invite_at: float, authenticated: bool
 ) -> None:
-    channel = Channel(random.Random(seed), loss, duplicate, jitter)
+    channel = Channel(random.Random(seed), loss, duplicate, jitter, authenticated)
     outcomes = {role: (machine.outcome, when) for role, machine, when in simulate(channel, invite_at)}
     assert outcomes["inviter"][0] is Outcome.COMPLETED
     assert outcomes["acceptor"][0] in (Outcome.COMPLETED, Outcome.PRESUMED)
@@ -273,8 +397,9 @@ def test_both_sides_complete_despite_loss_duplication_and_reordering(
     assert outcomes["acceptor"][1] <= outcomes["inviter"][1] + puncher.QUIET_PERIOD + 1.1
 
 
-def test_lost_final_ready_ends_in_a_presumed_success() -> None:
-    channel = Channel(random.Random(1), 0, 0, 0)
+@pytest.mark.parametrize("authenticated", [False, True])
+def test_lost_final_ready_ends_in_a_presumed_success(authenticated: bool) -> None:
+    channel = Channel(random.Random(1), 0, 0, 0, authenticated)
     channel.drop.add((INVITER, Flag.READY))
     outcomes = {role: (machine.outcome, when) for role, machine, when in simulate(channel, 5.0)}
     # hello at 5.0 reaches the acceptor at 5.02, its ready the inviter at 5.04
@@ -822,3 +947,89 @@ async def test_punch_returns_the_peer_endpoint_as_given() -> None:
         puncher.punch(b, endpoint_of(a), MASKED, accept=False, timeout=10),
     )
     assert list(peers) == [Endpoint("127.0.0.1", p.port) for p in peers]
+
+
+# --- a blind attacker against an acceptor between two plexus peers ------------------------------------------
+
+FORGERIES = 100_000
+
+
+def forgeries(rng: random.Random, count: int) -> Iterator[tuple[bytes, Endpoint]]:
+    """What a blind attacker can send: noise, datagrams with the authenticated header and a guessed tag, 2.2
+    datagrams for guessed secrets; from the inviter's exact endpoint or another port of its address."""
+    for n in range(count):
+        kind = n % 4
+        if kind == 0:
+            data = rng.randbytes(rng.choice((8, 34, 59, 60, 61, 200)))
+        elif kind in (1, 2):  # a hello or ready claiming the inviter's role, with a random tag
+            data = bytes([puncher.AUTH_VERSION, kind - 1]) + rng.randbytes(puncher.DATAGRAM_SIZE - 2)
+        else:
+            data = encode(Flag(n & 1), rng.getrandbits(64), rng.randbytes(7), rng.randbytes(52))
+        port = INVITER.port if n % 2 else rng.randrange(1024, 65536)
+        yield data, INVITER._replace(port=port)
+
+
+def test_a_blind_attacker_never_completes_the_handshake_nor_moves_the_peer() -> None:
+    rng = random.Random(16)
+    inviter_codec = sealed(accept=False)
+    acceptor = Acceptor(INVITER, sealed(accept=True), 0.0, peer_reflexive=True, timeout=600)
+    assert [d.ttl for d in acceptor.datagrams_to_send()] == [puncher.DEFAULT_HOPS]
+    attack = forgeries(rng, FORGERIES)
+    for now, (data, source) in enumerate(itertools.islice(attack, FORGERIES // 2)):
+        acceptor.datagram_received(data, source, now / 1000)
+    assert acceptor.outcome is None and acceptor.peer == INVITER and not acceptor.settled
+    assert acceptor.datagrams_to_send() == []  # not one ready: the command would start on a ready's answer
+    # the real inviter's hello, then the rest of the attack while the handshake goes on
+    acceptor.datagram_received(inviter_codec.seal(Flag.HELLO, os.urandom), INVITER, 50.0)
+    assert [d.to for d in acceptor.datagrams_to_send()] == [None]  # a ready, to the peer
+    for now, (data, source) in enumerate(attack):
+        acceptor.datagram_received(data, source, 50.0 + now / 1e6)
+    assert acceptor.outcome is None and acceptor.peer == INVITER
+    assert acceptor.datagrams_to_send() == []
+    acceptor.datagram_received(inviter_codec.seal(Flag.READY, os.urandom), INVITER, 50.2)
+    assert acceptor.outcome is Outcome.COMPLETED and acceptor.peer == INVITER
+
+
+def test_the_2_2_check_falls_to_a_few_hundred_blind_datagrams() -> None:
+    """Why plexus peers authenticate: 2.2's check passes one random datagram in 256, so a blind attacker
+    completes a 2.2 acceptor's handshake (a hello, then a ready) in about 512 datagrams."""
+    rng = random.Random(16)
+    acceptor = Acceptor(INVITER, MASKED, 0.0, timeout=600)
+    sent = 0
+    while acceptor.outcome is None:
+        sent += 1
+        acceptor.datagram_received(rng.randbytes(puncher.DATAGRAM_SIZE), INVITER, sent / 1000)
+    assert acceptor.outcome is Outcome.COMPLETED
+    assert sent < 5000
+
+
+def test_a_replayed_hello_is_refused_from_another_port_and_from_the_same_source() -> None:
+    inviter_codec, codec = sealed(accept=False), sealed(accept=True)
+    hello = inviter_codec.seal(Flag.HELLO, os.urandom)
+    # one codec for the machines of a fan-out: the hello that reached socket 1 is a replay at socket 2
+    first = Acceptor(INVITER, codec, 0.0, peer_reflexive=True)
+    second = Acceptor(INVITER, codec, 0.0, peer_reflexive=True)
+    for machine in (first, second):
+        machine.datagrams_to_send()
+    first.datagram_received(hello, INVITER, 0.1)
+    assert len(first.datagrams_to_send()) == 1
+    first.datagram_received(hello, INVITER, 0.2)  # the same bytes again: no second ready
+    assert first.datagrams_to_send() == []
+    second.datagram_received(hello, INVITER._replace(port=INVITER.port + 1), 0.2)
+    assert second.peer == INVITER and not second.settled
+    assert second.datagrams_to_send() == []
+
+
+def test_a_reflected_datagram_is_refused() -> None:
+    """Our own datagram sent back at us (a NAT hairpin, a mirror) is refused: it names our role."""
+    acceptor = Acceptor(INVITER, sealed(accept=True), 0.0, peer_reflexive=True)
+    (punch,) = acceptor.datagrams_to_send()
+    acceptor.datagram_received(punch.data, INVITER, 0.1)
+    acceptor.datagram_received(punch.data, INVITER._replace(port=1), 0.1)
+    assert acceptor.datagrams_to_send() == [] and not acceptor.settled
+    inviter = Inviter(ACCEPTOR, sealed(accept=False), 0.0, peer_reflexive=True)
+    (hello,) = inviter.datagrams_to_send()
+    ready = sealed(accept=False).seal(Flag.READY, os.urandom)  # the inviter's own ready, not the acceptor's
+    for data in (hello.data, ready):
+        inviter.datagram_received(data, ACCEPTOR, 0.1)
+    assert inviter.outcome is None and not inviter.settled
