@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import hmac
 import ipaddress
 import logging
@@ -41,6 +40,7 @@ AUTH_VERSION = 0xA1
 NONCE_SIZE = 16  # random: a repeat within one handshake is a replay, and 128 bits never repeat by chance
 TAG_SIZE = 16
 AUTH_BODY = DATAGRAM_SIZE - TAG_SIZE  # what the tag covers: every byte before it
+KEY_SIZE = 32  # HMAC-SHA256's own size
 KEY_INFO = b"plexus handshake 1"  # HKDF info: a new datagram format or key schedule gets a new label
 HELLO_INTERVAL = 0.25  # the inviter's hello period; short because the first lost hello costs connect time
 QUIET_PERIOD = 4.0  # acceptor: silence after its ready meaning the inviter got one (2.2 retries every 1.6 s)
@@ -148,8 +148,8 @@ class Authenticated(Codec):
     datagram replayed to another socket is refused too)."""
 
     def __init__(self, key: bytes, *, accept: bool) -> None:
-        if len(key) != hashlib.sha256().digest_size:
-            raise ValueError(f"the handshake key must be 32 bytes, not {len(key)}")
+        if len(key) != KEY_SIZE:
+            raise ValueError(f"the handshake key must be {KEY_SIZE} bytes, not {len(key)}")
         self._key = key
         self._mine = int(accept) << 1  # bit 1 of the kind byte: the sender is the acceptor
         self._theirs = int(not accept) << 1
@@ -161,7 +161,7 @@ class Authenticated(Codec):
         for puzzle in (inviter_puzzle, acceptor_puzzle):
             _mask(puzzle)  # the same check as a secret's: an unsigned 64-bit number
         material = inviter_puzzle.to_bytes(8, "big") + acceptor_puzzle.to_bytes(8, "big")
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=KEY_INFO).derive(material)
+        key = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=KEY_INFO).derive(material)
         return cls(key, accept=accept)
 
     def _tag(self, body: bytes) -> bytes:

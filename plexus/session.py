@@ -259,7 +259,7 @@ async def _punch(
     sock: socket.socket,
     peer: Endpoint,
     secret: int,
-    sealing: puncher.Codec,
+    codec: puncher.Codec,
     *,
     accept: bool,
     relay: Relay | None,
@@ -276,8 +276,8 @@ async def _punch(
         if chosen.relay is None:
             assert relay is not None
             sock.close()
-            return await _over_own_relay(relay, peer, secret, sealing, config, accept=accept)
-        return await _toward_relay(sock, chosen.relay, found, secret, sealing, config, accept=accept)
+            return await _over_own_relay(relay, peer, secret, codec, config, accept=accept)
+        return await _toward_relay(sock, chosen.relay, found, secret, codec, config, accept=accept)
     can_fall_back = relay is not None or fallback is not None
     bound = FALLBACK_BOUND if can_fall_back else config.handshake_timeout
     if limit is not None:
@@ -285,16 +285,16 @@ async def _punch(
     try:
         hops = hops if hops is not None else config.punch_hops
         return await _direct(
-            chosen, sock, found, peer, secret, sealing, config, accept=accept, timeout=bound, hops=hops
+            chosen, sock, found, peer, secret, codec, config, accept=accept, timeout=bound, hops=hops
         )
     except HandshakeTimeoutError:
         if not can_fall_back:
             raise
     log.warning("no direct path (%s) within %g s: falling back to the relay", chosen.method, bound)
     if relay is not None:
-        return await _over_own_relay(relay, peer, secret, sealing, config, accept=accept)
+        return await _over_own_relay(relay, peer, secret, codec, config, accept=accept)
     assert fallback is not None
-    return await _toward_relay(bind(config.inner), fallback, found, secret, sealing, config, accept=accept)
+    return await _toward_relay(bind(config.inner), fallback, found, secret, codec, config, accept=accept)
 
 
 async def _direct(
@@ -303,7 +303,7 @@ async def _direct(
     found: Found,
     peer: Endpoint,
     secret: int,
-    sealing: puncher.Codec,
+    codec: puncher.Codec,
     config: SessionConfig,
     *,
     accept: bool,
@@ -312,16 +312,14 @@ async def _direct(
 ) -> Punched:
     if chosen.method is Method.FANOUT:
         extra = [bind(Endpoint(found.inner.host, 0)) for _ in range(puncher.FANOUT_SOCKETS - 1)]
-        winner, peer = await puncher.punch_fanout(
-            [sock, *extra], peer, sealing, accept=accept, timeout=timeout
-        )
+        winner, peer = await puncher.punch_fanout([sock, *extra], peer, codec, accept=accept, timeout=timeout)
         with contextlib.closing(winner):
             inner = Endpoint(found.inner.host, winner.getsockname()[1])
         return Punched(Tunnel(inner, found.outer, peer, secret, chosen.method))
     peer = await puncher.punch(
         sock,
         peer,
-        sealing,
+        codec,
         accept=accept,
         hops=hops,
         timeout=timeout,
@@ -332,12 +330,12 @@ async def _direct(
 
 
 async def _over_own_relay(
-    relay: Relay, peer: Endpoint, secret: int, sealing: puncher.Codec, config: SessionConfig, *, accept: bool
+    relay: Relay, peer: Endpoint, secret: int, codec: puncher.Codec, config: SessionConfig, *, accept: bool
 ) -> Punched:
     """The handshake through this side's allocation; the command will talk to a local forwarder."""
     await relay.permit(peer.host)  # its port toward the relay is not the one STUN saw: any port of its IP
     timeout = config.handshake_timeout
-    peer = await relay_punch(relay, peer, sealing, accept=accept, timeout=timeout, peer_reflexive=True)
+    peer = await relay_punch(relay, peer, codec, accept=accept, timeout=timeout, peer_reflexive=True)
     local = bind(Endpoint("127.0.0.1", 0))
     command = Endpoint("127.0.0.1", _free_port())
     forwarder = Endpoint("127.0.0.1", local.getsockname()[1])
@@ -349,7 +347,7 @@ async def _toward_relay(
     relayed: Endpoint,
     found: Found,
     secret: int,
-    sealing: puncher.Codec,
+    codec: puncher.Codec,
     config: SessionConfig,
     *,
     accept: bool,
@@ -359,7 +357,7 @@ async def _toward_relay(
     # The TTL-limited punch must die between the NATs; toward a relay it must arrive, so the relay learns
     # where this side's NAT maps it.
     timeout = config.handshake_timeout
-    peer = await puncher.punch(sock, relayed, sealing, accept=accept, hops=ARRIVING_HOPS, timeout=timeout)
+    peer = await puncher.punch(sock, relayed, codec, accept=accept, hops=ARRIVING_HOPS, timeout=timeout)
     return Punched(Tunnel(inner, found.outer, peer, secret, Method.RELAY))
 
 
