@@ -435,10 +435,12 @@ def endpoint_of(sock: socket.socket) -> Endpoint:
 
 
 @pytest.mark.parametrize("acceptor_first", [True, False])
-async def test_punch_on_loopback(acceptor_first: bool) -> None:
+@pytest.mark.parametrize("authenticated", [False, True], ids=["2.2-packet", "authenticated"])
+async def test_punch_on_loopback(acceptor_first: bool, authenticated: bool) -> None:
     a, b = udp_socket(), udp_socket()
-    accept = puncher.punch(a, endpoint_of(b), MASKED, accept=True, hops=1, timeout=10)
-    invite = puncher.punch(b, endpoint_of(a), MASKED, accept=False, timeout=10)
+    codecs = (sealed(accept=True), sealed(accept=False)) if authenticated else (MASKED, MASKED)
+    accept = puncher.punch(a, endpoint_of(b), codecs[0], accept=True, hops=1, timeout=10)
+    invite = puncher.punch(b, endpoint_of(a), codecs[1], accept=False, timeout=10)
     await asyncio.gather(*((accept, invite) if acceptor_first else (invite, accept)))
     assert a.fileno() == -1
     assert b.fileno() == -1
@@ -903,8 +905,15 @@ async def test_punch_fanout_against_an_easy_peer_reflexive_punch_on_loopback() -
     with elsewhere:  # the endpoint the hard side's STUN server saw: never used toward the easy side
         started = asyncio.get_running_loop().time()
         (winner, peer), final = await asyncio.gather(
-            puncher.punch_fanout(socks, endpoint_of(easy), MASKED, accept=True, timeout=5),
-            puncher.punch(easy, endpoint_of(elsewhere), MASKED, accept=False, peer_reflexive=True, timeout=5),
+            puncher.punch_fanout(socks, endpoint_of(easy), sealed(accept=True), accept=True, timeout=5),
+            puncher.punch(
+                easy,
+                endpoint_of(elsewhere),
+                sealed(accept=False),
+                accept=False,
+                peer_reflexive=True,
+                timeout=5,
+            ),
         )
         assert asyncio.get_running_loop().time() - started < 0.5
     with winner:
