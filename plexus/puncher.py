@@ -3,6 +3,8 @@
 The protocol is a pair of sans-I/O state machines, `Inviter` and `Acceptor`: datagrams and time go in;
 datagrams to send, a timer and an outcome come out. `punch` is the thin asyncio driver around one of them,
 `punch_fanout` the driver of one machine per socket (`fan_out`) for a host whose NAT maps per destination.
+What a datagram looks like is the session's `Codec`: plexus 2.2's masked checksum (`Masked`) toward a 2.2
+peer, an HMAC keyed from both puzzles (`Authenticated`) between two plexus peers.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import ipaddress
 import logging
 import os
@@ -21,13 +24,24 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError
 
 log = logging.getLogger(__name__)
 
-PACKET_SIZE = 8  # the meaningful head of every handshake datagram
+PACKET_SIZE = 8  # the meaningful head of a plexus 2.2 handshake datagram
 DATAGRAM_SIZE = 60  # what plexus 2.2 sends; the rest after the packet is random padding
+# The authenticated datagram, DATAGRAM_SIZE bytes (docs/protocol.md, "Authenticated packet"): version, kind
+# (flag and sender's role), nonce, random padding, then the HMAC-SHA256 of all that truncated to TAG_SIZE.
+AUTH_VERSION = 0xA1
+NONCE_SIZE = 16  # random: a repeat within one handshake is a replay, and 128 bits never repeat by chance
+TAG_SIZE = 16
+AUTH_BODY = DATAGRAM_SIZE - TAG_SIZE  # what the tag covers: every byte before it
+KEY_SIZE = 32  # HMAC-SHA256's own size
+KEY_INFO = b"plexus handshake 1"  # HKDF info: a new datagram format or key schedule gets a new label
 HELLO_INTERVAL = 0.25  # the inviter's hello period; short because the first lost hello costs connect time
 QUIET_PERIOD = 4.0  # acceptor: silence after its ready meaning the inviter got one (2.2 retries every 1.6 s)
 PUNCH_REFRESH = 1.0  # acceptor: re-punch until the first hello, in case the punch was lost before its NAT
@@ -98,6 +112,79 @@ def decode(data: bytes, secret: int) -> Flag | None:
     return Flag(packet[0] & 1)
 
 
+class Codec(ABC):
+    """How one session's handshake datagrams are made and checked."""
+
+    @abstractmethod
+    def seal(self, flag: Flag, random: Random) -> bytes:
+        """The DATAGRAM_SIZE-byte datagram carrying `flag`, its randomness drawn from `random`."""
+
+    @abstractmethod
+    def open(self, data: bytes) -> Flag | None:
+        """The flag of a datagram from the peer, or None when it is not one of this session's."""
+
+
+class Masked(Codec):
+    """plexus 2.2's datagram (`encode`, `decode`), for a 2.2 peer: 8 bits of check, so it filters stray
+    traffic but authenticates nothing (docs/protocol.md)."""
+
+    def __init__(self, secret: int) -> None:
+        _mask(secret)  # reject a bad secret now, not at the first datagram
+        self.secret = secret
+
+    def seal(self, flag: Flag, random: Random) -> bytes:
+        entropy = random(DATAGRAM_SIZE - 1)
+        return encode(flag, self.secret, entropy[: PACKET_SIZE - 1], entropy[PACKET_SIZE - 1 :])
+
+    def open(self, data: bytes) -> Flag | None:
+        return decode(data, self.secret)
+
+
+class Authenticated(Codec):
+    """Between two plexus peers: each datagram carries its flag, its sender's role and a fresh nonce under a
+    truncated HMAC-SHA256 keyed from both puzzles (`derive`). A datagram is refused unless its tag checks
+    (in constant time), it comes from the other role (not our own reflected back), and its nonce is new in
+    this handshake (not a replay). One codec serves one session's machines (a fan-out's share it, so a
+    datagram replayed to another socket is refused too)."""
+
+    def __init__(self, key: bytes, *, accept: bool) -> None:
+        if len(key) != KEY_SIZE:
+            raise ValueError(f"the handshake key must be {KEY_SIZE} bytes, not {len(key)}")
+        self._key = key
+        self._mine = int(accept) << 1  # bit 1 of the kind byte: the sender is the acceptor
+        self._theirs = int(not accept) << 1
+        self._seen: set[bytes] = set()  # nonces of datagrams that passed: only the peer's, so bounded
+
+    @classmethod
+    def derive(cls, inviter_puzzle: int, acceptor_puzzle: int, *, accept: bool) -> Authenticated:
+        """The codec of a session with these puzzles, for the acceptor's side or the inviter's."""
+        for puzzle in (inviter_puzzle, acceptor_puzzle):
+            _mask(puzzle)  # the same check as a secret's: an unsigned 64-bit number
+        material = inviter_puzzle.to_bytes(8, "big") + acceptor_puzzle.to_bytes(8, "big")
+        key = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=KEY_INFO).derive(material)
+        return cls(key, accept=accept)
+
+    def _tag(self, body: bytes) -> bytes:
+        return hmac.digest(self._key, body, "sha256")[:TAG_SIZE]
+
+    def seal(self, flag: Flag, random: Random) -> bytes:
+        body = bytes([AUTH_VERSION, flag | self._mine]) + random(AUTH_BODY - 2)
+        return body + self._tag(body)
+
+    def open(self, data: bytes) -> Flag | None:
+        if len(data) != DATAGRAM_SIZE or data[0] != AUTH_VERSION or data[1] & 0xFE != self._theirs:
+            return None
+        body = data[:AUTH_BODY]
+        if not hmac.compare_digest(self._tag(body), data[AUTH_BODY:]):
+            return None
+        nonce = body[2 : 2 + NONCE_SIZE]
+        if nonce in self._seen:
+            log.debug("a replayed handshake datagram: its nonce was seen before")
+            return None
+        self._seen.add(nonce)
+        return Flag(data[1] & 1)
+
+
 @dataclass(frozen=True, slots=True)
 class Datagram:
     """A datagram to send; `ttl` None means the socket's normal TTL, `to` None the machine's current peer."""
@@ -148,7 +235,7 @@ class Handshake(ABC):
     """What both roles share: the peer filter (and its peer-reflexive switch), the spray, the deadline, the
     outbox.
 
-    With `peer_reflexive`, the first authenticated packet (one that decodes with the secret) from the peer's
+    With `peer_reflexive`, the first authenticated packet (one the codec opens) from the peer's
     address but another port makes that source the peer, once: the peer's NAT maps per destination, so its
     packets to us leave from another port than the one its STUN server saw. Before any authenticated packet
     the machine listens to both; after, only to its peer. Without it (the default, as plexus 2.2), only the
@@ -157,7 +244,7 @@ class Handshake(ABC):
     def __init__(
         self,
         peer: Endpoint,
-        secret: int,
+        codec: Codec,
         now: float,
         *,
         timeout: float,
@@ -167,9 +254,8 @@ class Handshake(ABC):
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"handshake timeout must be positive, not {timeout}")
-        _mask(secret)  # reject a bad secret now, not at the first datagram
         self.peer = peer
-        self.secret = secret
+        self.codec = codec
         self.deadline = now + timeout
         self.outcome: Outcome | None = None
         self.settled = False  # an authenticated packet has arrived: the peer is what it is
@@ -191,9 +277,9 @@ class Handshake(ABC):
         if reflexive and not (self._peer_reflexive and not self.settled and source.host == self.peer.host):
             log.debug("ignoring %d bytes from %s: not the peer %s", len(data), source, self.peer)
             return
-        flag = decode(data, self.secret)
+        flag = self.codec.open(data)
         if flag is None:
-            log.debug("ignoring %d bytes from %s: not a handshake packet for this secret", len(data), source)
+            log.debug("ignoring %d bytes from %s: not a handshake packet of this session", len(data), source)
             return
         if reflexive:
             log.info(
@@ -233,8 +319,7 @@ class Handshake(ABC):
         return outbox
 
     def _send(self, flag: Flag, ttl: int | None = None, to: Endpoint | None = None) -> None:
-        entropy = self._random(DATAGRAM_SIZE - 1)
-        self._outbox.append(Datagram(encode(flag, self.secret, entropy[:7], entropy[7:]), ttl, to))
+        self._outbox.append(Datagram(self.codec.seal(flag, self._random), ttl, to))
 
     @abstractmethod
     def _on_switch(self, now: float) -> None:
@@ -261,7 +346,7 @@ class Inviter(Handshake):
     def __init__(
         self,
         peer: Endpoint,
-        secret: int,
+        codec: Codec,
         now: float,
         *,
         timeout: float = DEFAULT_TIMEOUT,
@@ -271,7 +356,7 @@ class Inviter(Handshake):
         fanout: Fanout | None = None,
     ) -> None:
         super().__init__(
-            peer, secret, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray
+            peer, codec, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray
         )
         self._interval = HELLO_INTERVAL if fanout is None else fanout.interval
         self._next_hello = now if fanout is None else now + fanout.offset
@@ -316,7 +401,7 @@ class Acceptor(Handshake):
     def __init__(
         self,
         peer: Endpoint,
-        secret: int,
+        codec: Codec,
         now: float,
         *,
         hops: int = DEFAULT_HOPS,
@@ -329,7 +414,7 @@ class Acceptor(Handshake):
         if not 1 <= hops <= 255:
             raise ValueError(f"punch hops must be 1-255, not {hops}")
         super().__init__(
-            peer, secret, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray
+            peer, codec, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray
         )
         self._hops = hops
         self._fanout = fanout
@@ -371,7 +456,7 @@ class Acceptor(Handshake):
 
 def handshake(
     peer: Endpoint,
-    secret: int,
+    codec: Codec,
     now: float,
     *,
     accept: bool,
@@ -385,11 +470,11 @@ def handshake(
     """The role's machine: the acceptor's (with its TTL punch, `hops`) or the inviter's."""
     if accept:
         return Acceptor(
-            peer, secret, now, hops=hops, timeout=timeout, random=random, peer_reflexive=peer_reflexive,
+            peer, codec, now, hops=hops, timeout=timeout, random=random, peer_reflexive=peer_reflexive,
             spray=spray, fanout=fanout,
         )  # fmt: skip
     return Inviter(
-        peer, secret, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray,
+        peer, codec, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray,
         fanout=fanout,
     )  # fmt: skip
 
@@ -397,7 +482,7 @@ def handshake(
 def fan_out(
     count: int,
     peer: Endpoint,
-    secret: int,
+    codec: Codec,
     now: float,
     *,
     accept: bool,
@@ -412,7 +497,7 @@ def fan_out(
     return [
         handshake(
             peer,
-            secret,
+            codec,
             now,
             accept=accept,
             timeout=timeout,
@@ -514,7 +599,7 @@ class _Driver:
 async def punch(
     sock: socket.socket,
     peer: Endpoint,
-    secret: int,
+    codec: Codec,
     *,
     accept: bool,
     hops: int = DEFAULT_HOPS,
@@ -538,7 +623,7 @@ async def punch(
         key = _canonical(peer)
         machine = handshake(
             key,
-            secret,
+            codec,
             now,
             accept=accept,
             hops=hops,
@@ -572,7 +657,7 @@ def report(outcome: Outcome, peer: Endpoint, via: object = None) -> None:
 async def punch_fanout(
     socks: Sequence[socket.socket],
     peer: Endpoint,
-    secret: int,
+    codec: Codec,
     *,
     accept: bool,
     timeout: float = DEFAULT_TIMEOUT,
@@ -593,7 +678,7 @@ async def punch_fanout(
             sock.setblocking(False)
         key = _canonical(peer)
         machines = fan_out(
-            len(socks), key, secret, loop.time(), accept=accept, interval=interval, timeout=timeout
+            len(socks), key, codec, loop.time(), accept=accept, interval=interval, timeout=timeout
         )
         drivers = [_Driver(sock, machine) for sock, machine in zip(socks, machines, strict=True)]
         first: asyncio.Future[int] = loop.create_future()

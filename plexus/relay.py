@@ -35,7 +35,7 @@ from aioice import stun, turn
 
 from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError, TurnAuthError, TurnError, TurnUnreachableError
-from plexus.puncher import DEFAULT_TIMEOUT, Outcome, handshake, report
+from plexus.puncher import DEFAULT_TIMEOUT, Codec, Outcome, handshake, report
 
 log = logging.getLogger(__name__)
 
@@ -464,12 +464,15 @@ class Relay:
 
 
 class _Forwarder:
+    """The command's datagrams to `peer` and back. Only `peer`, the endpoint the handshake authenticated, is
+    heard: the command's own datagrams carry no proof of their sender, so a new source, even on the peer's
+    IP, may be anyone there (behind the same carrier NAT, or spoofing) and is never followed."""
+
     def __init__(self, relay: Relay, local: socket.socket, command: Endpoint, peer: Endpoint) -> None:
         self.relay = relay
         self.local = local
         self.command = (command.host, command.port)
-        self.peer = peer
-        self.peer_ip = _canonical_ip(peer.host)
+        self.peer = Endpoint(_canonical_ip(peer.host), peer.port)
         self.to_peer = 0
         self.to_command = 0
         self.dropped = 0
@@ -494,13 +497,10 @@ class _Forwarder:
             self.to_peer += 1
 
     def on_relayed(self, data: bytes, source: Endpoint) -> None:
-        if source != self.peer:
-            if _canonical_ip(source.host) != self.peer_ip:
-                self.dropped += 1
-                log.debug("forwarder: ignoring %d bytes from %s, not the peer", len(data), source)
-                return
-            log.info("the peer %s now sends from %s: following it", self.peer, source)
-            self.peer = source
+        if Endpoint(_canonical_ip(source.host), source.port) != self.peer:
+            self.dropped += 1
+            log.debug("forwarder: ignoring %d bytes from %s, not the peer %s", len(data), source, self.peer)
+            return
         try:
             self.local.sendto(data, self.command)
         except OSError as exc:  # a full buffer, or the command's port closed: a lost datagram
@@ -515,7 +515,8 @@ async def forward(relay: Relay, local: socket.socket, command: Endpoint, peer: E
 
     `local` is plexus's UDP socket on 127.0.0.1, the "peer" endpoint the command was given; `command` is the
     command's own endpoint. Datagrams from `command` to `local` go to `peer` through the relay; datagrams from
-    `peer`'s IP come out of `local` to `command` (a new source port becomes the peer). Raises TurnError when
+    `peer` (the endpoint the handshake ended with; any other source is dropped) come out of `local` to
+    `command`. Raises TurnError when
     the allocation is lost. Datagrams that reached the relay before the call are delivered first.
     """
     if relay._sink != relay._enqueue:
@@ -547,7 +548,7 @@ async def forward(relay: Relay, local: socket.socket, command: Endpoint, peer: E
 async def punch(
     relay: Relay,
     peer: Endpoint,
-    secret: int,
+    codec: Codec,
     *,
     accept: bool,
     timeout: float = DEFAULT_TIMEOUT,
@@ -563,7 +564,7 @@ async def punch(
     loop = asyncio.get_running_loop()
     key = Endpoint(_canonical_ip(peer.host), peer.port)
     machine = handshake(
-        key, secret, loop.time(), accept=accept, timeout=timeout, peer_reflexive=peer_reflexive
+        key, codec, loop.time(), accept=accept, timeout=timeout, peer_reflexive=peer_reflexive
     )
     while True:
         for datagram in machine.datagrams_to_send():

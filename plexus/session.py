@@ -234,11 +234,22 @@ async def _meet(
             sock,
             response.outer,
             puzzle ^ response.puzzle,
+            handshake_codec(puzzle, response.puzzle, theirs, accept=False),
             accept=False,
             relay=own,
             fallback=theirs.relay if theirs is not None else None,
             limit=FAST_BOUND if fast else None,
         )
+
+
+def handshake_codec(
+    inviter_puzzle: int, acceptor_puzzle: int, theirs: Reach | None, *, accept: bool
+) -> puncher.Codec:
+    """The handshake's datagrams: authenticated between plexus peers (the peer's offer has a Reach), plexus
+    2.2's masked checksum toward a 2.2 peer, which knows no other."""
+    if theirs is None:
+        return puncher.Masked(inviter_puzzle ^ acceptor_puzzle)
+    return puncher.Authenticated.derive(inviter_puzzle, acceptor_puzzle, accept=accept)
 
 
 async def _punch(
@@ -248,6 +259,7 @@ async def _punch(
     sock: socket.socket,
     peer: Endpoint,
     secret: int,
+    codec: puncher.Codec,
     *,
     accept: bool,
     relay: Relay | None,
@@ -264,8 +276,8 @@ async def _punch(
         if chosen.relay is None:
             assert relay is not None
             sock.close()
-            return await _over_own_relay(relay, peer, secret, config, accept=accept)
-        return await _toward_relay(sock, chosen.relay, found, secret, config, accept=accept)
+            return await _over_own_relay(relay, peer, secret, codec, config, accept=accept)
+        return await _toward_relay(sock, chosen.relay, found, secret, codec, config, accept=accept)
     can_fall_back = relay is not None or fallback is not None
     bound = FALLBACK_BOUND if can_fall_back else config.handshake_timeout
     if limit is not None:
@@ -273,16 +285,16 @@ async def _punch(
     try:
         hops = hops if hops is not None else config.punch_hops
         return await _direct(
-            chosen, sock, found, peer, secret, config, accept=accept, timeout=bound, hops=hops
+            chosen, sock, found, peer, secret, codec, config, accept=accept, timeout=bound, hops=hops
         )
     except HandshakeTimeoutError:
         if not can_fall_back:
             raise
     log.warning("no direct path (%s) within %g s: falling back to the relay", chosen.method, bound)
     if relay is not None:
-        return await _over_own_relay(relay, peer, secret, config, accept=accept)
+        return await _over_own_relay(relay, peer, secret, codec, config, accept=accept)
     assert fallback is not None
-    return await _toward_relay(bind(config.inner), fallback, found, secret, config, accept=accept)
+    return await _toward_relay(bind(config.inner), fallback, found, secret, codec, config, accept=accept)
 
 
 async def _direct(
@@ -291,6 +303,7 @@ async def _direct(
     found: Found,
     peer: Endpoint,
     secret: int,
+    codec: puncher.Codec,
     config: SessionConfig,
     *,
     accept: bool,
@@ -299,16 +312,14 @@ async def _direct(
 ) -> Punched:
     if chosen.method is Method.FANOUT:
         extra = [bind(Endpoint(found.inner.host, 0)) for _ in range(puncher.FANOUT_SOCKETS - 1)]
-        winner, peer = await puncher.punch_fanout(
-            [sock, *extra], peer, secret, accept=accept, timeout=timeout
-        )
+        winner, peer = await puncher.punch_fanout([sock, *extra], peer, codec, accept=accept, timeout=timeout)
         with contextlib.closing(winner):
             inner = Endpoint(found.inner.host, winner.getsockname()[1])
         return Punched(Tunnel(inner, found.outer, peer, secret, chosen.method))
     peer = await puncher.punch(
         sock,
         peer,
-        secret,
+        codec,
         accept=accept,
         hops=hops,
         timeout=timeout,
@@ -319,12 +330,12 @@ async def _direct(
 
 
 async def _over_own_relay(
-    relay: Relay, peer: Endpoint, secret: int, config: SessionConfig, *, accept: bool
+    relay: Relay, peer: Endpoint, secret: int, codec: puncher.Codec, config: SessionConfig, *, accept: bool
 ) -> Punched:
     """The handshake through this side's allocation; the command will talk to a local forwarder."""
     await relay.permit(peer.host)  # its port toward the relay is not the one STUN saw: any port of its IP
     timeout = config.handshake_timeout
-    peer = await relay_punch(relay, peer, secret, accept=accept, timeout=timeout, peer_reflexive=True)
+    peer = await relay_punch(relay, peer, codec, accept=accept, timeout=timeout, peer_reflexive=True)
     local = bind(Endpoint("127.0.0.1", 0))
     command = Endpoint("127.0.0.1", _free_port())
     forwarder = Endpoint("127.0.0.1", local.getsockname()[1])
@@ -332,14 +343,21 @@ async def _over_own_relay(
 
 
 async def _toward_relay(
-    sock: socket.socket, relayed: Endpoint, found: Found, secret: int, config: SessionConfig, *, accept: bool
+    sock: socket.socket,
+    relayed: Endpoint,
+    found: Found,
+    secret: int,
+    codec: puncher.Codec,
+    config: SessionConfig,
+    *,
+    accept: bool,
 ) -> Punched:
     """The handshake with the peer's relayed endpoint, from an ordinary socket."""
     inner = Endpoint(found.inner.host, sock.getsockname()[1])
     # The TTL-limited punch must die between the NATs; toward a relay it must arrive, so the relay learns
     # where this side's NAT maps it.
     timeout = config.handshake_timeout
-    peer = await puncher.punch(sock, relayed, secret, accept=accept, hops=ARRIVING_HOPS, timeout=timeout)
+    peer = await puncher.punch(sock, relayed, codec, accept=accept, hops=ARRIVING_HOPS, timeout=timeout)
     return Punched(Tunnel(inner, found.outer, peer, secret, Method.RELAY))
 
 
@@ -552,6 +570,7 @@ async def _answer(
                         sock,
                         invitation.offer.outer,
                         secret,
+                        handshake_codec(invitation.offer.puzzle, puzzle, theirs, accept=True),
                         accept=True,
                         relay=own,
                         fallback=fallback,

@@ -5,6 +5,10 @@ connected to the peer's (so stray datagrams from anyone else never reach QUIC). 
 in TLS 1.3 and check the peer's (identity.PeerCheck) when the handshake completes, before any stream's bytes
 are handed on. Each TCP connection is one bidirectional stream (streams/forward.py).
 
+A datagram from the peer's endpoint proves nothing (a UDP source is easy to forge), so the acceptor keeps a
+candidate connection per client Initial (by its destination connection id, up to MAX_CANDIDATES) and keeps
+the one whose TLS handshake completes; a stray or forged Initial only makes a candidate that never does.
+
 Throughput is bound by Python's work per datagram and per pass through aioquic's send path, so the driver
 sends once per batch of received datagrams (a flush scheduled with call_soon, not one per datagram), lets
 the pacer release 64 datagrams per wake-up instead of 16, and the CLI runs it on uvloop.
@@ -24,7 +28,7 @@ from aioquic._buffer import Buffer, BufferReadError
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicErrorCode, pull_quic_header
+from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 from aioquic.quic.recovery import K_MICRO_SECOND, QuicPacketPacer
 from cryptography import x509
 
@@ -41,6 +45,10 @@ IDLE_TIMEOUT = 60.0
 # expire after 30 s or more of silence, and the pings keep both alive.
 KEEPALIVE_INTERVAL = 15.0
 HANDSHAKE_TIMEOUT = 10.0
+# The acceptor's connections made from client Initials before one completes its handshake: the real one and a
+# few forged or stray ones; a new Initial beyond that replaces the oldest.
+MAX_CANDIDATES = 8
+INITIAL_SIZE = 1200  # a client's Initial comes in a datagram this large at least (RFC 9000 14.1)
 CLOSE_TIMEOUT = 0.5  # how long a closing side waits for its CONNECTION_CLOSE to leave and the peer to ack
 # A direct path's datagrams: 1400 bytes of UDP payload fit every common path MTU (1500, PPPoE's 1492, IPv6
 # and tunnel overheads). Through a TURN relay the relay's own framing (up to 36 bytes) must fit as well.
@@ -165,7 +173,9 @@ class Link(asyncio.DatagramProtocol):
     """One QUIC connection on one connected UDP socket."""
 
     def __init__(self, quic: _Connection | None, check: PeerCheck, config: QuicConfiguration) -> None:
-        self._quic = quic  # the acceptor's is made from the client's first Initial
+        self._quic = quic  # the acceptor's is the candidate whose handshake completes first
+        self._candidates: dict[bytes, _Connection] = {}  # acceptor, until then: by their connection ids
+        self._refusal: PlexusError | None = None  # why the last candidate that ended did
         self._check = check
         self._config = config
         self._loop = asyncio.get_running_loop()
@@ -184,12 +194,11 @@ class Link(asyncio.DatagramProtocol):
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self._quic is None:
-            self._quic = self._accept_initial(data)
-            if self._quic is None:
-                return
-        self._quic.receive_datagram(data, addr, self._loop.time())
-        self._events()
+        quic = self._quic or self._candidate(data)
+        if quic is None:
+            return
+        quic.receive_datagram(data, addr, self._loop.time())
+        self._dispatch(quic)
         self._schedule_flush()
 
     def error_received(self, exc: Exception) -> None:
@@ -200,18 +209,57 @@ class Link(asyncio.DatagramProtocol):
 
     # driving
 
-    def _accept_initial(self, data: bytes) -> _Connection | None:
-        """The acceptor's connection, made from the inviter's first Initial; other datagrams (the punch's
-        late hellos) are dropped."""
+    def _candidate(self, data: bytes) -> _Connection | None:
+        """The acceptor's candidate connection a datagram is for, by its destination connection id, as
+        aioquic's own server routes: a new one for a client's first Initial; None for anything else (the
+        punch's late hellos, noise)."""
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=self._config.connection_id_length)
         except (ValueError, BufferReadError):
             return None
-        if header.packet_type is None or header.version is None:
-            return None
-        return _Connection(
+        quic = self._candidates.get(header.destination_cid)
+        if quic is not None or header.packet_type != QuicPacketType.INITIAL or len(data) < INITIAL_SIZE:
+            return quic
+        live = self._live()
+        if len(live) >= MAX_CANDIDATES:
+            self._forget(live[0])
+            log.debug(
+                "streams: more than %d client Initials: the oldest candidate is dropped", MAX_CANDIDATES
+            )
+        quic = _Connection(
             configuration=self._config, original_destination_connection_id=header.destination_cid
         )
+        self._candidates[header.destination_cid] = self._candidates[quic.host_cid] = quic
+        return quic
+
+    def _forget(self, candidate: _Connection) -> None:
+        for cid in [cid for cid, quic in self._candidates.items() if quic is candidate]:
+            del self._candidates[cid]
+
+    def _live(self) -> list[_Connection]:
+        """The connection; on the acceptor until one completes its handshake, the candidates, oldest first."""
+        if self._quic is not None:
+            return [self._quic]
+        return list(dict.fromkeys(self._candidates.values()))
+
+    def _dispatch(self, quic: _Connection) -> None:
+        if quic is self._quic:
+            self._events()
+            return
+        while (event := quic.next_event()) is not None:
+            if isinstance(event, events.HandshakeCompleted):
+                self._quic = quic  # the others never will, or came second: they go
+                self._candidates.clear()
+                self._handshake_completed()
+                self._events()  # what came with it
+                return
+            if isinstance(event, events.ConnectionTerminated):
+                # Not the link's end: a forged Initial can end its own candidate, so the reason waits for
+                # the handshake timeout, in case no other candidate completes (_ready).
+                self._forget(quic)
+                self._refusal = self._termination(event)
+                log.debug("streams: a candidate connection ended: %s", self._refusal)
+                return
 
     def _events(self) -> None:
         assert self._quic is not None
@@ -226,7 +274,7 @@ class Link(asyncio.DatagramProtocol):
                 if stream is not None:
                     stream._fail(StreamsLostError("the peer reset the stream"))
             elif isinstance(event, events.ConnectionTerminated):
-                self._terminated(event)
+                self._end(self._termination(event))
         self._wake_writers()
 
     def _handshake_completed(self) -> None:
@@ -240,7 +288,7 @@ class Link(asyncio.DatagramProtocol):
             return
         self.ready.set_result(None)
 
-    def _terminated(self, event: events.ConnectionTerminated) -> None:
+    def _termination(self, event: events.ConnectionTerminated) -> PlexusError:
         reason = event.reason_phrase or f"code {event.error_code:#x}"
         # A peer that refuses us before our handshake completed can only say so in Handshake packets, where
         # RFC 9000 turns its application close into a transport APPLICATION_ERROR.
@@ -253,7 +301,7 @@ class Link(asyncio.DatagramProtocol):
             error = StreamsLostError("the peer closed the session")
         else:
             error = StreamsLostError(f"the streams connection failed: {reason}")
-        self._end(error)
+        return error
 
     def _end(self, error: PlexusError) -> None:
         if not self.ready.done():
@@ -282,21 +330,24 @@ class Link(asyncio.DatagramProtocol):
 
     def _flush(self) -> None:
         self._flush_pending = False
-        if self._quic is None or self._transport is None or self._transport.is_closing():
+        if self._transport is None or self._transport.is_closing():
             return
-        for data, _ in self._quic.datagrams_to_send(self._loop.time()):
-            self._transport.sendto(data)
+        live = self._live()
+        for quic in live:
+            for data, _ in quic.datagrams_to_send(self._loop.time()):
+                self._transport.sendto(data)
         if self._timer is not None:
             self._timer.cancel()
-        when = self._quic.get_timer()
+        when = min((t for quic in live if (t := quic.get_timer()) is not None), default=None)
         self._timer = None if when is None else self._loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._quic is not None:
-            self._quic.handle_timer(self._loop.time())
-            self._events()
-            self._flush()
+        for quic in self._live():
+            if self._quic is None or quic is self._quic:  # not a candidate another has just beaten
+                quic.handle_timer(self._loop.time())
+                self._dispatch(quic)
+        self._flush()
 
     def _wake_writers(self) -> None:
         if not self._progress.done():
@@ -400,6 +451,8 @@ async def _ready(link: Link) -> Link:
         await asyncio.wait_for(asyncio.shield(link.ready), HANDSHAKE_TIMEOUT)
     except TimeoutError:
         await link.close()
+        if link._refusal is not None:  # no candidate completed, and one ended saying why (a peer refusing us)
+            raise link._refusal from None
         raise StreamsLostError(f"no QUIC handshake with the peer within {HANDSHAKE_TIMEOUT:g} s") from None
     except PlexusError:
         await link.close()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import hmac
 import itertools
+import os
 import random
 import socket
 from collections.abc import Iterator
@@ -15,12 +17,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plexus import puncher
+from plexus import puncher, session
 from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError
+from plexus.mediator.message import Reach
 from plexus.puncher import Acceptor, Flag, Handshake, Inviter, Outcome, decode, encode
+from tests.fuzz import FUZZ
 
 SECRET = 0x0123456789ABCDEF
+MASKED = puncher.Masked(SECRET)  # the 2.2 codec: no state, so one serves every test
 INVITER = Endpoint("198.51.100.2", 40000)
 ACCEPTOR = Endpoint("198.51.100.6", 40001)
 STRANGER = Endpoint("203.0.113.10", 40000)
@@ -84,9 +89,121 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="64-bit"):
         encode(Flag.HELLO, 1 << 64, bytes(7))
     with pytest.raises(ValueError, match="hops"):
-        Acceptor(INVITER, SECRET, 0.0, hops=0)
+        Acceptor(INVITER, MASKED, 0.0, hops=0)
     with pytest.raises(ValueError, match="timeout"):
-        Inviter(ACCEPTOR, SECRET, 0.0, timeout=0)
+        Inviter(ACCEPTOR, MASKED, 0.0, timeout=0)
+
+
+# --- the authenticated packet (two plexus peers) -----------------------------------------------------------
+
+INVITER_PUZZLE, ACCEPTOR_PUZZLE = 0x0123456789ABCDEF, 0xFEDCBA9876543210
+puzzles = st.tuples(secrets_64, secrets_64)
+
+
+def counting(size: int) -> bytes:
+    return bytes(range(size))
+
+
+def sealed(*, accept: bool) -> puncher.Authenticated:
+    return puncher.Authenticated.derive(INVITER_PUZZLE, ACCEPTOR_PUZZLE, accept=accept)
+
+
+def hkdf_sha256(material: bytes, info: bytes) -> bytes:
+    """RFC 5869 by hand, no salt, 32 bytes: one block of expansion."""
+    prk = hmac.digest(bytes(32), material, "sha256")
+    return hmac.digest(prk, info + b"\x01", "sha256")
+
+
+def test_authenticated_known_answer() -> None:
+    """The bytes docs/protocol.md shows, "Authenticated packet"."""
+    material = bytes.fromhex("0123456789abcdeffedcba9876543210")  # inviter's puzzle, then the acceptor's
+    key = hkdf_sha256(material, b"plexus handshake 1")
+    assert key.hex() == "3858ba92c916d5f4caa3b48b70cc018cb16159bf4cb76b98dd2b3361845f0ebe"
+    assert sealed(accept=False)._key == key
+    hello = sealed(accept=False).seal(Flag.HELLO, counting)
+    body = bytes([0xA1, 0x00]) + bytes(range(42))
+    assert hello == body + hmac.digest(key, body, "sha256")[:16]
+    assert hello[-16:].hex() == "71cf52d2f5a87ee333b696606802a977"
+    ready = sealed(accept=True).seal(Flag.READY, counting)
+    assert ready[:2] == bytes([0xA1, 0x03])  # ready (bit 0) from the acceptor (bit 1)
+    assert ready[-16:].hex() == "a5e9b5ff36e56400310175cd88b9ee79"
+    assert len(hello) == len(ready) == puncher.DATAGRAM_SIZE
+
+
+@given(flags, puzzles)
+def test_authenticated_round_trip_both_ways(flag: Flag, pair: tuple[int, int]) -> None:
+    inviter = puncher.Authenticated.derive(*pair, accept=False)
+    acceptor = puncher.Authenticated.derive(*pair, accept=True)
+    assert acceptor.open(inviter.seal(flag, os.urandom)) is flag
+    assert inviter.open(acceptor.seal(flag, os.urandom)) is flag
+
+
+@given(flags, puzzles, puzzles)
+def test_another_sessions_datagram_is_refused(
+    flag: Flag, pair: tuple[int, int], other: tuple[int, int]
+) -> None:
+    if pair != other:
+        sent = puncher.Authenticated.derive(*other, accept=False).seal(flag, os.urandom)
+        assert puncher.Authenticated.derive(*pair, accept=True).open(sent) is None
+
+
+def test_the_puzzles_order_matters() -> None:
+    swapped = puncher.Authenticated.derive(ACCEPTOR_PUZZLE, INVITER_PUZZLE, accept=True)
+    assert swapped.open(sealed(accept=False).seal(Flag.HELLO, os.urandom)) is None
+
+
+@pytest.mark.parametrize("flag", list(Flag))
+def test_every_single_bit_flip_is_refused(flag: Flag) -> None:
+    datagram = sealed(accept=False).seal(flag, os.urandom)
+    for bit in range(8 * len(datagram)):
+        flipped = bytearray(datagram)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        assert sealed(accept=True).open(bytes(flipped)) is None, bit  # a fresh codec: no replay involved
+    assert sealed(accept=True).open(datagram) is flag
+
+
+def test_a_replay_and_a_reflection_are_refused() -> None:
+    inviter, acceptor = sealed(accept=False), sealed(accept=True)
+    hello = inviter.seal(Flag.HELLO, os.urandom)
+    assert inviter.open(hello) is None  # our own hello reflected back: the sender's role is ours
+    assert acceptor.open(hello) is Flag.HELLO
+    assert acceptor.open(hello) is None  # the same nonce again
+    assert acceptor.open(hello[:-1]) is None and acceptor.open(hello + b"\0") is None
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_any_input_opens_or_is_refused(data: bytes) -> None:
+    assert sealed(accept=True).open(data) is None  # a forger has no key: nothing random passes
+
+
+@FUZZ
+@given(st.binary(min_size=puncher.AUTH_BODY - 2, max_size=puncher.AUTH_BODY - 2), st.integers(0, 255))
+def test_a_forged_datagram_with_the_right_header_is_refused(body: bytes, kind: int) -> None:
+    forged = bytes([puncher.AUTH_VERSION, kind]) + body + os.urandom(puncher.TAG_SIZE)
+    assert sealed(accept=True).open(forged) is None
+
+
+def test_bad_keys_and_puzzles_are_refused() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        puncher.Authenticated(bytes(16), accept=True)
+    with pytest.raises(ValueError, match="64-bit"):
+        puncher.Authenticated.derive(1 << 64, 0, accept=True)
+    with pytest.raises(ValueError, match="64-bit"):
+        puncher.Masked(-1)
+
+
+def test_the_2_2_codec_makes_2_2_datagrams_byte_for_byte() -> None:
+    # a 2.2 peer (no Reach in its offer) gets the masked checksum, with secret = the XOR of the puzzles
+    codec = session.handshake_codec(INVITER_PUZZLE, ACCEPTOR_PUZZLE, None, accept=True)
+    assert isinstance(codec, puncher.Masked) and codec.secret == INVITER_PUZZLE ^ ACCEPTOR_PUZZLE
+    entropy = bytes(range(1, puncher.DATAGRAM_SIZE))
+    datagram = codec.seal(Flag.READY, lambda size: entropy[:size])
+    assert datagram == encode(Flag.READY, INVITER_PUZZLE ^ ACCEPTOR_PUZZLE, entropy[:7], entropy[7:])
+    assert decode(datagram, INVITER_PUZZLE ^ ACCEPTOR_PUZZLE) is Flag.READY
+    assert codec.open(datagram) is codec.open(datagram) is Flag.READY  # 2.2 knows no replays
+    mine = Reach("independent")
+    assert isinstance(session.handshake_codec(1, 2, mine, accept=True), puncher.Authenticated)
 
 
 # --- each machine alone ------------------------------------------------------------------------------------
@@ -97,12 +214,12 @@ def flags_of(machine: Handshake) -> list[tuple[Flag | None, int | None]]:
 
 
 def test_datagrams_are_60_bytes_like_2_2() -> None:
-    datagrams = Inviter(ACCEPTOR, SECRET, 0.0).datagrams_to_send()
+    datagrams = Inviter(ACCEPTOR, MASKED, 0.0).datagrams_to_send()
     assert [len(d.data) for d in datagrams] == [puncher.DATAGRAM_SIZE]
 
 
 def test_inviter_says_hello_until_ready() -> None:
-    inviter = Inviter(ACCEPTOR, SECRET, 100.0, timeout=60, random=zeros)
+    inviter = Inviter(ACCEPTOR, MASKED, 100.0, timeout=60, random=zeros)
     assert flags_of(inviter) == [(Flag.HELLO, None)]
     assert inviter.get_timer() == 100.25
     inviter.handle_timer(100.25)
@@ -120,7 +237,7 @@ def test_inviter_says_hello_until_ready() -> None:
 
 
 def test_acceptor_punches_answers_and_completes() -> None:
-    acceptor = Acceptor(INVITER, SECRET, 0.0, hops=2, random=zeros)
+    acceptor = Acceptor(INVITER, MASKED, 0.0, hops=2, random=zeros)
     assert flags_of(acceptor) == [(Flag.HELLO, 2)]
     assert acceptor.get_timer() == puncher.PUNCH_REFRESH
     acceptor.handle_timer(puncher.PUNCH_REFRESH)
@@ -136,7 +253,7 @@ def test_acceptor_punches_answers_and_completes() -> None:
 
 
 def test_acceptor_presumes_success_when_hellos_stop_after_its_ready() -> None:
-    acceptor = Acceptor(INVITER, SECRET, 0.0)
+    acceptor = Acceptor(INVITER, MASKED, 0.0)
     acceptor.datagrams_to_send()
     acceptor.datagram_received(encode(Flag.HELLO, SECRET, bytes(7)), INVITER, 10.0)
     acceptor.handle_timer(10.0 + puncher.QUIET_PERIOD - 0.01)
@@ -146,7 +263,7 @@ def test_acceptor_presumes_success_when_hellos_stop_after_its_ready() -> None:
 
 
 def test_acceptor_times_out_when_the_quiet_period_outlasts_the_deadline() -> None:
-    acceptor = Acceptor(INVITER, SECRET, 0.0, timeout=60)
+    acceptor = Acceptor(INVITER, MASKED, 0.0, timeout=60)
     acceptor.datagram_received(encode(Flag.HELLO, SECRET, bytes(7)), INVITER, 58.0)
     assert acceptor.get_timer() == 60.0
     acceptor.handle_timer(60.0)
@@ -164,7 +281,7 @@ def test_acceptor_times_out_when_the_quiet_period_outlasts_the_deadline() -> Non
     ],
 )
 def test_garbage_is_ignored(data: bytes) -> None:
-    for machine in (Inviter(ACCEPTOR, SECRET, 0.0), Acceptor(INVITER, SECRET, 0.0)):
+    for machine in (Inviter(ACCEPTOR, MASKED, 0.0), Acceptor(INVITER, MASKED, 0.0)):
         machine.datagrams_to_send()
         machine.datagram_received(data, machine.peer, 0.1)
         assert machine.outcome is None
@@ -174,8 +291,8 @@ def test_garbage_is_ignored(data: bytes) -> None:
 def test_packets_from_a_wrong_endpoint_are_ignored() -> None:
     ready = encode(Flag.READY, SECRET, bytes(7))
     hello = encode(Flag.HELLO, SECRET, bytes(7))
-    inviter = Inviter(ACCEPTOR, SECRET, 0.0)
-    acceptor = Acceptor(INVITER, SECRET, 0.0)
+    inviter = Inviter(ACCEPTOR, MASKED, 0.0)
+    acceptor = Acceptor(INVITER, MASKED, 0.0)
     for machine in (inviter, acceptor):
         machine.datagrams_to_send()
         for source in (STRANGER, machine.peer._replace(port=machine.peer.port + 1)):
@@ -188,7 +305,7 @@ def test_packets_from_a_wrong_endpoint_are_ignored() -> None:
 
 
 def test_inviter_times_out_exactly_at_the_deadline() -> None:
-    inviter = Inviter(ACCEPTOR, SECRET, 0.0, timeout=1.1)
+    inviter = Inviter(ACCEPTOR, MASKED, 0.0, timeout=1.1)
     while inviter.outcome is None:
         when = inviter.get_timer()
         assert when is not None
@@ -203,15 +320,18 @@ def test_inviter_times_out_exactly_at_the_deadline() -> None:
 class Channel:
     """A channel that loses, duplicates and reorders; the TTL punch dies before the peer's NAT."""
 
-    def __init__(self, rng: random.Random, loss: float, duplicate: float, jitter: float) -> None:
+    def __init__(
+        self, rng: random.Random, loss: float, duplicate: float, jitter: float, authenticated: bool = False
+    ) -> None:
         self.rng, self.loss, self.duplicate, self.jitter = rng, loss, duplicate, jitter
+        self.authenticated = authenticated
         self.in_flight: list[tuple[float, int, Endpoint, Endpoint, bytes]] = []
         self.sequence = 0
         self.drop: set[tuple[Endpoint, Flag]] = set()  # scripted: all that `source` sends with `flag`
 
     def flush(self, source: Endpoint, machine: Handshake, now: float) -> None:
         for datagram in machine.datagrams_to_send():
-            if datagram.ttl is not None or (source, decode(datagram.data, SECRET)) in self.drop:
+            if datagram.ttl is not None or (source, self.flag(datagram.data)) in self.drop:
                 continue
             for _ in range(2 if self.rng.random() < self.duplicate else 1):
                 if self.rng.random() >= self.loss:
@@ -220,12 +340,16 @@ class Channel:
                     packet = (arrival, self.sequence, source, machine.peer, datagram.data)
                     heapq.heappush(self.in_flight, packet)
 
+    def flag(self, data: bytes) -> Flag | None:
+        return Flag(data[1] & 1) if self.authenticated else decode(data, SECRET)
+
 
 def simulate(
     channel: Channel, invite_at: float, timeout: float = 60.0
 ) -> Iterator[tuple[str, Handshake, float]]:
     """Run both sides in fake time to their outcomes; yields (role, machine, time of the outcome)."""
-    acceptor = Acceptor(INVITER, SECRET, 0.0, timeout=timeout)
+    codecs = (sealed(accept=False), sealed(accept=True)) if channel.authenticated else (MASKED, MASKED)
+    acceptor = Acceptor(INVITER, codecs[1], 0.0, timeout=timeout)
     machines: dict[Endpoint, Handshake] = {ACCEPTOR: acceptor}
     finished: dict[Endpoint, float] = {}
     channel.flush(ACCEPTOR, acceptor, 0.0)
@@ -243,7 +367,7 @@ def simulate(
                 continue
             machines[endpoint].datagram_received(data, source, now)
         elif endpoint not in machines:
-            machines[endpoint] = Inviter(ACCEPTOR, SECRET, now, timeout=timeout)
+            machines[endpoint] = Inviter(ACCEPTOR, codecs[0], now, timeout=timeout)
         else:
             machines[endpoint].handle_timer(now)
         channel.flush(endpoint, machines[endpoint], now)
@@ -260,11 +384,12 @@ def simulate(
     duplicate=st.floats(0, 0.5),
     jitter=st.floats(0, 1.0),
     invite_at=st.floats(0, 20),
+    authenticated=st.booleans(),
 )
 def test_both_sides_complete_despite_loss_duplication_and_reordering(
-    seed: int, loss: float, duplicate: float, jitter: float, invite_at: float
+    seed: int, loss: float, duplicate: float, jitter: float, invite_at: float, authenticated: bool
 ) -> None:
-    channel = Channel(random.Random(seed), loss, duplicate, jitter)
+    channel = Channel(random.Random(seed), loss, duplicate, jitter, authenticated)
     outcomes = {role: (machine.outcome, when) for role, machine, when in simulate(channel, invite_at)}
     assert outcomes["inviter"][0] is Outcome.COMPLETED
     assert outcomes["acceptor"][0] in (Outcome.COMPLETED, Outcome.PRESUMED)
@@ -272,8 +397,9 @@ def test_both_sides_complete_despite_loss_duplication_and_reordering(
     assert outcomes["acceptor"][1] <= outcomes["inviter"][1] + puncher.QUIET_PERIOD + 1.1
 
 
-def test_lost_final_ready_ends_in_a_presumed_success() -> None:
-    channel = Channel(random.Random(1), 0, 0, 0)
+@pytest.mark.parametrize("authenticated", [False, True])
+def test_lost_final_ready_ends_in_a_presumed_success(authenticated: bool) -> None:
+    channel = Channel(random.Random(1), 0, 0, 0, authenticated)
     channel.drop.add((INVITER, Flag.READY))
     outcomes = {role: (machine.outcome, when) for role, machine, when in simulate(channel, 5.0)}
     # hello at 5.0 reaches the acceptor at 5.02, its ready the inviter at 5.04
@@ -309,10 +435,12 @@ def endpoint_of(sock: socket.socket) -> Endpoint:
 
 
 @pytest.mark.parametrize("acceptor_first", [True, False])
-async def test_punch_on_loopback(acceptor_first: bool) -> None:
+@pytest.mark.parametrize("authenticated", [False, True], ids=["2.2-packet", "authenticated"])
+async def test_punch_on_loopback(acceptor_first: bool, authenticated: bool) -> None:
     a, b = udp_socket(), udp_socket()
-    accept = puncher.punch(a, endpoint_of(b), SECRET, accept=True, hops=1, timeout=10)
-    invite = puncher.punch(b, endpoint_of(a), SECRET, accept=False, timeout=10)
+    codecs = (sealed(accept=True), sealed(accept=False)) if authenticated else (MASKED, MASKED)
+    accept = puncher.punch(a, endpoint_of(b), codecs[0], accept=True, hops=1, timeout=10)
+    invite = puncher.punch(b, endpoint_of(a), codecs[1], accept=False, timeout=10)
     await asyncio.gather(*((accept, invite) if acceptor_first else (invite, accept)))
     assert a.fileno() == -1
     assert b.fileno() == -1
@@ -324,8 +452,8 @@ async def test_punch_on_ipv6_loopback_with_the_peer_spelled_out() -> None:
         sock.bind(("::1", 0))
     long_form = "0:0:0:0:0:0:0:1"
     await asyncio.gather(
-        puncher.punch(a, Endpoint(long_form, b.getsockname()[1]), SECRET, accept=True, hops=2, timeout=10),
-        puncher.punch(b, Endpoint(long_form, a.getsockname()[1]), SECRET, accept=False, timeout=10),
+        puncher.punch(a, Endpoint(long_form, b.getsockname()[1]), MASKED, accept=True, hops=2, timeout=10),
+        puncher.punch(b, Endpoint(long_form, a.getsockname()[1]), MASKED, accept=False, timeout=10),
     )
 
 
@@ -334,10 +462,10 @@ async def test_punch_ignores_strangers() -> None:
     with stranger:
         stranger.sendto(b"noise", endpoint_of(b))
         stranger.sendto(encode(Flag.READY, SECRET, bytes(7)), endpoint_of(b))
-        invite = asyncio.create_task(puncher.punch(b, endpoint_of(a), SECRET, accept=False, timeout=10))
+        invite = asyncio.create_task(puncher.punch(b, endpoint_of(a), MASKED, accept=False, timeout=10))
         await asyncio.sleep(0.1)
         assert not invite.done()
-        await asyncio.gather(invite, puncher.punch(a, endpoint_of(b), SECRET, accept=True, timeout=10))
+        await asyncio.gather(invite, puncher.punch(a, endpoint_of(b), MASKED, accept=True, timeout=10))
 
 
 async def test_punch_times_out_when_the_peer_is_silent() -> None:
@@ -345,7 +473,7 @@ async def test_punch_times_out_when_the_peer_is_silent() -> None:
     with silent:
         peer = endpoint_of(silent)
         with pytest.raises(HandshakeTimeoutError, match=rf"^no handshake with {peer} within 0\.3 s$"):
-            await puncher.punch(sock, peer, SECRET, accept=False, timeout=0.3)
+            await puncher.punch(sock, peer, MASKED, accept=False, timeout=0.3)
         assert silent.recv(100)  # it did say hello
     assert sock.fileno() == -1
 
@@ -353,8 +481,8 @@ async def test_punch_times_out_when_the_peer_is_silent() -> None:
 async def test_wrong_secret_times_out() -> None:
     a, b = udp_socket(), udp_socket()
     results = await asyncio.gather(
-        puncher.punch(a, endpoint_of(b), SECRET, accept=True, timeout=0.5),
-        puncher.punch(b, endpoint_of(a), SECRET ^ 1, accept=False, timeout=0.5),
+        puncher.punch(a, endpoint_of(b), MASKED, accept=True, timeout=0.5),
+        puncher.punch(b, endpoint_of(a), puncher.Masked(SECRET ^ 1), accept=False, timeout=0.5),
         return_exceptions=True,
     )
     assert all(isinstance(result, HandshakeTimeoutError) for result in results)
@@ -363,7 +491,7 @@ async def test_wrong_secret_times_out() -> None:
 async def test_cancel_closes_the_socket() -> None:
     sock, silent = udp_socket(), udp_socket()
     with silent:
-        task = asyncio.create_task(puncher.punch(sock, endpoint_of(silent), SECRET, accept=True))
+        task = asyncio.create_task(puncher.punch(sock, endpoint_of(silent), MASKED, accept=True))
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -383,7 +511,7 @@ async def test_acceptor_punches_with_hops_before_its_first_await_and_restores_th
 
     spy = Spy(socket.AF_INET, socket.SOCK_DGRAM, fileno=sock.detach())
     with peer:
-        punch = puncher.punch(spy, endpoint_of(peer), SECRET, accept=True, hops=3, timeout=5)
+        punch = puncher.punch(spy, endpoint_of(peer), MASKED, accept=True, hops=3, timeout=5)
         task = asyncio.create_task(punch)
         await asyncio.sleep(0)  # one step, as the session does before it mails the response
         assert seen == [3]
@@ -404,7 +532,7 @@ async def test_a_bug_in_a_callback_ends_punch_instead_of_hanging(monkeypatch: py
     monkeypatch.setattr(puncher, "decode", broken)
     sock, peer = udp_socket(), udp_socket()
     with peer:
-        task = asyncio.create_task(puncher.punch(sock, endpoint_of(peer), SECRET, accept=True))
+        task = asyncio.create_task(puncher.punch(sock, endpoint_of(peer), MASKED, accept=True))
         await asyncio.sleep(0)
         peer.sendto(b"anything", endpoint_of(sock))
         with pytest.raises(RuntimeError, match="bug"):
@@ -429,7 +557,7 @@ def test_peer_reflexive_switch_happens_once_and_only_for_authenticated_packets(
     role: type[Handshake], caplog: pytest.LogCaptureFixture
 ) -> None:
     mailed = Endpoint(HARD_IP, 5000)
-    machine = role(mailed, SECRET, 0.0, peer_reflexive=True, random=zeros)  # type: ignore[call-arg]
+    machine = role(mailed, MASKED, 0.0, peer_reflexive=True, random=zeros)  # type: ignore[call-arg]
     machine.datagrams_to_send()
     for data, source in (
         (b"\x01" + bytes(7), mailed._replace(port=6000)),  # unauthenticated, from a new port
@@ -458,7 +586,7 @@ def test_peer_reflexive_switch_happens_once_and_only_for_authenticated_packets(
 
 
 def test_a_packet_from_the_mailed_endpoint_settles_the_peer() -> None:
-    inviter = Inviter(ACCEPTOR, SECRET, 0.0, peer_reflexive=True)
+    inviter = Inviter(ACCEPTOR, MASKED, 0.0, peer_reflexive=True)
     inviter.datagram_received(HELLO, ACCEPTOR, 0.1)
     inviter.datagram_received(READY, ACCEPTOR._replace(port=1), 0.2)
     assert inviter.peer == ACCEPTOR
@@ -466,7 +594,7 @@ def test_a_packet_from_the_mailed_endpoint_settles_the_peer() -> None:
 
 
 def test_an_inviter_answers_hellos_early_at_most_once_per_hello_interval() -> None:
-    inviter = Inviter(ACCEPTOR, SECRET, 0.0, fanout=puncher.Fanout(interval=1.5, offset=0.5), random=zeros)
+    inviter = Inviter(ACCEPTOR, MASKED, 0.0, fanout=puncher.Fanout(interval=1.5, offset=0.5), random=zeros)
     assert sent(inviter) == []
     assert inviter.get_timer() == 0.5
     inviter.handle_timer(0.5)
@@ -477,14 +605,14 @@ def test_an_inviter_answers_hellos_early_at_most_once_per_hello_interval() -> No
     assert sent(inviter) == [(Flag.HELLO, None)]
     assert inviter.get_timer() == pytest.approx(2.3)
     # a plain inviter ignores hellos, as 2.2 does
-    plain = Inviter(ACCEPTOR, SECRET, 0.0)
+    plain = Inviter(ACCEPTOR, MASKED, 0.0)
     plain.datagrams_to_send()
     plain.datagram_received(HELLO, ACCEPTOR, 1.0)
     assert plain.datagrams_to_send() == []
 
 
 def test_a_fanout_acceptor_says_hello_with_full_ttl_until_done() -> None:
-    acceptor = Acceptor(INVITER, SECRET, 0.0, fanout=puncher.Fanout(interval=1.5, offset=0.3), random=zeros)
+    acceptor = Acceptor(INVITER, MASKED, 0.0, fanout=puncher.Fanout(interval=1.5, offset=0.3), random=zeros)
     assert flags_of(acceptor) == []
     times = []
     while (when := acceptor.get_timer()) is not None and when < 5:
@@ -500,11 +628,11 @@ def test_a_fanout_acceptor_says_hello_with_full_ttl_until_done() -> None:
 
 
 def test_fan_out_staggers_the_hellos_within_the_rate() -> None:
-    machines = puncher.fan_out(8, EASY, SECRET, 0.0, accept=False, interval=2.0, random=zeros)
+    machines = puncher.fan_out(8, EASY, MASKED, 0.0, accept=False, interval=2.0, random=zeros)
     first = [m.get_timer() if not m.datagrams_to_send() else 0.0 for m in machines]
     assert first == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
     with pytest.raises(ValueError, match="at least one"):
-        puncher.fan_out(0, EASY, SECRET, 0.0, accept=True)
+        puncher.fan_out(0, EASY, MASKED, 0.0, accept=True)
 
 
 def spray_run(machine: Handshake, until: float) -> list[tuple[float, Endpoint]]:
@@ -521,7 +649,7 @@ def spray_run(machine: Handshake, until: float) -> list[tuple[float, Endpoint]]:
 def test_spray_sends_count_distinct_probes_at_the_rate(seed: int, count: int, rate: float, role: int) -> None:
     peer = Endpoint(HARD_IP, 4000)
     spray = puncher.Spray(count, rate, random.Random(seed))
-    machine: Handshake = (Inviter, Acceptor)[role](peer, SECRET, 0.0, spray=spray, timeout=600, random=zeros)
+    machine: Handshake = (Inviter, Acceptor)[role](peer, MASKED, 0.0, spray=spray, timeout=600, random=zeros)
     probes = spray_run(machine, 600)
     ports = [to.port for _, to in probes]
     assert len(ports) == count
@@ -536,7 +664,7 @@ def test_spray_sends_count_distinct_probes_at_the_rate(seed: int, count: int, ra
 
 def test_spray_stops_at_the_first_authenticated_packet_only() -> None:
     acceptor = Acceptor(
-        Endpoint(HARD_IP, 4000), SECRET, 0.0, spray=puncher.Spray(100, 100.0), peer_reflexive=True
+        Endpoint(HARD_IP, 4000), MASKED, 0.0, spray=puncher.Spray(100, 100.0), peer_reflexive=True
     )
     assert len(spray_run(acceptor, 0.095)) == 10
     acceptor.datagram_received(b"noise" * 4, Endpoint(HARD_IP, 5555), 0.1)
@@ -657,9 +785,9 @@ def birthday(
     easy_outer = easy_nat.outbound(easy_inner, Endpoint("203.0.113.10", 3478))
     role = Acceptor if easy_accepts else Inviter
     options = puncher.Spray(spray, rng=rng, ports=ports)
-    easy = role(stun, SECRET, 0.0, timeout=timeout, random=zeros, peer_reflexive=True, spray=options)
+    easy = role(stun, MASKED, 0.0, timeout=timeout, random=zeros, peer_reflexive=True, spray=options)
     hard = puncher.fan_out(
-        sockets, easy_outer, SECRET, hard_starts, accept=not easy_accepts, timeout=timeout, random=zeros
+        sockets, easy_outer, MASKED, hard_starts, accept=not easy_accepts, timeout=timeout, random=zeros
     )
     world.add(easy_inner, easy_nat, easy, 0.0)
     for inner, machine in zip(hard_inners, hard, strict=True):
@@ -754,7 +882,7 @@ async def test_punch_fanout_returns_the_socket_that_got_through_and_closes_the_o
     lucky = socks[5]
     with udp_socket() as easy:  # answers only the lucky socket, as a port-restricted NAT would let only it in
         task = asyncio.create_task(
-            puncher.punch_fanout(socks, endpoint_of(easy), SECRET, accept=False, interval=0.4)
+            puncher.punch_fanout(socks, endpoint_of(easy), MASKED, accept=False, interval=0.4)
         )
         while True:
             data, source = await asyncio.get_running_loop().sock_recvfrom(easy, 100)
@@ -777,8 +905,15 @@ async def test_punch_fanout_against_an_easy_peer_reflexive_punch_on_loopback() -
     with elsewhere:  # the endpoint the hard side's STUN server saw: never used toward the easy side
         started = asyncio.get_running_loop().time()
         (winner, peer), final = await asyncio.gather(
-            puncher.punch_fanout(socks, endpoint_of(easy), SECRET, accept=True, timeout=5),
-            puncher.punch(easy, endpoint_of(elsewhere), SECRET, accept=False, peer_reflexive=True, timeout=5),
+            puncher.punch_fanout(socks, endpoint_of(easy), sealed(accept=True), accept=True, timeout=5),
+            puncher.punch(
+                easy,
+                endpoint_of(elsewhere),
+                sealed(accept=False),
+                accept=False,
+                peer_reflexive=True,
+                timeout=5,
+            ),
         )
         assert asyncio.get_running_loop().time() - started < 0.5
     with winner:
@@ -794,7 +929,7 @@ async def test_punch_fanout_times_out_and_closes_every_socket() -> None:
     with udp_socket() as silent:
         peer = endpoint_of(silent)
         with pytest.raises(HandshakeTimeoutError, match=rf"^no handshake with {peer} within 0\.3 s$"):
-            await puncher.punch_fanout(socks, peer, SECRET, accept=True, timeout=0.3, interval=0.1)
+            await puncher.punch_fanout(socks, peer, MASKED, accept=True, timeout=0.3, interval=0.1)
         hellos = 0
         with contextlib.suppress(BlockingIOError):
             while decode(silent.recv(100), SECRET) is Flag.HELLO:
@@ -806,7 +941,7 @@ async def test_punch_fanout_times_out_and_closes_every_socket() -> None:
 async def test_cancelling_punch_fanout_closes_every_socket() -> None:
     socks = [udp_socket() for _ in range(4)]
     with udp_socket() as silent:
-        task = asyncio.create_task(puncher.punch_fanout(socks, endpoint_of(silent), SECRET, accept=False))
+        task = asyncio.create_task(puncher.punch_fanout(socks, endpoint_of(silent), MASKED, accept=False))
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -817,7 +952,93 @@ async def test_cancelling_punch_fanout_closes_every_socket() -> None:
 async def test_punch_returns_the_peer_endpoint_as_given() -> None:
     a, b = udp_socket(), udp_socket()
     peers = await asyncio.gather(
-        puncher.punch(a, endpoint_of(b), SECRET, accept=True, hops=1, timeout=10),
-        puncher.punch(b, endpoint_of(a), SECRET, accept=False, timeout=10),
+        puncher.punch(a, endpoint_of(b), MASKED, accept=True, hops=1, timeout=10),
+        puncher.punch(b, endpoint_of(a), MASKED, accept=False, timeout=10),
     )
     assert list(peers) == [Endpoint("127.0.0.1", p.port) for p in peers]
+
+
+# --- a blind attacker against an acceptor between two plexus peers ------------------------------------------
+
+FORGERIES = 100_000
+
+
+def forgeries(rng: random.Random, count: int) -> Iterator[tuple[bytes, Endpoint]]:
+    """What a blind attacker can send: noise, datagrams with the authenticated header and a guessed tag, 2.2
+    datagrams for guessed secrets; from the inviter's exact endpoint or another port of its address."""
+    for n in range(count):
+        kind = n % 4
+        if kind == 0:
+            data = rng.randbytes(rng.choice((8, 34, 59, 60, 61, 200)))
+        elif kind in (1, 2):  # a hello or ready claiming the inviter's role, with a random tag
+            data = bytes([puncher.AUTH_VERSION, kind - 1]) + rng.randbytes(puncher.DATAGRAM_SIZE - 2)
+        else:
+            data = encode(Flag(n & 1), rng.getrandbits(64), rng.randbytes(7), rng.randbytes(52))
+        port = INVITER.port if n % 2 else rng.randrange(1024, 65536)
+        yield data, INVITER._replace(port=port)
+
+
+def test_a_blind_attacker_never_completes_the_handshake_nor_moves_the_peer() -> None:
+    rng = random.Random(16)
+    inviter_codec = sealed(accept=False)
+    acceptor = Acceptor(INVITER, sealed(accept=True), 0.0, peer_reflexive=True, timeout=600)
+    assert [d.ttl for d in acceptor.datagrams_to_send()] == [puncher.DEFAULT_HOPS]
+    attack = forgeries(rng, FORGERIES)
+    for now, (data, source) in enumerate(itertools.islice(attack, FORGERIES // 2)):
+        acceptor.datagram_received(data, source, now / 1000)
+    assert acceptor.outcome is None and acceptor.peer == INVITER and not acceptor.settled
+    assert acceptor.datagrams_to_send() == []  # not one ready: the command would start on a ready's answer
+    # the real inviter's hello, then the rest of the attack while the handshake goes on
+    acceptor.datagram_received(inviter_codec.seal(Flag.HELLO, os.urandom), INVITER, 50.0)
+    assert [d.to for d in acceptor.datagrams_to_send()] == [None]  # a ready, to the peer
+    for now, (data, source) in enumerate(attack):
+        acceptor.datagram_received(data, source, 50.0 + now / 1e6)
+    assert acceptor.outcome is None and acceptor.peer == INVITER
+    assert acceptor.datagrams_to_send() == []
+    acceptor.datagram_received(inviter_codec.seal(Flag.READY, os.urandom), INVITER, 50.2)
+    assert acceptor.outcome is Outcome.COMPLETED and acceptor.peer == INVITER
+
+
+def test_the_2_2_check_falls_to_a_few_hundred_blind_datagrams() -> None:
+    """Why plexus peers authenticate: 2.2's check passes one random datagram in 256, so a blind attacker
+    completes a 2.2 acceptor's handshake (a hello, then a ready) in about 512 datagrams."""
+    rng = random.Random(16)
+    acceptor = Acceptor(INVITER, MASKED, 0.0, timeout=600)
+    sent = 0
+    while acceptor.outcome is None:
+        sent += 1
+        acceptor.datagram_received(rng.randbytes(puncher.DATAGRAM_SIZE), INVITER, sent / 1000)
+    assert acceptor.outcome is Outcome.COMPLETED
+    assert sent < 5000
+
+
+def test_a_replayed_hello_is_refused_from_another_port_and_from_the_same_source() -> None:
+    inviter_codec, codec = sealed(accept=False), sealed(accept=True)
+    hello = inviter_codec.seal(Flag.HELLO, os.urandom)
+    # one codec for the machines of a fan-out: the hello that reached socket 1 is a replay at socket 2
+    first = Acceptor(INVITER, codec, 0.0, peer_reflexive=True)
+    second = Acceptor(INVITER, codec, 0.0, peer_reflexive=True)
+    for machine in (first, second):
+        machine.datagrams_to_send()
+    first.datagram_received(hello, INVITER, 0.1)
+    assert len(first.datagrams_to_send()) == 1
+    first.datagram_received(hello, INVITER, 0.2)  # the same bytes again: no second ready
+    assert first.datagrams_to_send() == []
+    second.datagram_received(hello, INVITER._replace(port=INVITER.port + 1), 0.2)
+    assert second.peer == INVITER and not second.settled
+    assert second.datagrams_to_send() == []
+
+
+def test_a_reflected_datagram_is_refused() -> None:
+    """Our own datagram sent back at us (a NAT hairpin, a mirror) is refused: it names our role."""
+    acceptor = Acceptor(INVITER, sealed(accept=True), 0.0, peer_reflexive=True)
+    (punch,) = acceptor.datagrams_to_send()
+    acceptor.datagram_received(punch.data, INVITER, 0.1)
+    acceptor.datagram_received(punch.data, INVITER._replace(port=1), 0.1)
+    assert acceptor.datagrams_to_send() == [] and not acceptor.settled
+    inviter = Inviter(ACCEPTOR, sealed(accept=False), 0.0, peer_reflexive=True)
+    (hello,) = inviter.datagrams_to_send()
+    ready = sealed(accept=False).seal(Flag.READY, os.urandom)  # the inviter's own ready, not the acceptor's
+    for data in (hello.data, ready):
+        inviter.datagram_received(data, ACCEPTOR, 0.1)
+    assert inviter.outcome is None and not inviter.settled

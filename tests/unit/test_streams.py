@@ -8,12 +8,15 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from plexus import cli
@@ -366,7 +369,8 @@ async def test_an_acceptor_pinning_another_id_lets_no_stream_through() -> None:
         assert echo.connections == 0
 
 
-async def test_an_inviter_pinning_another_id_does_not_connect() -> None:
+async def test_an_inviter_pinning_another_id_does_not_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quic, "HANDSHAKE_TIMEOUT", 1.0)  # when the acceptor gives up on its candidates
     async with pair() as ends:
         serving_ = ends.serve(PeerCheck(ends.inviter.id))
         pinned = Identity.ephemeral().id
@@ -378,13 +382,65 @@ async def test_an_inviter_pinning_another_id_does_not_connect() -> None:
             await asyncio.wait_for(serving_, 5)
 
 
-async def test_an_acceptor_refused_by_the_inviter_learns_why() -> None:
+async def test_an_acceptor_refused_by_the_inviter_learns_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It learns it when its handshake window ends: a candidate's end is no proof (a forged Initial can end
+    its own), so the acceptor waits for another candidate to complete until then."""
+    monkeypatch.setattr(quic, "HANDSHAKE_TIMEOUT", 1.0)
     async with pair() as ends:
         serving_ = ends.serve(PeerCheck(ends.inviter.id))
         with pytest.raises(PeerIdentityError):
             await ends.connect(PeerCheck(Identity.ephemeral().id))
         with pytest.raises(PeerIdentityError, match="the peer refused this host's identity"):
             await asyncio.wait_for(serving_, 5)
+
+
+def client_initial(alpn: str) -> bytes:
+    """The first datagram of another QUIC client (its own destination connection id): what an attacker who
+    forges the inviter's endpoint can send before the real Initial."""
+    config = QuicConfiguration(is_client=True, alpn_protocols=[alpn], verify_mode=ssl.CERT_NONE)
+    client = QuicConnection(configuration=config)
+    client.connect(("127.0.0.1", 9), now=time.monotonic())
+    datagram, _ = client.datagrams_to_send(now=time.monotonic())[0]
+    assert len(datagram) >= quic.INITIAL_SIZE
+    return datagram
+
+
+def stray_long_header(size: int) -> bytes:
+    """A well-formed Initial header (version 1, a random connection id, no token) over random bytes: it parses
+    as the start of a connection, but nothing in it decrypts."""
+    header = bytes([0xC0]) + (1).to_bytes(4, "big") + bytes([8]) + os.urandom(8) + bytes([8]) + os.urandom(8)
+    header += b"\x00"  # no token
+    length = size - len(header) - 2
+    return header + (0x4000 | length).to_bytes(2, "big") + os.urandom(length)
+
+
+@pytest.mark.parametrize(
+    "strays",
+    [
+        pytest.param(lambda: [stray_long_header(60)], id="a-stray-long-header"),
+        pytest.param(lambda: [stray_long_header(1200)], id="a-stray-initial-sized-datagram"),
+        pytest.param(lambda: [client_initial(wire.ALPN)], id="another-clients-initial"),
+        pytest.param(lambda: [client_initial("h3")], id="an-initial-whose-candidate-fails-at-once"),
+        pytest.param(
+            lambda: [client_initial(wire.ALPN) for _ in range(quic.MAX_CANDIDATES + 3)],
+            id="a-flood-of-initials",
+        ),
+    ],
+)
+async def test_strays_from_the_inviters_endpoint_before_its_initial_do_not_break_streams(
+    strays: Callable[[], list[bytes]],
+) -> None:
+    async with echo_server() as echo, pair() as ends:
+        serving_ = ends.serve(PeerCheck(ends.inviter.id))
+        await asyncio.sleep(0.05)  # the acceptor listens
+        for datagram in strays():
+            ends.inviter_socket.sendto(datagram, ends.acceptor_socket.getsockname())
+        await asyncio.sleep(0.05)  # ... and has made its candidates of them, before the real Initial
+        inviter = await ends.connect(PeerCheck(ends.acceptor.id))
+        acceptor = await asyncio.wait_for(serving_, 5)
+        assert acceptor.peer_id == ends.inviter.id
+        async with serving(acceptor, Allowed.of([echo.target])):
+            assert await round_trip(inviter, echo.target, b"hello") == b"hellobye\n"
 
 
 async def test_anonymous_on_both_sides_works_and_still_shows_the_ids() -> None:
