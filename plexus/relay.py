@@ -77,9 +77,17 @@ class _Client(turn.TurnClientUdpProtocol):
         self.last_error: OSError | None = None
 
     def datagram_received(self, data: bytes | str, addr: tuple[str, int]) -> None:
-        if self.permitted and isinstance(data, bytes) and data[:2] == _DATA_INDICATION:
-            with contextlib.suppress(ValueError):
+        if not isinstance(data, bytes):
+            return
+        if not (len(data) >= 4 and turn.is_channel_data(data)):
+            # aioice's parser raises struct.error too on some malformed messages, and aioice catches only
+            # ValueError: one spoofed datagram from the server's address would escape into the event loop.
+            try:
                 message = stun.parse_message(data)
+            except (ValueError, struct.error) as error:
+                log.debug("ignoring %d bytes from the TURN server's address: %s", len(data), error)
+                return
+            if self.permitted and data[:2] == _DATA_INDICATION:
                 peer = message.attributes.get("XOR-PEER-ADDRESS")
                 if peer is not None and "DATA" in message.attributes and peer[0] in self.permitted:
                     if self.receiver is not None:

@@ -10,10 +10,13 @@ from typing import Any
 
 import pytest
 from aioice import stun
+from hypothesis import given
+from hypothesis import strategies as st
 
 from plexus.endpoint import Endpoint
 from plexus.errors import ExitCode, TurnAuthError, TurnError, TurnUnreachableError
 from plexus.relay import PENDING_SIZE, Refresher, Relay, _Client, forward, refusal
+from tests.fuzz import FUZZ
 
 SERVER = "192.0.2.1:3478"
 PEER = Endpoint("198.51.100.6", 40000)
@@ -238,6 +241,34 @@ def test_data_indications_from_a_permitted_ip_reach_the_receiver_from_any_port()
     client.datagram_received(indication(("198.51.100.6", 5555), b"in"), ("192.0.2.1", 3478))
     client.datagram_received(indication(("198.51.100.7", 5555), b"out"), ("192.0.2.1", 3478))
     assert heard == [(b"in", ("198.51.100.6", 5555))]
+
+
+def _indication_bytes(data: bytes) -> bytes:
+    message = stun.Message(stun.Method.DATA, stun.Class.INDICATION)
+    message.attributes["XOR-PEER-ADDRESS"] = ("198.51.100.6", 5555)
+    message.attributes["DATA"] = data
+    return bytes(message)
+
+
+@FUZZ
+@given(
+    st.one_of(
+        st.binary(max_size=120),
+        st.builds(
+            lambda data, spots: bytes(
+                byte ^ spots.get(index, 0) for index, byte in enumerate(_indication_bytes(data))
+            )[: len(_indication_bytes(data)) - spots.get(-1, 0)],
+            st.binary(max_size=16),
+            st.dictionaries(st.integers(-1, 47), st.integers(0, 255), max_size=4),
+        ),
+    )
+)
+def test_no_datagram_from_the_servers_address_escapes_the_turn_client(data: bytes) -> None:
+    """aioice's parser raises struct.error on some malformed messages, which aioice does not catch."""
+    client = _Client(("192.0.2.1", 3478), "user", "password", 600)
+    client.receiver = asyncio.DatagramProtocol()
+    client.permitted.add("198.51.100.6")
+    client.datagram_received(data, ("192.0.2.1", 3478))
 
 
 async def test_forward_carries_both_ways_and_hears_only_the_authenticated_peer() -> None:
