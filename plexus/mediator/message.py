@@ -422,7 +422,10 @@ def _unfolded(message: Message, name: str) -> str | None:
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    """Base64 in words of 64 characters: a header folds between them, where a longer word would be sent as
+    RFC 2047 words. The reader drops all whitespace."""
+    text = base64.b64encode(data).decode("ascii")
+    return " ".join(text[i : i + 64] for i in range(0, len(text), 64))
 
 
 def _addresses(headers: Message, name: str) -> list[str]:
