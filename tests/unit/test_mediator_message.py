@@ -453,8 +453,10 @@ FRAGMENTS = [
 
 
 def compose(seed: bytes) -> bytes:
-    """A message from a byte string: a byte below 0xC0 picks a fragment, any other is itself (raw bytes)."""
-    return b"".join(FRAGMENTS[b % len(FRAGMENTS)] if b < 0xC0 else bytes([b]) for b in seed)
+    """A message from a byte string: a byte below 0xC0 picks a fragment, any other is itself (raw bytes).
+    An odd first byte puts the peer's From and To first, so that half the messages can be the route's."""
+    route = b"From: peer@example.org\r\nTo: me@example.org\r\n" if seed[:1] and seed[0] & 1 else b""
+    return route + b"".join(FRAGMENTS[b % len(FRAGMENTS)] if b < 0xC0 else bytes([b]) for b in seed)
 
 
 @FUZZ
