@@ -91,11 +91,11 @@ def log_has(process: Plexus, text: str, count: int = 1, timeout: float = 20.0) -
         time.sleep(0.1)
 
 
-def assert_calm(process: Plexus) -> None:
-    """Every hostile message cost one log line: nothing escaped, no traceback."""
+def assert_calm(process: Plexus, serving: bool = True) -> None:
+    """Every hostile message cost one log line: nothing escaped, no traceback; an acceptor still serves."""
     text = process.log()
     assert "Traceback" not in text and "unexpected error" not in text and "never retrieved" not in text, text
-    assert process.process.poll() is None, f"exited: {process.stderr()}"
+    assert not serving or process.process.poll() is None, f"exited: {process.stderr()}"
 
 
 def test_hostile_mail_never_stops_the_acceptor_nor_its_restart(
@@ -113,7 +113,7 @@ def test_hostile_mail_never_stops_the_acceptor_nor_its_restart(
     sessions.wait_until_listening(acceptor)
     first = invite(lab, inviter, acceptor_side, tmp_path, running)
     acceptor.wait_hello(1)
-    assert_calm(first)
+    assert_calm(first, serving=False)
 
     for raw in messages.values():  # while it waits: the scan of new mail judges them
         box.append(raw)
