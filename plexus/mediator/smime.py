@@ -185,6 +185,8 @@ def check_enveloped(enveloped: bytes) -> None:
                 name = KNOWN_KEY_TRANSPORTS.get(algorithm, algorithm)
                 raise SmimeError(f"unsupported key transport {name} (only RSA PKCS#1 v1.5)")
         cipher = der.oid(rest[1].expect(der.SEQUENCE).children()[1].expect(der.SEQUENCE).children()[0])
+    except SmimeError:
+        raise
     except (ValueError, IndexError) as error:
         raise SmimeError(f"malformed EnvelopedData: {error}") from error
     if not recipients:
