@@ -66,7 +66,9 @@ CANCELLED_CLEANUP_TIMEOUT = 0.5
 UID_CHUNK = 200  # UIDs per FETCH, STORE or EXPUNGE command: keeps command lines short
 # Partial fetches (<0.n>): a crafted header or body costs at most the size limit, never the whole message.
 _HEADER_FIELDS = f"BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT IN-REPLY-TO)]<0.{message.MAX_MESSAGE}>"
-_ID_FIELDS = "INTERNALDATE BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT MESSAGE-ID IN-REPLY-TO)]"
+_ID_FIELDS = (
+    f"INTERNALDATE BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT MESSAGE-ID IN-REPLY-TO)]<0.{message.MAX_MESSAGE}>"
+)
 _SEARCH = re.compile(rb"^(?:\* )?SEARCH\b(.*)$", re.IGNORECASE)
 _ATOM_SAFE = re.compile(r"[ -~]*")  # what goes into a quoted IMAP string as is
 _FETCH_START = re.compile(rb"^\d+ FETCH \(")
