@@ -420,3 +420,14 @@ async def test_a_failed_imap_login_is_told_in_one_line_when_another_failure_ends
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == [
         "cannot reach IMAP server 203.0.113.10:993: refused"
     ]
+
+
+def test_mail_signing_needs_the_identity_and_the_pin() -> None:
+    from plexus.identity import Identity
+
+    me = Identity.ephemeral()
+    assert config(identity=me, peer_identity="a" * 32).signer is me.key
+    with pytest.raises(UsageError, match="both --identity and --peer-identity"):
+        config(identity=me)
+    with pytest.raises(UsageError, match="both --identity and --peer-identity"):
+        config(peer_identity="a" * 32)
