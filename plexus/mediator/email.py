@@ -451,6 +451,7 @@ class Mediator:
         self._rescan = False  # commands ran since the last scan: scan again before sleeping
         self._inviting = False
         self._request_id: str | None = None  # our request's Message-ID, once invite() sends it
+        self._ignored: str | None = None  # why the last route message was ignored: a timeout tells it
         self._started = datetime.datetime.now(datetime.UTC)
 
     async def __aenter__(self) -> Mediator:
@@ -523,7 +524,9 @@ class Mediator:
                     )
                 assert letter.offer is not None  # the Screen admitted a response
                 return letter.offer
-        raise MailTimeoutError(f"no response from {self._config.peer_id} within {timeout:g} s")
+        # A response ignored on the way (signed by another identity, say) is what the user needs to hear of.
+        ignored = f"; ignored {self._ignored}" if self._ignored else ""
+        raise MailTimeoutError(f"no response from {self._config.peer_id} within {timeout:g} s{ignored}")
 
     async def requests(self) -> AsyncIterator[Invitation]:
         """Each fresh request from the peer, forever. The peer's mail already there at the start is consumed
@@ -656,6 +659,7 @@ class Mediator:
             self._screen.admit(letter, kind, datetime.datetime.now(datetime.UTC), reply_to, request)
         except (message.MessageError, smime.SmimeError) as error:
             log.warning("ignoring message UID %d from %s: %s", item.uid, self._peer, error)
+            self._ignored = f"message UID {item.uid}: {error}"
             return None
         except Exception as error:  # the last guard: a reader's bug costs this message, never the loop
             name = type(error).__name__
