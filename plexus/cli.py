@@ -253,6 +253,8 @@ def smime_config(options: Options) -> SmimeConfig | None:
 
 def mail_config(options: Options) -> MailConfig:
     address = options.require("email-from")
+    # With --identity (and its required --peer-identity) mail is signed, and the peer's must be.
+    me, check = pinned_identities(options) if options.get("identity") else (None, None)
     return MailConfig(
         smtp=options.endpoint("email-smtps"),
         imap=options.endpoint("email-imaps"),
@@ -267,6 +269,8 @@ def mail_config(options: Options) -> MailConfig:
         cert=options.path("email-cert"),
         key=options.path("email-key"),
         smime=smime_config(options),
+        identity=me,
+        peer_identity=check.pinned_id if check is not None else None,
     )
 
 

@@ -10,6 +10,11 @@ consumed (flagged \\Deleted, then expunged by UID with UIDPLUS); so is the route
 wait began (the acceptor clears it as it starts, the inviter as it leaves), and the inviter's own request when
 it lands in a mailbox the inviter reads. An inviter leaves alone a fresh answer to another request: another
 session from the same account waits for it. Nothing else is touched.
+
+No message stops the loop: each is judged on its own (route, size, then message.read and the Screen), and
+whatever judging it raises is logged once, with its UID, and the message is consumed if it is the peer's route
+(a message whose headers cannot be read is not) or else left. A message over message.MAX_MESSAGE (its
+RFC822.SIZE, fetched with the headers) is consumed unread.
 """
 
 from __future__ import annotations
@@ -23,13 +28,16 @@ import re
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import aioimaplib
 import aiosmtplib
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from plexus import identity as identities  # a module: plexus.identity imports this package
 from plexus.endpoint import Endpoint
 from plexus.errors import (
     MailAuthError,
@@ -56,8 +64,11 @@ CLEANUP_TIMEOUT = 3.0
 # The same when leaving by cancellation (SIGTERM, Ctrl-C): an acceptor must be gone within 1 s of SIGTERM.
 CANCELLED_CLEANUP_TIMEOUT = 0.5
 UID_CHUNK = 200  # UIDs per FETCH, STORE or EXPUNGE command: keeps command lines short
-_HEADER_FIELDS = "BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT IN-REPLY-TO)]"
-_ID_FIELDS = "INTERNALDATE BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT MESSAGE-ID IN-REPLY-TO)]"
+# Partial fetches (<0.n>): a crafted header or body costs at most the size limit, never the whole message.
+_HEADER_FIELDS = f"BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT IN-REPLY-TO)]<0.{message.MAX_MESSAGE}>"
+_ID_FIELDS = (
+    f"INTERNALDATE BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT MESSAGE-ID IN-REPLY-TO)]<0.{message.MAX_MESSAGE}>"
+)
 _SEARCH = re.compile(rb"^(?:\* )?SEARCH\b(.*)$", re.IGNORECASE)
 _ATOM_SAFE = re.compile(r"[ -~]*")  # what goes into a quoted IMAP string as is
 _FETCH_START = re.compile(rb"^\d+ FETCH \(")
@@ -79,6 +90,9 @@ class MailConfig:
     cert: Path | None = None
     key: Path | None = None
     smime: smime.SmimeConfig | None = None
+    # --identity and --peer-identity: mail is signed with this key, and the peer's must carry the pinned id's.
+    identity: identities.Identity | None = None
+    peer_identity: str | None = None
 
     def __post_init__(self) -> None:
         for option, value in (
@@ -92,6 +106,15 @@ class MailConfig:
                 raise UsageError(f"{option} must be a non-empty single line")
         if self.host_id == self.peer_id and self.address.lower() == self.peer_address.lower():
             raise UsageError("--host-id and --peer-id must differ when both sides share one mailbox")
+        if (self.identity is None) != (self.peer_identity is None):
+            raise UsageError("mail signing needs both --identity and --peer-identity")
+        if self.identity is not None and not isinstance(self.identity.key, ec.EllipticCurvePrivateKey):
+            raise UsageError("--identity must hold a P-256 key to sign mail")
+
+    @property
+    def signer(self) -> ec.EllipticCurvePrivateKey | None:
+        key = self.identity.key if self.identity is not None else None
+        return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
 
     @property
     def outgoing(self) -> Route:
@@ -233,6 +256,7 @@ class Fetched:
     flags: frozenset[str]
     arrived: datetime.datetime | None
     data: bytes
+    size: int | None = None  # RFC822.SIZE, when fetched
 
 
 class Inbox:
@@ -301,15 +325,19 @@ class Inbox:
     async def new_mail(self, cursor: Cursor) -> list[Fetched]:
         """Headers, flags and arrival of the messages at or past the cursor, oldest first."""
         response = await self._command(
-            self._client().uid("fetch", f"{cursor.next}:*", f"(UID FLAGS INTERNALDATE {_HEADER_FIELDS})")
+            self._client().uid(
+                "fetch", f"{cursor.next}:*", f"(UID FLAGS INTERNALDATE RFC822.SIZE {_HEADER_FIELDS})"
+            )
         )
         # "n:*" always includes the last message, even below n.
         found = [item for item in _parse_fetch(response.lines) if item.uid >= cursor.next]
         return sorted(found, key=lambda item: item.uid)
 
     async def body(self, uid: int) -> bytes | None:
-        """The whole message, fetched with PEEK so it stays unseen."""
-        response = await self._command(self._client().uid("fetch", str(uid), "(UID BODY.PEEK[])"))
+        """The whole message, fetched with PEEK so it stays unseen; past the size limit, only enough of it to
+        tell that it is too large."""
+        section = f"BODY.PEEK[]<0.{message.MAX_MESSAGE + 1}>"
+        response = await self._command(self._client().uid("fetch", str(uid), f"(UID {section})"))
         return next((item.data for item in _parse_fetch(response.lines) if item.uid == uid), None)
 
     async def consume(self, *uids: int) -> None:
@@ -423,6 +451,7 @@ class Mediator:
         self._rescan = False  # commands ran since the last scan: scan again before sleeping
         self._inviting = False
         self._request_id: str | None = None  # our request's Message-ID, once invite() sends it
+        self._ignored: str | None = None  # why the last route message was ignored: a timeout tells it
         self._started = datetime.datetime.now(datetime.UTC)
 
     async def __aenter__(self) -> Mediator:
@@ -437,6 +466,14 @@ class Mediator:
             self._opening.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._opening
+        elif self._opening is not None and not self._opening.cancelled():
+            failure = self._opening.exception()  # retrieved here, or asyncio prints it with a traceback
+            if failure is not None and failure is not error:
+                # The session ended for another reason first (STUN, say): this one is told too, on one line.
+                imap = self._config.imap
+                log.error(
+                    "%s", failure if isinstance(failure, PlexusError) else _unreachable("IMAP", imap, failure)
+                )
         cancelled = kind is not None and issubclass(kind, asyncio.CancelledError)
         budget = CANCELLED_CLEANUP_TIMEOUT if cancelled else CLEANUP_TIMEOUT
         try:
@@ -487,12 +524,20 @@ class Mediator:
                     )
                 assert letter.offer is not None  # the Screen admitted a response
                 return letter.offer
-        raise MailTimeoutError(f"no response from {self._config.peer_id} within {timeout:g} s")
+        # A response ignored on the way (signed by another identity, say) is what the user needs to hear of.
+        ignored = f"; ignored {self._ignored}" if self._ignored else ""
+        raise MailTimeoutError(f"no response from {self._config.peer_id} within {timeout:g} s{ignored}")
 
     async def requests(self) -> AsyncIterator[Invitation]:
         """Each fresh request from the peer, forever. The peer's mail already there at the start is consumed
         unanswered: its inviters have given up by now, or will within their timeout."""
         await self.ready()
+        if self._keys is None and self._config.peer_identity is None:
+            log.warning(
+                "mail is anonymous (no S/MIME, no --identity/--peer-identity): whoever can write to this "
+                "mailbox can stop the running command with a forged request, and whoever reads it sees the "
+                "endpoints (docs/protocol.md, Trust model)"
+            )
         await self._clear_earlier_mail()
         log.info("waiting for requests from %s", self._config.peer_id)
         async for letter in self._letters("request", None):
@@ -545,6 +590,7 @@ class Mediator:
             date=datetime.datetime.now(datetime.UTC),
             in_reply_to=in_reply_to,
             keys=self._keys,
+            signer=self._config.signer,
         )
         if submission is None:
             await send(self._config, self._context, data)
@@ -583,12 +629,19 @@ class Mediator:
         for item in await self._inbox.new_mail(cursor):
             letter = None
             # Mail already flagged \Deleted is someone's (maybe another client's) to expunge: never touched.
-            mine = self._config.incoming.matches(message.parse_headers(item.data))
-            if mine and "\\deleted" not in item.flags and not self._answers_another(item):
-                if cursor.counts(item):
-                    letter = await self._take(item, kind, reply_to, request)
-                else:
+            if "\\deleted" not in item.flags and self._is_route(item):
+                if not cursor.counts(item):
                     log.info("message UID %d from %s arrived before the wait began", item.uid, self._peer)
+                elif item.size is not None and item.size > message.MAX_MESSAGE:
+                    log.warning(
+                        "ignoring message UID %d from %s: %d octets, over the %d-octet limit (not read)",
+                        item.uid,
+                        self._peer,
+                        item.size,
+                        message.MAX_MESSAGE,
+                    )
+                else:
+                    letter = await self._take(item, kind, reply_to, request)
                 self._pending.append(item.uid)  # judged: taken or ignored, it is consumed
             cursor.next = item.uid + 1  # only once handled: after a drop mid-way this message is seen again
             if letter is not None:
@@ -602,22 +655,40 @@ class Mediator:
         if data is None:  # expunged meanwhile by someone else
             return None
         try:
-            letter = message.read(data, self._keys)
+            letter = message.read(data, self._keys, self._config.peer_identity)
             self._screen.admit(letter, kind, datetime.datetime.now(datetime.UTC), reply_to, request)
         except (message.MessageError, smime.SmimeError) as error:
             log.warning("ignoring message UID %d from %s: %s", item.uid, self._peer, error)
+            self._ignored = f"message UID {item.uid}: {error}"
+            return None
+        except Exception as error:  # the last guard: a reader's bug costs this message, never the loop
+            name = type(error).__name__
+            log.error(
+                "ignoring message UID %d from %s: unreadable (%s: %s)", item.uid, self._peer, name, error
+            )
             return None
         if letter.offer is not None:
             log.info("%s from %s: outer endpoint %s", letter.kind, self._peer, letter.offer.outer)
         return letter
 
-    def _answers_another(self, item: Fetched) -> bool:
+    def _is_route(self, item: Fetched) -> bool:
+        """Whether the message is the peer's route mail for this side to judge (see _answers_another). Never
+        raises: headers that cannot be parsed are not the route's, and are logged once (one scan sees each
+        UID once)."""
+        try:
+            headers = message.parse_headers(item.data)
+            return self._config.incoming.matches(headers) and not self._answers_another(item, headers)
+        except Exception as error:  # MessageError; anything else is a parser's bug: it must not stop the loop
+            log.warning("passing over message UID %d: unreadable headers (%s)", item.uid, error)
+            return False
+
+    def _answers_another(self, item: Fetched, headers: Message) -> bool:
         """For an inviter: whether this is a fresh answer to a request not its own. Another session from the
         same account waits for it (two invites at once), so it is that session's to take and consume; once
         older than any wait (the clock tolerance), it is anyone's to clear."""
         if not self._inviting:
             return False
-        answers = message.in_reply_to_of(message.parse_headers(item.data))
+        answers = message.in_reply_to_of(headers)
         if answers is None or answers == self._request_id:
             return False
         age = datetime.datetime.now(datetime.UTC) - item.arrived if item.arrived is not None else None
@@ -674,22 +745,19 @@ class Mediator:
         candidates = await self._inbox.search("NOT DELETED", criteria)
         found = []
         for item in await self._inbox.headers(candidates):
-            headers = message.parse_headers(item.data)
             if "\\deleted" in item.flags:
                 continue
-            earlier = (
-                item.uid < first
-                and self._config.incoming.matches(headers)
-                and not self._answers_another(item)
-            )
-            ours = (
-                request_id is not None
-                and self._config.outgoing.matches(headers)
-                and message.message_id_of(headers) == request_id
-            )
-            if earlier or ours:
+            earlier = item.uid < first and self._is_route(item)
+            if earlier or (request_id is not None and self._is_own_request(item, request_id)):
                 found.append(item.uid)
         return sorted(set(found))
+
+    def _is_own_request(self, item: Fetched, request_id: str) -> bool:
+        try:
+            headers = message.parse_headers(item.data)
+        except message.MessageError:
+            return False
+        return self._config.outgoing.matches(headers) and message.message_id_of(headers) == request_id
 
     async def _leave(self) -> None:
         """Consume what was judged; the inviter also its own request (shared mailbox) and the peer's mail that
@@ -765,12 +833,14 @@ def _parse_fetch(lines: list[Any]) -> list[Fetched]:
             continue
         flags = re.search(rb"\bFLAGS \(([^)]*)\)", record.meta)
         arrived = re.search(rb'\bINTERNALDATE "([^"]+)"', record.meta)
+        size = re.search(rb"\bRFC822\.SIZE (\d+)", record.meta)
         found.append(
             Fetched(
                 uid=int(uid.group(1)),
                 flags=frozenset(flags.group(1).decode("ascii", "replace").lower().split() if flags else ()),
                 arrived=_internaldate(arrived.group(1).decode("ascii", "replace")) if arrived else None,
                 data=record.data,
+                size=int(size.group(1)) if size else None,
             )
         )
     return found

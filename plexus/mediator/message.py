@@ -1,13 +1,19 @@
 """The rendezvous mail, sans I/O: build a request, response or refusal, read a received one, judge it.
 
 docs/protocol.md ("## Mail") describes the format; this module is its reference.
+
+Every received message is hostile input (anyone can mail the mailbox, and forge the peer's From):
+parse_headers, Route.matches and read take any bytes, and nothing but a MessageError or a smime.SmimeError
+comes out of them (Route.matches: nothing at all). tests/unit/test_mediator_message.py fuzzes them.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import email
+import email.errors
 import email.header
 import email.policy
 import email.utils
@@ -18,6 +24,11 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
 from typing import Literal
 
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from plexus import identity
 from plexus.endpoint import Endpoint
 from plexus.mediator import smime
 
@@ -35,6 +46,13 @@ REASON_LIMIT = 200  # characters of a refusal's reason, after sanitizing
 NO_REASON = "no reason given"
 _NUMBER = re.compile(r"[0-9]{1,20}")
 _HEADER_LINE = re.compile(rb"[!-9;-~]+:")
+# The largest message read, in octets. plexus's own mail weighs under 1 KiB plain and about 5 KiB with S/MIME
+# (a 4096-bit RSA signer certificate included); the rest is room for an MTA's additions and longer chains.
+MAX_MESSAGE = 64 * 1024
+# With --identity and --peer-identity: the sender's public key and its signature over what the message says.
+IDENTITY_HEADER = "X-Plexus-Identity"
+_SIGNED_PREFIX = b"plexus mail identity 1\0"
+_ABSENT = b"\xff\xff\xff\xff"  # a length no field can have (a message is far shorter): the header is missing
 
 
 class MessageError(ValueError):
@@ -109,12 +127,15 @@ class Route:
     subject: str
 
     def matches(self, headers: Message) -> bool:
-        """Exact subject; addresses compared case-insensitively (From: one address; To: among them)."""
+        """Exact subject; addresses compared case-insensitively (From: one address; To: among them).
+
+        Never raises: headers that cannot be read (a broken RFC 2047 word in the Subject, say) are not the
+        route's, so such a message is never read nor consumed."""
         try:
             senders = _addresses(headers, "From")
             recipients = _addresses(headers, "To")
             subject = _subject(headers)
-        except (ValueError, TypeError, IndexError, AttributeError, LookupError):
+        except (ValueError, TypeError, IndexError, AttributeError, LookupError, email.errors.MessageError):
             return False
         return (
             subject == self.subject
@@ -164,7 +185,7 @@ def format_body(kind: Kind, content: Offer | Refusal) -> str:
 
 def parse_body(text: str) -> tuple[Kind, Offer | Refusal]:
     """The first non-empty line must be the PLEXUS line; anything after it (an MTA's footer) is ignored."""
-    line = next((line for line in text.splitlines() if line.strip()), "")
+    line = _first_line(text)
     head = line.split(maxsplit=3)
     if len(head) < 3 or head[0] != PROTOCOL:
         raise MessageError(f"not a PLEXUS line: {line[:80]!r}")
@@ -186,6 +207,10 @@ def parse_body(text: str) -> tuple[Kind, Offer | Refusal]:
     if not _NUMBER.fullmatch(port) or not 0 < int(port) < 65536:
         raise MessageError(f"bad port {port[:20]!r}")
     return KINDS[kind], Offer(Endpoint(str(address), int(port)), _puzzle(puzzle))
+
+
+def _first_line(text: str) -> str:
+    return next((line for line in text.splitlines() if line.strip()), "")
 
 
 def _parse_refusal(line: str) -> Refusal:
@@ -216,10 +241,12 @@ def build(
     date: datetime.datetime,
     in_reply_to: str | None = None,
     keys: smime.Keys | None = None,
+    signer: ec.EllipticCurvePrivateKey | None = None,
 ) -> bytes:
     """The whole message, CRLF line ends, every line under 1000 octets (headers folded, base64 at 76).
 
-    content: an Offer, or for a refusal a Refusal. A response or refusal names its request in In-Reply-To."""
+    content: an Offer, or for a refusal a Refusal. A response or refusal names its request in In-Reply-To.
+    signer: the --identity key, which signs what the message says in the X-Plexus-Identity header."""
     message = EmailMessage(policy=email.policy.SMTP)
     message["From"] = route.sender
     message["To"] = route.recipient
@@ -243,15 +270,31 @@ def build(
             filename="smime.p7m",
             params={"smime-type": "enveloped-data"},
         )
+    if signer is not None:
+        # Signed as the receiver will read it back: the headers as written, parsed again.
+        signed = _signed_content(parse_headers(message.as_bytes(policy=email.policy.SMTP)), body.strip())
+        spki = signer.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        signature = signer.sign(signed, ec.ECDSA(hashes.SHA256()))
+        message[IDENTITY_HEADER] = f"{_b64(spki)}; sig={_b64(signature)}"
     return message.as_bytes(policy=email.policy.SMTP)
 
 
 def parse_headers(raw: bytes) -> Message:
+    """Parse a message or its headers; one too large or too nested to parse safely is a MessageError."""
+    if len(raw) > MAX_MESSAGE:
+        raise MessageError(f"{len(raw)} octets, over the {MAX_MESSAGE}-octet limit")
+    excess = smime.mime_excess(raw)
+    if excess is not None:
+        raise MessageError(excess)
     return email.message_from_bytes(raw, policy=email.policy.compat32)
 
 
-def read(raw: bytes, keys: smime.Keys | None) -> Letter:
-    """Read a message already matched by route. Raises MessageError or smime.SmimeError with the reason."""
+def read(raw: bytes, keys: smime.Keys | None, pinned: str | None = None) -> Letter:
+    """Read a message already matched by route. Raises MessageError or smime.SmimeError with the reason.
+
+    pinned: the peer's --peer-identity; then the message must carry that identity's signature."""
     message = parse_headers(raw)
     signing_time = None
     enveloped = _find_part(message, smime.PKCS7_MIME)
@@ -267,7 +310,10 @@ def read(raw: bytes, keys: smime.Keys | None) -> Letter:
         raise MessageError("message is S/MIME encrypted, but no --smime-* options are given")
     else:
         text = _text_of(message)
-    kind, content = parse_body(text)
+    line = _first_line(text)
+    kind, content = parse_body(line)
+    if pinned is not None:
+        _check_identity(message, line, pinned)
     reach = message.get(REACH_HEADER)
     if isinstance(content, Offer) and reach is not None:
         content = dataclasses.replace(content, reach=Reach.parse(str(reach)))
@@ -324,6 +370,64 @@ class Screen:
         self.seen.add((letter.kind, letter.puzzle))
 
 
+def _check_identity(message: Message, line: str, pinned: str) -> None:
+    """The X-Plexus-Identity header holds the pinned id's key and its valid signature over the message."""
+    value = message.get(IDENTITY_HEADER)
+    if value is None:
+        raise MessageError(f"no {IDENTITY_HEADER} signature, but --peer-identity requires one")
+    key_text, _, signature_text = "".join(str(value).split()).partition(";sig=")
+    try:
+        key = serialization.load_der_public_key(base64.b64decode(key_text, validate=True))
+        signature = base64.b64decode(signature_text, validate=True)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as error:
+        raise MessageError(f"unreadable {IDENTITY_HEADER} header") from error
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise MessageError(f"{IDENTITY_HEADER} holds no P-256 key")
+    found = identity.id_of(key)
+    if found != pinned:
+        raise MessageError(f"signed by {found}, not the pinned peer {pinned}")
+    try:
+        key.verify(signature, _signed_content(message, line), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise MessageError(f"{IDENTITY_HEADER} signature does not verify: the message was altered") from None
+
+
+def _signed_content(message: Message, line: str) -> bytes:
+    """What the identity signs: every field read() or the Screen uses, as they read it, each length-prefixed
+    (a missing header is not an empty one). S/MIME signs only the line: this covers the headers too."""
+    fields = [
+        line,
+        _unfolded(message, REACH_HEADER),
+        ",".join(_addresses(message, "From")),
+        ",".join(_addresses(message, "To")),
+        _subject(message),
+        _unfolded(message, "Date"),
+        _message_id(message, "Message-ID"),
+        _message_id(message, "In-Reply-To"),
+    ]
+    signed = bytearray(_SIGNED_PREFIX)
+    for text in fields:
+        if text is None:
+            signed += _ABSENT
+        else:
+            data = text.encode("utf-8", "surrogatepass")
+            signed += len(data).to_bytes(4, "big") + data
+    return bytes(signed)
+
+
+def _unfolded(message: Message, name: str) -> str | None:
+    """A header's value with whitespace runs made one space: folding on the way changes nothing signed."""
+    value = message.get(name)
+    return None if value is None else " ".join(str(value).split())
+
+
+def _b64(data: bytes) -> str:
+    """Base64 in words of 64 characters: a header folds between them, where a longer word would be sent as
+    RFC 2047 words. The reader drops all whitespace."""
+    text = base64.b64encode(data).decode("ascii")
+    return " ".join(text[i : i + 64] for i in range(0, len(text), 64))
+
+
 def _addresses(headers: Message, name: str) -> list[str]:
     values = [str(value) for value in headers.get_all(name, [])]
     return [address.lower() for _, address in email.utils.getaddresses(values) if address]
@@ -331,7 +435,10 @@ def _addresses(headers: Message, name: str) -> list[str]:
 
 def _subject(headers: Message) -> str:
     raw = re.sub(r"\r?\n(?=[ \t])", "", str(headers.get("Subject", "")))
-    return str(email.header.make_header(email.header.decode_header(raw))).strip()
+    try:
+        return str(email.header.make_header(email.header.decode_header(raw))).strip()
+    except (ValueError, LookupError, email.errors.MessageError) as error:
+        raise MessageError(f"unreadable Subject {raw[:60]!r}") from error
 
 
 def message_id_of(headers: Message) -> str | None:

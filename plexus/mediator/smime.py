@@ -7,6 +7,10 @@ peer certificate (certificates a message carries are never trusted), whose messa
 whose signature over the signed attributes checks with the peer's key (RSA PKCS#1 v1.5 or ECDSA), and which
 carries a signingTime for the freshness check. cryptography cannot verify CMS, so that is done here.
 Encryption in cryptography is RSA-only, so both certificates must hold RSA keys.
+
+Anyone can encrypt to the host's certificate, so everything before the signature checks is hostile input: the
+EnvelopedData must use what plexus sends (RSA PKCS#1 v1.5 key transport, AES-128/256-CBC) before it is
+decrypted, and MIME is bounded before it is parsed (mime_excess). Every failure is a SmimeError.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from email.message import Message
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
@@ -30,6 +34,26 @@ from plexus.errors import UsageError
 from plexus.mediator import der
 
 OID_DATA = "1.2.840.113549.1.7.1"
+OID_ENVELOPED_DATA = "1.2.840.113549.1.7.3"
+OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"  # key transport with PKCS#1 v1.5 padding, as seal() sends it
+# What cryptography decrypts, and what seal() sends (AES-256). plexus 2.2 encrypts with 3DES, which
+# cryptography cannot decrypt: its S/MIME mail is refused with that reason (docs/protocol.md, "S/MIME").
+CONTENT_CIPHERS = {"2.16.840.1.101.3.4.1.2": "AES-128-CBC", "2.16.840.1.101.3.4.1.42": "AES-256-CBC"}
+# Names for the log line of a refused message.
+KNOWN_CIPHERS = {
+    "1.2.840.113549.3.7": "3DES-CBC",
+    "2.16.840.1.101.3.4.1.22": "AES-192-CBC",
+    "1.2.840.113549.3.2": "RC2-CBC",
+    "1.3.14.3.2.7": "DES-CBC",
+}
+KNOWN_KEY_TRANSPORTS = {"1.2.840.113549.1.1.7": "RSA-OAEP"}
+# A plexus message has one multipart (S/MIME's multipart/mixed outside the envelope, multipart/signed inside)
+# and two parts. Python's email parser nests a generator per MIME level, so a crafted nesting would recurse
+# without end: the raw bytes are bounded before any parsing (mime_excess), with room for an MTA's wrapping.
+MAX_CONTAINERS = 8  # "multipart/" or "message/" anywhere in the bytes: a bound on nesting and on multiparts
+MAX_DELIMITERS = 64  # lines starting with "--": a bound on the number of parts
+_CONTAINER = re.compile(rb"(?i)(?:multipart|message)/")
+_DELIMITER = re.compile(rb"(?m)^--")
 OID_SIGNED_DATA = "1.2.840.113549.1.7.2"
 OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
 OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
@@ -134,18 +158,66 @@ def encrypt(entity: bytes, peer: x509.Certificate) -> bytes:
 
 def unseal(enveloped: bytes, keys: Keys) -> tuple[bytes, datetime.datetime]:
     """Decrypt and verify; return the signed content and its signingTime, or raise SmimeError."""
+    check_enveloped(enveloped)
     try:
         entity = pkcs7.pkcs7_decrypt_der(enveloped, keys.cert, keys.key, [])
-    except ValueError as error:
+    except (ValueError, UnsupportedAlgorithm) as error:
         raise SmimeError(f"cannot decrypt: {error}") from error
     content, signed_data = split_signed(entity)
     return verify(signed_data, content, keys)
 
 
+def check_enveloped(enveloped: bytes) -> None:
+    """A CMS EnvelopedData whose every recipient uses RSA PKCS#1 v1.5 and whose content cipher is one of
+    CONTENT_CIPHERS; anything else is refused before the decryption is tried."""
+    try:
+        content_info = der.read_one(enveloped).expect(der.SEQUENCE).children()
+        if len(content_info) != 2 or der.oid(content_info[0]) != OID_ENVELOPED_DATA:
+            raise SmimeError("not a CMS EnvelopedData")
+        fields = content_info[1].expect(0xA0).children()[0].expect(der.SEQUENCE).children()
+        rest = fields[2:] if fields[1].tag == 0xA0 else fields[1:]  # past version and originatorInfo
+        recipients = rest[0].expect(der.SET).children()
+        for recipient in recipients:
+            if recipient.tag != der.SEQUENCE:
+                raise SmimeError("a recipient uses other than key transport (RSA PKCS#1 v1.5)")
+            algorithm = der.oid(recipient.children()[2].expect(der.SEQUENCE).children()[0])
+            if algorithm != OID_RSA_ENCRYPTION:
+                name = KNOWN_KEY_TRANSPORTS.get(algorithm, algorithm)
+                raise SmimeError(f"unsupported key transport {name} (only RSA PKCS#1 v1.5)")
+        cipher = der.oid(rest[1].expect(der.SEQUENCE).children()[1].expect(der.SEQUENCE).children()[0])
+    except SmimeError:
+        raise
+    except (ValueError, IndexError) as error:
+        raise SmimeError(f"malformed EnvelopedData: {error}") from error
+    if not recipients:
+        raise SmimeError("EnvelopedData without recipients")
+    if cipher not in CONTENT_CIPHERS:
+        name = KNOWN_CIPHERS.get(cipher, cipher)
+        raise SmimeError(f"unsupported content cipher {name} (only {', '.join(CONTENT_CIPHERS.values())})")
+
+
+def mime_excess(data: bytes) -> str | None:
+    """Why data is too nested or has too many parts to parse as MIME safely; None if it is within bounds."""
+    containers = len(_CONTAINER.findall(data))
+    if containers > MAX_CONTAINERS:
+        return f"{containers} multipart or message entities, at most {MAX_CONTAINERS} are read"
+    delimiters = len(_DELIMITER.findall(data))
+    if delimiters > MAX_DELIMITERS:
+        return f"{delimiters} MIME boundary lines, at most {MAX_DELIMITERS} are read"
+    return None
+
+
+def _parse_mime(data: bytes) -> Message:
+    excess = mime_excess(data)
+    if excess is not None:
+        raise SmimeError(f"decrypted content: {excess}")
+    return email.message_from_bytes(data, policy=email.policy.compat32)
+
+
 def split_signed(entity: bytes) -> tuple[bytes | None, bytes]:
     """The content and the SignedData of a decrypted entity: multipart/signed, or opaque signed-data."""
     head, body = _split_head(entity)
-    message = email.message_from_bytes(head + b"\r\n", policy=email.policy.compat32)
+    message = _parse_mime(head + b"\r\n")
     kind = message.get_content_type()
     if kind == "multipart/signed":
         boundary = message.get_param("boundary")
@@ -321,7 +393,7 @@ def _mime_parts(body: bytes, boundary: bytes) -> list[bytes]:
 
 
 def _decoded_part(part: bytes, types: set[str]) -> bytes:
-    message: Message = email.message_from_bytes(part, policy=email.policy.compat32)
+    message = _parse_mime(part)
     if message.get_content_type() not in types:
         raise SmimeError(f"unexpected part {message.get_content_type()}")
     payload = message.get_payload(decode=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import logging
 import ssl
 import time
@@ -283,3 +284,150 @@ async def test_the_acceptor_clears_earlier_mail_at_its_start(caplog: pytest.LogC
         ("UID", "SEARCH", "NOT DELETED", 'UID 1:9 FROM "peer@example.org" TO "me@example.org" SUBJECT "peer"')
     ]
     assert "0 message(s) from peer arrived before the start" in caplog.text
+
+
+# ---- no message stops the loop -----------------------------------------------------------------------------
+
+NOW = datetime.datetime.now(datetime.UTC)
+ROUTE_HEADERS = b"From: peer@example.org\r\nTo: me@example.org\r\nSubject: peer\r\n"
+
+
+class FakeInbox:
+    """Inbox as the Mediator's scan uses it: fixed new mail, bodies by UID, consumed UIDs recorded."""
+
+    def __init__(self, items: list[tuple[Fetched, bytes]], earlier: list[Fetched] | None = None) -> None:
+        self.items = items
+        self.earlier = earlier or []  # what the start-up clean-up finds
+        self.bodies = {item.uid: body for item, body in items}
+        self.fetched: list[int] = []
+        self.consumed: list[int] = []
+
+    async def new_mail(self, cursor: Cursor) -> list[Fetched]:
+        return [item for item, _ in self.items if item.uid >= cursor.next]
+
+    async def body(self, uid: int) -> bytes | None:
+        self.fetched.append(uid)
+        return self.bodies.get(uid)
+
+    async def consume(self, *uids: int) -> None:
+        self.consumed += uids
+
+    async def search(self, *criteria: str) -> list[int]:
+        return [item.uid for item in self.earlier]
+
+    async def headers(self, uids: Any) -> list[Fetched]:
+        return [item for item in self.earlier if item.uid in uids]
+
+    async def wait(self, timeout: float) -> None:
+        await asyncio.Event().wait()
+
+
+def arrived(uid: int, data: bytes, size: int | None = None) -> tuple[Fetched, bytes]:
+    headers = data.split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    return Fetched(uid, frozenset(), NOW, headers, len(data) if size is None else size), data
+
+
+def request_mail(puzzle: int) -> bytes:
+    date = NOW.strftime("%a, %d %b %Y %H:%M:%S +0000").encode()
+    return ROUTE_HEADERS + b"Date: " + date + b"\r\n\r\nPLEXUS 2.1 request 198.51.100.2 40000 %d\r\n" % puzzle
+
+
+def scanning(inbox: FakeInbox, **changes: object) -> Mediator:
+    mediator = Mediator(config(**changes))
+    mediator._inbox = inbox  # type: ignore[assignment]
+    mediator._cursor = Cursor(1, 10)
+    mediator._start = Cursor(1, 10)
+    return mediator
+
+
+async def test_each_message_is_judged_on_its_own(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = ROUTE_HEADERS + b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (level, level)
+        for level in range(1000)
+    )
+    buggy = request_mail(99)
+    inbox = FakeInbox(
+        [
+            arrived(10, b"From: x@y\r\nTo: me@example.org\r\nSubject: =?utf-8?b?a?=\r\n\r\nhi\r\n"),
+            arrived(
+                11, b"From: peer@example.org\r\nTo: me@example.org\r\nSubject: =?utf-8?b?a?=\r\n\r\nx\r\n"
+            ),
+            arrived(12, ROUTE_HEADERS + b"\r\n" + b"x" * 100, size=50_000_000),
+            arrived(13, deep),
+            arrived(14, buggy),
+            arrived(15, request_mail(7)),
+        ]
+    )
+    read = mail.message.read
+
+    def reader_with_a_bug(raw: bytes, *args: Any) -> Any:
+        if raw == buggy:
+            raise RuntimeError("a bug in a parser")
+        return read(raw, *args)
+
+    monkeypatch.setattr(mail.message, "read", reader_with_a_bug)
+    mediator = scanning(inbox)
+    letters = [letter async for letter in mediator._scan("request", None, None)]
+    assert [letter.puzzle for letter in letters] == [7]
+    assert sorted(inbox.consumed) == [12, 13, 14, 15]  # the route's, judged; 10 and 11 are not the route's
+    assert 12 not in inbox.fetched  # over the size limit: consumed unread
+    lines = [record.getMessage() for record in caplog.records if "UID" in record.getMessage()]
+    assert len(lines) == 3 and not any(record.exc_info for record in caplog.records), lines
+    assert "UID 12 from peer: 50000000 octets, over the 65536-octet limit" in lines[0]
+    assert "UID 13 from peer: 1000 multipart or message entities" in lines[1]
+    assert "UID 14 from peer: unreadable (RuntimeError: a bug in a parser)" in lines[2]
+
+
+async def test_the_start_up_clean_up_passes_over_unreadable_headers(caplog: pytest.LogCaptureFixture) -> None:
+    broken = Fetched(3, frozenset(), NOW, b"From: peer@example.org\r\nSubject: =?utf-8?b?a?=\r\n\r\n")
+    nested = Fetched(4, frozenset(), NOW, ROUTE_HEADERS + b"multipart/" * 20 + b"\r\n\r\n")
+    earlier = Fetched(5, frozenset(), NOW, ROUTE_HEADERS + b"\r\n")
+    mediator = scanning(FakeInbox([], [broken, nested, earlier]))
+    assert await mediator._earlier_mail(request_id=None) == [5]
+    assert "passing over message UID 4: unreadable headers (20 multipart" in caplog.text
+
+
+async def test_an_anonymous_acceptor_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    mediator = scanning(FakeInbox([]))
+    requests = mediator.requests()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(anext(requests), 0.2)
+    assert caplog.text.count("mail is anonymous") == 1
+
+
+async def test_a_failed_imap_login_is_told_in_one_line_when_another_failure_ends_the_session(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STUN fails while the IMAP connection has failed too: both are told, neither with a traceback."""
+    from plexus.errors import MailConnectionError, StunError
+
+    async def unreachable(self: Inbox) -> Cursor:
+        raise MailConnectionError("cannot reach IMAP server 203.0.113.10:993: refused")
+
+    monkeypatch.setattr(Inbox, "open", unreachable)
+    unretrieved: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: unretrieved.append(context))
+    mediator = Mediator(config())
+    with pytest.raises(StunError):
+        async with mediator:
+            await asyncio.sleep(0.05)  # the opening fails meanwhile
+            raise StunError("no answer from the STUN server")
+    del mediator
+    gc.collect()
+    assert unretrieved == []
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == [
+        "cannot reach IMAP server 203.0.113.10:993: refused"
+    ]
+
+
+def test_mail_signing_needs_the_identity_and_the_pin() -> None:
+    from plexus.identity import Identity
+
+    me = Identity.ephemeral()
+    assert config(identity=me, peer_identity="a" * 32).signer is me.key
+    with pytest.raises(UsageError, match="both --identity and --peer-identity"):
+        config(identity=me)
+    with pytest.raises(UsageError, match="both --identity and --peer-identity"):
+        config(peer_identity="a" * 32)

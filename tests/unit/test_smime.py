@@ -24,6 +24,7 @@ from plexus.endpoint import Endpoint
 from plexus.errors import UsageError
 from plexus.mediator import message, smime
 from plexus.mediator.message import MessageError, Offer, Route
+from tests.fuzz import FUZZ
 
 NOW = datetime.datetime.now(datetime.UTC)
 OFFER = Offer(Endpoint("198.51.100.2", 40000), 12345678901234567890)
@@ -108,9 +109,13 @@ def sign(content: bytes, signer: Identity, cert: x509.Certificate | None = None)
     return builder.sign(serialization.Encoding.SMIME, [pkcs7.PKCS7Options.DetachedSignature])
 
 
+# Built once: the fuzz tests below wrap thousands of envelopes.
+MAIL_HEAD = message.build("request", OFFER, ROUTE, message_id="<1@x>", date=NOW).split(b"Content-Type")[0]
+
+
 def mail(enveloped: bytes) -> bytes:
     """A message from alice to bob around an EnvelopedData, with the headers plexus writes."""
-    return message.build("request", OFFER, ROUTE, message_id="<1@x>", date=NOW).split(b"Content-Type")[0] + (
+    return MAIL_HEAD + (
         b"MIME-Version: 1.0\r\nContent-Type: application/pkcs7-mime; smime-type=enveloped-data\r\n"
         b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(enveloped).replace(b"\n", b"\r\n")
     )
@@ -261,3 +266,138 @@ def test_garbage_in_the_smime_part_is_rejected_cleanly(pki: Pki, data: bytes) ->
 def test_garbage_signed_data_is_rejected_cleanly(pki: Pki, data: bytes) -> None:
     with pytest.raises(smime.SmimeError):
         smime.verify(data, BODY, pki.keys(pki.bob, pki.alice))
+
+
+# ---- what anyone can encrypt to the acceptor's public certificate ------------------------------------------
+
+# The EnvelopedData options of `openssl cms -encrypt` that plexus refuses, and why (docs/protocol.md, S/MIME).
+FOREIGN_ENVELOPES = {
+    "3des": (["-des3"], "unsupported content cipher 3DES-CBC"),
+    "aes192": (["-aes192"], "unsupported content cipher AES-192-CBC"),
+    "oaep": (["-aes256", "-keyopt", "rsa_padding_mode:oaep"], "unsupported key transport RSA-OAEP"),
+}
+
+
+def openssl_envelope(entity: bytes, recipient: Path, *options: str) -> bytes:
+    """An EnvelopedData (DER) around entity, made by `openssl cms -encrypt` with these options."""
+    command = ["cms", "-encrypt", "-binary", "-outform", "DER", "-recip", str(recipient), *options]
+    return openssl(*command, data=entity)
+
+
+@needs_openssl
+@pytest.mark.parametrize("name", FOREIGN_ENVELOPES)
+def test_foreign_algorithms_are_a_rejected_message(pki: Pki, name: str) -> None:
+    """3DES (what plexus 2.2 sends), AES-192 and RSA-OAEP: cryptography would raise UnsupportedAlgorithm."""
+    options, reason = FOREIGN_ENVELOPES[name]
+    enveloped = openssl_envelope(sign(BODY, pki.alice), pki.bob.cert_path, *options)
+    with pytest.raises(smime.SmimeError, match=f"^{reason}"):  # named, not "malformed"
+        message.read(mail(enveloped), pki.keys(pki.bob, pki.alice))
+
+
+@needs_openssl
+def test_openssl_aes128_is_read(pki: Pki) -> None:
+    enveloped = openssl_envelope(sign(BODY, pki.alice), pki.bob.cert_path, "-aes128")
+    assert message.read(mail(enveloped), pki.keys(pki.bob, pki.alice)).offer == OFFER
+
+
+AES256_OID = bytes.fromhex("060960864801650304012a")
+AES192_OID = bytes.fromhex("0609608648016503040116")
+
+
+def test_the_cipher_is_checked_before_decrypting(pki: Pki) -> None:
+    sealed = smime.seal(BODY, pki.keys(pki.alice, pki.bob))
+    assert sealed.count(AES256_OID) == 1
+    with pytest.raises(smime.SmimeError, match="AES-192-CBC"):
+        smime.unseal(sealed.replace(AES256_OID, AES192_OID), pki.keys(pki.bob, pki.alice))
+
+
+# Leaves and tags of CMS (see test_mediator_message.py on why inputs are composed from one drawn byte string).
+DER_LEAVES = [
+    bytes.fromhex("06092a864886f70d010703"),  # envelopedData
+    bytes.fromhex("06092a864886f70d010702"),  # signedData
+    bytes.fromhex("06092a864886f70d010101"),  # rsaEncryption
+    bytes.fromhex("06092a864886f70d010107"),  # RSA-OAEP
+    AES256_OID,
+    AES192_OID,
+    bytes.fromhex("06082a864886f70d0307"),  # 3DES
+    bytes.fromhex("020100"),
+    bytes.fromhex("0410" + "00" * 16),
+    b"\x06\x00",
+    b"\x06\x01\x80",
+    b"\x05\x00",
+]
+DER_TAGS = [0x30, 0x31, 0xA0, 0xA1, 0x80, 0x04, 0x02, 0x17, 0x18, 0x3F]
+
+
+def compose_der(seed: bytes) -> bytes:
+    """DER-looking bytes from a byte string, as a stack machine: a byte below 0x40 pushes a leaf; any other
+    wraps the top 0-3 elements in a tag, its length right or (sometimes) off by one or indefinite."""
+    stack: list[bytes] = []
+    for byte in seed:
+        if byte < 0x40:
+            stack.append(DER_LEAVES[byte % len(DER_LEAVES)])
+            continue
+        count = min(byte & 3, len(stack))
+        content = b"".join(stack[len(stack) - count :])
+        del stack[len(stack) - count :]
+        skew = (0, 0, 0, 1, -1)[(byte >> 2) % 5]
+        stack.append(bytes([DER_TAGS[(byte >> 4) % len(DER_TAGS)]]) + _length(len(content) + skew) + content)
+    return b"".join(stack)
+
+
+def _length(length: int) -> bytes:
+    if length < 0:
+        return b"\x80"
+    if length < 0x80:
+        return bytes([length])
+    data = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(data)]) + data
+
+
+def mutate(raw: bytes, program: bytes, insertions: list[bytes]) -> bytes:
+    """raw changed as each 4 bytes of program say: what (set a byte, insert one of insertions, delete a run,
+    insert a byte), where (2 bytes) and with what."""
+    data = bytearray(raw)
+    for at in range(0, len(program) - 3, 4):
+        action, where, value = program[at], int.from_bytes(program[at + 1 : at + 3], "big"), program[at + 3]
+        where %= len(data) + 1
+        if action % 4 == 0 and where < len(data):
+            data[where] = value
+        elif action % 4 == 1:
+            data[where:where] = insertions[value % len(insertions)]
+        elif action % 4 == 2:
+            del data[where : where + value % 16 + 1]
+        else:
+            data[where:where] = bytes([value])
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def bob(pki: Pki) -> smime.Keys:
+    """bob's keys, loaded once: loading checks the RSA key, which takes longer than a fuzzed message."""
+    return pki.keys(pki.bob, pki.alice)
+
+
+@FUZZ
+@given(st.binary(max_size=60))
+def test_fuzz_random_der_is_a_rejected_message(bob: smime.Keys, seed: bytes) -> None:
+    with pytest.raises((MessageError, smime.SmimeError)):
+        message.read(mail(compose_der(seed)), bob)
+
+
+@pytest.fixture(scope="module")
+def sealed(pki: Pki) -> bytes:
+    """One real message from alice to bob for the whole module (Hypothesis wants the same input every run)."""
+    return smime.seal(BODY, pki.keys(pki.alice, pki.bob))
+
+
+@FUZZ
+@given(st.binary(min_size=4, max_size=16))
+def test_fuzz_mutated_sealed_mail_is_the_original_or_rejected(
+    bob: smime.Keys, sealed: bytes, program: bytes
+) -> None:
+    try:
+        letter = message.read(mail(mutate(sealed, program, DER_LEAVES)), bob)
+    except (MessageError, smime.SmimeError):
+        return
+    assert letter.offer == OFFER  # a change that still reads (in the padding, say) changes nothing said
