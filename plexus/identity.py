@@ -68,6 +68,14 @@ class Identity:
     def id(self) -> str:
         return id_of(self.certificate.public_key())
 
+    def agree(self, peer: ec.EllipticCurvePublicKey) -> bytes | None:
+        """The ECDH secret of this key and the peer's (both P-256), or None when this key is not one (an
+        S/MIME identity's RSA key)."""
+        key = self.key
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+            return None
+        return key.exchange(ec.ECDH(), peer)
+
     @classmethod
     def load(cls, path: Path) -> Identity:
         """Read the key file, or make it when there is none (a usage error when it cannot be either)."""

@@ -234,7 +234,7 @@ async def _meet(
             sock,
             response.outer,
             puzzle ^ response.puzzle,
-            handshake_codec(puzzle, response.puzzle, theirs, accept=False),
+            handshake_codec(config, puzzle, response.puzzle, response, accept=False),
             accept=False,
             relay=own,
             fallback=theirs.relay if theirs is not None else None,
@@ -243,13 +243,17 @@ async def _meet(
 
 
 def handshake_codec(
-    inviter_puzzle: int, acceptor_puzzle: int, theirs: Reach | None, *, accept: bool
+    config: SessionConfig, inviter_puzzle: int, acceptor_puzzle: int, theirs: Offer, *, accept: bool
 ) -> puncher.Codec:
     """The handshake's datagrams: authenticated between plexus peers (the peer's offer has a Reach), plexus
-    2.2's masked checksum toward a 2.2 peer, which knows no other."""
-    if theirs is None:
+    2.2's masked checksum toward a 2.2 peer, which knows no other. The key is bound to both identities when
+    the peer's offer came signed by its pinned key: then each side signs with its own (mail signing takes both
+    --identity and --peer-identity; the DHT always has both), so both sides bind or neither does."""
+    if theirs.reach is None:
         return puncher.Masked(inviter_puzzle ^ acceptor_puzzle)
-    return puncher.Authenticated.derive(inviter_puzzle, acceptor_puzzle, accept=accept)
+    mine = config.rendezvous.identity
+    bound = mine.agree(theirs.signer) if mine is not None and theirs.signer is not None else None
+    return puncher.Authenticated.derive(inviter_puzzle, acceptor_puzzle, accept=accept, bound=bound or b"")
 
 
 async def _punch(
@@ -570,7 +574,9 @@ async def _answer(
                         sock,
                         invitation.offer.outer,
                         secret,
-                        handshake_codec(invitation.offer.puzzle, puzzle, theirs, accept=True),
+                        handshake_codec(
+                            config, invitation.offer.puzzle, puzzle, invitation.offer, accept=True
+                        ),
                         accept=True,
                         relay=own,
                         fallback=fallback,

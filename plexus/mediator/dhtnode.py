@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -408,6 +409,8 @@ class DhtMediator:
         if kind == "request":
             self._peer_keys[letter.puzzle] = sender
             _resolve(self._peer_key, sender)
+        if letter.offer is not None:  # signed by the pinned peer: the handshake's key is bound to it
+            letter = dataclasses.replace(letter, offer=dataclasses.replace(letter.offer, signer=sender))
         return letter
 
     async def requests(self) -> AsyncIterator[Invitation]:

@@ -100,11 +100,13 @@ class Reach:
 @dataclass(frozen=True)
 class Offer:
     """What each side tells the other: its outer endpoint and its puzzle, and (plexus 2.2 says nothing of it)
-    how it can be reached."""
+    how it can be reached. `signer` is the peer's identity key when the offer came signed by the pinned peer
+    (mail with --peer-identity, every DHT value): the handshake's key is then bound to it (puncher.py)."""
 
     outer: Endpoint
     puzzle: int
     reach: Reach | None = None
+    signer: ec.EllipticCurvePublicKey | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -312,11 +314,12 @@ def read(raw: bytes, keys: smime.Keys | None, pinned: str | None = None) -> Lett
         text = _text_of(message)
     line = _first_line(text)
     kind, content = parse_body(line)
-    if pinned is not None:
-        _check_identity(message, line, pinned)
+    signer = _check_identity(message, line, pinned) if pinned is not None else None
     reach = message.get(REACH_HEADER)
     if isinstance(content, Offer) and reach is not None:
         content = dataclasses.replace(content, reach=Reach.parse(str(reach)))
+    if isinstance(content, Offer) and signer is not None:
+        content = dataclasses.replace(content, signer=signer)
     return Letter(
         kind=kind,
         offer=content if isinstance(content, Offer) else None,
@@ -370,8 +373,8 @@ class Screen:
         self.seen.add((letter.kind, letter.puzzle))
 
 
-def _check_identity(message: Message, line: str, pinned: str) -> None:
-    """The X-Plexus-Identity header holds the pinned id's key and its valid signature over the message."""
+def _check_identity(message: Message, line: str, pinned: str) -> ec.EllipticCurvePublicKey:
+    """The pinned id's key, from the X-Plexus-Identity header, once its signature over the message checks."""
     value = message.get(IDENTITY_HEADER)
     if value is None:
         raise MessageError(f"no {IDENTITY_HEADER} signature, but --peer-identity requires one")
@@ -390,6 +393,7 @@ def _check_identity(message: Message, line: str, pinned: str) -> None:
         key.verify(signature, _signed_content(message, line), ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise MessageError(f"{IDENTITY_HEADER} signature does not verify: the message was altered") from None
+    return key
 
 
 def _signed_content(message: Message, line: str) -> bytes:

@@ -867,6 +867,7 @@ async def test_no_value_stops_the_acceptors_listen(
         invitation = await asyncio.wait_for(anext(requests), 5)
         await requests.aclose()
     assert invitation.offer.puzzle == 9
+    assert invitation.offer.signer is not None and id_of(invitation.offer.signer) == ALICE.id  # binds the key
     (first, _), (second, message) = ignored(caplog)
     assert (first, second) == ("DEBUG", "WARNING")
     assert "IndexError 'a bug\\nover two lines'" in message

@@ -322,6 +322,11 @@ def test_signed_mail_is_read_with_the_pin(kind: str) -> None:
     raw = signed(kind, in_reply_to=None if kind == "request" else "<0@example.org>")
     assert max(len(line) for line in raw.split(b"\r\n")) <= 78  # folded between words, no RFC 2047
     assert read(raw, None, PEER_ID) == read(raw, None)  # the signature changes nothing that is read
+    offer = read(raw, None, PEER_ID).offer
+    if offer is not None:  # the handshake's key is bound to the signer's key (puncher.Authenticated.derive)
+        assert offer.signer is not None
+        assert offer.signer.public_numbers() == PEER_KEY.public_key().public_numbers()
+        assert read(raw, None).offer.signer is None  # type: ignore[union-attr]
 
 
 def test_signed_mail_with_smime(pki: Pki) -> None:  # noqa: F811 (the fixture)

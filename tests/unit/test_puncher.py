@@ -14,13 +14,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plexus import puncher, session
 from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError
-from plexus.mediator.message import Reach
+from plexus.identity import Identity
+from plexus.mediator.dhtnode import DhtConfig
+from plexus.mediator.message import Offer, Reach
 from plexus.puncher import Acceptor, Flag, Handshake, Inviter, Outcome, decode, encode
 from tests.fuzz import FUZZ
 
@@ -193,17 +196,57 @@ def test_bad_keys_and_puzzles_are_refused() -> None:
         puncher.Masked(-1)
 
 
+def session_config(me: Identity | None = None, peer: Identity | None = None) -> session.SessionConfig:
+    """A DHT session's config: its rendezvous holds this side's identity (so does mail's, with --identity)."""
+    me = me or Identity.ephemeral()
+    peer_id = (peer or Identity.ephemeral()).id
+    rendezvous = DhtConfig(me, peer_id, (Endpoint("127.0.0.1", 4222),))
+    return session.SessionConfig(Endpoint("0.0.0.0", 0), Endpoint("127.0.0.1", 3478), rendezvous, None)
+
+
+def public_key(identity: Identity) -> ec.EllipticCurvePublicKey:
+    key = identity.certificate.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    return key
+
+
 def test_the_2_2_codec_makes_2_2_datagrams_byte_for_byte() -> None:
     # a 2.2 peer (no Reach in its offer) gets the masked checksum, with secret = the XOR of the puzzles
-    codec = session.handshake_codec(INVITER_PUZZLE, ACCEPTOR_PUZZLE, None, accept=True)
+    theirs = Offer(INVITER, INVITER_PUZZLE)
+    codec = session.handshake_codec(session_config(), INVITER_PUZZLE, ACCEPTOR_PUZZLE, theirs, accept=True)
     assert isinstance(codec, puncher.Masked) and codec.secret == INVITER_PUZZLE ^ ACCEPTOR_PUZZLE
     entropy = bytes(range(1, puncher.DATAGRAM_SIZE))
     datagram = codec.seal(Flag.READY, lambda size: entropy[:size])
     assert datagram == encode(Flag.READY, INVITER_PUZZLE ^ ACCEPTOR_PUZZLE, entropy[:7], entropy[7:])
     assert decode(datagram, INVITER_PUZZLE ^ ACCEPTOR_PUZZLE) is Flag.READY
     assert codec.open(datagram) is codec.open(datagram) is Flag.READY  # 2.2 knows no replays
-    mine = Reach("independent")
-    assert isinstance(session.handshake_codec(1, 2, mine, accept=True), puncher.Authenticated)
+    plexus_peer = Offer(INVITER, 1, Reach("independent"))
+    codec = session.handshake_codec(session_config(), 1, 2, plexus_peer, accept=True)
+    assert isinstance(codec, puncher.Authenticated)
+
+
+def test_the_key_is_bound_to_both_identities_when_the_peers_offer_came_signed() -> None:
+    inviter, acceptor = Identity.ephemeral(), Identity.ephemeral()
+    reach = Reach("independent")
+    request = Offer(INVITER, INVITER_PUZZLE, reach, signer=public_key(inviter))
+    response = Offer(ACCEPTOR, ACCEPTOR_PUZZLE, reach, signer=public_key(acceptor))
+    at_acceptor = session.handshake_codec(
+        session_config(acceptor, inviter), INVITER_PUZZLE, ACCEPTOR_PUZZLE, request, accept=True
+    )
+    at_inviter = session.handshake_codec(
+        session_config(inviter, acceptor), INVITER_PUZZLE, ACCEPTOR_PUZZLE, response, accept=False
+    )
+    hello = at_inviter.seal(Flag.HELLO, os.urandom)
+    assert at_acceptor.open(hello) is Flag.HELLO
+    assert at_inviter.open(at_acceptor.seal(Flag.READY, os.urandom)) is Flag.READY
+    # Whoever read both puzzles (a mailbox reader without S/MIME) makes the unbound key: refused both ways.
+    reader = puncher.Authenticated.derive(INVITER_PUZZLE, ACCEPTOR_PUZZLE, accept=False)
+    assert at_acceptor.open(reader.seal(Flag.HELLO, os.urandom)) is None
+    assert reader.open(at_acceptor.seal(Flag.READY, os.urandom)) is None
+    # and a third identity's key agreement with either side makes another key again
+    elsewhere = session_config(Identity.ephemeral(), acceptor)
+    stranger = session.handshake_codec(elsewhere, INVITER_PUZZLE, ACCEPTOR_PUZZLE, response, accept=False)
+    assert at_acceptor.open(stranger.seal(Flag.HELLO, os.urandom)) is None
 
 
 # --- each machine alone ------------------------------------------------------------------------------------
