@@ -71,6 +71,7 @@ def make_identity(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
+    key_path.chmod(0o600)  # plexus refuses a private key others can read, as ssh does
     return Identity(cert, key, cert_path, key_path)
 
 
