@@ -27,6 +27,7 @@ from plexus.identity import Identity
 from plexus.mediator import MailConfig
 from plexus.mediator.dhtnode import DhtConfig
 from tests.fuzz import FUZZ
+from tests.unit.owners import owned_by_another
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -518,12 +519,7 @@ def test_a_config_file_without_a_password_may_be_readable(tmp_path: Path) -> Non
 
 def test_a_config_file_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_config(tmp_path, "host-id = home\n")
-    owner = path.stat().st_uid
-    if os.geteuid() == 0:
-        os.chown(path, 65534, -1)
-        owner = 65534
-    else:  # another user than the file's owner, and not root
-        monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
+    owner = owned_by_another(path, monkeypatch)
     with pytest.raises(UsageError, match=rf"^--config {path} belongs to another user \(uid {owner}\)"):
         cli.read_config(path)
 

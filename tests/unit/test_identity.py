@@ -18,6 +18,7 @@ from plexus import identity
 from plexus.errors import PeerIdentityError, UsageError
 from plexus.identity import Identity, PeerCheck, id_of, parse_id
 from plexus.mediator import smime
+from tests.unit.owners import owned_by_another
 from tests.unit.test_smime import make_identity
 
 ID = re.compile(r"[a-z2-7]{32}")
@@ -71,12 +72,7 @@ def test_a_key_others_can_read_or_change_is_refused_as_ssh_does(
 def test_a_key_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "host.pem"
     Identity.load(path)
-    owner = path.stat().st_uid
-    if os.geteuid() == 0:
-        os.chown(path, 65534, -1)
-        owner = 65534
-    else:  # another user than the file's owner, and not root
-        monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
+    owner = owned_by_another(path, monkeypatch)
     with pytest.raises(UsageError, match=rf"^--identity {path} belongs to another user \(uid {owner}\)"):
         Identity.load(path)
 
