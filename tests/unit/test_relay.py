@@ -93,6 +93,15 @@ class FakeClient:
         if ip in self.fail:
             raise stun.TransactionTimeout()
 
+    def channel(self, peer: tuple[str, int]) -> int | None:
+        return self.peer_to_channel.get(peer)
+
+    def channels(self) -> list[tuple[tuple[str, int], int]]:
+        return list(self.peer_to_channel.items())
+
+    def rebound(self, channel: int) -> None:
+        self.channel_refresh_at[channel] = time.time() + self.channel_refresh_time
+
     async def channel_bind(self, channel_number: int, addr: tuple[str, int]) -> None:
         self.calls.append(("bind", (channel_number, addr)))
         await self._answer(addr[0])
