@@ -57,7 +57,7 @@ class Transport(Protocol):
         """Hand each datagram that arrives to `deliver` from now on; `fail` ends the driver (a lost relay)."""
 
     def stop(self) -> None:
-        """Deliver nothing more; the transport itself stays open, for its owner."""
+        """Deliver nothing more, not even the rest of a batch; the transport stays open, for its owner."""
 
     def send(self, datagram: Datagram) -> None:
         """Send, or drop like a lost datagram; an OSError that is not a passing one propagates."""
@@ -184,6 +184,8 @@ class Driver:
         if when is not None:
             self._timer = self._loop.call_at(when, self._on_timer)
         elif not self.done.done():
+            # Read no further: what arrives next (the peer's first QUIC packet, say) is the next owner's.
+            self.transport.stop()
             self.done.set_result(None)
 
 

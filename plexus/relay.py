@@ -596,9 +596,13 @@ class _Through:
         relay = self._relay
         if relay._sink != relay._enqueue:
             raise RuntimeError(f"{relay} already has a reader")
-        relay._sink = lambda data, source: deliver(0, data, source.canonical())
-        while relay._inbox:
-            relay._sink(*relay._inbox.popleft())
+
+        def sink(data: bytes, source: Endpoint) -> None:
+            deliver(0, data, source.canonical())
+
+        relay._sink = sink
+        while relay._inbox and relay._sink is sink:  # what came before, until the handshake is done
+            sink(*relay._inbox.popleft())
 
         async def watch() -> None:
             fail(await relay.wait_ended())

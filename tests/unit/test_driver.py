@@ -65,10 +65,12 @@ async def test_the_first_datagrams_leave_before_the_first_await_and_an_answer_fi
         running.start()
         assert peer.recvfrom(100)[0] == b"ping"  # no await in between
         peer.sendto(b"pong", mine.getsockname())
+        peer.sendto(b"the next owner's", mine.getsockname())
         async with asyncio.timeout(2):
             await running.done
         running.stop()
         assert machine.heard == [(b"pong", Endpoint(*peer.getsockname()), 0)]
+        assert mine.recvfrom(100)[0] == b"the next owner's"  # left in the socket, not read and dropped
         loop.add_reader(mine.fileno(), lambda: None)  # the driver's reader is gone: another may take over
         loop.remove_reader(mine.fileno())
 
@@ -151,6 +153,16 @@ async def test_relay_punch_answers_through_the_relay_and_hears_what_came_before(
         relay._sink(MASKED.seal(puncher.Flag.READY, bytes), PEER)
         assert await task == PEER
     assert relay._sink == relay._enqueue  # the relay's inbox takes datagrams again
+
+
+async def test_relay_punch_leaves_what_came_after_its_end_in_the_inbox() -> None:
+    relay, client = fake_relay()
+    client.peer_to_channel = {tuple(PEER): 0x4000}  # type: ignore[dict-item]
+    relay._sink(MASKED.seal(puncher.Flag.READY, bytes), PEER)  # the inviter's ready: the acceptor is done
+    relay._sink(b"the command's first datagram", PEER)
+    async with asyncio.timeout(2):
+        assert await relay_punch(relay, PEER, MASKED, accept=True, timeout=2) == PEER
+        assert await relay.recvfrom() == (b"the command's first datagram", PEER)
 
 
 async def test_relay_punch_ends_with_the_relay() -> None:
