@@ -48,3 +48,16 @@ class Endpoint(NamedTuple):
         except ValueError:
             return False
         return True
+
+    def canonical(self) -> Endpoint:
+        """The same endpoint with one spelling per IP (IPv6 has many), so that endpoints compare equal when
+        their addresses are; a hostname stays as it is."""
+        return Endpoint(canonical_ip(self.host), self.port)
+
+
+def canonical_ip(host: str) -> str:
+    """`host` in the one spelling of its IP address; a hostname as it is."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host

@@ -1,8 +1,8 @@
 """The hole punch and flag handshake that confirm the path between two hosts (docs/protocol.md, "Handshake").
 
 The protocol is a pair of sans-I/O state machines, `Inviter` and `Acceptor`: datagrams and time go in;
-datagrams to send, a timer and an outcome come out. `punch` is the thin asyncio driver around one of them,
-`punch_fanout` the driver of one machine per socket (`fan_out`) for a host whose NAT maps per destination.
+datagrams to send, a timer and an outcome come out (plexus/driver.py's vocabulary). `punch` runs one of them
+on a socket, `punch_fanout` one machine per socket (`fan_out`) for a host whose NAT maps per destination.
 What a datagram looks like is the session's `Codec`: plexus 2.2's masked checksum (`Masked`) toward a 2.2
 peer, an HMAC keyed from both puzzles (`Authenticated`) between two plexus peers.
 """
@@ -13,20 +13,19 @@ import asyncio
 import contextlib
 import functools
 import hmac
-import ipaddress
 import logging
 import os
 import random as _random
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from plexus.driver import Datagram, Driver, Sockets, drive
 from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError
 
@@ -192,15 +191,6 @@ class Authenticated(Codec):
 
 
 @dataclass(frozen=True, slots=True)
-class Datagram:
-    """A datagram to send; `ttl` None means the socket's normal TTL, `to` None the machine's current peer."""
-
-    data: bytes
-    ttl: int | None = None
-    to: Endpoint | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Spray:
     """The easy side's probes: `count` hellos to distinct random ports of `ports` on the peer's address (never
     the peer's own port), `rate` at most per second, the first at once; they stop at the first authenticated
@@ -276,7 +266,7 @@ class Handshake(ABC):
             self._spray_ports.reverse()  # popped from the end: in the order drawn
         self._next_probe = now
 
-    def datagram_received(self, data: bytes, source: Endpoint, now: float) -> None:
+    def datagram_received(self, data: bytes, source: Endpoint, now: float, sock: int = 0) -> None:
         if self.outcome is not None:
             return
         reflexive = source != self.peer
@@ -325,7 +315,7 @@ class Handshake(ABC):
         return outbox
 
     def _send(self, flag: Flag, ttl: int | None = None, to: Endpoint | None = None) -> None:
-        self._outbox.append(Datagram(self.codec.seal(flag, self._random), ttl, to))
+        self._outbox.append(Datagram(self.codec.seal(flag, self._random), to or self.peer, ttl))
 
     @abstractmethod
     def _on_switch(self, now: float) -> None:
@@ -514,94 +504,6 @@ def fan_out(
     ]
 
 
-def _canonical(address: tuple[Any, ...]) -> Endpoint:
-    """One spelling per address (IPv6 has many), so a source can be compared with the peer."""
-    host, port = address[0], address[1]
-    with contextlib.suppress(ValueError):
-        host = str(ipaddress.ip_address(host))
-    return Endpoint(host, port)
-
-
-@contextlib.contextmanager
-def _hop_limit(sock: socket.socket, hops: int) -> Iterator[None]:
-    if sock.family == socket.AF_INET6:
-        level, option = socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS
-    else:
-        level, option = socket.IPPROTO_IP, socket.IP_TTL
-    normal = sock.getsockopt(level, option)
-    sock.setsockopt(level, option, hops)
-    try:
-        yield
-    finally:
-        sock.setsockopt(level, option, normal)
-
-
-class _Driver:
-    """Feeds one state machine from a socket and the event loop's clock until it has an outcome."""
-
-    def __init__(self, sock: socket.socket, machine: Handshake) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._sock = sock
-        self._machine = machine
-        self._timer: asyncio.TimerHandle | None = None
-        self.outcome: asyncio.Future[Outcome] = self._loop.create_future()
-
-    def start(self) -> None:
-        self._loop.add_reader(self._sock.fileno(), self._on_readable)
-        self._step()
-
-    def stop(self) -> None:
-        if self._sock.fileno() != -1:
-            self._loop.remove_reader(self._sock.fileno())
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def _on_readable(self) -> None:
-        self._run(self._receive)
-
-    def _on_timer(self) -> None:
-        self._run(lambda: self._machine.handle_timer(self._loop.time()))
-
-    def _run(self, action: Callable[[], None]) -> None:
-        try:
-            action()
-            self._step()
-        except Exception as error:  # a bug must end `punch` with its traceback, not leave it waiting forever
-            if not self.outcome.done():
-                self.outcome.set_exception(error)
-
-    def _receive(self) -> None:
-        while self._machine.outcome is None:
-            try:
-                data, address = self._sock.recvfrom(2048)
-            except BlockingIOError:
-                break
-            except OSError as error:  # an ICMP error queued on the socket: the next try may well get through
-                log.debug("receive failed: %s", error)
-                break
-            self._machine.datagram_received(data, _canonical(address), self._loop.time())
-
-    def _step(self) -> None:
-        for datagram in self._machine.datagrams_to_send():
-            self._transmit(datagram)
-        if self._timer is not None:
-            self._timer.cancel()
-        when = self._machine.get_timer()
-        if when is not None:
-            self._timer = self._loop.call_at(when, self._on_timer)
-        elif self._machine.outcome is not None and not self.outcome.done():
-            self.outcome.set_result(self._machine.outcome)
-
-    def _transmit(self, datagram: Datagram) -> None:
-        to = self._machine.peer if datagram.to is None else datagram.to
-        hops = contextlib.nullcontext() if datagram.ttl is None else _hop_limit(self._sock, datagram.ttl)
-        try:
-            with hops:
-                self._sock.sendto(datagram.data, to)
-        except OSError as error:  # a full buffer or a route hiccup is one lost datagram: retries cover it
-            log.debug("sending to %s failed: %s", to, error)
-
-
 async def punch(
     sock: socket.socket,
     peer: Endpoint,
@@ -626,7 +528,7 @@ async def punch(
     with contextlib.closing(sock):
         sock.setblocking(False)
         now = asyncio.get_running_loop().time()
-        key = _canonical(peer)
+        key = peer.canonical()
         machine = handshake(
             key,
             codec,
@@ -637,12 +539,9 @@ async def punch(
             peer_reflexive=peer_reflexive,
             spray=spray,
         )
-        driver = _Driver(sock, machine)
-        try:
-            driver.start()
-            outcome = await driver.outcome
-        finally:
-            driver.stop()
+        await drive(machine, Sockets([sock]))
+    outcome = machine.outcome
+    assert outcome is not None  # a machine is finished only with an outcome
     if outcome is Outcome.TIMED_OUT:
         raise HandshakeTimeoutError(f"no handshake with {peer} within {timeout:g} s")
     final = peer if machine.peer == key else machine.peer
@@ -682,36 +581,34 @@ async def punch_fanout(
         loop = asyncio.get_running_loop()
         for sock in socks:
             sock.setblocking(False)
-        key = _canonical(peer)
+        key = peer.canonical()
         machines = fan_out(
             len(socks), key, codec, loop.time(), accept=accept, interval=interval, timeout=timeout
         )
-        drivers = [_Driver(sock, machine) for sock, machine in zip(socks, machines, strict=True)]
+        drivers = [Driver(machine, Sockets([sock])) for sock, machine in zip(socks, machines, strict=True)]
         first: asyncio.Future[int] = loop.create_future()
         pending = set(range(len(drivers)))
 
-        def settled(index: int, outcome: asyncio.Future[Outcome]) -> None:
+        def settled(index: int, done: asyncio.Future[None]) -> None:
             pending.discard(index)
-            if first.done() or outcome.cancelled():
+            if first.done() or done.cancelled():
                 return
-            if (error := outcome.exception()) is not None:
+            if (error := done.exception()) is not None:
                 first.set_exception(error)
-            elif outcome.result() is not Outcome.TIMED_OUT:
+            elif machines[index].outcome is not Outcome.TIMED_OUT:
                 first.set_result(index)
             elif not pending:
                 first.set_exception(HandshakeTimeoutError(f"no handshake with {peer} within {timeout:g} s"))
 
         try:
             for index, driver in enumerate(drivers):
-                driver.outcome.add_done_callback(functools.partial(settled, index))
+                driver.done.add_done_callback(functools.partial(settled, index))
                 driver.start()
             winner = await first
         finally:
             first.cancel()
             for driver in drivers:
                 driver.stop()
-                if not driver.outcome.done():
-                    driver.outcome.cancel()
     finally:
         for index, sock in enumerate(socks):
             if index != winner:

@@ -12,7 +12,10 @@ peer needs:
 - a datagram interface (`sendto`, `recvfrom`) with no task per datagram: once a peer's channel is bound,
   `sendto` writes the ChannelData message straight to the socket;
 - `forward()`, the data plane between the launched command's local socket and the peer, and `punch()`, the
-  flag handshake of plexus/puncher.py driven over the relay.
+  flag handshake of plexus/puncher.py run by plexus/driver.py over the relay.
+
+aioice keeps its channel table in attributes it does not document (`peer_to_channel`, `channel_refresh_at`):
+`_Client` alone reads and writes them, and tests/unit/test_relay.py fails if aioice stops having them.
 
 Errors are plexus errors with one-line messages: TurnAuthError (exit 12), TurnUnreachableError (13),
 TurnError (14).
@@ -23,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import logging
 import socket
 import struct
@@ -33,13 +35,13 @@ from typing import Any, Protocol
 
 from aioice import stun, turn
 
-from plexus.endpoint import Endpoint
+from plexus import driver
+from plexus.endpoint import Endpoint, canonical_ip
 from plexus.errors import HandshakeTimeoutError, TurnAuthError, TurnError, TurnUnreachableError
 from plexus.puncher import DEFAULT_TIMEOUT, Codec, Outcome, handshake, report
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 3478
 ALLOCATE_TIMEOUT = 10.0  # the allocation, nonce round included; also bounds each later request
 CLOSE_TIMEOUT = 2.0  # the deletion (a Refresh with LIFETIME 0); the server frees it on expiry otherwise
 LIFETIME = 600  # requested allocation lifetime; aioice refreshes the allocation at 5/6 of what it got
@@ -53,17 +55,13 @@ _CHANNEL_HEADER = struct.Struct("!HH")
 _DATA_INDICATION = struct.pack("!H", 0x0017)  # method DATA (0x007), class indication
 
 Sink = Callable[[bytes, Endpoint], None]
-
-
-def _canonical_ip(host: str) -> str:
-    with contextlib.suppress(ValueError):
-        return str(ipaddress.ip_address(host))
-    return host
+Address = tuple[str, int]
 
 
 class _Client(turn.TurnClientUdpProtocol):
     """aioice's TURN client over UDP, plus Data indications from IPs with a CreatePermission only (aioice
-    delivers them only for IPs that have a channel) and the last socket error, for the unreachable message."""
+    delivers them only for IPs that have a channel), the last socket error, for the unreachable message, and
+    the adapter to aioice's channel table (`channel`, `channels`, `rebound`), read nowhere else."""
 
     def __init__(self, server: tuple[str, int], username: str, password: str, lifetime: int) -> None:
         super().__init__(
@@ -100,6 +98,18 @@ class _Client(turn.TurnClientUdpProtocol):
             self.last_error = exc
         log.debug("TURN socket error: %s", exc)
 
+    def channel(self, peer: Address) -> int | None:
+        """The channel bound to `peer`, if any."""
+        return self.peer_to_channel.get(peer)
+
+    def channels(self) -> list[tuple[Address, int]]:
+        """Every bound channel and its peer."""
+        return list(self.peer_to_channel.items())
+
+    def rebound(self, channel: int) -> None:
+        """`channel` has just been bound again: aioice need not re-bind it before its next send."""
+        self.channel_refresh_at[channel] = time.time() + self.channel_refresh_time
+
 
 class _Receiver(asyncio.DatagramProtocol):
     """What aioice hands the relayed datagrams to."""
@@ -127,14 +137,15 @@ def refusal(server: str, what: str, error: stun.TransactionError) -> TurnError:
 
 
 class _RefreshClient(Protocol):
-    """What the refresher needs of the TURN client (aioice's, or a fake in the unit tests)."""
+    """What the refresher needs of the TURN client (`_Client`, or a fake in the unit tests)."""
 
-    peer_to_channel: dict[tuple[str, int], int]
-    channel_refresh_at: dict[int, float]
-    channel_refresh_time: int
     permitted: set[str]
 
-    async def channel_bind(self, channel_number: int, addr: tuple[str, int]) -> None: ...
+    def channels(self) -> list[tuple[Address, int]]: ...
+
+    def rebound(self, channel: int) -> None: ...
+
+    async def channel_bind(self, channel_number: int, addr: Address) -> None: ...
 
     async def request_with_retry(self, request: stun.Message) -> tuple[stun.Message, tuple[str, int]]: ...
 
@@ -170,12 +181,12 @@ class Refresher:
     async def refresh(self) -> None:
         client = self.client
         covered: set[str] = set()
-        for addr, channel in list(client.peer_to_channel.items()):
+        for addr, channel in client.channels():
             covered.add(addr[0])
             if await self._attempt(
                 f"channel {channel:#06x} to {Endpoint(*addr)}", client.channel_bind(channel, addr)
             ):
-                client.channel_refresh_at[channel] = time.time() + client.channel_refresh_time
+                client.rebound(channel)
         for ip in sorted(client.permitted - covered):
             await self._attempt(f"permission for {ip}", create_permission(client, ip))
         self.rounds += 1
@@ -251,7 +262,11 @@ class Relay:
             raise RuntimeError("this relay is already open")
         loop = asyncio.get_running_loop()
         started = loop.time()
-        address = await self._resolve()
+        try:
+            address = await driver.resolve(self.server)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise TurnUnreachableError(f"cannot resolve TURN server {self.server.host}: {reason}") from exc
         name = str(self.server) if self.server == address else f"{self.server} ({address.host})"
         client: _Client | None = None
         try:
@@ -305,20 +320,6 @@ class Relay:
         if isinstance(exc, OSError):
             return TurnUnreachableError(f"cannot reach TURN server {name}: {exc.strerror or exc}")
         return None
-
-    async def _resolve(self) -> Endpoint:
-        if self.server.is_ip:
-            return self.server
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(
-                self.server.host, self.server.port, family=socket.AF_INET, type=socket.SOCK_DGRAM
-            )
-        except OSError as exc:
-            reason = exc.strerror or exc
-            raise TurnUnreachableError(f"cannot resolve TURN server {self.server.host}: {reason}") from exc
-        host, port = infos[0][4][:2]
-        return Endpoint(str(host), int(port))
 
     async def close(self) -> None:
         """Delete the allocation (within `close_timeout`; the server frees it on expiry otherwise)."""
@@ -381,7 +382,7 @@ class Relay:
     async def permit(self, peer_ip: str) -> None:
         """Let datagrams from any port of `peer_ip` in (CreatePermission), refreshed while the relay lives."""
         client = self.client
-        ip = _canonical_ip(peer_ip)
+        ip = canonical_ip(peer_ip)
         client.permitted.add(ip)
         try:
             async with asyncio.timeout(self.allocate_timeout):
@@ -408,7 +409,7 @@ class Relay:
         if self._failure is not None:
             raise self._failure
         key = (addr[0], addr[1])
-        channel = client.peer_to_channel.get(key)
+        channel = client.channel(key)
         if channel is not None:
             client.transport.sendto(_CHANNEL_HEADER.pack(channel, len(data)) + data)
             return
@@ -421,7 +422,7 @@ class Relay:
         else:
             self.dropped += 1
 
-    async def _bind(self, key: tuple[str, int], first: bytes) -> None:
+    async def _bind(self, key: Address, first: bytes) -> None:
         client = self.client
         try:
             async with asyncio.timeout(self.allocate_timeout):
@@ -438,7 +439,7 @@ class Relay:
                 else str(exc) or "no answer",
             )
             return
-        log.debug("TURN channel %#06x to %s", client.peer_to_channel[key], Endpoint(*key))
+        log.debug("TURN channel %#06x to %s", client.channel(key), Endpoint(*key))
         with contextlib.suppress(TurnError):  # closed meanwhile
             for data in self._pending.pop(key, []):
                 self.sendto(data, key)
@@ -480,7 +481,7 @@ class _Forwarder:
         self.relay = relay
         self.local = local
         self.command = (command.host, command.port)
-        self.peer = Endpoint(_canonical_ip(peer.host), peer.port)
+        self.peer = peer.canonical()
         self.to_peer = 0
         self.to_command = 0
         self.dropped = 0
@@ -505,7 +506,7 @@ class _Forwarder:
             self.to_peer += 1
 
     def on_relayed(self, data: bytes, source: Endpoint) -> None:
-        if Endpoint(_canonical_ip(source.host), source.port) != self.peer:
+        if source.canonical() != self.peer:
             self.dropped += 1
             log.debug("forwarder: ignoring %d bytes from %s, not the peer %s", len(data), source, self.peer)
             return
@@ -569,28 +570,49 @@ async def punch(
     current `peer`), so with `peer_reflexive` a peer whose NAT maps per destination is found at the source its
     first authenticated packet comes from.
     """
-    loop = asyncio.get_running_loop()
-    key = Endpoint(_canonical_ip(peer.host), peer.port)
+    key = peer.canonical()
     machine = handshake(
-        key, codec, loop.time(), accept=accept, timeout=timeout, peer_reflexive=peer_reflexive
-    )
-    while True:
-        for datagram in machine.datagrams_to_send():
-            relay.sendto(datagram.data, datagram.to or machine.peer)
-        when = machine.get_timer()
-        if when is None:
-            break
-        if loop.time() >= when:
-            machine.handle_timer(loop.time())
-            continue
-        try:
-            async with asyncio.timeout_at(when):
-                data, source = await relay.recvfrom()
-        except TimeoutError:
-            continue
-        machine.datagram_received(data, Endpoint(_canonical_ip(source.host), source.port), loop.time())
+        key, codec, asyncio.get_running_loop().time(), accept=accept, timeout=timeout,
+        peer_reflexive=peer_reflexive,
+    )  # fmt: skip
+    await driver.drive(machine, _Through(relay))
     if machine.outcome is Outcome.TIMED_OUT:
         raise HandshakeTimeoutError(f"no handshake with {peer} through {relay} within {timeout:g} s")
-    assert machine.outcome is not None  # the loop ends only with an outcome
+    assert machine.outcome is not None  # a machine is finished only with an outcome
     report(machine.outcome, machine.peer, via=relay)
     return machine.peer
+
+
+class _Through:
+    """The relay as a plexus/driver.py transport: datagrams from peers (those that reached the relay before
+    included) go to the driver, its datagrams to `sendto`; TTLs are ignored, and the relay's end ends the
+    driver with the TurnError that says why."""
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+        self._watch: asyncio.Task[None] | None = None
+
+    def start(self, deliver: driver.Deliver, fail: driver.Fail) -> None:
+        relay = self._relay
+        if relay._sink != relay._enqueue:
+            raise RuntimeError(f"{relay} already has a reader")
+
+        def sink(data: bytes, source: Endpoint) -> None:
+            deliver(0, data, source.canonical())
+
+        relay._sink = sink
+        while relay._inbox and relay._sink is sink:  # what came before, until the handshake is done
+            sink(*relay._inbox.popleft())
+
+        async def watch() -> None:
+            fail(await relay.wait_ended())
+
+        self._watch = asyncio.ensure_future(watch())
+
+    def stop(self) -> None:
+        self._relay._sink = self._relay._enqueue
+        if self._watch is not None:
+            self._watch.cancel()
+
+    def send(self, datagram: driver.Datagram) -> None:
+        self._relay.sendto(datagram.data, datagram.to)

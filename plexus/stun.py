@@ -1,11 +1,10 @@
 """STUN client: the outer endpoint of a socket (RFC 5389), the behaviour of the NAT in front of it (RFC 5780).
 
 The protocol logic is sans-I/O: `Transaction` (one binding request with its retransmission schedule),
-`Exchange` (transactions on numbered sockets) and `Discovery` (the RFC 5780 test sequence) are fed datagrams
-and the time and hand back datagrams to send and the time they next want to be woken. `query_outer()` and
-`explore()` are the thin asyncio driver: they run on the caller's socket through a loop reader and
-leave it open and free of readers, so the puncher goes on with the very same socket and the
-very same NAT mapping.
+`Exchange` (transactions on numbered sockets) and `Discovery` (the RFC 5780 test sequence) are machines in
+plexus/driver.py's vocabulary, fed datagrams and the time. `query_outer()`, `probe_mapping()` and `explore()`
+run them on the caller's socket with plexus/driver.py and leave it open and free of readers, so the puncher
+goes on with the very same socket and the very same NAT mapping.
 """
 
 from __future__ import annotations
@@ -16,14 +15,14 @@ import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 from aioice import stun
 
+from plexus import driver
+from plexus.driver import Datagram
 from plexus.endpoint import Endpoint
 from plexus.errors import StunError
-
-DEFAULT_PORT = 3478
 
 Behaviour = Literal["independent", "address-dependent", "address-and-port-dependent"]
 
@@ -224,41 +223,44 @@ class Transaction:
         return str(self.outcome)
 
 
-class Outgoing(NamedTuple):
-    sock: int  # which of the driver's sockets sends it
-    data: bytes
-    destination: Endpoint
-
-
 class Exchange:
-    """Transactions running at once on a few sockets, numbered as the driver numbers them."""
+    """Transactions running at once on a few sockets, numbered as the driver numbers them: a machine of
+    plexus/driver.py, finished when every transaction is."""
 
     def __init__(self) -> None:
         self._transactions: list[tuple[int, Transaction]] = []
+        self._outbox: list[Datagram] = []
 
     def start(self, sock: int, transaction: Transaction) -> Transaction:
+        """Run `transaction` from socket `sock`; its first send is due at once."""
         self._transactions.append((sock, transaction))
+        self._poll(sock, transaction, transaction.started)
         return transaction
 
-    def datagrams_to_send(self, now: float) -> list[Outgoing]:
-        outgoing = []
-        for sock, transaction in self._transactions:
-            data = transaction.poll(now)
-            if data is not None:
-                outgoing.append(Outgoing(sock, data, transaction.destination))
-        return outgoing
+    def _poll(self, sock: int, transaction: Transaction, now: float) -> None:
+        data = transaction.poll(now)
+        if data is not None:
+            self._outbox.append(Datagram(data, transaction.destination, sock=sock))
 
-    def receive(self, sock: int, data: bytes, source: Endpoint, now: float) -> None:
+    def handle_timer(self, now: float) -> None:
+        for sock, transaction in self._transactions:
+            self._poll(sock, transaction, now)
+
+    def datagrams_to_send(self) -> list[Datagram]:
+        outbox, self._outbox = self._outbox, []
+        return outbox
+
+    def datagram_received(self, data: bytes, addr: Endpoint, now: float, sock: int = 0) -> None:
         """Hand a datagram to the transaction it answers; anything else (not STUN, foreign ids) is dropped."""
         try:
             message = decode(data)
         except StunParseError:
             return
         for owner, transaction in self._transactions:
-            if owner == sock and transaction.receive(message, source, now):
+            if owner == sock and transaction.receive(message, addr, now):
                 return
 
-    def next_timer(self) -> float | None:
+    def get_timer(self) -> float | None:
         times = [t for _, tx in self._transactions if (t := tx.next_time()) is not None]
         return min(times, default=None)
 
@@ -370,18 +372,17 @@ class Discovery(Exchange):
     def outer(self) -> Endpoint | None:
         return self.primary.mapped
 
-    def datagrams_to_send(self, now: float) -> list[Outgoing]:
-        # Polling expires transactions, which may start the next tests: their first sends are due now too.
-        outgoing = super().datagrams_to_send(now)
-        self._advance(now)
-        return outgoing + super().datagrams_to_send(now)
-
-    def receive(self, sock: int, data: bytes, source: Endpoint, now: float) -> None:
-        super().receive(sock, data, source, now)
+    def handle_timer(self, now: float) -> None:
+        # Polling expires transactions, which may start the next tests (their first sends go out at once).
+        super().handle_timer(now)
         self._advance(now)
 
-    def next_timer(self) -> float | None:
-        return None if self.done else super().next_timer()
+    def datagram_received(self, data: bytes, addr: Endpoint, now: float, sock: int = 0) -> None:
+        super().datagram_received(data, addr, now, sock)
+        self._advance(now)
+
+    def get_timer(self) -> float | None:
+        return None if self.done else super().get_timer()
 
     def _advance(self, now: float) -> None:
         if self.done or self.primary.pending:
@@ -487,70 +488,24 @@ class Discovery(Exchange):
         )
 
 
-# asyncio driver ------------------------------------------------------------------------------------------
+# asyncio ---------------------------------------------------------------------------------------------------
 
 
 async def _drive(machine: Exchange, socks: Sequence[socket.socket]) -> None:
-    """Run `machine` on `socks` until it has nothing left to wait for.
+    """Run `machine` on `socks`, which stay open; a send that cannot leave (no route) is a StunError."""
+    await driver.drive(machine, driver.Sockets(socks, refuse=_unsendable))
 
-    The sockets are non-blocking and read by loop readers (any event loop has them; uvloop has no
-    sock_recvfrom), all removed before returning, so the caller can hand a socket straight to another reader.
-    A send that fails for lack of buffer space is dropped like a lost datagram: the schedule resends.
-    """
-    loop = asyncio.get_running_loop()
-    arrived: asyncio.Queue[tuple[int, bytes, Any]] = asyncio.Queue()
 
-    def readable(index: int) -> None:
-        while True:
-            try:
-                data, address = socks[index].recvfrom(2048)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue  # e.g. an ICMP error reported on the socket: the schedule covers it
-            arrived.put_nowait((index, data, address))
-
-    for index, sock in enumerate(socks):
-        loop.add_reader(sock.fileno(), readable, index)
-    try:
-        while True:
-            for out in machine.datagrams_to_send(loop.time()):
-                try:
-                    socks[out.sock].sendto(out.data, out.destination)
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError as exc:
-                    raise StunError(f"cannot send to {out.destination}: {exc.strerror or exc}") from exc
-            timer = machine.next_timer()
-            if timer is None:
-                return
-            try:
-                async with asyncio.timeout_at(timer):
-                    index, data, address = await arrived.get()
-            except TimeoutError:
-                continue
-            machine.receive(index, data, Endpoint(address[0], address[1]), loop.time())
-            while not arrived.empty():
-                index, data, address = arrived.get_nowait()
-                machine.receive(index, data, Endpoint(address[0], address[1]), loop.time())
-    finally:
-        for sock in socks:
-            loop.remove_reader(sock.fileno())
+def _unsendable(destination: Endpoint, exc: OSError) -> StunError:
+    return StunError(f"cannot send to {destination}: {exc.strerror or exc}")
 
 
 async def resolve(server: Endpoint) -> Endpoint:
     """The server's IPv4 endpoint (a hostname is looked up)."""
-    if server.is_ip:
-        return server
-    loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(
-            server.host, server.port, family=socket.AF_INET, type=socket.SOCK_DGRAM
-        )
+        return await driver.resolve(server)
     except OSError as exc:
         raise StunError(f"cannot resolve STUN server {server.host}: {exc.strerror or exc}") from exc
-    host, port = infos[0][4][:2]
-    return Endpoint(str(host), int(port))
 
 
 def _check_socket(sock: socket.socket) -> None:

@@ -33,7 +33,6 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from plexus.errors import UsageError
 from plexus.mediator import der
 
-OID_DATA = "1.2.840.113549.1.7.1"
 OID_ENVELOPED_DATA = "1.2.840.113549.1.7.3"
 OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"  # key transport with PKCS#1 v1.5 padding, as seal() sends it
 # What cryptography decrypts, and what seal() sends (AES-256). plexus 2.2 encrypts with 3DES, which

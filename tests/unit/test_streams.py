@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from aioquic._buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import pull_quic_header
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from plexus import cli
@@ -634,3 +636,42 @@ def test_identity_and_peer_identity_pin_the_peer(tmp_path: Path) -> None:
 def test_no_streams_options_no_streams(tmp_path: Path) -> None:
     assert cli.streams_config(cli.Options({"identity": str(tmp_path / "k.pem")}, {}), None) is None
     assert not (tmp_path / "k.pem").exists()
+
+
+# quic: the aioquic internals _Connection reaches (pinned aioquic; these fail first when it changes them)
+
+
+def test_the_aioquic_internals_the_connection_adapter_reaches_are_there() -> None:
+    """_Connection's pacer, client-certificate request, peer certificate and unacknowledged bytes, on an
+    in-memory handshake: a new aioquic that renames what they reach fails here, by name, not as a hang."""
+    acceptor_id, inviter_id = Identity.ephemeral(), Identity.ephemeral()
+    size = quic.DATAGRAM_SIZE
+    client = quic._Connection(configuration=quic.configuration(inviter_id, client=True, datagram_size=size))
+    now = 0.0
+    client.connect(("192.0.2.1", 1), now=now)
+    in_flight = [data for data, _ in client.datagrams_to_send(now=now)]
+    header = pull_quic_header(Buffer(data=in_flight[0]), host_cid_length=8)
+    server = quic._Connection(
+        configuration=quic.configuration(acceptor_id, client=False, datagram_size=size),
+        original_destination_connection_id=header.destination_cid,
+    )
+    for connection in (server, client):
+        assert isinstance(connection._loss._pacer, quic._Pacer), "aioquic moved its pacer (_loss._pacer)"
+    for data in in_flight:
+        server.receive_datagram(data, ("192.0.2.2", 1), now=now)
+    for _ in range(10):
+        now += 0.01
+        for sender, receiver, source in ((server, client, "192.0.2.1"), (client, server, "192.0.2.2")):
+            for data, _ in sender.datagrams_to_send(now=now):
+                receiver.receive_datagram(data, (source, 1), now=now)
+    assert server.tls._request_client_certificate, "aioquic's tls.Context lost _request_client_certificate"
+    assert client.peer_certificate is not None and server.peer_certificate is not None
+    assert quic.id_of(server.peer_certificate.public_key()) == inviter_id.id
+    assert quic.id_of(client.peer_certificate.public_key()) == acceptor_id.id
+    stream_id = client.get_next_available_stream_id()
+    client.send_stream_data(stream_id, b"x" * 5000)
+    assert client.unacknowledged(stream_id) == 5000
+    pacer = client._loss._pacer
+    pacer.update_rate(congestion_window=1 << 20, smoothed_rtt=0.025)
+    rate = (1 << 20) / 0.025
+    assert pacer.bucket_max >= quic.PACING_BURST * size / rate * 0.99  # 64 datagrams a wake-up, not 16

@@ -314,18 +314,19 @@ def discover(network: SimulatedNetwork, mapping_only: bool = False) -> tuple[Nat
     discovery = Discovery(PRIMARY, now, mapping_only=mapping_only)
     in_flight: list[tuple[float, int, bytes, Endpoint]] = []
     while True:
-        for out in discovery.datagrams_to_send(now):
-            arrivals = network.deliver(out.sock, out.data, out.destination)
+        for out in discovery.datagrams_to_send():
+            arrivals = network.deliver(out.sock, out.data, out.to)
             in_flight += [(now + 0.02, *arrival) for arrival in arrivals]
-        timer = discovery.next_timer()
+        timer = discovery.get_timer()
         if timer is None:
             break
         in_flight.sort(key=lambda item: item[0])
         if in_flight and in_flight[0][0] <= timer:
             now, sock, data, source = in_flight.pop(0)
-            discovery.receive(sock, data, source, now)
+            discovery.datagram_received(data, source, now, sock)
         else:
             now = timer
+            discovery.handle_timer(now)
     return discovery.report(INNER[0]), now
 
 
@@ -392,9 +393,10 @@ def test_filtering_tests_never_run_on_the_punching_socket() -> None:
 def test_silent_primary_fails_at_the_bound() -> None:
     discovery = Discovery(PRIMARY, 0.0)
     now = 0.0
-    while (timer := discovery.next_timer()) is not None:
-        discovery.datagrams_to_send(now)
+    while (timer := discovery.get_timer()) is not None:
+        discovery.datagrams_to_send()
         now = timer
+        discovery.handle_timer(now)
     assert discovery.outer is None and discovery.primary.outcome is Outcome.TIMED_OUT and now == 9.5
 
 
