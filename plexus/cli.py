@@ -6,7 +6,6 @@ parse the options, but their multi-line usage boxes are replaced by that one lin
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -18,23 +17,26 @@ import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 import typer.core
-import uvloop
 from typer import _click as click  # typer (pinned) carries its own click; help formatting is typed there
 
-from plexus import __version__, files, identity, launcher, path, session, stun
+from plexus import __version__, files
 from plexus.endpoint import Endpoint
 from plexus.errors import MEANINGS, STOP_SIGNALS, ExitCode, Interrupted, PlexusError, UsageError
-from plexus.mediator import MailConfig, SmimeConfig, dht, smime
-from plexus.mediator.dhtnode import DhtConfig
-from plexus.mediator.message import MAPPINGS, Reach
-from plexus.session import TurnConfig
-from plexus.streams import StreamsConfig
-from plexus.streams.forward import Forward
-from plexus.streams.wire import Allowed, Target
+
+# The rest loads where a path needs it: --version and --help load no network library, an email session no
+# OpenDHT, a DHT session no mail client.
+if TYPE_CHECKING:
+    from plexus import identity, launcher, session, stun
+    from plexus.mediator.dhtnode import DhtConfig
+    from plexus.mediator.email import MailConfig
+    from plexus.mediator.smime import SmimeConfig
+    from plexus.session import TurnConfig
+    from plexus.streams import StreamsConfig
+    from plexus.streams.forward import Forward
 
 log = logging.getLogger("plexus")
 
@@ -248,10 +250,12 @@ def smime_config(options: Options) -> SmimeConfig | None:
         raise UsageError(f"S/MIME needs --smime-cert, --smime-key and --smime-peer; missing {missing}")
     cert, key, peer = paths
     assert cert and key and peer
+    from plexus.mediator.smime import SmimeConfig
     return SmimeConfig(cert=cert, key=key, peer=peer, ca=options.path("smime-ca"))
 
 
 def mail_config(options: Options) -> MailConfig:
+    from plexus.mediator.email import MailConfig
     address = options.require("email-from")
     # With --identity (and its required --peer-identity) mail is signed, and the peer's must be.
     me, check = pinned_identities(options) if options.get("identity") else (None, None)
@@ -277,6 +281,8 @@ def mail_config(options: Options) -> MailConfig:
 def turn_config(options: Options) -> TurnConfig | None:
     if not options.get("turn-server"):
         return None
+    from plexus.session import TurnConfig
+
     return TurnConfig(
         server=options.endpoint("turn-server", STUN_PORT),
         user=options.require("turn-user"),
@@ -286,6 +292,7 @@ def turn_config(options: Options) -> TurnConfig | None:
 
 def session_config(options: Options) -> session.SessionConfig:
     """Everything a session needs, checked now: nothing is sent before every option has proved usable."""
+    from plexus import session
     hops = options.whole("punch-hops", 7, 1, 255)
     # The variable tests and benchmarks set in place of --handshake-timeout: checked as the option is.
     variable = os.environ.get(HANDSHAKE_VARIABLE)
@@ -326,6 +333,7 @@ def command_config(options: Options, streams: StreamsConfig | None) -> launcher.
     if not exec_command:
         forwarding = " (or --forward-allow, to forward streams)" if options.flag("accept") else ""
         raise UsageError(f"missing --exec-command{forwarding} (give it on the command line or in --config)")
+    from plexus import launcher
     launcher.check_executable(exec_command)
     log_file = Path(p).expanduser() if (p := options.get("exec-log-file")) else None
     if log_file is not None:
@@ -347,12 +355,13 @@ NO_IDENTITY = (
 
 def streams_config(options: Options, smime_files: SmimeConfig | None) -> StreamsConfig | None:
     """--forward-allow (acceptor), --stdio or --forward (inviter), and who may be on the other end."""
+    from plexus.streams.wire import Allowed, Target
     accepting = options.flag("accept")
     allowed = [
         Target.parse(text, options.origin("forward-allow")) for text in options.values("forward-allow")
     ]
     stdio = Target.parse(text, options.origin("stdio")) if (text := options.get("stdio")) else None
-    forwards = tuple(Forward.parse(text) for text in options.values("forward"))
+    forwards = forward_config(options)
     if accepting and (stdio or forwards):
         raise UsageError(
             "--stdio and --forward are the inviter's: the acceptor lists targets in --forward-allow"
@@ -368,7 +377,19 @@ def streams_config(options: Options, smime_files: SmimeConfig | None) -> Streams
     for forward in forwards:
         check_listen(forward.listen, options.origin("forward"))
     me, check = trust(options, smime_files)
+    from plexus.streams import StreamsConfig
+
     return StreamsConfig(me, check, Allowed.of(allowed) if accepting else None, stdio, forwards)
+
+
+def forward_config(options: Options) -> tuple[Forward, ...]:
+    """--forward's listeners; their module carries streams, loaded only when one is given."""
+    texts = options.values("forward")
+    if not texts:
+        return ()
+    from plexus.streams.forward import Forward
+
+    return tuple(Forward.parse(text) for text in texts)
 
 
 _IPV4_LIKE = re.compile(r"[0-9.]+")
@@ -399,11 +420,14 @@ def check_listen(listen: Endpoint, origin: str) -> None:
 def trust(options: Options, smime_files: SmimeConfig | None) -> tuple[identity.Identity, identity.PeerCheck]:
     """This host's identity and what the peer must prove: --identity and --peer-identity, else S/MIME's
     certificates, else (asked for by name) nothing."""
+    from plexus import identity
+    from plexus.mediator import smime
+
     if options.get("identity"):
         return pinned_identities(options)
     if smime_files is not None:
         keys = smime.Keys.load(smime_files)
-        return identity.Identity.of_smime(keys), identity.PeerCheck.of_smime(keys)
+        return keys.identity(), keys.peer_check()
     if options.flag("anonymous"):
         log.warning("streams are anonymous (--anonymous): whoever reads the mailbox can reach the targets")
         return identity.Identity.ephemeral(), identity.PeerCheck(None)
@@ -412,6 +436,8 @@ def trust(options: Options, smime_files: SmimeConfig | None) -> tuple[identity.I
 
 def pinned_identities(options: Options) -> tuple[identity.Identity, identity.PeerCheck]:
     """--identity (made on first use) and --peer-identity, both required."""
+    from plexus import identity
+
     key_file = options.require("identity")
     pinned = options.get("peer-identity")
     if not pinned:
@@ -432,6 +458,9 @@ def rendezvous_config(options: Options) -> MailConfig | DhtConfig:
         raise UsageError(f"{options.origin('rendezvous')} must be email or dht, not {chosen!r}")
     if chosen == "email":
         return mail_config(options)
+    from plexus.mediator import dht
+    from plexus.mediator.dhtnode import DhtConfig
+
     nodes = options.values("dht-bootstrap")
     if not nodes:
         raise UsageError("the DHT rendezvous needs --dht-bootstrap=HOST[:PORT] (a node of the DHT to join)")
@@ -451,6 +480,8 @@ def rendezvous_config(options: Options) -> MailConfig | DhtConfig:
 
 
 def show_id(options: Options) -> None:
+    from plexus import identity
+
     key_file = options.get("identity")
     if not key_file:
         raise UsageError("--show-id needs --identity=FILE (made on first use)")
@@ -542,6 +573,8 @@ def _forms(secret: str, login: str) -> set[str]:
 
 
 async def explore(options: Options, as_json: bool) -> None:
+    from plexus import session, stun
+
     inner = options.get("stun-client")
     sock = session.bind(options.endpoint("stun-client") if inner else Endpoint("0.0.0.0", 0))
     with sock:
@@ -560,12 +593,15 @@ PEER_MAPPINGS = {"independent": "endpoint-independently", "dependent": "per dest
 
 def paths(report: stun.NatReport, *, relay: bool) -> dict[str, str]:
     """What this network can do with each kind of peer: the decision table (plexus/path.py) for this NAT."""
+    from plexus.mediator.message import MAPPINGS, Reach
+    from plexus.path import NoPath, choose
+
     mine = Reach("independent" if report.punchable is not False else "dependent")
     found = {}
     for peer in PEER_MAPPINGS:
         try:
-            found[peer] = str(path.choose(mine, Reach(MAPPINGS[peer]), own_relay=relay).method)
-        except path.NoPath:
+            found[peer] = str(choose(mine, Reach(MAPPINGS[peer]), own_relay=relay).method)
+        except NoPath:
             found[peer] = "none (a TURN relay would: --turn-server)"
     return found
 
@@ -574,6 +610,10 @@ def run_until_signal(main: Coroutine[Any, Any, T]) -> T:
     """Run the flow; SIGINT or SIGTERM cancel it, so every `finally` and `async with` unwinds (mail sessions
     closed, commands stopped), and end it with Interrupted. As PID 1 (a container) SIGTERM would otherwise be
     ignored, and typer's own KeyboardInterrupt handling is not ours to rely on."""
+    import asyncio
+
+    import uvloop
+
 
     async def guarded() -> T:
         loop = asyncio.get_running_loop()
@@ -861,6 +901,8 @@ def run(
     if options.flag("show-id"):
         show_id(options)
         return
+    from plexus import session
+
     config_ = session_config(options)
     # A normal end by signal: a service manager stopping the acceptor, ssh ending its ProxyCommand (--stdio).
     normal_end = signal.SIGTERM if accepting else signal.SIGHUP if options.get("stdio") else None

@@ -456,8 +456,8 @@ async def test_smime_certificates_are_the_identities_over_quic(tmp_path: Path) -
     a = smime.Keys.load(smime.SmimeConfig(alice.cert_path, alice.key_path, bob.cert_path))
     b = smime.Keys.load(smime.SmimeConfig(bob.cert_path, bob.key_path, alice.cert_path))
     async with echo_server() as echo, pair() as ends:
-        ends.acceptor, ends.inviter = Identity.of_smime(a), Identity.of_smime(b)
-        acceptor, inviter = await ends.both(PeerCheck.of_smime(a), PeerCheck.of_smime(b))
+        ends.acceptor, ends.inviter = a.identity(), b.identity()
+        acceptor, inviter = await ends.both(a.peer_check(), b.peer_check())
         async with serving(acceptor, Allowed.of([echo.target])):
             assert await round_trip(inviter, echo.target, b"signed") == b"signedbye\n"
 
