@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import stat
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -645,3 +646,31 @@ def test_aioimaplibs_login_line_never_shows_the_password(password: str, login: s
     line = redactor.redact(f"Sending : {data!r}")
     assert repr(aioimaplib.quoted(password).encode())[2:-1] not in line
     assert "***" in line
+
+
+# What a network session needs and --version or --help must not load (issue 17: they start in a fraction of
+# the time, and a broken network library cannot break them).
+NETWORK_LIBRARIES = (
+    "aiosmtplib", "aioimaplib", "aioice", "aioquic", "opendht", "cryptography", "uvloop", "asyncio", "ssl",
+    "plexus.session", "plexus.mediator.email", "plexus.mediator.dhtnode", "plexus.streams",
+)  # fmt: skip
+LOADED = """
+import sys
+from plexus import cli
+try:
+    cli.main(sys.argv[1:])
+except SystemExit:
+    pass
+print("\\n".join(sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["--examples"]])
+def test_version_and_help_load_no_network_library(argv: list[str]) -> None:
+    found = subprocess.run(
+        [sys.executable, "-c", LOADED, *argv], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    loaded = {
+        name for name in found if name.partition(".")[0] in NETWORK_LIBRARIES or name in NETWORK_LIBRARIES
+    }
+    assert not loaded, f"{' '.join(argv)} loads {sorted(loaded)}"
