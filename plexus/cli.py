@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("plexus")
 
-EXAMPLES = Path(__file__).resolve().parent / "examples"
+# exec/ beside plexus/ in the repository; plexus/examples links to it, so wheels, sdists and editable installs
+# all carry it as the package's data.
+EXAMPLES = (Path(__file__).resolve().parent / "examples").resolve()
 T = TypeVar("T")
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)

@@ -276,6 +276,16 @@ def test_examples_prints_the_installed_folder(capsys: pytest.CaptureFixture[str]
     folder = Path(out.strip())
     assert code == 0 and folder.is_dir()
     assert (folder / "exec.sh").is_file()
+    # The repository keeps them in exec/ (plexus/examples links there): --examples names the real folder.
+    assert folder == Path(__file__).resolve().parents[2] / "exec"
+    assert {path.name for path in folder.iterdir()} >= {
+        "exec.sh",
+        "exec.bat",
+        "plexus-reconnect",
+        "plexus-accept@.service",
+        "hello.py",
+    }
+    assert os.access(folder / "exec.sh", os.X_OK) and os.access(folder / "plexus-reconnect", os.X_OK)
 
 
 def test_failures_doc_lists_every_exit_code() -> None:
