@@ -7,8 +7,6 @@ parse the options, but their multi-line usage boxes are replaced by that one lin
 
 from __future__ import annotations
 
-import base64
-import inspect
 import json
 import logging
 import re
@@ -16,23 +14,15 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
-
-import typer
-import typer.core
-from typer import _click as click  # typer (pinned) carries its own click; help formatting is typed there
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from plexus import __version__, files
 from plexus.endpoint import Endpoint
-from plexus.errors import MEANINGS, STOP_SIGNALS, ExitCode, Interrupted, PlexusError, UsageError
+from plexus.errors import STOP_SIGNALS, ExitCode, Interrupted, PlexusError, UsageError
 from plexus.options import (
-    HELP_GROUPS,
     LOG_LEVELS,
     PASSWORDS,
-    TABLE,
-    Kind,
     Name,
-    Option,
     Options,
     session_config,
     turn_config,
@@ -48,9 +38,9 @@ log = logging.getLogger("plexus")
 # exec/ beside plexus/ in the repository; plexus/examples links to it, so wheels, sdists and editable installs
 # all carry it as the package's data.
 EXAMPLES = (Path(__file__).resolve().parent / "examples").resolve()
+# What --version and --examples print: answered here when alone, before typer loads, else by typer.
+QUICK = {"--version": lambda: f"plexus {__version__}", "--examples": lambda: str(EXAMPLES)}
 T = TypeVar("T")
-
-app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
 
 
 def show_id(options: Options) -> None:
@@ -140,6 +130,8 @@ def _forms(secret: str, login: str) -> set[str]:
         escaped = (repr(text + "'\"")[1:-4], repr((text + "'\"").encode())[2:-4])
         found |= {text, json.dumps(text)[1:-1], *escaped, *(body.replace("\\'", "'") for body in escaped)}
     plain = f"\0{login}\0{secret}".encode()
+    import base64
+
     found |= {base64.b64encode(value).decode("ascii") for value in (secret.encode(), plain)}
     return found
 
@@ -213,85 +205,6 @@ def run_until_signal(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(guarded())
 
 
-def _version(value: bool) -> None:
-    if value:
-        print(f"plexus {__version__}")
-        raise typer.Exit()
-
-
-def _examples(value: bool) -> None:
-    if value:
-        print(EXAMPLES)
-        raise typer.Exit()
-
-
-# Eager: they print and exit before the other options are looked at.
-CALLBACKS = {Name.VERSION: _version, Name.EXAMPLES: _examples}
-_TYPES: dict[Kind, tuple[Any, Any]] = {
-    Kind.FLAG: (bool, False),
-    Kind.VALUE: (str | None, None),
-    Kind.LIST: (list[str] | None, None),
-}
-
-
-def _parameter(option: Option) -> inspect.Parameter:
-    """The typer parameter of one option of the table: a keyword of run()."""
-    callback = CALLBACKS.get(option.name)
-    names = (f"--{option.name}", *(f"--{alias}" for alias in option.aliases))
-    info = typer.Option(
-        *names, metavar=option.metavar, help=option.help, callback=callback, is_eager=callback is not None
-    )
-    annotation, default = _TYPES[option.kind]
-    return inspect.Parameter(
-        option.name.replace("-", "_"),
-        inspect.Parameter.KEYWORD_ONLY,
-        default=default,
-        annotation=Annotated[annotation, info],
-    )
-
-
-HELP_EPILOG = """\
-Examples:
-  The host to reach serves requests until stopped (systemd unit: --examples):
-    plexus --accept --config /etc/plexus/home.conf
-  The laptop connects once, launches the command and exits (from cron:
-  plexus-reconnect in --examples):
-    plexus --config /etc/plexus/laptop.conf
-  ssh to the home host through plexus (the host: --accept --forward-allow
-  127.0.0.1:22 --identity=FILE --peer-identity=ID):
-    ssh -o ProxyCommand='plexus --config laptop.conf --stdio=127.0.0.1:22' home
-  Does this network's NAT allow hole punching?
-    plexus --explore --stun-server=stun.example.net
-
-A config file holds `name = value` lines with these option names (no --),
-`#` comments, and values that may be quoted; the command line wins. A new
-session replaces the previous one's command (its process group is stopped
-before the inner port is bound) unless --keep-sessions is given.
-
-Exit codes:
-"""
-
-
-class GroupedCommand(typer.core.TyperCommand):
-    """Help with the options in groups, examples per role and the exit codes; click's plain layout."""
-
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        records = {
-            opt[2:]: record
-            for param in self.get_params(ctx)
-            if (record := param.get_help_record(ctx)) is not None
-            for opt in param.opts
-            if opt.startswith("--")
-        }
-        for title, names in HELP_GROUPS.items():
-            with formatter.section(title):
-                formatter.write_dl([records[name] for name in names])
-
-    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        formatter.write("\n" + HELP_EPILOG.removeprefix("\\\n"))
-        formatter.write_dl([(f"{code.value:>3} {code.name}", meaning) for code, meaning in MEANINGS.items()])
-
-
 def run(**given: Any) -> None:
     """Connect two hosts behind NATs: STUN, an email rendezvous, UDP hole punching, then your command."""
     options = Options.read({name.replace("_", "-"): value for name, value in given.items()})
@@ -316,27 +229,28 @@ def run(**given: Any) -> None:
         log.info("stopped")
 
 
-# typer reads run()'s options from its signature: here, the table's (--help is click's own).
-run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [_parameter(option) for option in TABLE if option.name is not Name.HELP]
-)
-app.command(cls=GroupedCommand, context_settings={"help_option_names": ["--help", "-h"]})(run)
-
-
 def parse(argv: Sequence[str]) -> Options:
     """The options of a command line, as run() would get them (with --config's); a UsageError, or typer's,
     for a bad one. For tests and programs that build configs as a user would write them."""
-    command = typer.main.get_command(app)
-    with command.make_context("plexus", list(argv), resilient_parsing=False) as context:
+    from plexus.command import command
+
+    with command(run, QUICK).make_context("plexus", list(argv), resilient_parsing=False) as context:
         return Options.read({name.replace("_", "-"): value for name, value in context.params.items()})
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) == 1 and (answer := QUICK.get(args[0])) is not None:
+        print(answer())  # before typer loads: `plexus --version` in a script, `$(plexus --examples)` in setup
+        sys.exit(ExitCode.OK)
     # Until the event loop takes over, SIGTERM ends the run as SIGINT does (as PID 1 it would be ignored).
     signal.signal(signal.SIGTERM, _terminated)
-    command = typer.main.get_command(app)
+    import typer
+
+    from plexus.command import command
+
     try:
-        command.main(args=argv, prog_name="plexus", standalone_mode=False)
+        command(run, QUICK).main(args=args, prog_name="plexus", standalone_mode=False)
     except (typer.Abort, KeyboardInterrupt):
         _fail("interrupted", ExitCode.INTERRUPTED)
     except typer.TyperException as error:  # typer's own click raises its usage errors as these

@@ -684,3 +684,5 @@ def test_version_and_help_load_no_network_library(argv: list[str]) -> None:
         name for name in found if name.partition(".")[0] in NETWORK_LIBRARIES or name in NETWORK_LIBRARIES
     }
     assert not loaded, f"{' '.join(argv)} loads {sorted(loaded)}"
+    if argv != ["--help"]:  # answered before the command line is parsed at all
+        assert "typer" not in found
