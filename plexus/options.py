@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum, StrEnum
@@ -735,6 +734,8 @@ _IPV4_LIKE = re.compile(r"[0-9.]+")
 def check_listen(listen: Endpoint, origin: str) -> None:
     """Bind --forward's local address once now, as the listener will after the rendezvous: a typo, a name
     that does not resolve, a port in use or not allowed is found before anything is sent."""
+    import socket
+
     where = f"{origin} {listen}"
     if (":" in listen.host or _IPV4_LIKE.fullmatch(listen.host)) and not listen.is_ip:  # no name for DNS
         raise UsageError(f"{where}: {listen.host} is not an IP address")
