@@ -27,9 +27,6 @@ def _eager(answer: Callable[[], str]) -> Callable[[bool], None]:
 
     return callback
 
-
-# Eager: they print and exit before the other options are looked at.
-EAGER = (Name.VERSION, Name.EXAMPLES)
 _TYPES: dict[Kind, tuple[Any, Any]] = {
     Kind.FLAG: (bool, False),
     Kind.VALUE: (str | None, None),
@@ -39,7 +36,8 @@ _TYPES: dict[Kind, tuple[Any, Any]] = {
 
 def _parameter(option: Option, answers: Mapping[str, Callable[[], str]]) -> inspect.Parameter:
     """The typer parameter of one option of the table: a keyword of run()."""
-    callback = _eager(answers[f"--{option.name}"]) if option.name in EAGER else None
+    # Eager, the options with an answer: they print and exit before the others are looked at.
+    callback = _eager(answer) if (answer := answers.get(f"--{option.name}")) else None
     names = (f"--{option.name}", *(f"--{alias}" for alias in option.aliases))
     info = typer.Option(
         *names, metavar=option.metavar, help=option.help, callback=callback, is_eager=callback is not None
