@@ -27,6 +27,7 @@ def _eager(answer: Callable[[], str]) -> Callable[[bool], None]:
 
     return callback
 
+
 _TYPES: dict[Kind, tuple[Any, Any]] = {
     Kind.FLAG: (bool, False),
     Kind.VALUE: (str | None, None),
