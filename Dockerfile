@@ -13,6 +13,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends openvpn openssl
     && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md /tmp/plexus/
 COPY plexus /tmp/plexus/plexus
+# exec/: the examples (plexus/examples is a link to it)
+COPY exec /tmp/plexus/exec
 RUN pip install --no-cache-dir --root-user-action=ignore /tmp/plexus && rm -rf /tmp/plexus
 ENTRYPOINT ["plexus"]
 CMD ["--help"]

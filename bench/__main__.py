@@ -3,7 +3,8 @@
 In its own NAT lab it measures the time to connect (with its phases, beside the floor the same path could not
 beat), which NAT pairs connect and how the others fail, what an idle acceptor and one session cost, and the
 reconnect loop with real OpenVPN (bench/soak.py), streams: TCP through plexus's QUIC beside plain TCP,
-OpenVPN and the raw UDP path (bench/streams.py), and the DHT rendezvous beside the mail (bench/dht.py).
+OpenVPN and the raw UDP path (bench/streams.py), the DHT rendezvous beside the mail (bench/dht.py), and
+`plexus --version` and `--help` beside a bare interpreter (bench/startup.py, the one section without a lab).
 Progress goes to stderr, the report to stdout (a plain-text table), and with --json FILE also to that file.
 """
 
@@ -23,12 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import dht, floor, report, runs, soak, streams
+from bench import dht, floor, report, runs, soak, startup, streams
 from bench.stats import summarize
 from bench.timeline import PHASES, Timeline, TimelineError
 from tests.lab.lab import Lab, LabError, lab_available
 
-SECTIONS = ("connect", "matrix", "footprint", "soak", "streams", "dht")
+SECTIONS = ("connect", "matrix", "footprint", "soak", "streams", "dht", "startup")
 T = TypeVar("T")
 
 
@@ -204,6 +205,12 @@ def bench_footprint(lab: Lab, workdir: Path, idle: float) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "runs": args.runs}
     started = time.monotonic()
+    if "startup" in args.sections:  # first, on a machine the lab does not load yet
+        progress(f"start-up: plexus --version and --help beside python -c pass, {args.runs} runs each")
+        results["startup"] = startup.measure(args.runs)
+    if not set(args.sections) - {"startup"}:
+        results["bench_seconds"] = round(time.monotonic() - started, 1)
+        return results
     with tempfile.TemporaryDirectory(prefix="plexus-bench-") as tmp, Lab() as lab:
         workdir = Path(tmp)
         progress(f"lab up in {lab.startup_s:.1f} s")
@@ -255,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None and not args.json.parent.is_dir():
         print(f"bench: --json {args.json}: no such directory {args.json.parent}", file=sys.stderr)
         return 2
-    reason = lab_available()
+    reason = None if set(args.sections) == {"startup"} else lab_available()
     if reason is not None:
         print(f"bench: {reason}", file=sys.stderr)
         return 2

@@ -90,7 +90,7 @@ DHT_PHASES = (
     ("stun_acceptor", "acceptor: STUN binding + mapping test"),
     ("response_in", "response: sealed and put by the acceptor, pushed to the inviter's listen, opened"),
     ("handshake", "hello/ready between the peers, until both sides are done"),
-    ("launch", "until both launched commands run (plexus/examples/hello.py started)"),
+    ("launch", "until both launched commands run (exec/hello.py started)"),
 )
 FAST_PHASES = (
     *DHT_PHASES[:4],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench import dht
+from bench import dht, startup
 from bench.timeline import PHASES
 from plexus import path
 from plexus.mediator.message import Reach
@@ -40,6 +40,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _streams(results["streams"])
     if "dht" in results:
         lines += _dht(results["dht"])
+    if "startup" in results:
+        lines += startup.render(results["startup"])
     failures = results.get("failures", [])
     lines += ["", f"== Checks: {len(failures)} failed" if failures else "== Checks: all passed"]
     lines += [f"FAILED: {failure}" for failure in failures]
@@ -237,6 +239,8 @@ def check(results: dict[str, Any]) -> list[str]:
         # Only what went wrong: a session that failed, a measurement that could not be made. The times and the
         # fast path's target are reported.
         failures += [f"dht: {failure}" for failure in results["dht"]["failures"]]
+    if "startup" in results:
+        failures += startup.check(results["startup"])
     return failures
 
 

@@ -15,7 +15,7 @@ The paths:
   the same links and routers, nothing in between, the ceiling;
 - plexus: `--accept --forward-allow` on b, `--forward` on a (the targets on b's 127.0.0.1); the CPU time of
   both plexus processes (/proc/PID/stat) is read before and after the bulk transfer;
-- openvpn: plexus/examples/exec.sh launched by a plexus session, as the reconnect soak runs it; the targets
+- openvpn: exec/exec.sh launched by a plexus session, as the reconnect soak runs it; the targets
   listen on b's tunnel address, and the CPU time of each host's openvpn is read like plexus's;
 - udp: the raw path, no encryption and no congestion control: a Python sender on a punches its own hole
   through both NATs to a Python receiver on b (each side sends to the other's public address from a fixed

@@ -1,7 +1,7 @@
 """One session's timeline, read from the two plexus debug logs and the launched commands' start times.
 
 Both processes run on one machine, so their wall clocks agree: log timestamps (milliseconds) and
-plexus/examples/hello.py's `started` (time.time()) go on one axis, starting at the moment the inviter was
+exec/hello.py's `started` (time.time()) go on one axis, starting at the moment the inviter was
 started.
 """
 
@@ -25,7 +25,7 @@ PHASES = (
     ("mail_out_response", "acceptor: the response by SMTP (its session opened during STUN)"),
     ("mail_in_response", "response: delivery, inviter's IDLE wakes, fetch, consume"),
     ("handshake", "hello/ready between the peers, until both sides are done"),
-    ("launch", "until both launched commands run (plexus/examples/hello.py started)"),
+    ("launch", "until both launched commands run (exec/hello.py started)"),
 )
 
 

@@ -29,7 +29,6 @@ from cryptography.x509.oid import NameOID
 
 from plexus import files
 from plexus.errors import PeerIdentityError, UsageError
-from plexus.mediator import smime
 
 ID_BYTES = 20
 ID_LENGTH = 32  # base32 characters of ID_BYTES
@@ -114,10 +113,6 @@ class Identity:
         return cls(key, certificate)
 
     @classmethod
-    def of_smime(cls, keys: smime.Keys) -> Identity:
-        return cls(keys.key, keys.cert)
-
-    @classmethod
     def ephemeral(cls) -> Identity:
         """A key for this run only (--anonymous): TLS still encrypts, but proves nothing."""
         return cls.of_key(ec.generate_private_key(ec.SECP256R1()))
@@ -156,10 +151,6 @@ class PeerCheck:
     nothing, in the anonymous mode the user asked for by name."""
 
     pinned_id: str | None  # None: anonymous
-
-    @classmethod
-    def of_smime(cls, keys: smime.Keys) -> PeerCheck:
-        return cls(id_of(keys.peer.public_key()))
 
     @property
     def anonymous(self) -> bool:

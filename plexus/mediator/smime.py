@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from plexus.errors import UsageError
+from plexus.identity import Identity, PeerCheck, id_of
 from plexus.mediator import der
 
 OID_ENVELOPED_DATA = "1.2.840.113549.1.7.3"
@@ -116,6 +117,14 @@ class Keys:
         except SmimeError as error:
             raise UsageError(f"--smime-peer: {error}") from error
         return keys
+
+    def identity(self) -> Identity:
+        """This host's certificate and key as its identity (streams, the handshake key)."""
+        return Identity(self.key, self.cert)
+
+    def peer_check(self) -> PeerCheck:
+        """The peer must prove the key of --smime-peer."""
+        return PeerCheck(id_of(self.peer.public_key()))
 
     def check_peer(self, when: datetime.datetime) -> None:
         """The peer certificate is valid at `when` and, with --smime-ca, issued by a certificate there."""

@@ -1,7 +1,7 @@
 """Real plexus processes on the lab's hosts: the demo, the end-to-end tests and the benchmark share this.
 
 Each side is a `python -m plexus` process in its host's namespace, talking to the lab's coturn, SMTP server
-and Dovecot; the launched command is plexus/examples/hello.py unless a test says otherwise, and its one
+and Dovecot; the launched command is exec/hello.py unless a test says otherwise, and its one
 JSON line of output (the arguments it got, what it heard from the peer) is the proof that traffic crossed both
 NATs.
 """
@@ -23,7 +23,7 @@ from typing import Any
 from tests.lab.lab import Account, Lab, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "plexus" / "examples"
+EXAMPLES = ROOT / "exec"
 HELLO = EXAMPLES / "hello.py"
 EXEC_SH = EXAMPLES / "exec.sh"
 
@@ -59,7 +59,7 @@ class Plexus:
         return self.log_file.read_text() if self.log_file.exists() else ""
 
     def hello_results(self) -> list[dict[str, Any]]:
-        """The JSON lines plexus/examples/hello.py printed, one per launched command that has finished."""
+        """The JSON lines exec/hello.py printed, one per launched command that has finished."""
         if not self.exec_log.exists():
             return []
         return [json.loads(line) for line in self.exec_log.read_text().splitlines() if line.startswith("{")]

@@ -1,4 +1,4 @@
-"""OpenVPN through plexus/examples/exec.sh in the lab: pinned key folders, the tunnel's addresses, a ping
+"""OpenVPN through exec/exec.sh in the lab: pinned key folders, the tunnel's addresses, a ping
 across it, and the cron recipe (plexus-reconnect) run on the inviter's host as cron runs it. The OpenVPN tests
 and the benchmark's reconnect soak share these."""
 

@@ -1,4 +1,4 @@
-"""plexus/examples/exec.sh: OpenVPN in TLS mode with pinned self-signed certificates.
+"""exec/exec.sh: OpenVPN in TLS mode with pinned self-signed certificates.
 
 The fast tests run the script's own checks (no lab; `init` needs no root). The lab tests launch it from a real
 plexus session across the lab's NATs on both hosts, each with its own key folder, and ping through the tunnel.

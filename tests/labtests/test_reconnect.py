@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from plexus import cli
 from plexus.endpoint import Endpoint
 from plexus.errors import ExitCode
 from plexus.mediator import Mediator, Offer
+from plexus.options import Options, mail_config
 from tests.lab import sessions
 from tests.lab.lab import Lab
 from tests.lab.sessions import Plexus, Side
@@ -149,8 +149,8 @@ async def test_a_signal_in_each_waiting_phase_of_the_inviter(
 
 async def answer_once(lab: Lab, me: Side, peer: Side, outer: Endpoint, listening: threading.Event) -> None:
     """Play the acceptor for one request, answering with `outer` as its endpoint."""
-    given = {name.replace("-", "_"): value for name, value in sessions.options(lab, me, peer).items()}
-    async with Mediator(cli.mail_config(cli.Options(given, {}))) as mediator:
+    given = sessions.options(lab, me, peer)
+    async with Mediator(mail_config(Options(given, {}))) as mediator:
         await mediator.ready()
         listening.set()
         async for invitation in mediator.requests():

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from plexus import cli
 from plexus.endpoint import Endpoint
 from plexus.errors import ExitCode
 from plexus.mediator import Mediator, Offer
+from plexus.options import Options, mail_config
 from tests.lab import sessions
 from tests.lab.lab import Lab
 from tests.lab.sessions import Plexus, Side
@@ -134,10 +134,8 @@ async def test_a_failing_session_never_stops_the_acceptor(
     running.append(acceptor)
     sessions.wait_until_listening(acceptor)
     # A request naming an endpoint where nobody answers: the acceptor responds, then its handshake times out.
-    given = {
-        name.replace("-", "_"): value for name, value in sessions.options(lab, inviter, acceptor_side).items()
-    }
-    mail = cli.mail_config(cli.Options(given, {}))
+    given = sessions.options(lab, inviter, acceptor_side)
+    mail = mail_config(Options(given, {}))
     dead_end = Endpoint(lab.public_ip("a"), 9)
 
     async def forged_invite() -> Offer:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bench import dht, floor, report
+from bench import dht, floor, report, startup
 from bench.stats import quantile, summarize
 from bench.timeline import PHASES, Timeline, TimelineError, parse_log, timeline
 
@@ -313,3 +313,20 @@ def test_check_fails_the_dht_section_only_on_what_went_wrong() -> None:
     assert report.check({"dht": slow}) == []
     slow["failures"] = ["0 ms, DHT, two hops, run 2: inviter exited 18: no response"]
     assert report.check({"dht": slow}) == ["dht: 0 ms, DHT, two hops, run 2: inviter exited 18: no response"]
+
+
+def test_startup_section_reports_each_command_against_the_bare_interpreter() -> None:
+    found = {
+        "runs": 9,
+        "target": startup.TARGET,
+        "median_seconds": {"python -c pass": 0.025, "plexus --version": 0.07, "plexus --help": 0.11},
+    }
+    lines = startup.render(found)
+    assert any(line.startswith("plexus --version") and line.endswith("2.8x") for line in lines)
+    assert startup.check(found) == [
+        "start-up: plexus --help took 0.110 s, over 3 x the bare interpreter's 0.025 s"
+    ]
+    results = {"machine": {"date": "d", "cores": 2, "cpu": "c", "kernel": "k", "python": "3.11"},
+               "bench_seconds": 1.0, "startup": found}  # fmt: skip
+    assert "Start-up: median of 9 runs" in report.render(results)
+    assert report.check(results) == startup.check(found)

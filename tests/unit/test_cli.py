@@ -9,10 +9,10 @@ import re
 import signal
 import socket
 import stat
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from unittest import mock
 
 import pytest
@@ -26,6 +26,17 @@ from plexus.errors import ExitCode, Interrupted, UsageError
 from plexus.identity import Identity
 from plexus.mediator import MailConfig
 from plexus.mediator.dhtnode import DhtConfig
+from plexus.options import (
+    CONFIG_KEYS,
+    HELP_GROUPS,
+    TABLE,
+    Name,
+    Options,
+    Setting,
+    read_config,
+    session_config,
+    streams_config,
+)
 from tests.fuzz import FUZZ
 from tests.unit.owners import owned_by_another
 
@@ -111,7 +122,7 @@ def test_config_file_uses_the_option_names(tmp_path: Path) -> None:
         "stun-server = 203.0.113.10\n"
     )
     path.chmod(0o600)  # it holds a password
-    values = cli.read_config(path)
+    values = read_config(path)
     assert {name: setting.value for name, setting in values.items()} == {
         "accept": "true",
         "host-id": "remote",
@@ -119,22 +130,42 @@ def test_config_file_uses_the_option_names(tmp_path: Path) -> None:
         "email-passwd": "se=cret",
         "stun-server": "203.0.113.10",
     }
-    options = cli.Options({"host_id": "override"}, values, path)
-    assert options.flag("accept")
-    assert options.require("host-id") == "override"
-    assert options.require("email-passwd") == "se=cret"
-    assert options.endpoint("stun-server", 3478) == Endpoint("203.0.113.10", 3478)
+    options = Options({"host-id": "override"}, values, path)
+    assert options.flag(Name.ACCEPT)
+    assert options.require(Name.HOST_ID) == "override"
+    assert options.require(Name.EMAIL_PASSWD) == "se=cret"
+    assert options.endpoint(Name.STUN_SERVER) == Endpoint("203.0.113.10", 3478)  # its default port
+
+
+def test_an_option_outside_the_table_is_an_error_not_none() -> None:
+    with pytest.raises(ValueError, match="email-pasword"):
+        Options({"email-pasword": "typo"})
+    with pytest.raises(ValueError, match="email-pasword"):
+        Options().get("email-pasword")  # type: ignore[arg-type]
+
+
+def test_the_table_gives_the_command_line_the_config_keys_and_the_help_groups(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, out, _ = run(["--help"], capsys)
+    for option in TABLE:
+        assert f"--{option.name}" in out
+        assert option.name in HELP_GROUPS[option.group]
+        assert (option.name in CONFIG_KEYS) == option.in_config
+        for alias in option.aliases:
+            assert f"--{alias}" in out and CONFIG_KEYS[alias] == option.name
+    assert set(CONFIG_KEYS.values()) == {o.name for o in TABLE if o.in_config}
 
 
 def test_config_file_rejects_unknown_names(tmp_path: Path) -> None:
     path = tmp_path / "plexus.conf"
     path.write_text("host-id = a\nemail-pasword = typo\n")
     with pytest.raises(UsageError, match=r"plexus.conf:2: unknown option 'email-pasword'"):
-        cli.read_config(path)
+        read_config(path)
 
 
 def test_session_config_from_a_full_command_line(tmp_path: Path) -> None:
-    config = cli.session_config(cli.Options(as_given(full_options(tmp_path)), {}))
+    config = session_config(cli.parse(full_options(tmp_path)))
     assert config.inner == Endpoint("10.0.1.2", 5000)
     assert config.stun_server == Endpoint("203.0.113.10", 3478)
     assert config.punch_hops == 7
@@ -161,12 +192,12 @@ def test_the_dht_rendezvous_needs_identities_and_a_bootstrap_node(
         code, _, err = run([*base, *extra], capsys)
         assert code == ExitCode.USAGE, (extra, err)
         assert err.count("\n") == 1 and message in err, (extra, err)
-    options = cli.Options(
-        {"stun_server": "203.0.113.10", "exec_command": sys.executable, "identity": str(key),
-         "peer_identity": peer.upper(), "dht_bootstrap": ["203.0.113.10", "203.0.113.11:4300"]},
+    options = Options(
+        {"stun-server": "203.0.113.10", "exec-command": sys.executable, "identity": str(key),
+         "peer-identity": peer.upper(), "dht-bootstrap": ["203.0.113.10", "203.0.113.11:4300"]},
         {},
     )  # fmt: skip
-    config = cli.session_config(options)
+    config = session_config(options)
     assert isinstance(config.rendezvous, DhtConfig)
     assert config.rendezvous.bootstrap == (Endpoint("203.0.113.10", 4222), Endpoint("203.0.113.11", 4300))
     assert config.rendezvous.peer_id == peer and config.rendezvous.host_id == Identity.load(key).id
@@ -188,7 +219,7 @@ def test_config_comments_and_quotes(tmp_path: Path) -> None:
         "peer-id = a#b\n"
         "accept  # a flag with a comment\n",
     )
-    values = {name: setting.value for name, setting in cli.read_config(path).items()}
+    values = {name: setting.value for name, setting in read_config(path).items()}
     assert values == {
         "host-id": "home",
         "email-passwd": "pa ss # word",
@@ -209,7 +240,7 @@ def test_config_comments_and_quotes(tmp_path: Path) -> None:
 )
 def test_config_errors_name_the_file_line_and_option(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(UsageError) as error:
-        cli.read_config(write_config(tmp_path, text))
+        read_config(write_config(tmp_path, text))
     assert message in str(error.value)
 
 
@@ -246,6 +277,16 @@ def test_examples_prints_the_installed_folder(capsys: pytest.CaptureFixture[str]
     folder = Path(out.strip())
     assert code == 0 and folder.is_dir()
     assert (folder / "exec.sh").is_file()
+    # The repository keeps them in exec/ (plexus/examples links there): --examples names the real folder.
+    assert folder == Path(__file__).resolve().parents[2] / "exec"
+    assert {path.name for path in folder.iterdir()} >= {
+        "exec.sh",
+        "exec.bat",
+        "plexus-reconnect",
+        "plexus-accept@.service",
+        "hello.py",
+    }
+    assert os.access(folder / "exec.sh", os.X_OK) and os.access(folder / "plexus-reconnect", os.X_OK)
 
 
 def test_failures_doc_lists_every_exit_code() -> None:
@@ -349,9 +390,7 @@ def test_a_bad_handshake_timeout_variable_is_named(
         f"plexus: PLEXUS_HANDSHAKE_TIMEOUT must be a number above 0 and at most 86400, not {value!r}\n",
     )
     monkeypatch.setenv("PLEXUS_HANDSHAKE_TIMEOUT", "2.5")
-    config = cli.session_config(
-        cli.Options({}, cli.read_config(write_config(tmp_path, config_text(tmp_path))))
-    )
+    config = session_config(Options({}, read_config(write_config(tmp_path, config_text(tmp_path)))))
     assert config.handshake_timeout == 2.5
 
 
@@ -364,9 +403,9 @@ def test_a_config_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
     path.write_text(config_text(tmp_path), encoding="utf-8-sig")  # as Windows' Notepad saves it
     path.chmod(0o600)
     assert path.read_bytes().startswith(b"\xef\xbb\xbf")
-    values = cli.read_config(path)
-    assert values["host-id"] == cli.Setting("remote", 1)
-    assert cli.session_config(cli.Options({}, values, path)).rendezvous.host_id == "remote"
+    values = read_config(path)
+    assert values["host-id"] == Setting("remote", 1)
+    assert session_config(Options({}, values, path)).rendezvous.host_id == "remote"
 
 
 def test_a_config_file_in_another_encoding_is_named(
@@ -429,8 +468,8 @@ def test_a_forward_port_in_use_is_found_at_start(tmp_path: Path, capsys: pytest.
         ExitCode.USAGE,
         f"plexus: cannot listen on --forward 127.0.0.1:{port}: Address already in use\n",
     )
-    options = cli.Options({"forward": [f"{port}:127.0.0.1:22"], "anonymous": True}, {})
-    assert cli.streams_config(options, None) is not None  # free again: the check left nothing bound
+    options = Options({"forward": [f"{port}:127.0.0.1:22"], "anonymous": True}, {})
+    assert streams_config(options, None) is not None  # free again: the check left nothing bound
 
 
 def test_help_and_an_unreadable_config_read_well(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -480,14 +519,8 @@ def test_a_new_log_file_is_private_and_an_existing_one_keeps_its_mode_with_a_war
 def test_a_new_exec_log_file_is_private(tmp_path: Path) -> None:
     exec_log = tmp_path / "command.log"
     options = [*full_options(tmp_path), f"--exec-log-file={exec_log}"]
-    cli.session_config(cli.Options(as_given(options), {}))
+    session_config(cli.parse(options))
     assert mode_of(exec_log) == 0o600
-
-
-def as_given(argv: list[str]) -> dict[str, Any]:
-    """Command-line options as typer hands them to cli.Options."""
-    values = (option.removeprefix("--").split("=", 1) for option in argv)
-    return {cli.ALIASES.get(name, name).replace("-", "_"): value for name, value in values}
 
 
 @pytest.mark.parametrize(
@@ -514,14 +547,14 @@ def test_a_config_file_others_can_change_or_read_its_password_from_is_refused(
 
 def test_a_config_file_without_a_password_may_be_readable(tmp_path: Path) -> None:
     path = write_config(tmp_path, "host-id = home\n", 0o644)
-    assert cli.read_config(path)["host-id"].value == "home"
+    assert read_config(path)["host-id"].value == "home"
 
 
 def test_a_config_file_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_config(tmp_path, "host-id = home\n")
     owner = owned_by_another(path, monkeypatch)
     with pytest.raises(UsageError, match=rf"^--config {path} belongs to another user \(uid {owner}\)"):
-        cli.read_config(path)
+        read_config(path)
 
 
 @pytest.mark.parametrize("name", ["email-key", "smime-key"])
@@ -565,8 +598,8 @@ def test_no_password_reaches_the_log_in_any_quoting(
 ) -> None:
     log_file = tmp_path / "plexus.log"
     turn = "tu\\rn'pass\"word"
-    options = {"log_level": "trace", "email_login": "me", "email_passwd": PASSWORD, "turn_passwd": turn}
-    cli.setup_logging(cli.Options(options | ({"log_file": str(log_file)} if to_file else {}), {}))
+    options = {"log-level": "trace", "email-login": "me", "email-passwd": PASSWORD, "turn-passwd": turn}
+    cli.setup_logging(Options(options | ({"log-file": str(log_file)} if to_file else {}), {}))
     imap_login_logged(PASSWORD)
     logger = logging.getLogger("plexus.test")
     logger.debug("as given %s, in a repr %r, as JSON %s", PASSWORD, PASSWORD, json.dumps(PASSWORD))
@@ -598,14 +631,14 @@ def test_no_password_reaches_the_log_in_any_quoting(
 def test_an_unexpected_error_s_line_is_redacted_too(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cli.setup_logging(cli.Options({"email_passwd": PASSWORD}, {}))
+    cli.setup_logging(Options({"email-passwd": PASSWORD}, {}))
     with pytest.raises(SystemExit):
         cli._fail(f"unexpected error: cannot log in with {PASSWORD}", ExitCode.ERROR)
     assert capsys.readouterr().err == "plexus: unexpected error: cannot log in with ***\n"
 
 
 def test_a_short_password_is_not_redacted_out_of_every_word() -> None:
-    assert cli.Redactor(cli.Options({"email_passwd": "p"}, {})).redact("plexus: stopped") == "plexus: stopped"
+    assert cli.Redactor(Options({"email-passwd": "p"}, {})).redact("plexus: stopped") == "plexus: stopped"
 
 
 @FUZZ
@@ -615,7 +648,37 @@ def test_aioimaplibs_login_line_never_shows_the_password(password: str, login: s
     is left once redacted. (aioimaplib refuses NUL, CR and LF in arguments: no LOGIN line for those.)"""
     assume(not re.search("[\0\r\n]", password))
     data = f"A001 LOGIN {login or 'x'} {aioimaplib.quoted(password)}\r\n".encode()
-    redactor = cli.Redactor(cli.Options({"email_passwd": password, "email_login": login}, {}))
+    redactor = cli.Redactor(Options({"email-passwd": password, "email-login": login}, {}))
     line = redactor.redact(f"Sending : {data!r}")
     assert repr(aioimaplib.quoted(password).encode())[2:-1] not in line
     assert "***" in line
+
+
+# What a network session needs and --version or --help must not load (issue 17: they start in a fraction of
+# the time, and a broken network library cannot break them).
+NETWORK_LIBRARIES = (
+    "aiosmtplib", "aioimaplib", "aioice", "aioquic", "opendht", "cryptography", "uvloop", "asyncio", "ssl",
+    "plexus.session", "plexus.mediator.email", "plexus.mediator.dhtnode", "plexus.streams",
+)  # fmt: skip
+LOADED = """
+import sys
+from plexus import cli
+try:
+    cli.main(sys.argv[1:])
+except SystemExit:
+    pass
+print("\\n".join(sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["--examples"]])
+def test_version_and_help_load_no_network_library(argv: list[str]) -> None:
+    found = subprocess.run(
+        [sys.executable, "-c", LOADED, *argv], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    loaded = {
+        name for name in found if name.partition(".")[0] in NETWORK_LIBRARIES or name in NETWORK_LIBRARIES
+    }
+    assert not loaded, f"{' '.join(argv)} loads {sorted(loaded)}"
+    if argv != ["--help"]:  # answered before the command line is parsed at all
+        assert "typer" not in found

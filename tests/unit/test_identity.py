@@ -238,11 +238,11 @@ def test_with_smime_the_certificates_are_the_identities(tmp_path: Path) -> None:
     alice = make_identity(tmp_path, "alice")
     bob = make_identity(tmp_path, "bob")
     keys = smime.Keys.load(smime.SmimeConfig(alice.cert_path, alice.key_path, bob.cert_path))
-    me = Identity.of_smime(keys)
+    me = keys.identity()
     assert me.certificate == alice.cert
     assert me.key.public_key() == alice.key.public_key()
     assert me.id == id_of(alice.cert.public_key())
-    check = PeerCheck.of_smime(keys)
+    check = keys.peer_check()
     assert check.pinned_id == id_of(bob.cert.public_key())
     check.check(bob.cert)
     with pytest.raises(PeerIdentityError, match=f"the peer is {me.id}, not the pinned {check.pinned_id}"):

@@ -21,11 +21,11 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import pull_quic_header
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from plexus import cli
 from plexus.endpoint import Endpoint
 from plexus.errors import ExitCode, PeerIdentityError, StreamsLostError, TargetRefusedError, UsageError
 from plexus.identity import Identity, PeerCheck
 from plexus.mediator import smime
+from plexus.options import Options, command_config, read_config, streams_config
 from plexus.streams import forward, quic, wire
 from plexus.streams.forward import Forward
 from plexus.streams.wire import Allowed, Code, FrameError, Target
@@ -458,8 +458,8 @@ async def test_smime_certificates_are_the_identities_over_quic(tmp_path: Path) -
     a = smime.Keys.load(smime.SmimeConfig(alice.cert_path, alice.key_path, bob.cert_path))
     b = smime.Keys.load(smime.SmimeConfig(bob.cert_path, bob.key_path, alice.cert_path))
     async with echo_server() as echo, pair() as ends:
-        ends.acceptor, ends.inviter = Identity.of_smime(a), Identity.of_smime(b)
-        acceptor, inviter = await ends.both(PeerCheck.of_smime(a), PeerCheck.of_smime(b))
+        ends.acceptor, ends.inviter = a.identity(), b.identity()
+        acceptor, inviter = await ends.both(a.peer_check(), b.peer_check())
         async with serving(acceptor, Allowed.of([echo.target])):
             assert await round_trip(inviter, echo.target, b"signed") == b"signedbye\n"
 
@@ -609,32 +609,32 @@ def test_bad_streams_options_are_one_line_usage_errors(
 def test_forward_allow_in_the_config_file_is_comma_separated(tmp_path: Path) -> None:
     path = tmp_path / "plexus.conf"
     path.write_text("accept\nanonymous\nforward-allow = 127.0.0.1:22, [::1]:80,localhost:8080\n")
-    streams = cli.streams_config(cli.Options({}, cli.read_config(path), path), None)
+    streams = streams_config(Options({}, read_config(path), path), None)
     assert streams is not None and streams.check.anonymous and not streams.inviting
     assert streams.allowed == Allowed.of(
         [Target("127.0.0.1", 22), Target("::1", 80), Target("localhost", 8080)]
     )
     path.write_text("accept\nanonymous\nforward-allow = 127.0.0.1:22, nonsense\n")
     with pytest.raises(UsageError, match=r"^--forward-allow \(.*plexus.conf:3\) 'nonsense': expected"):
-        cli.streams_config(cli.Options({}, cli.read_config(path), path), None)
+        streams_config(Options({}, read_config(path), path), None)
 
 
 def test_identity_and_peer_identity_pin_the_peer(tmp_path: Path) -> None:
     peer = Identity.ephemeral()
     key = tmp_path / "host.pem"
-    options = cli.Options(
-        {"stdio": "127.0.0.1:22", "identity": str(key), "peer_identity": f" {peer.id.upper()} "}, {}
+    options = Options(
+        {"stdio": "127.0.0.1:22", "identity": str(key), "peer-identity": f" {peer.id.upper()} "}, {}
     )
-    streams = cli.streams_config(options, None)
+    streams = streams_config(options, None)
     assert streams is not None and streams.inviting
     assert streams.stdio == Target("127.0.0.1", 22) and streams.allowed is None
     assert streams.check == PeerCheck(peer.id)
     assert streams.identity.id == Identity.load(key).id
-    assert cli.command_config(options, streams) is None  # --stdio replaces the command
+    assert command_config(options, streams) is None  # --stdio replaces the command
 
 
 def test_no_streams_options_no_streams(tmp_path: Path) -> None:
-    assert cli.streams_config(cli.Options({"identity": str(tmp_path / "k.pem")}, {}), None) is None
+    assert streams_config(Options({"identity": str(tmp_path / "k.pem")}, {}), None) is None
     assert not (tmp_path / "k.pem").exists()
 
 
