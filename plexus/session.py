@@ -20,7 +20,7 @@ import secrets
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from plexus import launcher, path, puncher, stun
 from plexus.endpoint import Endpoint
@@ -34,7 +34,7 @@ from plexus.errors import (
     UsageError,
 )
 from plexus.launcher import Command, Running, Slot, Tunnel
-from plexus.mediator import Invitation, MailConfig, Mediator, Offer, dht
+from plexus.mediator import Invitation, MailConfig, Mediator, Offer
 from plexus.mediator.dhtnode import DhtConfig, DhtMediator
 from plexus.mediator.email import Submission
 from plexus.mediator.message import Mapping, Reach
@@ -51,15 +51,9 @@ log = logging.getLogger(__name__)
 INVITER_WATCH_SECONDS = 1.0
 # A stopped acceptor gives its commands this long to end after SIGTERM: a service stops within a second.
 SHUTDOWN_GRACE = 0.5
-ARRIVING_HOPS = 64  # a first hello that must arrive (toward a relay, or an inviter punching already)
+ARRIVING_HOPS = 64  # a first hello that must arrive (toward a relay)
 # With a relay to fall back on, how long a direct attempt may take: a birthday needs up to about 7 s.
 FALLBACK_BOUND = 10.0
-# How long a punch toward an acceptor's advent may take before the inviter asks again, two hops: a live
-# advent answers in one round trip; a stale one (the acceptor gone, its mapping changed) never does.
-FAST_BOUND = 3.0
-# How often an advent's socket talks to the STUN server: more often than NATs let an idle UDP mapping go
-# (30 s and more), so the advertised endpoint stays open.
-ADVENT_KEEPALIVE = 20.0
 
 
 @dataclass(frozen=True)
@@ -170,14 +164,7 @@ async def invite(config: SessionConfig) -> Tunnel:
         async with config.mediator() as mediator:
             if slot is not None:
                 await slot.stop_previous()  # a stale tunnel holds the inner port and would double the new one
-            punched = None
-            while punched is None:
-                try:
-                    punched = await _meet(config, mediator, relays)
-                except HandshakeTimeoutError:
-                    if not isinstance(mediator, DhtMediator) or not mediator.fast:
-                        raise
-                    log.warning("the acceptor's advent did not answer within %g s: asking again", FAST_BOUND)
+            punched = await _meet(config, mediator, relays)
             if config.command is None:
                 assert config.streams is not None
                 if punched.relay is None:
@@ -204,7 +191,7 @@ async def invite(config: SessionConfig) -> Tunnel:
 async def _meet(
     config: SessionConfig, mediator: Mediator | DhtMediator, relays: contextlib.AsyncExitStack
 ) -> Punched:
-    """STUN, the request, the response (or the acceptor's advent), the punch."""
+    """STUN, the request, the response, the punch."""
     with contextlib.closing(bind(config.inner)) as sock:
         async with mediator.submission() as submission:
             found = await discover(sock, config.stun_server)
@@ -226,7 +213,6 @@ async def _meet(
             )
         chosen = plan(mine, theirs, own_relay=own is not None)
         log.info("peer endpoint %s, punching", response.outer)
-        fast = isinstance(mediator, DhtMediator) and mediator.fast
         return await _punch(
             chosen,
             config,
@@ -238,7 +224,6 @@ async def _meet(
             accept=False,
             relay=own,
             fallback=theirs.relay if theirs is not None else None,
-            limit=FAST_BOUND if fast else None,
         )
 
 
@@ -268,8 +253,6 @@ async def _punch(
     accept: bool,
     relay: Relay | None,
     fallback: Endpoint | None = None,
-    limit: float | None = None,
-    hops: int | None = None,
 ) -> Punched:
     """Confirm the path the plan names; `sock`, the socket STUN ran on, is closed on every path.
 
@@ -284,13 +267,8 @@ async def _punch(
         return await _toward_relay(sock, chosen.relay, found, secret, codec, config, accept=accept)
     can_fall_back = relay is not None or fallback is not None
     bound = FALLBACK_BOUND if can_fall_back else config.handshake_timeout
-    if limit is not None:
-        bound = min(bound, limit)
     try:
-        hops = hops if hops is not None else config.punch_hops
-        return await _direct(
-            chosen, sock, found, peer, secret, codec, config, accept=accept, timeout=bound, hops=hops
-        )
+        return await _direct(chosen, sock, found, peer, secret, codec, config, accept=accept, timeout=bound)
     except HandshakeTimeoutError:
         if not can_fall_back:
             raise
@@ -312,7 +290,6 @@ async def _direct(
     *,
     accept: bool,
     timeout: float,
-    hops: int,
 ) -> Punched:
     if chosen.method is Method.FANOUT:
         extra = [bind(Endpoint(found.inner.host, 0)) for _ in range(puncher.FANOUT_SOCKETS - 1)]
@@ -325,7 +302,7 @@ async def _direct(
         peer,
         codec,
         accept=accept,
-        hops=hops,
+        hops=config.punch_hops,
         timeout=timeout,
         peer_reflexive=chosen.peer_reflexive,
         spray=puncher.Spray() if chosen.method is Method.SPRAY else None,
@@ -422,7 +399,6 @@ async def accept(config: SessionConfig) -> None:
     """
     sessions: set[asyncio.Task[None]] = set()
     running: set[Running] = set()
-    advents: dict[int, Advent] = {}  # by puzzle: the DHT fast path's standing offers, each taken once
     slot = config.slot("accept")
     # Replacing sessions take turns, so the newest request wins; kept ones each have their own inner port.
     turn = None if config.keep_sessions else asyncio.Lock()
@@ -438,16 +414,11 @@ async def accept(config: SessionConfig) -> None:
                     "birthday punching; peers behind such NATs too need a TURN relay (%s)",
                     f"--turn-server {config.turn.server}" if config.turn else "no --turn-server given",
                 )
-            if isinstance(mediator, DhtMediator) and not config.inner.port:
-                advertising = asyncio.create_task(_advertise(config, mediator, advents))
-                sessions.add(advertising)
             async for invitation in mediator.requests():
-                task = asyncio.create_task(_serve(config, mediator, invitation, turn, slot, running, advents))
+                task = asyncio.create_task(_serve(config, mediator, invitation, turn, slot, running))
                 sessions.add(task)
                 task.add_done_callback(sessions.discard)
     finally:
-        for advent in advents.values():
-            advent.sock.close()
         for task in sessions:
             task.cancel()
         await asyncio.gather(*sessions, return_exceptions=True)
@@ -463,7 +434,6 @@ async def _serve(
     turn: asyncio.Lock | None,
     slot: Slot | None,
     running: set[Running],
-    advents: dict[int, Advent],
 ) -> None:
     peer = invitation.offer.outer
     if _wants_streams(invitation):  # streams sessions run side by side: no command of another is stopped
@@ -473,7 +443,7 @@ async def _serve(
             async with _maybe(turn):
                 if slot is not None:
                     await slot.stop_previous()
-                punched = await _answer(config, mediator, invitation, relays, advents)
+                punched = await _answer(config, mediator, invitation, relays)
                 if _wants_streams(invitation):
                     process = None
                 else:
@@ -526,42 +496,25 @@ async def _answer(
     mediator: Mediator | DhtMediator,
     invitation: Invitation,
     relays: contextlib.AsyncExitStack,
-    advents: dict[int, Advent],
 ) -> Punched:
-    """STUN, the plan, the punch, the response, the handshake; the SMTP session opens while STUN runs.
-
-    A request that takes an advent (the DHT's fast path) gets no response: its inviter punches already, toward
-    the advent's endpoint, whose socket and STUN result this session takes over."""
-    advent = None
-    if invitation.advent is not None:
-        advent = advents.pop(invitation.advent, None)
-        if advent is not None:
-            advent.taken.set()
-        if advent is None:  # taken by another request, or retired: the inviter asks again, two hops
-            raise NotServedError(f"the request names advent {invitation.advent}, which is gone")
+    """STUN, the plan, the punch, the response, the handshake; the SMTP session opens while STUN runs."""
     handshake: asyncio.Future[Punched] | None = None
     with contextlib.ExitStack() as closing:
         try:
             async with mediator.submission() as submission:
                 async with _refusing(mediator, invitation, submission):
                     _servable(config, invitation)
-                    if advent is None:
-                        sock = closing.enter_context(contextlib.closing(bind(config.inner)))
-                        found = await discover(sock, config.stun_server)
-                    else:
-                        async with advent.lock:  # a keepalive's STUN exchange on the socket ends first
-                            pass  # later ones see the advent gone and leave the socket alone
-                        sock = closing.enter_context(contextlib.closing(advent.sock))
-                        found = advent.found
+                    sock = closing.enter_context(contextlib.closing(bind(config.inner)))
+                    found = await discover(sock, config.stun_server)
                     theirs = invitation.offer.reach
                     own = None
                     # A relay for the path when both NATs map per destination, and to fall back on when a
                     # direct attempt fails; unless the inviter brought one (a 2.2 inviter knows of none).
-                    if config.turn is not None and theirs is not None and theirs.relay is None and not advent:
+                    if config.turn is not None and theirs is not None and theirs.relay is None:
                         own = await _allocate(config, relays)
                     mine = Reach(found.mapping, own.relayed if own else None, _wants_streams(invitation))
                     chosen = plan(mine, theirs, own_relay=own is not None)
-                puzzle = advent.puzzle if advent is not None else secrets.randbits(64)
+                puzzle = secrets.randbits(64)
                 secret = puzzle ^ invitation.offer.puzzle
                 # The punch starts before the response leaves: the TTL-limited hello (or the fan-out, the
                 # spray, the relay's permission) has opened the way when the inviter's hellos arrive.
@@ -580,85 +533,14 @@ async def _answer(
                         accept=True,
                         relay=own,
                         fallback=fallback,
-                        # The inviter that took an advent punches already: its NAT lets this side's first
-                        # hello in, so it need not die on the way (TTL-limited) and wait for the next one.
-                        hops=ARRIVING_HOPS if advent is not None else None,
                     )
                 )
                 await asyncio.sleep(0)
-                if advent is None:
-                    await mediator.answer(invitation, Offer(found.outer, puzzle, mine), submission)
+                await mediator.answer(invitation, Offer(found.outer, puzzle, mine), submission)
             return await handshake
         finally:
             if handshake is not None:
                 handshake.cancel()
-
-
-@dataclass
-class Advent:
-    """A standing offer on the DHT: a socket whose NAT mapping is kept open, its STUN result, a puzzle."""
-
-    sock: socket.socket
-    found: Found
-    puzzle: int
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # the socket: the keepalive's or the session's
-    taken: asyncio.Event = field(default_factory=asyncio.Event)  # a request took it: the next one follows now
-
-
-async def _advertise(config: SessionConfig, mediator: DhtMediator, advents: dict[int, Advent]) -> None:
-    """Keep one advent out for the pinned inviter while the acceptor runs (docs/dht.md, the fast path).
-
-    Its socket's mapping is kept open by STUN every ADVENT_KEEPALIVE seconds, and the advent is put again
-    every ADVENT_REFRESH; a request that takes it ends its part here, and the next advent follows. An advent
-    whose outer endpoint changed is retired. Behind a NAT that maps per destination there are none: the
-    inviter's hellos would come from a mapping the advent never saw."""
-    learning = asyncio.ensure_future(mediator.learn_peer_key())
-    streams = config.streams is not None and config.streams.allowed is not None
-    try:
-        while True:
-            sock = bind(Endpoint(config.inner.host, 0))
-            try:
-                found = await discover(sock, config.stun_server)
-            except PlexusError as error:
-                sock.close()
-                log.warning("no advent for now: %s", error)
-                await asyncio.sleep(dht.ADVENT_REFRESH)
-                continue
-            if found.mapping != "independent":
-                sock.close()
-                log.info("no advents: this NAT maps per destination")
-                return
-            advent = Advent(sock, found, secrets.randbits(64))
-            advents[advent.puzzle] = advent
-            offer = Offer(found.outer, advent.puzzle, Reach("independent", None, streams))
-            await _keep(config, mediator, advents, advent, offer)
-    finally:
-        learning.cancel()
-
-
-async def _keep(
-    config: SessionConfig, mediator: DhtMediator, advents: dict[int, Advent], advent: Advent, offer: Offer
-) -> None:
-    """Put the advent and keep its mapping open until a request takes it or its endpoint changes."""
-    loop = asyncio.get_running_loop()
-    while advent.puzzle in advents:
-        await mediator.advertise(offer)
-        renew = loop.time() + dht.ADVENT_REFRESH
-        while advent.puzzle in advents and loop.time() < renew:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(advent.taken.wait(), ADVENT_KEEPALIVE)
-            async with advent.lock:
-                if advent.puzzle not in advents:
-                    return  # taken: the socket is the session's now
-                try:
-                    now = await discover(advent.sock, config.stun_server)
-                except PlexusError as error:
-                    log.warning("advent keepalive failed: %s", error)
-                    now = None
-                if now is None or now.outer != advent.found.outer:
-                    advents.pop(advent.puzzle, None)
-                    advent.sock.close()
-                    return
 
 
 @contextlib.asynccontextmanager

@@ -134,7 +134,6 @@ class Invitation:
     # The request carried no Date header, as plexus 2.2's never do (ours always do): its sender cannot read a
     # refusal, so none is sent.
     legacy: bool = False
-    advent: int | None = None  # DHT: the puzzle of the acceptor's advent the request takes (the fast path)
 
 
 def tls_context(config: MailConfig) -> ssl.SSLContext:

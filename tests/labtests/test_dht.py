@@ -175,39 +175,6 @@ def test_forged_unsigned_replayed_or_misdirected_values_start_nothing(
         assert any(reason in line for line in ignored), (reason, ignored)
 
 
-def test_the_fast_path_takes_a_fresh_advent_and_a_stale_one_falls_back(
-    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
-) -> None:
-    # An acceptor with a fixed inner port keeps no advents: two hops. (Its inviter's card teaches the next
-    # acceptor the inviter's key.)
-    fixed = dht_options(network, hosts.acceptor_file, hosts.inviter) | {"stun-client": "0.0.0.0:40000"}
-    home, laptop = Side("b", lab.accounts["remote"], "b-dht"), Side("a", lab.accounts["local"], "a-dht")
-    no_advents = sessions.start(lab, home, laptop, tmp_path, accept=True, overrides=fixed)
-    running.append(no_advents)
-    wait_for(no_advents, "waiting for requests")
-    first = start(lab, tmp_path, running, network, hosts, accept=False)
-    assert first.wait(60) == 0, f"{first.stderr()}\n{first.log()}"
-    assert "waiting for the response" in first.log() and "taking its advent" not in first.log()
-    no_advents.stop()
-    acceptor = start(lab, tmp_path, running, network, hosts, accept=True)
-    wait_for(acceptor, "advent put")
-    started = time.monotonic()
-    fast = start(lab, tmp_path, running, network, hosts, accept=False)
-    assert fast.wait(60) == 0, f"{fast.stderr()}\n{fast.log()}\nacceptor:\n{acceptor.log()}"
-    elapsed = time.monotonic() - started
-    assert "taking its advent" in fast.log() and "waiting for the response" not in fast.log()
-    mine, theirs = fast.wait_hello()[0], acceptor.wait_hello()[0]
-    assert mine["args"]["secret"] == theirs["args"]["secret"]
-    print(f"DHT fast path: inviter exited 0 after {elapsed:.2f} s")
-    # The acceptor goes; its last advent is still fresh on the DHT for a while, and leads nowhere.
-    acceptor.stop()
-    overrides = dht_options(network, hosts.inviter_file, hosts.acceptor) | {"response-timeout": "5"}
-    stale = sessions.start(lab, laptop, laptop, tmp_path, accept=False, overrides=overrides)
-    running.append(stale)
-    assert stale.wait(60) == ExitCode.PEER_NOT_FOUND, stale.stderr()
-    assert "advent did not answer" in stale.log()
-
-
 def test_streams_run_over_a_session_met_on_the_dht(
     lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
 ) -> None:
