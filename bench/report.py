@@ -8,7 +8,7 @@ from typing import Any
 from bench import dht
 from bench.timeline import PHASES
 from plexus import path
-from plexus.mediator.message import Reach
+from plexus.rendezvous import Reach
 
 MIB = 1024 * 1024
 # What the benchmark asserts (check()): loose enough for a loaded 2-core machine, tight enough to catch a

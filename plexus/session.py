@@ -34,14 +34,11 @@ from plexus.errors import (
     UsageError,
 )
 from plexus.launcher import Command, Running, Slot, Tunnel
-from plexus.mediator import Invitation, MailConfig, Mediator, Offer
-from plexus.mediator.dhtnode import DhtConfig, DhtMediator
-from plexus.mediator.email import Submission
-from plexus.mediator.message import Mapping, Reach
 from plexus.path import Method
 from plexus.relay import Relay
 from plexus.relay import forward as relay_forward
 from plexus.relay import punch as relay_punch
+from plexus.rendezvous import Invitation, Mapping, Offer, Reach, Rendezvous, RendezvousConfig
 from plexus.streams import StreamsConfig, carry
 
 log = logging.getLogger(__name__)
@@ -69,7 +66,7 @@ class TurnConfig:
 class SessionConfig:
     inner: Endpoint  # --stun-client; port 0 lets the system choose
     stun_server: Endpoint
-    rendezvous: MailConfig | DhtConfig  # how the peers meet: by mail (the default) or on OpenDHT
+    rendezvous: RendezvousConfig  # how the peers meet: by mail (MailConfig, the default) or on OpenDHT
     command: Command | None  # None: streams only (an acceptor with --forward-allow, an inviter's --stdio)
     punch_hops: int = 7
     response_timeout: float = 60.0
@@ -84,11 +81,6 @@ class SessionConfig:
         if self.keep_sessions or self.command is None:
             return None
         return Slot.for_session(role, self.rendezvous.host_id, self.rendezvous.peer_id)
-
-    def mediator(self) -> Mediator | DhtMediator:
-        if isinstance(self.rendezvous, DhtConfig):
-            return DhtMediator(self.rendezvous)
-        return Mediator(self.rendezvous)
 
 
 def bind(inner: Endpoint) -> socket.socket:
@@ -161,10 +153,10 @@ async def invite(config: SessionConfig) -> Tunnel:
     """
     slot = config.slot("invite")
     async with contextlib.AsyncExitStack() as relays:
-        async with config.mediator() as mediator:
+        async with config.rendezvous.open() as rendezvous:
             if slot is not None:
                 await slot.stop_previous()  # a stale tunnel holds the inner port and would double the new one
-            punched = await _meet(config, mediator, relays)
+            punched = await _meet(config, rendezvous, relays)
             if config.command is None:
                 assert config.streams is not None
                 if punched.relay is None:
@@ -188,12 +180,10 @@ async def invite(config: SessionConfig) -> Tunnel:
     return punched.tunnel
 
 
-async def _meet(
-    config: SessionConfig, mediator: Mediator | DhtMediator, relays: contextlib.AsyncExitStack
-) -> Punched:
+async def _meet(config: SessionConfig, rendezvous: Rendezvous, relays: contextlib.AsyncExitStack) -> Punched:
     """STUN, the request, the response, the punch."""
     with contextlib.closing(bind(config.inner)) as sock:
-        async with mediator.submission() as submission:
+        async with rendezvous.submission() as submission:
             found = await discover(sock, config.stun_server)
             # Behind a NAT that maps per destination only a relay may do: allocate before the request, so
             # that it can name the relay. An acceptor with its own relay, or an easier NAT, will make it
@@ -205,7 +195,7 @@ async def _meet(
             mine = Reach(found.mapping, own.relayed if own else None, streams)
             puzzle = secrets.randbits(64)
             offer = Offer(found.outer, puzzle, mine)
-            response = await mediator.invite(offer, config.response_timeout, submission)
+            response = await rendezvous.invite(offer, config.response_timeout, submission)
         theirs = response.reach
         if streams and (theirs is None or not theirs.streams):
             raise PeerRefusedError(
@@ -403,7 +393,8 @@ async def accept(config: SessionConfig) -> None:
     # Replacing sessions take turns, so the newest request wins; kept ones each have their own inner port.
     turn = None if config.keep_sessions else asyncio.Lock()
     try:
-        async with config.mediator() as mediator:  # the IMAP login (the DHT join) runs while STUN does
+        # Entering starts the IMAP login (the DHT join), which runs while STUN does.
+        async with config.rendezvous.open() as rendezvous:
             if slot is not None:
                 await slot.stop_previous()  # left by an acceptor that was killed: it holds the inner port
             with contextlib.closing(bind(config.inner)) as sock:
@@ -414,8 +405,8 @@ async def accept(config: SessionConfig) -> None:
                     "birthday punching; peers behind such NATs too need a TURN relay (%s)",
                     f"--turn-server {config.turn.server}" if config.turn else "no --turn-server given",
                 )
-            async for invitation in mediator.requests():
-                task = asyncio.create_task(_serve(config, mediator, invitation, turn, slot, running))
+            async for invitation in rendezvous.requests():
+                task = asyncio.create_task(_serve(config, rendezvous, invitation, turn, slot, running))
                 sessions.add(task)
                 task.add_done_callback(sessions.discard)
     finally:
@@ -429,7 +420,7 @@ async def accept(config: SessionConfig) -> None:
 
 async def _serve(
     config: SessionConfig,
-    mediator: Mediator | DhtMediator,
+    rendezvous: Rendezvous,
     invitation: Invitation,
     turn: asyncio.Lock | None,
     slot: Slot | None,
@@ -443,7 +434,7 @@ async def _serve(
             async with _maybe(turn):
                 if slot is not None:
                     await slot.stop_previous()
-                punched = await _answer(config, mediator, invitation, relays)
+                punched = await _answer(config, rendezvous, invitation, relays)
                 if _wants_streams(invitation):
                     process = None
                 else:
@@ -493,7 +484,7 @@ async def _watch(process: subprocess.Popen[bytes], running: set[Running]) -> Non
 
 async def _answer(
     config: SessionConfig,
-    mediator: Mediator | DhtMediator,
+    rendezvous: Rendezvous,
     invitation: Invitation,
     relays: contextlib.AsyncExitStack,
 ) -> Punched:
@@ -501,8 +492,8 @@ async def _answer(
     handshake: asyncio.Future[Punched] | None = None
     with contextlib.ExitStack() as closing:
         try:
-            async with mediator.submission() as submission:
-                async with _refusing(mediator, invitation, submission):
+            async with rendezvous.submission() as submission:
+                async with _refusing(rendezvous, invitation, submission):
                     _servable(config, invitation)
                     sock = closing.enter_context(contextlib.closing(bind(config.inner)))
                     found = await discover(sock, config.stun_server)
@@ -536,7 +527,7 @@ async def _answer(
                     )
                 )
                 await asyncio.sleep(0)
-                await mediator.answer(invitation, Offer(found.outer, puzzle, mine), submission)
+                await rendezvous.answer(invitation, Offer(found.outer, puzzle, mine), submission)
             return await handshake
         finally:
             if handshake is not None:
@@ -545,14 +536,14 @@ async def _answer(
 
 @contextlib.asynccontextmanager
 async def _refusing(
-    mediator: Mediator | DhtMediator, invitation: Invitation, submission: Submission | None
+    rendezvous: Rendezvous, invitation: Invitation, submission: object
 ) -> AsyncIterator[None]:
     """A failure before the response is the inviter's to know at once: it gets the reason in a refusal."""
     try:
         yield
     except PlexusError as error:
         try:
-            await mediator.refuse(invitation, str(error), submission)
+            await rendezvous.refuse(invitation, str(error), submission)
         except PlexusError as failure:
             log.warning("could not send the refusal: %s", failure)
         raise

@@ -54,7 +54,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from plexus.endpoint import Endpoint
 from plexus.identity import ID_LENGTH, Identity, id_of
-from plexus.mediator.message import CLOCK_TOLERANCE, MessageError, Offer, Reach, sanitize_reason
+from plexus.mediator.message import CLOCK_TOLERANCE, sanitize_reason
+from plexus.rendezvous import Offer, Reach, ReachError
 
 DEFAULT_PORT = 4222  # OpenDHT's usual port (dhtnode's default)
 # A card is republished daily; two days also covers the clocks of both hosts straddling midnight.
@@ -410,5 +411,5 @@ def _endpoint(text: str) -> Endpoint:
 def _reach(text: str) -> Reach:
     try:
         return Reach.parse(text)
-    except MessageError as error:
+    except ReachError as error:
         raise DhtMessageError(str(error)) from None

@@ -24,8 +24,7 @@ from plexus.endpoint import Endpoint
 from plexus.errors import DhtUnreachableError, PeerNotFoundError, PeerRefusedError, UsageError
 from plexus.identity import Identity
 from plexus.mediator import dht
-from plexus.mediator.email import Invitation
-from plexus.mediator.message import Offer
+from plexus.rendezvous import Invitation, Offer
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +56,10 @@ class DhtConfig:
     @property
     def host_id(self) -> str:
         return self.identity.id
+
+    def open(self) -> DhtMediator:
+        """The rendezvous on OpenDHT (plexus.rendezvous.Rendezvous)."""
+        return DhtMediator(self)
 
 
 def _now() -> datetime.datetime:

@@ -48,7 +48,9 @@ from plexus.errors import (
     UsageError,
 )
 from plexus.mediator import message, smime
-from plexus.mediator.message import Kind, Letter, Offer, Refusal, Route, Screen
+from plexus.mediator.message import Kind, Letter, Refusal, Route, Screen
+from plexus.rendezvous import Invitation as Invitation  # re-exported: it lived here
+from plexus.rendezvous import Offer
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,10 @@ class MailConfig:
         if self.identity is not None and not isinstance(self.identity.key, ec.EllipticCurvePrivateKey):
             raise UsageError("--identity must hold a P-256 key to sign mail")
 
+    def open(self) -> Mediator:
+        """The rendezvous by mail (plexus.rendezvous.Rendezvous)."""
+        return Mediator(self)
+
     @property
     def signer(self) -> ec.EllipticCurvePrivateKey | None:
         key = self.identity.key if self.identity is not None else None
@@ -123,17 +129,6 @@ class MailConfig:
     @property
     def incoming(self) -> Route:
         return Route(self.peer_address, self.address, self.peer_id)
-
-
-@dataclass(frozen=True)
-class Invitation:
-    """A fresh request, and what answering (or refusing) it needs."""
-
-    offer: Offer
-    message_id: str | None  # the request's, for the response's In-Reply-To
-    # The request carried no Date header, as plexus 2.2's never do (ours always do): its sender cannot read a
-    # refusal, so none is sent.
-    legacy: bool = False
 
 
 def tls_context(config: MailConfig) -> ssl.SSLContext:

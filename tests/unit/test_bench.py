@@ -200,6 +200,8 @@ DHT_ACCEPTOR = """\
 2026-11-23 12:45:15,605 INFO plexus.session: inner endpoint 10.0.2.2:40000, outer endpoint 198.51.100.6:40000
 2026-11-23 12:45:15,762 INFO plexus.puncher: handshake with 198.51.100.2:51352 done
 """
+
+
 def on_the_23rd(text: str) -> float:
     return datetime.datetime.strptime(text, "%H:%M:%S.%f").replace(year=2026, month=11, day=23).timestamp()
 
