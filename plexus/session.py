@@ -19,25 +19,21 @@ import logging
 import secrets
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from plexus import launcher, path, puncher, stun
+from plexus import launcher, path, paths, puncher, stun
 from plexus.endpoint import Endpoint
 from plexus.errors import (
     CommandFailedError,
-    HandshakeTimeoutError,
     NatUnsuitableError,
     NotServedError,
     PeerRefusedError,
     PlexusError,
-    UsageError,
 )
 from plexus.launcher import Command, Running, Slot, Tunnel
-from plexus.path import Method
+from plexus.paths import bind as bind  # cli.py binds --stun-client through the session
 from plexus.relay import Relay
-from plexus.relay import forward as relay_forward
-from plexus.relay import punch as relay_punch
 from plexus.rendezvous import Invitation, Mapping, Offer, Reach, Rendezvous, RendezvousConfig
 from plexus.streams import StreamsConfig, carry
 
@@ -48,9 +44,6 @@ log = logging.getLogger(__name__)
 INVITER_WATCH_SECONDS = 1.0
 # A stopped acceptor gives its commands this long to end after SIGTERM: a service stops within a second.
 SHUTDOWN_GRACE = 0.5
-ARRIVING_HOPS = 64  # a first hello that must arrive (toward a relay)
-# With a relay to fall back on, how long a direct attempt may take: a birthday needs up to about 7 s.
-FALLBACK_BOUND = 10.0
 
 
 @dataclass(frozen=True)
@@ -83,17 +76,6 @@ class SessionConfig:
         return Slot.for_session(role, self.rendezvous.host_id, self.rendezvous.peer_id)
 
 
-def bind(inner: Endpoint) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.bind(inner)
-    except OSError as error:
-        sock.close()
-        raise UsageError(f"cannot bind --stun-client {inner}: {error.strerror}") from error
-    sock.setblocking(False)
-    return sock
-
-
 @dataclass(frozen=True)
 class Found:
     """What STUN told this side: its endpoints, and whether its NAT maps endpoint-independently."""
@@ -116,24 +98,27 @@ async def discover(sock: socket.socket, server: Endpoint) -> Found:
     return Found(report.inner, report.outer, "independent")
 
 
-@dataclass(frozen=True)
-class Punched:
-    """A confirmed path. On a relay this side allocated, the command talks to plexus's forwarder (`local`,
-    the command's peer endpoint), which carries its datagrams to `peer` through `relay`."""
-
-    tunnel: Tunnel
-    relay: Relay | None = None
-    local: socket.socket | None = None
-    peer: Endpoint | None = None
-
-
-def plan(mine: Reach, theirs: Reach | None, *, own_relay: bool) -> path.Plan:
+def choose(mine: Reach, theirs: Reach | None, own: Relay | None) -> list[paths.Way]:
+    """The ways to try, in order (plexus/paths.py): the one both NATs allow, then a relay to fall back on."""
     try:
-        chosen = path.choose(mine, theirs, own_relay=own_relay)
+        chosen = path.choose(mine, theirs, own_relay=own is not None)
     except path.NoPath as error:
         raise NatUnsuitableError(f"no path to the peer: {error}") from error
     log.info("path: %s", chosen.describe())
-    return chosen
+    return paths.ways(chosen, own, theirs.relay if theirs is not None else None)
+
+
+def _attempt(
+    config: SessionConfig, sock: socket.socket, found: Found, theirs: Offer, puzzle: int, *, accept: bool
+) -> paths.Attempt:
+    """What the ways need once both offers are known: this side's (STUN's `found`, its `puzzle`) and the
+    peer's; the secret and the handshake's codec follow from both puzzles."""
+    inviter, acceptor = (theirs.puzzle, puzzle) if accept else (puzzle, theirs.puzzle)
+    codec = handshake_codec(config, inviter, acceptor, theirs, accept=accept)
+    return paths.Attempt(
+        sock, config.inner, found.inner, found.outer, theirs.outer, inviter ^ acceptor, codec, accept,
+        config.punch_hops,
+    )  # fmt: skip
 
 
 async def _allocate(config: SessionConfig, relays: contextlib.AsyncExitStack) -> Relay:
@@ -156,31 +141,31 @@ async def invite(config: SessionConfig) -> Tunnel:
         async with config.rendezvous.open() as rendezvous:
             if slot is not None:
                 await slot.stop_previous()  # a stale tunnel holds the inner port and would double the new one
-            punched = await _meet(config, rendezvous, relays)
+            established = await _meet(config, rendezvous, relays)
             if config.command is None:
                 assert config.streams is not None
-                if punched.relay is None:
-                    await relays.aclose()
-                await _relay_while(punched, _streams(punched, config.streams, accept=False))
-                return punched.tunnel
-            process = launcher.start(config.command, punched.tunnel)
+                await established.release_unused(relays)
+                await established.carry(_streams(established.tunnel, config.streams, accept=False))
+                return established.tunnel
+            process = launcher.start(config.command, established.tunnel)
             if slot is not None:
                 slot.save(process.pid)
             watching = asyncio.ensure_future(launcher.watch(process, grace=INVITER_WATCH_SECONDS))
-            if punched.relay is None:
-                await relays.aclose()  # an allocation kept for a fallback that was not needed
+            await established.release_unused(relays)  # an allocation kept for a fallback that was not needed
         status = await watching
         if status:
             raise CommandFailedError(
                 f"{config.command.path} exited with status {status} within {INVITER_WATCH_SECONDS:g} s of "
                 "its launch (its output is in --exec-log-file)"
             )
-        if punched.relay is not None:
-            await _relay_while(punched, _command(process, set()))
-    return punched.tunnel
+        if established.through_here:
+            await established.carry(_command(process, set()))
+    return established.tunnel
 
 
-async def _meet(config: SessionConfig, rendezvous: Rendezvous, relays: contextlib.AsyncExitStack) -> Punched:
+async def _meet(
+    config: SessionConfig, rendezvous: Rendezvous, relays: contextlib.AsyncExitStack
+) -> paths.Established:
     """STUN, the request, the response, the punch."""
     with contextlib.closing(bind(config.inner)) as sock:
         async with rendezvous.submission() as submission:
@@ -201,20 +186,10 @@ async def _meet(config: SessionConfig, rendezvous: Rendezvous, relays: contextli
             raise PeerRefusedError(
                 f"{config.rendezvous.peer_id} does not serve streams (a plexus without them, or 2.2)"
             )
-        chosen = plan(mine, theirs, own_relay=own is not None)
+        candidates = choose(mine, theirs, own)
         log.info("peer endpoint %s, punching", response.outer)
-        return await _punch(
-            chosen,
-            config,
-            found,
-            sock,
-            response.outer,
-            puzzle ^ response.puzzle,
-            handshake_codec(config, puzzle, response.puzzle, response, accept=False),
-            accept=False,
-            relay=own,
-            fallback=theirs.relay if theirs is not None else None,
-        )
+        attempt = _attempt(config, sock, found, response, puzzle, accept=False)
+        return await paths.establish(candidates, attempt, config.handshake_timeout)
 
 
 def handshake_codec(
@@ -231,138 +206,6 @@ def handshake_codec(
     return puncher.Authenticated.derive(inviter_puzzle, acceptor_puzzle, accept=accept, bound=bound or b"")
 
 
-async def _punch(
-    chosen: path.Plan,
-    config: SessionConfig,
-    found: Found,
-    sock: socket.socket,
-    peer: Endpoint,
-    secret: int,
-    codec: puncher.Codec,
-    *,
-    accept: bool,
-    relay: Relay | None,
-    fallback: Endpoint | None = None,
-) -> Punched:
-    """Confirm the path the plan names; `sock`, the socket STUN ran on, is closed on every path.
-
-    With a relay at hand (`relay`, this side's allocation, or `fallback`, the peer's relayed endpoint) a
-    direct attempt is bounded by FALLBACK_BOUND, and the relay is taken when it fails: a firewall, or a
-    birthday that found no pair of ports."""
-    if chosen.method is Method.RELAY:
-        if chosen.relay is None:
-            assert relay is not None
-            sock.close()
-            return await _over_own_relay(relay, peer, secret, codec, config, accept=accept)
-        return await _toward_relay(sock, chosen.relay, found, secret, codec, config, accept=accept)
-    can_fall_back = relay is not None or fallback is not None
-    bound = FALLBACK_BOUND if can_fall_back else config.handshake_timeout
-    try:
-        return await _direct(chosen, sock, found, peer, secret, codec, config, accept=accept, timeout=bound)
-    except HandshakeTimeoutError:
-        if not can_fall_back:
-            raise
-    log.warning("no direct path (%s) within %g s: falling back to the relay", chosen.method, bound)
-    if relay is not None:
-        return await _over_own_relay(relay, peer, secret, codec, config, accept=accept)
-    assert fallback is not None
-    return await _toward_relay(bind(config.inner), fallback, found, secret, codec, config, accept=accept)
-
-
-async def _direct(
-    chosen: path.Plan,
-    sock: socket.socket,
-    found: Found,
-    peer: Endpoint,
-    secret: int,
-    codec: puncher.Codec,
-    config: SessionConfig,
-    *,
-    accept: bool,
-    timeout: float,
-) -> Punched:
-    if chosen.method is Method.FANOUT:
-        extra = [bind(Endpoint(found.inner.host, 0)) for _ in range(puncher.FANOUT_SOCKETS - 1)]
-        winner, peer = await puncher.punch_fanout([sock, *extra], peer, codec, accept=accept, timeout=timeout)
-        with contextlib.closing(winner):
-            inner = Endpoint(found.inner.host, winner.getsockname()[1])
-        return Punched(Tunnel(inner, found.outer, peer, secret, chosen.method))
-    peer = await puncher.punch(
-        sock,
-        peer,
-        codec,
-        accept=accept,
-        hops=config.punch_hops,
-        timeout=timeout,
-        peer_reflexive=chosen.peer_reflexive,
-        spray=puncher.Spray() if chosen.method is Method.SPRAY else None,
-    )
-    return Punched(Tunnel(found.inner, found.outer, peer, secret, chosen.method))
-
-
-async def _over_own_relay(
-    relay: Relay, peer: Endpoint, secret: int, codec: puncher.Codec, config: SessionConfig, *, accept: bool
-) -> Punched:
-    """The handshake through this side's allocation; the command will talk to a local forwarder."""
-    await relay.permit(peer.host)  # its port toward the relay is not the one STUN saw: any port of its IP
-    timeout = config.handshake_timeout
-    peer = await relay_punch(relay, peer, codec, accept=accept, timeout=timeout, peer_reflexive=True)
-    local = bind(Endpoint("127.0.0.1", 0))
-    command = Endpoint("127.0.0.1", _free_port())
-    forwarder = Endpoint("127.0.0.1", local.getsockname()[1])
-    return Punched(Tunnel(command, relay.relayed, forwarder, secret, Method.RELAY), relay, local, peer)
-
-
-async def _toward_relay(
-    sock: socket.socket,
-    relayed: Endpoint,
-    found: Found,
-    secret: int,
-    codec: puncher.Codec,
-    config: SessionConfig,
-    *,
-    accept: bool,
-) -> Punched:
-    """The handshake with the peer's relayed endpoint, from an ordinary socket."""
-    inner = Endpoint(found.inner.host, sock.getsockname()[1])
-    # The TTL-limited punch must die between the NATs; toward a relay it must arrive, so the relay learns
-    # where this side's NAT maps it.
-    timeout = config.handshake_timeout
-    peer = await puncher.punch(sock, relayed, codec, accept=accept, hops=ARRIVING_HOPS, timeout=timeout)
-    return Punched(Tunnel(inner, found.outer, peer, secret, Method.RELAY))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-async def _relay_while(punched: Punched, work: Awaitable[None]) -> None:
-    """Run the work (the command's life, or the streams) and, on a relay this side allocated, carry its
-    datagrams through the relay meanwhile; a lost relay ends the work."""
-    if punched.relay is None:
-        await work
-        return
-    assert punched.local is not None and punched.peer is not None
-    with contextlib.closing(punched.local):
-        forwarding = asyncio.ensure_future(
-            relay_forward(punched.relay, punched.local, punched.tunnel.inner, punched.peer)
-        )
-        working = asyncio.ensure_future(work)
-        try:
-            await asyncio.wait({forwarding, working}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            forwarding.cancel()
-            working.cancel()  # the relay is gone or plexus is stopping: the work has no path left
-            await asyncio.gather(working, return_exceptions=True)
-        lost = forwarding.exception() if forwarding.done() and not forwarding.cancelled() else None
-        if lost is not None:
-            raise lost
-        working.result()
-
-
 async def _command(process: subprocess.Popen[bytes], running: set[Running]) -> None:
     """The launched command's life; cancelled, it stops the command."""
     try:
@@ -374,10 +217,10 @@ async def _command(process: subprocess.Popen[bytes], running: set[Running]) -> N
         raise
 
 
-async def _streams(punched: Punched, config: StreamsConfig, *, accept: bool) -> None:
+async def _streams(tunnel: Tunnel, config: StreamsConfig, *, accept: bool) -> None:
     """The streams on the tunnel's inner endpoint (on a relay this side allocated: the loopback endpoint
     facing plexus's forwarder), bound now that the punch has let the port go."""
-    await carry(bind(punched.tunnel.inner), punched.tunnel, config, accept=accept)
+    await carry(bind(tunnel.inner), tunnel, config, accept=accept)
 
 
 async def accept(config: SessionConfig) -> None:
@@ -434,25 +277,24 @@ async def _serve(
             async with _maybe(turn):
                 if slot is not None:
                     await slot.stop_previous()
-                punched = await _answer(config, rendezvous, invitation, relays)
+                established = await _answer(config, rendezvous, invitation, relays)
                 if _wants_streams(invitation):
                     process = None
                 else:
                     assert config.command is not None  # _answer refused the request otherwise
-                    process = launcher.start(config.command, punched.tunnel)
+                    process = launcher.start(config.command, established.tunnel)
                     if slot is not None:
                         slot.save(process.pid)
         except PlexusError as error:
             log.error("session with %s failed: %s", peer, error)
             return
-        if punched.relay is None:
-            await relays.aclose()  # a standby allocation: not held for as long as the session runs
+        await established.release_unused(relays)  # a standby: not held for as long as the session runs
         try:
             if process is None:
                 assert config.streams is not None
-                await _relay_while(punched, _streams(punched, config.streams, accept=True))
+                await established.carry(_streams(established.tunnel, config.streams, accept=True))
             else:
-                await _relay_while(punched, _command(process, running))
+                await established.carry(_command(process, running))
         except PlexusError as error:
             log.error("session with %s ended: %s", peer, error)
             return
@@ -487,9 +329,9 @@ async def _answer(
     rendezvous: Rendezvous,
     invitation: Invitation,
     relays: contextlib.AsyncExitStack,
-) -> Punched:
+) -> paths.Established:
     """STUN, the plan, the punch, the response, the handshake; the SMTP session opens while STUN runs."""
-    handshake: asyncio.Future[Punched] | None = None
+    handshake: asyncio.Future[paths.Established] | None = None
     with contextlib.ExitStack() as closing:
         try:
             async with rendezvous.submission() as submission:
@@ -504,27 +346,13 @@ async def _answer(
                     if config.turn is not None and theirs is not None and theirs.relay is None:
                         own = await _allocate(config, relays)
                     mine = Reach(found.mapping, own.relayed if own else None, _wants_streams(invitation))
-                    chosen = plan(mine, theirs, own_relay=own is not None)
+                    candidates = choose(mine, theirs, own)
                 puzzle = secrets.randbits(64)
-                secret = puzzle ^ invitation.offer.puzzle
+                attempt = _attempt(config, sock, found, invitation.offer, puzzle, accept=True)
                 # The punch starts before the response leaves: the TTL-limited hello (or the fan-out, the
                 # spray, the relay's permission) has opened the way when the inviter's hellos arrive.
-                fallback = theirs.relay if theirs is not None else None
                 handshake = asyncio.ensure_future(
-                    _punch(
-                        chosen,
-                        config,
-                        found,
-                        sock,
-                        invitation.offer.outer,
-                        secret,
-                        handshake_codec(
-                            config, invitation.offer.puzzle, puzzle, invitation.offer, accept=True
-                        ),
-                        accept=True,
-                        relay=own,
-                        fallback=fallback,
-                    )
+                    paths.establish(candidates, attempt, config.handshake_timeout)
                 )
                 await asyncio.sleep(0)
                 await rendezvous.answer(invitation, Offer(found.outer, puzzle, mine), submission)
