@@ -53,7 +53,7 @@ import opendht
 
 from bench import floor, runs
 from bench.stats import summarize
-from bench.timeline import PHASES, Timeline, TimelineError, find, inviter_stun, parse_log
+from bench.timeline import PHASES, Timeline, TimelineError, find, flow_started, inviter_stun, parse_log
 from plexus.identity import Identity
 from plexus.mediator import dht
 from tests.lab import sessions
@@ -70,7 +70,7 @@ NFT_TABLE = "bench_dht"
 
 WAYS = {"mail": "mail", "dht": "DHT"}
 DHT_PHASES = (
-    ("start", "inviter: process start, Python and imports, until its event loop runs"),
+    ("start", "inviter: process start, Python and imports, until its session starts"),
     ("stun", "inviter: STUN binding + mapping test (the DHT join, a ping, runs meanwhile)"),
     ("card", "inviter: the acceptor's card looked up, the request put"),
     ("request_in", "request: the put's search and store, the push to the acceptor's listen, open, screen"),
@@ -109,11 +109,15 @@ def common(way: str, phases: dict[str, float]) -> dict[str, float]:
 
 
 def dht_timeline(
-    started: float, inviter_log: str, acceptor_log: str, launched: tuple[float, float]
+    started: float,
+    inviter_log: str,
+    acceptor_log: str,
+    launched: tuple[float, float],
+    inviter_events: Sequence[dict[str, Any]],
 ) -> Timeline:
     """Phase durations of one DHT session (DHT_PHASES)."""
     inviter, acceptor = parse_log(inviter_log), parse_log(acceptor_log)
-    loop_runs = find(inviter, "event loop running")
+    loop_runs = flow_started(inviter_events)
     stun, outer = inviter_stun(inviter)
     put = find(inviter, "request put for", after=stun.at)
     # The acceptor has served earlier sessions: everything from here on belongs to this one.
@@ -125,7 +129,7 @@ def dht_timeline(
     )
     end = max(launched)
     acceptor_stun = find(acceptor, "inner endpoint", after=request_in.at)
-    marks = [started, loop_runs.at, stun.at, put.at, request_in.at, acceptor_stun.at, punching.at, done, end]
+    marks = [started, loop_runs, stun.at, put.at, request_in.at, acceptor_stun.at, punching.at, done, end]
     phases = {
         name: later - earlier for (name, _), (earlier, later) in zip(DHT_PHASES, pairwise(marks), strict=True)
     }
@@ -227,7 +231,7 @@ def dht_session(lab: Lab, workdir: Path, network: DhtNetwork, ids: Ids, listenin
         return Session(ended.code, "failed", None, None, ended.seconds, str(missing).splitlines()[0])
     kind, timeline, problem = "ok", None, ""
     try:
-        timeline = dht_timeline(started, inviter.log(), listening.log(), times)
+        timeline = dht_timeline(started, inviter.log(), listening.log(), times, inviter.events())
     except TimelineError as failure:
         kind, problem = "failed", f"no timeline: {failure}"
     return Session(ended.code, kind, max(times) - started, timeline, ended.seconds, problem)

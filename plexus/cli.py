@@ -589,7 +589,6 @@ def run_until_signal(main: Coroutine[Any, Any, T]) -> T:
 
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop, signum)
-        log.debug("event loop running (%s)", type(loop).__module__)  # the benchmark's start of the flow
         try:
             return await main
         except asyncio.CancelledError:
@@ -862,6 +861,11 @@ def run(
         show_id(options)
         return
     config_ = session_config(options)
+    from plexus.events import JsonLines  # here: the options' rewrite of this module's imports is elsewhere
+
+    sink = JsonLines.from_environment()  # PLEXUS_EVENTS: the lab tests and bench/ read them
+    if sink is not None:
+        config_ = config_.reporting(sink)
     # A normal end by signal: a service manager stopping the acceptor, ssh ending its ProxyCommand (--stdio).
     normal_end = signal.SIGTERM if accepting else signal.SIGHUP if options.get("stdio") else None
     try:

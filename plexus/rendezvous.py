@@ -109,6 +109,11 @@ class Rendezvous(Protocol):
         timeout, a peer or server that is not there."""
         ...
 
+    async def listen(self) -> None:
+        """Get ready for requests: from its return on, a request the peer sends is served (what was there
+        before is passed over). requests() calls it if the caller did not."""
+        ...
+
     def requests(self) -> AsyncIterator[Invitation]:
         """Each fresh request from the pinned peer, forever; a hostile one is dropped inside."""
         ...

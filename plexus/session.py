@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import socket
@@ -22,7 +23,7 @@ import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from plexus import launcher, path, paths, puncher, stun
+from plexus import events, launcher, path, paths, puncher, stun
 from plexus.endpoint import Endpoint
 from plexus.errors import (
     CommandFailedError,
@@ -67,6 +68,10 @@ class SessionConfig:
     keep_sessions: bool = False  # True: sessions run side by side; False: a new one replaces the last
     turn: TurnConfig | None = None
     streams: StreamsConfig | None = None
+    on_event: events.Sink = events.ignore  # each session event as it happens (plexus/events.py)
+
+    def reporting(self, sink: events.Sink) -> SessionConfig:
+        return dataclasses.replace(self, on_event=sink)
 
     def slot(self, role: str) -> Slot | None:
         """Where the last session's command is remembered, unless sessions are kept side by side (streams
@@ -98,14 +103,30 @@ async def discover(sock: socket.socket, server: Endpoint) -> Found:
     return Found(report.inner, report.outer, "independent")
 
 
-def choose(mine: Reach, theirs: Reach | None, own: Relay | None) -> list[paths.Way]:
+def choose(
+    config: SessionConfig, role: events.Role, mine: Reach, theirs: Reach | None, own: Relay | None
+) -> list[paths.Way]:
     """The ways to try, in order (plexus/paths.py): the one both NATs allow, then a relay to fall back on."""
     try:
         chosen = path.choose(mine, theirs, own_relay=own is not None)
     except path.NoPath as error:
         raise NatUnsuitableError(f"no path to the peer: {error}") from error
     log.info("path: %s", chosen.describe())
+    config.on_event(events.Chosen(role=role, way=str(chosen.method), why=chosen.describe()))
     return paths.ways(chosen, own, theirs.relay if theirs is not None else None)
+
+
+def _discovered(config: SessionConfig, role: events.Role, found: Found) -> None:
+    config.on_event(events.Discovered(role=role, inner=found.inner, outer=found.outer, mapping=found.mapping))
+
+
+def _connected(config: SessionConfig, role: events.Role, established: paths.Established) -> paths.Established:
+    tunnel = established.tunnel
+    connected = events.Connected(
+        role=role, inner=tunnel.inner, outer=tunnel.outer, peer=tunnel.peer, way=tunnel.path
+    )
+    config.on_event(connected)
+    return established
 
 
 def _attempt(
@@ -136,6 +157,15 @@ async def invite(config: SessionConfig) -> Tunnel:
     Everything that does not depend on STUN runs while STUN does: the IMAP login and the SMTP session up to
     DATA. The mailbox clean-up (flag the response consumed, LOGOUT) runs while the command is watched.
     """
+    config.on_event(events.Started(role="invite"))
+    try:
+        return await _invite(config)
+    except PlexusError as error:
+        config.on_event(events.Failed(role="invite", error=str(error)))
+        raise
+
+
+async def _invite(config: SessionConfig) -> Tunnel:
     slot = config.slot("invite")
     async with contextlib.AsyncExitStack() as relays:
         async with config.rendezvous.open() as rendezvous:
@@ -145,9 +175,11 @@ async def invite(config: SessionConfig) -> Tunnel:
             if config.command is None:
                 assert config.streams is not None
                 await established.release_unused(relays)
+                config.on_event(events.Launched(role="invite", pid=None))
                 await established.carry(_streams(established.tunnel, config.streams, accept=False))
                 return established.tunnel
             process = launcher.start(config.command, established.tunnel)
+            config.on_event(events.Launched(role="invite", pid=process.pid))
             if slot is not None:
                 slot.save(process.pid)
             watching = asyncio.ensure_future(launcher.watch(process, grace=INVITER_WATCH_SECONDS))
@@ -170,6 +202,7 @@ async def _meet(
     with contextlib.closing(bind(config.inner)) as sock:
         async with rendezvous.submission() as submission:
             found = await discover(sock, config.stun_server)
+            _discovered(config, "invite", found)
             # Behind a NAT that maps per destination only a relay may do: allocate before the request, so
             # that it can name the relay. An acceptor with its own relay, or an easier NAT, will make it
             # unneeded.
@@ -181,15 +214,18 @@ async def _meet(
             puzzle = secrets.randbits(64)
             offer = Offer(found.outer, puzzle, mine)
             response = await rendezvous.invite(offer, config.response_timeout, submission)
+        config.on_event(events.Answered(role="invite", peer=response.outer))
         theirs = response.reach
         if streams and (theirs is None or not theirs.streams):
             raise PeerRefusedError(
                 f"{config.rendezvous.peer_id} does not serve streams (a plexus without them, or 2.2)"
             )
-        candidates = choose(mine, theirs, own)
+        candidates = choose(config, "invite", mine, theirs, own)
         log.info("peer endpoint %s, punching", response.outer)
         attempt = _attempt(config, sock, found, response, puzzle, accept=False)
-        return await paths.establish(candidates, attempt, config.handshake_timeout)
+        return _connected(
+            config, "invite", await paths.establish(candidates, attempt, config.handshake_timeout)
+        )
 
 
 def handshake_codec(
@@ -230,6 +266,7 @@ async def accept(config: SessionConfig) -> None:
     behind a NAT that maps per destination the acceptor still serves peers behind easier NATs (birthday
     punching) and, with --turn-server, any peer. Each session checks again (networks change).
     """
+    config.on_event(events.Started(role="accept"))
     sessions: set[asyncio.Task[None]] = set()
     running: set[Running] = set()
     slot = config.slot("accept")
@@ -242,12 +279,15 @@ async def accept(config: SessionConfig) -> None:
                 await slot.stop_previous()  # left by an acceptor that was killed: it holds the inner port
             with contextlib.closing(bind(config.inner)) as sock:
                 found = await discover(sock, config.stun_server)
+            _discovered(config, "accept", found)
             if found.mapping == "dependent":
                 log.warning(
                     "this NAT maps per destination: peers behind endpoint-independent NATs get through by "
                     "birthday punching; peers behind such NATs too need a TURN relay (%s)",
                     f"--turn-server {config.turn.server}" if config.turn else "no --turn-server given",
                 )
+            await rendezvous.listen()
+            config.on_event(events.Listening(role="accept", peer_id=config.rendezvous.peer_id))
             async for invitation in rendezvous.requests():
                 task = asyncio.create_task(_serve(config, rendezvous, invitation, turn, slot, running))
                 sessions.add(task)
@@ -270,6 +310,7 @@ async def _serve(
     running: set[Running],
 ) -> None:
     peer = invitation.offer.outer
+    config.on_event(events.Requested(role="accept", peer=peer))
     if _wants_streams(invitation):  # streams sessions run side by side: no command of another is stopped
         turn = slot = None
     async with contextlib.AsyncExitStack() as relays:
@@ -285,8 +326,10 @@ async def _serve(
                     process = launcher.start(config.command, established.tunnel)
                     if slot is not None:
                         slot.save(process.pid)
+                config.on_event(events.Launched(role="accept", pid=process.pid if process else None))
         except PlexusError as error:
             log.error("session with %s failed: %s", peer, error)
+            config.on_event(events.Failed(role="accept", error=str(error)))
             return
         await established.release_unused(relays)  # a standby: not held for as long as the session runs
         try:
@@ -339,6 +382,7 @@ async def _answer(
                     _servable(config, invitation)
                     sock = closing.enter_context(contextlib.closing(bind(config.inner)))
                     found = await discover(sock, config.stun_server)
+                    _discovered(config, "accept", found)
                     theirs = invitation.offer.reach
                     own = None
                     # A relay for the path when both NATs map per destination, and to fall back on when a
@@ -346,7 +390,7 @@ async def _answer(
                     if config.turn is not None and theirs is not None and theirs.relay is None:
                         own = await _allocate(config, relays)
                     mine = Reach(found.mapping, own.relayed if own else None, _wants_streams(invitation))
-                    candidates = choose(mine, theirs, own)
+                    candidates = choose(config, "accept", mine, theirs, own)
                 puzzle = secrets.randbits(64)
                 attempt = _attempt(config, sock, found, invitation.offer, puzzle, accept=True)
                 # The punch starts before the response leaves: the TTL-limited hello (or the fan-out, the
@@ -356,7 +400,7 @@ async def _answer(
                 )
                 await asyncio.sleep(0)
                 await rendezvous.answer(invitation, Offer(found.outer, puzzle, mine), submission)
-            return await handshake
+            return _connected(config, "accept", await handshake)
         finally:
             if handshake is not None:
                 handshake.cancel()

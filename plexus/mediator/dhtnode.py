@@ -202,6 +202,7 @@ class DhtMediator:
             set()
         )  # letters on their way: a put confirms long after the push
         self._peer_keys: dict[int, Any] = {}  # request puzzle -> the inviter's public key, to answer it
+        self._listened = False
 
     async def __aenter__(self) -> DhtMediator:
         self._node = _Node(self._config)
@@ -349,10 +350,17 @@ class DhtMediator:
             letter = dataclasses.replace(letter, offer=dataclasses.replace(letter.offer, signer=sender))
         return letter
 
+    async def listen(self) -> None:
+        """Get ready for requests: joined, and the requests already stored passed over (the listen that
+        requests() puts in place delivers what is stored too, so nothing put from now on is missed)."""
+        if not self._listened:
+            await self._ready()
+            await self._pass_over_earlier_requests()
+            self._listened = True
+
     async def requests(self) -> AsyncIterator[Invitation]:
         """Each fresh request from the peer, forever; the listened keys follow the UTC day."""
-        await self._ready()
-        await self._pass_over_earlier_requests()
+        await self.listen()
         while True:
             day = dht.day_of(_now())
             with self._listening("request", self._me.id) as arrived:

@@ -444,6 +444,7 @@ class Mediator:
         self._pending: list[int] = []  # UIDs of judged messages (taken or ignored) not yet consumed
         self._rescan = False  # commands ran since the last scan: scan again before sleeping
         self._inviting = False
+        self._listening = False  # listen() has put the watch for requests in place
         self._request_id: str | None = None  # our request's Message-ID, once invite() sends it
         self._ignored: str | None = None  # why the last route message was ignored: a timeout tells it
         self._started = datetime.datetime.now(datetime.UTC)
@@ -522,9 +523,11 @@ class Mediator:
         ignored = f"; ignored {self._ignored}" if self._ignored else ""
         raise MailTimeoutError(f"no response from {self._config.peer_id} within {timeout:g} s{ignored}")
 
-    async def requests(self) -> AsyncIterator[Invitation]:
-        """Each fresh request from the peer, forever. The peer's mail already there at the start is consumed
-        unanswered: its inviters have given up by now, or will within their timeout."""
+    async def listen(self) -> None:
+        """Put the watch for requests in place. The peer's mail already there is consumed unanswered: its
+        inviters have given up by now, or will within their timeout."""
+        if self._listening:
+            return
         await self.ready()
         if self._keys is None and self._config.peer_identity is None:
             log.warning(
@@ -534,6 +537,11 @@ class Mediator:
             )
         await self._clear_earlier_mail()
         log.info("waiting for requests from %s", self._config.peer_id)
+        self._listening = True
+
+    async def requests(self) -> AsyncIterator[Invitation]:
+        """Each fresh request from the peer, forever (from listen() on)."""
+        await self.listen()
         async for letter in self._letters("request", None):
             assert letter.offer is not None  # the Screen admitted a request
             yield Invitation(letter.offer, letter.message_id, legacy=letter.date is None)

@@ -85,7 +85,7 @@ def test_a_session_meets_on_the_dht_and_connects(
     lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
 ) -> None:
     acceptor = start(lab, tmp_path, running, network, hosts, accept=True)
-    wait_for(acceptor, "waiting for requests")
+    sessions.wait_until_listening(acceptor)
     started = time.monotonic()
     invite = start(lab, tmp_path, running, network, hosts, accept=False)
     code = invite.wait(60)
@@ -145,7 +145,7 @@ def test_forged_unsigned_replayed_or_misdirected_values_start_nothing(
     lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
 ) -> None:
     acceptor = start(lab, tmp_path, running, network, hosts, accept=True)
-    wait_for(acceptor, "waiting for requests")
+    sessions.wait_until_listening(acceptor)
     now = datetime.datetime.now(datetime.UTC)
     key = dht.key_text("request", hosts.acceptor.id, dht.day_of(now))
     stranger = Identity.load(tmp_path / "stranger.key")
@@ -186,7 +186,7 @@ def test_streams_run_over_a_session_met_on_the_dht(
         me, peer = Side("a", lab.accounts["local"], "a-dht"), Side("b", lab.accounts["remote"], "b-dht")
         acceptor = sessions.start(lab, peer, me, tmp_path, accept=True, overrides=overrides)
         running.append(acceptor)
-        wait_for(acceptor, "waiting for requests")
+        sessions.wait_until_listening(acceptor)
         inviter = dht_options(network, hosts.inviter_file, hosts.acceptor) | {
             "exec-command": None,
             "stdio": "127.0.0.1:7007",
@@ -203,13 +203,13 @@ def test_a_restarted_acceptor_does_not_answer_the_requests_already_on_the_dht(
     lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
 ) -> None:
     first = start(lab, tmp_path, running, network, hosts, accept=True)
-    wait_for(first, "waiting for requests")
+    sessions.wait_until_listening(first)
     invite = start(lab, tmp_path, running, network, hosts, accept=False)
     assert invite.wait(60) == 0, invite.stderr()
     first.stop()
     again = start(lab, tmp_path, running, network, hosts, accept=True)
     wait_for(again, "already on the DHT at the start: not answered")
-    wait_for(again, "waiting for requests")
+    sessions.wait_until_listening(again)
     started = time.monotonic()
     invite = start(lab, tmp_path, running, network, hosts, accept=False)
     assert invite.wait(60) == 0, f"{invite.stderr()}\n{again.log()}"
@@ -223,7 +223,7 @@ def test_a_hosts_node_id_is_the_secret_one_of_the_day(
     """The DHT knows the acceptor's node by the id only its private key gives (dht.node_id): not one that
     its public id would lead to."""
     acceptor = start(lab, tmp_path, running, network, hosts, accept=True)
-    wait_for(acceptor, "waiting for requests")
+    sessions.wait_until_listening(acceptor)
     secret = dht.node_id(hosts.acceptor, dht.day_of(datetime.datetime.now(datetime.UTC))).hex()
     deadline = time.monotonic() + 20
     while not any(node.read_ready() and secret in node.table_ids for node in network.nodes):

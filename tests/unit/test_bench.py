@@ -12,7 +12,6 @@ from bench.stats import quantile, summarize
 from bench.timeline import PHASES, Timeline, TimelineError, parse_log, timeline
 
 INVITER = """\
-2026-11-22 04:17:06,770 DEBUG plexus: event loop running (uvloop)
 2026-11-22 04:17:06,772 INFO plexus.session: inner endpoint 10.0.1.2:60551, outer endpoint 198.51.100.2:60551
 2026-11-22 04:17:06,841 INFO plexus.mediator.email: request sent to remote (<x@t>), waiting
 2026-11-22 04:17:07,886 INFO plexus.mediator.email: response from remote: outer endpoint 198.51.100.6:35384
@@ -38,9 +37,12 @@ def at(text: str) -> float:
     return datetime.datetime.strptime(text, "%H:%M:%S.%f").replace(year=2026, month=11, day=22).timestamp()
 
 
+STARTED = [{"event": "started", "role": "invite", "at": at("04:17:06.770")}]
+
+
 def test_timeline_splits_the_session_into_phases_that_add_up() -> None:
     started = at("04:17:06.400")
-    result = timeline(started, INVITER, ACCEPTOR, (at("04:17:07.950"), at("04:17:07.960")))
+    result = timeline(started, INVITER, ACCEPTOR, (at("04:17:07.950"), at("04:17:07.960")), STARTED)
     assert list(result.phases) == [name for name, _ in PHASES]
     expected = {
         "start": 0.370, "stun": 0.002, "mail_out": 0.069, "mail_in": 0.508, "stun_acceptor": 0.003,
@@ -54,7 +56,7 @@ def test_timeline_splits_the_session_into_phases_that_add_up() -> None:
 def test_a_session_that_never_got_its_response_has_no_timeline() -> None:
     cut = INVITER.split("response from")[0].rsplit("\n", 1)[0]
     with pytest.raises(TimelineError, match="peer endpoint"):
-        timeline(at("04:17:06.400"), cut, ACCEPTOR, (0.0, 0.0))
+        timeline(at("04:17:06.400"), cut, ACCEPTOR, (0.0, 0.0), STARTED)
 
 
 def test_parse_log_skips_continuation_lines() -> None:
@@ -183,7 +185,6 @@ def test_check_fails_the_streams_only_on_wrong_bytes() -> None:
 # ---- the dht section (bench/dht.py) ----------------------------------------------------------------------
 
 DHT_INVITER = """\
-2026-11-23 12:45:15,180 DEBUG plexus: event loop running (uvloop)
 2026-11-23 12:45:15,238 INFO plexus.mediator.dhtnode: on the DHT as n6ax
 2026-11-23 12:45:15,288 INFO plexus.session: inner endpoint 10.0.1.2:51352, outer endpoint 198.51.100.2:51352
 2026-11-23 12:45:15,395 INFO plexus.mediator.dhtnode: request put for o5go, waiting for the response
@@ -208,7 +209,8 @@ def on_the_23rd(text: str) -> float:
 
 def test_dht_timeline() -> None:
     launched = (on_the_23rd("12:45:15.790"), on_the_23rd("12:45:15.800"))
-    two = dht.dht_timeline(on_the_23rd("12:45:14.850"), DHT_INVITER, DHT_ACCEPTOR, launched)
+    started = [{"event": "started", "role": "invite", "at": on_the_23rd("12:45:15.180")}]
+    two = dht.dht_timeline(on_the_23rd("12:45:14.850"), DHT_INVITER, DHT_ACCEPTOR, launched, started)
     assert list(two.phases) == [name for name, _ in dht.DHT_PHASES]
     expected = {"start": 0.330, "stun": 0.108, "card": 0.107, "request_in": 0.103, "stun_acceptor": 0.107,
                 "response_in": 0.056, "handshake": 0.102, "launch": 0.037}  # fmt: skip
@@ -216,7 +218,7 @@ def test_dht_timeline() -> None:
     assert sum(two.phases.values()) == pytest.approx(two.total) == pytest.approx(0.950, abs=1e-3)
     # one cut for every way: the mail's four phases between the request and the punch are its rendezvous
     assert dht.common("dht", two.phases)["rendezvous"] == pytest.approx(0.103 + 0.107 + 0.056, abs=1e-3)
-    mail = timeline(at("04:17:06.400"), INVITER, ACCEPTOR, (at("04:17:07.950"), at("04:17:07.960")))
+    mail = timeline(at("04:17:06.400"), INVITER, ACCEPTOR, (at("04:17:07.950"), at("04:17:07.960")), STARTED)
     cut = dht.common("mail", mail.phases)
     assert list(cut) == [name for name, _ in dht.COMMON]
     assert sum(cut.values()) == pytest.approx(mail.total)
@@ -226,7 +228,9 @@ def test_dht_timeline() -> None:
 def test_a_dht_session_without_its_request_has_no_timeline() -> None:
     cut = DHT_ACCEPTOR.split("2026-11-23 12:45:15,498")[0]
     with pytest.raises(TimelineError, match="request from"):
-        dht.dht_timeline(0.0, DHT_INVITER, cut, (0.0, 0.0))
+        dht.dht_timeline(
+            0.0, DHT_INVITER, cut, (0.0, 0.0), [{"event": "started", "role": "invite", "at": 0.0}]
+        )
 
 
 def _dht() -> dict[str, Any]:
