@@ -25,12 +25,11 @@ import typer.core
 import uvloop
 from typer import _click as click  # typer (pinned) carries its own click; help formatting is typed there
 
-from plexus import __version__, files, identity, launcher, path, session, stun
+from plexus import __version__, files, identity, launcher, session
 from plexus.endpoint import Endpoint
 from plexus.errors import MEANINGS, STOP_SIGNALS, ExitCode, Interrupted, PlexusError, UsageError
 from plexus.mediator import MailConfig, SmimeConfig, dht, smime
 from plexus.mediator.dhtnode import DhtConfig
-from plexus.mediator.message import MAPPINGS, Reach
 from plexus.session import TurnConfig
 from plexus.streams import StreamsConfig
 from plexus.streams.forward import Forward
@@ -542,32 +541,12 @@ def _forms(secret: str, login: str) -> set[str]:
 
 
 async def explore(options: Options, as_json: bool) -> None:
-    inner = options.get("stun-client")
-    sock = session.bind(options.endpoint("stun-client") if inner else Endpoint("0.0.0.0", 0))
-    with sock:
-        report = await stun.explore(sock, options.endpoint("stun-server", STUN_PORT))
-    reaches = paths(report, relay=turn_config(options) is not None)
-    if as_json:
-        print(json.dumps(report.to_json() | {"paths": reaches}))
-        return
-    print(report.render())
-    for peer, method in reaches.items():
-        print(f"{'to a peer whose NAT maps ' + PEER_MAPPINGS[peer]:<52}{method}")
+    from plexus import api  # the library's explore: --explore is a thin layer over it
 
-
-PEER_MAPPINGS = {"independent": "endpoint-independently", "dependent": "per destination"}
-
-
-def paths(report: stun.NatReport, *, relay: bool) -> dict[str, str]:
-    """What this network can do with each kind of peer: the decision table (plexus/path.py) for this NAT."""
-    mine = Reach("independent" if report.punchable is not False else "dependent")
-    found = {}
-    for peer in PEER_MAPPINGS:
-        try:
-            found[peer] = str(path.choose(mine, Reach(MAPPINGS[peer]), own_relay=relay).method)
-        except path.NoPath:
-            found[peer] = "none (a TURN relay would: --turn-server)"
-    return found
+    inner = options.endpoint("stun-client") if options.get("stun-client") else Endpoint("0.0.0.0", 0)
+    server = options.endpoint("stun-server", STUN_PORT)
+    found = await api.explore(server, stun_client=inner, relay=turn_config(options) is not None)
+    print(found.json() if as_json else found)
 
 
 def run_until_signal(main: Coroutine[Any, Any, T]) -> T:

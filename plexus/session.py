@@ -20,7 +20,7 @@ import logging
 import secrets
 import socket
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from plexus import events, launcher, path, paths, puncher, stun
@@ -68,6 +68,8 @@ class SessionConfig:
     keep_sessions: bool = False  # True: sessions run side by side; False: a new one replaces the last
     turn: TurnConfig | None = None
     streams: StreamsConfig | None = None
+    # The library's (plexus/api.py): the session's work is the caller's, on the tunnel, instead of a command
+    hand_over: Callable[[Tunnel], Awaitable[None]] | None = None
     on_event: events.Sink = events.ignore  # each session event as it happens (plexus/events.py)
 
     def reporting(self, sink: events.Sink) -> SessionConfig:
@@ -173,10 +175,9 @@ async def _invite(config: SessionConfig) -> Tunnel:
                 await slot.stop_previous()  # a stale tunnel holds the inner port and would double the new one
             established = await _meet(config, rendezvous, relays)
             if config.command is None:
-                assert config.streams is not None
                 await established.release_unused(relays)
                 config.on_event(events.Launched(role="invite", pid=None))
-                await established.carry(_streams(established.tunnel, config.streams, accept=False))
+                await established.carry(_work(config, established.tunnel, accept=False))
                 return established.tunnel
             process = launcher.start(config.command, established.tunnel)
             config.on_event(events.Launched(role="invite", pid=process.pid))
@@ -253,6 +254,14 @@ async def _command(process: subprocess.Popen[bytes], running: set[Running]) -> N
         raise
 
 
+def _work(config: SessionConfig, tunnel: Tunnel, *, accept: bool) -> Awaitable[None]:
+    """The session's work when it launches no command: the library caller's, or the streams."""
+    if config.hand_over is not None:
+        return config.hand_over(tunnel)
+    assert config.streams is not None
+    return _streams(tunnel, config.streams, accept=accept)
+
+
 async def _streams(tunnel: Tunnel, config: StreamsConfig, *, accept: bool) -> None:
     """The streams on the tunnel's inner endpoint (on a relay this side allocated: the loopback endpoint
     facing plexus's forwarder), bound now that the punch has let the port go."""
@@ -319,7 +328,7 @@ async def _serve(
                 if slot is not None:
                     await slot.stop_previous()
                 established = await _answer(config, rendezvous, invitation, relays)
-                if _wants_streams(invitation):
+                if config.hand_over is not None or _wants_streams(invitation):
                     process = None
                 else:
                     assert config.command is not None  # _answer refused the request otherwise
@@ -334,8 +343,7 @@ async def _serve(
         await established.release_unused(relays)  # a standby: not held for as long as the session runs
         try:
             if process is None:
-                assert config.streams is not None
-                await established.carry(_streams(established.tunnel, config.streams, accept=True))
+                await established.carry(_work(config, established.tunnel, accept=True))
             else:
                 await established.carry(_command(process, running))
         except PlexusError as error:
@@ -349,7 +357,10 @@ def _wants_streams(invitation: Invitation) -> bool:
 
 
 def _servable(config: SessionConfig, invitation: Invitation) -> None:
-    """An acceptor serves what it was configured for: its command, its streams, or both."""
+    """An acceptor serves what it was configured for: its command, its streams, or both (or, in the library,
+    whatever its caller does with the path)."""
+    if config.hand_over is not None:
+        return
     if _wants_streams(invitation):
         if config.streams is None or config.streams.allowed is None:
             raise NotServedError("this acceptor forwards no streams (it has no --forward-allow)")
