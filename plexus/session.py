@@ -1,12 +1,13 @@
-"""One plexus session from each side: STUN on the punching socket, the mail rendezvous, the punch, the launch.
+"""One plexus session from each side: STUN on the punching socket, the rendezvous (plexus/rendezvous.py: by
+mail or on the DHT), the way through (plexus/paths.py), the launch.
 
-Inviter (once): stop its previous session's command -> STUN (with its NAT's mapping) -> request by mail ->
-wait for the response -> the way through (plexus/path.py) -> handshake -> launch -> watch the command for a
-moment (on a relay it allocated: carry the command's datagrams until it exits).
+Inviter (once): stop its previous session's command -> STUN (with its NAT's mapping) -> request ->
+wait for the response -> the ways through (plexus/path.py decides) -> handshake -> launch -> watch the command
+for a moment (on a relay it allocated: carry the command's datagrams until it exits).
 Acceptor: STUN once, then forever: wait for a request -> stop the previous session's command -> STUN -> the
-way through -> the punch (TTL-limited hello, fan-out, spray or relay) -> response by mail -> handshake ->
-launch. A request it cannot serve (the inner port held, STUN failing, no way through) gets a refusal by mail,
-so the inviter stops waiting at once.
+ways through -> the punch (TTL-limited hello, fan-out, spray or relay) -> response -> handshake -> launch.
+A request it cannot serve (the inner port held, STUN failing, no way through) gets a refusal, so the inviter
+stops waiting at once. Each phase is reported as a typed event (plexus/events.py).
 The acceptor serves each request in its own task, so a slow or failing session never stops the loop. Stopped
 (cancelled), it stops the commands it launched: their lifetime is the acceptor's.
 """
