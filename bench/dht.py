@@ -1,22 +1,15 @@
 """The DHT rendezvous beside the mail: time to connect, its phases and their floors, and an idle acceptor.
 
 A private OpenDHT network of three nodes runs in the lab's pub namespace (tests/lab/dht.py); hosts a and b
-join it through their cone NATs, as plexus does with `--dht-bootstrap`. At each delay, three ways to meet:
+join it through their cone NATs, as plexus does with `--dht-bootstrap`. At each delay, two ways to meet:
 
 - mail: the connect section's sessions (run here when that section is not);
-- DHT, two hops: the request and the response. The acceptor has a fixed `--stun-client` port, which keeps
-  it from putting advents, so every session takes both hops;
-- DHT, fast: the acceptor as deployed, which keeps an advent out for its pinned inviter; a session that finds
-  it puts its request naming the advent and punches at once (one hop). Each counted session starts once the
-  acceptor has an advent out that no session took (the wait is reported; PACE_TIMEOUT at most): an inviter
-  that came sooner would find only the taken one, fresh on the DHT for 120 s, punch toward it in vain for
-  3 s and ask again in two hops, as cron runs minutes apart do not.
+- DHT: the request and the response, two DHT hops.
 
 Each DHT way at each delay is one long-running acceptor on b and `runs` inviters on a, one after another,
 each a fresh process with the default `--dht-port` 4222 and the day's node id, as from cron. The first
 session after an acceptor starts is a warm-up: not counted, shown apart. It pays for routing tables that do
-not know the pair's nodes yet, and on the fast path for an acceptor that does not know the inviter's key
-yet (no advent).
+not know the pair's nodes yet.
 
 Every acceptor, the idle one and the plain nodes (below) get a DHT network of their own, freshly formed
 (it takes a fraction of a second), with the same pair of identities throughout, as deployed. In one network,
@@ -26,10 +19,9 @@ start a session toward each of those long-gone inviters while a real request wai
 identities would leave its old node ids at the same addresses, which every search in a network this small
 waits about a second for.
 
-The timeline comes from the two debug logs, as bench/timeline.py reads the mail's (DHT_PHASES, FAST_PHASES).
+The timeline comes from the two debug logs, as bench/timeline.py reads the mail's (DHT_PHASES).
 For the side-by-side table every way is cut the same (COMMON): start, stun, request_out (until the request
-is sent or put), rendezvous (from there until both sides know where to punch: the inviter has the response,
-or, on the fast path, the acceptor has the request), handshake, launch.
+is sent or put), rendezvous (from there until the inviter has the response), handshake, launch.
 
 Floors: STUN and the handshake count round trips as bench/floor.py does. The DHT's own steps are measured
 with two plain OpenDHT nodes in the plexus nodes' places (the same ports and node ids), after the sessions:
@@ -38,15 +30,14 @@ the stored value arrives), listens for the response, and puts the request; b's n
 puts the response at once. The minimum over the rounds of each step is its floor; the card's less one round
 trip, since plexus joins and starts the lookup while its STUN runs.
 
-The idle acceptor: one in DHT mode as deployed, after one session (so it knows the inviter's key and keeps an
-advent out), `idle` seconds: its CPU (/proc/PID/stat) and the UDP crossing b's NAT router (nftables counters
-on its WAN side): the DHT node's (port 4222) and the rest (the advent's STUN keepalive).
+The idle acceptor: one in DHT mode as deployed, after one session, `idle` seconds: its CPU (/proc/PID/stat)
+and the UDP crossing b's NAT router (nftables counters on its WAN side): the DHT node's (port 4222) and the
+rest (none expected).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import json
 import threading
@@ -62,7 +53,7 @@ import opendht
 
 from bench import floor, runs
 from bench.stats import summarize
-from bench.timeline import PHASES, Timeline, TimelineError, find, inviter_stun, parse_log
+from bench.timeline import PHASES, Timeline, TimelineError, find, flow_started, inviter_stun, parse_log
 from plexus.identity import Identity
 from plexus.mediator import dht
 from tests.lab import sessions
@@ -70,40 +61,30 @@ from tests.lab.dht import DhtNetwork
 from tests.lab.lab import Lab
 from tests.lab.sessions import Plexus, Side
 
-# The issue's target for the fast path, reported beside the figures, never a failure of the benchmark
+# A target for the DHT's time to connect, reported beside the figures, never a failure of the benchmark
 TARGET_SECONDS = 0.9
 FLOOR_ROUNDS = 5  # counted rounds of the plain nodes per delay, after one warm-up round
 FLOOR_WAIT = 10.0  # seconds any step of a plain node may take
-TWO_HOP_INNER = "0.0.0.0:40000"  # the two-hop acceptor's --stun-client: a fixed port means no advents
-# The most a fast-path session waits for an advent that no session took: an acceptor renews a taken one at
-# once, or at its next STUN keepalive, 20 s later at most
-PACE_TIMEOUT = 25.0
 IDLE_SETTLE = 5.0  # seconds between the idle acceptor's session and the start of the measurement
 NFT_TABLE = "bench_dht"
 
-WAYS = {"mail": "mail", "dht": "DHT, two hops", "fast": "DHT, fast path"}
+WAYS = {"mail": "mail", "dht": "DHT"}
 DHT_PHASES = (
-    ("start", "inviter: process start, Python and imports, until its event loop runs"),
+    ("start", "inviter: process start, Python and imports, until its session starts"),
     ("stun", "inviter: STUN binding + mapping test (the DHT join, a ping, runs meanwhile)"),
-    ("card", "inviter: the acceptor's card looked up (and on the fast path its advent), the request put"),
+    ("card", "inviter: the acceptor's card looked up, the request put"),
     ("request_in", "request: the put's search and store, the push to the acceptor's listen, open, screen"),
     ("stun_acceptor", "acceptor: STUN binding + mapping test"),
     ("response_in", "response: sealed and put by the acceptor, pushed to the inviter's listen, opened"),
     ("handshake", "hello/ready between the peers, until both sides are done"),
     ("launch", "until both launched commands run (exec/hello.py started)"),
 )
-FAST_PHASES = (
-    *DHT_PHASES[:4],
-    ("handshake", "hello/ready: the inviter punches since its put, the acceptor once the request is in"),
-    DHT_PHASES[-1],
-)
 COMMON = (
     ("start", "inviter: process start until its event loop runs"),
     ("stun", "inviter: STUN"),
     ("request_out", "inviter: until the request is sent (mail: the SMTP session's rest and DATA) or put "
                     "(DHT: the acceptor's card looked up)"),
-    ("rendezvous", "from there until both sides know where to punch: the inviter has the response (mail, "
-                   "DHT two hops), or the acceptor has the request (fast path: the inviter took the advent)"),
+    ("rendezvous", "from there until both sides know where to punch: the inviter has the response"),
     ("handshake", "hello/ready between the peers, until both sides are done"),
     ("launch", "until both launched commands run"),
 )  # fmt: skip
@@ -111,15 +92,11 @@ _PARTS: dict[str, dict[str, tuple[str, ...]]] = {
     "mail": {"request_out": ("mail_out",),
              "rendezvous": ("mail_in", "stun_acceptor", "mail_out_response", "mail_in_response")},
     "dht": {"request_out": ("card",), "rendezvous": ("request_in", "stun_acceptor", "response_in")},
-    "fast": {"request_out": ("card",), "rendezvous": ("request_in",)},
 }  # fmt: skip
-# On the fast path the inviter's hellos are under way when the acceptor learns of the request: one round trip
-# between the hosts from then (the acceptor's hello opens its NAT, the next hello of the inviter's passes).
-FAST_HANDSHAKE_RTT = 1.0
 
 
 def phases_of(way: str) -> tuple[tuple[str, str], ...]:
-    return {"mail": PHASES, "dht": DHT_PHASES, "fast": FAST_PHASES}[way]
+    return {"mail": PHASES, "dht": DHT_PHASES}[way]
 
 
 def common(way: str, phases: dict[str, float]) -> dict[str, float]:
@@ -132,11 +109,15 @@ def common(way: str, phases: dict[str, float]) -> dict[str, float]:
 
 
 def dht_timeline(
-    started: float, inviter_log: str, acceptor_log: str, launched: tuple[float, float], *, fast: bool
+    started: float,
+    inviter_log: str,
+    acceptor_log: str,
+    launched: tuple[float, float],
+    inviter_events: Sequence[dict[str, Any]],
 ) -> Timeline:
-    """Phase durations of one DHT session (DHT_PHASES, or FAST_PHASES when the inviter took an advent)."""
+    """Phase durations of one DHT session (DHT_PHASES)."""
     inviter, acceptor = parse_log(inviter_log), parse_log(acceptor_log)
-    loop_runs = find(inviter, "event loop running")
+    loop_runs = flow_started(inviter_events)
     stun, outer = inviter_stun(inviter)
     put = find(inviter, "request put for", after=stun.at)
     # The acceptor has served earlier sessions: everything from here on belongs to this one.
@@ -147,36 +128,12 @@ def dht_timeline(
         find(acceptor, "handshake with", after=request_in.at, contains=outer).at,
     )
     end = max(launched)
-    names: tuple[tuple[str, str], ...]
-    if fast:
-        marks = [started, loop_runs.at, stun.at, put.at, request_in.at, done, end]
-        names = FAST_PHASES
-    else:
-        acceptor_stun = find(acceptor, "inner endpoint", after=request_in.at)
-        marks = [
-            started,
-            loop_runs.at,
-            stun.at,
-            put.at,
-            request_in.at,
-            acceptor_stun.at,
-            punching.at,
-            done,
-            end,
-        ]
-        names = DHT_PHASES
+    acceptor_stun = find(acceptor, "inner endpoint", after=request_in.at)
+    marks = [started, loop_runs, stun.at, put.at, request_in.at, acceptor_stun.at, punching.at, done, end]
     phases = {
-        name: later - earlier for (name, _), (earlier, later) in zip(names, pairwise(marks), strict=True)
+        name: later - earlier for (name, _), (earlier, later) in zip(DHT_PHASES, pairwise(marks), strict=True)
     }
     return Timeline(total=end - started, phases=phases)
-
-
-def request_seen(inviter_log: str, acceptor_log: str) -> float:
-    """When the acceptor logged the inviter's (first) request: the inviter's outer endpoint names it."""
-    inviter = parse_log(inviter_log)
-    stun, outer = inviter_stun(inviter)
-    put = find(inviter, "request put for", after=stun.at)
-    return find(parse_log(acceptor_log), "request from", after=put.at - 1, contains=f"endpoint {outer}").at
 
 
 # ---- plexus in DHT mode ------------------------------------------------------------------------------------
@@ -219,12 +176,10 @@ def _side(lab: Lab, host: str) -> Side:
 
 
 @contextlib.contextmanager
-def dht_acceptor(
-    lab: Lab, workdir: Path, network: DhtNetwork, ids: Ids, extra: dict[str, str | None] | None = None
-) -> Iterator[Plexus]:
-    """A listening acceptor on host b in DHT mode (with `extra` options); stopped on leaving."""
+def dht_acceptor(lab: Lab, workdir: Path, network: DhtNetwork, ids: Ids) -> Iterator[Plexus]:
+    """A listening acceptor on host b in DHT mode; stopped on leaving."""
     side = _side(lab, "b")
-    overrides = ids.options(network, accept=True) | (extra or {})
+    overrides = ids.options(network, accept=True)
     process = sessions.start(lab, side, side, workdir, accept=True, overrides=overrides)
     try:
         sessions.wait_until_listening(process)
@@ -236,13 +191,11 @@ def dht_acceptor(
 @dataclass(frozen=True)
 class Session:
     code: int  # the inviter's exit code
-    kind: str  # how it met: "two hops", "fast", "fell back" (an advent that did not answer), or "failed"
+    kind: str  # "ok" or "failed"
     total: float | None  # from the inviter's start until both launched commands run
-    timeline: Timeline | None  # None for a session that failed or fell back
+    timeline: Timeline | None  # None for a session that failed
     inviter_seconds: float  # the inviter process's whole run (it watches its command 1 s before it exits)
     error: str = ""
-    taken_at: float | None = None  # a session that took an advent: when the acceptor had its request
-    waited: float = 0.0  # before it started, for an advent that no session took (the fast path)
 
 
 def launched(inviter: Plexus, listening: Plexus, timeout: float = 30.0) -> tuple[float, float]:
@@ -276,17 +229,12 @@ def dht_session(lab: Lab, workdir: Path, network: DhtNetwork, ids: Ids, listenin
         times = launched(inviter, listening)
     except (RuntimeError, AssertionError) as missing:
         return Session(ended.code, "failed", None, None, ended.seconds, str(missing).splitlines()[0])
-    log = inviter.log()
-    kind = "fell back" if "asking again" in log else "fast" if "taking its advent" in log else "two hops"
-    timeline, problem, taken_at = None, "", None
-    if kind != "fell back":
-        try:
-            timeline = dht_timeline(started, log, listening.log(), times, fast=kind == "fast")
-            if kind == "fast":
-                taken_at = request_seen(log, listening.log())
-        except TimelineError as failure:
-            kind, problem = "failed", f"no timeline: {failure}"
-    return Session(ended.code, kind, max(times) - started, timeline, ended.seconds, problem, taken_at)
+    kind, timeline, problem = "ok", None, ""
+    try:
+        timeline = dht_timeline(started, inviter.log(), listening.log(), times, inviter.events())
+    except TimelineError as failure:
+        kind, problem = "failed", f"no timeline: {failure}"
+    return Session(ended.code, kind, max(times) - started, timeline, ended.seconds, problem)
 
 
 def dht_sessions(
@@ -296,38 +244,17 @@ def dht_sessions(
     ids: Ids,
     count: int,
     on_session: Callable[[int, Session], None],
-    extra: dict[str, str | None] | None = None,
-    *,
-    pace: bool = False,
 ) -> tuple[Session, list[Session]]:
-    """A warm-up session and `count` counted ones against one acceptor. With `pace` (the fast path) each
-    counted one starts once the acceptor has an advent out that no session took (Session.waited): PACE_TIMEOUT
-    seconds at most, and once an acceptor has not renewed a taken advent in that time, without waiting."""
-    with dht_acceptor(lab, workdir, network, ids, extra) as listening:
+    """A warm-up session and `count` counted ones against one acceptor."""
+    with dht_acceptor(lab, workdir, network, ids) as listening:
         warm_up = dht_session(lab, workdir, network, ids, listening)
         on_session(0, warm_up)
         counted: list[Session] = []
-        since, renews = 0.0, pace  # an advent put after `since` (wall clock) is one no session took
         for run in range(1, count + 1):
-            waited = 0.0
-            if renews:
-                waited, renews = wait_for_advent(listening, since)
-            found = dataclasses.replace(dht_session(lab, workdir, network, ids, listening), waited=waited)
-            since = found.taken_at or since
+            found = dht_session(lab, workdir, network, ids, listening)
             counted.append(found)
             on_session(run, found)
     return warm_up, counted
-
-
-def wait_for_advent(listening: Plexus, since: float, timeout: float = PACE_TIMEOUT) -> tuple[float, bool]:
-    """Seconds until the acceptor's log shows an advent put after `since`, and whether one came in time."""
-    started = time.monotonic()
-    while True:
-        if any(e.message.startswith("advent put") and e.at > since for e in parse_log(listening.log())):
-            return time.monotonic() - started, True
-        if time.monotonic() - started > timeout:
-            return time.monotonic() - started, False
-        time.sleep(0.05)
 
 
 # ---- floors of the DHT's own steps: plain OpenDHT nodes in the plexus nodes' places ------------------------
@@ -501,16 +428,11 @@ def idle_acceptor(
                 failures.append(f"idle acceptor's session: {first.error}")
             time.sleep(IDLE_SETTLE)
             pid = listening.process.pid
-            before, counted, advents = (
-                runs.sample(pid),
-                udp_counters(lab),
-                listening.log().count("advent put"),
-            )
+            before, counted = runs.sample(pid), udp_counters(lab)
             time.sleep(seconds)
             after, now = runs.sample(pid), udp_counters(lab)
             if listening.process.poll() is not None:
                 failures.append(f"the idle acceptor exited {listening.process.returncode}")
-            advents = listening.log().count("advent put") - advents
     finally:
         _nft(lab, "delete", "table", "ip", NFT_TABLE)
     udp = {
@@ -523,7 +445,6 @@ def idle_acceptor(
         "clock_tick_seconds": 1 / runs.CLOCK_TICKS,
         "rss_bytes": after.rss,
         "peak_rss_bytes": after.peak_rss,
-        "advents_put": advents,
         "udp": udp,
         "udp_per_minute": {
             name: {what: round(count * 60 / seconds, 1) for what, count in values.items()}
@@ -539,8 +460,7 @@ def _session_line(way: str, number: int, found: Session) -> str:
     label = "warm-up" if number == 0 else f"run {number}"
     if found.total is None:
         return f"  {WAYS[way]} {label}: FAILED ({found.error})"
-    waited = f" (after {found.waited:.1f} s for an untaken advent)" if found.waited >= 0.1 else ""
-    return f"  {WAYS[way]} {label}: {found.total:.2f} s, {found.kind}{waited}"
+    return f"  {WAYS[way]} {label}: {found.total:.2f} s"
 
 
 def way_entry(
@@ -570,9 +490,8 @@ def way_entry(
 
 def dht_entry(way: str, warm_up: Session, counted: list[Session], bound: dict[str, float]) -> dict[str, Any]:
     """A DHT way's figures at one delay (way_entry's), with how its sessions met and its warm-up."""
-    expected = "fast" if way == "fast" else "two hops"
     ok = [s for s in counted if s.total is not None]
-    own = [s for s in ok if s.kind == expected and s.timeline is not None]
+    own = [s for s in ok if s.kind == "ok" and s.timeline is not None]
     entry = way_entry(way, [s.timeline for s in own if s.timeline], [s.total for s in ok if s.total], bound)
     # the sessions that met the way's own way: their totals beside their phases
     entry["own_total"] = summarize([s.total for s in own if s.total]).to_json() if own else None
@@ -587,7 +506,6 @@ def dht_entry(way: str, warm_up: Session, counted: list[Session], bound: dict[st
             "total": None if warm_up.total is None else round(warm_up.total, 4),
         },
         "inviter_seconds": summarize([s.inviter_seconds for s in ok]).to_json() if ok else None,
-        "waited": summarize([s.waited for s in counted]).to_json() if way == "fast" and counted else None,
     }
     return entry
 
@@ -605,15 +523,15 @@ def hops_entry(warm_up: Round | str, counted: list[Round | str]) -> dict[str, An
     return entry
 
 
-def floors(way: str, paths: floor.Paths, hops: dict[str, Any]) -> dict[str, float]:
-    """The floor of each phase of a DHT way: round trips counted as bench/floor.py does, the DHT's own steps
-    the plain nodes' minimum (zero when they could not be measured)."""
+def floors(paths: floor.Paths, hops: dict[str, Any]) -> dict[str, float]:
+    """The floor of each phase of a DHT session: round trips counted as bench/floor.py does, the DHT's own
+    steps the plain nodes' minimum (zero when they could not be measured)."""
     a, b = paths.rtt_inviter, paths.rtt_acceptor
 
     def least(name: str) -> float:
         return float(hops[name]["min"]) if hops.get(name) else 0.0
 
-    bound = {
+    return {
         "start": 0.0,
         "stun": floor.STUN_RTT * a,
         # the join (a ping: one round trip) and the card's lookup start while STUN (two) runs
@@ -624,10 +542,6 @@ def floors(way: str, paths: floor.Paths, hops: dict[str, Any]) -> dict[str, floa
         "handshake": floor.HANDSHAKE_RTT * paths.rtt_peers,
         "launch": 0.0,
     }
-    if way == "fast":
-        bound["handshake"] = FAST_HANDSHAKE_RTT * paths.rtt_peers
-        return {name: bound[name] for name, _ in FAST_PHASES}
-    return bound
 
 
 def measure(
@@ -673,12 +587,8 @@ def measure(
             progress(f"DHT: {delay:g} ms links: {count} mail sessions to compare with")
             mail[delay] = runs.connect(lab, workdir, count, on_run=lambda i, t: progress(
                 f"  mail run {i}: {t.total:.2f} s"))  # fmt: skip
-        with fresh(f"{delay:g} ms links, two hops (acceptor --stun-client {TWO_HOP_INNER})") as network:
-            found["dht", delay] = dht_sessions(lab, workdir, network, ids, count, note("dht", delay),
-                                               {"stun-client": TWO_HOP_INNER})  # fmt: skip
-        with fresh(f"{delay:g} ms links, fast path (the acceptor's advent)") as network:
-            found["fast", delay] = dht_sessions(lab, workdir, network, ids, count, note("fast", delay),
-                                                pace=True)  # fmt: skip
+        with fresh(f"{delay:g} ms links") as network:
+            found["dht", delay] = dht_sessions(lab, workdir, network, ids, count, note("dht", delay))
     set_delay(lab, 0)
     with fresh(f"an idle acceptor for {idle:g} s (after one session and {IDLE_SETTLE:g} s)") as network:
         idle_found, idle_failures = idle_acceptor(lab, workdir, network, ids, idle)
@@ -708,8 +618,7 @@ def measure(
             "hops": hops[delay],
             "mail": way_entry("mail", mail[delay], [t.total for t in mail[delay]], floor.floor(paths)),
         }
-        for way in ("dht", "fast"):
-            entry[way] = dht_entry(way, *found[way, delay], floors(way, paths, hops[delay]))
+        entry["dht"] = dht_entry("dht", *found["dht", delay], floors(paths, hops[delay]))
         entries.append(entry)
     return {
         "nodes": nodes,

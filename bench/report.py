@@ -8,7 +8,7 @@ from typing import Any
 from bench import dht, startup
 from bench.timeline import PHASES
 from plexus import path
-from plexus.mediator.message import Reach
+from plexus.rendezvous import Reach
 
 MIB = 1024 * 1024
 # What the benchmark asserts (check()): loose enough for a loaded 2-core machine, tight enough to catch a
@@ -237,7 +237,7 @@ def check(results: dict[str, Any]) -> list[str]:
         failures += _check_streams(results["streams"])
     if "dht" in results:
         # Only what went wrong: a session that failed, a measurement that could not be made. The times and the
-        # fast path's target are reported.
+        # target are reported.
         failures += [f"dht: {failure}" for failure in results["dht"]["failures"]]
     if "startup" in results:
         failures += startup.check(results["startup"])
@@ -288,8 +288,7 @@ def _dht(found: dict[str, Any]) -> list[str]:
         "namespace) beside the mail, in seconds",
         f"{found['runs']} sessions per way and delay, each a fresh inviter (--dht-port 4222, the day's "
         "node id, as from cron) against one long-running acceptor; each DHT acceptor's first session is a "
-        "warm-up, not counted. DHT, two hops: the acceptor with a fixed --stun-client port (no advents); "
-        "DHT, fast path: the acceptor as deployed, whose advent lets a request go without a response.",
+        "warm-up, not counted.",
         f"Floors: STUN and the handshake in round trips (docs/performance.md); the DHT's steps the least of "
         f"{found['floor_rounds']} rounds of two plain OpenDHT nodes in the plexus nodes' places.",
     ]
@@ -322,8 +321,7 @@ def _dht(found: dict[str, Any]) -> list[str]:
         lines.append(_row("total", cells))
         lines.append("sessions: " + "; ".join(_dht_sessions(title, entry[way], way)
                                                for way, title in ways))  # fmt: skip
-        for way in ("dht", "fast"):
-            lines += _dht_phases(dht.WAYS[way], entry[way], dht.phases_of(way))
+        lines += _dht_phases(dht.WAYS["dht"], entry["dht"], dht.phases_of("dht"))
         lines.append(_dht_hops(hops))
     zero = next((entry for entry in found["delays"] if entry["delay_ms"] == 0), None)
     if zero is not None:
@@ -335,14 +333,13 @@ def _dht(found: dict[str, Any]) -> list[str]:
 
 
 def _dht_target(zero: dict[str, Any], target: float) -> str:
-    verdicts = []
-    for way, which, what in (("dht", "total", ""), ("fast", "own_total", " (sessions that took the advent)"),
-                             ("fast", "total", " (all sessions)")):  # fmt: skip
-        total = zero[way][which]
-        if total is not None:
-            verdict = "met" if total["median"] <= target else "NOT met"
-            verdicts.append(f"{dht.WAYS[way]}{what} {verdict} ({total['median']:.3f} s)")
-    return f"target, median time to connect at most {target:g} s at 0 ms links: " + "; ".join(verdicts)
+    total = zero["dht"]["total"]
+    verdict = (
+        "-"
+        if total is None
+        else f"{'met' if total['median'] <= target else 'NOT met'} ({total['median']:.3f} s)"
+    )
+    return f"target, median time to connect at most {target:g} s at 0 ms links: {dht.WAYS['dht']} {verdict}"
 
 
 def _dht_sessions(title: str, entry: dict[str, Any], way: str) -> str:
@@ -350,11 +347,9 @@ def _dht_sessions(title: str, entry: dict[str, Any], way: str) -> str:
         return f"{title} {len(entry['runs'])} ok"
     kinds = ", ".join(f"{count} {kind}" for kind, count in entry["kinds"].items())
     warm = entry["warm_up"]
-    first = "failed" if warm["total"] is None else f"{warm['total']:.2f} s, {warm['kind']}"
-    exits, waited = entry["inviter_seconds"], entry.get("waited")
+    first = "failed" if warm["total"] is None else f"{warm['total']:.2f} s"
+    exits = entry["inviter_seconds"]
     ended = "" if exits is None else f", inviter exits after {exits['median']:.2f} s"
-    if waited is not None:
-        ended += f", waited for an untaken advent: median {waited['median']:.1f} s, max {waited['max']:.1f} s"
     return f"{title} {kinds} (warm-up {first}{ended})"
 
 
@@ -404,11 +399,10 @@ def _dht_idle(idle: dict[str, Any]) -> list[str]:
 
     return [
         "",
-        f"== Idle acceptor in DHT mode over {seconds:g} s ({idle['settle_seconds']:g} s after one session, "
-        f"so it keeps an advent out; advents put meanwhile: {idle['advents_put']})",
+        f"== Idle acceptor in DHT mode over {seconds:g} s ({idle['settle_seconds']:g} s after one session)",
         f"CPU {idle['cpu_seconds']:.2f} s (counted in {idle['clock_tick_seconds']:g} s ticks) = "
         f"{share:.3f} % of one core, RSS {idle['rss_bytes'] / MIB:.1f} MiB "
         f"(peak {idle['peak_rss_bytes'] / MIB:.1f} MiB)",
         f"UDP on b's NAT router's WAN side, IP bytes: DHT node (port 4222) {traffic('dht')}",
-        f"other UDP (the advent's STUN keepalive) {traffic('other')}",
+        f"other UDP {traffic('other')}",
     ]

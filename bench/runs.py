@@ -95,7 +95,8 @@ def session_timeline(inviter: Plexus, listening: Plexus, started: float) -> Time
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the acceptor's command never reported\n{listening.log()}")
             time.sleep(0.05)
-    return timeline(started, inviter.log(), listening.log(), (mine["started"], theirs["started"]))
+    launched = (mine["started"], theirs["started"])
+    return timeline(started, inviter.log(), listening.log(), launched, inviter.events())
 
 
 @dataclass(frozen=True)

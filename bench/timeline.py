@@ -1,6 +1,7 @@
-"""One session's timeline, read from the two plexus debug logs and the launched commands' start times.
+"""One session's timeline, read from the two plexus debug logs, the inviter's session events
+(plexus/events.py: when its flow started) and the launched commands' start times.
 
-Both processes run on one machine, so their wall clocks agree: log timestamps (milliseconds) and
+Both processes run on one machine, so their wall clocks agree: log timestamps (milliseconds), event times and
 exec/hello.py's `started` (time.time()) go on one axis, starting at the moment the inviter was
 started.
 """
@@ -12,12 +13,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
 _LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) ([\w.]+): (.*)$")
 
 # The phases in order; each ends where the next begins, so they add up to the time to connect.
 PHASES = (
-    ("start", "inviter: process start, Python and imports, until its event loop runs"),
+    ("start", "inviter: process start, Python and imports, until its session starts (its `started` event)"),
     ("stun", "inviter: STUN binding + mapping test"),
     ("mail_out", "inviter: the request by SMTP (its session and the IMAP login opened during STUN)"),
     ("mail_in", "request: mail server delivery, acceptor's IDLE wakes, fetch, consume"),
@@ -80,10 +82,24 @@ def inviter_stun(inviter: Sequence[Event]) -> tuple[Event, str]:
     return stun, match.group(1)
 
 
-def timeline(started: float, inviter_log: str, acceptor_log: str, launched: tuple[float, float]) -> Timeline:
+def flow_started(events: Sequence[dict[str, Any]]) -> float:
+    """When the inviter's session started: its `started` event (plexus/events.py)."""
+    for event in events:
+        if event["event"] == "started":
+            return float(event["at"])
+    raise TimelineError("no started event")
+
+
+def timeline(
+    started: float,
+    inviter_log: str,
+    acceptor_log: str,
+    launched: tuple[float, float],
+    inviter_events: Sequence[dict[str, Any]],
+) -> Timeline:
     """Phase durations of one session; `launched` = the two hello.py start times (inviter's, acceptor's)."""
     inviter, acceptor = parse_log(inviter_log), parse_log(acceptor_log)
-    loop_runs = find(inviter, "event loop running")
+    loop_runs = flow_started(inviter_events)
     stun, outer = inviter_stun(inviter)
     request_sent = find(inviter, "request sent")
     # The acceptor has served earlier sessions: everything from here on belongs to this one.
@@ -96,7 +112,7 @@ def timeline(started: float, inviter_log: str, acceptor_log: str, launched: tupl
         find(acceptor, "handshake with", after=response_sent.at, contains=outer).at,
     )
     end = max(launched)
-    marks = [started, loop_runs.at, stun.at, request_sent.at, request_in.at, acceptor_stun.at,
+    marks = [started, loop_runs, stun.at, request_sent.at, request_in.at, acceptor_stun.at,
              response_sent.at, punching.at, done, end]  # fmt: skip
     phases = {
         name: later - earlier for (name, _), (earlier, later) in zip(PHASES, pairwise(marks), strict=True)

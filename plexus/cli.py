@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from plexus import __version__, files
 from plexus.endpoint import Endpoint
@@ -30,8 +30,6 @@ from plexus.options import (
 
 # The rest loads where a path needs it: --version and --help load no network library, an email session no
 # OpenDHT, a DHT session no mail client.
-if TYPE_CHECKING:
-    from plexus import stun
 
 log = logging.getLogger("plexus")
 
@@ -137,37 +135,13 @@ def _forms(secret: str, login: str) -> set[str]:
 
 
 async def explore(options: Options, as_json: bool) -> None:
-    from plexus import session, stun
+    from plexus import api  # the library's explore: --explore is a thin layer over it
 
-    inner = options.get(Name.STUN_CLIENT)
-    sock = session.bind(options.endpoint(Name.STUN_CLIENT) if inner else Endpoint("0.0.0.0", 0))
-    with sock:
-        report = await stun.explore(sock, options.endpoint(Name.STUN_SERVER))
-    reaches = paths(report, relay=turn_config(options) is not None)
-    if as_json:
-        print(json.dumps(report.to_json() | {"paths": reaches}))
-        return
-    print(report.render())
-    for peer, method in reaches.items():
-        print(f"{'to a peer whose NAT maps ' + PEER_MAPPINGS[peer]:<52}{method}")
-
-
-PEER_MAPPINGS = {"independent": "endpoint-independently", "dependent": "per destination"}
-
-
-def paths(report: stun.NatReport, *, relay: bool) -> dict[str, str]:
-    """What this network can do with each kind of peer: the decision table (plexus/path.py) for this NAT."""
-    from plexus.mediator.message import MAPPINGS, Reach
-    from plexus.path import NoPath, choose
-
-    mine = Reach("independent" if report.punchable is not False else "dependent")
-    found = {}
-    for peer in PEER_MAPPINGS:
-        try:
-            found[peer] = str(choose(mine, Reach(MAPPINGS[peer]), own_relay=relay).method)
-        except NoPath:
-            found[peer] = "none (a TURN relay would: --turn-server)"
-    return found
+    inner = options.endpoint(Name.STUN_CLIENT) if options.get(Name.STUN_CLIENT) else Endpoint("0.0.0.0", 0)
+    found = await api.explore(
+        options.endpoint(Name.STUN_SERVER), stun_client=inner, relay=turn_config(options) is not None
+    )
+    print(found.json() if as_json else found)
 
 
 def run_until_signal(main: Coroutine[Any, Any, T]) -> T:
@@ -192,7 +166,6 @@ def run_until_signal(main: Coroutine[Any, Any, T]) -> T:
 
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop, signum)
-        log.debug("event loop running (%s)", type(loop).__module__)  # the benchmark's start of the flow
         try:
             return await main
         except asyncio.CancelledError:
@@ -217,8 +190,12 @@ def run(**given: Any) -> None:
         show_id(options)
         return
     from plexus import session
+    from plexus.events import JsonLines
 
     config_ = session_config(options)
+    sink = JsonLines.from_environment()  # PLEXUS_EVENTS: the lab tests and bench/ read them
+    if sink is not None:
+        config_ = config_.reporting(sink)
     # A normal end by signal: a service manager stopping the acceptor, ssh ending its ProxyCommand (--stdio).
     normal_end = signal.SIGTERM if accepting else signal.SIGHUP if options.get(Name.STDIO) else None
     try:

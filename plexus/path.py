@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from plexus.endpoint import Endpoint
-from plexus.mediator.message import Reach
+from plexus.rendezvous import Reach
 
 
 class Method(StrEnum):

@@ -1,12 +1,13 @@
-"""One plexus session from each side: STUN on the punching socket, the mail rendezvous, the punch, the launch.
+"""One plexus session from each side: STUN on the punching socket, the rendezvous (plexus/rendezvous.py: by
+mail or on the DHT), the way through (plexus/paths.py), the launch.
 
-Inviter (once): stop its previous session's command -> STUN (with its NAT's mapping) -> request by mail ->
-wait for the response -> the way through (plexus/path.py) -> handshake -> launch -> watch the command for a
-moment (on a relay it allocated: carry the command's datagrams until it exits).
+Inviter (once): stop its previous session's command -> STUN (with its NAT's mapping) -> request ->
+wait for the response -> the ways through (plexus/path.py decides) -> handshake -> launch -> watch the command
+for a moment (on a relay it allocated: carry the command's datagrams until it exits).
 Acceptor: STUN once, then forever: wait for a request -> stop the previous session's command -> STUN -> the
-way through -> the punch (TTL-limited hello, fan-out, spray or relay) -> response by mail -> handshake ->
-launch. A request it cannot serve (the inner port held, STUN failing, no way through) gets a refusal by mail,
-so the inviter stops waiting at once.
+ways through -> the punch (TTL-limited hello, fan-out, spray or relay) -> response -> handshake -> launch.
+A request it cannot serve (the inner port held, STUN failing, no way through) gets a refusal, so the inviter
+stops waiting at once. Each phase is reported as a typed event (plexus/events.py).
 The acceptor serves each request in its own task, so a slow or failing session never stops the loop. Stopped
 (cancelled), it stops the commands it launched: their lifetime is the acceptor's.
 """
@@ -15,33 +16,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
-from plexus import launcher, path, puncher, stun
+from plexus import events, launcher, path, paths, puncher, stun
 from plexus.endpoint import Endpoint
 from plexus.errors import (
     CommandFailedError,
-    HandshakeTimeoutError,
     NatUnsuitableError,
     NotServedError,
     PeerRefusedError,
     PlexusError,
-    UsageError,
 )
 from plexus.launcher import Command, Running, Slot, Tunnel
-from plexus.mediator import Invitation, MailConfig, Mediator, Offer, dht
-from plexus.mediator.dhtnode import DhtConfig, DhtMediator
-from plexus.mediator.email import Submission
-from plexus.mediator.message import Mapping, Reach
-from plexus.path import Method
+from plexus.paths import bind as bind  # cli.py binds --stun-client through the session
 from plexus.relay import Relay
-from plexus.relay import forward as relay_forward
-from plexus.relay import punch as relay_punch
+from plexus.rendezvous import Invitation, Mapping, Offer, Reach, Rendezvous, RendezvousConfig
 from plexus.streams import StreamsConfig, carry
 
 log = logging.getLogger(__name__)
@@ -51,15 +46,6 @@ log = logging.getLogger(__name__)
 INVITER_WATCH_SECONDS = 1.0
 # A stopped acceptor gives its commands this long to end after SIGTERM: a service stops within a second.
 SHUTDOWN_GRACE = 0.5
-ARRIVING_HOPS = 64  # a first hello that must arrive (toward a relay, or an inviter punching already)
-# With a relay to fall back on, how long a direct attempt may take: a birthday needs up to about 7 s.
-FALLBACK_BOUND = 10.0
-# How long a punch toward an acceptor's advent may take before the inviter asks again, two hops: a live
-# advent answers in one round trip; a stale one (the acceptor gone, its mapping changed) never does.
-FAST_BOUND = 3.0
-# How often an advent's socket talks to the STUN server: more often than NATs let an idle UDP mapping go
-# (30 s and more), so the advertised endpoint stays open.
-ADVENT_KEEPALIVE = 20.0
 
 
 @dataclass(frozen=True)
@@ -75,7 +61,7 @@ class TurnConfig:
 class SessionConfig:
     inner: Endpoint  # --stun-client; port 0 lets the system choose
     stun_server: Endpoint
-    rendezvous: MailConfig | DhtConfig  # how the peers meet: by mail (the default) or on OpenDHT
+    rendezvous: RendezvousConfig  # how the peers meet: by mail (MailConfig, the default) or on OpenDHT
     command: Command | None  # None: streams only (an acceptor with --forward-allow, an inviter's --stdio)
     punch_hops: int = 7
     response_timeout: float = 60.0
@@ -83,6 +69,12 @@ class SessionConfig:
     keep_sessions: bool = False  # True: sessions run side by side; False: a new one replaces the last
     turn: TurnConfig | None = None
     streams: StreamsConfig | None = None
+    # The library's (plexus/api.py): the session's work is the caller's, on the tunnel, instead of a command
+    hand_over: Callable[[Tunnel], Awaitable[None]] | None = None
+    on_event: events.Sink = events.ignore  # each session event as it happens (plexus/events.py)
+
+    def reporting(self, sink: events.Sink) -> SessionConfig:
+        return dataclasses.replace(self, on_event=sink)
 
     def slot(self, role: str) -> Slot | None:
         """Where the last session's command is remembered, unless sessions are kept side by side (streams
@@ -90,22 +82,6 @@ class SessionConfig:
         if self.keep_sessions or self.command is None:
             return None
         return Slot.for_session(role, self.rendezvous.host_id, self.rendezvous.peer_id)
-
-    def mediator(self) -> Mediator | DhtMediator:
-        if isinstance(self.rendezvous, DhtConfig):
-            return DhtMediator(self.rendezvous)
-        return Mediator(self.rendezvous)
-
-
-def bind(inner: Endpoint) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.bind(inner)
-    except OSError as error:
-        sock.close()
-        raise UsageError(f"cannot bind --stun-client {inner}: {error.strerror}") from error
-    sock.setblocking(False)
-    return sock
 
 
 @dataclass(frozen=True)
@@ -130,24 +106,43 @@ async def discover(sock: socket.socket, server: Endpoint) -> Found:
     return Found(report.inner, report.outer, "independent")
 
 
-@dataclass(frozen=True)
-class Punched:
-    """A confirmed path. On a relay this side allocated, the command talks to plexus's forwarder (`local`,
-    the command's peer endpoint), which carries its datagrams to `peer` through `relay`."""
-
-    tunnel: Tunnel
-    relay: Relay | None = None
-    local: socket.socket | None = None
-    peer: Endpoint | None = None
-
-
-def plan(mine: Reach, theirs: Reach | None, *, own_relay: bool) -> path.Plan:
+def choose(
+    config: SessionConfig, role: events.Role, mine: Reach, theirs: Reach | None, own: Relay | None
+) -> list[paths.Way]:
+    """The ways to try, in order (plexus/paths.py): the one both NATs allow, then a relay to fall back on."""
     try:
-        chosen = path.choose(mine, theirs, own_relay=own_relay)
+        chosen = path.choose(mine, theirs, own_relay=own is not None)
     except path.NoPath as error:
         raise NatUnsuitableError(f"no path to the peer: {error}") from error
     log.info("path: %s", chosen.describe())
-    return chosen
+    config.on_event(events.Chosen(role=role, way=str(chosen.method), why=chosen.describe()))
+    return paths.ways(chosen, own, theirs.relay if theirs is not None else None)
+
+
+def _discovered(config: SessionConfig, role: events.Role, found: Found) -> None:
+    config.on_event(events.Discovered(role=role, inner=found.inner, outer=found.outer, mapping=found.mapping))
+
+
+def _connected(config: SessionConfig, role: events.Role, established: paths.Established) -> paths.Established:
+    tunnel = established.tunnel
+    connected = events.Connected(
+        role=role, inner=tunnel.inner, outer=tunnel.outer, peer=tunnel.peer, way=tunnel.path
+    )
+    config.on_event(connected)
+    return established
+
+
+def _attempt(
+    config: SessionConfig, sock: socket.socket, found: Found, theirs: Offer, puzzle: int, *, accept: bool
+) -> paths.Attempt:
+    """What the ways need once both offers are known: this side's (STUN's `found`, its `puzzle`) and the
+    peer's; the secret and the handshake's codec follow from both puzzles."""
+    inviter, acceptor = (theirs.puzzle, puzzle) if accept else (puzzle, theirs.puzzle)
+    codec = handshake_codec(config, inviter, acceptor, theirs, accept=accept)
+    return paths.Attempt(
+        sock, config.inner, found.inner, found.outer, theirs.outer, inviter ^ acceptor, codec, accept,
+        config.punch_hops,
+    )  # fmt: skip
 
 
 async def _allocate(config: SessionConfig, relays: contextlib.AsyncExitStack) -> Relay:
@@ -165,49 +160,51 @@ async def invite(config: SessionConfig) -> Tunnel:
     Everything that does not depend on STUN runs while STUN does: the IMAP login and the SMTP session up to
     DATA. The mailbox clean-up (flag the response consumed, LOGOUT) runs while the command is watched.
     """
+    config.on_event(events.Started(role="invite"))
+    try:
+        return await _invite(config)
+    except PlexusError as error:
+        config.on_event(events.Failed(role="invite", error=str(error)))
+        raise
+
+
+async def _invite(config: SessionConfig) -> Tunnel:
     slot = config.slot("invite")
     async with contextlib.AsyncExitStack() as relays:
-        async with config.mediator() as mediator:
+        async with config.rendezvous.open() as rendezvous:
             if slot is not None:
                 await slot.stop_previous()  # a stale tunnel holds the inner port and would double the new one
-            punched = None
-            while punched is None:
-                try:
-                    punched = await _meet(config, mediator, relays)
-                except HandshakeTimeoutError:
-                    if not isinstance(mediator, DhtMediator) or not mediator.fast:
-                        raise
-                    log.warning("the acceptor's advent did not answer within %g s: asking again", FAST_BOUND)
+            established = await _meet(config, rendezvous, relays)
             if config.command is None:
-                assert config.streams is not None
-                if punched.relay is None:
-                    await relays.aclose()
-                await _relay_while(punched, _streams(punched, config.streams, accept=False))
-                return punched.tunnel
-            process = launcher.start(config.command, punched.tunnel)
+                await established.release_unused(relays)
+                config.on_event(events.Launched(role="invite", pid=None))
+                await established.carry(_work(config, established.tunnel, accept=False))
+                return established.tunnel
+            process = launcher.start(config.command, established.tunnel)
+            config.on_event(events.Launched(role="invite", pid=process.pid))
             if slot is not None:
                 slot.save(process.pid)
             watching = asyncio.ensure_future(launcher.watch(process, grace=INVITER_WATCH_SECONDS))
-            if punched.relay is None:
-                await relays.aclose()  # an allocation kept for a fallback that was not needed
+            await established.release_unused(relays)  # an allocation kept for a fallback that was not needed
         status = await watching
         if status:
             raise CommandFailedError(
                 f"{config.command.path} exited with status {status} within {INVITER_WATCH_SECONDS:g} s of "
                 "its launch (its output is in --exec-log-file)"
             )
-        if punched.relay is not None:
-            await _relay_while(punched, _command(process, set()))
-    return punched.tunnel
+        if established.through_here:
+            await established.carry(_command(process, set()))
+    return established.tunnel
 
 
 async def _meet(
-    config: SessionConfig, mediator: Mediator | DhtMediator, relays: contextlib.AsyncExitStack
-) -> Punched:
-    """STUN, the request, the response (or the acceptor's advent), the punch."""
+    config: SessionConfig, rendezvous: Rendezvous, relays: contextlib.AsyncExitStack
+) -> paths.Established:
+    """STUN, the request, the response, the punch."""
     with contextlib.closing(bind(config.inner)) as sock:
-        async with mediator.submission() as submission:
+        async with rendezvous.submission() as submission:
             found = await discover(sock, config.stun_server)
+            _discovered(config, "invite", found)
             # Behind a NAT that maps per destination only a relay may do: allocate before the request, so
             # that it can name the relay. An acceptor with its own relay, or an easier NAT, will make it
             # unneeded.
@@ -218,27 +215,18 @@ async def _meet(
             mine = Reach(found.mapping, own.relayed if own else None, streams)
             puzzle = secrets.randbits(64)
             offer = Offer(found.outer, puzzle, mine)
-            response = await mediator.invite(offer, config.response_timeout, submission)
+            response = await rendezvous.invite(offer, config.response_timeout, submission)
+        config.on_event(events.Answered(role="invite", peer=response.outer))
         theirs = response.reach
         if streams and (theirs is None or not theirs.streams):
             raise PeerRefusedError(
                 f"{config.rendezvous.peer_id} does not serve streams (a plexus without them, or 2.2)"
             )
-        chosen = plan(mine, theirs, own_relay=own is not None)
+        candidates = choose(config, "invite", mine, theirs, own)
         log.info("peer endpoint %s, punching", response.outer)
-        fast = isinstance(mediator, DhtMediator) and mediator.fast
-        return await _punch(
-            chosen,
-            config,
-            found,
-            sock,
-            response.outer,
-            puzzle ^ response.puzzle,
-            handshake_codec(config, puzzle, response.puzzle, response, accept=False),
-            accept=False,
-            relay=own,
-            fallback=theirs.relay if theirs is not None else None,
-            limit=FAST_BOUND if fast else None,
+        attempt = _attempt(config, sock, found, response, puzzle, accept=False)
+        return _connected(
+            config, "invite", await paths.establish(candidates, attempt, config.handshake_timeout)
         )
 
 
@@ -256,146 +244,6 @@ def handshake_codec(
     return puncher.Authenticated.derive(inviter_puzzle, acceptor_puzzle, accept=accept, bound=bound or b"")
 
 
-async def _punch(
-    chosen: path.Plan,
-    config: SessionConfig,
-    found: Found,
-    sock: socket.socket,
-    peer: Endpoint,
-    secret: int,
-    codec: puncher.Codec,
-    *,
-    accept: bool,
-    relay: Relay | None,
-    fallback: Endpoint | None = None,
-    limit: float | None = None,
-    hops: int | None = None,
-) -> Punched:
-    """Confirm the path the plan names; `sock`, the socket STUN ran on, is closed on every path.
-
-    With a relay at hand (`relay`, this side's allocation, or `fallback`, the peer's relayed endpoint) a
-    direct attempt is bounded by FALLBACK_BOUND, and the relay is taken when it fails: a firewall, or a
-    birthday that found no pair of ports."""
-    if chosen.method is Method.RELAY:
-        if chosen.relay is None:
-            assert relay is not None
-            sock.close()
-            return await _over_own_relay(relay, peer, secret, codec, config, accept=accept)
-        return await _toward_relay(sock, chosen.relay, found, secret, codec, config, accept=accept)
-    can_fall_back = relay is not None or fallback is not None
-    bound = FALLBACK_BOUND if can_fall_back else config.handshake_timeout
-    if limit is not None:
-        bound = min(bound, limit)
-    try:
-        hops = hops if hops is not None else config.punch_hops
-        return await _direct(
-            chosen, sock, found, peer, secret, codec, config, accept=accept, timeout=bound, hops=hops
-        )
-    except HandshakeTimeoutError:
-        if not can_fall_back:
-            raise
-    log.warning("no direct path (%s) within %g s: falling back to the relay", chosen.method, bound)
-    if relay is not None:
-        return await _over_own_relay(relay, peer, secret, codec, config, accept=accept)
-    assert fallback is not None
-    return await _toward_relay(bind(config.inner), fallback, found, secret, codec, config, accept=accept)
-
-
-async def _direct(
-    chosen: path.Plan,
-    sock: socket.socket,
-    found: Found,
-    peer: Endpoint,
-    secret: int,
-    codec: puncher.Codec,
-    config: SessionConfig,
-    *,
-    accept: bool,
-    timeout: float,
-    hops: int,
-) -> Punched:
-    if chosen.method is Method.FANOUT:
-        extra = [bind(Endpoint(found.inner.host, 0)) for _ in range(puncher.FANOUT_SOCKETS - 1)]
-        winner, peer = await puncher.punch_fanout([sock, *extra], peer, codec, accept=accept, timeout=timeout)
-        with contextlib.closing(winner):
-            inner = Endpoint(found.inner.host, winner.getsockname()[1])
-        return Punched(Tunnel(inner, found.outer, peer, secret, chosen.method))
-    peer = await puncher.punch(
-        sock,
-        peer,
-        codec,
-        accept=accept,
-        hops=hops,
-        timeout=timeout,
-        peer_reflexive=chosen.peer_reflexive,
-        spray=puncher.Spray() if chosen.method is Method.SPRAY else None,
-    )
-    return Punched(Tunnel(found.inner, found.outer, peer, secret, chosen.method))
-
-
-async def _over_own_relay(
-    relay: Relay, peer: Endpoint, secret: int, codec: puncher.Codec, config: SessionConfig, *, accept: bool
-) -> Punched:
-    """The handshake through this side's allocation; the command will talk to a local forwarder."""
-    await relay.permit(peer.host)  # its port toward the relay is not the one STUN saw: any port of its IP
-    timeout = config.handshake_timeout
-    peer = await relay_punch(relay, peer, codec, accept=accept, timeout=timeout, peer_reflexive=True)
-    local = bind(Endpoint("127.0.0.1", 0))
-    command = Endpoint("127.0.0.1", _free_port())
-    forwarder = Endpoint("127.0.0.1", local.getsockname()[1])
-    return Punched(Tunnel(command, relay.relayed, forwarder, secret, Method.RELAY), relay, local, peer)
-
-
-async def _toward_relay(
-    sock: socket.socket,
-    relayed: Endpoint,
-    found: Found,
-    secret: int,
-    codec: puncher.Codec,
-    config: SessionConfig,
-    *,
-    accept: bool,
-) -> Punched:
-    """The handshake with the peer's relayed endpoint, from an ordinary socket."""
-    inner = Endpoint(found.inner.host, sock.getsockname()[1])
-    # The TTL-limited punch must die between the NATs; toward a relay it must arrive, so the relay learns
-    # where this side's NAT maps it.
-    timeout = config.handshake_timeout
-    peer = await puncher.punch(sock, relayed, codec, accept=accept, hops=ARRIVING_HOPS, timeout=timeout)
-    return Punched(Tunnel(inner, found.outer, peer, secret, Method.RELAY))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-async def _relay_while(punched: Punched, work: Awaitable[None]) -> None:
-    """Run the work (the command's life, or the streams) and, on a relay this side allocated, carry its
-    datagrams through the relay meanwhile; a lost relay ends the work."""
-    if punched.relay is None:
-        await work
-        return
-    assert punched.local is not None and punched.peer is not None
-    with contextlib.closing(punched.local):
-        forwarding = asyncio.ensure_future(
-            relay_forward(punched.relay, punched.local, punched.tunnel.inner, punched.peer)
-        )
-        working = asyncio.ensure_future(work)
-        try:
-            await asyncio.wait({forwarding, working}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            forwarding.cancel()
-            working.cancel()  # the relay is gone or plexus is stopping: the work has no path left
-            await asyncio.gather(working, return_exceptions=True)
-        lost = forwarding.exception() if forwarding.done() and not forwarding.cancelled() else None
-        if lost is not None:
-            raise lost
-        working.result()
-
-
 async def _command(process: subprocess.Popen[bytes], running: set[Running]) -> None:
     """The launched command's life; cancelled, it stops the command."""
     try:
@@ -407,10 +255,18 @@ async def _command(process: subprocess.Popen[bytes], running: set[Running]) -> N
         raise
 
 
-async def _streams(punched: Punched, config: StreamsConfig, *, accept: bool) -> None:
+def _work(config: SessionConfig, tunnel: Tunnel, *, accept: bool) -> Awaitable[None]:
+    """The session's work when it launches no command: the library caller's, or the streams."""
+    if config.hand_over is not None:
+        return config.hand_over(tunnel)
+    assert config.streams is not None
+    return _streams(tunnel, config.streams, accept=accept)
+
+
+async def _streams(tunnel: Tunnel, config: StreamsConfig, *, accept: bool) -> None:
     """The streams on the tunnel's inner endpoint (on a relay this side allocated: the loopback endpoint
     facing plexus's forwarder), bound now that the punch has let the port go."""
-    await carry(bind(punched.tunnel.inner), punched.tunnel, config, accept=accept)
+    await carry(bind(tunnel.inner), tunnel, config, accept=accept)
 
 
 async def accept(config: SessionConfig) -> None:
@@ -420,34 +276,33 @@ async def accept(config: SessionConfig) -> None:
     behind a NAT that maps per destination the acceptor still serves peers behind easier NATs (birthday
     punching) and, with --turn-server, any peer. Each session checks again (networks change).
     """
+    config.on_event(events.Started(role="accept"))
     sessions: set[asyncio.Task[None]] = set()
     running: set[Running] = set()
-    advents: dict[int, Advent] = {}  # by puzzle: the DHT fast path's standing offers, each taken once
     slot = config.slot("accept")
     # Replacing sessions take turns, so the newest request wins; kept ones each have their own inner port.
     turn = None if config.keep_sessions else asyncio.Lock()
     try:
-        async with config.mediator() as mediator:  # the IMAP login (the DHT join) runs while STUN does
+        # Entering starts the IMAP login (the DHT join), which runs while STUN does.
+        async with config.rendezvous.open() as rendezvous:
             if slot is not None:
                 await slot.stop_previous()  # left by an acceptor that was killed: it holds the inner port
             with contextlib.closing(bind(config.inner)) as sock:
                 found = await discover(sock, config.stun_server)
+            _discovered(config, "accept", found)
             if found.mapping == "dependent":
                 log.warning(
                     "this NAT maps per destination: peers behind endpoint-independent NATs get through by "
                     "birthday punching; peers behind such NATs too need a TURN relay (%s)",
                     f"--turn-server {config.turn.server}" if config.turn else "no --turn-server given",
                 )
-            if isinstance(mediator, DhtMediator) and not config.inner.port:
-                advertising = asyncio.create_task(_advertise(config, mediator, advents))
-                sessions.add(advertising)
-            async for invitation in mediator.requests():
-                task = asyncio.create_task(_serve(config, mediator, invitation, turn, slot, running, advents))
+            await rendezvous.listen()
+            config.on_event(events.Listening(role="accept", peer_id=config.rendezvous.peer_id))
+            async for invitation in rendezvous.requests():
+                task = asyncio.create_task(_serve(config, rendezvous, invitation, turn, slot, running))
                 sessions.add(task)
                 task.add_done_callback(sessions.discard)
     finally:
-        for advent in advents.values():
-            advent.sock.close()
         for task in sessions:
             task.cancel()
         await asyncio.gather(*sessions, return_exceptions=True)
@@ -458,14 +313,14 @@ async def accept(config: SessionConfig) -> None:
 
 async def _serve(
     config: SessionConfig,
-    mediator: Mediator | DhtMediator,
+    rendezvous: Rendezvous,
     invitation: Invitation,
     turn: asyncio.Lock | None,
     slot: Slot | None,
     running: set[Running],
-    advents: dict[int, Advent],
 ) -> None:
     peer = invitation.offer.outer
+    config.on_event(events.Requested(role="accept", peer=peer))
     if _wants_streams(invitation):  # streams sessions run side by side: no command of another is stopped
         turn = slot = None
     async with contextlib.AsyncExitStack() as relays:
@@ -473,25 +328,25 @@ async def _serve(
             async with _maybe(turn):
                 if slot is not None:
                     await slot.stop_previous()
-                punched = await _answer(config, mediator, invitation, relays, advents)
-                if _wants_streams(invitation):
+                established = await _answer(config, rendezvous, invitation, relays)
+                if config.hand_over is not None or _wants_streams(invitation):
                     process = None
                 else:
                     assert config.command is not None  # _answer refused the request otherwise
-                    process = launcher.start(config.command, punched.tunnel)
+                    process = launcher.start(config.command, established.tunnel)
                     if slot is not None:
                         slot.save(process.pid)
+                config.on_event(events.Launched(role="accept", pid=process.pid if process else None))
         except PlexusError as error:
             log.error("session with %s failed: %s", peer, error)
+            config.on_event(events.Failed(role="accept", error=str(error)))
             return
-        if punched.relay is None:
-            await relays.aclose()  # a standby allocation: not held for as long as the session runs
+        await established.release_unused(relays)  # a standby: not held for as long as the session runs
         try:
             if process is None:
-                assert config.streams is not None
-                await _relay_while(punched, _streams(punched, config.streams, accept=True))
+                await established.carry(_work(config, established.tunnel, accept=True))
             else:
-                await _relay_while(punched, _command(process, running))
+                await established.carry(_command(process, running))
         except PlexusError as error:
             log.error("session with %s ended: %s", peer, error)
             return
@@ -503,7 +358,10 @@ def _wants_streams(invitation: Invitation) -> bool:
 
 
 def _servable(config: SessionConfig, invitation: Invitation) -> None:
-    """An acceptor serves what it was configured for: its command, its streams, or both."""
+    """An acceptor serves what it was configured for: its command, its streams, or both (or, in the library,
+    whatever its caller does with the path)."""
+    if config.hand_over is not None:
+        return
     if _wants_streams(invitation):
         if config.streams is None or config.streams.allowed is None:
             raise NotServedError("this acceptor forwards no streams (it has no --forward-allow)")
@@ -523,154 +381,53 @@ async def _watch(process: subprocess.Popen[bytes], running: set[Running]) -> Non
 
 async def _answer(
     config: SessionConfig,
-    mediator: Mediator | DhtMediator,
+    rendezvous: Rendezvous,
     invitation: Invitation,
     relays: contextlib.AsyncExitStack,
-    advents: dict[int, Advent],
-) -> Punched:
-    """STUN, the plan, the punch, the response, the handshake; the SMTP session opens while STUN runs.
-
-    A request that takes an advent (the DHT's fast path) gets no response: its inviter punches already, toward
-    the advent's endpoint, whose socket and STUN result this session takes over."""
-    advent = None
-    if invitation.advent is not None:
-        advent = advents.pop(invitation.advent, None)
-        if advent is not None:
-            advent.taken.set()
-        if advent is None:  # taken by another request, or retired: the inviter asks again, two hops
-            raise NotServedError(f"the request names advent {invitation.advent}, which is gone")
-    handshake: asyncio.Future[Punched] | None = None
+) -> paths.Established:
+    """STUN, the plan, the punch, the response, the handshake; the SMTP session opens while STUN runs."""
+    handshake: asyncio.Future[paths.Established] | None = None
     with contextlib.ExitStack() as closing:
         try:
-            async with mediator.submission() as submission:
-                async with _refusing(mediator, invitation, submission):
+            async with rendezvous.submission() as submission:
+                async with _refusing(rendezvous, invitation, submission):
                     _servable(config, invitation)
-                    if advent is None:
-                        sock = closing.enter_context(contextlib.closing(bind(config.inner)))
-                        found = await discover(sock, config.stun_server)
-                    else:
-                        async with advent.lock:  # a keepalive's STUN exchange on the socket ends first
-                            pass  # later ones see the advent gone and leave the socket alone
-                        sock = closing.enter_context(contextlib.closing(advent.sock))
-                        found = advent.found
+                    sock = closing.enter_context(contextlib.closing(bind(config.inner)))
+                    found = await discover(sock, config.stun_server)
+                    _discovered(config, "accept", found)
                     theirs = invitation.offer.reach
                     own = None
                     # A relay for the path when both NATs map per destination, and to fall back on when a
                     # direct attempt fails; unless the inviter brought one (a 2.2 inviter knows of none).
-                    if config.turn is not None and theirs is not None and theirs.relay is None and not advent:
+                    if config.turn is not None and theirs is not None and theirs.relay is None:
                         own = await _allocate(config, relays)
                     mine = Reach(found.mapping, own.relayed if own else None, _wants_streams(invitation))
-                    chosen = plan(mine, theirs, own_relay=own is not None)
-                puzzle = advent.puzzle if advent is not None else secrets.randbits(64)
-                secret = puzzle ^ invitation.offer.puzzle
+                    candidates = choose(config, "accept", mine, theirs, own)
+                puzzle = secrets.randbits(64)
+                attempt = _attempt(config, sock, found, invitation.offer, puzzle, accept=True)
                 # The punch starts before the response leaves: the TTL-limited hello (or the fan-out, the
                 # spray, the relay's permission) has opened the way when the inviter's hellos arrive.
-                fallback = theirs.relay if theirs is not None else None
                 handshake = asyncio.ensure_future(
-                    _punch(
-                        chosen,
-                        config,
-                        found,
-                        sock,
-                        invitation.offer.outer,
-                        secret,
-                        handshake_codec(
-                            config, invitation.offer.puzzle, puzzle, invitation.offer, accept=True
-                        ),
-                        accept=True,
-                        relay=own,
-                        fallback=fallback,
-                        # The inviter that took an advent punches already: its NAT lets this side's first
-                        # hello in, so it need not die on the way (TTL-limited) and wait for the next one.
-                        hops=ARRIVING_HOPS if advent is not None else None,
-                    )
+                    paths.establish(candidates, attempt, config.handshake_timeout)
                 )
                 await asyncio.sleep(0)
-                if advent is None:
-                    await mediator.answer(invitation, Offer(found.outer, puzzle, mine), submission)
-            return await handshake
+                await rendezvous.answer(invitation, Offer(found.outer, puzzle, mine), submission)
+            return _connected(config, "accept", await handshake)
         finally:
             if handshake is not None:
                 handshake.cancel()
 
 
-@dataclass
-class Advent:
-    """A standing offer on the DHT: a socket whose NAT mapping is kept open, its STUN result, a puzzle."""
-
-    sock: socket.socket
-    found: Found
-    puzzle: int
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # the socket: the keepalive's or the session's
-    taken: asyncio.Event = field(default_factory=asyncio.Event)  # a request took it: the next one follows now
-
-
-async def _advertise(config: SessionConfig, mediator: DhtMediator, advents: dict[int, Advent]) -> None:
-    """Keep one advent out for the pinned inviter while the acceptor runs (docs/dht.md, the fast path).
-
-    Its socket's mapping is kept open by STUN every ADVENT_KEEPALIVE seconds, and the advent is put again
-    every ADVENT_REFRESH; a request that takes it ends its part here, and the next advent follows. An advent
-    whose outer endpoint changed is retired. Behind a NAT that maps per destination there are none: the
-    inviter's hellos would come from a mapping the advent never saw."""
-    learning = asyncio.ensure_future(mediator.learn_peer_key())
-    streams = config.streams is not None and config.streams.allowed is not None
-    try:
-        while True:
-            sock = bind(Endpoint(config.inner.host, 0))
-            try:
-                found = await discover(sock, config.stun_server)
-            except PlexusError as error:
-                sock.close()
-                log.warning("no advent for now: %s", error)
-                await asyncio.sleep(dht.ADVENT_REFRESH)
-                continue
-            if found.mapping != "independent":
-                sock.close()
-                log.info("no advents: this NAT maps per destination")
-                return
-            advent = Advent(sock, found, secrets.randbits(64))
-            advents[advent.puzzle] = advent
-            offer = Offer(found.outer, advent.puzzle, Reach("independent", None, streams))
-            await _keep(config, mediator, advents, advent, offer)
-    finally:
-        learning.cancel()
-
-
-async def _keep(
-    config: SessionConfig, mediator: DhtMediator, advents: dict[int, Advent], advent: Advent, offer: Offer
-) -> None:
-    """Put the advent and keep its mapping open until a request takes it or its endpoint changes."""
-    loop = asyncio.get_running_loop()
-    while advent.puzzle in advents:
-        await mediator.advertise(offer)
-        renew = loop.time() + dht.ADVENT_REFRESH
-        while advent.puzzle in advents and loop.time() < renew:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(advent.taken.wait(), ADVENT_KEEPALIVE)
-            async with advent.lock:
-                if advent.puzzle not in advents:
-                    return  # taken: the socket is the session's now
-                try:
-                    now = await discover(advent.sock, config.stun_server)
-                except PlexusError as error:
-                    log.warning("advent keepalive failed: %s", error)
-                    now = None
-                if now is None or now.outer != advent.found.outer:
-                    advents.pop(advent.puzzle, None)
-                    advent.sock.close()
-                    return
-
-
 @contextlib.asynccontextmanager
 async def _refusing(
-    mediator: Mediator | DhtMediator, invitation: Invitation, submission: Submission | None
+    rendezvous: Rendezvous, invitation: Invitation, submission: object
 ) -> AsyncIterator[None]:
     """A failure before the response is the inviter's to know at once: it gets the reason in a refusal."""
     try:
         yield
     except PlexusError as error:
         try:
-            await mediator.refuse(invitation, str(error), submission)
+            await rendezvous.refuse(invitation, str(error), submission)
         except PlexusError as failure:
             log.warning("could not send the refusal: %s", failure)
         raise

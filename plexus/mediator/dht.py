@@ -1,7 +1,7 @@
 r"""The OpenDHT rendezvous, sans I/O: where values live, cards, sealed letters, and which letters to take.
 
 Keys. A value lives under the InfoHash of a key text `plexus/3/<family>/<host id>/<YYYY-MM-DD>` (UTC day; the
-driver hashes it). The card, advent and requests live under the acceptor's id, responses and refusals under
+driver hashes it). The card and requests live under the acceptor's id, responses and refusals under
 the inviter's (family "response"). A listener watches its own today; a sender puts under its today and,
 within the clock tolerance of midnight, under the day on the other side too, so skew loses nothing. Keys
 roll daily so that presence cannot be followed under one fixed key by anyone who does not know the id.
@@ -17,9 +17,8 @@ Republished daily.
     signature: ECDSA-SHA256 by that key over b"plexus card v3\0" + key text + b"\0" + the inner card's bytes
       before the u16 m
 
-Letter (request, response, refusal, advent): signed by its sender, encrypted to its recipient, so that only
-the recipient learns who sent it. An advent is an acceptor's standing offer to a pinned inviter, renewed
-every ADVENT_REFRESH seconds: a request may name its puzzle to take the fast path.
+Letter (request, response, refusal): signed by its sender, encrypted to its recipient, so that only the
+recipient learns who sent it.
     b"PXD3" | HPKE (RFC 9180) base mode single-shot encryption: enc (65) | ciphertext and tag
     suite: DHKEM(P-256, HKDF-SHA256), HKDF-SHA256, AES-256-GCM; the recipient's identity key is the KEM key,
       the key text (UTF-8) the info: a value copied under another key does not decrypt
@@ -28,7 +27,7 @@ every ADVENT_REFRESH seconds: a request may name its puzzle to take the fast pat
     content: compact UTF-8 JSON, keys sorted: v (1), kind, from and to (ids), key (the key text), issued
       (unix seconds), puzzle (a refusal's: the refused request's); outer ("ip:port") and reach
       (X-Plexus-Reach text) except in a refusal; answers (response and refusal: the request's puzzle);
-      advent (a request, optional: the advent's puzzle); reason (refusal)
+      reason (refusal)
 
 Node id: a host's DHT node id for the day, 20 bytes of HKDF-SHA256(the identity's private scalar (32 bytes),
 salt=None, info=b"plexus node v3\0" + YYYY-MM-DD). The same all day, so that a run from cron takes its
@@ -55,27 +54,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from plexus.endpoint import Endpoint
 from plexus.identity import ID_LENGTH, Identity, id_of
-from plexus.mediator.message import CLOCK_TOLERANCE, MessageError, Offer, Reach, sanitize_reason
+from plexus.mediator.message import CLOCK_TOLERANCE, sanitize_reason
+from plexus.rendezvous import Offer, Reach, ReachError
 
 DEFAULT_PORT = 4222  # OpenDHT's usual port (dhtnode's default)
-# Seconds between an acceptor's advent puts. Its STUN keepalive (every 20 s, more often than NAT mappings
-# expire) is what keeps the advertised endpoint open; the advent only has to say now and then that the
-# acceptor still listens there, which does not need a DHT put as often.
-ADVENT_REFRESH = 60.0
-# Seconds after which an advent is stale: two refreshes, so one lost or late put does not make a live
-# acceptor look gone.
-ADVENT_LIFETIME = 120.0
 # A card is republished daily; two days also covers the clocks of both hosts straddling midnight.
 CARD_LIFETIME = datetime.timedelta(days=2)
 
-Family = Literal["card", "advent", "request", "response"]
-Kind = Literal["request", "response", "refusal", "advent"]
-KINDS: dict[str, Kind] = {
-    "request": "request",
-    "response": "response",
-    "refusal": "refusal",
-    "advent": "advent",
-}
+Family = Literal["card", "request", "response"]
+Kind = Literal["request", "response", "refusal"]
+KINDS: dict[str, Kind] = {"request": "request", "response": "response", "refusal": "refusal"}
 
 KEY_VERSION = 3
 CARD_MAGIC = b"PXC3"
@@ -181,12 +169,11 @@ class Letter:
     puzzle: int  # the sender's; a refusal's is the refused request's
     offer: Offer | None = None  # None in a refusal only; its puzzle is `puzzle`, its reach is required
     answers: int | None = None  # response and refusal: the puzzle of the request they answer
-    advent: int | None = None  # request: the puzzle of the advent it takes the fast path with
     reason: str | None = None  # refusal only
 
     def __post_init__(self) -> None:
         """Raise DhtMessageError unless the fields fit the kind: decode() relies on this."""
-        for name, number in (("puzzle", self.puzzle), ("answers", self.answers), ("advent", self.advent)):
+        for name, number in (("puzzle", self.puzzle), ("answers", self.answers)):
             if number is not None and not 0 <= number < PUZZLE_LIMIT:
                 raise DhtMessageError(f"{name} {str(number)[:30]} out of range")
         refusal = self.kind == "refusal"
@@ -201,8 +188,6 @@ class Letter:
             raise DhtMessageError(f"a {self.kind} {'without' if self.answers is None else 'with'} answers")
         if refusal and self.answers != self.puzzle:
             raise DhtMessageError(f"a refusal of {self.answers} with the puzzle {self.puzzle}")
-        if self.advent is not None and self.kind != "request":
-            raise DhtMessageError(f"a {self.kind} with advent")
         if (self.reason is None) == refusal:
             raise DhtMessageError(f"a {self.kind} {'without' if refusal else 'with'} reason")
         if self.reason is not None:
@@ -222,7 +207,7 @@ class Letter:
             assert self.offer.reach is not None  # __post_init__
             content["outer"] = str(self.offer.outer)
             content["reach"] = self.offer.reach.header()
-        optional = {"answers": self.answers, "advent": self.advent, "reason": self.reason}
+        optional = {"answers": self.answers, "reason": self.reason}
         content.update((name, value) for name, value in optional.items() if value is not None)
         return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -254,7 +239,6 @@ class Letter:
             puzzle=puzzle,
             offer=offer,
             answers=_number(content, "answers") if "answers" in content else None,
-            advent=_number(content, "advent") if "advent" in content else None,
             reason=_text(content, "reason") if "reason" in content else None,
         )
 
@@ -307,12 +291,6 @@ def unseal(
     return letter, sender_key
 
 
-def fresh_advent(letter: Letter, now: datetime.datetime) -> bool:
-    """An advent its acceptor still renews: issued at most ADVENT_LIFETIME ago. One from a clock ahead of ours
-    passes: Screen.admit bounds that by its tolerance."""
-    return letter.kind == "advent" and now - letter.issued <= datetime.timedelta(seconds=ADVENT_LIFETIME)
-
-
 @dataclass
 class Screen:
     """Decides which letters start a session: the right kind, fresh, never seen before."""
@@ -336,11 +314,6 @@ class Screen:
             raise DhtMessageError(
                 f"issued {letter.issued:%Y-%m-%d %H:%M:%S} UTC, more than "
                 f"{self.tolerance.total_seconds():g} s from now"
-            )
-        if letter.kind == "advent" and not fresh_advent(letter, now):
-            raise DhtMessageError(
-                f"advent issued {(now - letter.issued).total_seconds():.0f} s ago: stale after "
-                f"{ADVENT_LIFETIME:g} s"
             )
         self.seen.add((letter.kind, letter.puzzle))
 
@@ -438,5 +411,5 @@ def _endpoint(text: str) -> Endpoint:
 def _reach(text: str) -> Reach:
     try:
         return Reach.parse(text)
-    except MessageError as error:
+    except ReachError as error:
         raise DhtMessageError(str(error)) from None

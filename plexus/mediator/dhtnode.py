@@ -24,8 +24,7 @@ from plexus.endpoint import Endpoint
 from plexus.errors import DhtUnreachableError, PeerNotFoundError, PeerRefusedError, UsageError
 from plexus.identity import Identity
 from plexus.mediator import dht
-from plexus.mediator.email import Invitation
-from plexus.mediator.message import Offer
+from plexus.rendezvous import Invitation, Offer
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +37,8 @@ JOIN_TIMEOUT = 10.0
 PUT_GRACE = 2.0
 DAY_CHECK = 600.0  # how often a long-lived listener looks whether the UTC day (and so the keys) rolled on
 STOP_TIMEOUT = 2.0  # for the node's shutdown to say it is done
-# The most an inviter waits for an advent, or for the search for one to end (it runs beside the card's):
-# a missing advent then costs the two-hop path nothing more than the search.
-ADVENT_SEARCH = 3.0
+# The most an acceptor waits at the start for the search of the requests already stored to end.
+EARLIER_SEARCH = 3.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +56,10 @@ class DhtConfig:
     @property
     def host_id(self) -> str:
         return self.identity.id
+
+    def open(self) -> DhtMediator:
+        """The rendezvous on OpenDHT (plexus.rendezvous.Rendezvous)."""
+        return DhtMediator(self)
 
 
 def _now() -> datetime.datetime:
@@ -169,12 +171,6 @@ class _Search:
         self.cancelled = True
 
 
-def _direct(offer: Offer | None) -> bool:
-    """Whether the fast path may serve this side: it maps endpoint-independently and brings no relay."""
-    reach = offer.reach if offer is not None else None
-    return reach is not None and reach.mapping == "independent" and reach.relay is None
-
-
 def _ignore(key: str, error: Exception) -> None:
     """Log a value that is not taken, in one line. Whatever checking it raised, it never ends a listen: the
     value's refusal (DhtMessageError) at DEBUG, anything else (a bug, which one crafted value must not turn
@@ -206,10 +202,7 @@ class DhtMediator:
             set()
         )  # letters on their way: a put confirms long after the push
         self._peer_keys: dict[int, Any] = {}  # request puzzle -> the inviter's public key, to answer it
-        self._peer_key: asyncio.Future[Any] = (
-            asyncio.get_running_loop().create_future()
-        )  # the peer's, once known
-        self.fast = False  # the last invite took an advent (the fast path): no response was waited for
+        self._listened = False
 
     async def __aenter__(self) -> DhtMediator:
         self._node = _Node(self._config)
@@ -321,35 +314,11 @@ class DhtMediator:
         )
 
     async def invite(self, offer: Offer, timeout: float = 60.0, submission: object = None) -> Offer:
-        """Put the request (sealed to the acceptor) and wait for the response that answers it; or, when the
-        acceptor's advent is fresh and both sides map endpoint-independently, put the request naming the
-        advent and return the advent's offer at once (self.fast): one DHT hop instead of two."""
+        """Put the request (sealed to the acceptor) and wait for the response that answers it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         await self._ready()
-        self.fast = False
-        advents = self._require().get(dht.key_text("advent", self.peer_id, dht.day_of(_now())))
-        try:
-            peer_key = await self._peer_card(deadline)  # the advents' search runs meanwhile
-            advent = await self._advent(advents) if _direct(offer) else None
-        finally:
-            advents.cancel()
-        if advent is not None:
-            assert advent.offer is not None
-            self._send(
-                "request",
-                self.peer_id,
-                peer_key,
-                kind="request",
-                puzzle=offer.puzzle,
-                offer=offer,
-                advent=advent.puzzle,
-            )
-            log.info(
-                "request put for %s, taking its advent: outer endpoint %s", self.peer_id, advent.offer.outer
-            )
-            self.fast = True
-            return advent.offer
+        peer_key = await self._peer_card(deadline)
         with self._listening("response", self._me.id) as answers:  # before the put: no answer is missed
             self._send("request", self.peer_id, peer_key, kind="request", puzzle=offer.puzzle, offer=offer)
             log.info("request put for %s, waiting for the response", self.peer_id)
@@ -368,37 +337,6 @@ class DhtMediator:
                 return letter.offer
         raise PeerNotFoundError(f"no response from {self.peer_id} on the DHT within {timeout:g} s")
 
-    async def _advent(self, search: _Search) -> dht.Letter | None:
-        """The first usable advent the search brings (the acceptor puts a new one as soon as one is taken),
-        or None once the search has ended without one (ADVENT_SEARCH at most)."""
-        found: dht.Letter | None = None
-        try:
-            async with asyncio.timeout(ADVENT_SEARCH):
-                while (item := await search.values.get()) is not None:
-                    letter = self._open(*item, "advent")
-                    newer = letter is not None and (found is None or letter.issued > found.issued)
-                    if letter is not None and newer and _direct(letter.offer):
-                        found = letter  # the newest of those at hand: an older one may be taken
-                    if found is not None and search.values.empty():
-                        return found
-        except TimeoutError:
-            pass
-        return found
-
-    async def advertise(self, offer: Offer) -> None:
-        """Put an advent for the pinned inviter: this side's outer endpoint and puzzle, ahead of a request.
-        Waits until the inviter's key is known (its card, or an earlier request)."""
-        peer_key = await asyncio.shield(self._peer_key)
-        self._send("advent", self._me.id, peer_key, kind="advent", puzzle=offer.puzzle, offer=offer)
-        log.debug("advent put: outer endpoint %s", offer.outer)
-
-    async def learn_peer_key(self) -> None:
-        """The inviter's key from its card, when it runs (an acceptor needs it to seal advents to it)."""
-        if not self._peer_key.done():
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(PeerNotFoundError):
-                _resolve(self._peer_key, await self._peer_card(loop.time() + DAY_CHECK))
-
     def _open(self, key: str, value: bytes, kind: dht.Kind, request: int | None = None) -> dht.Letter | None:
         try:
             letter, sender = dht.unseal(value, self._me, key, self.peer_id)
@@ -408,15 +346,21 @@ class DhtMediator:
             return None
         if kind == "request":
             self._peer_keys[letter.puzzle] = sender
-            _resolve(self._peer_key, sender)
         if letter.offer is not None:  # signed by the pinned peer: the handshake's key is bound to it
             letter = dataclasses.replace(letter, offer=dataclasses.replace(letter.offer, signer=sender))
         return letter
 
+    async def listen(self) -> None:
+        """Get ready for requests: joined, and the requests already stored passed over (the listen that
+        requests() puts in place delivers what is stored too, so nothing put from now on is missed)."""
+        if not self._listened:
+            await self._ready()
+            await self._pass_over_earlier_requests()
+            self._listened = True
+
     async def requests(self) -> AsyncIterator[Invitation]:
         """Each fresh request from the peer, forever; the listened keys follow the UTC day."""
-        await self._ready()
-        await self._pass_over_earlier_requests()
+        await self.listen()
         while True:
             day = dht.day_of(_now())
             with self._listening("request", self._me.id) as arrived:
@@ -429,7 +373,7 @@ class DhtMediator:
                     letter = self._open(key, value, "request")
                     if letter is not None and letter.offer is not None:
                         log.info("request from %s: outer endpoint %s", self.peer_id, letter.offer.outer)
-                        yield Invitation(letter.offer, None, advent=letter.advent)
+                        yield Invitation(letter.offer, None)
             self._publish_card()  # under the new day's key
 
     async def _pass_over_earlier_requests(self) -> None:
@@ -439,7 +383,7 @@ class DhtMediator:
         search = self._require().get(dht.key_text("request", self._me.id, dht.day_of(_now())))
         earlier = 0
         try:
-            async with asyncio.timeout(ADVENT_SEARCH):
+            async with asyncio.timeout(EARLIER_SEARCH):
                 while (item := await search.values.get()) is not None:
                     earlier += self._open(*item, "request") is not None
         except TimeoutError:

@@ -48,7 +48,9 @@ from plexus.errors import (
     UsageError,
 )
 from plexus.mediator import message, smime
-from plexus.mediator.message import Kind, Letter, Offer, Refusal, Route, Screen
+from plexus.mediator.message import Kind, Letter, Refusal, Route, Screen
+from plexus.rendezvous import Invitation as Invitation  # re-exported: it lived here
+from plexus.rendezvous import Offer
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,10 @@ class MailConfig:
         if self.identity is not None and not isinstance(self.identity.key, ec.EllipticCurvePrivateKey):
             raise UsageError("--identity must hold a P-256 key to sign mail")
 
+    def open(self) -> Mediator:
+        """The rendezvous by mail (plexus.rendezvous.Rendezvous)."""
+        return Mediator(self)
+
     @property
     def signer(self) -> ec.EllipticCurvePrivateKey | None:
         key = self.identity.key if self.identity is not None else None
@@ -123,18 +129,6 @@ class MailConfig:
     @property
     def incoming(self) -> Route:
         return Route(self.peer_address, self.address, self.peer_id)
-
-
-@dataclass(frozen=True)
-class Invitation:
-    """A fresh request, and what answering (or refusing) it needs."""
-
-    offer: Offer
-    message_id: str | None  # the request's, for the response's In-Reply-To
-    # The request carried no Date header, as plexus 2.2's never do (ours always do): its sender cannot read a
-    # refusal, so none is sent.
-    legacy: bool = False
-    advent: int | None = None  # DHT: the puzzle of the acceptor's advent the request takes (the fast path)
 
 
 def tls_context(config: MailConfig) -> ssl.SSLContext:
@@ -450,6 +444,7 @@ class Mediator:
         self._pending: list[int] = []  # UIDs of judged messages (taken or ignored) not yet consumed
         self._rescan = False  # commands ran since the last scan: scan again before sleeping
         self._inviting = False
+        self._listening = False  # listen() has put the watch for requests in place
         self._request_id: str | None = None  # our request's Message-ID, once invite() sends it
         self._ignored: str | None = None  # why the last route message was ignored: a timeout tells it
         self._started = datetime.datetime.now(datetime.UTC)
@@ -528,9 +523,11 @@ class Mediator:
         ignored = f"; ignored {self._ignored}" if self._ignored else ""
         raise MailTimeoutError(f"no response from {self._config.peer_id} within {timeout:g} s{ignored}")
 
-    async def requests(self) -> AsyncIterator[Invitation]:
-        """Each fresh request from the peer, forever. The peer's mail already there at the start is consumed
-        unanswered: its inviters have given up by now, or will within their timeout."""
+    async def listen(self) -> None:
+        """Put the watch for requests in place. The peer's mail already there is consumed unanswered: its
+        inviters have given up by now, or will within their timeout."""
+        if self._listening:
+            return
         await self.ready()
         if self._keys is None and self._config.peer_identity is None:
             log.warning(
@@ -540,6 +537,11 @@ class Mediator:
             )
         await self._clear_earlier_mail()
         log.info("waiting for requests from %s", self._config.peer_id)
+        self._listening = True
+
+    async def requests(self) -> AsyncIterator[Invitation]:
+        """Each fresh request from the peer, forever (from listen() on)."""
+        await self.listen()
         async for letter in self._letters("request", None):
             assert letter.offer is not None  # the Screen admitted a request
             yield Invitation(letter.offer, letter.message_id, legacy=letter.date is None)

@@ -32,6 +32,13 @@ from plexus import identity
 from plexus.endpoint import Endpoint
 from plexus.mediator import smime
 
+# Re-exported (they lived here): cli.py and older callers import them from this module.
+from plexus.rendezvous import MAPPINGS as MAPPINGS
+from plexus.rendezvous import REACH_HEADER, ReachError
+from plexus.rendezvous import Mapping as Mapping
+from plexus.rendezvous import Offer as Offer
+from plexus.rendezvous import Reach as Reach
+
 PROTOCOL = "PLEXUS"
 VERSION = "2.1"  # plexus 2.2 speaks "2.1" on the wire
 # How far a Date or signingTime may be from our clock: skew between the hosts plus delivery delay. A request
@@ -57,56 +64,6 @@ _ABSENT = b"\xff\xff\xff\xff"  # a length no field can have (a message is far sh
 
 class MessageError(ValueError):
     """Why a received message is not taken: str(error) is logged."""
-
-
-Mapping = Literal["independent", "dependent"]
-MAPPINGS: dict[str, Mapping] = {"independent": "independent", "dependent": "dependent"}
-REACH_HEADER = "X-Plexus-Reach"
-
-
-@dataclass(frozen=True)
-class Reach:
-    """What a side says about how it can be reached, beyond plexus 2.2's line: its NAT's mapping as STUN saw
-    it (endpoint-independent or not), and a TURN relay address it allocated, if any. It travels in the
-    X-Plexus-Reach header, which plexus 2.2 ignores; a 2.2 peer's mail has none. An inviter also says here
-    whether it wants streams (QUIC, plexus/streams/) rather than the acceptor's command."""
-
-    mapping: Mapping
-    relay: Endpoint | None = None
-    streams: bool = False
-
-    def header(self) -> str:
-        relay = f"; relay={self.relay}" if self.relay else ""
-        return f"mapping={self.mapping}{relay}" + ("; streams=1" if self.streams else "")
-
-    @classmethod
-    def parse(cls, text: str) -> Reach:
-        fields = dict(item.strip().partition("=")[::2] for item in text.split(";") if item.strip())
-        mapping = MAPPINGS.get(fields.get("mapping", ""))
-        if mapping is None:
-            raise MessageError(f"{REACH_HEADER}: unknown mapping {fields.get('mapping', '')[:30]!r}")
-        relay = None
-        if "relay" in fields:
-            try:
-                relay = Endpoint.parse(fields["relay"])
-                ipaddress.ip_address(relay.host)
-            except ValueError as error:
-                raise MessageError(f"{REACH_HEADER}: bad relay {fields['relay'][:60]!r}") from error
-            if not relay.port:
-                raise MessageError(f"{REACH_HEADER}: relay port 0")
-        return cls(mapping, relay, fields.get("streams") == "1")
-
-
-@dataclass(frozen=True)
-class Offer:
-    """What each side tells the other: its outer endpoint and its puzzle, and (plexus 2.2 says nothing of it)
-    how it can be reached. `signer` is the peer's identity key when the offer came signed by the pinned peer
-    (mail with --peer-identity, every DHT value): the handshake's key is then bound to it (puncher.py)."""
-
-    outer: Endpoint
-    puzzle: int
-    reach: Reach | None = None
-    signer: ec.EllipticCurvePublicKey | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -317,7 +274,11 @@ def read(raw: bytes, keys: smime.Keys | None, pinned: str | None = None) -> Lett
     signer = _check_identity(message, line, pinned) if pinned is not None else None
     reach = message.get(REACH_HEADER)
     if isinstance(content, Offer) and reach is not None:
-        content = dataclasses.replace(content, reach=Reach.parse(str(reach)))
+        try:
+            parsed = Reach.parse(str(reach))
+        except ReachError as error:
+            raise MessageError(str(error)) from None
+        content = dataclasses.replace(content, reach=parsed)
     if isinstance(content, Offer) and signer is not None:
         content = dataclasses.replace(content, signer=signer)
     return Letter(

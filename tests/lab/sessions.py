@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from plexus import events
 from tests.lab.lab import Account, Lab, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +44,7 @@ class Plexus:
     process: subprocess.Popen[str]
     log_file: Path
     exec_log: Path
+    events_file: Path
     started: float = field(default_factory=time.monotonic)
 
     def wait(self, timeout: float) -> int:
@@ -57,6 +59,10 @@ class Plexus:
 
     def log(self) -> str:
         return self.log_file.read_text() if self.log_file.exists() else ""
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The session events it wrote (plexus/events.py), oldest first; those called `name`, if given."""
+        return [event for event in events.read(self.events_file) if name is None or event["event"] == name]
 
     def hello_results(self) -> list[dict[str, Any]]:
         """The JSON lines exec/hello.py printed, one per launched command that has finished."""
@@ -122,6 +128,7 @@ def start(
     (unshare, say); `stdin` and `text` are for --stdio."""
     name = f"{me.host}-{'acceptor' if accept else 'inviter'}-{uuid.uuid4().hex[:4]}"
     log_file, exec_log = workdir / f"{name}.log", workdir / f"{name}.exec.log"
+    events_file = workdir / f"{name}.events.jsonl"
     if argv is None:
         values = options(lab, me, peer) | {"log-level": "debug", "log-file": str(log_file)}
         values |= {"exec-log-file": str(exec_log)} | (overrides or {})
@@ -133,13 +140,13 @@ def start(
         me.host,
         [*wrapper, sys.executable, "-m", "plexus", *argv],
         cwd=ROOT,
-        env=os.environ | env if env else None,
+        env=os.environ | (env or {}) | {events.ENVIRONMENT: str(events_file)},
         stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=text,
     )
-    return Plexus(me, process, log_file, exec_log)
+    return Plexus(me, process, log_file, exec_log, events_file)
 
 
 def accepting(lab: Lab, workdir: Path, running: list[Plexus], **kwargs: Any) -> tuple[Plexus, Side, Side]:
@@ -184,10 +191,10 @@ def signal_launched(lab: Lab, host: str, name: str, sig: int = signal.SIGTERM) -
 
 
 def started(acceptor: Plexus, timeout: float = 20.0) -> int | None:
-    """None once the acceptor listens (it logs `waiting for requests`), or its exit code if it quit first."""
+    """None once the acceptor listens (its `listening` event), or its exit code if it quit first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if "waiting for requests" in acceptor.log():
+        if acceptor.events("listening"):
             return None
         if acceptor.process.poll() is not None:
             return acceptor.process.returncode

@@ -11,7 +11,7 @@ import pytest
 
 from plexus import path
 from plexus.errors import ExitCode
-from plexus.mediator.message import Reach
+from plexus.rendezvous import Reach
 from tests.lab import sessions
 from tests.lab.lab import Lab
 from tests.lab.sessions import Plexus

@@ -56,6 +56,35 @@ def test_inviter_and_acceptor_connect_and_launch(
     assert invite.hello_results()[0]["args"]["innerport"] == "40000"
 
 
+def test_a_session_reports_typed_events(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
+    """The events each side writes to PLEXUS_EVENTS (plexus/events.py): its phases in order, the path taken
+    and its endpoints, and never the secret."""
+    inviter, acceptor_side = sessions.pair(lab)
+    invite, acceptor = connect(lab, tmp_path, running, inviter, acceptor_side)
+    mine, theirs = invite.wait_hello()[0]["args"], acceptor.wait_hello()[0]["args"]
+    names = ["started", "discovered", "answered", "chosen", "connected", "launched"]
+    assert [event["event"] for event in invite.events()] == names
+    served = [
+        "started",
+        "discovered",
+        "listening",
+        "requested",
+        "discovered",
+        "chosen",
+        "connected",
+        "launched",
+    ]
+    assert [event["event"] for event in acceptor.events()] == served
+    connected = invite.events("connected")[0]
+    assert (connected["way"], connected["role"]) == ("direct", "invite")
+    assert connected["peer"] == f"{theirs['outerip']}:{theirs['outerport']}"
+    assert acceptor.events("requested")[0]["peer"] == f"{mine['outerip']}:{mine['outerport']}"
+    assert acceptor.events("launched")[0]["pid"] > 0
+    times = [event["at"] for event in invite.events()]
+    assert times == sorted(times)
+    assert mine["secret"] not in invite.events_file.read_text() + acceptor.events_file.read_text()
+
+
 def test_one_acceptor_serves_invites_in_a_row_and_at_once(
     lab: Lab, tmp_path: Path, running: list[Plexus]
 ) -> None:

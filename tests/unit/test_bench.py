@@ -12,7 +12,6 @@ from bench.stats import quantile, summarize
 from bench.timeline import PHASES, Timeline, TimelineError, parse_log, timeline
 
 INVITER = """\
-2026-11-22 04:17:06,770 DEBUG plexus: event loop running (uvloop)
 2026-11-22 04:17:06,772 INFO plexus.session: inner endpoint 10.0.1.2:60551, outer endpoint 198.51.100.2:60551
 2026-11-22 04:17:06,841 INFO plexus.mediator.email: request sent to remote (<x@t>), waiting
 2026-11-22 04:17:07,886 INFO plexus.mediator.email: response from remote: outer endpoint 198.51.100.6:35384
@@ -38,9 +37,12 @@ def at(text: str) -> float:
     return datetime.datetime.strptime(text, "%H:%M:%S.%f").replace(year=2026, month=11, day=22).timestamp()
 
 
+STARTED = [{"event": "started", "role": "invite", "at": at("04:17:06.770")}]
+
+
 def test_timeline_splits_the_session_into_phases_that_add_up() -> None:
     started = at("04:17:06.400")
-    result = timeline(started, INVITER, ACCEPTOR, (at("04:17:07.950"), at("04:17:07.960")))
+    result = timeline(started, INVITER, ACCEPTOR, (at("04:17:07.950"), at("04:17:07.960")), STARTED)
     assert list(result.phases) == [name for name, _ in PHASES]
     expected = {
         "start": 0.370, "stun": 0.002, "mail_out": 0.069, "mail_in": 0.508, "stun_acceptor": 0.003,
@@ -54,7 +56,7 @@ def test_timeline_splits_the_session_into_phases_that_add_up() -> None:
 def test_a_session_that_never_got_its_response_has_no_timeline() -> None:
     cut = INVITER.split("response from")[0].rsplit("\n", 1)[0]
     with pytest.raises(TimelineError, match="peer endpoint"):
-        timeline(at("04:17:06.400"), cut, ACCEPTOR, (0.0, 0.0))
+        timeline(at("04:17:06.400"), cut, ACCEPTOR, (0.0, 0.0), STARTED)
 
 
 def test_parse_log_skips_continuation_lines() -> None:
@@ -183,7 +185,6 @@ def test_check_fails_the_streams_only_on_wrong_bytes() -> None:
 # ---- the dht section (bench/dht.py) ----------------------------------------------------------------------
 
 DHT_INVITER = """\
-2026-11-23 12:45:15,180 DEBUG plexus: event loop running (uvloop)
 2026-11-23 12:45:15,238 INFO plexus.mediator.dhtnode: on the DHT as n6ax
 2026-11-23 12:45:15,288 INFO plexus.session: inner endpoint 10.0.1.2:51352, outer endpoint 198.51.100.2:51352
 2026-11-23 12:45:15,395 INFO plexus.mediator.dhtnode: request put for o5go, waiting for the response
@@ -200,45 +201,24 @@ DHT_ACCEPTOR = """\
 2026-11-23 12:45:15,605 INFO plexus.session: inner endpoint 10.0.2.2:40000, outer endpoint 198.51.100.6:40000
 2026-11-23 12:45:15,762 INFO plexus.puncher: handshake with 198.51.100.2:51352 done
 """
-FAST_INVITER = """\
-2026-11-23 12:44:47,640 DEBUG plexus: event loop running (uvloop)
-2026-11-23 12:44:47,646 INFO plexus.session: inner endpoint 10.0.1.2:35422, outer endpoint 198.51.100.2:35422
-2026-11-23 12:44:47,651 INFO plexus.mediator.dhtnode: request put for o5go, taking its advent: outer endpoint 198.51.100.6:34571
-2026-11-23 12:44:47,651 INFO plexus.session: peer endpoint 198.51.100.6:34571, punching
-2026-11-23 12:44:47,902 INFO plexus.puncher: handshake with 198.51.100.6:34571 done
-"""  # noqa: E501
-FAST_ACCEPTOR = """\
-2026-11-23 12:44:40,000 INFO plexus.session: inner endpoint 10.0.2.2:34571, outer endpoint 198.51.100.6:34571
-2026-11-23 12:44:40,001 DEBUG plexus.mediator.dhtnode: advent put: outer endpoint 198.51.100.6:34571
-2026-11-23 12:44:47,653 INFO plexus.mediator.dhtnode: request from n6ax: outer endpoint 198.51.100.2:35422
-2026-11-23 12:44:47,655 INFO plexus.session: path: direct (both NATs map endpoint-independently)
-2026-11-23 12:44:47,903 INFO plexus.puncher: handshake with 198.51.100.2:35422 done
-"""
 
 
 def on_the_23rd(text: str) -> float:
     return datetime.datetime.strptime(text, "%H:%M:%S.%f").replace(year=2026, month=11, day=23).timestamp()
 
 
-def test_dht_timeline_two_hops_and_fast() -> None:
+def test_dht_timeline() -> None:
     launched = (on_the_23rd("12:45:15.790"), on_the_23rd("12:45:15.800"))
-    two = dht.dht_timeline(on_the_23rd("12:45:14.850"), DHT_INVITER, DHT_ACCEPTOR, launched, fast=False)
+    started = [{"event": "started", "role": "invite", "at": on_the_23rd("12:45:15.180")}]
+    two = dht.dht_timeline(on_the_23rd("12:45:14.850"), DHT_INVITER, DHT_ACCEPTOR, launched, started)
     assert list(two.phases) == [name for name, _ in dht.DHT_PHASES]
     expected = {"start": 0.330, "stun": 0.108, "card": 0.107, "request_in": 0.103, "stun_acceptor": 0.107,
                 "response_in": 0.056, "handshake": 0.102, "launch": 0.037}  # fmt: skip
     assert two.phases == pytest.approx(expected, abs=1e-3)
     assert sum(two.phases.values()) == pytest.approx(two.total) == pytest.approx(0.950, abs=1e-3)
-    launched = (on_the_23rd("12:44:47.930"), on_the_23rd("12:44:47.935"))
-    fast = dht.dht_timeline(on_the_23rd("12:44:47.300"), FAST_INVITER, FAST_ACCEPTOR, launched, fast=True)
-    assert list(fast.phases) == [name for name, _ in dht.FAST_PHASES]
-    expected = {"start": 0.340, "stun": 0.006, "card": 0.005, "request_in": 0.002, "handshake": 0.250,
-                "launch": 0.032}  # fmt: skip
-    assert fast.phases == pytest.approx(expected, abs=1e-3)
-    assert dht.request_seen(FAST_INVITER, FAST_ACCEPTOR) == on_the_23rd("12:44:47.653")
     # one cut for every way: the mail's four phases between the request and the punch are its rendezvous
     assert dht.common("dht", two.phases)["rendezvous"] == pytest.approx(0.103 + 0.107 + 0.056, abs=1e-3)
-    assert dht.common("fast", fast.phases)["rendezvous"] == pytest.approx(0.002, abs=1e-3)
-    mail = timeline(at("04:17:06.400"), INVITER, ACCEPTOR, (at("04:17:07.950"), at("04:17:07.960")))
+    mail = timeline(at("04:17:06.400"), INVITER, ACCEPTOR, (at("04:17:07.950"), at("04:17:07.960")), STARTED)
     cut = dht.common("mail", mail.phases)
     assert list(cut) == [name for name, _ in dht.COMMON]
     assert sum(cut.values()) == pytest.approx(mail.total)
@@ -248,14 +228,15 @@ def test_dht_timeline_two_hops_and_fast() -> None:
 def test_a_dht_session_without_its_request_has_no_timeline() -> None:
     cut = DHT_ACCEPTOR.split("2026-11-23 12:45:15,498")[0]
     with pytest.raises(TimelineError, match="request from"):
-        dht.dht_timeline(0.0, DHT_INVITER, cut, (0.0, 0.0), fast=False)
+        dht.dht_timeline(
+            0.0, DHT_INVITER, cut, (0.0, 0.0), [{"event": "started", "role": "invite", "at": 0.0}]
+        )
 
 
 def _dht() -> dict[str, Any]:
     paths = floor.Paths(rtt_inviter=0.05, rtt_acceptor=0.05, delivery=0.5)
     hops = dht.hops_entry(dht.Round(1.2, 1.1, 0.1), [dht.Round(0.153, 0.072, 0.051), "no value in 10 s"])
     two = Timeline(0.85, {name: 0.85 / 8 for name, _ in dht.DHT_PHASES})
-    fast = Timeline(0.63, {name: 0.63 / 6 for name, _ in dht.FAST_PHASES})
     mail = Timeline(2.7, {name: 0.3 for name, _ in PHASES})
 
     def session(kind: str, timeline: Timeline | None, total: float) -> dht.Session:
@@ -266,15 +247,13 @@ def _dht() -> dict[str, Any]:
         "delays": [{
             "delay_ms": 0.0, "rtt_inviter": 0.05, "rtt_acceptor": 0.05, "rtt_peers": 0.1, "hops": hops,
             "mail": dht.way_entry("mail", [mail, mail], [2.7, 2.7], floor.floor(paths)),
-            "dht": dht.dht_entry("dht", session("two hops", two, 1.9),
-                                 [session("two hops", two, 0.85)] * 2, dht.floors("dht", paths, hops)),
-            "fast": dht.dht_entry("fast", session("two hops", two, 0.95),
-                                  [session("fast", fast, 0.63), session("fell back", None, 3.4)],
-                                  dht.floors("fast", paths, hops)),
+            "dht": dht.dht_entry("dht", session("ok", two, 1.9),
+                                 [session("ok", two, 0.85), session("failed", None, 3.4)],
+                                 dht.floors(paths, hops)),
         }],
         "idle": {
             "seconds": 60.0, "settle_seconds": 5.0, "cpu_seconds": 0.12, "clock_tick_seconds": 0.01,
-            "rss_bytes": 64 << 20, "peak_rss_bytes": 64 << 20, "advents_put": 1,
+            "rss_bytes": 64 << 20, "peak_rss_bytes": 64 << 20,
             "udp": {name: {"packets": 30, "bytes": 3000} for name in ("dht_in", "dht_out", "other_in",
                                                                      "other_out")},
             "udp_per_minute": {name: {"packets": 30.0, "bytes": 3000.0}
@@ -286,22 +265,19 @@ def _dht() -> dict[str, Any]:
 def test_report_shows_the_dht_section() -> None:
     found = _dht()
     entry = found["delays"][0]
-    assert entry["fast"]["kinds"] == {"fast": 1, "fell back": 1}
-    assert entry["fast"]["total"]["median"] == pytest.approx(2.015)  # every session, the fallback too
-    assert entry["fast"]["own_total"]["median"] == 0.63  # the one that took the advent
+    assert entry["dht"]["kinds"] == {"ok": 1, "failed": 1}
+    assert entry["dht"]["total"]["median"] == pytest.approx(2.125)  # every session that connected
+    assert entry["dht"]["own_total"]["median"] == 0.85  # those with a timeline
     assert entry["hops"]["failed"] == ["no value in 10 s"] and entry["hops"]["request"]["min"] == 0.072
     # the card's lookup starts while STUN runs: its floor is the plain nodes' less one round trip
     assert entry["dht"]["phases"]["card"]["floor"] == pytest.approx(0.103)
     assert entry["dht"]["phases"]["handshake"]["floor"] == pytest.approx(0.15)
-    assert entry["fast"]["phases"]["handshake"]["floor"] == pytest.approx(0.1)
     host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
     text = report.render({"machine": host, "bench_seconds": 1.0, "dht": found})
-    assert "mail              DHT, two hops             DHT, fast path" in text
+    assert "mail                        DHT" in text
     assert "total                  2.700    2.700" in text
-    assert "DHT, fast path 1 fast, 1 fell back (warm-up 0.95 s, two hops" in text
-    assert "DHT, two hops met (0.850 s)" in text
-    assert "DHT, fast path (sessions that took the advent) met (0.630 s)" in text
-    assert "DHT, fast path (all sessions) NOT met (2.015 s)" in text
+    assert "DHT 1 ok, 1 failed (warm-up 1.90 s" in text
+    assert "DHT NOT met (2.125 s)" in text
     assert "request put until pushed 72.0 / 72.0 ms" in text and "1 failed" in text
     assert "CPU 0.12 s" in text and "0.200 % of one core" in text
     assert "DHT node (port 4222) in 30 packets / 3000 bytes" in text
@@ -309,7 +285,7 @@ def test_report_shows_the_dht_section() -> None:
 
 
 def test_check_fails_the_dht_section_only_on_what_went_wrong() -> None:
-    slow = _dht()  # the fast path's target missed, a fallback: reported, not failed
+    slow = _dht()  # the target missed, a session without a timeline: reported, not failed
     assert report.check({"dht": slow}) == []
     slow["failures"] = ["0 ms, DHT, two hops, run 2: inviter exited 18: no response"]
     assert report.check({"dht": slow}) == ["dht: 0 ms, DHT, two hops, run 2: inviter exited 18: no response"]

@@ -26,15 +26,12 @@ from plexus.endpoint import Endpoint
 from plexus.identity import Identity, id_of
 from plexus.mediator import dht, dhtnode
 from plexus.mediator.dht import (
-    ADVENT_LIFETIME,
-    ADVENT_REFRESH,
     CARD_LIFETIME,
     DhtMessageError,
     Kind,
     Letter,
     Screen,
     day_of,
-    fresh_advent,
     key_text,
     make_card,
     node_id,
@@ -82,7 +79,6 @@ ROUTES: dict[Kind, tuple[Identity, Identity, str]] = {
     "request": (ALICE, BOB, key_text("request", BOB.id, NOW.date())),
     "response": (BOB, ALICE, key_text("response", ALICE.id, NOW.date())),
     "refusal": (BOB, ALICE, key_text("response", ALICE.id, NOW.date())),
-    "advent": (BOB, ALICE, key_text("advent", BOB.id, NOW.date())),
 }
 
 
@@ -165,10 +161,6 @@ def test_sending_days_cover_a_listener_across_midnight() -> None:
     for skew in (-4, -1, 0, 1, 4):
         listener = day_of(before + datetime.timedelta(minutes=skew))
         assert listener in sending_days(before)
-
-
-def test_advent_constants() -> None:
-    assert ADVENT_REFRESH < ADVENT_LIFETIME
 
 
 # Cards
@@ -333,18 +325,13 @@ def test_node_id_follows_from_the_private_key_and_the_day() -> None:
 # Sealing
 
 
-@pytest.mark.parametrize("kind", ["request", "response", "refusal", "advent"])
+@pytest.mark.parametrize("kind", ["request", "response", "refusal"])
 def test_seal_round_trip(kind: Kind) -> None:
     sender, recipient, key = ROUTES[kind]
     original = letter(kind)
     got, sender_key = unseal(seal(original, sender, public(recipient)), recipient, key, sender.id)
     assert got == original
     assert id_of(sender_key) == sender.id
-
-
-def test_request_with_advent_round_trip() -> None:
-    original = letter("request", advent=2**64 - 1)
-    assert unseal(seal(original, ALICE, public(BOB)), BOB, original.key, ALICE.id)[0] == original
 
 
 def test_sealed_layout() -> None:
@@ -509,13 +496,10 @@ def test_ipv6_relay_and_streams_round_trip() -> None:
         ("request", {"answers": 1}),
         ("request", {"reason": "why"}),
         ("response", {"answers": None}),
-        ("response", {"advent": 1}),
-        ("advent", {"advent": 1}),
         ("refusal", {"answers": 8}),
         ("refusal", {"reason": None}),
         ("request", {"puzzle": -1, "offer": replace(OFFER, puzzle=-1)}),
         ("request", {"puzzle": 2**64, "offer": replace(OFFER, puzzle=2**64)}),
-        ("request", {"advent": 2**64}),
         ("response", {"answers": -1}),
     ],
 )
@@ -566,7 +550,6 @@ def test_letter_must_fit_its_kind(kind: Kind, changes: dict[str, Any]) -> None:
         content_of(issued=-1e300),
         content_of(issued=10**400),
         content_of("request", answers=1),
-        content_of("request", advent="1"),
         content_of("response", answers=None),
         content_of("refusal", answers=8),
         content_of("refusal", reason=None),
@@ -603,14 +586,13 @@ FIELDS = [
     "outer",
     "reach",
     "answers",
-    "advent",
     "reason",
 ]
 
 
 @settings(deadline=None)
 @given(
-    st.sampled_from(["request", "response", "refusal", "advent"]),
+    st.sampled_from(["request", "response", "refusal"]),
     st.integers(0, 2**64 - 1),
     st.datetimes(
         datetime.datetime(2000, 1, 1), datetime.datetime(2200, 1, 1), timezones=st.just(datetime.UTC)
@@ -637,10 +619,10 @@ def test_screen_admits_once() -> None:
 
 
 def test_screen_wrong_kind() -> None:
-    with pytest.raises(DhtMessageError, match="expected a request, got a advent"):
-        Screen().admit(letter("advent"), "request", NOW)
-    with pytest.raises(DhtMessageError, match="expected a advent, got a refusal"):
-        Screen().admit(letter("refusal", 3), "advent", NOW, request=3)
+    with pytest.raises(DhtMessageError, match="expected a request, got a response"):
+        Screen().admit(letter("response"), "request", NOW)
+    with pytest.raises(DhtMessageError, match="expected a request, got a refusal"):
+        Screen().admit(letter("refusal", 3), "request", NOW, request=3)
 
 
 @pytest.mark.parametrize("sign", [1, -1])
@@ -670,24 +652,6 @@ def test_screen_refusal_answers_our_request() -> None:
     screen.admit(letter("refusal", 4), "response", NOW, request=4)
     with pytest.raises(DhtMessageError, match="replay"):
         screen.admit(letter("refusal", 4), "response", NOW, request=4)
-
-
-def test_screen_advent_freshness() -> None:
-    lifetime = datetime.timedelta(seconds=ADVENT_LIFETIME)
-    screen = Screen()
-    with pytest.raises(DhtMessageError, match="stale"):
-        screen.admit(letter("advent", 1), "advent", NOW + lifetime + datetime.timedelta(seconds=1))
-    screen.admit(letter("advent", 1), "advent", NOW + lifetime)
-    with pytest.raises(DhtMessageError, match="from now"):
-        screen.admit(letter("advent", 2), "advent", NOW - CLOCK_TOLERANCE - datetime.timedelta(seconds=1))
-
-
-def test_fresh_advent() -> None:
-    lifetime = datetime.timedelta(seconds=ADVENT_LIFETIME)
-    assert fresh_advent(letter("advent"), NOW + lifetime)
-    assert fresh_advent(letter("advent"), NOW - CLOCK_TOLERANCE)
-    assert not fresh_advent(letter("advent"), NOW + lifetime + datetime.timedelta(microseconds=1))
-    assert not fresh_advent(letter("request"), NOW)
 
 
 # Fuzzing: every parser of a value from the DHT, fed random bytes, genuine values mutated or cut short, and
@@ -887,6 +851,6 @@ async def test_no_card_stops_the_look_for_the_peers(
     monkeypatch.setattr(dht, "read_card", buggy)
     mediator = joined(BOB, ALICE, [make_card(EVE, key, now), b"PXC3 boom", make_card(ALICE, key, now)])
     with caplog.at_level("DEBUG", logger="plexus.mediator.dhtnode"):
-        await asyncio.wait_for(mediator.learn_peer_key(), 5)
-    assert id_of(await mediator._peer_key) == ALICE.id
+        found = await mediator._peer_card(asyncio.get_running_loop().time() + 5)
+    assert id_of(found) == ALICE.id
     assert [level for level, _ in ignored(caplog)] == ["DEBUG", "WARNING"]

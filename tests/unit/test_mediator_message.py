@@ -38,6 +38,7 @@ from plexus.mediator.message import (
     read,
     sanitize_reason,
 )
+from plexus.rendezvous import ReachError
 from tests.fuzz import FUZZ
 from tests.unit.test_smime import Pki, mutate, pki  # noqa: F401 (pki: the fixture)
 
@@ -668,6 +669,6 @@ def test_a_plexus_2_2_message_has_no_reach() -> None:
 @pytest.mark.parametrize(
     "header", ["mapping=sideways", "mapping=dependent; relay=nowhere", "relay=1.2.3.4:5"]
 )
-def test_a_bad_reach_header_is_a_message_error(header: str) -> None:
-    with pytest.raises(MessageError, match="X-Plexus-Reach"):
+def test_a_bad_reach_header_is_a_reach_error(header: str) -> None:
+    with pytest.raises(ReachError, match="X-Plexus-Reach"):
         Reach.parse(header)

@@ -6,8 +6,8 @@ import pytest
 
 from plexus import path
 from plexus.endpoint import Endpoint
-from plexus.mediator.message import Reach
 from plexus.path import Method, Plan
+from plexus.rendezvous import Reach
 
 EIM, EDM = Reach("independent"), Reach("dependent")
 RELAY = Endpoint("203.0.113.10", 49152)

@@ -23,8 +23,8 @@ from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError
 from plexus.identity import Identity
 from plexus.mediator.dhtnode import DhtConfig
-from plexus.mediator.message import Offer, Reach
 from plexus.puncher import Acceptor, Flag, Handshake, Inviter, Outcome, decode, encode
+from plexus.rendezvous import Offer, Reach
 from tests.fuzz import FUZZ
 
 SECRET = 0x0123456789ABCDEF

@@ -1,0 +1,136 @@
+"""plexus as a library, in the spirit of C++ plexus's plexus.h: explore, invite, accept (docs/library.md).
+
+`import plexus` stays cheap: plexus/__init__.py imports this module on first use of one of its names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from plexus import path, paths, session, stun
+from plexus.endpoint import Endpoint
+from plexus.launcher import Tunnel
+from plexus.rendezvous import MAPPINGS, Reach
+from plexus.session import SessionConfig
+
+STUN_PORT = 3478
+PEER_MAPPINGS = {"independent": "endpoint-independently", "dependent": "per destination"}
+NO_PATH = "none (a TURN relay would: --turn-server)"
+
+
+@dataclass(frozen=True)
+class Exploration:
+    """What `explore` found: the NAT in front of the socket (`nat`) and, for each kind of peer NAT, the way
+    through (plexus/path.py's method, or NO_PATH). str() is what `plexus --explore` prints; to_json() what
+    `plexus --explore --json` prints."""
+
+    nat: stun.NatReport
+    paths: dict[str, str]  # the peer's mapping ("independent", "dependent") -> the way
+
+    def __str__(self) -> str:
+        lines = [self.nat.render()]
+        lines += [
+            f"{'to a peer whose NAT maps ' + PEER_MAPPINGS[peer]:<52}{way}"
+            for peer, way in self.paths.items()
+        ]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.nat.to_json() | {"paths": self.paths}
+
+    def json(self) -> str:
+        return json.dumps(self.to_json())
+
+
+def ways_through(report: stun.NatReport, *, relay: bool) -> dict[str, str]:
+    """What this network can do with each kind of peer: the decision table (plexus/path.py) for this NAT."""
+    mine = Reach("independent" if report.punchable is not False else "dependent")
+    found = {}
+    for peer in PEER_MAPPINGS:
+        try:
+            found[peer] = str(path.choose(mine, Reach(MAPPINGS[peer]), own_relay=relay).method)
+        except path.NoPath:
+            found[peer] = NO_PATH
+    return found
+
+
+async def explore(
+    stun_server: Endpoint | str, *, stun_client: Endpoint | str = "0.0.0.0:0", relay: bool = False
+) -> Exploration:
+    """Ask the STUN server (RFC 5780 tests where it has an alternate address) what the NAT in front of
+    `stun_client` does, and which way through it leaves to each kind of peer (`relay`: a TURN relay is at
+    hand). Raises plexus.errors.PlexusError subclasses: StunError when the server does not answer, UsageError
+    when `stun_client` cannot be bound."""
+    server = _endpoint(stun_server, STUN_PORT)
+    with paths.bind(_endpoint(stun_client, 0)) as sock:
+        report = await stun.explore(sock, server)
+    return Exploration(report, ways_through(report, relay=relay))
+
+
+@contextlib.asynccontextmanager
+async def invite(config: SessionConfig) -> AsyncIterator[Tunnel]:
+    """Meet the acceptor (config.rendezvous: mail or the DHT), punch through both NATs and yield the
+    established path: `inner` (bind it), `outer`, `peer` (send there), `secret` and `path` (the way it took:
+    direct, fan-out, spray or relay). On a relay this side allocated, plexus carries the datagrams between
+    `inner` and the relay for as long as the block runs. config.command and config.streams are not used: the
+    block is the session (it may launch a command with `Tunnel.environment()`, or carry streams with
+    plexus.streams.carry). Raises plexus.errors.PlexusError subclasses as the CLI's exit codes name them."""
+    established: asyncio.Future[Tunnel] = asyncio.get_running_loop().create_future()
+    finished = asyncio.Event()
+
+    async def hand_over(tunnel: Tunnel) -> None:
+        established.set_result(tunnel)
+        await finished.wait()
+
+    handing = dataclasses.replace(config, command=None, streams=None, hand_over=hand_over)
+    running = asyncio.ensure_future(session.invite(handing))
+    try:
+        await asyncio.wait({established, running}, return_when=asyncio.FIRST_COMPLETED)
+        if not established.done():
+            running.result()  # the session's failure
+        yield established.result()
+    finally:
+        finished.set()
+        if not running.done():
+            running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def accept(config: SessionConfig) -> AsyncIterator[Tunnel]:
+    """Serve requests from the pinned peer forever and yield each established path (as `invite` yields it),
+    in the order they are established. A session that fails is logged and the next one is served. The path
+    lasts until the consumer asks for the next one, or leaves the loop."""
+    arrived: asyncio.Queue[tuple[Tunnel, asyncio.Event]] = asyncio.Queue()
+
+    async def hand_over(tunnel: Tunnel) -> None:
+        done = asyncio.Event()
+        await arrived.put((tunnel, done))
+        await done.wait()
+
+    handing = dataclasses.replace(config, command=None, streams=None, hand_over=hand_over, keep_sessions=True)
+    serving = asyncio.ensure_future(session.accept(handing))
+    try:
+        while True:
+            getting = asyncio.ensure_future(arrived.get())
+            await asyncio.wait({getting, serving}, return_when=asyncio.FIRST_COMPLETED)
+            if not getting.done():
+                getting.cancel()
+                serving.result()  # the acceptor's failure (STUN, the rendezvous)
+            tunnel, done = getting.result()
+            try:
+                yield tunnel
+            finally:
+                done.set()
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+
+
+def _endpoint(value: Endpoint | str, port: int) -> Endpoint:
+    return value if isinstance(value, Endpoint) else Endpoint.parse(value, default_port=port)

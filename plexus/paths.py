@@ -1,0 +1,298 @@
+"""The ways through, as values: each kind of path knows how it is set up, reported and torn down.
+
+plexus/path.py decides which kind of path the two NATs allow (a pure decision table); `ways` turns that
+decision and the relays at hand into an ordered list of Way values, and `establish` tries them in turn: with
+a relay to fall back on, the first is bounded by FALLBACK_BOUND. A Way's `establish` confirms the path with
+the handshake and returns an Established path, which carries the session's work (the command's life, the
+streams) and, on a relay this side allocated, the datagrams between the command and the relay.
+
+A new kind of path (LAN or IPv6 candidates, TURN over TCP, a port mapping) is one more Way and its place in
+`ways`; the session's flow does not change. The shape follows aioice's candidates (values tried in order)
+and aioquic's QuicConnection (the transport's state kept out of the caller's flow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Protocol
+
+from plexus import puncher
+from plexus.endpoint import Endpoint
+from plexus.errors import HandshakeTimeoutError, UsageError
+from plexus.launcher import Tunnel
+from plexus.path import Method, Plan
+from plexus.relay import Relay
+from plexus.relay import forward as relay_forward
+from plexus.relay import punch as relay_punch
+
+log = logging.getLogger(__name__)
+
+ARRIVING_HOPS = 64  # a first hello that must arrive (toward a relay)
+# With a relay to fall back on, how long a direct attempt may take: a birthday needs up to about 7 s.
+FALLBACK_BOUND = 10.0
+
+
+def bind(inner: Endpoint) -> socket.socket:
+    """A non-blocking UDP socket on --stun-client; a port that cannot be bound is a usage error."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind(inner)
+    except OSError as error:
+        sock.close()
+        raise UsageError(f"cannot bind --stun-client {inner}: {error.strerror}") from error
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What every way needs. `sock` is the socket STUN ran on (its mapping is the one the peer was told of);
+    the first way to use it closes it. `stun_client` is --stun-client, for a way that needs a socket of its
+    own; `inner` and `outer` are this side's endpoints as STUN saw them."""
+
+    sock: socket.socket
+    stun_client: Endpoint
+    inner: Endpoint
+    outer: Endpoint
+    peer: Endpoint  # the peer's outer endpoint, from its offer
+    secret: int
+    codec: puncher.Codec
+    accept: bool
+    hops: int  # --punch-hops: the TTL of the first hellos on a direct path
+
+
+class Established(Protocol):
+    """A confirmed path: what the command is told (`tunnel`), and how the session's work runs on it."""
+
+    @property
+    def tunnel(self) -> Tunnel: ...
+
+    async def carry(self, work: Awaitable[None]) -> None:
+        """Run the work (the command's life, the streams) for as long as the path lives."""
+        ...
+
+    @property
+    def through_here(self) -> bool:
+        """The path's datagrams pass through this process: it must stay for as long as the command runs."""
+        ...
+
+    async def release_unused(self, allocations: contextlib.AsyncExitStack) -> None:
+        """Let go of the relay allocations this path does not use (a standby kept for a fallback), now
+        rather than when the session ends."""
+        ...
+
+
+@dataclass(frozen=True)
+class Punched:
+    """A path through both NATs or toward the peer's relay: the packets need nothing from plexus."""
+
+    tunnel: Tunnel
+    through_here = False
+
+    async def carry(self, work: Awaitable[None]) -> None:
+        await work
+
+    async def release_unused(self, allocations: contextlib.AsyncExitStack) -> None:
+        await allocations.aclose()
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """A path through the relay this side allocated: the command talks to plexus's forwarder (`local`, the
+    command's peer endpoint), which carries its datagrams to `peer` through `relay` while the work runs; a
+    lost relay ends the work."""
+
+    tunnel: Tunnel
+    relay: Relay
+    local: socket.socket
+    peer: Endpoint
+    through_here = True
+
+    async def carry(self, work: Awaitable[None]) -> None:
+        with contextlib.closing(self.local):
+            forwarding = asyncio.ensure_future(
+                relay_forward(self.relay, self.local, self.tunnel.inner, self.peer)
+            )
+            working = asyncio.ensure_future(work)
+            try:
+                await asyncio.wait({forwarding, working}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                forwarding.cancel()
+                working.cancel()  # the relay is gone or plexus is stopping: the work has no path left
+                await asyncio.gather(working, return_exceptions=True)
+            lost = forwarding.exception() if forwarding.done() and not forwarding.cancelled() else None
+            if lost is not None:
+                raise lost
+            working.result()
+
+    async def release_unused(self, allocations: contextlib.AsyncExitStack) -> None:
+        pass  # the allocation is this path: it goes when the session ends
+
+
+class Way(Protocol):
+    """One kind of path: how it is reported (`method`, `describe`) and set up (`establish`)."""
+
+    @property
+    def method(self) -> Method: ...
+
+    def describe(self) -> str: ...
+
+    async def establish(self, attempt: Attempt, timeout: float) -> Established: ...
+
+
+@dataclass(frozen=True)
+class Direct:
+    """Both NATs map endpoint-independently: a TTL-limited hello, then the handshake. `peer_reflexive`
+    accepts the peer from another port of its address once a handshake packet authenticates."""
+
+    plan: Plan
+
+    @property
+    def method(self) -> Method:
+        return self.plan.method
+
+    def describe(self) -> str:
+        return self.plan.describe()
+
+    async def establish(self, attempt: Attempt, timeout: float) -> Established:
+        spray = puncher.Spray() if self.plan.method is Method.SPRAY else None
+        peer = await puncher.punch(
+            attempt.sock,
+            attempt.peer,
+            attempt.codec,
+            accept=attempt.accept,
+            hops=attempt.hops,
+            timeout=timeout,
+            peer_reflexive=self.plan.peer_reflexive,
+            spray=spray,
+        )
+        return Punched(Tunnel(attempt.inner, attempt.outer, peer, attempt.secret, self.method))
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """This side maps per destination (birthday punching): many sockets, each opening a mapping toward the
+    peer; the first to complete the handshake is the path."""
+
+    plan: Plan
+
+    @property
+    def method(self) -> Method:
+        return Method.FANOUT
+
+    def describe(self) -> str:
+        return self.plan.describe()
+
+    async def establish(self, attempt: Attempt, timeout: float) -> Established:
+        host = attempt.inner.host
+        extra = [bind(Endpoint(host, 0)) for _ in range(puncher.FANOUT_SOCKETS - 1)]
+        winner, peer = await puncher.punch_fanout(
+            [attempt.sock, *extra], attempt.peer, attempt.codec, accept=attempt.accept, timeout=timeout
+        )
+        with contextlib.closing(winner):
+            inner = Endpoint(host, winner.getsockname()[1])
+        return Punched(Tunnel(inner, attempt.outer, peer, attempt.secret, self.method))
+
+
+@dataclass(frozen=True)
+class TowardRelay:
+    """The handshake with the peer's relayed endpoint, from an ordinary socket: STUN's, or (as a fallback,
+    after a direct attempt closed it) a new one on --stun-client."""
+
+    relayed: Endpoint
+    fresh_socket: bool = False
+
+    @property
+    def method(self) -> Method:
+        return Method.RELAY
+
+    def describe(self) -> str:
+        return Plan(Method.RELAY, relay=self.relayed).describe()
+
+    async def establish(self, attempt: Attempt, timeout: float) -> Established:
+        sock = bind(attempt.stun_client) if self.fresh_socket else attempt.sock
+        inner = Endpoint(attempt.inner.host, sock.getsockname()[1])
+        # The TTL-limited punch must die between the NATs; toward a relay it must arrive, so the relay learns
+        # where this side's NAT maps it.
+        peer = await puncher.punch(
+            sock, self.relayed, attempt.codec, accept=attempt.accept, hops=ARRIVING_HOPS, timeout=timeout
+        )
+        return Punched(Tunnel(inner, attempt.outer, peer, attempt.secret, self.method))
+
+
+@dataclass(frozen=True)
+class OwnRelay:
+    """The handshake through this side's TURN allocation; the command will talk to a local forwarder."""
+
+    relay: Relay
+
+    @property
+    def method(self) -> Method:
+        return Method.RELAY
+
+    def describe(self) -> str:
+        return Plan(Method.RELAY).describe()
+
+    async def establish(self, attempt: Attempt, timeout: float) -> Established:
+        attempt.sock.close()  # STUN's mapping is not used: the peer is told of the relayed endpoint
+        # its port toward the relay is not the one STUN saw: any port of its IP
+        await self.relay.permit(attempt.peer.host)
+        peer = await relay_punch(
+            self.relay,
+            attempt.peer,
+            attempt.codec,
+            accept=attempt.accept,
+            timeout=timeout,
+            peer_reflexive=True,
+        )
+        local = bind(Endpoint("127.0.0.1", 0))
+        command = Endpoint("127.0.0.1", _free_port())
+        forwarder = Endpoint("127.0.0.1", local.getsockname()[1])
+        return Forwarded(
+            Tunnel(command, self.relay.relayed, forwarder, attempt.secret, self.method),
+            self.relay,
+            local,
+            peer,
+        )
+
+
+def ways(plan: Plan, own: Relay | None, theirs: Endpoint | None) -> list[Way]:
+    """The ways to try, in order: the plan's, then a relay to fall back on (this side's allocation, or the
+    peer's relayed endpoint) when the plan's is a direct one."""
+    if plan.method is Method.RELAY:
+        if plan.relay is not None:
+            return [TowardRelay(plan.relay)]
+        assert own is not None, "a relay plan without a relay of either side"
+        return [OwnRelay(own)]
+    first: Way = FanOut(plan) if plan.method is Method.FANOUT else Direct(plan)
+    if own is not None:
+        return [first, OwnRelay(own)]
+    if theirs is not None:
+        return [first, TowardRelay(theirs, fresh_socket=True)]
+    return [first]
+
+
+async def establish(candidates: list[Way], attempt: Attempt, handshake_timeout: float) -> Established:
+    """Try each way in turn; all but the last are bounded by FALLBACK_BOUND (a firewall, or a birthday that
+    found no pair of ports, ends them)."""
+    *before, last = candidates
+    for way in before:
+        try:
+            return await way.establish(attempt, FALLBACK_BOUND)
+        except HandshakeTimeoutError:
+            log.warning(
+                "no direct path (%s) within %g s: falling back to the relay", way.method, FALLBACK_BOUND
+            )
+    return await last.establish(attempt, handshake_timeout)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port

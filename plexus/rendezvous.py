@@ -1,0 +1,140 @@
+"""How two peers meet, whatever carries it: the protocol a rendezvous implements (by mail,
+plexus/mediator/email.py; on OpenDHT, plexus/mediator/dhtnode.py) and the values both sides exchange.
+
+The inviter sends an Offer (its outer endpoint, its puzzle, its Reach) and waits for the acceptor's; the
+acceptor waits for Invitations and answers or refuses each. A session (plexus/session.py) sees only this
+module: it opens a rendezvous from its config (`RendezvousConfig.open`), which imports its implementation
+then, so that a mail session never loads OpenDHT and a DHT session never loads the mail clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from plexus.endpoint import Endpoint
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from plexus.identity import Identity
+
+Mapping = Literal["independent", "dependent"]
+MAPPINGS: dict[str, Mapping] = {"independent": "independent", "dependent": "dependent"}
+REACH_HEADER = "X-Plexus-Reach"
+
+
+class ReachError(ValueError):
+    """A Reach text that does not parse: str() says why (each rendezvous wraps it in its own rejection)."""
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What a side says about how it can be reached, beyond plexus 2.2's line: its NAT's mapping as STUN saw
+    it (endpoint-independent or not), and a TURN relay address it allocated, if any. It travels in the
+    X-Plexus-Reach header, which plexus 2.2 ignores; a 2.2 peer's mail has none. An inviter also says here
+    whether it wants streams (QUIC, plexus/streams/) rather than the acceptor's command."""
+
+    mapping: Mapping
+    relay: Endpoint | None = None
+    streams: bool = False
+
+    def header(self) -> str:
+        relay = f"; relay={self.relay}" if self.relay else ""
+        return f"mapping={self.mapping}{relay}" + ("; streams=1" if self.streams else "")
+
+    @classmethod
+    def parse(cls, text: str) -> Reach:
+        fields = dict(item.strip().partition("=")[::2] for item in text.split(";") if item.strip())
+        mapping = MAPPINGS.get(fields.get("mapping", ""))
+        if mapping is None:
+            raise ReachError(f"{REACH_HEADER}: unknown mapping {fields.get('mapping', '')[:30]!r}")
+        relay = None
+        if "relay" in fields:
+            try:
+                relay = Endpoint.parse(fields["relay"])
+                ipaddress.ip_address(relay.host)
+            except ValueError as error:
+                raise ReachError(f"{REACH_HEADER}: bad relay {fields['relay'][:60]!r}") from error
+            if not relay.port:
+                raise ReachError(f"{REACH_HEADER}: relay port 0")
+        return cls(mapping, relay, fields.get("streams") == "1")
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What each side tells the other: its outer endpoint and its puzzle, and (plexus 2.2 says nothing of it)
+    how it can be reached. `signer` is the peer's identity key when the offer came signed by the pinned peer
+    (mail with --peer-identity, every DHT value): the handshake's key is then bound to it (puncher.py)."""
+
+    outer: Endpoint
+    puzzle: int
+    reach: Reach | None = None
+    signer: ec.EllipticCurvePublicKey | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Invitation:
+    """A fresh request, and what answering (or refusing) it needs."""
+
+    offer: Offer
+    message_id: str | None  # mail: the request's, for the response's In-Reply-To
+    # The request carried no Date header, as plexus 2.2's never do (ours always do): its sender cannot read a
+    # refusal, so none is sent.
+    legacy: bool = False
+
+
+class Rendezvous(Protocol):
+    """One side's end of a rendezvous, used inside `async with` (entering starts what can run ahead: the IMAP
+    login, the DHT join; leaving cleans up).
+
+    `submission()` opens what a message needs ahead of it (the mail's SMTP session up to DATA; nothing on
+    the DHT), so that it runs while STUN does; what it yields is passed back, opaque, to the call that sends.
+    """
+
+    async def __aenter__(self) -> Rendezvous: ...
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None: ...
+
+    def submission(self) -> contextlib.AbstractAsyncContextManager[Any]: ...
+
+    async def invite(self, offer: Offer, timeout: float, submission: Any) -> Offer:
+        """Send the request and return the acceptor's response; PlexusError subclasses on a refusal, a
+        timeout, a peer or server that is not there."""
+        ...
+
+    async def listen(self) -> None:
+        """Get ready for requests: from its return on, a request the peer sends is served (what was there
+        before is passed over). requests() calls it if the caller did not."""
+        ...
+
+    def requests(self) -> AsyncIterator[Invitation]:
+        """Each fresh request from the pinned peer, forever; a hostile one is dropped inside."""
+        ...
+
+    async def answer(self, invitation: Invitation, offer: Offer, submission: Any) -> None: ...
+
+    async def refuse(self, invitation: Invitation, reason: str, submission: Any) -> None: ...
+
+
+class RendezvousConfig(Protocol):
+    """A rendezvous's settings (MailConfig, DhtConfig): who meets whom, and how to open it."""
+
+    @property
+    def host_id(self) -> str: ...
+
+    @property
+    def peer_id(self) -> str: ...
+
+    @property
+    def identity(self) -> Identity | None: ...
+
+    def open(self) -> Rendezvous:
+        """The rendezvous, its implementation imported now."""
+        ...

@@ -1,0 +1,105 @@
+"""The ways through as values: which are tried, in which order, and the fallback between them."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import Any, cast
+
+import pytest
+
+from plexus import paths
+from plexus.endpoint import Endpoint
+from plexus.errors import HandshakeTimeoutError
+from plexus.launcher import Tunnel
+from plexus.path import Method, Plan
+from plexus.relay import Relay
+
+THEIRS = Endpoint("203.0.113.9", 3479)
+OWN = cast(Relay, object())  # ways() only holds it
+
+
+@pytest.mark.parametrize(
+    ("plan", "own", "theirs", "expected"),
+    [
+        (Plan(Method.DIRECT), None, None, [paths.Direct(Plan(Method.DIRECT))]),
+        (Plan(Method.SPRAY), None, None, [paths.Direct(Plan(Method.SPRAY))]),
+        (Plan(Method.FANOUT), None, None, [paths.FanOut(Plan(Method.FANOUT))]),
+        (Plan(Method.DIRECT), OWN, None, [paths.Direct(Plan(Method.DIRECT)), paths.OwnRelay(OWN)]),
+        (
+            Plan(Method.FANOUT),
+            None,
+            THEIRS,
+            [paths.FanOut(Plan(Method.FANOUT)), paths.TowardRelay(THEIRS, fresh_socket=True)],
+        ),
+        (Plan(Method.RELAY, relay=THEIRS), None, THEIRS, [paths.TowardRelay(THEIRS)]),
+        (Plan(Method.RELAY), OWN, None, [paths.OwnRelay(OWN)]),
+    ],
+)
+def test_ways_follow_the_plan_then_a_relay(
+    plan: Plan, own: Relay | None, theirs: Endpoint | None, expected: list[paths.Way]
+) -> None:
+    assert paths.ways(plan, own, theirs) == expected
+
+
+def test_every_way_reports_its_method() -> None:
+    methods = [way.method for way in paths.ways(Plan(Method.DIRECT), OWN, None)]
+    assert methods == [Method.DIRECT, Method.RELAY]
+    assert paths.TowardRelay(THEIRS).describe().startswith("relay (through TURN relay 203.0.113.9:3479")
+
+
+class _Way:
+    def __init__(self, method: Method, outcome: paths.Established | None) -> None:
+        self.method, self.outcome, self.timeouts = method, outcome, list[float]()
+
+    def describe(self) -> str:
+        return str(self.method)
+
+    async def establish(self, attempt: paths.Attempt, timeout: float) -> paths.Established:
+        self.timeouts.append(timeout)
+        if self.outcome is None:
+            raise HandshakeTimeoutError("no")
+        return self.outcome
+
+
+def _attempt() -> Any:
+    return None  # the fakes do not read it
+
+
+async def test_establish_falls_back_and_bounds_all_but_the_last() -> None:
+    tunnel = Tunnel(Endpoint("10.0.0.1", 1), Endpoint("198.51.100.1", 1), THEIRS, 7, "relay")
+    direct, relay = _Way(Method.DIRECT, None), _Way(Method.RELAY, paths.Punched(tunnel))
+    got = await paths.establish([direct, relay], _attempt(), handshake_timeout=60.0)
+    assert got == paths.Punched(tunnel)
+    assert (direct.timeouts, relay.timeouts) == ([paths.FALLBACK_BOUND], [60.0])
+
+
+async def test_the_last_ways_failure_is_the_sessions() -> None:
+    with pytest.raises(HandshakeTimeoutError):
+        await paths.establish([_Way(Method.DIRECT, None)], _attempt(), handshake_timeout=1.0)
+
+
+async def test_a_punched_path_lets_a_standby_allocation_go_at_once() -> None:
+    tunnel = Tunnel(Endpoint("10.0.0.1", 1), Endpoint("198.51.100.1", 1), THEIRS, 7)
+    released = []
+    async with contextlib.AsyncExitStack() as allocations:
+        allocations.callback(released.append, "relay")
+        punched = paths.Punched(tunnel)
+        assert not punched.through_here
+        await punched.release_unused(allocations)
+        assert released == ["relay"]
+        ran = []
+
+        async def work() -> None:
+            ran.append(True)
+
+        await punched.carry(work())
+        assert ran == [True]
+
+
+def test_bind_names_the_option() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        with pytest.raises(Exception, match=f"cannot bind --stun-client 127.0.0.1:{port}"):
+            paths.bind(Endpoint("127.0.0.1", port))

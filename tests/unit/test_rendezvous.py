@@ -1,0 +1,54 @@
+"""The rendezvous protocol: what a session sees of mail and the DHT, and what importing it costs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from plexus.endpoint import Endpoint
+from plexus.identity import Identity
+from plexus.mediator.dhtnode import DhtConfig, DhtMediator
+from plexus.mediator.email import MailConfig, Mediator
+from plexus.rendezvous import Reach, ReachError, RendezvousConfig
+
+
+def _loaded_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(done.stdout.split())
+
+
+def test_the_protocol_and_the_way_through_load_no_network_library() -> None:
+    loaded = _loaded_after("import plexus.rendezvous, plexus.path")
+    assert not loaded & {"opendht", "aiosmtplib", "aioimaplib", "aioquic", "aioice", "plexus.mediator"}
+
+
+def test_a_session_loads_no_rendezvous_implementation_itself() -> None:
+    # The DHT's node comes with its config's open(), never with the session.
+    assert "opendht" not in _loaded_after("import plexus.session")
+
+
+async def test_each_config_opens_its_own_rendezvous() -> None:
+    mail: RendezvousConfig = MailConfig(
+        Endpoint("127.0.0.1", 465), Endpoint("127.0.0.1", 993), "me", "secret", "a@x", "b@x", "a", "b"
+    )
+    assert isinstance(mail.open(), Mediator)
+    me = Identity.ephemeral()
+    dht: RendezvousConfig = DhtConfig(me, "peer", ())
+    assert isinstance(dht.open(), DhtMediator)
+    assert (dht.host_id, dht.peer_id, dht.identity) == (me.id, "peer", me)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "mapping=sideways", "mapping=dependent; relay=nowhere", "relay=1.2.3.4:5"]
+)
+def test_a_bad_reach_is_a_reach_error(text: str) -> None:
+    with pytest.raises(ReachError, match="X-Plexus-Reach"):
+        Reach.parse(text)
+
+
+def test_reach_round_trip() -> None:
+    reach = Reach("dependent", Endpoint("203.0.113.9", 3479), streams=True)
+    assert Reach.parse(reach.header()) == reach
