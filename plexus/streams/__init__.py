@@ -11,13 +11,16 @@ import contextlib
 import logging
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from plexus.identity import Identity, PeerCheck
 from plexus.launcher import Tunnel
 from plexus.path import Method
-from plexus.streams import forward, quic
-from plexus.streams.forward import Forward
 from plexus.streams.wire import Allowed, Target
+
+# aioquic loads with the first stream session, not with every session that might have one.
+if TYPE_CHECKING:
+    from plexus.streams.forward import Forward
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ async def carry(sock: socket.socket, tunnel: Tunnel, config: StreamsConfig, *, a
     The inviter ends after --stdio's stream ends, or with the link (--forward runs until interrupted); the
     acceptor serves whatever streams the inviter opens until the inviter closes or falls silent. Both ping
     while the link lives, which keeps both NAT mappings open."""
+    from plexus.streams import forward, quic
+
     size = quic.RELAYED_DATAGRAM_SIZE if tunnel.path == Method.RELAY else quic.DATAGRAM_SIZE
     if accept:
         link = await quic.serve(sock, tunnel.peer, config.identity, config.check, datagram_size=size)

@@ -26,8 +26,17 @@ def test_the_protocol_and_the_way_through_load_no_network_library() -> None:
 
 
 def test_a_session_loads_no_rendezvous_implementation_itself() -> None:
-    # The DHT's node comes with its config's open(), never with the session.
-    assert "opendht" not in _loaded_after("import plexus.session")
+    # The DHT's node comes with its config's open(), never with the session; aioquic with the first streams.
+    assert not _loaded_after("import plexus.session") & {"opendht", "aiosmtplib", "aioimaplib", "aioquic"}
+
+
+def test_a_mail_session_loads_no_dht_and_a_dht_session_no_mail() -> None:
+    mail = _loaded_after("import plexus.session, plexus.mediator.email")
+    assert not mail & {"opendht", "aioquic"}
+    assert {"aiosmtplib", "aioimaplib"} <= mail
+    dht = _loaded_after("import plexus.session, plexus.mediator.dhtnode")
+    assert not dht & {"aiosmtplib", "aioimaplib", "aioquic"}
+    assert "opendht" in dht
 
 
 async def test_each_config_opens_its_own_rendezvous() -> None:
