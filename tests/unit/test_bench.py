@@ -299,8 +299,10 @@ def test_startup_section_reports_each_command_against_the_bare_interpreter() -> 
     }
     lines = startup.render(found)
     assert any(line.startswith("plexus --version") and line.endswith("2.8x") for line in lines)
-    assert startup.check(found) == [
-        "start-up: plexus --help took 0.110 s, over 3 x the bare interpreter's 0.025 s"
+    assert startup.check(found) == []  # the target is --version's; --help is shown beside it
+    slow = found | {"median_seconds": found["median_seconds"] | {"plexus --version": 0.08}}
+    assert startup.check(slow) == [
+        "start-up: plexus --version took 0.080 s, over 3 x the bare interpreter's 0.025 s"
     ]
     results = {"machine": {"date": "d", "cores": 2, "cpu": "c", "kernel": "k", "python": "3.11"},
                "bench_seconds": 1.0, "startup": found}  # fmt: skip
