@@ -163,6 +163,15 @@ class FellBack(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Forwarding(Event):
+    """--forward: connections to `listen` are carried to `target` on the peer from now on."""
+
+    name: ClassVar[str] = "forwarding"
+    listen: Endpoint
+    target: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Ended(Event):
     """The session is over: its command exited or its streams closed (`error`: why, if it failed)."""
 

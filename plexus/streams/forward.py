@@ -17,6 +17,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from plexus import events
 from plexus.endpoint import Endpoint
 from plexus.errors import PlexusError, StreamsLostError, TargetRefusedError, UsageError
 from plexus.streams import wire
@@ -265,4 +266,5 @@ async def listen(link: Link, forward: Forward) -> None:
         raise UsageError(f"cannot listen on --forward {forward.listen}: {error.strerror}") from error
     async with server:
         log.info("forwarding %s to %s on the peer", forward.listen, forward.target)
+        events.emit(events.Forwarding, listen=forward.listen, target=str(forward.target))
         await asyncio.shield(link.closed)
