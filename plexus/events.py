@@ -137,7 +137,8 @@ class Sent(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class Rejected(Event):
-    """A received mail or DHT value was judged and refused (`source`: mail or dht; `reason`: one line)."""
+    """What the peer's side sent was judged and refused (`source`: a mail, a DHT value, or a stream's
+    request to the acceptor; `reason`: one line)."""
 
     name: ClassVar[str] = "rejected"
     source: str
@@ -169,6 +170,15 @@ class Forwarding(Event):
     name: ClassVar[str] = "forwarding"
     listen: Endpoint
     target: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stopped(Event):
+    """A command this side launched is sent `signal` to end it: a new session replaces it, or plexus stops."""
+
+    name: ClassVar[str] = "stopped"
+    pid: int
+    signal: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,7 +223,7 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 
 # A 64-bit puzzle is up to 20 digits; ports and message UIDs, which a reason may name, are fewer than 6.
-_LONG_NUMBER = re.compile(r"\d{6,}")
+_LONG_NUMBER = re.compile(r"\b\d{6,}\b")
 
 
 def one_line(reason: object) -> str:

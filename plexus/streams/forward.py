@@ -75,6 +75,7 @@ async def _answer(link: Link, stream: Stream, allowed: Allowed) -> None:
     except (FrameError, TimeoutError) as error:
         reason = str(error) if isinstance(error, FrameError) else f"no OPEN frame within {OPEN_TIMEOUT:g} s"
         log.warning("stream %d: bad request: %s", stream.id, reason)
+        events.emit(events.Rejected, source="stream", reason=events.one_line(f"bad request: {reason}"))
         await _verdict(link, stream, Code.BAD_REQUEST, reason)
         return
     except PlexusError:
@@ -82,6 +83,7 @@ async def _answer(link: Link, stream: Stream, allowed: Allowed) -> None:
         return
     if not allowed.permits(target):
         log.warning("stream %d: %s is not in --forward-allow: refused", stream.id, target)
+        events.emit(events.Rejected, source="stream", reason=f"{target} is not in --forward-allow")
         await _verdict(link, stream, Code.NOT_ALLOWED, f"{target} is not in the acceptor's --forward-allow")
         return
     try:
