@@ -61,7 +61,7 @@ def test_a_session_reports_typed_events(lab: Lab, tmp_path: Path, running: list[
     inviter, acceptor_side = sessions.pair(lab)
     invite, acceptor = connect(lab, tmp_path, running, inviter, acceptor_side)
     mine, theirs = invite.wait_hello()[0]["args"], acceptor.wait_hello()[0]["args"]
-    names = ["started", "discovered", "answered", "chosen", "connected", "launched"]
+    names = ["started", "discovered", "sent", "answered", "chosen", "connected", "launched", "ended"]
     assert [event["event"] for event in invite.events()] == names
     served = [
         "started",
@@ -70,10 +70,16 @@ def test_a_session_reports_typed_events(lab: Lab, tmp_path: Path, running: list[
         "requested",
         "discovered",
         "chosen",
+        "sent",
         "connected",
         "launched",
     ]
-    assert [event["event"] for event in acceptor.events()] == served
+    # The acceptor's session ends when its command does (hello.py exits on its own, any moment now).
+    assert [event["event"] for event in acceptor.events() if event["event"] != "ended"] == served
+    assert [event["kind"] for event in invite.events("sent") + acceptor.events("sent")] == [
+        "request",
+        "response",
+    ]
     connected = invite.events("connected")[0]
     assert (connected["way"], connected["role"]) == ("direct", "invite")
     assert connected["peer"] == f"{theirs['outerip']}:{theirs['outerport']}"
@@ -81,7 +87,9 @@ def test_a_session_reports_typed_events(lab: Lab, tmp_path: Path, running: list[
     assert acceptor.events("launched")[0]["pid"] > 0
     times = [event["at"] for event in invite.events()]
     assert times == sorted(times)
-    assert mine["secret"] not in invite.events_file.read_text() + acceptor.events_file.read_text()
+    written = invite.events_file.read_text() + acceptor.events_file.read_text()
+    assert mine["secret"] not in written
+    assert inviter.account.password not in written and acceptor_side.account.password not in written
 
 
 def test_one_acceptor_serves_invites_in_a_row_and_at_once(
