@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import dataclasses
 import json
+import logging
 import os
 import re
 import time
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from plexus.endpoint import Endpoint
+
+log = logging.getLogger(__name__)
 
 Role = Literal["invite", "accept"]
 ENVIRONMENT = "PLEXUS_EVENTS"
@@ -250,6 +253,10 @@ def emit(event: type[Event], /, **fields: Any) -> None:
     """Report an event to the session's sink, if a session is reporting (the unit tests of a mediator or the
     puncher run without one)."""
     current = _current.get()
-    if current is not None:
-        sink, role = current
+    if current is None:
+        return
+    sink, role = current
+    try:
         sink(event(role=role, **fields))
+    except Exception as error:  # a full disk, a caller's bug: it costs the event, never the session
+        log.warning("the %s event was not reported: %s", event.name, error)

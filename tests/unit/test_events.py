@@ -79,3 +79,12 @@ def test_no_event_has_a_field_for_a_secret() -> None:
     assert {"sent", "rejected", "moved", "fell_back", "ended"} <= {
         kind.name for kind in every(events.Event)[1:]
     }
+
+
+def test_a_failing_sink_costs_the_event_not_the_caller(caplog: pytest.LogCaptureFixture) -> None:
+    def full(event: events.Event) -> None:
+        raise OSError(28, "No space left on device")
+
+    with events.reporting(full, "accept"):
+        events.emit(events.Rejected, source="mail", reason="stale")
+    assert "the rejected event was not reported" in caplog.text
