@@ -19,7 +19,7 @@ start a session toward each of those long-gone inviters while a real request wai
 identities would leave its old node ids at the same addresses, which every search in a network this small
 waits about a second for.
 
-The timeline comes from the two debug logs, as bench/timeline.py reads the mail's (DHT_PHASES).
+The timeline comes from both sides' session events, as bench/timeline.py reads the mail's (DHT_PHASES).
 For the side-by-side table every way is cut the same (COMMON): start, stun, request_out (until the request
 is sent or put), rendezvous (from there until the inviter has the response), handshake, launch.
 
@@ -45,7 +45,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ import opendht
 
 from bench import floor, runs
 from bench.stats import summarize
-from bench.timeline import PHASES, Timeline, TimelineError, find, flow_started, inviter_stun, parse_log
+from bench.timeline import PHASES, Events, Marks, Timeline, TimelineError, phases
 from plexus.identity import Identity
 from plexus.mediator import dht
 from tests.lab import sessions
@@ -110,30 +109,16 @@ def common(way: str, phases: dict[str, float]) -> dict[str, float]:
 
 def dht_timeline(
     started: float,
-    inviter_log: str,
-    acceptor_log: str,
+    inviter: Events,
+    acceptor: Events,
     launched: tuple[float, float],
-    inviter_events: Sequence[dict[str, Any]],
 ) -> Timeline:
-    """Phase durations of one DHT session (DHT_PHASES)."""
-    inviter, acceptor = parse_log(inviter_log), parse_log(acceptor_log)
-    loop_runs = flow_started(inviter_events)
-    stun, outer = inviter_stun(inviter)
-    put = find(inviter, "request put for", after=stun.at)
-    # The acceptor has served earlier sessions: everything from here on belongs to this one.
-    request_in = find(acceptor, "request from", after=put.at - 1, contains=f"endpoint {outer}")
-    punching = find(inviter, "peer endpoint", after=put.at)
-    done = max(
-        find(inviter, "handshake with", after=punching.at).at,
-        find(acceptor, "handshake with", after=request_in.at, contains=outer).at,
-    )
-    end = max(launched)
-    acceptor_stun = find(acceptor, "inner endpoint", after=request_in.at)
-    marks = [started, loop_runs, stun.at, put.at, request_in.at, acceptor_stun.at, punching.at, done, end]
-    phases = {
-        name: later - earlier for (name, _), (earlier, later) in zip(DHT_PHASES, pairwise(marks), strict=True)
-    }
-    return Timeline(total=end - started, phases=phases)
+    """Phase durations of one DHT session (DHT_PHASES), from both sides' events: the response's put is not
+    a phase of its own (the acceptor puts it the moment its punch starts)."""
+    m = Marks.of(inviter, acceptor)
+    marks = [started, m.flow, m.stun, m.request_out, m.request_in, m.acceptor_stun, m.response_in, m.done,
+             max(launched)]  # fmt: skip
+    return phases(DHT_PHASES, marks)
 
 
 # ---- plexus in DHT mode ------------------------------------------------------------------------------------
@@ -231,7 +216,7 @@ def dht_session(lab: Lab, workdir: Path, network: DhtNetwork, ids: Ids, listenin
         return Session(ended.code, "failed", None, None, ended.seconds, str(missing).splitlines()[0])
     kind, timeline, problem = "ok", None, ""
     try:
-        timeline = dht_timeline(started, inviter.log(), listening.log(), times, inviter.events())
+        timeline = dht_timeline(started, inviter.events(), listening.events(), times)
     except TimelineError as failure:
         kind, problem = "failed", f"no timeline: {failure}"
     return Session(ended.code, kind, max(times) - started, timeline, ended.seconds, problem)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.timeline import Timeline, TimelineError, find, parse_log, timeline
+from bench.timeline import Timeline, TimelineError, at, event, timeline
 from plexus.errors import ExitCode
 from tests.lab import sessions
 from tests.lab.lab import Lab
@@ -96,7 +96,7 @@ def session_timeline(inviter: Plexus, listening: Plexus, started: float) -> Time
                 raise RuntimeError(f"the acceptor's command never reported\n{listening.log()}")
             time.sleep(0.05)
     launched = (mine["started"], theirs["started"])
-    return timeline(started, inviter.log(), listening.log(), launched, inviter.events())
+    return timeline(started, inviter.events(), listening.events(), launched)
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class Cell:
     acceptor_mode: str
     codes: tuple[int, ...]  # the inviter's exit code per try
     seconds: tuple[float, ...]  # per try: from its start until it launched its command (ok) or exited
-    method: str  # the path the inviter's log names ("path: ...")
+    method: str  # the way the inviter chose (its `chosen` event)
 
     @property
     def successes(self) -> int:
@@ -137,15 +137,15 @@ def matrix_cell(
         for _ in range(tries):
             inviter, started, ended = invite(lab, workdir, inviter_side, acceptor_side, **options)
             codes.append(ended.code)
-            events = parse_log(inviter.log())
+            events = inviter.events()
             with contextlib.suppress(TimelineError):
-                method = find(events, "path: ").message.split()[1]
+                method = event(events, "chosen")["way"]
             if ended.code != 0:
                 seconds.append(ended.seconds)
                 continue
             inviter.wait_hello()
             # The inviter lingers a moment after the launch to watch its command: the launch is the end here.
-            seconds.append(find(events, "launched").at - started)
+            seconds.append(at(inviter.events(), "launched") - started)
     return Cell(inviter_mode, acceptor_mode, tuple(codes), tuple(seconds), method)
 
 

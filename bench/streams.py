@@ -229,7 +229,7 @@ def forwarding(
     )
     try:
         deadline = time.monotonic() + 60
-        while invite.log().count("forwarding ") < len(forwards):
+        while len(invite.events("forwarding")) < len(forwards):
             if invite.process.poll() is not None:
                 raise RuntimeError(f"--forward inviter exited {invite.process.returncode}: {invite.stderr()}")
             if time.monotonic() > deadline:

@@ -1,21 +1,18 @@
-"""One session's timeline, read from the two plexus debug logs, the inviter's session events
-(plexus/events.py: when its flow started) and the launched commands' start times.
+"""One session's timeline, read from the two sides' session events (plexus/events.py, the JSON lines each
+plexus writes to PLEXUS_EVENTS) and the launched commands' start times.
 
-Both processes run on one machine, so their wall clocks agree: log timestamps (milliseconds), event times and
-exec/hello.py's `started` (time.time()) go on one axis, starting at the moment the inviter was
-started.
+Both processes run on one machine, so their wall clocks agree: event times and exec/hello.py's `started`
+(time.time()) go on one axis, starting at the moment the inviter was started.
 """
 
 from __future__ import annotations
 
-import datetime
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) ([\w.]+): (.*)$")
+Events = Sequence[dict[str, Any]]  # as plexus.events.read gives them, oldest first
 
 # The phases in order; each ends where the next begins, so they add up to the time to connect.
 PHASES = (
@@ -32,39 +29,21 @@ PHASES = (
 
 
 class TimelineError(ValueError):
-    """A log that lacks a line the timeline needs (the session failed or the log format changed)."""
+    """The events lack one the timeline needs (the session failed, or it went another way)."""
 
 
-@dataclass(frozen=True)
-class Event:
-    at: float  # seconds since the epoch
-    logger: str
-    message: str
+def event(events: Events, name: str, *, after: float = 0.0, **fields: Any) -> dict[str, Any]:
+    """The first event called `name` at or after `after` whose fields have the given values."""
+    for one in events:
+        if one["event"] == name and one["at"] >= after and all(one.get(k) == v for k, v in fields.items()):
+            return one
+    wanted = "".join(f" {key}={value}" for key, value in fields.items())
+    raise TimelineError(f"no {name} event{wanted}")
 
 
-def parse_log(text: str) -> list[Event]:
-    """The log's lines with their times; continuation lines (tracebacks) are skipped."""
-    events = []
-    for line in text.splitlines():
-        match = _LINE.match(line)
-        if match is None:
-            continue
-        stamp, _level, logger, message = match.groups()
-        # logging's asctime is local time, as is a naive datetime's timestamp()
-        at = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        events.append(Event(at, logger, message))
-    return events
-
-
-def find(events: Sequence[Event], prefix: str, *, after: float = 0.0, contains: str = "") -> Event:
-    """The first event at or after `after` whose message starts with `prefix` (and contains `contains`)."""
-    for event in events:
-        if event.at >= after and event.message.startswith(prefix) and contains in event.message:
-            return event
-    raise TimelineError(f"no log line {prefix!r}{f' with {contains!r}' if contains else ''}")
-
-
-_OUTER = re.compile(r"outer endpoint (\S+)$")
+def at(events: Events, name: str, *, after: float = 0.0, **fields: Any) -> float:
+    """When that event happened."""
+    return float(event(events, name, after=after, **fields)["at"])
 
 
 @dataclass(frozen=True)
@@ -73,48 +52,46 @@ class Timeline:
     phases: dict[str, float]
 
 
-def inviter_stun(inviter: Sequence[Event]) -> tuple[Event, str]:
-    """The inviter's STUN line and its outer endpoint, as the acceptor reads it from the request."""
-    stun = find(inviter, "inner endpoint")
-    match = _OUTER.search(stun.message)
-    if match is None:
-        raise TimelineError(f"no outer endpoint in {stun.message!r}")
-    return stun, match.group(1)
+@dataclass(frozen=True)
+class Marks:
+    """The moments both rendezvous have in common, from both sides' events."""
+
+    flow: float  # the inviter's session started
+    stun: float  # the inviter's STUN answered
+    request_out: float  # the request sent (mail) or put (DHT)
+    request_in: float  # the acceptor has it
+    acceptor_stun: float  # the acceptor's STUN answered
+    response_out: float  # the acceptor's response sent or put
+    response_in: float  # the inviter has it: the punch begins
+    done: float  # both handshakes are done
+
+    @classmethod
+    def of(cls, inviter: Events, acceptor: Events) -> Marks:
+        stun = event(inviter, "discovered")
+        outer = stun["outer"]  # as the acceptor reads it from the request
+        request_out = at(inviter, "sent", after=stun["at"], kind="request")
+        # The acceptor has served earlier sessions: everything from here on belongs to this one.
+        request_in = at(acceptor, "requested", after=request_out - 1, peer=outer)
+        acceptor_stun = at(acceptor, "discovered", after=request_in)
+        response_out = at(acceptor, "sent", after=acceptor_stun, kind="response")
+        response_in = at(inviter, "answered", after=request_out)
+        done = max(at(inviter, "connected", after=response_in), at(acceptor, "connected", after=response_out))
+        flow = at(inviter, "started")
+        return cls(flow, stun["at"], request_out, request_in, acceptor_stun, response_out, response_in, done)
 
 
-def flow_started(events: Sequence[dict[str, Any]]) -> float:
-    """When the inviter's session started: its `started` event (plexus/events.py)."""
-    for event in events:
-        if event["event"] == "started":
-            return float(event["at"])
-    raise TimelineError("no started event")
-
-
-def timeline(
-    started: float,
-    inviter_log: str,
-    acceptor_log: str,
-    launched: tuple[float, float],
-    inviter_events: Sequence[dict[str, Any]],
-) -> Timeline:
-    """Phase durations of one session; `launched` = the two hello.py start times (inviter's, acceptor's)."""
-    inviter, acceptor = parse_log(inviter_log), parse_log(acceptor_log)
-    loop_runs = flow_started(inviter_events)
-    stun, outer = inviter_stun(inviter)
-    request_sent = find(inviter, "request sent")
-    # The acceptor has served earlier sessions: everything from here on belongs to this one.
-    request_in = find(acceptor, "request from", after=request_sent.at - 1, contains=f"endpoint {outer}")
-    acceptor_stun = find(acceptor, "inner endpoint", after=request_in.at)
-    response_sent = find(acceptor, "response sent", after=acceptor_stun.at)
-    punching = find(inviter, "peer endpoint")
-    done = max(
-        find(inviter, "handshake with", after=punching.at).at,
-        find(acceptor, "handshake with", after=response_sent.at, contains=outer).at,
-    )
-    end = max(launched)
-    marks = [started, loop_runs, stun.at, request_sent.at, request_in.at, acceptor_stun.at,
-             response_sent.at, punching.at, done, end]  # fmt: skip
-    phases = {
-        name: later - earlier for (name, _), (earlier, later) in zip(PHASES, pairwise(marks), strict=True)
+def phases(names: Sequence[tuple[str, str]], marks: Sequence[float]) -> Timeline:
+    """The named durations between consecutive marks (the first mark the start, the last the end)."""
+    durations = {
+        name: later - earlier for (name, _), (earlier, later) in zip(names, pairwise(marks), strict=True)
     }
-    return Timeline(total=end - started, phases=phases)
+    return Timeline(total=marks[-1] - marks[0], phases=durations)
+
+
+def timeline(started: float, inviter: Events, acceptor: Events, launched: tuple[float, float]) -> Timeline:
+    """Phase durations of one mail session (PHASES); `launched` = the two hello.py start times (inviter's,
+    acceptor's)."""
+    m = Marks.of(inviter, acceptor)
+    marks = [started, m.flow, m.stun, m.request_out, m.request_in, m.acceptor_stun, m.response_out,
+             m.response_in, m.done, max(launched)]  # fmt: skip
+    return phases(PHASES, marks)

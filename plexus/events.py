@@ -4,21 +4,33 @@ bench/) rather than people, who read the log.
 Each event is a frozen dataclass with the wall-clock time it happened (`at`, time.time()) and the side's
 role. The library hands them to a callback; the CLI writes them as JSON lines to the file named by the
 environment variable PLEXUS_EVENTS (`JsonLines`), one object per event with its `event` name. Nothing secret
-is in an event: the secret stays in the command's environment.
+is in an event: the secret stays in the command's environment, and a rejection's reason has its long numbers
+(the puzzles a refused message named) masked.
+
+The code that sees an event deep in the session (a mediator judging a message, the puncher's switch to a
+peer-reflexive endpoint, the fall back to a relay) reports it with `emit`, to the sink the session put in
+place with `reporting`: a context variable, so that the rendezvous and the ways through need no sink passed
+down, and each task of an acceptor reports to the session that started it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
+import logging
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from plexus.endpoint import Endpoint
+
+log = logging.getLogger(__name__)
 
 Role = Literal["invite", "accept"]
 ENVIRONMENT = "PLEXUS_EVENTS"
@@ -117,6 +129,69 @@ class Failed(Event):
     error: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class Sent(Event):
+    """A rendezvous message left this side (`kind`: request, response or refusal): its SMTP DATA was
+    accepted, or its DHT put was handed to the node."""
+
+    name: ClassVar[str] = "sent"
+    kind: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rejected(Event):
+    """What the peer's side sent was judged and refused (`source`: a mail, a DHT value, or a stream's
+    request to the acceptor; `reason`: one line)."""
+
+    name: ClassVar[str] = "rejected"
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Moved(Event):
+    """The peer's authenticated packets come from another port of its host (a peer-reflexive endpoint):
+    the handshake follows them there."""
+
+    name: ClassVar[str] = "moved"
+    before: Endpoint
+    after: Endpoint
+
+
+@dataclass(frozen=True, kw_only=True)
+class FellBack(Event):
+    """A way through failed within its bound (`way`): the session tries the next, a relay."""
+
+    name: ClassVar[str] = "fell_back"
+    way: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Forwarding(Event):
+    """--forward: connections to `listen` are carried to `target` on the peer from now on."""
+
+    name: ClassVar[str] = "forwarding"
+    listen: Endpoint
+    target: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stopped(Event):
+    """A command this side launched is sent `signal` to end it: a new session replaces it, or plexus stops."""
+
+    name: ClassVar[str] = "stopped"
+    pid: int
+    signal: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ended(Event):
+    """The session is over: its command exited or its streams closed (`error`: why, if it failed)."""
+
+    name: ClassVar[str] = "ended"
+    error: str | None = None
+
+
 Sink = Callable[[Event], None]
 
 
@@ -148,3 +223,40 @@ def read(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# A 64-bit puzzle is up to 20 digits; ports and message UIDs, which a reason may name, are fewer than 6.
+_LONG_NUMBER = re.compile(r"\b\d{6,}\b")
+
+
+def one_line(reason: object) -> str:
+    """A reason fit for an event: one line, at most 200 characters, long numbers (puzzles) masked."""
+    return _LONG_NUMBER.sub("…", " ".join(str(reason).split()))[:200]
+
+
+_current: contextvars.ContextVar[tuple[Sink, Role] | None] = contextvars.ContextVar(
+    "plexus_events", default=None
+)
+
+
+@contextlib.contextmanager
+def reporting(sink: Sink, role: Role) -> Iterator[None]:
+    """Within it (and in the tasks started within it), `emit` reports to `sink` as `role`."""
+    token = _current.set((sink, role))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def emit(event: type[Event], /, **fields: Any) -> None:
+    """Report an event to the session's sink, if a session is reporting (the unit tests of a mediator or the
+    puncher run without one)."""
+    current = _current.get()
+    if current is None:
+        return
+    sink, role = current
+    try:
+        sink(event(role=role, **fields))
+    except Exception as error:  # a full disk, a caller's bug: it costs the event, never the session
+        log.warning("the %s event was not reported: %s", event.name, error)

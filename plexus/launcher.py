@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from plexus import files
+from plexus import events, files
 from plexus.endpoint import Endpoint
 from plexus.errors import LaunchError, UsageError
 
@@ -183,6 +183,7 @@ class Running:
             if not self.alive():
                 return
             log.info("stopping the previous command (pid %d) with %s", self.pid, sig.name)
+            events.emit(events.Stopped, pid=self.pid, signal=sig.name)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, sig)
                 os.killpg(self.pid, signal.SIGCONT)  # a stopped (frozen) process acts on SIGTERM only then

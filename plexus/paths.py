@@ -21,7 +21,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
-from plexus import puncher
+from plexus import events, puncher
 from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError, UsageError
 from plexus.launcher import Tunnel
@@ -288,6 +288,7 @@ async def establish(candidates: list[Way], attempt: Attempt, handshake_timeout: 
             log.warning(
                 "no direct path (%s) within %g s: falling back to the relay", way.method, FALLBACK_BOUND
             )
+            events.emit(events.FellBack, way=str(way.method))
     return await last.establish(attempt, handshake_timeout)
 
 

@@ -25,6 +25,7 @@ from enum import Enum, IntEnum
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from plexus import events
 from plexus.driver import Datagram, Driver, Sockets, drive
 from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError
@@ -281,6 +282,7 @@ class Handshake(ABC):
             log.info(
                 "peer-reflexive endpoint %s: the peer's packets come from there, not %s", source, self.peer
             )
+            events.emit(events.Moved, before=self.peer, after=source)
             self.peer = source
             self._on_switch(now)
         self.settled = True

@@ -161,11 +161,14 @@ async def invite(config: SessionConfig) -> Tunnel:
     DATA. The mailbox clean-up (flag the response consumed, LOGOUT) runs while the command is watched.
     """
     config.on_event(events.Started(role="invite"))
-    try:
-        return await _invite(config)
-    except PlexusError as error:
-        config.on_event(events.Failed(role="invite", error=str(error)))
-        raise
+    with events.reporting(config.on_event, "invite"):
+        try:
+            tunnel = await _invite(config)
+        except PlexusError as error:
+            config.on_event(events.Failed(role="invite", error=str(error)))
+            raise
+    config.on_event(events.Ended(role="invite"))
+    return tunnel
 
 
 async def _invite(config: SessionConfig) -> Tunnel:
@@ -277,6 +280,11 @@ async def accept(config: SessionConfig) -> None:
     punching) and, with --turn-server, any peer. Each session checks again (networks change).
     """
     config.on_event(events.Started(role="accept"))
+    with events.reporting(config.on_event, "accept"):
+        await _accept(config)
+
+
+async def _accept(config: SessionConfig) -> None:
     sessions: set[asyncio.Task[None]] = set()
     running: set[Running] = set()
     slot = config.slot("accept")
@@ -349,8 +357,10 @@ async def _serve(
                 await established.carry(_command(process, running))
         except PlexusError as error:
             log.error("session with %s ended: %s", peer, error)
+            config.on_event(events.Ended(role="accept", error=str(error)))
             return
         log.info("session with %s ended", peer)
+        config.on_event(events.Ended(role="accept"))
 
 
 def _wants_streams(invitation: Invitation) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 
 import opendht
 
+from plexus import events
 from plexus.endpoint import Endpoint
 from plexus.errors import DhtUnreachableError, PeerNotFoundError, PeerRefusedError, UsageError
 from plexus.identity import Identity
@@ -177,10 +178,16 @@ def _ignore(key: str, error: Exception) -> None:
     into a way to stop an acceptor) at WARNING, without its traceback."""
     if isinstance(error, dht.DhtMessageError):
         log.debug("ignoring a value under %s: %s", key, error)
+        events.emit(events.Rejected, source="dht", reason=events.one_line(error))
     else:
         text = str(error)[:200]
         log.warning(
             "ignoring a value under %s that could not be checked: %s %r", key, type(error).__name__, text
+        )
+        events.emit(
+            events.Rejected,
+            source="dht",
+            reason=events.one_line(f"unchecked ({type(error).__name__}: {text})"),
         )
 
 
@@ -322,6 +329,7 @@ class DhtMediator:
         with self._listening("response", self._me.id) as answers:  # before the put: no answer is missed
             self._send("request", self.peer_id, peer_key, kind="request", puzzle=offer.puzzle, offer=offer)
             log.info("request put for %s, waiting for the response", self.peer_id)
+            events.emit(events.Sent, kind="request")
             while (remaining := deadline - loop.time()) > 0:
                 try:
                     key, value = await asyncio.wait_for(answers.get(), remaining)
@@ -415,3 +423,4 @@ class DhtMediator:
             answers=request,
             reason=reason,
         )
+        events.emit(events.Sent, kind=kind)

@@ -37,6 +37,7 @@ import aioimaplib
 import aiosmtplib
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from plexus import events
 from plexus import identity as identities  # a module: plexus.identity imports this package
 from plexus.endpoint import Endpoint
 from plexus.errors import (
@@ -509,6 +510,7 @@ class Mediator:
         self._request_id = message_id  # before DATA: a send that fails after delivery leaves it too
         await self._send("request", offer, message_id, submission=submission)
         log.info("request sent to %s (%s), waiting for the response", self._config.peer_id, message_id)
+        events.emit(events.Sent, kind="request")
         async with contextlib.aclosing(
             self._letters("response", deadline, reply_to=message_id, request=offer.puzzle)
         ) as letters:
@@ -557,6 +559,7 @@ class Mediator:
             submission=submission,
         )
         log.info("response sent to %s", self._config.peer_id)
+        events.emit(events.Sent, kind="response")
 
     async def refuse(self, invitation: Invitation, reason: str, submission: Submission | None = None) -> None:
         """Tell the inviter this request cannot be served, and why (sanitized: one line of printable ASCII,
@@ -574,6 +577,7 @@ class Mediator:
             submission=submission,
         )
         log.info("refusal sent to %s: %s", self._config.peer_id, refusal.reason)
+        events.emit(events.Sent, kind="refusal")
 
     async def _send(
         self,
@@ -642,6 +646,9 @@ class Mediator:
                         item.size,
                         message.MAX_MESSAGE,
                     )
+                    events.emit(
+                        events.Rejected, source="mail", reason=f"over the {message.MAX_MESSAGE}-octet limit"
+                    )
                 else:
                     letter = await self._take(item, kind, reply_to, request)
                 self._pending.append(item.uid)  # judged: taken or ignored, it is consumed
@@ -662,11 +669,15 @@ class Mediator:
         except (message.MessageError, smime.SmimeError) as error:
             log.warning("ignoring message UID %d from %s: %s", item.uid, self._peer, error)
             self._ignored = f"message UID {item.uid}: {error}"
+            events.emit(events.Rejected, source="mail", reason=events.one_line(error))
             return None
         except Exception as error:  # the last guard: a reader's bug costs this message, never the loop
             name = type(error).__name__
             log.error(
                 "ignoring message UID %d from %s: unreadable (%s: %s)", item.uid, self._peer, name, error
+            )
+            events.emit(
+                events.Rejected, source="mail", reason=events.one_line(f"unreadable ({name}: {error})")
             )
             return None
         if letter.offer is not None:
@@ -682,6 +693,9 @@ class Mediator:
             return self._config.incoming.matches(headers) and not self._answers_another(item, headers)
         except Exception as error:  # MessageError; anything else is a parser's bug: it must not stop the loop
             log.warning("passing over message UID %d: unreadable headers (%s)", item.uid, error)
+            events.emit(
+                events.Rejected, source="mail", reason=events.one_line(f"unreadable headers ({error})")
+            )
             return False
 
     def _answers_another(self, item: Fetched, headers: Message) -> bool:

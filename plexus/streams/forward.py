@@ -17,6 +17,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from plexus import events
 from plexus.endpoint import Endpoint
 from plexus.errors import PlexusError, StreamsLostError, TargetRefusedError, UsageError
 from plexus.streams import wire
@@ -74,6 +75,7 @@ async def _answer(link: Link, stream: Stream, allowed: Allowed) -> None:
     except (FrameError, TimeoutError) as error:
         reason = str(error) if isinstance(error, FrameError) else f"no OPEN frame within {OPEN_TIMEOUT:g} s"
         log.warning("stream %d: bad request: %s", stream.id, reason)
+        events.emit(events.Rejected, source="stream", reason=events.one_line(f"bad request: {reason}"))
         await _verdict(link, stream, Code.BAD_REQUEST, reason)
         return
     except PlexusError:
@@ -81,6 +83,7 @@ async def _answer(link: Link, stream: Stream, allowed: Allowed) -> None:
         return
     if not allowed.permits(target):
         log.warning("stream %d: %s is not in --forward-allow: refused", stream.id, target)
+        events.emit(events.Rejected, source="stream", reason=f"{target} is not in --forward-allow")
         await _verdict(link, stream, Code.NOT_ALLOWED, f"{target} is not in the acceptor's --forward-allow")
         return
     try:
@@ -265,4 +268,5 @@ async def listen(link: Link, forward: Forward) -> None:
         raise UsageError(f"cannot listen on --forward {forward.listen}: {error.strerror}") from error
     async with server:
         log.info("forwarding %s to %s on the peer", forward.listen, forward.target)
+        events.emit(events.Forwarding, listen=forward.listen, target=str(forward.target))
         await asyncio.shield(link.closed)

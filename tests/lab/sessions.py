@@ -64,6 +64,43 @@ class Plexus:
         """The session events it wrote (plexus/events.py), oldest first; those called `name`, if given."""
         return [event for event in events.read(self.events_file) if name is None or event["event"] == name]
 
+    def matching(self, name: str, **fields: Any) -> list[dict[str, Any]]:
+        """Its events called `name` whose fields have the given values."""
+        return [event for event in self.events(name) if all(event.get(k) == v for k, v in fields.items())]
+
+    def wait_events(
+        self, name: str, count: int = 1, timeout: float = 20.0, **fields: Any
+    ) -> list[dict[str, Any]]:
+        """Wait until it has written `count` events called `name` with those fields; returns them all. A
+        process that exits first fails the wait (an inviter's events are all written by then)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.process.poll() is not None  # before the read: what it wrote before exiting counts
+            found = self.matching(name, **fields)
+            if len(found) >= count:
+                return found
+            if exited or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.side.host}: {len(found)} of {count} {name} events {fields or ''} "
+                    f"{'before it exited' if exited else f'within {timeout} s'}\nevents: {self.events()}"
+                )
+            time.sleep(0.05)
+
+    def rejected(self, containing: str = "") -> list[str]:
+        """Why it rejected messages (mail or DHT values): each reason, or those containing the text."""
+        return [event["reason"] for event in self.events("rejected") if containing in event["reason"]]
+
+    def wait_rejected(self, containing: str, count: int = 1, timeout: float = 20.0) -> list[str]:
+        """Wait until it has rejected `count` messages for a reason containing the text."""
+        deadline = time.monotonic() + timeout
+        while len(self.rejected(containing)) < count:
+            assert time.monotonic() < deadline, (
+                f"{self.side.host}: not {count} rejections for {containing!r} within {timeout} s: "
+                f"{self.rejected()}"
+            )
+            time.sleep(0.05)
+        return self.rejected(containing)
+
     def hello_results(self) -> list[dict[str, Any]]:
         """The JSON lines exec/hello.py printed, one per launched command that has finished."""
         if not self.exec_log.exists():

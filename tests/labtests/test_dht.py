@@ -72,15 +72,6 @@ def start(
     return process
 
 
-def wait_for(plexus: Plexus, text: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in plexus.log():
-        code = plexus.process.poll()
-        assert code is None, f"exited {code}: {plexus.stderr()}\n{plexus.log()}"
-        assert time.monotonic() < deadline, plexus.log()
-        time.sleep(0.05)
-
-
 def test_a_session_meets_on_the_dht_and_connects(
     lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
 ) -> None:
@@ -167,13 +158,12 @@ def test_forged_unsigned_replayed_or_misdirected_values_start_nothing(
         "stale": dht.seal(request(hosts.inviter, 4, now - 2 * CLOCK_TOLERANCE), hosts.inviter, home),
     }
     put_values(lab, network, key, [*bad.values(), genuine, genuine])  # the second genuine: a replay
-    wait_for(acceptor, "request from")
+    acceptor.wait_events("requested")
     time.sleep(1.0)  # time for every value to arrive
-    log = acceptor.log()
-    assert log.count("request from") == 1, log  # only the genuine request, once
-    ignored = [line for line in log.splitlines() if "ignoring a value" in line]
+    assert len(acceptor.events("requested")) == 1, acceptor.events()  # only the genuine request, once
     for reason in ("not encrypted to this host", "not the pinned peer", "from now", "replay"):
-        assert any(reason in line for line in ignored), (reason, ignored)
+        acceptor.wait_rejected(reason)
+    assert {event["source"] for event in acceptor.events("rejected")} == {"dht"}
 
 
 def test_streams_run_over_a_session_met_on_the_dht(
@@ -208,13 +198,12 @@ def test_a_restarted_acceptor_does_not_answer_the_requests_already_on_the_dht(
     assert invite.wait(60) == 0, invite.stderr()
     first.stop()
     again = start(lab, tmp_path, running, network, hosts, accept=True)
-    wait_for(again, "already on the DHT at the start: not answered")
-    sessions.wait_until_listening(again)
+    sessions.wait_until_listening(again)  # the requests already on the DHT passed over by then
     started = time.monotonic()
     invite = start(lab, tmp_path, running, network, hosts, accept=False)
     assert invite.wait(60) == 0, f"{invite.stderr()}\n{again.log()}"
     assert time.monotonic() - started < 15, again.log()
-    assert again.log().count("request from") == 1  # the new one only
+    assert len(again.events("requested")) == 1, again.events()  # the new one only
 
 
 def test_a_hosts_node_id_is_the_secret_one_of_the_day(

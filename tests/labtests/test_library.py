@@ -104,8 +104,9 @@ def test_invite_and_accept_on_the_dht(lab: Lab, tmp_path: Path, network: DhtNetw
         stop_process(accepting)
     invited = inviting_out.read_text()
     assert "path: direct" in invited and "heard: hello from the acceptor" in invited, invited
-    assert [line for line in invited.splitlines() if line.startswith("event: ")][:3] == [
+    assert [line for line in invited.splitlines() if line.startswith("event: ")][:4] == [
         "event: started",
         "event: discovered",
+        "event: sent",
         "event: answered",
     ]

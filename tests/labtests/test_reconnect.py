@@ -65,8 +65,7 @@ def test_a_reconnect_replaces_the_commands_still_holding_the_fixed_ports(
         now = (holders(lab, "a"), holders(lab, "b"))
         assert now != first, "each session's commands replace the last ones"
         first = now
-    assert "stopping the previous command" in invite.log()
-    assert "stopping the previous command" in acceptor.log()
+    assert invite.events("stopped") and acceptor.events("stopped")
     # "Normal time": the replacing sessions take no longer than the first, which found both ports free.
     assert max(took[1:]) < took[0] + 2.0, took
 
@@ -132,13 +131,16 @@ async def test_a_signal_in_each_waiting_phase_of_the_inviter(
     try:
         invite = sessions.start(lab, inviter, acceptor_side, tmp_path, accept=False, overrides=silent_stun)
         running.append(invite)
-        reached = {"stun": "asking STUN server", "mail": "waiting for the response", "handshake": "punching"}[
-            phase
-        ]
-        await asyncio.to_thread(wait_for, lambda: reached in invite.log())
+        # The event that ends the phase before: the session is in `phase` from then on.
+        name, fields = {
+            "stun": ("started", {}),
+            "mail": ("sent", {"kind": "request"}),
+            "handshake": ("chosen", {}),
+        }[phase]
+        await asyncio.to_thread(invite.wait_events, name, **fields)
         if phase == "stun":
             await asyncio.sleep(0.5)
-            assert "inner endpoint" not in invite.log()  # still waiting for STUN
+            assert not invite.events("discovered")  # still waiting for STUN
         invite.process.send_signal(signum)
         assert invite.wait(5) == code
         assert invite.stderr() == f"plexus: {line}\n"

@@ -84,13 +84,6 @@ class Attacker:
             time.sleep(PAUSE)
 
 
-def wait_for(plexus: Plexus, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in plexus.log():
-        assert time.monotonic() < deadline, f"no {text!r} in the log within {timeout} s:\n{plexus.log()}"
-        time.sleep(0.01)
-
-
 def test_forged_datagrams_from_the_inviters_nat_never_take_over_a_public_acceptor(
     lab: Lab, tmp_path: Path, running: list[Plexus]
 ) -> None:
@@ -108,10 +101,12 @@ def test_forged_datagrams_from_the_inviters_nat_never_take_over_a_public_accepto
         invite = sessions.start(lab, inviter_side, acceptor_side, tmp_path, accept=False, overrides=fixed)
         running.append(invite)
         # Until the acceptor's handshake is over; then its command binds the port, and greets only its peer.
-        wait_for(acceptor, "handshake with", 60)
+        acceptor.wait_events("connected", timeout=60)
         attacker.stop()
     code = invite.wait(90)
     assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    # Refused datagrams are counted in the debug log, the one place that names each: an event per datagram
+    # would let a flood grow the events file.
     log = acceptor.log()
     ignored = len(re.findall(rf"ignoring \d+ bytes from {re.escape(lab.public_ip('a'))}:\d+", log))
     print(
@@ -119,8 +114,8 @@ def test_forged_datagrams_from_the_inviters_nat_never_take_over_a_public_accepto
     )
     # 2.2's check would have let the median attacker in after 374 (tests/unit/test_puncher.py)
     assert ignored >= 400
-    assert "peer-reflexive endpoint" not in log
-    assert f"handshake with {inviter_outer} done" in log
+    assert not acceptor.events("moved")
+    assert [event["peer"] for event in acceptor.events("connected")] == [str(inviter_outer)]
     (result,) = acceptor.wait_hello()
     assert (result["args"]["peerip"], int(result["args"]["peerport"])) == tuple(inviter_outer)
     assert result["received"] is not None and result["received"].startswith(f"hello from {inviter_outer}")

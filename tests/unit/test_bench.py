@@ -1,48 +1,64 @@
-"""The benchmark's pure parts: the session timeline from two logs, the summaries, the floor."""
+"""The benchmark's pure parts: the session timeline from both sides' events, the summaries, the floor."""
 
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from bench import dht, floor, report, startup
 from bench.stats import quantile, summarize
-from bench.timeline import PHASES, Timeline, TimelineError, parse_log, timeline
-
-INVITER = """\
-2026-11-22 04:17:06,772 INFO plexus.session: inner endpoint 10.0.1.2:60551, outer endpoint 198.51.100.2:60551
-2026-11-22 04:17:06,841 INFO plexus.mediator.email: request sent to remote (<x@t>), waiting
-2026-11-22 04:17:07,886 INFO plexus.mediator.email: response from remote: outer endpoint 198.51.100.6:35384
-2026-11-22 04:17:07,887 INFO plexus.session: peer endpoint 198.51.100.6:35384, punching
-2026-11-22 04:17:07,891 INFO plexus.puncher: handshake with 198.51.100.6:35384 done
-"""
-ACCEPTOR = """\
-2026-11-22 04:17:00,364 INFO plexus.session: waiting for requests from local
-2026-11-22 04:17:01,000 INFO plexus.mediator.email: request from local: outer endpoint 198.51.100.2:1111
-2026-11-22 04:17:01,010 INFO plexus.session: inner endpoint 10.0.2.2:2222, outer endpoint 198.51.100.6:2222
-2026-11-22 04:17:01,020 INFO plexus.mediator.email: response sent to local
-2026-11-22 04:17:01,030 INFO plexus.puncher: handshake with 198.51.100.2:1111 done
-2026-11-22 04:17:07,349 INFO plexus.mediator.email: request from local: outer endpoint 198.51.100.2:60551
-2026-11-22 04:17:07,352 INFO plexus.session: inner endpoint 10.0.2.2:35384, outer endpoint 198.51.100.6:35384
-Traceback (most recent call last):
-  a continuation line
-2026-11-22 04:17:07,374 INFO plexus.mediator.email: response sent to local
-2026-11-22 04:17:07,890 INFO plexus.puncher: handshake with 198.51.100.2:60551 done
-"""
+from bench.timeline import PHASES, Timeline, TimelineError, timeline
 
 
 def at(text: str) -> float:
     return datetime.datetime.strptime(text, "%H:%M:%S.%f").replace(year=2026, month=11, day=22).timestamp()
 
 
-STARTED = [{"event": "started", "role": "invite", "at": at("04:17:06.770")}]
+def on_the_23rd(text: str) -> float:
+    return datetime.datetime.strptime(text, "%H:%M:%S.%f").replace(year=2026, month=11, day=23).timestamp()
+
+
+def events(
+    role: str, day: Callable[[str], float], *lines: tuple[str, str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Session events as a side's PLEXUS_EVENTS file holds them."""
+    return [{"event": name, "role": role, "at": day(when), **fields} for when, name, fields in lines]
+
+
+INVITER = events(
+    "invite",
+    at,
+    ("04:17:06.770", "started", {}),
+    ("04:17:06.772", "discovered", {"inner": "10.0.1.2:60551", "outer": "198.51.100.2:60551"}),
+    ("04:17:06.841", "sent", {"kind": "request"}),
+    ("04:17:07.887", "answered", {"peer": "198.51.100.6:35384"}),
+    ("04:17:07.887", "chosen", {"way": "direct"}),
+    ("04:17:07.891", "connected", {"peer": "198.51.100.6:35384", "way": "direct"}),
+)
+ACCEPTOR = events(
+    "accept",
+    at,
+    ("04:17:00.300", "discovered", {"inner": "10.0.2.2:2222", "outer": "198.51.100.6:2222"}),
+    ("04:17:00.364", "listening", {}),
+    # an earlier session
+    ("04:17:01.000", "requested", {"peer": "198.51.100.2:1111"}),
+    ("04:17:01.010", "discovered", {"inner": "10.0.2.2:2222", "outer": "198.51.100.6:2222"}),
+    ("04:17:01.020", "sent", {"kind": "response"}),
+    ("04:17:01.030", "connected", {"peer": "198.51.100.2:1111", "way": "direct"}),
+    # this one
+    ("04:17:07.349", "requested", {"peer": "198.51.100.2:60551"}),
+    ("04:17:07.352", "discovered", {"inner": "10.0.2.2:35384", "outer": "198.51.100.6:35384"}),
+    ("04:17:07.374", "sent", {"kind": "response"}),
+    ("04:17:07.890", "connected", {"peer": "198.51.100.2:60551", "way": "direct"}),
+)
 
 
 def test_timeline_splits_the_session_into_phases_that_add_up() -> None:
     started = at("04:17:06.400")
-    result = timeline(started, INVITER, ACCEPTOR, (at("04:17:07.950"), at("04:17:07.960")), STARTED)
+    result = timeline(started, INVITER, ACCEPTOR, (at("04:17:07.950"), at("04:17:07.960")))
     assert list(result.phases) == [name for name, _ in PHASES]
     expected = {
         "start": 0.370, "stun": 0.002, "mail_out": 0.069, "mail_in": 0.508, "stun_acceptor": 0.003,
@@ -54,13 +70,15 @@ def test_timeline_splits_the_session_into_phases_that_add_up() -> None:
 
 
 def test_a_session_that_never_got_its_response_has_no_timeline() -> None:
-    cut = INVITER.split("response from")[0].rsplit("\n", 1)[0]
-    with pytest.raises(TimelineError, match="peer endpoint"):
-        timeline(at("04:17:06.400"), cut, ACCEPTOR, (0.0, 0.0), STARTED)
+    cut = [event for event in INVITER if event["event"] not in ("answered", "chosen", "connected")]
+    with pytest.raises(TimelineError, match="no answered event"):
+        timeline(at("04:17:06.400"), cut, ACCEPTOR, (0.0, 0.0))
 
 
-def test_parse_log_skips_continuation_lines() -> None:
-    assert len(parse_log(ACCEPTOR)) == 9
+def test_the_acceptors_session_is_the_one_with_the_inviters_outer_endpoint() -> None:
+    other = [event for event in ACCEPTOR if event["at"] < at("04:17:07.000")]
+    with pytest.raises(TimelineError, match=r"no requested event peer=198\.51\.100\.2:60551"):
+        timeline(at("04:17:06.400"), INVITER, other, (0.0, 0.0))
 
 
 def test_summaries() -> None:
@@ -184,33 +202,32 @@ def test_check_fails_the_streams_only_on_wrong_bytes() -> None:
 
 # ---- the dht section (bench/dht.py) ----------------------------------------------------------------------
 
-DHT_INVITER = """\
-2026-11-23 12:45:15,238 INFO plexus.mediator.dhtnode: on the DHT as n6ax
-2026-11-23 12:45:15,288 INFO plexus.session: inner endpoint 10.0.1.2:51352, outer endpoint 198.51.100.2:51352
-2026-11-23 12:45:15,395 INFO plexus.mediator.dhtnode: request put for o5go, waiting for the response
-2026-11-23 12:45:15,660 INFO plexus.mediator.dhtnode: response from o5go: outer endpoint 198.51.100.6:40000
-2026-11-23 12:45:15,661 INFO plexus.session: peer endpoint 198.51.100.6:40000, punching
-2026-11-23 12:45:15,763 INFO plexus.puncher: handshake with 198.51.100.6:40000 done
-"""
-DHT_ACCEPTOR = """\
-2026-11-23 12:45:00,000 INFO plexus.mediator.dhtnode: waiting for requests from n6ax
-2026-11-23 12:45:10,000 INFO plexus.mediator.dhtnode: request from n6ax: outer endpoint 198.51.100.2:1111
-2026-11-23 12:45:10,003 INFO plexus.session: inner endpoint 10.0.2.2:40000, outer endpoint 198.51.100.6:40000
-2026-11-23 12:45:10,010 INFO plexus.puncher: handshake with 198.51.100.2:1111 done
-2026-11-23 12:45:15,498 INFO plexus.mediator.dhtnode: request from n6ax: outer endpoint 198.51.100.2:51352
-2026-11-23 12:45:15,605 INFO plexus.session: inner endpoint 10.0.2.2:40000, outer endpoint 198.51.100.6:40000
-2026-11-23 12:45:15,762 INFO plexus.puncher: handshake with 198.51.100.2:51352 done
-"""
-
-
-def on_the_23rd(text: str) -> float:
-    return datetime.datetime.strptime(text, "%H:%M:%S.%f").replace(year=2026, month=11, day=23).timestamp()
+DHT_INVITER = events(
+    "invite",
+    on_the_23rd,
+    ("12:45:15.180", "started", {}),
+    ("12:45:15.288", "discovered", {"inner": "10.0.1.2:51352", "outer": "198.51.100.2:51352"}),
+    ("12:45:15.395", "sent", {"kind": "request"}),
+    ("12:45:15.661", "answered", {"peer": "198.51.100.6:40000"}),
+    ("12:45:15.763", "connected", {"peer": "198.51.100.6:40000", "way": "direct"}),
+)
+DHT_ACCEPTOR = events(
+    "accept",
+    on_the_23rd,
+    ("12:45:10.000", "requested", {"peer": "198.51.100.2:1111"}),
+    ("12:45:10.003", "discovered", {"inner": "10.0.2.2:40000", "outer": "198.51.100.6:40000"}),
+    ("12:45:10.004", "sent", {"kind": "response"}),
+    ("12:45:10.010", "connected", {"peer": "198.51.100.2:1111", "way": "direct"}),
+    ("12:45:15.498", "requested", {"peer": "198.51.100.2:51352"}),
+    ("12:45:15.605", "discovered", {"inner": "10.0.2.2:40000", "outer": "198.51.100.6:40000"}),
+    ("12:45:15.606", "sent", {"kind": "response"}),
+    ("12:45:15.762", "connected", {"peer": "198.51.100.2:51352", "way": "direct"}),
+)
 
 
 def test_dht_timeline() -> None:
     launched = (on_the_23rd("12:45:15.790"), on_the_23rd("12:45:15.800"))
-    started = [{"event": "started", "role": "invite", "at": on_the_23rd("12:45:15.180")}]
-    two = dht.dht_timeline(on_the_23rd("12:45:14.850"), DHT_INVITER, DHT_ACCEPTOR, launched, started)
+    two = dht.dht_timeline(on_the_23rd("12:45:14.850"), DHT_INVITER, DHT_ACCEPTOR, launched)
     assert list(two.phases) == [name for name, _ in dht.DHT_PHASES]
     expected = {"start": 0.330, "stun": 0.108, "card": 0.107, "request_in": 0.103, "stun_acceptor": 0.107,
                 "response_in": 0.056, "handshake": 0.102, "launch": 0.037}  # fmt: skip
@@ -218,7 +235,7 @@ def test_dht_timeline() -> None:
     assert sum(two.phases.values()) == pytest.approx(two.total) == pytest.approx(0.950, abs=1e-3)
     # one cut for every way: the mail's four phases between the request and the punch are its rendezvous
     assert dht.common("dht", two.phases)["rendezvous"] == pytest.approx(0.103 + 0.107 + 0.056, abs=1e-3)
-    mail = timeline(at("04:17:06.400"), INVITER, ACCEPTOR, (at("04:17:07.950"), at("04:17:07.960")), STARTED)
+    mail = timeline(at("04:17:06.400"), INVITER, ACCEPTOR, (at("04:17:07.950"), at("04:17:07.960")))
     cut = dht.common("mail", mail.phases)
     assert list(cut) == [name for name, _ in dht.COMMON]
     assert sum(cut.values()) == pytest.approx(mail.total)
@@ -226,11 +243,9 @@ def test_dht_timeline() -> None:
 
 
 def test_a_dht_session_without_its_request_has_no_timeline() -> None:
-    cut = DHT_ACCEPTOR.split("2026-11-23 12:45:15,498")[0]
-    with pytest.raises(TimelineError, match="request from"):
-        dht.dht_timeline(
-            0.0, DHT_INVITER, cut, (0.0, 0.0), [{"event": "started", "role": "invite", "at": 0.0}]
-        )
+    cut = [event for event in DHT_ACCEPTOR if event["at"] < on_the_23rd("12:45:15.000")]
+    with pytest.raises(TimelineError, match="no requested event"):
+        dht.dht_timeline(0.0, DHT_INVITER, cut, (0.0, 0.0))
 
 
 def _dht() -> dict[str, Any]:

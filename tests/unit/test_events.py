@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 from pathlib import Path
@@ -49,3 +50,41 @@ def test_the_environment_names_the_file(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_no_events_yet(tmp_path: Path) -> None:
     assert events.read(tmp_path / "missing") == []
+
+
+def test_emit_reports_to_the_session_in_place_and_nowhere_without_one() -> None:
+    seen: list[events.Event] = []
+    events.emit(events.Sent, kind="request")  # no session reporting: dropped
+    with events.reporting(seen.append, "accept"):
+        events.emit(events.Sent, kind="response")
+    events.emit(events.Sent, kind="refusal")
+    assert [(event.role, event.kind) for event in seen if isinstance(event, events.Sent)] == [
+        ("accept", "response")
+    ]
+
+
+def test_a_reason_is_one_line_with_its_puzzles_masked() -> None:
+    puzzle = 0xFEDC_BA98_7654_3210
+    reason = events.one_line(f"puzzle {puzzle} already seen:\n a replay from 198.51.100.1:40000, UID 12")
+    assert reason == "puzzle … already seen: a replay from 198.51.100.1:40000, UID 12"
+    assert len(events.one_line("x" * 1000)) == 200
+
+
+def test_no_event_has_a_field_for_a_secret() -> None:
+    def every(kind: type[events.Event]) -> list[type[events.Event]]:
+        return [kind, *(sub for child in kind.__subclasses__() for sub in every(child))]
+
+    names = {item.name for kind in every(events.Event) for item in dataclasses.fields(kind)}
+    assert not names & {"puzzle", "secret", "password", "passwd", "key"}
+    assert {"sent", "rejected", "moved", "fell_back", "ended"} <= {
+        kind.name for kind in every(events.Event)[1:]
+    }
+
+
+def test_a_failing_sink_costs_the_event_not_the_caller(caplog: pytest.LogCaptureFixture) -> None:
+    def full(event: events.Event) -> None:
+        raise OSError(28, "No space left on device")
+
+    with events.reporting(full, "accept"):
+        events.emit(events.Rejected, source="mail", reason="stale")
+    assert "the rejected event was not reported" in caplog.text

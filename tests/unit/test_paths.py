@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import pytest
 
-from plexus import paths
+from plexus import events, paths
 from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError
 from plexus.launcher import Tunnel
@@ -69,9 +69,12 @@ def _attempt() -> Any:
 async def test_establish_falls_back_and_bounds_all_but_the_last() -> None:
     tunnel = Tunnel(Endpoint("10.0.0.1", 1), Endpoint("198.51.100.1", 1), THEIRS, 7, "relay")
     direct, relay = _Way(Method.DIRECT, None), _Way(Method.RELAY, paths.Punched(tunnel))
-    got = await paths.establish([direct, relay], _attempt(), handshake_timeout=60.0)
+    reported: list[events.Event] = []
+    with events.reporting(reported.append, "accept"):
+        got = await paths.establish([direct, relay], _attempt(), handshake_timeout=60.0)
     assert got == paths.Punched(tunnel)
     assert (direct.timeouts, relay.timeouts) == ([paths.FALLBACK_BOUND], [60.0])
+    assert [e.way for e in reported if isinstance(e, events.FellBack)] == ["direct"]
 
 
 async def test_the_last_ways_failure_is_the_sessions() -> None:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plexus import puncher, session
+from plexus import events, puncher, session
 from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError
 from plexus.identity import Identity
@@ -614,12 +614,14 @@ def test_peer_reflexive_switch_happens_once_and_only_for_authenticated_packets(
     assert machine.peer == mailed
     assert not machine.settled
     assert machine.datagrams_to_send() == []
-    with caplog.at_level("INFO", logger="plexus.puncher"):
+    reported: list[events.Event] = []
+    with caplog.at_level("INFO", logger="plexus.puncher"), events.reporting(reported.append, "invite"):
         machine.datagram_received(HELLO, mailed._replace(port=6000), 0.2)
     assert machine.peer == Endpoint(HARD_IP, 6000)
     assert [r.getMessage() for r in caplog.records if "peer-reflexive" in r.getMessage()] == [
         f"peer-reflexive endpoint {HARD_IP}:6000: the peer's packets come from there, not {mailed}"
     ]
+    assert [(e.before, e.after) for e in reported if isinstance(e, events.Moved)] == [(mailed, machine.peer)]
     # the answer (an acceptor's ready, an inviter's hello at once) goes to the new peer (to=None)
     assert sent(machine) == [(Flag.READY if role is Acceptor else Flag.HELLO, None)]
     # from now on only the new peer counts: neither the mailed endpoint nor a third port
