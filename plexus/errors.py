@@ -156,6 +156,10 @@ class NotServedError(PlexusError):
     """An acceptor's reason to refuse a request it is not configured for (the inviter exits PEER_REFUSED)."""
 
 
+class SupersededError(PlexusError):
+    """An acceptor's session given up for a newer request (session.Turn); only ever logged."""
+
+
 class PeerNotFoundError(PlexusError):
     exit_code = ExitCode.PEER_NOT_FOUND
 

@@ -23,6 +23,7 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from plexus import events, launcher, path, paths, puncher, stun
 from plexus.endpoint import Endpoint
@@ -32,6 +33,7 @@ from plexus.errors import (
     NotServedError,
     PeerRefusedError,
     PlexusError,
+    SupersededError,
 )
 from plexus.launcher import Command, Running, Slot, Tunnel
 from plexus.paths import bind as bind  # cli.py binds --stun-client through the session
@@ -40,6 +42,7 @@ from plexus.rendezvous import Invitation, Mapping, Offer, Reach, Rendezvous, Ren
 from plexus.streams import StreamsConfig, carry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # How long the inviter watches the launched command before exiting: long enough to report a command that
 # fails at once (bad arguments), short enough not to hold up a cron job.
@@ -288,8 +291,8 @@ async def _accept(config: SessionConfig) -> None:
     sessions: set[asyncio.Task[None]] = set()
     running: set[Running] = set()
     slot = config.slot("accept")
-    # Replacing sessions take turns, so the newest request wins; kept ones each have their own inner port.
-    turn = None if config.keep_sessions else asyncio.Lock()
+    # Replacing sessions take turns (Turn: the newest request wins); kept ones each have their own inner port.
+    turn = None if config.keep_sessions else Turn()
     try:
         # Entering starts the IMAP login (the DHT join), which runs while STUN does.
         async with config.rendezvous.open() as rendezvous:
@@ -323,7 +326,7 @@ async def _serve(
     config: SessionConfig,
     rendezvous: Rendezvous,
     invitation: Invitation,
-    turn: asyncio.Lock | None,
+    turn: Turn | None,
     slot: Slot | None,
     running: set[Running],
 ) -> None:
@@ -332,19 +335,22 @@ async def _serve(
     if _wants_streams(invitation):  # streams sessions run side by side: no command of another is stopped
         turn = slot = None
     async with contextlib.AsyncExitStack() as relays:
+
+        async def establish() -> tuple[paths.Established, subprocess.Popen[bytes] | None]:
+            if slot is not None:
+                await slot.stop_previous()
+            established = await _answer(config, rendezvous, invitation, relays)
+            if config.hand_over is not None or _wants_streams(invitation):
+                return established, None
+            assert config.command is not None  # _answer refused the request otherwise
+            process = launcher.start(config.command, established.tunnel)
+            if slot is not None:
+                slot.save(process.pid)
+            return established, process
+
         try:
-            async with _maybe(turn):
-                if slot is not None:
-                    await slot.stop_previous()
-                established = await _answer(config, rendezvous, invitation, relays)
-                if config.hand_over is not None or _wants_streams(invitation):
-                    process = None
-                else:
-                    assert config.command is not None  # _answer refused the request otherwise
-                    process = launcher.start(config.command, established.tunnel)
-                    if slot is not None:
-                        slot.save(process.pid)
-                config.on_event(events.Launched(role="accept", pid=process.pid if process else None))
+            established, process = await (establish() if turn is None else turn.run(establish))
+            config.on_event(events.Launched(role="accept", pid=process.pid if process else None))
         except PlexusError as error:
             log.error("session with %s failed: %s", peer, error)
             config.on_event(events.Failed(role="accept", error=str(error)))
@@ -443,10 +449,34 @@ async def _refusing(
         raise
 
 
-@contextlib.asynccontextmanager
-async def _maybe(lock: asyncio.Lock | None) -> AsyncIterator[None]:
-    if lock is None:
-        yield
-    else:
-        async with lock:
-            yield
+class Turn:
+    """Replacing sessions take turns, and the newest request wins: a session still being established (stopping
+    the last command, answering, punching) when a newer request arrives is given up, and so is one still
+    waiting for its turn. Its inviter has asked again or gone, or never was (a forged anonymous request toward
+    an endpoint nobody punches from): it must not hold the newer one back for its whole handshake timeout."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._newest = 0
+        self._current: asyncio.Task[Any] | None = None
+
+    async def run(self, work: Callable[[], Awaitable[T]]) -> T:
+        """`work()` in turn; SupersededError when a newer request comes before it is done."""
+        self._newest += 1
+        mine = self._newest
+        if self._current is not None:
+            self._current.cancel()
+        async with self._lock:
+            if mine != self._newest:
+                raise SupersededError("a newer request arrived while this one waited its turn")
+            task = asyncio.ensure_future(work())
+            self._current = task
+            try:
+                return await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the acceptor itself is stopping
+                raise SupersededError("a newer request arrived before this one was established") from None
+            finally:
+                self._current = None

@@ -136,6 +136,28 @@ def test_hostile_mail_never_stops_the_acceptor_nor_its_restart(
     inviter_box.purge(list(inviter_box.contents()))
 
 
+def test_a_forged_request_does_not_hold_the_genuine_one_back(
+    lab: Lab, tmp_path: Path, running: list[Plexus]
+) -> None:
+    """Anonymous mail: a forged request toward an endpoint nobody punches from starts a session that would
+    wait out its 60 s handshake; the genuine request after it wins at once (session.Turn), not a minute
+    later."""
+    inviter, acceptor_side = sessions.pair(lab)
+    acceptor = sessions.start(lab, acceptor_side, inviter, tmp_path, accept=True)
+    running.append(acceptor)
+    sessions.wait_until_listening(acceptor)
+    Mailbox(lab, acceptor_side.account).append(forged(inviter, acceptor_side))
+    acceptor.wait_events("requested", peer=str(DEAD_END.outer))
+    started = time.monotonic()
+    invite(lab, inviter, acceptor_side, tmp_path, running)
+    took = time.monotonic() - started
+    acceptor.wait_hello(1)
+    assert took < 20, f"the genuine inviter took {took:.1f} s"
+    (given_up,) = acceptor.wait_events("failed")
+    assert "a newer request arrived" in given_up["error"]
+    assert_calm(acceptor)
+
+
 def test_smime_with_foreign_ciphers_never_stops_the_acceptor(
     lab: Lab, tmp_path: Path, running: list[Plexus]
 ) -> None:
