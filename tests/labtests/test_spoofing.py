@@ -77,6 +77,8 @@ class Attacker:
         rng = random.Random(16)
         while not self._stop.is_set():
             for _ in range(BURST):
+                if self._stop.is_set():
+                    return
                 port = self.spoofed.port if self.sent % 2 else rng.randrange(1024, 65536)
                 source = Endpoint(self.spoofed.host, port)
                 self.raw.sendto(udp_packet(source, self.target, forged(rng)), (self.target.host, 0))
@@ -118,6 +120,7 @@ def test_forged_datagrams_from_the_inviters_nat_never_take_over_a_public_accepto
     assert [event["peer"] for event in acceptor.events("connected")] == [str(inviter_outer)]
     (result,) = acceptor.wait_hello()
     assert (result["args"]["peerip"], int(result["args"]["peerport"])) == tuple(inviter_outer)
-    assert result["received"] is not None and result["received"].startswith(f"hello from {inviter_outer}")
+    # What hello.py then hears is the command's own traffic, which plexus does not authenticate (OpenVPN's
+    # tls-auth does that for its own): forged datagrams still in flight when the flood stops may reach it.
     (theirs,) = invite.wait_hello()
     assert (theirs["args"]["peerip"], int(theirs["args"]["peerport"])) == tuple(acceptor_outer)
