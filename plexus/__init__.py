@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "accept", "explore", "invite"]
+__all__ = ["__version__", "accept", "connect", "explore", "invite", "serve"]
 
 if TYPE_CHECKING:
-    from plexus.api import accept, explore, invite
+    from plexus.api import accept, connect, explore, invite, serve
 
 
 def __getattr__(name: str) -> Any:
     """The library's names (plexus/api.py), imported on first use: `import plexus` (and `plexus --version`)
     loads nothing else."""
-    if name in ("accept", "explore", "invite"):
+    if name in __all__[1:]:
         from plexus import api
 
         return getattr(api, name)

@@ -1,4 +1,6 @@
-"""plexus as a library, in the spirit of C++ plexus's plexus.h: explore, invite, accept (docs/library.md).
+"""plexus as a library, in the spirit of C++ plexus's plexus.h (docs/library.md): explore; invite and accept,
+which hand each established path to the caller; connect and serve, which run the configured command or
+streams on it as the command line does (plexus/cli.py is a thin layer over those two).
 
 `import plexus` stays cheap: plexus/__init__.py imports this module on first use of one of its names.
 """
@@ -130,6 +132,25 @@ async def accept(config: SessionConfig) -> AsyncIterator[Tunnel]:
     finally:
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
+
+
+async def connect(config: SessionConfig) -> Tunnel:
+    """The inviter's session as `plexus` runs it: meet the acceptor, punch, then launch config.command with
+    the path's endpoints (returning once the command has survived its first second; on a relay this side
+    allocated, once it has exited, since its datagrams pass through here) or carry config.streams until
+    they end. Stops the command of this host's previous session first (unless config.keep_sessions).
+    Returns the path taken. Raises plexus.errors.PlexusError subclasses as the CLI's exit codes name them."""
+    return await session.invite(config)
+
+
+async def serve(config: SessionConfig) -> None:
+    """The acceptor as `plexus --accept` runs it, until cancelled: each request from the pinned peer gets
+    the path, and config.command is launched on it (a newer request replaces the session before it, unless
+    config.keep_sessions) or its streams are served (config.streams' allow-list). A request this acceptor
+    cannot serve is refused; a session that fails is reported (config.on_event) and the next one served.
+    Cancelled, it stops the commands it launched. Raises PlexusError subclasses only for its own start: a
+    STUN server that does not answer, a rendezvous that cannot be reached."""
+    await session.accept(config)
 
 
 def _endpoint(value: Endpoint | str, port: int) -> Endpoint:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from plexus.mediator.dhtnode import DhtConfig
     from plexus.mediator.email import MailConfig
     from plexus.mediator.smime import SmimeConfig
-    from plexus.session import TurnConfig
+    from plexus.paths import TurnConfig
     from plexus.streams import StreamsConfig
     from plexus.streams.forward import Forward
 
@@ -610,7 +610,7 @@ def mail_config(options: Options) -> MailConfig:
 def turn_config(options: Options) -> TurnConfig | None:
     if not options.get(Name.TURN_SERVER):
         return None
-    from plexus.session import TurnConfig
+    from plexus.paths import TurnConfig
 
     return TurnConfig(
         server=options.endpoint(Name.TURN_SERVER),

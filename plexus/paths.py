@@ -1,14 +1,18 @@
-"""The ways through, as values: each kind of path knows how it is set up, reported and torn down.
+"""The ways through, as values: this side's candidates, and each kind of path, which knows how it is set up,
+reported and torn down.
 
-plexus/path.py decides which kind of path the two NATs allow (a pure decision table); `ways` turns that
+`discover` learns this side's server-reflexive candidate (STUN: its outer endpoint and its NAT's mapping),
+`gather` adds a relayed one where a relay may be needed; `Gathered.reach` is what the offer tells the peer.
+plexus/path.py decides which kind of path the two NATs allow (a pure decision table); `choose` turns that
 decision and the relays at hand into an ordered list of Way values, and `establish` tries them in turn: with
 a relay to fall back on, the first is bounded by FALLBACK_BOUND. A Way's `establish` confirms the path with
 the handshake and returns an Established path, which carries the session's work (the command's life, the
 streams) and, on a relay this side allocated, the datagrams between the command and the relay.
 
-A new kind of path (LAN or IPv6 candidates, TURN over TCP, a port mapping) is one more Way and its place in
-`ways`; the session's flow does not change. The shape follows aioice's candidates (values tried in order)
-and aioquic's QuicConnection (the transport's state kept out of the caller's flow).
+A new kind of path (LAN or IPv6 candidates, TURN over TCP, a port mapping) is one more candidate in
+`gather`, one more Way and its place in `ways`; the session's flow does not change. The shape follows
+aioice's candidates (values tried in order) and aioquic's QuicConnection (the transport's state kept out of
+the caller's flow).
 """
 
 from __future__ import annotations
@@ -19,16 +23,18 @@ import logging
 import socket
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from plexus import events, puncher
+from plexus import events, path, puncher, stun
 from plexus.endpoint import Endpoint
-from plexus.errors import HandshakeTimeoutError, UsageError
+from plexus.errors import HandshakeTimeoutError, NatUnsuitableError, UsageError
 from plexus.launcher import Tunnel
 from plexus.path import Method, Plan
-from plexus.relay import Relay
-from plexus.relay import forward as relay_forward
-from plexus.relay import punch as relay_punch
+from plexus.rendezvous import Mapping, Reach
+
+# The TURN client (aioice's) loads with the first relay a session allocates or uses, not with every session.
+if TYPE_CHECKING:
+    from plexus.relay import Relay
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,84 @@ def bind(inner: Endpoint) -> socket.socket:
         raise UsageError(f"cannot bind --stun-client {inner}: {error.strerror}") from error
     sock.setblocking(False)
     return sock
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    """--turn-server, --turn-user, --turn-passwd: the relay for when both NATs map per destination."""
+
+    server: Endpoint
+    user: str
+    password: str
+
+
+@dataclass(frozen=True)
+class Found:
+    """What STUN told this side: its endpoints, and whether its NAT maps endpoint-independently."""
+
+    inner: Endpoint
+    outer: Endpoint
+    mapping: Mapping
+
+
+async def discover(sock: socket.socket, server: Endpoint) -> Found:
+    """Learn the inner and outer endpoints and whether the outer one holds for every destination."""
+    log.debug("asking STUN server %s for the outer endpoint", server)
+    report = await stun.probe_mapping(sock, server)
+    if report.mapping is None:
+        log.warning("STUN server %s has no alternate address: NAT mapping not tested", server)
+    log.info("inner endpoint %s, outer endpoint %s", report.inner, report.outer)
+    if report.punchable is False:
+        log.info("NAT mapping is %s: the outer port changes per destination", report.mapping)
+    found = Found(report.inner, report.outer, "dependent" if report.punchable is False else "independent")
+    events.emit(events.Discovered, inner=found.inner, outer=found.outer, mapping=found.mapping)
+    return found
+
+
+def note_limits(found: Found, turn: TurnConfig | None) -> None:
+    """An acceptor behind a NAT that maps per destination says at its start which peers it cannot serve."""
+    if found.mapping == "dependent":
+        log.warning(
+            "this NAT maps per destination: peers behind endpoint-independent NATs get through by birthday "
+            "punching; peers behind such NATs too need a TURN relay (%s)",
+            f"--turn-server {turn.server}" if turn else "no --turn-server given",
+        )
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """This side's candidates: STUN's (`found`), and the relay it allocated (`relay`) where one may be
+    needed."""
+
+    found: Found
+    relay: Relay | None = None
+
+    def reach(self, streams: bool) -> Reach:
+        """What this side's offer tells the peer of its ways through."""
+        return Reach(self.found.mapping, self.relay.relayed if self.relay else None, streams)
+
+
+async def gather(
+    found: Found,
+    turn: TurnConfig | None,
+    allocations: contextlib.AsyncExitStack,
+    *,
+    accept: bool,
+    peer: Reach | None = None,
+) -> Gathered:
+    """This side's candidates. A relay is allocated (into `allocations`, which releases it) where it may be
+    needed: by the inviter before its request, so that the request can name it, when its NAT maps per
+    destination (an acceptor with its own relay, or an easier NAT, may make it unneeded); by the acceptor for
+    a `peer` that brought none (a 2.2 inviter, `peer` None, knows of none), for the path when both NATs map
+    per destination and to fall back on when a direct attempt fails."""
+    needed = (peer is not None and peer.relay is None) if accept else found.mapping == "dependent"
+    if turn is None or not needed:
+        return Gathered(found)
+    from plexus.relay import Relay
+
+    relay = await allocations.enter_async_context(Relay(turn.server, turn.user, turn.password))
+    log.info("TURN relay allocated: %s", relay)
+    return Gathered(found, relay)
 
 
 @dataclass(frozen=True)
@@ -114,6 +198,8 @@ class Forwarded:
     through_here = True
 
     async def carry(self, work: Awaitable[None]) -> None:
+        from plexus.relay import forward as relay_forward
+
         with contextlib.closing(self.local):
             forwarding = asyncio.ensure_future(
                 relay_forward(self.relay, self.local, self.tunnel.inner, self.peer)
@@ -239,6 +325,8 @@ class OwnRelay:
         return Plan(Method.RELAY).describe()
 
     async def establish(self, attempt: Attempt, timeout: float) -> Established:
+        from plexus.relay import punch as relay_punch
+
         attempt.sock.close()  # STUN's mapping is not used: the peer is told of the relayed endpoint
         # its port toward the relay is not the one STUN saw: any port of its IP
         await self.relay.permit(attempt.peer.host)
@@ -259,6 +347,18 @@ class OwnRelay:
             local,
             peer,
         )
+
+
+def choose(mine: Gathered, theirs: Reach | None) -> list[Way]:
+    """The ways to try, in order (`theirs` is None for a plexus 2.2 peer): the one both NATs allow
+    (plexus/path.py), then a relay to fall back on."""
+    try:
+        chosen = path.choose(Reach(mine.found.mapping), theirs, own_relay=mine.relay is not None)
+    except path.NoPath as error:
+        raise NatUnsuitableError(f"no path to the peer: {error}") from error
+    log.info("path: %s", chosen.describe())
+    events.emit(events.Chosen, way=str(chosen.method), why=chosen.describe())
+    return ways(chosen, mine.relay, theirs.relay if theirs is not None else None)
 
 
 def ways(plan: Plan, own: Relay | None, theirs: Endpoint | None) -> list[Way]:

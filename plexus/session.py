@@ -23,23 +23,24 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from plexus import events, launcher, path, paths, puncher, stun
+from plexus import events, launcher, paths, puncher
 from plexus.endpoint import Endpoint
 from plexus.errors import (
     CommandFailedError,
-    NatUnsuitableError,
     NotServedError,
     PeerRefusedError,
     PlexusError,
     SupersededError,
 )
 from plexus.launcher import Command, Running, Slot, Tunnel
-from plexus.paths import bind as bind  # cli.py binds --stun-client through the session
-from plexus.relay import Relay
-from plexus.rendezvous import Invitation, Mapping, Offer, Reach, Rendezvous, RendezvousConfig
-from plexus.streams import StreamsConfig, carry
+from plexus.paths import TurnConfig, bind
+from plexus.rendezvous import Invitation, Offer, Rendezvous, RendezvousConfig
+
+# Streams (and with them aioquic) load with the first streams session, not with every session.
+if TYPE_CHECKING:
+    from plexus.streams import StreamsConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,15 +50,6 @@ T = TypeVar("T")
 INVITER_WATCH_SECONDS = 1.0
 # A stopped acceptor gives its commands this long to end after SIGTERM: a service stops within a second.
 SHUTDOWN_GRACE = 0.5
-
-
-@dataclass(frozen=True)
-class TurnConfig:
-    """--turn-server, --turn-user, --turn-passwd: the relay for when both NATs map per destination."""
-
-    server: Endpoint
-    user: str
-    password: str
 
 
 @dataclass(frozen=True)
@@ -87,45 +79,6 @@ class SessionConfig:
         return Slot.for_session(role, self.rendezvous.host_id, self.rendezvous.peer_id)
 
 
-@dataclass(frozen=True)
-class Found:
-    """What STUN told this side: its endpoints, and whether its NAT maps endpoint-independently."""
-
-    inner: Endpoint
-    outer: Endpoint
-    mapping: Mapping
-
-
-async def discover(sock: socket.socket, server: Endpoint) -> Found:
-    """Learn the inner and outer endpoints and whether the outer one holds for every destination."""
-    log.debug("asking STUN server %s for the outer endpoint", server)
-    report = await stun.probe_mapping(sock, server)
-    if report.mapping is None:
-        log.warning("STUN server %s has no alternate address: NAT mapping not tested", server)
-    log.info("inner endpoint %s, outer endpoint %s", report.inner, report.outer)
-    if report.punchable is False:
-        log.info("NAT mapping is %s: the outer port changes per destination", report.mapping)
-        return Found(report.inner, report.outer, "dependent")
-    return Found(report.inner, report.outer, "independent")
-
-
-def choose(
-    config: SessionConfig, role: events.Role, mine: Reach, theirs: Reach | None, own: Relay | None
-) -> list[paths.Way]:
-    """The ways to try, in order (plexus/paths.py): the one both NATs allow, then a relay to fall back on."""
-    try:
-        chosen = path.choose(mine, theirs, own_relay=own is not None)
-    except path.NoPath as error:
-        raise NatUnsuitableError(f"no path to the peer: {error}") from error
-    log.info("path: %s", chosen.describe())
-    config.on_event(events.Chosen(role=role, way=str(chosen.method), why=chosen.describe()))
-    return paths.ways(chosen, own, theirs.relay if theirs is not None else None)
-
-
-def _discovered(config: SessionConfig, role: events.Role, found: Found) -> None:
-    config.on_event(events.Discovered(role=role, inner=found.inner, outer=found.outer, mapping=found.mapping))
-
-
 def _connected(config: SessionConfig, role: events.Role, established: paths.Established) -> paths.Established:
     tunnel = established.tunnel
     connected = events.Connected(
@@ -136,24 +89,23 @@ def _connected(config: SessionConfig, role: events.Role, established: paths.Esta
 
 
 def _attempt(
-    config: SessionConfig, sock: socket.socket, found: Found, theirs: Offer, puzzle: int, *, accept: bool
+    config: SessionConfig,
+    sock: socket.socket,
+    mine: paths.Gathered,
+    theirs: Offer,
+    puzzle: int,
+    *,
+    accept: bool,
 ) -> paths.Attempt:
-    """What the ways need once both offers are known: this side's (STUN's `found`, its `puzzle`) and the
+    """What the ways need once both offers are known: this side's (its candidates, its `puzzle`) and the
     peer's; the secret and the handshake's codec follow from both puzzles."""
     inviter, acceptor = (theirs.puzzle, puzzle) if accept else (puzzle, theirs.puzzle)
     codec = handshake_codec(config, inviter, acceptor, theirs, accept=accept)
+    found = mine.found
     return paths.Attempt(
         sock, config.inner, found.inner, found.outer, theirs.outer, inviter ^ acceptor, codec, accept,
         config.punch_hops,
     )  # fmt: skip
-
-
-async def _allocate(config: SessionConfig, relays: contextlib.AsyncExitStack) -> Relay:
-    assert config.turn is not None
-    turn = config.turn
-    allocated = await relays.enter_async_context(Relay(turn.server, turn.user, turn.password))
-    log.info("TURN relay allocated: %s", allocated)
-    return allocated
 
 
 async def invite(config: SessionConfig) -> Tunnel:
@@ -209,18 +161,11 @@ async def _meet(
     """STUN, the request, the response, the punch."""
     with contextlib.closing(bind(config.inner)) as sock:
         async with rendezvous.submission() as submission:
-            found = await discover(sock, config.stun_server)
-            _discovered(config, "invite", found)
-            # Behind a NAT that maps per destination only a relay may do: allocate before the request, so
-            # that it can name the relay. An acceptor with its own relay, or an easier NAT, will make it
-            # unneeded.
-            own = None
-            if found.mapping == "dependent" and config.turn is not None:
-                own = await _allocate(config, relays)
+            found = await paths.discover(sock, config.stun_server)
+            mine = await paths.gather(found, config.turn, relays, accept=False)
             streams = config.streams is not None and config.streams.inviting
-            mine = Reach(found.mapping, own.relayed if own else None, streams)
             puzzle = secrets.randbits(64)
-            offer = Offer(found.outer, puzzle, mine)
+            offer = Offer(found.outer, puzzle, mine.reach(streams))
             response = await rendezvous.invite(offer, config.response_timeout, submission)
         config.on_event(events.Answered(role="invite", peer=response.outer))
         theirs = response.reach
@@ -228,9 +173,9 @@ async def _meet(
             raise PeerRefusedError(
                 f"{config.rendezvous.peer_id} does not serve streams (a plexus without them, or 2.2)"
             )
-        candidates = choose(config, "invite", mine, theirs, own)
+        candidates = paths.choose(mine, theirs)
         log.info("peer endpoint %s, punching", response.outer)
-        attempt = _attempt(config, sock, found, response, puzzle, accept=False)
+        attempt = _attempt(config, sock, mine, response, puzzle, accept=False)
         return _connected(
             config, "invite", await paths.establish(candidates, attempt, config.handshake_timeout)
         )
@@ -272,6 +217,8 @@ def _work(config: SessionConfig, tunnel: Tunnel, *, accept: bool) -> Awaitable[N
 async def _streams(tunnel: Tunnel, config: StreamsConfig, *, accept: bool) -> None:
     """The streams on the tunnel's inner endpoint (on a relay this side allocated: the loopback endpoint
     facing plexus's forwarder), bound now that the punch has let the port go."""
+    from plexus.streams import carry
+
     await carry(bind(tunnel.inner), tunnel, config, accept=accept)
 
 
@@ -299,14 +246,7 @@ async def _accept(config: SessionConfig) -> None:
             if slot is not None:
                 await slot.stop_previous()  # left by an acceptor that was killed: it holds the inner port
             with contextlib.closing(bind(config.inner)) as sock:
-                found = await discover(sock, config.stun_server)
-            _discovered(config, "accept", found)
-            if found.mapping == "dependent":
-                log.warning(
-                    "this NAT maps per destination: peers behind endpoint-independent NATs get through by "
-                    "birthday punching; peers behind such NATs too need a TURN relay (%s)",
-                    f"--turn-server {config.turn.server}" if config.turn else "no --turn-server given",
-                )
+                paths.note_limits(await paths.discover(sock, config.stun_server), config.turn)
             await rendezvous.listen()
             config.on_event(events.Listening(role="accept", peer_id=config.rendezvous.peer_id))
             async for invitation in rendezvous.requests():
@@ -409,25 +349,20 @@ async def _answer(
                 async with _refusing(rendezvous, invitation, submission):
                     _servable(config, invitation)
                     sock = closing.enter_context(contextlib.closing(bind(config.inner)))
-                    found = await discover(sock, config.stun_server)
-                    _discovered(config, "accept", found)
+                    found = await paths.discover(sock, config.stun_server)
                     theirs = invitation.offer.reach
-                    own = None
-                    # A relay for the path when both NATs map per destination, and to fall back on when a
-                    # direct attempt fails; unless the inviter brought one (a 2.2 inviter knows of none).
-                    if config.turn is not None and theirs is not None and theirs.relay is None:
-                        own = await _allocate(config, relays)
-                    mine = Reach(found.mapping, own.relayed if own else None, _wants_streams(invitation))
-                    candidates = choose(config, "accept", mine, theirs, own)
+                    mine = await paths.gather(found, config.turn, relays, accept=True, peer=theirs)
+                    candidates = paths.choose(mine, theirs)
                 puzzle = secrets.randbits(64)
-                attempt = _attempt(config, sock, found, invitation.offer, puzzle, accept=True)
+                attempt = _attempt(config, sock, mine, invitation.offer, puzzle, accept=True)
                 # The punch starts before the response leaves: the TTL-limited hello (or the fan-out, the
                 # spray, the relay's permission) has opened the way when the inviter's hellos arrive.
                 handshake = asyncio.ensure_future(
                     paths.establish(candidates, attempt, config.handshake_timeout)
                 )
                 await asyncio.sleep(0)
-                await rendezvous.answer(invitation, Offer(found.outer, puzzle, mine), submission)
+                offer = Offer(found.outer, puzzle, mine.reach(_wants_streams(invitation)))
+                await rendezvous.answer(invitation, offer, submission)
             return _connected(config, "accept", await handshake)
         finally:
             if handshake is not None:
