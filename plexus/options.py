@@ -28,12 +28,14 @@ if TYPE_CHECKING:
     from plexus.mediator.email import MailConfig
     from plexus.mediator.smime import SmimeConfig
     from plexus.paths import TurnConfig
+    from plexus.relay import Transport
     from plexus.streams import StreamsConfig
     from plexus.streams.forward import Forward
 
 log = logging.getLogger("plexus")
 
 STUN_PORT = 3478
+TURNS_PORT = 5349  # RFC 7065: turns: (TLS)
 HANDSHAKE_VARIABLE = "PLEXUS_HANDSHAKE_TIMEOUT"
 MAX_TIMEOUT = 24 * 3600.0
 # Numbers in ASCII digits only: float() and int() also take Arabic-Indic digits, '1_0', and more.
@@ -72,6 +74,7 @@ class Name(StrEnum):
     TURN_SERVER = "turn-server"
     TURN_USER = "turn-user"
     TURN_PASSWD = "turn-passwd"
+    TURN_CA = "turn-ca"
     EXEC_COMMAND = "exec-command"
     EXEC_ARGS = "exec-args"
     EXEC_PWD = "exec-pwd"
@@ -137,6 +140,43 @@ class Choice(Check):
 @dataclass(frozen=True)
 class Address(Check):
     default_port: int | None = None
+
+
+@dataclass(frozen=True)
+class TurnUri(Check):
+    """RFC 7065's TURN URI, or a bare address (UDP, as plexus 2.2 took it)."""
+
+    def parse(self, text: str, where: str) -> tuple[Endpoint, Transport]:
+        """`turn:HOST[:PORT][?transport=udp|tcp]` (port 3478), `turns:HOST[:PORT]` (TLS, port 5349), or
+        `HOST[:PORT]` (UDP, port 3478)."""
+        scheme, colon, rest = text.strip().partition(":")
+        scheme = scheme.lower()
+        # "turn:3478" is a host called turn and its port, as plexus 2.2 read it: a TURN URI's host is never
+        # only digits.
+        if not colon or scheme not in ("turn", "turns") or rest.isdigit():
+            return self._endpoint(text, STUN_PORT, where), "udp"
+        address, question, query = rest.partition("?")
+        transport: Transport = "tls" if scheme == "turns" else "udp"
+        if question:
+            key, equals, value = query.partition("=")
+            if key.lower() != "transport" or not equals or value.lower() not in ("udp", "tcp"):
+                raise UsageError(f"{where}: {text!r}: the only query is ?transport=udp or ?transport=tcp")
+            if value.lower() == "udp" and scheme == "turns":
+                raise UsageError(f"{where}: {text!r}: turns: over UDP (DTLS) is not supported; leave it out")
+            if scheme == "turn":
+                transport = "tcp" if value.lower() == "tcp" else "udp"
+        if address.startswith("//"):
+            raise UsageError(
+                f"{where}: {text!r}: a TURN URI has no //: turn:HOST[:PORT] or turns:HOST[:PORT]"
+            )
+        return self._endpoint(address, TURNS_PORT if scheme == "turns" else STUN_PORT, where), transport
+
+    @staticmethod
+    def _endpoint(text: str, default_port: int, where: str) -> Endpoint:
+        try:
+            return Endpoint.parse(text, default_port)
+        except ValueError as error:
+            raise UsageError(f"{where}: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -269,9 +309,10 @@ TABLE = (
     Option(
         Name.TURN_SERVER,
         NAT,
-        "TURN server to relay through when both NATs map per destination (port 3478 by default).",
-        "HOST[:PORT]",
-        check=Address(STUN_PORT),
+        "TURN server to relay through when both NATs map per destination or no UDP gets out: HOST[:PORT] "
+        "(UDP, port 3478), turn:HOST[:PORT]?transport=tcp (TCP), turns:HOST[:PORT] (TLS, port 5349).",
+        "URI",
+        check=TurnUri(),
     ),
     Option(Name.TURN_USER, NAT, "TURN user (long-term credentials).", "USER"),
     Option(
@@ -280,6 +321,13 @@ TABLE = (
         "TURN password (better in --config).",
         "PASSWORD",
         aliases=("turn-password",),
+    ),
+    Option(
+        Name.TURN_CA,
+        NAT,
+        "CA to verify a turns: server with, for a private CA [default: system].",
+        "FILE",
+        check=_FILE,
     ),
     Option(Name.EXEC_COMMAND, COMMAND, "Command to launch once connected.", "PATH"),
     Option(
@@ -524,6 +572,9 @@ class Options:
         except ValueError as error:
             raise UsageError(f"{self.origin(name)}: {error}") from error
 
+    def turn_uri(self, name: Name) -> tuple[Endpoint, Transport]:
+        return self._check(name, TurnUri).parse(self.require(name), self.origin(name))
+
     def path(self, name: Name) -> Path | None:
         check = self._check(name, File)
         value = self.get(name)
@@ -612,10 +663,18 @@ def turn_config(options: Options) -> TurnConfig | None:
         return None
     from plexus.paths import TurnConfig
 
+    server, transport = options.turn_uri(Name.TURN_SERVER)
+    ca = options.path(Name.TURN_CA)
+    if ca is not None and transport != "tls":
+        raise UsageError(
+            f"{options.origin(Name.TURN_CA)} is for a turns: server (TLS), not {transport.upper()}"
+        )
     return TurnConfig(
-        server=options.endpoint(Name.TURN_SERVER),
+        server=server,
         user=options.require(Name.TURN_USER),
         password=options.require(Name.TURN_PASSWD),
+        transport=transport,
+        ca=ca,
     )
 
 

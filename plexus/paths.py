@@ -23,6 +23,7 @@ import logging
 import socket
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from plexus import events, path, puncher, stun
@@ -34,7 +35,7 @@ from plexus.rendezvous import Mapping, Reach
 
 # The TURN client (aioice's) loads with the first relay a session allocates or uses, not with every session.
 if TYPE_CHECKING:
-    from plexus.relay import Relay
+    from plexus.relay import Relay, Transport
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,20 @@ def bind(inner: Endpoint) -> socket.socket:
 
 @dataclass(frozen=True)
 class TurnConfig:
-    """--turn-server, --turn-user, --turn-passwd: the relay for when both NATs map per destination."""
+    """--turn-server, --turn-user, --turn-passwd, --turn-ca: the relay for when both NATs map per destination
+    (or no UDP gets out: over TCP or TLS)."""
 
     server: Endpoint
     user: str
     password: str
+    transport: Transport = "udp"
+    ca: Path | None = None  # over TLS: the CA its certificate is verified against; None: the system's
+
+    def __str__(self) -> str:
+        """As --turn-server takes it (RFC 7065)."""
+        if self.transport == "tls":
+            return f"turns:{self.server}"
+        return f"turn:{self.server}?transport=tcp" if self.transport == "tcp" else str(self.server)
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,7 @@ def note_limits(found: Found, turn: TurnConfig | None) -> None:
         log.warning(
             "this NAT maps per destination: peers behind endpoint-independent NATs get through by birthday "
             "punching; peers behind such NATs too need a TURN relay (%s)",
-            f"--turn-server {turn.server}" if turn else "no --turn-server given",
+            f"--turn-server {turn}" if turn else "no --turn-server given",
         )
 
 
@@ -128,7 +138,9 @@ async def gather(
         return Gathered(found)
     from plexus.relay import Relay
 
-    relay = await allocations.enter_async_context(Relay(turn.server, turn.user, turn.password))
+    relay = await allocations.enter_async_context(
+        Relay(turn.server, turn.user, turn.password, transport=turn.transport, ca=turn.ca)
+    )
     log.info("TURN relay allocated: %s", relay)
     return Gathered(found, relay)
 

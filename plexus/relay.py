@@ -1,9 +1,11 @@
-"""A TURN relay (RFC 8656) for when no direct path can work: both NATs map per destination.
+"""A TURN relay (RFC 8656) for when no direct path can work: both NATs map per destination, or UDP is blocked.
 
-A thin asyncio driver around aioice's TURN client over UDP (`aioice.turn.TurnClientUdpProtocol`, the protocol
-`create_turn_endpoint` runs): aioice allocates with long-term credentials, refreshes the allocation, binds a
-channel per peer address and deletes the allocation on close. `Relay` adds what a long-lived relay for one
-peer needs:
+A thin asyncio driver around aioice's TURN client (`aioice.turn.TurnClientUdpProtocol`, or over TCP and TLS,
+RFC 6062/7065, `TurnClientTcpProtocol`: the protocols `create_turn_endpoint` runs): aioice allocates with
+long-term credentials, refreshes the allocation, binds a channel per peer address and deletes the allocation
+on close. Over TCP and TLS only the leg to the server is a stream: the relayed endpoint is UDP, so the peer
+sees no difference; each message on the stream is padded to 4 bytes (aioice frames and pads them). `Relay`
+adds what a long-lived relay for one peer needs:
 
 - channel bindings (hence permissions) refreshed every REFRESH_INTERVAL for as long as the relay lives, even
   when only the peer sends (aioice refreshes a channel only lazily, on a later send);
@@ -14,8 +16,9 @@ peer needs:
 - `forward()`, the data plane between the launched command's local socket and the peer, and `punch()`, the
   flag handshake of plexus/puncher.py run by plexus/driver.py over the relay.
 
-aioice keeps its channel table in attributes it does not document (`peer_to_channel`, `channel_refresh_at`):
-`_Client` alone reads and writes them, and tests/unit/test_relay.py fails if aioice stops having them.
+aioice keeps its channel table in attributes it does not document (`peer_to_channel`, `channel_refresh_at`),
+and its framing for the transport in `_send`: `_Plexus` alone reads and writes them, and
+tests/unit/test_relay.py fails if aioice stops having them.
 
 Errors are plexus errors with one-line messages: TurnAuthError (exit 12), TurnUnreachableError (13),
 TurnError (14).
@@ -28,10 +31,12 @@ import collections
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
 
 from aioice import stun, turn
 
@@ -56,12 +61,17 @@ _DATA_INDICATION = struct.pack("!H", 0x0017)  # method DATA (0x007), class indic
 
 Sink = Callable[[bytes, Endpoint], None]
 Address = tuple[str, int]
+# How this side reaches the TURN server (RFC 7065's transport; "tls" is its turns: scheme). The relayed
+# endpoint itself is UDP whatever this is.
+Transport = Literal["udp", "tcp", "tls"]
+TRANSPORT_NAMES: dict[Transport, str] = {"udp": "UDP", "tcp": "TCP", "tls": "TLS"}
 
 
-class _Client(turn.TurnClientUdpProtocol):
-    """aioice's TURN client over UDP, plus Data indications from IPs with a CreatePermission only (aioice
-    delivers them only for IPs that have a channel), the last socket error, for the unreachable message, and
-    the adapter to aioice's channel table (`channel`, `channels`, `rebound`), read nowhere else."""
+class _Plexus(turn.TurnClientMixin):
+    """What plexus adds to aioice's TURN client, over either transport: Data indications from IPs with a
+    CreatePermission only (aioice delivers them only for IPs that have a channel), the last socket error, for
+    the unreachable message, and the adapter to aioice's channel table (`channel`, `channels`, `rebound`) and
+    framing (`write`), read nowhere else."""
 
     def __init__(self, server: tuple[str, int], username: str, password: str, lifetime: int) -> None:
         super().__init__(
@@ -98,6 +108,10 @@ class _Client(turn.TurnClientUdpProtocol):
             self.last_error = exc
         log.debug("TURN socket error: %s", exc)
 
+    def write(self, message: bytes) -> None:
+        """Send a ChannelData message, framed for the transport (padded to 4 bytes on a stream)."""
+        self._send(message)
+
     def channel(self, peer: Address) -> int | None:
         """The channel bound to `peer`, if any."""
         return self.peer_to_channel.get(peer)
@@ -109,6 +123,18 @@ class _Client(turn.TurnClientUdpProtocol):
     def rebound(self, channel: int) -> None:
         """`channel` has just been bound again: aioice need not re-bind it before its next send."""
         self.channel_refresh_at[channel] = time.time() + self.channel_refresh_time
+
+
+class _Client(_Plexus, turn.TurnClientUdpProtocol):
+    """The client over UDP."""
+
+
+class _StreamClient(_Plexus, turn.TurnClientTcpProtocol):
+    """The client over TCP or TLS: aioice splits the stream into messages and hands each to
+    `datagram_received`, so the checks there hold for both."""
+
+
+C = TypeVar("C", _Client, _StreamClient)
 
 
 class _Receiver(asyncio.DatagramProtocol):
@@ -207,7 +233,9 @@ class Relay:
     """A TURN allocation on `server` for as long as the context lasts: `async with Relay(...) as relay`.
 
     `relayed` is the allocation's public endpoint (XOR-RELAYED-ADDRESS), the peer's target; `mapped` is this
-    host's endpoint as the server sees it (XOR-MAPPED-ADDRESS).
+    host's endpoint as the server sees it (XOR-MAPPED-ADDRESS; over TCP or TLS, that of the connection).
+    `transport` is how the server is reached; over TLS its certificate is verified against `ca` (the system's
+    store when None) for the name in `server`.
     """
 
     def __init__(
@@ -220,10 +248,16 @@ class Relay:
         close_timeout: float = CLOSE_TIMEOUT,
         refresh_interval: float = REFRESH_INTERVAL,
         lifetime: int = LIFETIME,
+        transport: Transport = "udp",
+        ca: Path | None = None,
     ) -> None:
         if allocate_timeout <= 0 or close_timeout <= 0:
             raise ValueError("TURN timeouts must be positive")
+        if ca is not None and transport != "tls":
+            raise ValueError("a CA is for a TURN server over TLS only")
         self.server = server
+        self.transport = transport
+        self.ca = ca
         self.user = user
         self.password = password
         self.allocate_timeout = allocate_timeout
@@ -234,7 +268,7 @@ class Relay:
         self.mapped = Endpoint("0.0.0.0", 0)
         self.allocation_s = 0.0
         self.dropped = 0  # datagrams dropped: the inbox full, or waiting too long for a channel
-        self._client: _Client | None = None
+        self._client: _Plexus | None = None
         self._refresher: Refresher | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: dict[tuple[str, int], list[bytes]] = {}
@@ -245,7 +279,11 @@ class Relay:
         self._sink: Sink = self._enqueue
 
     def __str__(self) -> str:
-        return f"TURN relay {self.relayed} on {self.server}"
+        return f"TURN relay {self.relayed} on {self._over(str(self.server))}"
+
+    def _over(self, name: str) -> str:
+        """The server's name in messages; the transport named unless it is UDP, as it always was."""
+        return name if self.transport == "udp" else f"{name} over {TRANSPORT_NAMES[self.transport]}"
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def __aenter__(self) -> Relay:
@@ -267,17 +305,11 @@ class Relay:
         except OSError as exc:
             reason = exc.strerror or exc
             raise TurnUnreachableError(f"cannot resolve TURN server {self.server.host}: {reason}") from exc
-        name = str(self.server) if self.server == address else f"{self.server} ({address.host})"
-        client: _Client | None = None
+        name = self._over(str(self.server) if self.server == address else f"{self.server} ({address.host})")
+        client: _Plexus | None = None
         try:
             async with asyncio.timeout(self.allocate_timeout):
-                transport, client = await loop.create_datagram_endpoint(
-                    lambda: _Client((address.host, address.port), self.user, self.password, self.lifetime),
-                    remote_addr=(address.host, address.port),
-                )
-                sock = transport.get_extra_info("socket")
-                if sock is not None:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+                client = await self._connect(address)
                 await client.connect()
         except BaseException as exc:
             if client is not None:
@@ -306,7 +338,34 @@ class Relay:
             self.allocation_s,
         )
 
-    def _allocation_error(self, name: str, exc: BaseException, client: _Client | None) -> TurnError | None:
+    async def _connect(self, address: Endpoint) -> _Plexus:
+        """The client, connected to the server at `address` over this relay's transport."""
+        loop = asyncio.get_running_loop()
+        server = (address.host, address.port)
+
+        def client(kind: type[C]) -> C:
+            return kind(server, self.user, self.password, self.lifetime)
+
+        if self.transport == "udp":
+            transport, udp = await loop.create_datagram_endpoint(lambda: client(_Client), remote_addr=server)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            return udp
+        context = None
+        if self.transport == "tls":
+            context = ssl.create_default_context(cafile=self.ca)
+        _, stream = await loop.create_connection(
+            lambda: client(_StreamClient),
+            address.host,
+            address.port,
+            ssl=context,
+            # the certificate names the server as the user gave it, not the address it resolved to
+            server_hostname=self.server.host if context is not None else None,
+        )
+        return stream
+
+    def _allocation_error(self, name: str, exc: BaseException, client: _Plexus | None) -> TurnError | None:
         if isinstance(exc, TimeoutError):
             cause = client.last_error if client is not None else None
             reason = f" ({cause.strerror or cause})" if cause is not None else ""
@@ -315,6 +374,13 @@ class Relay:
             )
         if isinstance(exc, stun.TransactionError):
             return refusal(name, "allocation", exc)
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return TurnUnreachableError(
+                f"TURN server {name}: its certificate did not verify ({exc.verify_message}; --turn-ca names "
+                "a private CA)"
+            )
+        if isinstance(exc, ssl.SSLError):
+            return TurnUnreachableError(f"TLS with TURN server {name} failed: {exc.reason or exc}")
         if isinstance(exc, OSError) and exc.errno is None:  # aioice: a response without a needed attribute
             return TurnError(f"TURN server {name} gave a bad allocation response: {exc}")
         if isinstance(exc, OSError):
@@ -367,7 +433,7 @@ class Relay:
         task.add_done_callback(self._tasks.discard)
 
     @property
-    def client(self) -> _Client:
+    def client(self) -> _Plexus:
         if self._client is None:
             raise RuntimeError("the relay is not open")
         return self._client
@@ -411,7 +477,7 @@ class Relay:
         key = (addr[0], addr[1])
         channel = client.channel(key)
         if channel is not None:
-            client.transport.sendto(_CHANNEL_HEADER.pack(channel, len(data)) + data)
+            client.write(_CHANNEL_HEADER.pack(channel, len(data)) + data)
             return
         pending = self._pending.get(key)
         if pending is None:

@@ -266,6 +266,7 @@ class Lab:
     PUB_IPS: ClassVar[tuple[str, str]] = ("203.0.113.10", "203.0.113.11")
     TURN_REALM: ClassVar[str] = "lab.test"
     TURN_RELAY_PORTS: ClassVar[tuple[int, int]] = (49152, 49407)  # relayed endpoints on 203.0.113.10
+    TURNS_PORT: ClassVar[int] = 5349  # TURN over TLS (TCP is on the STUN port)
 
     def __init__(self, prefix: str | None = None) -> None:
         self.prefix = prefix or f"px{secrets.token_hex(3)}-"
@@ -549,7 +550,8 @@ class Lab:
         self._wait_for("stun", self._probe_stun)
 
     def _turnserver_argv(self) -> list[str]:
-        """coturn: STUN (RFC 5780) on both addresses, and TURN over UDP with long-term credentials.
+        """coturn: STUN (RFC 5780) on both addresses, and TURN over UDP, TCP (the same port) and TLS
+        (TURNS_PORT, the lab CA's server certificate) with long-term credentials.
 
         Plain STUN binding requests need no credentials. Relayed endpoints are on the primary address. coturn
         refuses some peer ranges by default; the lab's hosts (198.51.100.0/24) and servers (203.0.113.0/24)
@@ -565,7 +567,9 @@ class Lab:
                 "--user", f"{self.turn.user}:{self.turn.password}",
                 "--allowed-peer-ip", "198.51.100.0-198.51.100.255",
                 "--allowed-peer-ip", "203.0.113.0-203.0.113.255",
-                "--no-tcp-relay", "--no-tls", "--no-dtls", "--no-cli", "--log-file", "stdout", "--simple-log",
+                "--tls-listening-port", str(self.TURNS_PORT),
+                "--cert", str(self._path("server.pem")), "--pkey", str(self._path("server.key")),
+                "--no-tcp-relay", "--no-dtls", "--no-cli", "--log-file", "stdout", "--simple-log",
                 "--pidfile", str(self._path("turnserver.pid")),
                 "--userdb", str(self._path("turndb"))]  # fmt: skip
 

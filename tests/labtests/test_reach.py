@@ -21,13 +21,19 @@ pytestmark = pytest.mark.lab
 MODES = ("none", "cone", "fullcone", "symmetric")
 
 
-def turn(lab: Lab, password: str | None = None) -> dict[str, str]:
+def turn(lab: Lab, password: str | None = None, transport: str = "udp") -> dict[str, str]:
+    """The options for the lab's coturn, reached over `transport` (as --turn-server's URI says)."""
     account = lab.turn
+    uri = {
+        "udp": str(account.server),
+        "tcp": f"turn:{account.server}?transport=tcp",
+        "tls": f"turns:{account.server.host}:{Lab.TURNS_PORT}",
+    }[transport]
     return {
-        "turn-server": str(account.server),
+        "turn-server": uri,
         "turn-user": account.user,
         "turn-passwd": password or account.password,
-    }
+    } | ({"turn-ca": str(lab.ca_file)} if transport == "tls" else {})
 
 
 def mapping(mode: str) -> Reach:
@@ -54,6 +60,27 @@ def test_every_pair_of_nats_connects(
     chosen = [(event["way"], event["why"]) for event in invite.events("chosen")]
     assert chosen == [(expected.method, expected.describe())], chosen
     print(f"{inviter_mode} -> {acceptor_mode}: {expected.method} in {took:.1f} s")
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_two_symmetric_nats_connect_through_a_relay_over_tcp_and_tls(
+    lab: Lab, tmp_path: Path, running: list[Plexus], transport: str
+) -> None:
+    """Only the inviter's leg to the relay is a stream: its allocation carries the handshake and then the
+    command's datagrams, both ways."""
+    for host in ("a", "b"):
+        lab.set_nat(host, "symmetric")
+    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=turn(lab))
+    options = turn(lab, transport=transport)
+    invite, code, took = sessions.invite_once(
+        lab, inviter, acceptor_side, tmp_path, running, overrides=options
+    )
+    assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    a, b = invite.wait_hello()[0], acceptor.wait_hello()[0]
+    assert a["received"] and b["received"], f"{a}\n{b}"
+    assert [event["way"] for event in invite.events("connected")] == ["relay"], invite.events()
+    assert f"over {transport.upper()}" in invite.log()
+    print(f"symmetric -> symmetric through TURN over {transport.upper()} in {took:.1f} s")
 
 
 def test_two_symmetric_nats_without_a_relay_are_refused_at_once(

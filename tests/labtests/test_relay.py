@@ -22,7 +22,7 @@ from aioice import stun
 from plexus import puncher
 from plexus.endpoint import Endpoint
 from plexus.errors import ExitCode, TurnAuthError, TurnError, TurnUnreachableError
-from plexus.relay import CLOSE_TIMEOUT, Relay, forward, punch
+from plexus.relay import CLOSE_TIMEOUT, Relay, Transport, forward, punch
 from tests.lab.lab import Lab, LabError, stop_process
 
 pytestmark = pytest.mark.lab
@@ -34,8 +34,15 @@ SECRET = 0x0123456789ABCDEF
 MASKED = puncher.Masked(SECRET)
 
 
-def relay_for(lab: Lab, **kwargs: Any) -> Relay:
-    return Relay(lab.turn.server, lab.turn.user, lab.turn.password, **kwargs)
+TRANSPORTS = ("udp", "tcp", "tls")
+
+
+def relay_for(lab: Lab, transport: Transport = "udp", **kwargs: Any) -> Relay:
+    """A relay on the lab's coturn, reached over `transport` (TLS: its own port, the lab's CA)."""
+    server = lab.turn.server
+    if transport == "tls":
+        server, kwargs["ca"] = Endpoint(server.host, Lab.TURNS_PORT), lab.ca_file
+    return Relay(server, lab.turn.user, lab.turn.password, transport=transport, **kwargs)
 
 
 def plain_socket(lab: Lab, host: str) -> socket.socket:
@@ -126,13 +133,14 @@ def bulk_report(what: str, sent: list[bytes], got: dict[int, bytes], elapsed: fl
 # ---- tests on the lab's coturn -----------------------------------------------------------------------------
 
 
-async def test_datagrams_cross_both_symmetric_nats_through_the_relay(lab: Lab) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_datagrams_cross_both_symmetric_nats_through_the_relay(lab: Lab, transport: Transport) -> None:
     lab.set_nat("a", "symmetric")
     lab.set_nat("b", "symmetric")
     b = plain_socket(lab, "b")
 
     async def on_a() -> tuple[Endpoint, Endpoint, float]:
-        async with relay_for(lab) as relay:
+        async with relay_for(lab, transport) as relay:
             source = await first_contact(relay, lab, b)
             for n in range(5):  # both ways again, now over the channel
                 relay.sendto(b"a%d" % n, source)
@@ -198,6 +206,22 @@ async def test_a_wrong_password_is_a_turn_auth_error(lab: Lab) -> None:
     await lab.call("a", on_a)
 
 
+async def test_a_turns_certificate_not_from_the_given_ca_is_refused_in_one_line(lab: Lab) -> None:
+    """Without --turn-ca the lab's private CA is unknown: the system store does not verify its server."""
+
+    async def on_a() -> str:
+        server = Endpoint(lab.turn.server.host, Lab.TURNS_PORT)
+        with pytest.raises(TurnUnreachableError) as caught:
+            async with Relay(server, lab.turn.user, lab.turn.password, transport="tls"):
+                pass
+        return str(caught.value)
+
+    message = await lab.call("a", on_a)
+    print(message)
+    assert message.startswith("TURN server 203.0.113.10:5349 over TLS: its certificate did not verify (")
+    assert message.endswith("; --turn-ca names a private CA)") and "\n" not in message
+
+
 async def test_no_turn_server_is_unreachable_within_the_bound(lab: Lab) -> None:
     async def on_a() -> float:
         started = time.monotonic()
@@ -214,7 +238,8 @@ async def test_no_turn_server_is_unreachable_within_the_bound(lab: Lab) -> None:
     assert elapsed < 1.5
 
 
-async def test_forward_carries_a_local_command_to_the_peer(lab: Lab) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_forward_carries_a_local_command_to_the_peer(lab: Lab, transport: Transport) -> None:
     """The relayed path's data plane: a "command" on a's 127.0.0.1 talks to b; another port of b's address is
     not heard."""
     lab.set_nat("a", "symmetric")
@@ -231,7 +256,7 @@ async def test_forward_carries_a_local_command_to_the_peer(lab: Lab) -> None:
             command.setblocking(False)
             local.bind(("127.0.0.1", 0))
             command_at, local_at = Endpoint(*command.getsockname()), Endpoint(*local.getsockname())
-            async with relay_for(lab) as relay:
+            async with relay_for(lab, transport) as relay:
                 peer = await first_contact(relay, lab, b)
                 await loop.sock_sendto(
                     b, b"early", relay.relayed
@@ -268,7 +293,8 @@ async def test_forward_carries_a_local_command_to_the_peer(lab: Lab) -> None:
         await lab.call("a", on_a)
 
 
-async def test_the_flag_handshake_runs_over_the_relay(lab: Lab) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_the_flag_handshake_runs_over_the_relay(lab: Lab, transport: Transport) -> None:
     """relay.punch (a, inviter, peer-reflexive) against puncher.punch on b's plain socket aiming at the
     relayed endpoint. b's NAT is symmetric: its flow to the relay has a port nobody told a; b's first hello
     tells it."""
@@ -281,7 +307,7 @@ async def test_the_flag_handshake_runs_over_the_relay(lab: Lab) -> None:
     relayed: asyncio.Future[Endpoint] = loop.create_future()
 
     async def on_a() -> Endpoint:
-        async with relay_for(lab) as relay:
+        async with relay_for(lab, transport) as relay:
             await relay.permit(mailed.host)
             loop.call_soon_threadsafe(relayed.set_result, relay.relayed)
             return await punch(relay, mailed, MASKED, accept=False, timeout=10, peer_reflexive=True)

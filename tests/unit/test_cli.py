@@ -682,3 +682,57 @@ def test_version_and_help_load_no_network_library(argv: list[str]) -> None:
     assert not loaded, f"{' '.join(argv)} loads {sorted(loaded)}"
     if argv != ["--help"]:  # answered before the command line is parsed at all
         assert "typer" not in found
+
+
+@pytest.mark.parametrize(
+    ("value", "server", "transport"),
+    [
+        ("203.0.113.10", Endpoint("203.0.113.10", 3478), "udp"),
+        ("turn.example:3479", Endpoint("turn.example", 3479), "udp"),
+        ("turn:3478", Endpoint("turn", 3478), "udp"),  # a host called turn, as plexus 2.2 read it
+        ("turn:turn.example", Endpoint("turn.example", 3478), "udp"),
+        ("turn:turn.example?transport=udp", Endpoint("turn.example", 3478), "udp"),
+        ("TURN:turn.example:80?transport=TCP", Endpoint("turn.example", 80), "tcp"),
+        ("turns:turn.example", Endpoint("turn.example", 5349), "tls"),
+        ("turns:turn.example:443?transport=tcp", Endpoint("turn.example", 443), "tls"),
+        ("turns:[2001:db8::1]", Endpoint("2001:db8::1", 5349), "tls"),
+    ],
+)
+def test_turn_server_takes_rfc_7065_uris(
+    tmp_path: Path, value: str, server: Endpoint, transport: str
+) -> None:
+    options = [*full_options(tmp_path), f"--turn-server={value}", "--turn-user=u", "--turn-passwd=p"]
+    turn = session_config(cli.parse(options)).turn
+    assert turn is not None and (turn.server, turn.transport, turn.ca) == (server, transport, None)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            "turn:host?transport=sctp",
+            "--turn-server: 'turn:host?transport=sctp': the only query is ?transport=",
+        ),
+        ("turns:host?transport=udp", "turns: over UDP (DTLS) is not supported"),
+        ("turn://host", "a TURN URI has no //"),
+        ("turn:host:99999", "--turn-server: bad endpoint 'host:99999': port must be 0-65535"),
+        ("turns:", "--turn-server: bad endpoint '': no host"),
+    ],
+)
+def test_a_bad_turn_uri_is_one_usage_line(
+    tmp_path: Path, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    options = [*full_options(tmp_path), f"--turn-server={value}", "--turn-user=u", "--turn-passwd=p"]
+    code, _, err = run(options, capsys)
+    assert (code, err.count("\n")) == (ExitCode.USAGE, 1), err
+    assert message in err, err
+
+
+def test_turn_ca_is_for_turns_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    options = [*full_options(tmp_path), "--turn-user=u", "--turn-passwd=p", f"--turn-ca={ca}"]
+    turn = session_config(cli.parse([*options, "--turn-server=turns:h"])).turn
+    assert turn is not None and turn.ca == ca and str(turn) == "turns:h:5349"
+    code, _, err = run([*options, "--turn-server=turn:h?transport=tcp"], capsys)
+    assert (code, err) == (ExitCode.USAGE, "plexus: --turn-ca is for a turns: server (TLS), not TCP\n")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from plexus.endpoint import Endpoint
 from plexus.errors import ExitCode, TurnAuthError, TurnError, TurnUnreachableError
-from plexus.relay import PENDING_SIZE, Refresher, Relay, _Client, forward, refusal
+from plexus.relay import PENDING_SIZE, Refresher, Relay, _Client, _StreamClient, forward, refusal
 from tests.fuzz import FUZZ
 
 SERVER = "192.0.2.1:3478"
@@ -125,6 +125,8 @@ class FakeClient:
     # the transport
     def sendto(self, data: bytes) -> None:
         self.sent.append(data)
+
+    write = sendto  # _Plexus.write: a ChannelData message, framed for the transport
 
     def is_closing(self) -> bool:
         return False
@@ -341,3 +343,39 @@ async def test_the_channel_adapter_reads_what_aioice_writes() -> None:
     client.rebound(channel)  # ...not once the refresher has
     await client.send_data(b"second", peer)
     assert len(binds) == 1 and channel_data(sent[-1]) == (channel, b"second")
+
+
+class _Stream(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("192.0.2.1", 3478) if name == "peername" else default
+
+
+def test_over_a_stream_channel_data_is_padded_and_split_whatever_the_segments() -> None:
+    """RFC 8656 section 12.5: over TCP and TLS each ChannelData message is padded to 4 bytes; the stream's
+    segments need not follow the messages."""
+    client = _StreamClient(("192.0.2.1", 3478), "user", "password", 600)
+    stream = _Stream()
+    client.connection_made(stream)
+    client.write(struct.pack("!HH", 0x4000, 5) + b"hello")
+    assert stream.written == [struct.pack("!HH", 0x4000, 5) + b"hello\0\0\0"]
+    got: list[tuple[bytes, tuple[str, int]]] = []
+
+    class Receiver(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            got.append((data, addr))
+
+    client.receiver = Receiver()
+    client.channel_to_peer[0x4000] = tuple(PEER)  # type: ignore[assignment]
+    wire = b"".join(
+        struct.pack("!HH", 0x4000, len(m)) + m + bytes(-len(m) % 4) for m in (b"abc", b"", b"12345")
+    )
+    for start in range(0, len(wire), 3):
+        client.data_received(wire[start : start + 3])
+    assert got == [(b"abc", tuple(PEER)), (b"", tuple(PEER)), (b"12345", tuple(PEER))]
