@@ -30,6 +30,7 @@ class ExitCode(IntEnum):
     STREAMS_LOST = 17  # streams: the encrypted connection failed or went silent (idle timeout)
     PEER_NOT_FOUND = 18  # DHT: the peer's card or its response did not appear within --response-timeout
     DHT_UNREACHABLE = 19  # DHT: no node answered (--dht-bootstrap)
+    UDP_BLOCKED = 20  # no UDP gets out (STUN answers over TCP only), and no TURN relay over TCP or TLS
     HANGUP = 129  # SIGHUP, 128 + 1: the terminal went away (with --stdio: ssh's normal end, exit OK instead)
     INTERRUPTED = 130  # SIGINT (Ctrl-C), 128 + 2 as shells report it
     TERMINATED = 143  # SIGTERM, 128 + 15; an acceptor stopped by SIGTERM exits OK instead (a service's stop)
@@ -57,6 +58,7 @@ MEANINGS = {
     ExitCode.STREAMS_LOST: "streams: the encrypted connection to the peer could not be set up or was lost",
     ExitCode.PEER_NOT_FOUND: "DHT: the peer is not there (no card), or no response within --response-timeout",
     ExitCode.DHT_UNREACHABLE: "DHT: no node answered (--dht-bootstrap, UDP egress)",
+    ExitCode.UDP_BLOCKED: "no UDP gets out: a TURN relay over TCP or TLS would carry it (--turn-server)",
     ExitCode.HANGUP: "hung up (SIGHUP): the terminal closed (--stdio: ssh's normal end, exit 0)",
     ExitCode.INTERRUPTED: "interrupted (SIGINT, Ctrl-C)",
     ExitCode.TERMINATED: "terminated (SIGTERM) before the session ended",
@@ -79,6 +81,16 @@ class NatUnsuitableError(PlexusError):
 
 class StunError(PlexusError):
     exit_code = ExitCode.STUN_FAILED
+
+
+class StunSilentError(StunError):
+    """No answer at all from the STUN server (not a refusal, an unknown name, or no route)."""
+
+
+class UdpBlockedError(StunError):
+    """STUN answers over TCP but not over UDP, and no relay over TCP or TLS was given."""
+
+    exit_code = ExitCode.UDP_BLOCKED
 
 
 class MailTimeoutError(PlexusError):

@@ -69,7 +69,8 @@ class Listening(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class Discovered(Event):
-    """STUN answered: this side's endpoints and its NAT's mapping."""
+    """STUN answered: this side's endpoints and its NAT's mapping; or no UDP gets out (mapping "blocked",
+    outer 0.0.0.0:0) and a relay over TCP or TLS will carry the session."""
 
     name: ClassVar[str] = "discovered"
     inner: Endpoint

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
 
 from plexus.endpoint import Endpoint
 from plexus.rendezvous import Reach
@@ -18,7 +19,7 @@ class Method(StrEnum):
     DIRECT = "direct"  # both map endpoint-independently: each aims at the other's STUN endpoint
     FANOUT = "fan-out"  # this side maps per destination: many sockets, each opening a mapping toward the peer
     SPRAY = "spray"  # the peer maps per destination: probe random ports of its address (birthday paradox)
-    RELAY = "relay"  # both map per destination: through a TURN relay one of them allocated
+    RELAY = "relay"  # both map per destination, or one lets no UDP out: through a TURN relay one allocated
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,15 @@ class Plan:
     # Accept the peer from another port of its address once a handshake packet authenticates (ICE's
     # peer-reflexive candidate). Off for a plexus 2.2 peer, which sends from exactly the endpoint it mailed.
     peer_reflexive: bool = True
+    # RELAY: which side lets no UDP out ("here", "peer"), if one does; both NATs map per destination otherwise
+    blocked: Literal["here", "peer"] | None = None
 
     def describe(self) -> str:
         """The method first (as PLEXUS_PATH names it), then why."""
+        if self.blocked is not None:
+            where = "this network" if self.blocked == "here" else "the peer's network"
+            relay = self.relay or "(own allocation)"
+            return f"{self.method} (through TURN relay {relay}; {where} lets no UDP out)"
         why = {
             Method.DIRECT: "both NATs map endpoint-independently",
             Method.FANOUT: "birthday punching; this NAT maps per destination, so many sockets each open a "
@@ -52,7 +59,23 @@ class NoPath(Exception):
 def choose(mine: Reach, theirs: Reach | None, *, own_relay: bool) -> Plan:
     """The plan for this side. `theirs` is None for a plexus 2.2 peer (no X-Plexus-Reach header), whose NAT
     is endpoint-independent (2.2 refuses any other); `own_relay`: this side has allocated a relay (mine.relay)
-    or can allocate one now."""
+    or can allocate one now.
+
+    A side that lets no UDP out ("blocked") is reached only through the relay it allocated (over TCP or TLS):
+    it talks through its own allocation, the peer sends to that relay, never directly. Two such sides each
+    talk through their own, each toward the other's relayed endpoint (the outer endpoint each offered)."""
+    if mine.mapping == "blocked":
+        if theirs is None:
+            raise NoPath("no UDP gets out here and the peer (plexus 2.2) can only punch directly")
+        if not own_relay:
+            raise NoPath(
+                "no UDP gets out here and this side has no TURN relay over TCP or TLS (--turn-server)"
+            )
+        return Plan(Method.RELAY, blocked="here")
+    if theirs is not None and theirs.mapping == "blocked":
+        if theirs.relay is None:  # Reach.parse refuses it: a programming error, not the peer's
+            raise NoPath("the peer lets no UDP out and names no relay")
+        return Plan(Method.RELAY, relay=theirs.relay, blocked="peer")
     if theirs is None:
         if mine.mapping == "dependent":
             raise NoPath("this NAT maps per destination and the peer (plexus 2.2) can only punch directly")

@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Protocol
 
 from plexus import events, path, puncher, stun
 from plexus.endpoint import Endpoint
-from plexus.errors import HandshakeTimeoutError, NatUnsuitableError, UsageError
+from plexus.errors import (
+    HandshakeTimeoutError,
+    NatUnsuitableError,
+    StunError,
+    StunSilentError,
+    UdpBlockedError,
+    UsageError,
+)
 from plexus.launcher import Tunnel
 from plexus.path import Method, Plan
 from plexus.rendezvous import Mapping, Reach
@@ -39,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+NOWHERE = Endpoint("0.0.0.0", 0)  # the outer endpoint of a side that no UDP leaves
 ARRIVING_HOPS = 64  # a first hello that must arrive (toward a relay)
 # With a relay to fall back on, how long a direct attempt may take: a birthday needs up to about 7 s.
 FALLBACK_BOUND = 10.0
@@ -83,10 +91,15 @@ class Found:
     mapping: Mapping
 
 
-async def discover(sock: socket.socket, server: Endpoint) -> Found:
-    """Learn the inner and outer endpoints and whether the outer one holds for every destination."""
+async def discover(sock: socket.socket, server: Endpoint, turn: TurnConfig | None = None) -> Found:
+    """Learn the inner and outer endpoints and whether the outer one holds for every destination; or, when
+    STUN gets no answer over UDP and `turn` reaches its server over TCP or TLS, that this side can only be
+    reached through that relay (mapping "blocked")."""
     log.debug("asking STUN server %s for the outer endpoint", server)
-    report = await stun.probe_mapping(sock, server)
+    try:
+        report = await stun.probe_mapping(sock, server)
+    except StunSilentError as error:
+        return await _without_udp(sock, server, turn, error)
     if report.mapping is None:
         log.warning("STUN server %s has no alternate address: NAT mapping not tested", server)
     log.info("inner endpoint %s, outer endpoint %s", report.inner, report.outer)
@@ -97,9 +110,36 @@ async def discover(sock: socket.socket, server: Endpoint) -> Found:
     return found
 
 
+async def _without_udp(
+    sock: socket.socket, server: Endpoint, turn: TurnConfig | None, error: StunSilentError
+) -> Found:
+    """STUN got no answer over UDP: a binding request over TCP to the same server tells a network that lets
+    no UDP out (TCP answers) from a server that is down. A relay over TCP or TLS carries the session either
+    way; without one, the failure says which it seems to be."""
+    over_tcp = await stun.query_over_tcp(server)
+    if over_tcp is not None:
+        why = f"STUN server {server} answers over TCP but not over UDP: no UDP gets out here"
+    else:
+        why = f"{error}, nor over TCP: is the server down?"
+    if turn is None or turn.transport == "udp":
+        if over_tcp is None:
+            raise StunError(why) from error
+        given = f"; --turn-server {turn} is over UDP" if turn is not None else ""
+        raise UdpBlockedError(
+            f"{why}; a TURN relay over TCP or TLS would carry the session (--turn-server turns:HOST{given})"
+        ) from error
+    log.warning("%s; every session goes through TURN relay %s", why, turn)
+    inner = stun.inner_endpoint(sock, await stun.resolve(server))
+    found = Found(inner, NOWHERE, "blocked")
+    events.emit(events.Discovered, inner=found.inner, outer=found.outer, mapping=found.mapping)
+    return found
+
+
 def note_limits(found: Found, turn: TurnConfig | None) -> None:
     """An acceptor behind a NAT that maps per destination says at its start which peers it cannot serve."""
-    if found.mapping == "dependent":
+    if found.mapping == "blocked":
+        log.warning("no UDP gets out here: serving plexus peers only, through TURN relay %s", turn)
+    elif found.mapping == "dependent":
         log.warning(
             "this NAT maps per destination: peers behind endpoint-independent NATs get through by birthday "
             "punching; peers behind such NATs too need a TURN relay (%s)",
@@ -114,6 +154,14 @@ class Gathered:
 
     found: Found
     relay: Relay | None = None
+
+    @property
+    def outer(self) -> Endpoint:
+        """The outer endpoint the offer names: STUN's, or the relayed one where no UDP gets out."""
+        if self.found.mapping == "blocked":
+            assert self.relay is not None, "no UDP gets out and no relay"
+            return self.relay.relayed
+        return self.found.outer
 
     def reach(self, streams: bool) -> Reach:
         """What this side's offer tells the peer of its ways through."""
@@ -132,8 +180,10 @@ async def gather(
     needed: by the inviter before its request, so that the request can name it, when its NAT maps per
     destination (an acceptor with its own relay, or an easier NAT, may make it unneeded); by the acceptor for
     a `peer` that brought none (a 2.2 inviter, `peer` None, knows of none), for the path when both NATs map
-    per destination and to fall back on when a direct attempt fails."""
+    per destination and to fall back on when a direct attempt fails. Where no UDP gets out, always: the relay
+    is this side's only way."""
     needed = (peer is not None and peer.relay is None) if accept else found.mapping == "dependent"
+    needed |= found.mapping == "blocked"
     if turn is None or not needed:
         return Gathered(found)
     from plexus.relay import Relay

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
     from plexus.identity import Identity
 
-Mapping = Literal["independent", "dependent"]
-MAPPINGS: dict[str, Mapping] = {"independent": "independent", "dependent": "dependent"}
+# "blocked": no UDP gets out of this side's network; it is reached only through the relay it names.
+Mapping = Literal["independent", "dependent", "blocked"]
+MAPPINGS: dict[str, Mapping] = {"independent": "independent", "dependent": "dependent", "blocked": "blocked"}
 REACH_HEADER = "X-Plexus-Reach"
 
 
@@ -35,8 +36,9 @@ class ReachError(ValueError):
 @dataclass(frozen=True)
 class Reach:
     """What a side says about how it can be reached, beyond plexus 2.2's line: its NAT's mapping as STUN saw
-    it (endpoint-independent or not), and a TURN relay address it allocated, if any. It travels in the
-    X-Plexus-Reach header, which plexus 2.2 ignores; a 2.2 peer's mail has none. An inviter also says here
+    it (endpoint-independent or not; "blocked" when no UDP gets out, so that the relay it names, which it
+    reaches over TCP or TLS, is its only way in), and a TURN relay address it allocated, if any. It travels in
+    the X-Plexus-Reach header, which plexus 2.2 ignores; a 2.2 peer's mail has none. An inviter also says here
     whether it wants streams (QUIC, plexus/streams/) rather than the acceptor's command."""
 
     mapping: Mapping
@@ -62,6 +64,8 @@ class Reach:
                 raise ReachError(f"{REACH_HEADER}: bad relay {fields['relay'][:60]!r}") from error
             if not relay.port:
                 raise ReachError(f"{REACH_HEADER}: relay port 0")
+        if mapping == "blocked" and relay is None:
+            raise ReachError(f"{REACH_HEADER}: mapping=blocked names no relay")
         return cls(mapping, relay, fields.get("streams") == "1")
 
 

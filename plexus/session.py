@@ -161,11 +161,11 @@ async def _meet(
     """STUN, the request, the response, the punch."""
     with contextlib.closing(bind(config.inner)) as sock:
         async with rendezvous.submission() as submission:
-            found = await paths.discover(sock, config.stun_server)
+            found = await paths.discover(sock, config.stun_server, config.turn)
             mine = await paths.gather(found, config.turn, relays, accept=False)
             streams = config.streams is not None and config.streams.inviting
             puzzle = secrets.randbits(64)
-            offer = Offer(found.outer, puzzle, mine.reach(streams))
+            offer = Offer(mine.outer, puzzle, mine.reach(streams))
             response = await rendezvous.invite(offer, config.response_timeout, submission)
         config.on_event(events.Answered(role="invite", peer=response.outer))
         theirs = response.reach
@@ -246,7 +246,7 @@ async def _accept(config: SessionConfig) -> None:
             if slot is not None:
                 await slot.stop_previous()  # left by an acceptor that was killed: it holds the inner port
             with contextlib.closing(bind(config.inner)) as sock:
-                paths.note_limits(await paths.discover(sock, config.stun_server), config.turn)
+                paths.note_limits(await paths.discover(sock, config.stun_server, config.turn), config.turn)
             await rendezvous.listen()
             config.on_event(events.Listening(role="accept", peer_id=config.rendezvous.peer_id))
             async for invitation in rendezvous.requests():
@@ -349,7 +349,7 @@ async def _answer(
                 async with _refusing(rendezvous, invitation, submission):
                     _servable(config, invitation)
                     sock = closing.enter_context(contextlib.closing(bind(config.inner)))
-                    found = await paths.discover(sock, config.stun_server)
+                    found = await paths.discover(sock, config.stun_server, config.turn)
                     theirs = invitation.offer.reach
                     mine = await paths.gather(found, config.turn, relays, accept=True, peer=theirs)
                     candidates = paths.choose(mine, theirs)
@@ -361,7 +361,7 @@ async def _answer(
                     paths.establish(candidates, attempt, config.handshake_timeout)
                 )
                 await asyncio.sleep(0)
-                offer = Offer(found.outer, puzzle, mine.reach(_wants_streams(invitation)))
+                offer = Offer(mine.outer, puzzle, mine.reach(_wants_streams(invitation)))
                 await rendezvous.answer(invitation, offer, submission)
             return _connected(config, "accept", await handshake)
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import socket
 import struct
 from collections.abc import Sequence
@@ -22,7 +23,9 @@ from aioice import stun
 from plexus import driver
 from plexus.driver import Datagram
 from plexus.endpoint import Endpoint
-from plexus.errors import StunError
+from plexus.errors import StunError, StunSilentError
+
+log = logging.getLogger(__name__)
 
 Behaviour = Literal["independent", "address-dependent", "address-and-port-dependent"]
 
@@ -66,6 +69,8 @@ DEFAULT_SCHEDULE = Schedule()
 # missing answer means a filter, not a slow path: sends at 0, 0.1, 0.3, 0.7 s, verdict at 1.2 s. On a slow
 # path the figures grow with the round-trip time measured by the first request (see probe_schedule).
 PROBE_SCHEDULE = Schedule(rto=0.1, max_rto=0.4, attempts=4, timeout=1.2)
+# A binding request over TCP, the connection included: asked only once UDP got no answer, to say why.
+TCP_TIMEOUT = 3.0
 
 
 def probe_schedule(rtt: float, base: Schedule = PROBE_SCHEDULE) -> Schedule:
@@ -547,6 +552,38 @@ async def query_outer(
     return transaction.mapped
 
 
+async def query_over_tcp(server: Endpoint, *, timeout: float = TCP_TIMEOUT) -> Endpoint | None:
+    """One binding request to `server` over TCP (RFC 8489 section 6.2.2): the connection's outer endpoint, or
+    None when nothing answers within `timeout`, the connection included. It tells a network that lets no UDP
+    out (TCP answers) from a STUN server that is down (neither does)."""
+    address = await resolve(server)
+    request = binding_request()
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(address.host, address.port)
+            try:
+                writer.write(bytes(request))
+                header = await reader.readexactly(20)
+                body = await reader.readexactly(struct.unpack("!H", header[2:4])[0])
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        log.debug("no STUN answer over TCP from %s: %s", server, exc or "timeout")
+        return None
+    return tcp_answer(request, header + body)
+
+
+def tcp_answer(request: stun.Message, data: bytes) -> Endpoint | None:
+    """The mapped endpoint in `data` if it is a success response to `request`; None for anything else."""
+    try:
+        message = decode(data)
+    except StunParseError:
+        return None
+    if message.message_class is not stun.Class.RESPONSE or message.transaction_id != request.transaction_id:
+        return None
+    return mapped_address(message)
+
+
 def _failure(server: Endpoint, address: Endpoint, transaction: Transaction) -> str:
     name = str(server) if server == address else f"{server} ({address.host})"
     if transaction.outcome is Outcome.TIMED_OUT:
@@ -598,5 +635,6 @@ async def _discover(
             second.bind((sock.getsockname()[0], 0))
             await _drive(discovery, [sock, second])
     if discovery.outer is None:
-        raise StunError(_failure(server, address, discovery.primary))
+        silent = discovery.primary.outcome is Outcome.TIMED_OUT
+        raise (StunSilentError if silent else StunError)(_failure(server, address, discovery.primary))
     return discovery.report(inner)

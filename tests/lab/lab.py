@@ -502,22 +502,35 @@ class Lab:
     def separate(self, on: bool = True) -> None:
         """A firewall at the internet router that drops UDP between the two sites, so that no direct path can
         work, while both still reach the public servers (STUN, TURN, mail)."""
-        inet = self.netns("inet")
-        run(["ip", "netns", "exec", inet, "nft", "delete", "table", "inet", "separate"], check=False)
-        if on:
-            rules = "".join(
-                f'    iifname "nat-{x}" oifname "nat-{y}" meta l4proto udp drop\n'
-                for x, y in (("a", "b"), ("b", "a"))
-            )
+        rules = "".join(
+            f'    iifname "nat-{x}" oifname "nat-{y}" meta l4proto udp drop\n'
+            for x, y in (("a", "b"), ("b", "a"))
+        )
+        self._forward_filter("inet", "separate", rules if on else None)
+
+    def block_udp(self, host: str, on: bool = True) -> None:
+        """The host's network lets no UDP out (a hotel's, an office's): its router drops every UDP packet it
+        would forward from the LAN; TCP (mail, TURN over TCP or TLS) passes."""
+        _site(host)
+        self._forward_filter(
+            f"nat-{host}", "blockudp", '    iifname "lan" meta l4proto udp drop\n' if on else None
+        )
+
+    def _forward_filter(self, ns: str, table: str, rules: str | None) -> None:
+        """A table of forward rules in `ns` replaced by `rules` (None: removed)."""
+        netns = self.netns(ns)
+        run(["ip", "netns", "exec", netns, "nft", "delete", "table", "inet", table], check=False)
+        if rules is not None:
             chain = "    type filter hook forward priority 0; policy accept;\n" + rules
-            ruleset = "table inet separate {\n  chain forward {\n" + chain + "  }\n}\n"
-            run(["ip", "netns", "exec", inet, "nft", "-f", "-"], input=ruleset)
+            ruleset = f"table inet {table} {{\n  chain forward {{\n" + chain + "  }\n}\n"
+            run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=ruleset)
 
     def reset(self) -> None:
-        """Back to the start: both NATs cone, clean links, no firewall between the sites, STUN running; fails
-        if a mail server died."""
+        """Back to the start: both NATs cone, clean links, no firewall between the sites nor on either, STUN
+        running; fails if a mail server died."""
         self.separate(False)
         for host in SITES:
+            self.block_udp(host, False)
             self.set_nat(host, "cone")
             self.set_link(host)
         if not self._servers["stun"].running:

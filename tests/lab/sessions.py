@@ -120,6 +120,21 @@ class Plexus:
         )
 
 
+def turn(lab: Lab, password: str | None = None, transport: str = "udp") -> dict[str, str]:
+    """The options for the lab's coturn, reached over `transport` (as --turn-server's URI says)."""
+    account = lab.turn
+    uri = {
+        "udp": str(account.server),
+        "tcp": f"turn:{account.server}?transport=tcp",
+        "tls": f"turns:{account.server.host}:{Lab.TURNS_PORT}",
+    }[transport]
+    return {
+        "turn-server": uri,
+        "turn-user": account.user,
+        "turn-passwd": password or account.password,
+    } | ({"turn-ca": str(lab.ca_file)} if transport == "tls" else {})
+
+
 def pair(lab: Lab, *, shared: bool = False) -> tuple[Side, Side]:
     """An inviter on host a and an acceptor on host b, with ids unique to this call (mail of other runs is
     never mistaken for ours): two accounts, or one shared mailbox."""

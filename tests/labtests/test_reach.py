@@ -14,26 +14,11 @@ from plexus.errors import ExitCode
 from plexus.rendezvous import Reach
 from tests.lab import sessions
 from tests.lab.lab import Lab
-from tests.lab.sessions import Plexus
+from tests.lab.sessions import Plexus, turn
 
 pytestmark = pytest.mark.lab
 
 MODES = ("none", "cone", "fullcone", "symmetric")
-
-
-def turn(lab: Lab, password: str | None = None, transport: str = "udp") -> dict[str, str]:
-    """The options for the lab's coturn, reached over `transport` (as --turn-server's URI says)."""
-    account = lab.turn
-    uri = {
-        "udp": str(account.server),
-        "tcp": f"turn:{account.server}?transport=tcp",
-        "tls": f"turns:{account.server.host}:{Lab.TURNS_PORT}",
-    }[transport]
-    return {
-        "turn-server": uri,
-        "turn-user": account.user,
-        "turn-passwd": password or account.password,
-    } | ({"turn-ca": str(lab.ca_file)} if transport == "tls" else {})
 
 
 def mapping(mode: str) -> Reach:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from plexus import path
@@ -46,3 +48,40 @@ def test_the_two_sides_agree() -> None:
             assert (
                 path.choose(b, a, own_relay=False).method == mirror[path.choose(a, b, own_relay=False).method]
             )
+
+
+BLOCKED = Reach("blocked", RELAY)
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs", "plan"),
+    [
+        # no UDP gets out here: through this side's own relay, whatever the peer's NAT, even toward a peer
+        # that brought a relay of its own (this side could not reach it but through its own)
+        (Reach("blocked"), EIM, Plan(Method.RELAY, blocked="here")),
+        (Reach("blocked"), Reach("dependent", RELAY), Plan(Method.RELAY, blocked="here")),
+        (Reach("blocked"), BLOCKED, Plan(Method.RELAY, blocked="here")),
+        # the peer's network lets no UDP out: to its relay, never a direct or birthday path
+        (EIM, BLOCKED, Plan(Method.RELAY, relay=RELAY, blocked="peer")),
+        (EDM, BLOCKED, Plan(Method.RELAY, relay=RELAY, blocked="peer")),
+    ],
+)
+def test_a_side_that_lets_no_udp_out_is_reached_through_its_relay(
+    mine: Reach, theirs: Reach, plan: Plan
+) -> None:
+    assert path.choose(mine, theirs, own_relay=True) == plan
+    if plan.relay is not None:  # the peer's relay is taken whether or not this side has one
+        assert path.choose(mine, theirs, own_relay=False) == plan
+    assert "lets no UDP out" in plan.describe()
+
+
+@pytest.mark.parametrize(
+    ("theirs", "own_relay", "why"),
+    [
+        (None, True, "the peer (plexus 2.2) can only punch directly"),
+        (EIM, False, "no TURN relay over TCP or TLS"),
+    ],
+)
+def test_no_udp_out_and_no_way(theirs: Reach | None, own_relay: bool, why: str) -> None:
+    with pytest.raises(path.NoPath, match=re.escape(why)):
+        path.choose(Reach("blocked"), theirs, own_relay=own_relay)

@@ -51,7 +51,7 @@ async def test_each_config_opens_its_own_rendezvous() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "mapping=sideways", "mapping=dependent; relay=nowhere", "relay=1.2.3.4:5"]
+    "text", ["", "mapping=sideways", "mapping=dependent; relay=nowhere", "relay=1.2.3.4:5", "mapping=blocked"]
 )
 def test_a_bad_reach_is_a_reach_error(text: str) -> None:
     with pytest.raises(ReachError, match="X-Plexus-Reach"):
@@ -61,3 +61,6 @@ def test_a_bad_reach_is_a_reach_error(text: str) -> None:
 def test_reach_round_trip() -> None:
     reach = Reach("dependent", Endpoint("203.0.113.9", 3479), streams=True)
     assert Reach.parse(reach.header()) == reach
+    blocked = Reach("blocked", Endpoint("203.0.113.9", 49152))
+    assert blocked.header() == "mapping=blocked; relay=203.0.113.9:49152"
+    assert Reach.parse(blocked.header()) == blocked

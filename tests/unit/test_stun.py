@@ -40,6 +40,8 @@ from plexus.stun import (
     probe_mapping,
     probe_schedule,
     query_outer,
+    query_over_tcp,
+    tcp_answer,
 )
 from tests.fuzz import FUZZ
 
@@ -616,3 +618,29 @@ async def test_blocking_socket_is_refused() -> None:
         sock.bind(("127.0.0.1", 0))
         with pytest.raises(ValueError, match="non-blocking"):
             await query_outer(sock, Endpoint("127.0.0.1", 3478))
+
+
+# Binding over TCP ------------------------------------------------------------------------------------------
+
+
+def test_a_tcp_answer_is_the_response_to_the_request_or_nothing() -> None:
+    request = binding_request()
+    answer = response(request, **{"XOR-MAPPED-ADDRESS": ("198.51.100.2", 40000)})
+    assert tcp_answer(request, bytes(answer)) == Endpoint("198.51.100.2", 40000)
+    assert tcp_answer(binding_request(), bytes(answer)) is None  # another transaction's
+    assert tcp_answer(request, bytes(request)) is None  # not a response
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=120), stun_like()))
+def test_any_tcp_answer_is_an_endpoint_or_none(data: bytes) -> None:
+    request = binding_request()
+    answer = tcp_answer(request, data[:8] + request.transaction_id + data[20:] if len(data) >= 20 else data)
+    assert answer is None or isinstance(answer, Endpoint)
+
+
+async def test_a_server_that_takes_no_tcp_is_none_within_the_bound() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = Endpoint(*probe.getsockname())
+    assert await query_over_tcp(closed, timeout=1) is None
