@@ -29,7 +29,7 @@ from bench.stats import summarize
 from bench.timeline import PHASES, Timeline, TimelineError
 from tests.lab.lab import Lab, LabError, lab_available
 
-SECTIONS = ("connect", "matrix", "footprint", "soak", "streams", "dht", "startup")
+SECTIONS = ("connect", "matrix", "relays", "footprint", "soak", "streams", "dht", "startup")
 T = TypeVar("T")
 
 
@@ -182,6 +182,27 @@ def bench_matrix(lab: Lab, workdir: Path, timeout: float, tries: int) -> list[di
     return cells
 
 
+def bench_relays(lab: Lab, workdir: Path, timeout: float, tries: int) -> list[dict[str, Any]]:
+    """Sessions through the relay over each transport to the TURN server: both NATs symmetric, then a's
+    network letting no UDP out (relay-only; its STUN waits out its 9.5 s first)."""
+    cells = []
+    for case, transport in report.RELAY_CASES:
+        lab.block_udp("a", case == report.NO_UDP)
+        modes = ("symmetric", "symmetric") if case == report.SYMMETRIC else ("cone", "cone")
+        cell = runs.matrix_cell(lab, workdir, *modes, timeout, tries, transport=transport)
+        progress(
+            f"relays, {case}, TURN over {transport.upper()}: {cell.method}, {cell.successes}/{tries} ok, "
+            f"{statistics.median(cell.seconds):.1f} s"
+        )
+        cells.append({"case": case, "transport": transport, "codes": list(cell.codes),
+                      "outcome": cell.outcome, "method": cell.method, "successes": cell.successes,
+                      "seconds": [round(s, 3) for s in cell.seconds]})  # fmt: skip
+    lab.block_udp("a", False)
+    for host in ("a", "b"):
+        lab.set_nat(host, "cone")
+    return cells
+
+
 def bench_footprint(lab: Lab, workdir: Path, idle: float) -> dict[str, Any]:
     progress(f"footprint: an idle acceptor for {idle:g} s, then one session")
     found = runs.footprint(lab, workdir, idle)
@@ -229,6 +250,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["matrix_timeout"] = args.fail_timeout
             results["matrix_tries"] = args.tries
             results["matrix"] = bench_matrix(lab, workdir, args.fail_timeout, args.tries)
+        if "relays" in args.sections:
+            results["relays_timeout"] = args.fail_timeout
+            results["relays"] = bench_relays(lab, workdir, args.fail_timeout, args.tries)
         if "footprint" in args.sections:
             results["footprint"] = bench_footprint(lab, workdir, args.idle)
         if "soak" in args.sections:

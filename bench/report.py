@@ -20,6 +20,10 @@ CORNER = "inviter \\ acceptor"
 # The order: from no NAT to the one that defeats punching
 MODES = ("none", "cone", "fullcone", "symmetric")
 CELL = 34
+SYMMETRIC, NO_UDP = "both NATs symmetric", "no UDP out of a"
+RELAY_CASES = [(SYMMETRIC, transport) for transport in ("udp", "tcp", "tls")] + [
+    (NO_UDP, transport) for transport in ("tcp", "tls")
+]
 
 
 def render(results: dict[str, Any]) -> str:
@@ -32,6 +36,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _connect(results)
     if "matrix" in results:
         lines += _matrix(results["matrix"], results["matrix_timeout"], results["matrix_tries"])
+    if "relays" in results:
+        lines += _relays(results["relays"], results["relays_timeout"])
     if "footprint" in results:
         lines += _footprint(results["footprint"])
     if "soak" in results:
@@ -105,6 +111,20 @@ def _matrix(cells: list[dict[str, Any]], timeout: float, tries: int) -> list[str
         lines.append(row.rstrip())
     ok = sum(cell["successes"] == len(cell["codes"]) for cell in cells)
     lines.append(f"{ok} of {len(cells)} pairs connect every time")
+    return lines
+
+
+def _relays(cells: list[dict[str, Any]], timeout: float) -> list[str]:
+    lines = [
+        "",
+        f"== Relay transports: the inviter's leg to the lab's TURN server over UDP, TCP or TLS (0 ms links; "
+        f"--response-timeout {timeout:g} --handshake-timeout {timeout:g})",
+        "path taken, sessions that connected, median seconds from the inviter's start until it launched its "
+        "command",
+    ]
+    lines += [
+        f"{cell['case'] + ', TURN over ' + cell['transport'].upper():<{CELL}}{_cell(cell)}" for cell in cells
+    ]
     return lines
 
 
@@ -224,6 +244,10 @@ def check(results: dict[str, Any]) -> list[str]:
         if cell["successes"] != len(cell["codes"]) or cell["method"] != expected:
             failures.append(f"matrix {cell['inviter']} -> {cell['acceptor']}: {_cell(cell)}, "
                             f"expected {expected} every time")  # fmt: skip
+    for cell in results.get("relays", []):
+        if cell["successes"] != len(cell["codes"]) or cell["method"] != "relay":
+            failures.append(f"relays, {cell['case']}, TURN over {cell['transport'].upper()}: {_cell(cell)}, "
+                            "expected relay every time")  # fmt: skip
     if "footprint" in results:
         found = results["footprint"]
         share = found["idle_cpu_seconds"] / found["idle_seconds"]

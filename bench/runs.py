@@ -120,18 +120,22 @@ class Cell:
 
 
 def matrix_cell(
-    lab: Lab, workdir: Path, inviter_mode: str, acceptor_mode: str, timeout: float, tries: int
+    lab: Lab,
+    workdir: Path,
+    inviter_mode: str,
+    acceptor_mode: str,
+    timeout: float,
+    tries: int,
+    *,
+    transport: str = "udp",
 ) -> Cell:
+    """`tries` sessions between those NAT modes, both sides with the lab's TURN server over `transport`."""
     lab.set_nat("a", inviter_mode)
     lab.set_nat("b", acceptor_mode)
-    account = lab.turn
     options = {
         "response-timeout": f"{timeout:g}",
         "handshake-timeout": f"{timeout:g}",
-        "turn-server": str(account.server),
-        "turn-user": account.user,
-        "turn-passwd": account.password,
-    }
+    } | sessions.turn(lab, transport=transport)
     codes, seconds, method = [], [], "-"
     with acceptor(lab, workdir, **options) as (_, inviter_side, acceptor_side):
         for _ in range(tries):

@@ -17,26 +17,41 @@ from typing import Any
 
 from plexus import path, paths, session, stun
 from plexus.endpoint import Endpoint
+from plexus.errors import StunError, StunSilentError, TurnError
 from plexus.launcher import Tunnel
+from plexus.options import STUN_PORT, TURNS_PORT
+from plexus.paths import TurnConfig
 from plexus.rendezvous import MAPPINGS, Reach
 from plexus.session import SessionConfig
 
-STUN_PORT = 3478
 PEER_MAPPINGS = {"independent": "endpoint-independently", "dependent": "per destination"}
 NO_PATH = "none (a TURN relay would: --turn-server)"
+NO_PATH_WITHOUT_UDP = "none (a TURN relay over TCP or TLS would: --turn-server turns:HOST)"
+RELAY_WORKS = "works"
 
 
 @dataclass(frozen=True)
 class Exploration:
-    """What `explore` found: the NAT in front of the socket (`nat`) and, for each kind of peer NAT, the way
-    through (plexus/path.py's method, or NO_PATH). str() is what `plexus --explore` prints; to_json() what
+    """What `explore` found: the NAT in front of the socket (`nat`; None when no UDP gets out: the STUN server
+    answered over TCP only), whether a TURN relay works over each transport (`relays`: "udp", "tcp", "tls" ->
+    RELAY_WORKS or why not; empty without one to try) and, for each kind of peer NAT, the way through
+    (plexus/path.py's method, or NO_PATH). str() is what `plexus --explore` prints; to_json() what
     `plexus --explore --json` prints."""
 
-    nat: stun.NatReport
+    nat: stun.NatReport | None
     paths: dict[str, str]  # the peer's mapping ("independent", "dependent") -> the way
+    relays: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def udp(self) -> bool:
+        """UDP gets out of this network."""
+        return self.nat is not None
 
     def __str__(self) -> str:
-        lines = [self.nat.render()]
+        lines = [
+            self.nat.render() if self.nat else f"{'UDP':<16}blocked: the STUN server answers over TCP only"
+        ]
+        lines += [f"{'TURN over ' + kind.upper():<16}{found}" for kind, found in self.relays.items()]
         lines += [
             f"{'to a peer whose NAT maps ' + PEER_MAPPINGS[peer]:<52}{way}"
             for peer, way in self.paths.items()
@@ -44,35 +59,76 @@ class Exploration:
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
-        return self.nat.to_json() | {"paths": self.paths}
+        nat = self.nat.to_json() if self.nat else {}
+        return nat | {"udp": self.udp, "relays": self.relays, "paths": self.paths}
 
     def json(self) -> str:
         return json.dumps(self.to_json())
 
 
-def ways_through(report: stun.NatReport, *, relay: bool) -> dict[str, str]:
-    """What this network can do with each kind of peer: the decision table (plexus/path.py) for this NAT."""
-    mine = Reach("independent" if report.punchable is not False else "dependent")
+def ways_through(report: stun.NatReport | None, *, relay: bool) -> dict[str, str]:
+    """What this network can do with each kind of peer: the decision table (plexus/path.py) for this NAT
+    (`report` None: no UDP gets out, and `relay` says whether one over TCP or TLS is at hand)."""
+    if report is None:
+        mine = Reach("blocked")
+    else:
+        mine = Reach("independent" if report.punchable is not False else "dependent")
     found = {}
     for peer in PEER_MAPPINGS:
         try:
             found[peer] = str(path.choose(mine, Reach(MAPPINGS[peer]), own_relay=relay).method)
         except path.NoPath:
-            found[peer] = NO_PATH
+            found[peer] = NO_PATH if report is not None else NO_PATH_WITHOUT_UDP
     return found
 
 
 async def explore(
-    stun_server: Endpoint | str, *, stun_client: Endpoint | str = "0.0.0.0:0", relay: bool = False
+    stun_server: Endpoint | str,
+    *,
+    stun_client: Endpoint | str = "0.0.0.0:0",
+    relay: bool = False,
+    turn: TurnConfig | None = None,
 ) -> Exploration:
     """Ask the STUN server (RFC 5780 tests where it has an alternate address) what the NAT in front of
-    `stun_client` does, and which way through it leaves to each kind of peer (`relay`: a TURN relay is at
-    hand). Raises plexus.errors.PlexusError subclasses: StunError when the server does not answer, UsageError
-    when `stun_client` cannot be bound."""
+    `stun_client` does, whether UDP gets out at all (no answer over UDP, one over TCP: it does not), and
+    which way through it leaves to each kind of peer (`relay`: a TURN relay is at hand). With `turn`, an
+    allocation is tried on its host over UDP, TCP and TLS (the URI's port for its own transport, 3478 and
+    5349 for the others), and the ways count with the transports that work. Raises
+    plexus.errors.PlexusError subclasses: StunError when the server answers neither over UDP nor over TCP,
+    UsageError when `stun_client` cannot be bound."""
     server = _endpoint(stun_server, STUN_PORT)
+    report: stun.NatReport | None
     with paths.bind(_endpoint(stun_client, 0)) as sock:
-        report = await stun.explore(sock, server)
-    return Exploration(report, ways_through(report, relay=relay))
+        try:
+            report = await stun.explore(sock, server)
+        except StunSilentError as error:
+            if await stun.query_over_tcp(server) is None:
+                raise StunError(f"{error}, nor over TCP: is the server down?") from error
+            report = None
+    relays = await try_relays(turn) if turn is not None else {}
+    usable = [kind for kind, found in relays.items() if found == RELAY_WORKS and (report or kind != "udp")]
+    return Exploration(report, ways_through(report, relay=relay or bool(usable)), relays)
+
+
+async def try_relays(turn: TurnConfig) -> dict[str, str]:
+    """An allocation on `turn`'s host over each transport, at once: RELAY_WORKS, or the one-line reason."""
+    from plexus.relay import Relay, Transport
+
+    def server(kind: Transport) -> Endpoint:
+        if (kind == "tls") == (turn.transport == "tls"):
+            return turn.server
+        return Endpoint(turn.server.host, TURNS_PORT if kind == "tls" else STUN_PORT)
+
+    async def attempt(kind: Transport) -> str:
+        ca = turn.ca if kind == "tls" else None
+        try:
+            async with Relay(server(kind), turn.user, turn.password, transport=kind, ca=ca):
+                return RELAY_WORKS
+        except TurnError as error:
+            return f"no: {error}"
+
+    kinds: list[Transport] = ["udp", "tcp", "tls"]
+    return dict(zip(kinds, await asyncio.gather(*(attempt(kind) for kind in kinds)), strict=True))
 
 
 @contextlib.asynccontextmanager

@@ -139,7 +139,7 @@ async def explore(options: Options, as_json: bool) -> None:
 
     inner = options.endpoint(Name.STUN_CLIENT) if options.get(Name.STUN_CLIENT) else Endpoint("0.0.0.0", 0)
     found = await api.explore(
-        options.endpoint(Name.STUN_SERVER), stun_client=inner, relay=turn_config(options) is not None
+        options.endpoint(Name.STUN_SERVER), stun_client=inner, turn=turn_config(options)
     )
     print(found.json() if as_json else found)
 

@@ -64,7 +64,6 @@ Address = tuple[str, int]
 # How this side reaches the TURN server (RFC 7065's transport; "tls" is its turns: scheme). The relayed
 # endpoint itself is UDP whatever this is.
 Transport = Literal["udp", "tcp", "tls"]
-TRANSPORT_NAMES: dict[Transport, str] = {"udp": "UDP", "tcp": "TCP", "tls": "TLS"}
 
 
 class _Plexus(turn.TurnClientMixin):
@@ -283,7 +282,7 @@ class Relay:
 
     def _over(self, name: str) -> str:
         """The server's name in messages; the transport named unless it is UDP, as it always was."""
-        return name if self.transport == "udp" else f"{name} over {TRANSPORT_NAMES[self.transport]}"
+        return name if self.transport == "udp" else f"{name} over {self.transport.upper()}"
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def __aenter__(self) -> Relay:

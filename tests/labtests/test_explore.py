@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from plexus.errors import ExitCode
+from tests.lab import sessions
 from tests.lab.lab import Lab
 
 pytestmark = pytest.mark.lab
@@ -71,3 +72,23 @@ def test_explore_with_a_relay_reaches_every_peer(lab: Lab) -> None:
     )
     assert code == 0, err
     assert "per destination" in out and out.rstrip().endswith("relay"), out
+
+
+def test_explore_says_whether_udp_gets_out_and_which_relay_transports_work(lab: Lab) -> None:
+    options = [f"--{key}={value}" for key, value in sessions.turn(lab, transport="tls").items()]
+    code, out, err = explore(lab, "--json", *options)
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["udp"], report["relays"]) == (True, {"udp": "works", "tcp": "works", "tls": "works"}), out
+    lab.block_udp("a")
+    code, out, err = explore(lab, "--json", *options)
+    assert code == 0, err
+    report = json.loads(out)
+    print(out)
+    assert report["udp"] is False and "mapping" not in report
+    assert report["relays"]["udp"].startswith("no: no answer from TURN server 203.0.113.10:3478")
+    assert (report["relays"]["tcp"], report["relays"]["tls"]) == ("works", "works")
+    assert report["paths"] == {"independent": "relay", "dependent": "relay"}
+    code, out, _ = explore(lab)  # no relay to try
+    assert code == 0
+    assert "blocked: the STUN server answers over TCP only" in out and "turns:HOST" in out, out

@@ -56,4 +56,25 @@ def test_the_exploration_reads_as_explore_prints_it() -> None:
     lines = str(found).splitlines()
     assert "\n".join(lines[:-2]) == report.render()
     assert lines[-2] == f"{'to a peer whose NAT maps endpoint-independently':<52}direct"
-    assert found.to_json() == report.to_json() | {"paths": {"independent": "direct", "dependent": "spray"}}
+    paths = {"independent": "direct", "dependent": "spray"}
+    assert found.to_json() == report.to_json() | {"udp": True, "relays": {}, "paths": paths}
+
+
+def test_an_exploration_where_no_udp_gets_out_names_the_relays_that_work() -> None:
+    relays = {
+        "udp": "no: no answer from TURN server 192.0.2.1:3478 within 10 s",
+        "tcp": "works",
+        "tls": "works",
+    }
+    found = api.Exploration(None, api.ways_through(None, relay=True), relays)
+    assert str(found).splitlines() == [
+        "UDP             blocked: the STUN server answers over TCP only",
+        "TURN over UDP   no: no answer from TURN server 192.0.2.1:3478 within 10 s",
+        "TURN over TCP   works",
+        "TURN over TLS   works",
+        f"{'to a peer whose NAT maps endpoint-independently':<52}relay",
+        f"{'to a peer whose NAT maps per destination':<52}relay",
+    ]
+    assert found.to_json() == {"udp": False, "relays": relays, "paths": found.paths}
+    nowhere = api.ways_through(None, relay=False)
+    assert set(nowhere.values()) == {"none (a TURN relay over TCP or TLS would: --turn-server turns:HOST)"}
