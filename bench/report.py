@@ -123,7 +123,7 @@ def _relays(cells: list[dict[str, Any]], timeout: float) -> list[str]:
         "command",
     ]
     lines += [
-        f"{cell['case'] + ', TURN over ' + cell['transport'].upper():<{CELL}}{_cell(cell)}" for cell in cells
+        f"{cell['case'] + ', TURN over ' + cell['transport'].upper():<40}{_cell(cell)}" for cell in cells
     ]
     return lines
 

@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NOWHERE = Endpoint("0.0.0.0", 0)  # the outer endpoint of a side that no UDP leaves
+# With a relay over TCP or TLS at hand, how long STUN over UDP may stay unanswered (its first four sends,
+# 0 to 1.4 s) before a binding over TCP is asked: an answer there means no UDP gets out. On a lossy link the
+# fifth send might still have been answered; the session then goes through the relay, which works anyway.
+UDP_PATIENCE = 2.0
 ARRIVING_HOPS = 64  # a first hello that must arrive (toward a relay)
 # With a relay to fall back on, how long a direct attempt may take: a birthday needs up to about 7 s.
 FALLBACK_BOUND = 10.0
@@ -96,10 +100,20 @@ async def discover(sock: socket.socket, server: Endpoint, turn: TurnConfig | Non
     STUN gets no answer over UDP and `turn` reaches its server over TCP or TLS, that this side can only be
     reached through that relay (mapping "blocked")."""
     log.debug("asking STUN server %s for the outer endpoint", server)
+    probing = asyncio.ensure_future(stun.probe_mapping(sock, server))
     try:
-        report = await stun.probe_mapping(sock, server)
+        if turn is not None and turn.transport != "udp":
+            await asyncio.wait({probing}, timeout=UDP_PATIENCE)
+            if not probing.done() and await stun.query_over_tcp(server) is not None and not probing.done():
+                # Four sends unanswered over UDP, an answer over TCP at once: no UDP gets out. Waiting out
+                # STUN's 9.5 s would only delay the relay that carries the session either way.
+                why = f"STUN server {server} answers over TCP, over UDP not within {UDP_PATIENCE:g} s"
+                return await _relay_only(sock, server, turn, why)
+        report = await probing
     except StunSilentError as error:
         return await _without_udp(sock, server, turn, error)
+    finally:
+        probing.cancel()
     if report.mapping is None:
         log.warning("STUN server %s has no alternate address: NAT mapping not tested", server)
     log.info("inner endpoint %s, outer endpoint %s", report.inner, report.outer)
@@ -128,7 +142,11 @@ async def _without_udp(
         raise UdpBlockedError(
             f"{why}; a TURN relay over TCP or TLS would carry the session (--turn-server turns:HOST{given})"
         ) from error
-    log.warning("%s; every session goes through TURN relay %s", why, turn)
+    return await _relay_only(sock, server, turn, why)
+
+
+async def _relay_only(sock: socket.socket, server: Endpoint, turn: TurnConfig, why: str) -> Found:
+    log.warning("%s; this session goes through TURN relay %s only", why, turn)
     inner = stun.inner_endpoint(sock, await stun.resolve(server))
     found = Found(inner, NOWHERE, "blocked")
     events.emit(events.Discovered, inner=found.inner, outer=found.outer, mapping=found.mapping)
