@@ -174,17 +174,20 @@ def bench_matrix(lab: Lab, workdir: Path, timeout: float, tries: int) -> list[di
                 f"matrix {inviter_mode} -> {acceptor_mode}: {cell.method}, {cell.successes}/{tries} ok, "
                 f"{statistics.median(cell.seconds):.1f} s"
             )
-            cells.append({"inviter": inviter_mode, "acceptor": acceptor_mode, "codes": list(cell.codes),
-                          "outcome": cell.outcome, "method": cell.method, "successes": cell.successes,
-                          "seconds": [round(s, 3) for s in cell.seconds]})  # fmt: skip
+            cells.append({"inviter": inviter_mode, "acceptor": acceptor_mode} | _figures(cell))
     for host in ("a", "b"):
         lab.set_nat(host, "cone")
     return cells
 
 
+def _figures(cell: runs.Cell) -> dict[str, Any]:
+    return {"codes": list(cell.codes), "outcome": cell.outcome, "method": cell.method,
+            "successes": cell.successes, "seconds": [round(s, 3) for s in cell.seconds]}  # fmt: skip
+
+
 def bench_relays(lab: Lab, workdir: Path, timeout: float, tries: int) -> list[dict[str, Any]]:
     """Sessions through the relay over each transport to the TURN server: both NATs symmetric, then a's
-    network letting no UDP out (relay-only; its STUN waits out its 9.5 s first)."""
+    network letting no UDP out (relay-only, once STUN over UDP went unanswered for 2 s)."""
     cells = []
     for case, transport in report.RELAY_CASES:
         lab.block_udp("a", case == report.NO_UDP)
@@ -194,9 +197,7 @@ def bench_relays(lab: Lab, workdir: Path, timeout: float, tries: int) -> list[di
             f"relays, {case}, TURN over {transport.upper()}: {cell.method}, {cell.successes}/{tries} ok, "
             f"{statistics.median(cell.seconds):.1f} s"
         )
-        cells.append({"case": case, "transport": transport, "codes": list(cell.codes),
-                      "outcome": cell.outcome, "method": cell.method, "successes": cell.successes,
-                      "seconds": [round(s, 3) for s in cell.seconds]})  # fmt: skip
+        cells.append({"case": case, "transport": transport} | _figures(cell))
     lab.block_udp("a", False)
     for host in ("a", "b"):
         lab.set_nat(host, "cone")

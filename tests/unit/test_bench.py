@@ -323,3 +323,21 @@ def test_startup_section_reports_each_command_against_the_bare_interpreter() -> 
                "bench_seconds": 1.0, "startup": found}  # fmt: skip
     assert "Start-up: median of 9 runs" in report.render(results)
     assert report.check(results) == startup.check(found)
+
+
+def test_the_relays_section_reads_and_checks_each_transport() -> None:
+    cells = [
+        {"case": report.SYMMETRIC, "transport": "tls", "codes": [0, 0], "outcome": "ok", "method": "relay",
+         "successes": 2, "seconds": [1.7, 1.8]},
+        {"case": report.NO_UDP, "transport": "tcp", "codes": [0, 20], "outcome": "UDP_BLOCKED",
+         "method": "relay", "successes": 1, "seconds": [3.2, 9.8]},
+    ]  # fmt: skip
+    host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
+    text = report.render({"machine": host, "bench_seconds": 1.0, "relays": cells, "relays_timeout": 15.0})
+    assert f"{'both NATs symmetric, TURN over TLS':<40}relay 2/2 1.8 s" in text
+    assert "no UDP out of a, TURN over TCP          relay 1/2 6.5 s (UDP_BLOCKED)" in text
+    (failure,) = report.check({"relays": cells})
+    assert (
+        failure.startswith("relays, no UDP out of a, TURN over TCP: ")
+        and "expected relay every time" in failure
+    )

@@ -379,3 +379,20 @@ def test_over_a_stream_channel_data_is_padded_and_split_whatever_the_segments() 
     for start in range(0, len(wire), 3):
         client.data_received(wire[start : start + 3])
     assert got == [(b"abc", tuple(PEER)), (b"", tuple(PEER)), (b"12345", tuple(PEER))]
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.one_of(st.binary(max_size=60), st.builds(_indication_bytes, st.binary(max_size=16))), max_size=6
+    )
+)
+def test_no_stream_from_the_server_escapes_the_turn_client(chunks: list[bytes]) -> None:
+    """Over TCP or TLS aioice cuts the stream into messages by their length fields and hands each to the
+    same checks as a datagram: whatever the server's stream holds, nothing but a dropped message comes out."""
+    client = _StreamClient(("192.0.2.1", 3478), "user", "password", 600)
+    client.connection_made(_Stream())
+    client.receiver = asyncio.DatagramProtocol()
+    client.permitted.add("198.51.100.6")
+    for chunk in chunks:
+        client.data_received(chunk)
