@@ -79,3 +79,23 @@ def test_a_stun_server_that_is_down_is_not_taken_for_blocked_udp(
     print(f"exit {code}: {message.strip()}")
     assert code == ExitCode.STUN_FAILED, message
     assert message.count("\n") == 1 and "nor over TCP: is the server down?" in message
+
+
+def test_two_networks_that_let_no_udp_out_meet_relay_to_relay(
+    lab: Lab, tmp_path: Path, running: list[Plexus]
+) -> None:
+    """Each side talks through its own allocation toward the other's relayed endpoint (the outer endpoint each
+    offered); each forwarder carries its command's datagrams."""
+    lab.block_udp("a")
+    lab.block_udp("b")
+    acceptor, inviter, acceptor_side = sessions.accepting(
+        lab, tmp_path, running, overrides=turn(lab, transport="tls")
+    )
+    invite, code, took = sessions.invite_once(
+        lab, inviter, acceptor_side, tmp_path, running, overrides=turn(lab, transport="tcp")
+    )
+    connects(invite, code, acceptor)
+    for side in (invite, acceptor):
+        assert [e["way"] for e in side.events("connected")] == ["relay"]
+        assert [e["why"] for e in side.events("chosen")][-1].endswith("this network lets no UDP out)")
+    print(f"no UDP out of either: relay to relay in {took:.1f} s")
