@@ -30,7 +30,7 @@ from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError, NatUnsuitableError, UsageError
 from plexus.launcher import Tunnel
 from plexus.path import Method, Plan
-from plexus.rendezvous import Mapping, Reach
+from plexus.rendezvous import Mapping, Offer, Reach
 
 # The TURN client (aioice's) loads with the first relay a session allocates or uses, not with every session.
 if TYPE_CHECKING:
@@ -105,9 +105,12 @@ class Gathered:
     found: Found
     relay: Relay | None = None
 
-    def reach(self, streams: bool) -> Reach:
-        """What this side's offer tells the peer of its ways through."""
-        return Reach(self.found.mapping, self.relay.relayed if self.relay else None, streams)
+    def reach(self, streams: bool, *, hosts: bool) -> Reach:
+        """What this side's offer tells the peer of its ways through; with `hosts` (only toward a peer known
+        to be plexus: 2.2 is never sent anything new) its host candidate too, the punching socket's LAN
+        endpoint, where it is not the outer one."""
+        lan = (self.found.inner,) if hosts and self.found.inner != self.found.outer else ()
+        return Reach(self.found.mapping, self.relay.relayed if self.relay else None, streams, lan)
 
 
 async def gather(
@@ -234,7 +237,8 @@ class Way(Protocol):
 @dataclass(frozen=True)
 class Direct:
     """Both NATs map endpoint-independently: a TTL-limited hello, then the handshake. `peer_reflexive`
-    accepts the peer from another port of its address once a handshake packet authenticates."""
+    accepts the peer from another port of its address once a handshake packet authenticates. A LAN plan
+    races the peer's host candidates with its outer endpoint on the one socket: the tunnel says which won."""
 
     plan: Plan
 
@@ -247,6 +251,7 @@ class Direct:
 
     async def establish(self, attempt: Attempt, timeout: float) -> Established:
         spray = puncher.Spray() if self.plan.method is Method.SPRAY else None
+        lan = self.plan.method is Method.LAN
         peer = await puncher.punch(
             attempt.sock,
             attempt.peer,
@@ -256,8 +261,14 @@ class Direct:
             timeout=timeout,
             peer_reflexive=self.plan.peer_reflexive,
             spray=spray,
+            hosts=self.plan.hosts,
+            lan=lan,
         )
-        return Punched(Tunnel(attempt.inner, attempt.outer, peer, attempt.secret, self.method))
+        # Another address than the outer one's is the LAN (a peer-reflexive port keeps the address).
+        won = Method.LAN if peer.host != attempt.peer.host else Method.DIRECT if lan else self.method
+        if won is not self.method:
+            log.info("path: %s won the race (the peer at %s)", won, peer)
+        return Punched(Tunnel(attempt.inner, attempt.outer, peer, attempt.secret, won))
 
 
 @dataclass(frozen=True)
@@ -349,16 +360,19 @@ class OwnRelay:
         )
 
 
-def choose(mine: Gathered, theirs: Reach | None) -> list[Way]:
-    """The ways to try, in order (`theirs` is None for a plexus 2.2 peer): the one both NATs allow
+def choose(mine: Gathered, theirs: Offer) -> list[Way]:
+    """The ways to try, in order (`theirs.reach` is None for a plexus 2.2 peer): the one both NATs allow
     (plexus/path.py), then a relay to fall back on."""
+    shared = mine.found.outer.canonical().host == theirs.outer.canonical().host
     try:
-        chosen = path.choose(Reach(mine.found.mapping), theirs, own_relay=mine.relay is not None)
+        chosen = path.choose(
+            Reach(mine.found.mapping), theirs.reach, own_relay=mine.relay is not None, shared_address=shared
+        )
     except path.NoPath as error:
         raise NatUnsuitableError(f"no path to the peer: {error}") from error
     log.info("path: %s", chosen.describe())
     events.emit(events.Chosen, way=str(chosen.method), why=chosen.describe())
-    return ways(chosen, mine.relay, theirs.relay if theirs is not None else None)
+    return ways(chosen, mine.relay, theirs.reach.relay if theirs.reach is not None else None)
 
 
 def ways(plan: Plan, own: Relay | None, theirs: Endpoint | None) -> list[Way]:

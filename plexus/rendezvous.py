@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 Mapping = Literal["independent", "dependent"]
 MAPPINGS: dict[str, Mapping] = {"independent": "independent", "dependent": "dependent"}
 REACH_HEADER = "X-Plexus-Reach"
+# Host candidates one Reach may name: a host has its punching socket's LAN address, and maybe a few more; a
+# hostile peer must not make this side send hellos to a long list of addresses.
+MAX_HOST_CANDIDATES = 4
 
 
 class ReachError(ValueError):
@@ -37,15 +40,19 @@ class Reach:
     """What a side says about how it can be reached, beyond plexus 2.2's line: its NAT's mapping as STUN saw
     it (endpoint-independent or not), and a TURN relay address it allocated, if any. It travels in the
     X-Plexus-Reach header, which plexus 2.2 ignores; a 2.2 peer's mail has none. An inviter also says here
-    whether it wants streams (QUIC, plexus/streams/) rather than the acceptor's command."""
+    whether it wants streams (QUIC, plexus/streams/) rather than the acceptor's command. `hosts` are its host
+    candidates: the punching socket's own (LAN) endpoints, for a peer behind the same NAT when that NAT does
+    not hairpin."""
 
     mapping: Mapping
     relay: Endpoint | None = None
     streams: bool = False
+    hosts: tuple[Endpoint, ...] = ()
 
     def header(self) -> str:
         relay = f"; relay={self.relay}" if self.relay else ""
-        return f"mapping={self.mapping}{relay}" + ("; streams=1" if self.streams else "")
+        hosts = f"; hosts={','.join(map(str, self.hosts))}" if self.hosts else ""
+        return f"mapping={self.mapping}{relay}" + ("; streams=1" if self.streams else "") + hosts
 
     @classmethod
     def parse(cls, text: str) -> Reach:
@@ -53,16 +60,23 @@ class Reach:
         mapping = MAPPINGS.get(fields.get("mapping", ""))
         if mapping is None:
             raise ReachError(f"{REACH_HEADER}: unknown mapping {fields.get('mapping', '')[:30]!r}")
-        relay = None
-        if "relay" in fields:
-            try:
-                relay = Endpoint.parse(fields["relay"])
-                ipaddress.ip_address(relay.host)
-            except ValueError as error:
-                raise ReachError(f"{REACH_HEADER}: bad relay {fields['relay'][:60]!r}") from error
-            if not relay.port:
-                raise ReachError(f"{REACH_HEADER}: relay port 0")
-        return cls(mapping, relay, fields.get("streams") == "1")
+        relay = _address(fields["relay"], "relay") if "relay" in fields else None
+        hosts = fields.get("hosts", "").split(",") if fields.get("hosts") else []
+        if len(hosts) > MAX_HOST_CANDIDATES:
+            raise ReachError(f"{REACH_HEADER}: more than {MAX_HOST_CANDIDATES} host candidates")
+        return cls(mapping, relay, fields.get("streams") == "1", tuple(_address(h, "host") for h in hosts))
+
+
+def _address(text: str, name: str) -> Endpoint:
+    """An IP address and a port that is not 0: what a Reach's relay or host candidate must be."""
+    try:
+        endpoint = Endpoint.parse(text)
+        ipaddress.ip_address(endpoint.host)
+    except ValueError as error:
+        raise ReachError(f"{REACH_HEADER}: bad {name} {text[:60]!r}") from error
+    if not endpoint.port:
+        raise ReachError(f"{REACH_HEADER}: {name} port 0")
+    return endpoint.canonical()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,34 @@
+"""Issue 18: two hosts on one LAN behind one router that does not hairpin (b and c behind nat-b). Aimed at
+each other's public endpoint, the shared WAN address, their packets end at the router; each side's host
+candidate (its LAN address, in its Reach) is raced with that direct path and gets through."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from tests.lab import sessions
+from tests.lab.lab import Lab
+from tests.lab.sessions import Plexus
+
+pytestmark = pytest.mark.lab
+
+TIMEOUT = {"handshake-timeout": "20"}  # the issue's cron job: a failure must not hold the test up for 60 s
+
+
+def test_same_lan_without_hairpin_connects_over_the_lan(
+    lab: Lab, tmp_path: Path, running: list[Plexus]
+) -> None:
+    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=TIMEOUT)
+    home = dataclasses.replace(inviter, host="c")
+    invite, code, took = sessions.invite_once(lab, home, acceptor_side, tmp_path, running, overrides=TIMEOUT)
+    assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    mine, theirs = invite.wait_hello()[0], acceptor.wait_hello()[0]
+    assert mine["received"] and theirs["received"], f"{mine}\n{theirs}"
+    assert (mine["args"]["peerip"], theirs["args"]["peerip"]) == (lab.inner_ip("b"), lab.inner_ip("c"))
+    assert mine["args"]["peerport"] == theirs["args"]["innerport"]
+    for side in (invite, acceptor):
+        assert [event["way"] for event in side.events("connected")] == ["lan"], side.events()
+    print(f"same LAN, no hairpin: connected over the LAN in {took:.1f} s")
