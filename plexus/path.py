@@ -66,7 +66,7 @@ def choose(mine: Reach, theirs: Reach | None, *, own_relay: bool, shared_address
             raise NoPath("this NAT maps per destination and the peer (plexus 2.2) can only punch directly")
         return Plan(Method.DIRECT, peer_reflexive=False)
     if shared_address:
-        return Plan(Method.LAN, relay=theirs.relay, hosts=theirs.hosts)
+        return Plan(Method.LAN, hosts=theirs.hosts)
     if mine.mapping == "independent" and theirs.mapping == "independent":
         return Plan(Method.DIRECT)
     if mine.mapping == "dependent" and theirs.mapping == "independent":

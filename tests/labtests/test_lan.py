@@ -30,5 +30,10 @@ def test_same_lan_without_hairpin_connects_over_the_lan(
     assert (mine["args"]["peerip"], theirs["args"]["peerip"]) == (lab.inner_ip("b"), lab.inner_ip("c"))
     assert mine["args"]["peerport"] == theirs["args"]["innerport"]
     for side in (invite, acceptor):
+        assert [event["way"] for event in side.events("chosen")] == ["lan"], side.events()
         assert [event["way"] for event in side.events("connected")] == ["lan"], side.events()
+    # Anonymous mail: the inviter cannot know its peer is not plexus 2.2, so its request named no host
+    # candidate; the acceptor's response named its own, and took the inviter's LAN source once authenticated.
+    assert lab.inner_ip("b") in invite.events("chosen")[0]["why"]
+    assert "none named" in acceptor.events("chosen")[0]["why"]
     print(f"same LAN, no hairpin: connected over the LAN in {took:.1f} s")
