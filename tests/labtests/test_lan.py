@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from plexus.identity import Identity
 from tests.lab import sessions
 from tests.lab.lab import Lab
 from tests.lab.sessions import Plexus
@@ -18,12 +19,20 @@ pytestmark = pytest.mark.lab
 TIMEOUT = {"handshake-timeout": "20"}  # the cron job: a failure must not hold the test up for 60 s
 
 
+@pytest.mark.parametrize("pinned", [False, True], ids=["anonymous-mail", "pinned-mail"])
 def test_same_lan_without_hairpin_connects_over_the_lan(
-    lab: Lab, tmp_path: Path, running: list[Plexus]
+    lab: Lab, tmp_path: Path, running: list[Plexus], pinned: bool
 ) -> None:
-    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=TIMEOUT)
-    home = dataclasses.replace(inviter, host="c")
-    invite, code, took = sessions.invite_once(lab, home, acceptor_side, tmp_path, running, overrides=TIMEOUT)
+    invited, inviting = TIMEOUT, TIMEOUT
+    if pinned:
+        home, laptop = Identity.load(tmp_path / "b.key"), Identity.load(tmp_path / "c.key")
+        invited = TIMEOUT | {"identity": str(tmp_path / "b.key"), "peer-identity": laptop.id}
+        inviting = TIMEOUT | {"identity": str(tmp_path / "c.key"), "peer-identity": home.id}
+    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=invited)
+    at_home = dataclasses.replace(inviter, host="c")
+    invite, code, took = sessions.invite_once(
+        lab, at_home, acceptor_side, tmp_path, running, overrides=inviting
+    )
     assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
     mine, theirs = invite.wait_hello()[0], acceptor.wait_hello()[0]
     assert mine["received"] and theirs["received"], f"{mine}\n{theirs}"
@@ -32,8 +41,9 @@ def test_same_lan_without_hairpin_connects_over_the_lan(
     for side in (invite, acceptor):
         assert [event["way"] for event in side.events("chosen")] == ["lan"], side.events()
         assert [event["way"] for event in side.events("connected")] == ["lan"], side.events()
-    # Anonymous mail: the inviter cannot know its peer is not plexus 2.2, so its request named no host
-    # candidate; the acceptor's response named its own, and took the inviter's LAN source once authenticated.
+    # The response always names the acceptor's host candidate. The request names the inviter's only when the
+    # mail is pinned: anonymous, the inviter cannot know its peer is not plexus 2.2, and the acceptor takes
+    # the inviter's LAN source once its handshake packet authenticates.
     assert lab.inner_ip("b") in invite.events("chosen")[0]["why"]
-    assert "none named" in acceptor.events("chosen")[0]["why"]
-    print(f"same LAN, no hairpin: connected over the LAN in {took:.1f} s")
+    assert (lab.inner_ip("c") in acceptor.events("chosen")[0]["why"]) == pinned
+    print(f"same LAN, no hairpin, {'pinned' if pinned else 'anonymous'} mail: over the LAN in {took:.1f} s")
