@@ -150,8 +150,8 @@ class Rejected(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class Moved(Event):
-    """The peer's authenticated packets come from another port of its host (a peer-reflexive endpoint):
-    the handshake follows them there."""
+    """The peer's authenticated packets come from another port of its host (a peer-reflexive endpoint), or
+    from its LAN endpoint (a host candidate, behind the same NAT): the handshake follows them there."""
 
     name: ClassVar[str] = "moved"
     before: Endpoint

@@ -266,7 +266,8 @@ class Direct:
             lan=lan,
         )
         # Another address than the outer one's is the LAN (a peer-reflexive port keeps the address).
-        won = Method.LAN if peer.host != attempt.peer.host else Method.DIRECT if lan else self.method
+        moved = peer.canonical().host != attempt.peer.canonical().host
+        won = Method.LAN if moved else Method.DIRECT if lan else self.method
         if won is not self.method:
             log.info("path: %s won the race (the peer at %s)", won, peer)
         return Punched(Tunnel(attempt.inner, attempt.outer, peer, attempt.secret, won))

@@ -302,7 +302,7 @@ class Handshake(ABC):
             events.emit(events.Moved, before=self.peer, after=source)
             self.peer = source
             self._on_switch(now)
-        elif self.hosts and not self.settled:
+        elif self.hosts:
             log.info("peer at %s: its outer endpoint won the race with its host candidates", source)
         self.hosts = ()
         self.settled = True
