@@ -47,3 +47,22 @@ def test_same_lan_without_hairpin_connects_over_the_lan(
     assert lab.inner_ip("b") in invite.events("chosen")[0]["why"]
     assert (lab.inner_ip("c") in acceptor.events("chosen")[0]["why"]) == pinned
     print(f"same LAN, no hairpin, {'pinned' if pinned else 'anonymous'} mail: over the LAN in {took:.1f} s")
+
+
+def test_same_lan_behind_a_symmetric_nat_needs_no_relay(
+    lab: Lab, tmp_path: Path, running: list[Plexus]
+) -> None:
+    """Behind a NAT that maps per destination, two hosts of one LAN had only a relay (none here: the acceptor
+    refused, exit 11); the LAN candidate is tried before any birthday or relay."""
+    lab.set_nat("b", "symmetric")
+    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=TIMEOUT)
+    at_home = dataclasses.replace(inviter, host="c")
+    invite, code, took = sessions.invite_once(
+        lab, at_home, acceptor_side, tmp_path, running, overrides=TIMEOUT
+    )
+    assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    mine, theirs = invite.wait_hello()[0], acceptor.wait_hello()[0]
+    assert mine["received"] and theirs["received"], f"{mine}\n{theirs}"
+    for side in (invite, acceptor):
+        assert [event["way"] for event in side.events("connected")] == ["lan"], side.events()
+    print(f"same LAN behind a symmetric NAT: over the LAN in {took:.1f} s")
