@@ -39,6 +39,22 @@ def test_a_mail_session_loads_no_dht_and_a_dht_session_no_mail() -> None:
     assert "opendht" in dht
 
 
+def test_a_dht_inviter_loads_no_mail_parser_no_x509_and_no_aioice() -> None:
+    """What a DHT session needs beyond the session itself (issue 17: start-up): the DHT's values take the
+    rendezvous rules from plexus.rendezvous, an identity makes its certificate only for TLS, STUN has its own
+    codec."""
+    loaded = _loaded_after("import plexus.mediator.dhtnode, plexus.identity, plexus.stun, plexus.events")
+    unwanted = {
+        "plexus.mediator.message",
+        "plexus.mediator.smime",
+        "cryptography.x509",
+        "aioice",
+        "dns",
+        "email",
+    }
+    assert not loaded & unwanted
+
+
 async def test_each_config_opens_its_own_rendezvous() -> None:
     mail: RendezvousConfig = MailConfig(
         Endpoint("127.0.0.1", 465), Endpoint("127.0.0.1", 993), "me", "secret", "a@x", "b@x", "a", "b"
