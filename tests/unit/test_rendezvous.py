@@ -55,6 +55,12 @@ def test_a_dht_inviter_loads_no_mail_parser_no_x509_and_no_aioice() -> None:
     assert not loaded & unwanted
 
 
+def test_mail_without_s_mime_loads_no_x509() -> None:
+    """S/MIME's certificates and CMS (x509, pkcs7) load with --smime-* only."""
+    loaded = _loaded_after("import plexus.mediator.email, plexus.identity, plexus.stun")
+    assert not loaded & {"cryptography.x509", "cryptography.hazmat.primitives.serialization.pkcs7", "aioice"}
+
+
 async def test_each_config_opens_its_own_rendezvous() -> None:
     mail: RendezvousConfig = MailConfig(
         Endpoint("127.0.0.1", 465), Endpoint("127.0.0.1", 993), "me", "secret", "a@x", "b@x", "a", "b"
