@@ -2,14 +2,17 @@
 plexus/mediator/email.py; on OpenDHT, plexus/mediator/dhtnode.py) and the values both sides exchange.
 
 The inviter sends an Offer (its outer endpoint, its puzzle, its Reach) and waits for the acceptor's; the
-acceptor waits for Invitations and answers or refuses each. A session (plexus/session.py) sees only this
-module: it opens a rendezvous from its config (`RendezvousConfig.open`), which imports its implementation
-then, so that a mail session never loads OpenDHT and a DHT session never loads the mail clients.
+acceptor waits for Invitations and answers or refuses each. Both implementations judge what arrives by the
+same rules, kept here: how far the peer's clock may be off, and what a refusal's reason may hold. A session
+(plexus/session.py) sees only this module: it opens a rendezvous from its config (`RendezvousConfig.open`),
+which imports its implementation then, so that a mail session never loads OpenDHT and a DHT session never
+loads the mail clients (nor the mail parser: plexus/mediator/dht.py takes those rules from here).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,6 +32,20 @@ REACH_HEADER = "X-Plexus-Reach"
 # Host candidates one Reach may name: a host has its punching socket's LAN address, and maybe a few more; a
 # hostile peer must not make this side send hellos to a long list of addresses.
 MAX_HOST_CANDIDATES = 4
+# How far a message's time (a mail's Date or signingTime, a DHT value's) may be from our clock: skew between
+# the hosts plus delivery delay. A request this old is useless anyway (inviters wait 60 s); a replay older
+# than this is refused even after a restart.
+CLOCK_TOLERANCE = datetime.timedelta(minutes=5)
+REASON_LIMIT = 200  # characters of a refusal's reason, after sanitizing
+NO_REASON = "no reason given"
+
+
+def sanitize_reason(text: str) -> str:
+    """Printable ASCII on one line, at most REASON_LIMIT characters: whitespace runs become one space, any
+    other character outside 0x21-0x7E a '?'. Applied when sending and again on receipt."""
+    cleaned = "".join(" " if c.isspace() else c if "!" <= c <= "~" else "?" for c in text)
+    cleaned = " ".join(cleaned.split())[:REASON_LIMIT].rstrip()
+    return cleaned or NO_REASON
 
 
 class ReachError(ValueError):

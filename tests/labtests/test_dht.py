@@ -18,8 +18,7 @@ from plexus.endpoint import Endpoint
 from plexus.errors import ExitCode
 from plexus.identity import Identity
 from plexus.mediator import dht
-from plexus.mediator.message import CLOCK_TOLERANCE
-from plexus.rendezvous import Offer, Reach
+from plexus.rendezvous import CLOCK_TOLERANCE, Offer, Reach
 from tests.lab import sessions
 from tests.lab.dht import DhtNetwork
 from tests.lab.lab import Lab

@@ -42,6 +42,29 @@ def test_a_mail_session_loads_no_dht_and_a_dht_session_no_mail() -> None:
     assert "opendht" in dht
 
 
+def test_a_dht_inviter_loads_no_mail_parser_no_x509_and_no_aioice() -> None:
+    """What a DHT session loads (issue 17: start-up): the session without its relay (aioice) or streams
+    (aioquic); the DHT's values take the rendezvous rules from plexus.rendezvous, an identity makes its
+    certificate only for TLS, STUN has its own codec."""
+    loaded = _loaded_after("import plexus.session, plexus.mediator.dhtnode, plexus.identity, plexus.events")
+    unwanted = {
+        "plexus.mediator.message",
+        "plexus.mediator.smime",
+        "cryptography.x509",
+        "aioice",
+        "aioquic",
+        "dns",
+        "email",
+    }
+    assert not loaded & unwanted
+
+
+def test_mail_without_s_mime_loads_no_x509() -> None:
+    """S/MIME's certificates and CMS (x509, pkcs7) load with --smime-* only."""
+    loaded = _loaded_after("import plexus.session, plexus.mediator.email, plexus.identity")
+    assert not loaded & {"cryptography.x509", "cryptography.hazmat.primitives.serialization.pkcs7", "aioice"}
+
+
 async def test_each_config_opens_its_own_rendezvous() -> None:
     mail: RendezvousConfig = MailConfig(
         Endpoint("127.0.0.1", 465), Endpoint("127.0.0.1", 993), "me", "secret", "a@x", "b@x", "a", "b"
