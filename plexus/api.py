@@ -135,10 +135,11 @@ async def try_relays(turn: TurnConfig) -> dict[str, str]:
 async def invite(config: SessionConfig) -> AsyncIterator[Tunnel]:
     """Meet the acceptor (config.rendezvous: mail or the DHT), punch through both NATs and yield the
     established path: `inner` (bind it), `outer`, `peer` (send there), `secret` and `path` (the way it took:
-    direct, fan-out, spray or relay). On a relay this side allocated, plexus carries the datagrams between
-    `inner` and the relay for as long as the block runs. config.command and config.streams are not used: the
-    block is the session (it may launch a command with `Tunnel.environment()`, or carry streams with
-    plexus.streams.carry). Raises plexus.errors.PlexusError subclasses as the CLI's exit codes name them."""
+    direct, lan, fan-out, spray or relay). On a relay this side allocated, plexus carries the datagrams
+    between `inner` and the relay for as long as the block runs. config.command and config.streams are not
+    used: the block is the session (it may launch a command with `Tunnel.environment()`, or carry streams
+    with plexus.streams.carry). Raises plexus.errors.PlexusError subclasses as the CLI's exit codes name
+    them."""
     established: asyncio.Future[Tunnel] = asyncio.get_running_loop().create_future()
     finished = asyncio.Event()
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 import typer.core
 from typer import _click as click  # typer (pinned) carries its own click; help formatting is typed there
+from typer import _coercion
 
 from plexus.errors import MEANINGS
 from plexus.options import HELP_GROUPS, TABLE, Kind, Name, Option
@@ -74,8 +75,44 @@ Exit codes:
 """
 
 
+class _Given(_coercion.RuntimeParam):
+    """typer's coercion of a value, without pydantic for the values the table's options take.
+
+    typer (pinned) checks every option's value with a pydantic TypeAdapter, built for each option on its
+    first parse even for a value it then passes over (None): importing pydantic and building ~50 adapters took
+    60 ms of each start. click's parser has made the value already: a str (a list of them for a repeatable
+    option) or, for a flag, a bool, which typer's adapters return as they are (a list as a new list); so does
+    this. Anything else goes to typer's own coercion, adapters and all."""
+
+    def _coerce_value(self, value: Any, param: typer.core._TyperParameter, ctx: click.Context) -> Any:
+        annotation = self.annotation
+        if (annotation is str and isinstance(value, str)) or (annotation is bool and isinstance(value, bool)):
+            return value
+        if (
+            annotation == list[str]
+            and isinstance(value, list | tuple)
+            and all(isinstance(v, str) for v in value)
+        ):
+            return list(value)
+        return _coercion.build_runtime_param(param.type_descriptor).coerce(value, param=param, ctx=ctx)
+
+
+def plain_coercion(params: list[click.Parameter]) -> None:
+    """Give each of typer's parameters not coerced yet the coercion of _Given."""
+    for param in params:
+        if isinstance(param, typer.core._TyperParameter) and param._runtime_param is None:
+            descriptor = param.type_descriptor
+            param._runtime_param = _Given(descriptor.parameter_info, descriptor.annotation)
+
+
 class GroupedCommand(typer.core.TyperCommand):
-    """Help with the options in groups, examples per role and the exit codes; click's plain layout."""
+    """Help with the options in groups, examples per role and the exit codes; click's plain layout. Its
+    options' values are coerced by _Given."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)  # --help among them
+        plain_coercion(params)
+        return params
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         records = {

@@ -5,7 +5,9 @@ Each event is a frozen dataclass with the wall-clock time it happened (`at`, tim
 role. The library hands them to a callback; the CLI writes them as JSON lines to the file named by the
 environment variable PLEXUS_EVENTS (`JsonLines`), one object per event with its `event` name. Nothing secret
 is in an event: the secret stays in the command's environment, and a rejection's reason has its long numbers
-(the puzzles a refused message named) masked.
+(the puzzles a refused message named) masked. Their __eq__, __hash__ and __repr__ are Event's, one for all
+and the same as dataclasses would make: made for each class (eq=True, repr=True), they cost 2 ms of every
+start, a third of this module's import.
 
 The code that sees an event deep in the session (a mediator judging a message, the puncher's switch to a
 peer-reflexive endpoint, the fall back to a relay) reports it with `emit`, to the sink the session put in
@@ -40,11 +42,35 @@ def _now() -> float:
     return time.time()
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Event:
+    """What every event has: the side's role and when it happened."""
+
     name: ClassVar[str]
     role: Role
     at: float = field(default_factory=_now)
+
+    def _values(self, hashed: bool = False) -> tuple[Any, ...]:
+        """The values dataclasses' __eq__ (or __hash__) would compare (hash), in the fields' order."""
+        return tuple(
+            getattr(self, item.name)
+            for item in dataclasses.fields(self)
+            if (item.hash if hashed and item.hash is not None else item.compare)
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__ or not isinstance(other, Event):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values(hashed=True))
+
+    def __repr__(self) -> str:
+        shown = (
+            f"{item.name}={getattr(self, item.name)!r}" for item in dataclasses.fields(self) if item.repr
+        )
+        return f"{self.__class__.__qualname__}({', '.join(shown)})"
 
     def to_json(self) -> dict[str, Any]:
         values = {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
@@ -52,14 +78,14 @@ class Event:
         return {"event": self.name, **plain}
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Started(Event):
     """The session's flow runs: the process has started, imported and entered its event loop."""
 
     name: ClassVar[str] = "started"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Listening(Event):
     """The acceptor watches for requests: one sent from now on is served."""
 
@@ -67,7 +93,7 @@ class Listening(Event):
     peer_id: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Discovered(Event):
     """STUN answered: this side's endpoints and its NAT's mapping; or no UDP gets out (mapping "blocked",
     outer 0.0.0.0:0) and a relay over TCP or TLS will carry the session."""
@@ -78,7 +104,7 @@ class Discovered(Event):
     mapping: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Requested(Event):
     """The acceptor has a request (`peer`: the inviter's outer endpoint)."""
 
@@ -86,7 +112,7 @@ class Requested(Event):
     peer: Endpoint
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Answered(Event):
     """The inviter has the acceptor's response (`peer`: its outer endpoint)."""
 
@@ -94,7 +120,7 @@ class Answered(Event):
     peer: Endpoint
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Chosen(Event):
     """The way through both sides' NATs allow (plexus/path.py's method), before the punch."""
 
@@ -103,7 +129,7 @@ class Chosen(Event):
     why: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Connected(Event):
     """The handshake is done: the path the command is given."""
 
@@ -114,7 +140,7 @@ class Connected(Event):
     way: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Launched(Event):
     """The command runs on the path (pid), or the streams do (pid None)."""
 
@@ -122,7 +148,7 @@ class Launched(Event):
     pid: int | None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Failed(Event):
     """A session ended in an error (on the acceptor: that session only; it serves the next)."""
 
@@ -130,7 +156,7 @@ class Failed(Event):
     error: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Sent(Event):
     """A rendezvous message left this side (`kind`: request, response or refusal): its SMTP DATA was
     accepted, or its DHT put was handed to the node."""
@@ -139,7 +165,7 @@ class Sent(Event):
     kind: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Rejected(Event):
     """What the peer's side sent was judged and refused (`source`: a mail, a DHT value, or a stream's
     request to the acceptor; `reason`: one line)."""
@@ -149,17 +175,17 @@ class Rejected(Event):
     reason: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Moved(Event):
-    """The peer's authenticated packets come from another port of its host (a peer-reflexive endpoint):
-    the handshake follows them there."""
+    """The peer's authenticated packets come from another port of its host (a peer-reflexive endpoint), or
+    from its LAN endpoint (a host candidate, behind the same NAT): the handshake follows them there."""
 
     name: ClassVar[str] = "moved"
     before: Endpoint
     after: Endpoint
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class FellBack(Event):
     """A way through failed within its bound (`way`): the session tries the next, a relay."""
 
@@ -167,7 +193,7 @@ class FellBack(Event):
     way: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Forwarding(Event):
     """--forward: connections to `listen` are carried to `target` on the peer from now on."""
 
@@ -176,7 +202,7 @@ class Forwarding(Event):
     target: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Stopped(Event):
     """A command this side launched is sent `signal` to end it: a new session replaces it, or plexus stops."""
 
@@ -185,7 +211,7 @@ class Stopped(Event):
     signal: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Ended(Event):
     """The session is over: its command exited or its streams closed (`error`: why, if it failed)."""
 

@@ -8,27 +8,33 @@ than Ed25519: the one key both signs (TLS 1.3, DHT values) and agrees keys (ECDH
 
 With S/MIME configured the S/MIME certificate and key are the identity instead, and the peer must prove the
 key of --smime-peer: one trust decision for mail and streams.
+
+Only TLS (streams) needs a certificate: x509 is imported, and the certificate made, when TLS first asks for
+it, never in a session that only signs and agrees keys (the DHT's values, the handshake); both cost 20 ms.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hashlib
 import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import NameOID
 
 from plexus import files
 from plexus.errors import PeerIdentityError, UsageError
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 ID_BYTES = 20
 ID_LENGTH = 32  # base32 characters of ID_BYTES
@@ -60,12 +66,19 @@ def parse_id(text: str, option: str = "--peer-identity") -> str:
 
 @dataclass(frozen=True)
 class Identity:
+    """This host's key, and `issued`, the certificate issued for it (S/MIME's) or None (a plexus identity)."""
+
     key: PrivateKey
-    certificate: x509.Certificate  # what TLS presents: self-signed around `key`, or the S/MIME certificate
+    issued: x509.Certificate | None = None
 
     @property
     def id(self) -> str:
-        return id_of(self.certificate.public_key())
+        return id_of(self.key.public_key() if self.issued is None else self.issued.public_key())
+
+    @functools.cached_property
+    def certificate(self) -> x509.Certificate:
+        """What TLS presents: `issued`, or a certificate around `key`, self-signed when first asked for."""
+        return self.issued if self.issued is not None else _self_signed(self.key)
 
     def agree(self, peer: ec.EllipticCurvePublicKey) -> bytes | None:
         """The ECDH secret of this key and the peer's (both P-256), or None when this key is not one (an
@@ -98,24 +111,30 @@ class Identity:
 
     @classmethod
     def of_key(cls, key: ec.EllipticCurvePrivateKey) -> Identity:
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"plexus {id_of(key.public_key())}")])
-        now = datetime.datetime.now(datetime.UTC)
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CERTIFICATE_LIFETIME / 2)
-            .not_valid_after(now + CERTIFICATE_LIFETIME / 2)
-            .sign(key, hashes.SHA256())
-        )
-        return cls(key, certificate)
+        return cls(key)
 
     @classmethod
     def ephemeral(cls) -> Identity:
         """A key for this run only (--anonymous): TLS still encrypts, but proves nothing."""
         return cls.of_key(ec.generate_private_key(ec.SECP256R1()))
+
+
+def _self_signed(key: PrivateKey) -> x509.Certificate:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"plexus {id_of(key.public_key())}")])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CERTIFICATE_LIFETIME / 2)
+        .not_valid_after(now + CERTIFICATE_LIFETIME / 2)
+        .sign(key, hashes.SHA256())
+    )
 
 
 def _create(path: Path) -> ec.EllipticCurvePrivateKey:

@@ -49,7 +49,7 @@ class Tunnel:
     outer: Endpoint
     peer: Endpoint
     secret: int
-    path: str = "direct"  # how the packets go (plexus/path.py's Method): direct, fan-out, spray or relay
+    path: str = "direct"  # how the packets go (plexus/path.py's Method): direct, lan, fan-out, spray or relay
 
     def wildcards(self) -> dict[str, str]:
         return {

@@ -12,10 +12,9 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from plexus import files
 from plexus.endpoint import Endpoint
@@ -103,12 +102,11 @@ class Kind(Enum):
     LIST = "list"  # repeatable; in --config (or on the command line) comma-separated
 
 
-class Check:
-    """How an option's text becomes its value; `where` names the option in the message."""
+# The table's values are NamedTuples, not dataclasses: as immutable and compared by value, and made without
+# the code generation that made frozen dataclasses 2 ms of this module's import (every plexus run has it).
 
 
-@dataclass(frozen=True)
-class Whole(Check):
+class Whole(NamedTuple):
     low: int
     high: int
     default: int | None = None
@@ -120,8 +118,7 @@ class Whole(Check):
         raise UsageError(f"{where} must be a whole number from {self.low} to {self.high}, not {text!r}")
 
 
-@dataclass(frozen=True)
-class Number(Check):
+class Number(NamedTuple):
     default: float
     maximum: float = MAX_TIMEOUT
 
@@ -132,18 +129,15 @@ class Number(Check):
         raise UsageError(f"{where} must be a number above 0 and at most {self.maximum:g}, not {text!r}")
 
 
-@dataclass(frozen=True)
-class Choice(Check):
+class Choice(NamedTuple):
     choices: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Address(Check):
+class Address(NamedTuple):
     default_port: int | None = None
 
 
-@dataclass(frozen=True)
-class TurnUri(Check):
+class TurnUri(NamedTuple):
     """RFC 7065's TURN URI, or a bare address (UDP, as plexus 2.2 took it)."""
 
     def parse(self, text: str, where: str) -> tuple[Endpoint, Transport]:
@@ -179,14 +173,16 @@ class TurnUri(Check):
             raise UsageError(f"{where}: {error}") from error
 
 
-@dataclass(frozen=True)
-class File(Check):
+class File(NamedTuple):
     directory: bool = False
     private: bool = False  # a private key: refused when others can read it, as ssh refuses one
 
 
-@dataclass(frozen=True)
-class Option:
+# How an option's text becomes its value (`where`, in their parse(), names the option in the message).
+Check = Whole | Number | Choice | Address | File | TurnUri
+
+
+class Option(NamedTuple):
     name: Name
     group: str
     help: str
@@ -412,8 +408,7 @@ for _option in TABLE:
     HELP_GROUPS.setdefault(_option.group, []).append(_option.name)
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     """One value from --config, and where it was written."""
 
     value: str

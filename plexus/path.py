@@ -20,6 +20,7 @@ class Method(StrEnum):
     FANOUT = "fan-out"  # this side maps per destination: many sockets, each opening a mapping toward the peer
     SPRAY = "spray"  # the peer maps per destination: probe random ports of its address (birthday paradox)
     RELAY = "relay"  # both map per destination, or one lets no UDP out: through a TURN relay one allocated
+    LAN = "lan"  # both behind one NAT: the peer's host candidates (its LAN endpoints), raced with DIRECT
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Plan:
     # Accept the peer from another port of its address once a handshake packet authenticates (ICE's
     # peer-reflexive candidate). Off for a plexus 2.2 peer, which sends from exactly the endpoint it mailed.
     peer_reflexive: bool = True
+    # LAN: the peer's host candidates, raced with its outer endpoint on one socket. A handshake packet from
+    # one of them, or (the peer may not have named them) from any non-global address, makes it the peer.
+    hosts: tuple[Endpoint, ...] = ()
     # RELAY: which side lets no UDP out ("here", "peer"), if one does; both NATs map per destination otherwise
     blocked: Literal["here", "peer"] | None = None
 
@@ -48,6 +52,9 @@ class Plan:
             "address are probed",
             Method.RELAY: f"through TURN relay {self.relay or '(own allocation)'}; both NATs map per "
             "destination",
+            Method.LAN: "both sides share a public address, and a NAT that does not hairpin drops what is "
+            f"sent there: the peer's LAN endpoints ({', '.join(map(str, self.hosts)) or 'none named'}) are "
+            "raced with the direct path",
         }[self.method]
         return f"{self.method} ({why})"
 
@@ -56,10 +63,11 @@ class NoPath(Exception):
     """No way through: str() says why, for a refusal or an exit code."""
 
 
-def choose(mine: Reach, theirs: Reach | None, *, own_relay: bool) -> Plan:
+def choose(mine: Reach, theirs: Reach | None, *, own_relay: bool, shared_address: bool = False) -> Plan:
     """The plan for this side. `theirs` is None for a plexus 2.2 peer (no X-Plexus-Reach header), whose NAT
     is endpoint-independent (2.2 refuses any other); `own_relay`: this side has allocated a relay (mine.relay)
-    or can allocate one now.
+    or can allocate one now; `shared_address`: both outer endpoints have the same address (one NAT, or one
+    carrier NAT, in front of both), whatever their NATs' mappings.
 
     A side that lets no UDP out ("blocked") is reached only through the relay it allocated (over TCP or TLS):
     it talks through its own allocation, the peer sends to that relay, never directly. Two such sides each
@@ -80,6 +88,8 @@ def choose(mine: Reach, theirs: Reach | None, *, own_relay: bool) -> Plan:
         if mine.mapping == "dependent":
             raise NoPath("this NAT maps per destination and the peer (plexus 2.2) can only punch directly")
         return Plan(Method.DIRECT, peer_reflexive=False)
+    if shared_address:
+        return Plan(Method.LAN, hosts=theirs.hosts)
     if mine.mapping == "independent" and theirs.mapping == "independent":
         return Plan(Method.DIRECT)
     if mine.mapping == "dependent" and theirs.mapping == "independent":

@@ -1,15 +1,16 @@
 """The ways through, as values: this side's candidates, and each kind of path, which knows how it is set up,
 reported and torn down.
 
-`discover` learns this side's server-reflexive candidate (STUN: its outer endpoint and its NAT's mapping),
-`gather` adds a relayed one where a relay may be needed; `Gathered.reach` is what the offer tells the peer.
+`discover` learns this side's server-reflexive candidate (STUN: its outer endpoint and its NAT's mapping) and
+its host candidate (the inner endpoint), `gather` adds a relayed one where a relay may be needed;
+`Gathered.reach` is what the offer tells the peer.
 plexus/path.py decides which kind of path the two NATs allow (a pure decision table); `choose` turns that
 decision and the relays at hand into an ordered list of Way values, and `establish` tries them in turn: with
 a relay to fall back on, the first is bounded by FALLBACK_BOUND. A Way's `establish` confirms the path with
 the handshake and returns an Established path, which carries the session's work (the command's life, the
 streams) and, on a relay this side allocated, the datagrams between the command and the relay.
 
-A new kind of path (LAN or IPv6 candidates, TURN over TCP, a port mapping) is one more candidate in
+A new kind of path (IPv6 candidates, TURN over TCP, a port mapping) is one more candidate in
 `gather`, one more Way and its place in `ways`; the session's flow does not change. The shape follows
 aioice's candidates (values tried in order) and aioquic's QuicConnection (the transport's state kept out of
 the caller's flow).
@@ -38,7 +39,7 @@ from plexus.errors import (
 )
 from plexus.launcher import Tunnel
 from plexus.path import Method, Plan
-from plexus.rendezvous import Mapping, Reach
+from plexus.rendezvous import Mapping, Offer, Reach
 
 # The TURN client (aioice's) loads with the first relay a session allocates or uses, not with every session.
 if TYPE_CHECKING:
@@ -181,9 +182,12 @@ class Gathered:
             return self.relay.relayed
         return self.found.outer
 
-    def reach(self, streams: bool) -> Reach:
-        """What this side's offer tells the peer of its ways through."""
-        return Reach(self.found.mapping, self.relay.relayed if self.relay else None, streams)
+    def reach(self, streams: bool, *, hosts: bool) -> Reach:
+        """What this side's offer tells the peer of its ways through; with `hosts` (only toward a peer known
+        to be plexus: 2.2 is never sent anything new) its host candidate too, the punching socket's LAN
+        endpoint, where it is not the outer one."""
+        lan = (self.found.inner,) if hosts and self.found.inner != self.found.outer else ()
+        return Reach(self.found.mapping, self.relay.relayed if self.relay else None, streams, lan)
 
 
 async def gather(
@@ -314,7 +318,8 @@ class Way(Protocol):
 @dataclass(frozen=True)
 class Direct:
     """Both NATs map endpoint-independently: a TTL-limited hello, then the handshake. `peer_reflexive`
-    accepts the peer from another port of its address once a handshake packet authenticates."""
+    accepts the peer from another port of its address once a handshake packet authenticates. A LAN plan
+    races the peer's host candidates with its outer endpoint on the one socket: the tunnel says which won."""
 
     plan: Plan
 
@@ -327,6 +332,7 @@ class Direct:
 
     async def establish(self, attempt: Attempt, timeout: float) -> Established:
         spray = puncher.Spray() if self.plan.method is Method.SPRAY else None
+        lan = self.plan.method is Method.LAN
         peer = await puncher.punch(
             attempt.sock,
             attempt.peer,
@@ -336,8 +342,15 @@ class Direct:
             timeout=timeout,
             peer_reflexive=self.plan.peer_reflexive,
             spray=spray,
+            hosts=self.plan.hosts,
+            lan=lan,
         )
-        return Punched(Tunnel(attempt.inner, attempt.outer, peer, attempt.secret, self.method))
+        # Another address than the outer one's is the LAN (a peer-reflexive port keeps the address).
+        moved = peer.canonical().host != attempt.peer.canonical().host
+        won = Method.LAN if moved else Method.DIRECT if lan else self.method
+        if won is not self.method:
+            log.info("path: %s won the race (the peer at %s)", won, peer)
+        return Punched(Tunnel(attempt.inner, attempt.outer, peer, attempt.secret, won))
 
 
 @dataclass(frozen=True)
@@ -429,16 +442,19 @@ class OwnRelay:
         )
 
 
-def choose(mine: Gathered, theirs: Reach | None) -> list[Way]:
-    """The ways to try, in order (`theirs` is None for a plexus 2.2 peer): the one both NATs allow
+def choose(mine: Gathered, theirs: Offer) -> list[Way]:
+    """The ways to try, in order (`theirs.reach` is None for a plexus 2.2 peer): the one both NATs allow
     (plexus/path.py), then a relay to fall back on."""
+    shared = mine.found.outer.canonical().host == theirs.outer.canonical().host
     try:
-        chosen = path.choose(Reach(mine.found.mapping), theirs, own_relay=mine.relay is not None)
+        chosen = path.choose(
+            Reach(mine.found.mapping), theirs.reach, own_relay=mine.relay is not None, shared_address=shared
+        )
     except path.NoPath as error:
         raise NatUnsuitableError(f"no path to the peer: {error}") from error
     log.info("path: %s", chosen.describe())
     events.emit(events.Chosen, way=str(chosen.method), why=chosen.describe())
-    return ways(chosen, mine.relay, theirs.relay if theirs is not None else None)
+    return ways(chosen, mine.relay, theirs.reach.relay if theirs.reach is not None else None)
 
 
 def ways(plan: Plan, own: Relay | None, theirs: Endpoint | None) -> list[Way]:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import ipaddress
 import logging
 import os
 import random as _random
@@ -236,7 +237,14 @@ class Handshake(ABC):
     address but another port makes that source the peer, once: the peer's NAT maps per destination, so its
     packets to us leave from another port than the one its STUN server saw. Before any authenticated packet
     the machine listens to both; after, only to its peer. Without it (the default, as plexus 2.2), only the
-    exact peer endpoint counts."""
+    exact peer endpoint counts.
+
+    `hosts` are more destinations raced with `peer` on the one socket (the peer's host candidates: its LAN
+    endpoints): hellos go to each of them too, at full TTL since they must arrive, until an authenticated
+    packet settles which one the peer is; from then on only it counts. With `lan`, an authenticated packet
+    from any non-global address may settle it too (the peer, behind the same NAT, may not have named its
+    host candidates: a mail peer that is not pinned). Both only with the Authenticated codec: plexus 2.2's
+    masked checksum authenticates nothing, so a 2.2 peer is never looked for anywhere but where it said."""
 
     def __init__(
         self,
@@ -248,9 +256,15 @@ class Handshake(ABC):
         random: Random = os.urandom,
         peer_reflexive: bool = False,
         spray: Spray | None = None,
+        hosts: Sequence[Endpoint] = (),
+        lan: bool = False,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"handshake timeout must be positive, not {timeout}")
+        if (hosts or lan) and not isinstance(codec, Authenticated):
+            raise ValueError("host candidates need the authenticated handshake")
+        self.hosts = tuple(host.canonical() for host in hosts if host.canonical() != peer)
+        self._lan = lan
         self.peer = peer
         self.codec = codec
         self.deadline = now + timeout
@@ -271,7 +285,7 @@ class Handshake(ABC):
         if self.outcome is not None:
             return
         reflexive = source != self.peer
-        if reflexive and not (self._peer_reflexive and not self.settled and source.host == self.peer.host):
+        if reflexive and (self.settled or not self._may_come_from(source)):
             log.debug("ignoring %d bytes from %s: not the peer %s", len(data), source, self.peer)
             return
         flag = self.codec.open(data)
@@ -280,15 +294,27 @@ class Handshake(ABC):
             return
         if reflexive:
             log.info(
-                "peer-reflexive endpoint %s: the peer's packets come from there, not %s", source, self.peer
+                "%s endpoint %s: the peer's packets come from there, not %s",
+                "peer-reflexive" if source.host == self.peer.host else "LAN",
+                source,
+                self.peer,
             )
             events.emit(events.Moved, before=self.peer, after=source)
             self.peer = source
             self._on_switch(now)
+        elif self.hosts:
+            log.info("peer at %s: its outer endpoint won the race with its host candidates", source)
+        self.hosts = ()
         self.settled = True
         self._spray_ports.clear()
         log.debug("%s from %s", flag.name.lower(), source)
         self._on_packet(flag, now)
+
+    def _may_come_from(self, source: Endpoint) -> bool:
+        """Whether an authenticated packet from `source`, not the peer's endpoint, may make it the peer."""
+        if source in self.hosts or (self._peer_reflexive and source.host == self.peer.host):
+            return True
+        return self._lan and not ipaddress.ip_address(source.host).is_global
 
     def handle_timer(self, now: float) -> None:
         if self.outcome is None:
@@ -318,6 +344,11 @@ class Handshake(ABC):
 
     def _send(self, flag: Flag, ttl: int | None = None, to: Endpoint | None = None) -> None:
         self._outbox.append(Datagram(self.codec.seal(flag, self._random), to or self.peer, ttl))
+
+    def _hello_hosts(self) -> None:
+        """A hello to each host candidate still in the race, at full TTL: on the LAN it must arrive."""
+        for host in self.hosts:
+            self._send(Flag.HELLO, to=host)
 
     @abstractmethod
     def _on_switch(self, now: float) -> None:
@@ -352,14 +383,17 @@ class Inviter(Handshake):
         peer_reflexive: bool = False,
         spray: Spray | None = None,
         fanout: Fanout | None = None,
+        hosts: Sequence[Endpoint] = (),
+        lan: bool = False,
     ) -> None:
         super().__init__(
-            peer, codec, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray
-        )
+            peer, codec, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray,
+            hosts=hosts, lan=lan,
+        )  # fmt: skip
         self._interval = HELLO_INTERVAL if fanout is None else fanout.interval
         self._next_hello = now if fanout is None else now + fanout.offset
         self._last_hello: float | None = None
-        self._answer_hellos = peer_reflexive or fanout is not None
+        self._answer_hellos = peer_reflexive or fanout is not None or bool(self.hosts) or lan
         self.handle_timer(now)
 
     def _on_packet(self, flag: Flag, now: float) -> None:
@@ -381,6 +415,7 @@ class Inviter(Handshake):
 
     def _hello(self, now: float) -> None:
         self._send(Flag.HELLO)
+        self._hello_hosts()
         self._last_hello = now
         # From now, not from the missed slot: a late timer must not fire a burst of hellos.
         self._next_hello = now + self._interval
@@ -408,12 +443,15 @@ class Acceptor(Handshake):
         peer_reflexive: bool = False,
         spray: Spray | None = None,
         fanout: Fanout | None = None,
+        hosts: Sequence[Endpoint] = (),
+        lan: bool = False,
     ) -> None:
         if not 1 <= hops <= 255:
             raise ValueError(f"punch hops must be 1-255, not {hops}")
         super().__init__(
-            peer, codec, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray
-        )
+            peer, codec, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray,
+            hosts=hosts, lan=lan,
+        )  # fmt: skip
         self._hops = hops
         self._fanout = fanout
         self._next_punch = now if fanout is None else now + fanout.offset
@@ -437,6 +475,7 @@ class Acceptor(Handshake):
                 self._next_punch = now + self._fanout.interval
         elif self._last_hello is None and now >= self._next_punch:
             self._send(Flag.HELLO, ttl=self._hops)
+            self._hello_hosts()
             self._next_punch = now + PUNCH_REFRESH
         if (
             self._last_hello is not None
@@ -464,16 +503,18 @@ def handshake(
     peer_reflexive: bool = False,
     spray: Spray | None = None,
     fanout: Fanout | None = None,
+    hosts: Sequence[Endpoint] = (),
+    lan: bool = False,
 ) -> Handshake:
     """The role's machine: the acceptor's (with its TTL punch, `hops`) or the inviter's."""
     if accept:
         return Acceptor(
             peer, codec, now, hops=hops, timeout=timeout, random=random, peer_reflexive=peer_reflexive,
-            spray=spray, fanout=fanout,
+            spray=spray, fanout=fanout, hosts=hosts, lan=lan,
         )  # fmt: skip
     return Inviter(
         peer, codec, now, timeout=timeout, random=random, peer_reflexive=peer_reflexive, spray=spray,
-        fanout=fanout,
+        fanout=fanout, hosts=hosts, lan=lan,
     )  # fmt: skip
 
 
@@ -516,10 +557,12 @@ async def punch(
     timeout: float = DEFAULT_TIMEOUT,
     peer_reflexive: bool = False,
     spray: Spray | None = None,
+    hosts: Sequence[Endpoint] = (),
+    lan: bool = False,
 ) -> Endpoint:
     """Open the NATs between `sock` and `peer` and confirm the path; close `sock` on every path. Return the
     peer endpoint the handshake completed with: `peer` itself, or with `peer_reflexive` maybe another port of
-    its address.
+    its address, or with `hosts` or `lan` the peer's LAN endpoint that won the race (`Handshake`).
 
     `peer_reflexive` and `spray` are for the easy side of a peer whose NAT maps per destination (which runs
     `punch_fanout`); the defaults behave exactly as plexus 2.2.
@@ -540,6 +583,8 @@ async def punch(
             timeout=timeout,
             peer_reflexive=peer_reflexive,
             spray=spray,
+            hosts=hosts,
+            lan=lan,
         )
         await drive(machine, Sockets([sock]))
     outcome = machine.outcome

@@ -2,14 +2,17 @@
 plexus/mediator/email.py; on OpenDHT, plexus/mediator/dhtnode.py) and the values both sides exchange.
 
 The inviter sends an Offer (its outer endpoint, its puzzle, its Reach) and waits for the acceptor's; the
-acceptor waits for Invitations and answers or refuses each. A session (plexus/session.py) sees only this
-module: it opens a rendezvous from its config (`RendezvousConfig.open`), which imports its implementation
-then, so that a mail session never loads OpenDHT and a DHT session never loads the mail clients.
+acceptor waits for Invitations and answers or refuses each. Both implementations judge what arrives by the
+same rules, kept here: how far the peer's clock may be off, and what a refusal's reason may hold. A session
+(plexus/session.py) sees only this module: it opens a rendezvous from its config (`RendezvousConfig.open`),
+which imports its implementation then, so that a mail session never loads OpenDHT and a DHT session never
+loads the mail clients (nor the mail parser: plexus/mediator/dht.py takes those rules from here).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,6 +30,23 @@ if TYPE_CHECKING:
 Mapping = Literal["independent", "dependent", "blocked"]
 MAPPINGS: dict[str, Mapping] = {"independent": "independent", "dependent": "dependent", "blocked": "blocked"}
 REACH_HEADER = "X-Plexus-Reach"
+# Host candidates one Reach may name: a host has its punching socket's LAN address, and maybe a few more; a
+# hostile peer must not make this side send hellos to a long list of addresses.
+MAX_HOST_CANDIDATES = 4
+# How far a message's time (a mail's Date or signingTime, a DHT value's) may be from our clock: skew between
+# the hosts plus delivery delay. A request this old is useless anyway (inviters wait 60 s); a replay older
+# than this is refused even after a restart.
+CLOCK_TOLERANCE = datetime.timedelta(minutes=5)
+REASON_LIMIT = 200  # characters of a refusal's reason, after sanitizing
+NO_REASON = "no reason given"
+
+
+def sanitize_reason(text: str) -> str:
+    """Printable ASCII on one line, at most REASON_LIMIT characters: whitespace runs become one space, any
+    other character outside 0x21-0x7E a '?'. Applied when sending and again on receipt."""
+    cleaned = "".join(" " if c.isspace() else c if "!" <= c <= "~" else "?" for c in text)
+    cleaned = " ".join(cleaned.split())[:REASON_LIMIT].rstrip()
+    return cleaned or NO_REASON
 
 
 class ReachError(ValueError):
@@ -39,15 +59,19 @@ class Reach:
     it (endpoint-independent or not; "blocked" when no UDP gets out, so that the relay it names, which it
     reaches over TCP or TLS, is its only way in), and a TURN relay address it allocated, if any. It travels in
     the X-Plexus-Reach header, which plexus 2.2 ignores; a 2.2 peer's mail has none. An inviter also says here
-    whether it wants streams (QUIC, plexus/streams/) rather than the acceptor's command."""
+    whether it wants streams (QUIC, plexus/streams/) rather than the acceptor's command. `hosts` are its host
+    candidates: the punching socket's own (LAN) endpoints, for a peer behind the same NAT when that NAT does
+    not hairpin."""
 
     mapping: Mapping
     relay: Endpoint | None = None
     streams: bool = False
+    hosts: tuple[Endpoint, ...] = ()
 
     def header(self) -> str:
         relay = f"; relay={self.relay}" if self.relay else ""
-        return f"mapping={self.mapping}{relay}" + ("; streams=1" if self.streams else "")
+        hosts = f"; hosts={','.join(map(str, self.hosts))}" if self.hosts else ""
+        return f"mapping={self.mapping}{relay}" + ("; streams=1" if self.streams else "") + hosts
 
     @classmethod
     def parse(cls, text: str) -> Reach:
@@ -55,18 +79,25 @@ class Reach:
         mapping = MAPPINGS.get(fields.get("mapping", ""))
         if mapping is None:
             raise ReachError(f"{REACH_HEADER}: unknown mapping {fields.get('mapping', '')[:30]!r}")
-        relay = None
-        if "relay" in fields:
-            try:
-                relay = Endpoint.parse(fields["relay"])
-                ipaddress.ip_address(relay.host)
-            except ValueError as error:
-                raise ReachError(f"{REACH_HEADER}: bad relay {fields['relay'][:60]!r}") from error
-            if not relay.port:
-                raise ReachError(f"{REACH_HEADER}: relay port 0")
+        relay = _address(fields["relay"], "relay") if "relay" in fields else None
         if mapping == "blocked" and relay is None:
             raise ReachError(f"{REACH_HEADER}: mapping=blocked names no relay")
-        return cls(mapping, relay, fields.get("streams") == "1")
+        hosts = fields.get("hosts", "").split(",") if fields.get("hosts") else []
+        if len(hosts) > MAX_HOST_CANDIDATES:
+            raise ReachError(f"{REACH_HEADER}: more than {MAX_HOST_CANDIDATES} host candidates")
+        return cls(mapping, relay, fields.get("streams") == "1", tuple(_address(h, "host") for h in hosts))
+
+
+def _address(text: str, name: str) -> Endpoint:
+    """An IP address and a port that is not 0: what a Reach's relay or host candidate must be."""
+    try:
+        endpoint = Endpoint.parse(text)
+        ipaddress.ip_address(endpoint.host)
+    except ValueError as error:
+        raise ReachError(f"{REACH_HEADER}: bad {name} {text[:60]!r}") from error
+    if not endpoint.port:
+        raise ReachError(f"{REACH_HEADER}: {name} port 0")
+    return endpoint.canonical()
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,9 @@ async def _meet(
             mine = await paths.gather(found, config.turn, relays, accept=False)
             streams = config.streams is not None and config.streams.inviting
             puzzle = secrets.randbits(64)
-            offer = Offer(mine.outer, puzzle, mine.reach(streams))
+            # Host candidates only where the peer is known to be plexus: pinned, its letters signed.
+            known = config.rendezvous.identity is not None
+            offer = Offer(mine.outer, puzzle, mine.reach(streams, hosts=known))
             response = await rendezvous.invite(offer, config.response_timeout, submission)
         config.on_event(events.Answered(role="invite", peer=response.outer))
         theirs = response.reach
@@ -173,7 +175,7 @@ async def _meet(
             raise PeerRefusedError(
                 f"{config.rendezvous.peer_id} does not serve streams (a plexus without them, or 2.2)"
             )
-        candidates = paths.choose(mine, theirs)
+        candidates = paths.choose(mine, response)
         log.info("peer endpoint %s, punching", response.outer)
         attempt = _attempt(config, sock, mine, response, puzzle, accept=False)
         return _connected(
@@ -352,7 +354,7 @@ async def _answer(
                     found = await paths.discover(sock, config.stun_server, config.turn)
                     theirs = invitation.offer.reach
                     mine = await paths.gather(found, config.turn, relays, accept=True, peer=theirs)
-                    candidates = paths.choose(mine, theirs)
+                    candidates = paths.choose(mine, invitation.offer)
                 puzzle = secrets.randbits(64)
                 attempt = _attempt(config, sock, mine, invitation.offer, puzzle, accept=True)
                 # The punch starts before the response leaves: the TTL-limited hello (or the fan-out, the
@@ -361,7 +363,8 @@ async def _answer(
                     paths.establish(candidates, attempt, config.handshake_timeout)
                 )
                 await asyncio.sleep(0)
-                offer = Offer(mine.outer, puzzle, mine.reach(_wants_streams(invitation)))
+                reach = mine.reach(_wants_streams(invitation), hosts=theirs is not None)
+                offer = Offer(mine.outer, puzzle, reach)
                 await rendezvous.answer(invitation, offer, submission)
             return _connected(config, "accept", await handshake)
         finally:

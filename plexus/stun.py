@@ -1,24 +1,26 @@
 """STUN client: the outer endpoint of a socket (RFC 5389), the behaviour of the NAT in front of it (RFC 5780).
 
-The protocol logic is sans-I/O: `Transaction` (one binding request with its retransmission schedule),
-`Exchange` (transactions on numbered sockets) and `Discovery` (the RFC 5780 test sequence) are machines in
-plexus/driver.py's vocabulary, fed datagrams and the time. `query_outer()`, `probe_mapping()` and `explore()`
-run them on the caller's socket with plexus/driver.py and leave it open and free of readers, so the puncher
-goes on with the very same socket and the very same NAT mapping.
+The protocol logic is sans-I/O: the message codec (`Message`, `decode`; plexus's own, see "Codec" below),
+`Transaction` (one binding request with its retransmission schedule), `Exchange` (transactions on numbered
+sockets) and `Discovery` (the RFC 5780 test sequence) are machines in plexus/driver.py's vocabulary, fed
+datagrams and the time. `query_outer()`, `probe_mapping()` and `explore()` run them on the caller's socket
+with plexus/driver.py and leave it open and free of readers, so the puncher goes on with the very same socket
+and the very same NAT mapping.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import enum
+import ipaddress
 import logging
+import os
 import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from aioice import stun
+from typing import Literal
 
 from plexus import driver
 from plexus.driver import Datagram
@@ -84,40 +86,219 @@ def probe_schedule(rtt: float, base: Schedule = PROBE_SCHEDULE) -> Schedule:
     )
 
 
-# Codec ---------------------------------------------------------------------------------------------------
+# Codec -----------------------------------------------------------------------------------------------------
+#
+# RFC 8489 (formerly 5389), sans I/O: a message is a 20-byte header (type, body length, the magic cookie, a
+# 96-bit transaction id) and attributes, each a type, a length, the value and zero padding to 4 bytes. plexus
+# reads the address attributes of a binding response (IPv4 and IPv6: MAPPED-ADDRESS, XOR-MAPPED-ADDRESS,
+# RFC 5780's OTHER-ADDRESS and RESPONSE-ORIGIN, RFC 3489's CHANGED-ADDRESS), ERROR-CODE and CHANGE-REQUEST; it
+# skips any other attribute, checks FINGERPRINT when there is one, and ignores what follows MESSAGE-INTEGRITY,
+# which it has no key to check. Values are Endpoints, an int (CHANGE-REQUEST) and (code, reason) (ERROR-CODE).
+# plexus/relay.py's TURN keeps aioice's own codec: importing aioice costs a session 30 ms (its package loads
+# its ICE agent and dnspython), for a codec this small.
+
+MAGIC_COOKIE = 0x2112A442
+HEADER_LENGTH = 20
+BINDING = 0x001  # the method plexus speaks; a message's method is its type without the class bits
+_METHOD_BITS = 0x3EEF
+_CLASS_BITS = 0x0110
+_COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
+_FINGERPRINT_XOR = 0x5354554E
 
 
-def decode(data: bytes) -> stun.Message:
-    """Parse a datagram as a STUN message; raises StunParseError and nothing else."""
-    if len(data) < stun.HEADER_LENGTH or data[0] & 0xC0 or data[4:8] != struct.pack("!I", stun.COOKIE):
+class Class(enum.IntEnum):
+    """A message's class: its type's bits 0x0110."""
+
+    REQUEST = 0x000
+    INDICATION = 0x010
+    RESPONSE = 0x100
+    ERROR = 0x110
+
+
+Attribute = Endpoint | int | tuple[int, str]
+
+MAPPED_ADDRESS = 0x0001
+CHANGE_REQUEST = 0x0003
+CHANGED_ADDRESS = 0x0005
+ERROR_CODE = 0x0009
+XOR_MAPPED_ADDRESS = 0x0020
+RESPONSE_ORIGIN = 0x802B
+OTHER_ADDRESS = 0x802C
+MESSAGE_INTEGRITY = 0x0008
+MESSAGE_INTEGRITY_SHA256 = 0x001C
+FINGERPRINT = 0x8028
+# The attributes read and written, by the names aioice and the RFCs give them.
+NAMES = {
+    MAPPED_ADDRESS: "MAPPED-ADDRESS",
+    CHANGE_REQUEST: "CHANGE-REQUEST",
+    CHANGED_ADDRESS: "CHANGED-ADDRESS",
+    ERROR_CODE: "ERROR-CODE",
+    XOR_MAPPED_ADDRESS: "XOR-MAPPED-ADDRESS",
+    RESPONSE_ORIGIN: "RESPONSE-ORIGIN",
+    OTHER_ADDRESS: "OTHER-ADDRESS",
+}
+_TYPES = {name: kind for kind, name in NAMES.items()}
+_FAMILIES = {1: 4, 2: 16}  # an address family's address length
+
+
+class Message:
+    """A STUN message: `bytes(message)` is its encoding, `decode` reads one. `attributes` maps the names of
+    NAMES to their values; a new message gets a random transaction id."""
+
+    __slots__ = ("attributes", "message_class", "message_method", "transaction_id")
+
+    def __init__(
+        self,
+        message_method: int,
+        message_class: Class,
+        transaction_id: bytes | None = None,
+        attributes: dict[str, Attribute] | None = None,
+    ) -> None:
+        self.message_method = message_method
+        self.message_class = message_class
+        self.transaction_id = os.urandom(12) if transaction_id is None else transaction_id
+        self.attributes: dict[str, Attribute] = {} if attributes is None else attributes
+
+    def __bytes__(self) -> bytes:
+        if self.message_method & ~_METHOD_BITS or len(self.transaction_id) != 12:
+            raise ValueError("a STUN message needs a method without class bits and a 12-byte transaction id")
+        body = b"".join(
+            _attribute(_TYPES[name], _encode(_TYPES[name], value, self.transaction_id))
+            for name, value in self.attributes.items()
+        )
+        kind = self.message_method | self.message_class
+        return struct.pack("!HH", kind, len(body)) + _COOKIE + self.transaction_id + body
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        mine = (self.message_method, self.message_class, self.transaction_id, self.attributes)
+        return mine == (other.message_method, other.message_class, other.transaction_id, other.attributes)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as its attributes are
+
+    def __repr__(self) -> str:
+        return (
+            f"Message(0x{self.message_method:03x}, Class.{self.message_class.name}, "
+            f"{self.transaction_id.hex()}, {self.attributes!r})"
+        )
+
+
+def _attribute(kind: int, value: bytes) -> bytes:
+    return struct.pack("!HH", kind, len(value)) + value + bytes(-len(value) % 4)
+
+
+def _xor(data: bytes, transaction_id: bytes) -> bytes:
+    """XOR-MAPPED-ADDRESS's port, or its address: each XORed with the cookie and the transaction id, from the
+    start."""
+    mask = int.from_bytes((_COOKIE + transaction_id)[: len(data)], "big")
+    return (int.from_bytes(data, "big") ^ mask).to_bytes(len(data), "big")
+
+
+def _encode(kind: int, value: Attribute, transaction_id: bytes) -> bytes:
+    if kind == CHANGE_REQUEST:
+        if not isinstance(value, int) or not 0 <= value < 2**32:
+            raise ValueError(f"CHANGE-REQUEST is a 32-bit number, not {value!r}")
+        return struct.pack("!I", value)
+    if kind == ERROR_CODE:
+        if not isinstance(value, tuple) or isinstance(value, Endpoint) or not 300 <= value[0] <= 699:
+            raise ValueError(f"ERROR-CODE is (300-699, reason), not {value!r}")
+        code, reason = value
+        return struct.pack("!HBB", 0, code // 100, code % 100) + reason.encode()
+    if not isinstance(value, tuple) or isinstance(value[0], int) or not 0 <= value[1] <= 0xFFFF:
+        raise ValueError(f"{NAMES[kind]} is an endpoint, not {value!r}")
+    host, port = value
+    packed, address = struct.pack("!H", port), ipaddress.ip_address(host).packed
+    family = 1 if len(address) == 4 else 2
+    if kind == XOR_MAPPED_ADDRESS:
+        packed, address = _xor(packed, transaction_id), _xor(address, transaction_id)
+    return struct.pack("!BB", 0, family) + packed + address
+
+
+def _decode(kind: int, value: bytes, transaction_id: bytes) -> Attribute:
+    if kind == CHANGE_REQUEST:
+        if len(value) != 4:
+            raise StunParseError(f"CHANGE-REQUEST of {len(value)} bytes")
+        return int.from_bytes(value, "big")
+    if kind == ERROR_CODE:
+        if len(value) < 4:
+            raise StunParseError(f"ERROR-CODE of {len(value)} bytes")
+        return (value[2] & 0x07) * 100 + value[3], value[4:].decode("utf-8", "replace")
+    if len(value) < 4 or _FAMILIES.get(value[1]) != len(value) - 4:
+        raise StunParseError(f"{NAMES[kind]} of {len(value)} bytes, family {value[1:2].hex() or 'none'}")
+    port, address = value[2:4], value[4:]
+    if kind == XOR_MAPPED_ADDRESS:
+        port, address = _xor(port, transaction_id), _xor(address, transaction_id)
+    host = ipaddress.IPv4Address(address) if len(address) == 4 else ipaddress.IPv6Address(address)
+    return Endpoint(str(host), int.from_bytes(port, "big"))
+
+
+def decode(data: bytes) -> Message:
+    """Parse a datagram as a STUN message; raises StunParseError and nothing else.
+
+    Of repeated attributes the first counts (RFC 8489 section 14); an attribute whose padding the datagram's
+    end cuts off is read all the same."""
+    if len(data) < HEADER_LENGTH or data[0] & 0xC0 or data[4:8] != _COOKIE:
         raise StunParseError("not a STUN message")
-    try:
-        return stun.parse_message(data)
-    except (ValueError, struct.error) as exc:
-        raise StunParseError(f"malformed STUN message: {exc}") from exc
+    kind, length = struct.unpack_from("!HH", data)
+    if length != len(data) - HEADER_LENGTH:
+        raise StunParseError(f"STUN length {length} for a body of {len(data) - HEADER_LENGTH} bytes")
+    transaction_id = data[8:HEADER_LENGTH]
+    attributes: dict[str, Attribute] = {}
+    position, protected = HEADER_LENGTH, False
+    while position < len(data):
+        if len(data) - position < 4:
+            raise StunParseError("a truncated STUN attribute")
+        attribute, size = struct.unpack_from("!HH", data, position)
+        end = position + 4 + size
+        if end > len(data):
+            raise StunParseError(f"STUN attribute 0x{attribute:04x} of {size} bytes overruns the message")
+        value = data[position + 4 : end]
+        if attribute == FINGERPRINT:  # the last attribute: a wrong one says this is no STUN message
+            _check_fingerprint(data[:position], value)
+            break
+        if attribute in (MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256):
+            protected = True  # what follows is covered by neither (RFC 8489 section 14.5): ignored
+        elif not protected and (name := NAMES.get(attribute)) is not None and name not in attributes:
+            attributes[name] = _decode(attribute, value, transaction_id)
+        position = end + (-size % 4)
+    return Message(kind & _METHOD_BITS, Class(kind & _CLASS_BITS), transaction_id, attributes)
 
 
-def binding_request(change: int = 0, transaction_id: bytes | None = None) -> stun.Message:
-    attributes: dict[str, Any] = {"CHANGE-REQUEST": change} if change else {}
-    return stun.Message(stun.Method.BINDING, stun.Class.REQUEST, transaction_id, attributes)
+def _check_fingerprint(before: bytes, value: bytes) -> None:
+    # The CRC covers the message up to FINGERPRINT, with a length that ends after it.
+    header = before[:2] + struct.pack("!H", len(before) - HEADER_LENGTH + 8) + before[4:]
+    if len(value) != 4 or int.from_bytes(value, "big") != binascii.crc32(header) ^ _FINGERPRINT_XOR:
+        raise StunParseError("not a STUN message: wrong FINGERPRINT")
 
 
-def _address(message: stun.Message, *names: str) -> Endpoint | None:
+def binding_request(change: int = 0, transaction_id: bytes | None = None) -> Message:
+    attributes: dict[str, Attribute] = {"CHANGE-REQUEST": change} if change else {}
+    return Message(BINDING, Class.REQUEST, transaction_id, attributes)
+
+
+def _address(message: Message, *names: str) -> Endpoint | None:
     for name in names:
         value = message.attributes.get(name)
-        if value is not None:
-            return Endpoint(value[0], value[1])
+        if isinstance(value, Endpoint):
+            return value
     return None
 
 
-def mapped_address(message: stun.Message) -> Endpoint | None:
+def mapped_address(message: Message) -> Endpoint | None:
     """XOR-MAPPED-ADDRESS, or MAPPED-ADDRESS from servers that predate it."""
     return _address(message, "XOR-MAPPED-ADDRESS", "MAPPED-ADDRESS")
 
 
-def other_address(message: stun.Message) -> Endpoint | None:
+def other_address(message: Message) -> Endpoint | None:
     """The server's alternate address: OTHER-ADDRESS, or CHANGED-ADDRESS from RFC 3489 servers."""
     return _address(message, "OTHER-ADDRESS", "CHANGED-ADDRESS")
+
+
+def error_code(message: Message) -> tuple[int, str] | None:
+    """ERROR-CODE: the code and the reason phrase."""
+    value = message.attributes.get("ERROR-CODE")
+    return value if isinstance(value, tuple) and not isinstance(value, Endpoint) else None
 
 
 # Transactions --------------------------------------------------------------------------------------------
@@ -140,7 +321,7 @@ class Transaction:
     """
 
     def __init__(
-        self, destination: Endpoint, message: stun.Message, now: float, schedule: Schedule = DEFAULT_SCHEDULE
+        self, destination: Endpoint, message: Message, now: float, schedule: Schedule = DEFAULT_SCHEDULE
     ) -> None:
         self.destination = destination
         self.message = message
@@ -148,16 +329,16 @@ class Transaction:
         self.started = now
         self.deadline = now + schedule.timeout
         self.outcome = Outcome.PENDING
-        self.response: stun.Message | None = None
+        self.response: Message | None = None
         self.source: Endpoint | None = None
         self.answered_at: float | None = None
         self.sent = 0
         self._send_times = [now + offset for offset in schedule.send_offsets()]
         self._data = bytes(message)
-        if message.message_class == stun.Class.INDICATION:
-            self._answers: tuple[stun.Class, ...] = (stun.Class.INDICATION,)
+        if message.message_class == Class.INDICATION:
+            self._answers: tuple[Class, ...] = (Class.INDICATION,)
         else:
-            self._answers = (stun.Class.RESPONSE, stun.Class.ERROR)
+            self._answers = (Class.RESPONSE, Class.ERROR)
 
     @property
     def transaction_id(self) -> bytes:
@@ -201,7 +382,7 @@ class Transaction:
         self.sent += 1
         return self._data
 
-    def receive(self, message: stun.Message, source: Endpoint, now: float) -> bool:
+    def receive(self, message: Message, source: Endpoint, now: float) -> bool:
         """Take `message` if it answers this transaction; returns whether it did."""
         if (
             not self.pending
@@ -211,7 +392,7 @@ class Transaction:
         ):
             return False
         self.response, self.source, self.answered_at = message, source, now
-        self.outcome = Outcome.REFUSED if message.message_class == stun.Class.ERROR else Outcome.ANSWERED
+        self.outcome = Outcome.REFUSED if message.message_class == Class.ERROR else Outcome.ANSWERED
         return True
 
     def cancel(self) -> None:
@@ -221,7 +402,7 @@ class Transaction:
     def describe_failure(self) -> str:
         """Why the transaction gave no usable answer, for the user."""
         if self.outcome is Outcome.REFUSED and self.response is not None:
-            code, reason = self.response.attributes.get("ERROR-CODE", ("?", ""))
+            code, reason = error_code(self.response) or ("?", "")
             return f"error {code} {reason}".rstrip()
         if self.outcome is Outcome.ANSWERED and self.mapped is None:
             return "an answer without a mapped address"
@@ -455,7 +636,7 @@ class Discovery(Exchange):
                 self.start(PROBE, Transaction(self.server, binding_request(change), now, self._probe))
                 for change in (0, CHANGE_PORT, CHANGE_IP | CHANGE_PORT)
             ]
-        hairpin = stun.Message(stun.Method.BINDING, stun.Class.INDICATION)
+        hairpin = Message(BINDING, Class.INDICATION)
         self._hairpin_test = self.start(PUNCH, Transaction(self.outer, hairpin, now, self._probe))
 
     def _conclude_filtering(self) -> None:
@@ -573,13 +754,13 @@ async def query_over_tcp(server: Endpoint, *, timeout: float = TCP_TIMEOUT) -> E
     return tcp_answer(request, header + body)
 
 
-def tcp_answer(request: stun.Message, data: bytes) -> Endpoint | None:
+def tcp_answer(request: Message, data: bytes) -> Endpoint | None:
     """The mapped endpoint in `data` if it is a success response to `request`; None for anything else."""
     try:
         message = decode(data)
     except StunParseError:
         return None
-    if message.message_class is not stun.Class.RESPONSE or message.transaction_id != request.transaction_id:
+    if message.message_class is not Class.RESPONSE or message.transaction_id != request.transaction_id:
         return None
     return mapped_address(message)
 

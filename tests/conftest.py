@@ -54,10 +54,10 @@ def running(request: pytest.FixtureRequest, lab: Lab) -> Iterator[list[Plexus]]:
     deadline = time.monotonic() + 15
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for name in names:
-            for host in ("a", "b"):
+            for host in ("a", "b", "c"):
                 sessions.signal_launched(lab, host, name, sig)
         while time.monotonic() < deadline and any(
-            sessions.pids_of(lab, h, n) for h in ("a", "b") for n in names
+            sessions.pids_of(lab, h, n) for h in ("a", "b", "c") for n in names
         ):
             time.sleep(0.1)
         deadline = time.monotonic() + 5

@@ -54,8 +54,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from plexus.endpoint import Endpoint
 from plexus.identity import ID_LENGTH, Identity, id_of
-from plexus.mediator.message import CLOCK_TOLERANCE, sanitize_reason
-from plexus.rendezvous import Offer, Reach, ReachError
+from plexus.rendezvous import CLOCK_TOLERANCE, Offer, Reach, ReachError, sanitize_reason
 
 DEFAULT_PORT = 4222  # OpenDHT's usual port (dhtnode's default)
 # A card is republished daily; two days also covers the clocks of both hosts straddling midnight.

@@ -50,8 +50,8 @@ from plexus.errors import (
 )
 from plexus.mediator import message, smime
 from plexus.mediator.message import Kind, Letter, Refusal, Route, Screen
+from plexus.rendezvous import CLOCK_TOLERANCE, Offer
 from plexus.rendezvous import Invitation as Invitation  # re-exported: it lived here
-from plexus.rendezvous import Offer
 
 log = logging.getLogger(__name__)
 
@@ -708,7 +708,7 @@ class Mediator:
         if answers is None or answers == self._request_id:
             return False
         age = datetime.datetime.now(datetime.UTC) - item.arrived if item.arrived is not None else None
-        return age is None or age <= message.CLOCK_TOLERANCE
+        return age is None or age <= CLOCK_TOLERANCE
 
     @property
     def _peer(self) -> str:

@@ -33,24 +33,23 @@ from plexus.endpoint import Endpoint
 from plexus.mediator import smime
 
 # Re-exported (they lived here): cli.py and older callers import them from this module.
+from plexus.rendezvous import CLOCK_TOLERANCE as CLOCK_TOLERANCE
 from plexus.rendezvous import MAPPINGS as MAPPINGS
+from plexus.rendezvous import NO_REASON as NO_REASON
 from plexus.rendezvous import REACH_HEADER, ReachError
+from plexus.rendezvous import REASON_LIMIT as REASON_LIMIT
 from plexus.rendezvous import Mapping as Mapping
 from plexus.rendezvous import Offer as Offer
 from plexus.rendezvous import Reach as Reach
+from plexus.rendezvous import sanitize_reason as sanitize_reason
 
 PROTOCOL = "PLEXUS"
 VERSION = "2.1"  # plexus 2.2 speaks "2.1" on the wire
-# How far a Date or signingTime may be from our clock: skew between the hosts plus delivery delay. A request
-# this old is useless anyway (inviters wait 60 s); a replay older than this is refused even after a restart.
-CLOCK_TOLERANCE = datetime.timedelta(minutes=5)
 
 # A refusal is plexus's own addition: an acceptor that cannot serve a request says why. plexus 2.2 matches
 # its mail against `PLEXUS 2.1 response <ip> <port> <puzzle>`: it passes over a refusal like any other mail.
 Kind = Literal["request", "response", "refusal"]
 KINDS: dict[str, Kind] = {"request": "request", "response": "response", "refusal": "refusal"}
-REASON_LIMIT = 200  # characters of a refusal's reason, after sanitizing
-NO_REASON = "no reason given"
 _NUMBER = re.compile(r"[0-9]{1,20}")
 _HEADER_LINE = re.compile(rb"[!-9;-~]+:")
 # The largest message read, in octets. plexus's own mail weighs under 1 KiB plain and about 5 KiB with S/MIME
@@ -122,14 +121,6 @@ class Letter:
             return self.refusal.puzzle
         assert self.offer is not None
         return self.offer.puzzle
-
-
-def sanitize_reason(text: str) -> str:
-    """Printable ASCII on one line, at most REASON_LIMIT characters: whitespace runs become one space, any
-    other character outside 0x21-0x7E a '?'. Applied when sending and again on receipt."""
-    cleaned = "".join(" " if c.isspace() else c if "!" <= c <= "~" else "?" for c in text)
-    cleaned = " ".join(cleaned.split())[:REASON_LIMIT].rstrip()
-    return cleaned or NO_REASON
 
 
 def format_body(kind: Kind, content: Offer | Refusal) -> str:

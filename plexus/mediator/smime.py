@@ -11,6 +11,9 @@ Encryption in cryptography is RSA-only, so both certificates must hold RSA keys.
 Anyone can encrypt to the host's certificate, so everything before the signature checks is hostile input: the
 EnvelopedData must use what plexus sends (RSA PKCS#1 v1.5 key transport, AES-128/256-CBC) before it is
 decrypted, and MIME is bounded before it is parsed (mime_excess). Every failure is a SmimeError.
+
+cryptography's x509 and pkcs7 are imported by the functions that use them, all of which need --smime-*: mail
+without S/MIME reads through this module too (the bounds, the MIME parts), and they cost it 14 ms of start-up.
 """
 
 from __future__ import annotations
@@ -22,17 +25,19 @@ import re
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
-from cryptography.hazmat.primitives.serialization import pkcs7
 
 from plexus.errors import UsageError
 from plexus.identity import Identity, PeerCheck, id_of
 from plexus.mediator import der
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 OID_ENVELOPED_DATA = "1.2.840.113549.1.7.3"
 OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"  # key transport with PKCS#1 v1.5 padding, as seal() sends it
@@ -145,6 +150,8 @@ class Keys:
 
 def seal(content: bytes, keys: Keys) -> bytes:
     """Sign content with the host key, encrypt the signed entity to the peer: DER EnvelopedData."""
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
     signed = (
         pkcs7.PKCS7SignatureBuilder()
         .set_data(content)
@@ -155,6 +162,8 @@ def seal(content: bytes, keys: Keys) -> bytes:
 
 
 def encrypt(entity: bytes, peer: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
     return (
         pkcs7.PKCS7EnvelopeBuilder()
         .set_data(entity)
@@ -166,6 +175,8 @@ def encrypt(entity: bytes, peer: x509.Certificate) -> bytes:
 
 def unseal(enveloped: bytes, keys: Keys) -> tuple[bytes, datetime.datetime]:
     """Decrypt and verify; return the signed content and its signingTime, or raise SmimeError."""
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
     check_enveloped(enveloped)
     try:
         entity = pkcs7.pkcs7_decrypt_der(enveloped, keys.cert, keys.key, [])
@@ -350,6 +361,8 @@ def _attributes(signed_attrs: der.Tlv) -> dict[str, der.Tlv]:
 
 
 def _check_signer(info: _SignerInfo, peer: x509.Certificate) -> None:
+    from cryptography import x509
+
     if info.key_id is not None:
         try:
             ski = peer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
@@ -418,6 +431,8 @@ def _load_cert(path: Path, option: str) -> x509.Certificate:
 
 
 def _load_certs(path: Path, option: str) -> list[x509.Certificate]:
+    from cryptography import x509
+
     try:
         data = path.read_bytes()
         return x509.load_pem_x509_certificates(data)

@@ -1,8 +1,12 @@
 """The NAT lab: two hosts behind Linux NAT routers, an "internet" router, and a server namespace (pub).
 
     a (10.0.1.2) -- nat-a (WAN 198.51.100.2) -- inet -- nat-b (WAN 198.51.100.6) -- b (10.0.2.2)
-                                                  |
+                                                  |                                +- c (10.0.2.3)
                                     pub (203.0.113.10, 203.0.113.11): coturn STUN, SMTP submission, Dovecot
+
+Host c shares b's LAN (a bridge in nat-b) and NAT, which does not hairpin (masquerade alone does not): a
+packet from c to nat-b's WAN address ends at nat-b. It is the home LAN of issue 18; the other tests leave it
+idle. It is only ever behind nat-b's NAT (b's mode "none" gives it no way out).
 
 Every namespace name carries a per-instance prefix (px + 6 hex digits + "-"), so labs run side by side. Veth
 pairs are created directly inside their namespaces, so interface names never meet in the root namespace.
@@ -42,7 +46,7 @@ from tests.lab.pki import make_pki
 T = TypeVar("T")
 NatMode = Literal["cone", "fullcone", "symmetric", "none"]
 NAT_MODES: tuple[NatMode, ...] = ("cone", "fullcone", "symmetric", "none")
-NAMESPACES = ("a", "nat-a", "inet", "nat-b", "b", "pub")
+NAMESPACES = ("a", "nat-a", "inet", "nat-b", "b", "c", "pub")
 REGISTRY = Path("/run/plexus-lab")
 PREFIX_RE = re.compile(r"^px[0-9a-f]{6}-")
 NOBODY = 65534  # owner of the mailboxes: Dovecot refuses root as mail user
@@ -80,12 +84,16 @@ class _Site:
     public_net: str  # the /27 a host in mode "none" lives in, e.g. "198.51.100.64"
     public_gw: str
     public_ip: str
+    neighbours: tuple[str, ...] = ()  # more hosts on the LAN, always behind the NAT (.3, .4, ...)
 
 
 SITES: dict[str, _Site] = {
     "a": _Site("10.0.1", "198.51.100.2", "198.51.100.1", "198.51.100.64", "198.51.100.65", "198.51.100.66"),
-    "b": _Site("10.0.2", "198.51.100.6", "198.51.100.5", "198.51.100.96", "198.51.100.97", "198.51.100.98"),
+    "b": _Site(
+        "10.0.2", "198.51.100.6", "198.51.100.5", "198.51.100.96", "198.51.100.97", "198.51.100.98", ("c",)
+    ),
 }
+NEIGHBOURS = {host: site for site in SITES.values() for host in site.neighbours}
 
 # Conntrack must not learn unsolicited WAN traffic, neither forwarded nor addressed to the router itself: an
 # entry created by a stray inbound packet would take the host's port and Linux NAT would then look symmetric.
@@ -135,6 +143,12 @@ def _site(host: str) -> _Site:
     if host not in SITES:
         raise ValueError(f"unknown lab host {host!r}; expected 'a' or 'b'")
     return SITES[host]
+
+
+def _neighbour_ip(host: str) -> str | None:
+    """The address of a host that shares another's LAN (c), None for a and b."""
+    site = NEIGHBOURS.get(host)
+    return None if site is None else f"{site.lan_net}.{3 + site.neighbours.index(host)}"
 
 
 def _nft_loss(loss_pct: float) -> str:
@@ -289,10 +303,15 @@ class Lab:
         return self.prefix + name
 
     def inner_ip(self, host: str) -> str:
+        neighbour = _neighbour_ip(host)
+        if neighbour is not None:
+            return neighbour
         site = _site(host)
         return site.public_ip if self.modes[host] == "none" else f"{site.lan_net}.2"
 
     def public_ip(self, host: str) -> str:
+        if host in NEIGHBOURS:
+            return NEIGHBOURS[host].wan_ip
         site = _site(host)
         return site.public_ip if self.modes[host] == "none" else site.wan_ip
 
@@ -384,8 +403,8 @@ class Lab:
             self._sysctl(name, "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
         for router in ("nat-a", "nat-b", "inet"):
             self._sysctl(router, "net.ipv4.ip_forward=1")
-        self._veth("a", "eth0", "nat-a", "lan")
-        self._veth("b", "eth0", "nat-b", "lan")
+        for host, site in SITES.items():
+            self._lan(f"nat-{host}", (host, *site.neighbours))
         self._veth("nat-a", "wan", "inet", "nat-a")
         self._veth("nat-b", "wan", "inet", "nat-b")
         self._veth("pub", "eth0", "inet", "pub")
@@ -395,6 +414,9 @@ class Lab:
             self.ip(router, "addr", "add", f"{site.public_gw}/27", "dev", "lan")
             self._address_wan(host)
             self._set_host_address(host)
+            for neighbour in site.neighbours:
+                self.ip(neighbour, "addr", "add", f"{_neighbour_ip(neighbour)}/24", "dev", "eth0")
+                self.ip(neighbour, "route", "add", "default", "via", f"{site.lan_net}.1")
             run(["ip", "netns", "exec", self.netns(router), "nft", "-f", "-"], input=_NFT_COUNTER)
             self._apply_nat(host)
         self.ip("inet", "addr", "add", "203.0.113.1/24", "dev", "pub")
@@ -410,6 +432,17 @@ class Lab:
              "peer", "name", name2, "netns", self.netns(ns2)])  # fmt: skip
         self.ip(ns1, "link", "set", name1, "up")
         self.ip(ns2, "link", "set", name2, "up")
+
+    def _lan(self, router: str, hosts: Sequence[str]) -> None:
+        """The router's "lan": a veth to its one host, or a bridge joining several (b's LAN has c too)."""
+        if len(hosts) == 1:
+            self._veth(hosts[0], "eth0", router, "lan")
+            return
+        self.ip(router, "link", "add", "lan", "type", "bridge")
+        self.ip(router, "link", "set", "lan", "up")
+        for host in hosts:
+            self._veth(host, "eth0", router, f"lan-{host}")
+            self.ip(router, "link", "set", f"lan-{host}", "master", "lan")
 
     def _address_wan(self, host: str) -> None:
         """Addresses and routes of the link between the host's NAT router and inet (a veth or a wire)."""
@@ -657,6 +690,7 @@ class Lab:
         lines += [
             f"host a: inner {self.inner_ip('a')}, public {self.public_ip('a')} (NAT {self.modes['a']})",
             f"host b: inner {self.inner_ip('b')}, public {self.public_ip('b')} (NAT {self.modes['b']})",
+            f"host c: inner {self.inner_ip('c')}, on b's LAN behind the same NAT, which does not hairpin",
             f"STUN: {self.STUN_PRIMARY} and {self.STUN_ALTERNATE} (RFC 5780)",
             f"TURN: {self.turn.server} (UDP), user {self.turn.user} / {self.turn.password}, realm "
             f"{self.turn.realm}, relayed ports {self.PUB_IPS[0]}:{self.TURN_RELAY_PORTS[0]}-"

@@ -18,8 +18,7 @@ from plexus.endpoint import Endpoint
 from plexus.errors import ExitCode
 from plexus.identity import Identity
 from plexus.mediator import dht
-from plexus.mediator.message import CLOCK_TOLERANCE
-from plexus.rendezvous import Offer, Reach
+from plexus.rendezvous import CLOCK_TOLERANCE, Offer, Reach
 from tests.lab import sessions
 from tests.lab.dht import DhtNetwork
 from tests.lab.lab import Lab
@@ -60,9 +59,17 @@ def dht_options(network: DhtNetwork, me: Path, peer: Identity) -> dict[str, str 
 
 
 def start(
-    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts, *, accept: bool
+    lab: Lab,
+    tmp_path: Path,
+    running: list[Plexus],
+    network: DhtNetwork,
+    hosts: Hosts,
+    *,
+    accept: bool,
+    on: str | None = None,
 ) -> Plexus:
-    host = "b" if accept else "a"
+    """The acceptor (on b) or the inviter (on a, or the host `on`)."""
+    host = on or ("b" if accept else "a")
     me, peer = (hosts.acceptor_file, hosts.inviter) if accept else (hosts.inviter_file, hosts.acceptor)
     side = Side(host, sessions.pair(lab)[0].account, f"{host}-dht")
     process = sessions.start(
@@ -86,6 +93,25 @@ def test_a_session_meets_on_the_dht_and_connects(
     assert mine["args"]["secret"] == theirs["args"]["secret"]
     assert mine["received"] and theirs["received"]
     print(f"DHT session: inviter exited 0 after {elapsed:.2f} s")
+
+
+def test_hosts_on_one_lan_meet_on_the_dht_and_connect_over_it(
+    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
+) -> None:
+    """c and b behind nat-b, which does not hairpin (issue 18): on the DHT each side knows the other is
+    plexus, so both name their host candidates, and the path is the LAN."""
+    acceptor = start(lab, tmp_path, running, network, hosts, accept=True)
+    sessions.wait_until_listening(acceptor)
+    invite = start(lab, tmp_path, running, network, hosts, accept=False, on="c")
+    code = invite.wait(60)
+    assert code == 0, f"{invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    mine, theirs = invite.wait_hello()[0], acceptor.wait_hello()[0]
+    assert mine["received"] and theirs["received"]
+    assert (mine["args"]["peerip"], theirs["args"]["peerip"]) == (lab.inner_ip("b"), lab.inner_ip("c"))
+    for side, peer in ((invite, "b"), (acceptor, "c")):
+        assert [event["way"] for event in side.events("chosen")] == ["lan"]
+        assert lab.inner_ip(peer) in side.events("chosen")[0]["why"]  # the peer named its host candidate
+        assert [event["way"] for event in side.events("connected")] == ["lan"]
 
 
 def test_a_peer_that_is_not_running_is_not_found(

@@ -88,3 +88,32 @@ def test_a_failing_sink_costs_the_event_not_the_caller(caplog: pytest.LogCapture
     with events.reporting(full, "accept"):
         events.emit(events.Rejected, source="mail", reason="stale")
     assert "the rejected event was not reported" in caplog.text
+
+
+SAMPLES: dict[str, tuple[object, object]] = {
+    "Role": ("invite", "accept"),
+    "float": (1.5, 2.5),
+    "str": ("a", "b"),
+    "int": (7, 8),
+    "int | None": (None, 8),
+    "str | None": (None, "b"),
+    "Endpoint": (Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2)),
+}
+EVENTS = [kind for kind in vars(events).values() if isinstance(kind, type) and issubclass(kind, events.Event)]
+
+
+@pytest.mark.parametrize("kind", EVENTS, ids=lambda kind: kind.__name__)
+def test_eq_hash_and_repr_are_what_dataclasses_would_make(kind: type[events.Event]) -> None:
+    """Event's shared __eq__, __hash__ and __repr__ against a dataclass that makes its own for each class."""
+    fields = dataclasses.fields(kind)
+    reference = dataclasses.make_dataclass(
+        kind.__name__, [(item.name, item.type) for item in fields], frozen=True, kw_only=True
+    )
+    first = {item.name: SAMPLES[str(item.type)][0] for item in fields}
+    ours, theirs = kind(**first), reference(**first)  # type: ignore[arg-type]
+    assert repr(ours) == repr(theirs) and hash(ours) == hash(theirs)
+    assert ours == kind(**first) and ours != theirs  # type: ignore[arg-type]
+    for item in fields:
+        other = {**first, item.name: SAMPLES[str(item.type)][1]}
+        assert (ours == kind(**other)) == (theirs == reference(**other))  # type: ignore[arg-type]
+    assert kind.__eq__ is events.Event.__eq__ and kind.__repr__ is events.Event.__repr__

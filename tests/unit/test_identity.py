@@ -6,6 +6,8 @@ import multiprocessing
 import os
 import re
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,20 @@ def test_the_id_is_32_base32_characters_of_the_public_key() -> None:
     assert me.id == id_of(key.public_key()) == id_of(me.certificate.public_key())
     assert Identity.of_key(key).id == me.id  # a new certificate, the same id
     assert Identity.ephemeral().id != me.id
+
+
+def test_the_certificate_is_made_when_tls_first_asks_and_kept() -> None:
+    """A session that only signs and agrees keys (the DHT's values, the handshake) never loads x509."""
+    code = (
+        "import sys; from plexus.identity import Identity; me = Identity.ephemeral(); me.id; "
+        "print(any(name.startswith('cryptography.x509') for name in sys.modules)); me.certificate; "
+        "print('cryptography.x509' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "True"]
+    me = Identity.ephemeral()
+    assert me.certificate is me.certificate
+    assert id_of(me.certificate.public_key()) == me.id
 
 
 def test_parse_id_accepts_what_a_user_pastes() -> None:

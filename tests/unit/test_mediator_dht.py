@@ -42,7 +42,7 @@ from plexus.mediator.dht import (
 )
 from plexus.mediator.dhtnode import DhtConfig
 from plexus.mediator.email import Invitation
-from plexus.mediator.message import CLOCK_TOLERANCE, NO_REASON, Offer, Reach
+from plexus.rendezvous import CLOCK_TOLERANCE, NO_REASON, Offer, Reach
 from tests.fuzz import FUZZ
 
 NOW = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.UTC)

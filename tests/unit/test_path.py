@@ -32,6 +32,27 @@ def test_the_decision_table(mine: Reach, theirs: Reach | None, own_relay: bool, 
     assert path.choose(mine, theirs, own_relay=own_relay) == plan
 
 
+LAN = (Endpoint("10.0.2.2", 41002),)
+
+
+@pytest.mark.parametrize("mine", [EIM, EDM])
+@pytest.mark.parametrize(
+    "theirs", [EIM, EDM, Reach("independent", hosts=LAN), Reach("dependent", RELAY, hosts=LAN)]
+)
+def test_a_shared_public_address_races_the_lan(mine: Reach, theirs: Reach) -> None:
+    """Whatever the mappings: a NAT that does not hairpin defeats them all, the LAN does not."""
+    plan = path.choose(mine, theirs, own_relay=False, shared_address=True)
+    assert plan == Plan(Method.LAN, hosts=theirs.hosts)
+    assert plan.describe().startswith("lan (both sides share a public address")
+    assert (str(LAN[0]) in plan.describe()) == bool(theirs.hosts)
+
+
+def test_a_2_2_peer_never_gets_the_lan() -> None:
+    assert path.choose(EIM, None, own_relay=False, shared_address=True) == Plan(
+        Method.DIRECT, peer_reflexive=False
+    )
+
+
 @pytest.mark.parametrize(("mine", "theirs"), [(EDM, EDM), (EDM, None)])
 def test_no_path(mine: Reach, theirs: Reach | None) -> None:
     with pytest.raises(path.NoPath):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from typing import Any, cast
 
 import pytest
 
-from plexus import events, paths
+from plexus import events, paths, puncher
 from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError
 from plexus.launcher import Tunnel
@@ -34,6 +35,13 @@ OWN = cast(Relay, object())  # ways() only holds it
         ),
         (Plan(Method.RELAY, relay=THEIRS), None, THEIRS, [paths.TowardRelay(THEIRS)]),
         (Plan(Method.RELAY), OWN, None, [paths.OwnRelay(OWN)]),
+        (Plan(Method.LAN), OWN, None, [paths.Direct(Plan(Method.LAN)), paths.OwnRelay(OWN)]),
+        (
+            Plan(Method.LAN),
+            None,
+            THEIRS,
+            [paths.Direct(Plan(Method.LAN)), paths.TowardRelay(THEIRS, fresh_socket=True)],
+        ),
     ],
 )
 def test_ways_follow_the_plan_then_a_relay(
@@ -46,6 +54,38 @@ def test_every_way_reports_its_method() -> None:
     methods = [way.method for way in paths.ways(Plan(Method.DIRECT), OWN, None)]
     assert methods == [Method.DIRECT, Method.RELAY]
     assert paths.TowardRelay(THEIRS).describe().startswith("relay (through TURN relay 203.0.113.9:3479")
+
+
+@pytest.mark.parametrize("known", [False, True])
+def test_the_host_candidate_goes_only_toward_a_known_plexus_and_only_behind_a_nat(known: bool) -> None:
+    inner, outer = Endpoint("10.0.2.2", 41002), Endpoint("198.51.100.6", 41002)
+    behind = paths.Gathered(paths.Found(inner, outer, "independent"))
+    assert behind.reach(False, hosts=known).hosts == ((inner,) if known else ())
+    public = paths.Gathered(paths.Found(outer, outer, "independent"))
+    assert public.reach(False, hosts=known).hosts == ()
+
+
+async def test_a_lan_plan_reports_lan_when_a_host_candidate_wins() -> None:
+    """Loopback as the LAN, TEST-NET as the shared outer address nobody answers at (a NAT that does not
+    hairpin): the inviter names the acceptor's host candidate, the acceptor takes the inviter's LAN source."""
+    shared = Endpoint("192.0.2.1", 9)
+    socks = [paths.bind(Endpoint("127.0.0.1", 0)) for _ in range(2)]
+    inviter_lan, acceptor_lan = (Endpoint("127.0.0.1", sock.getsockname()[1]) for sock in socks)
+
+    def attempt(sock: socket.socket, inner: Endpoint, *, accept: bool) -> paths.Attempt:
+        codec = puncher.Authenticated.derive(1, 2, accept=accept)
+        return paths.Attempt(sock, inner, inner, shared, shared, 3, codec, accept, 7)
+
+    inviting = paths.Direct(Plan(Method.LAN, hosts=(acceptor_lan,)))
+    accepting = paths.Direct(Plan(Method.LAN))
+    got = await asyncio.gather(
+        accepting.establish(attempt(socks[1], acceptor_lan, accept=True), 5.0),
+        inviting.establish(attempt(socks[0], inviter_lan, accept=False), 5.0),
+    )
+    assert [(g.tunnel.path, g.tunnel.peer) for g in got] == [
+        (Method.LAN, inviter_lan),
+        (Method.LAN, acceptor_lan),
+    ]
 
 
 class _Way:

@@ -1090,3 +1090,125 @@ def test_a_reflected_datagram_is_refused() -> None:
     for data in (hello.data, ready):
         inviter.datagram_received(data, ACCEPTOR, 0.1)
     assert inviter.outcome is None and not inviter.settled
+
+
+# --- host candidates: one machine, several destinations (issue 18) ------------------------------------------
+
+SHARED_IP = "198.51.100.6"  # one NAT in front of both, which does not hairpin
+INVITER_OUTER, ACCEPTOR_OUTER = Endpoint(SHARED_IP, 40000), Endpoint(SHARED_IP, 40001)
+INVITER_LAN, ACCEPTOR_LAN = Endpoint("10.0.2.3", 40000), Endpoint("10.0.2.2", 40001)
+
+
+def destinations(machine: Handshake) -> list[tuple[Endpoint, int | None]]:
+    return [(d.to, d.ttl) for d in machine.datagrams_to_send()]
+
+
+def test_host_candidates_need_the_authenticated_handshake() -> None:
+    with pytest.raises(ValueError, match="authenticated"):
+        Inviter(ACCEPTOR_OUTER, MASKED, 0.0, hosts=[ACCEPTOR_LAN])
+    with pytest.raises(ValueError, match="authenticated"):
+        Acceptor(INVITER_OUTER, MASKED, 0.0, lan=True)
+
+
+def test_hellos_go_to_the_outer_endpoint_and_every_host_candidate() -> None:
+    inviter = Inviter(ACCEPTOR_OUTER, sealed(accept=False), 0.0, hosts=[ACCEPTOR_LAN, ACCEPTOR_OUTER])
+    assert destinations(inviter) == [(ACCEPTOR_OUTER, None), (ACCEPTOR_LAN, None)]  # the outer one once
+    inviter.handle_timer(puncher.HELLO_INTERVAL)
+    assert destinations(inviter) == [(ACCEPTOR_OUTER, None), (ACCEPTOR_LAN, None)]
+    # the acceptor's punch toward the outer endpoint stays TTL-limited; toward a host candidate it must arrive
+    acceptor = Acceptor(INVITER_OUTER, sealed(accept=True), 0.0, hops=3, hosts=[INVITER_LAN])
+    assert destinations(acceptor) == [(INVITER_OUTER, 3), (INVITER_LAN, None)]
+    acceptor.handle_timer(puncher.PUNCH_REFRESH)
+    assert destinations(acceptor) == [(INVITER_OUTER, 3), (INVITER_LAN, None)]
+
+
+def test_the_first_authenticated_packet_settles_the_race_and_the_rest_stop() -> None:
+    inviter = Inviter(ACCEPTOR_OUTER, sealed(accept=False), 0.0, hosts=[ACCEPTOR_LAN], random=counting)
+    inviter.datagrams_to_send()
+    acceptor = sealed(accept=True)
+    # not authenticated, or from a host that is no candidate: nothing changes
+    inviter.datagram_received(bytes(puncher.DATAGRAM_SIZE), ACCEPTOR_LAN, 0.1)
+    inviter.datagram_received(acceptor.seal(Flag.HELLO, os.urandom), Endpoint("10.0.2.9", 40001), 0.1)
+    assert (inviter.peer, inviter.settled) == (ACCEPTOR_OUTER, False)
+    inviter.datagram_received(acceptor.seal(Flag.HELLO, os.urandom), ACCEPTOR_LAN, 0.2)
+    assert (inviter.peer, inviter.settled) == (ACCEPTOR_LAN, True)
+    assert destinations(inviter) == [(ACCEPTOR_LAN, None)]  # answered at once, there only
+    inviter.handle_timer(0.2 + puncher.HELLO_INTERVAL)
+    assert destinations(inviter) == [(ACCEPTOR_LAN, None)]
+    inviter.datagram_received(acceptor.seal(Flag.READY, os.urandom), ACCEPTOR_OUTER, 0.5)  # the loser
+    assert inviter.outcome is None
+    inviter.datagram_received(acceptor.seal(Flag.READY, os.urandom), ACCEPTOR_LAN, 0.6)
+    assert inviter.outcome is Outcome.COMPLETED
+
+
+def test_the_outer_endpoint_may_win_the_race_too() -> None:
+    """A NAT that hairpins: the direct path's packet came first, and the host candidate drops out."""
+    inviter = Inviter(ACCEPTOR_OUTER, sealed(accept=False), 0.0, hosts=[ACCEPTOR_LAN])
+    inviter.datagrams_to_send()
+    acceptor = sealed(accept=True)
+    inviter.datagram_received(acceptor.seal(Flag.HELLO, os.urandom), ACCEPTOR_OUTER, 0.1)
+    inviter.datagram_received(acceptor.seal(Flag.READY, os.urandom), ACCEPTOR_LAN, 0.2)
+    assert (inviter.peer, inviter.outcome) == (ACCEPTOR_OUTER, None)
+    inviter.handle_timer(1.0)
+    assert destinations(inviter) == [(ACCEPTOR_OUTER, None)]
+
+
+@pytest.mark.parametrize(
+    ("source", "moves"),
+    [
+        (INVITER_LAN, True),
+        (Endpoint("192.168.1.20", 5), True),
+        (Endpoint("fe80::1", 5), True),
+        (Endpoint("8.8.8.8", 40000), False),  # a global address is no LAN: only a named candidate could be
+        (Endpoint("2001:4860::1", 5), False),
+    ],
+)
+def test_lan_takes_an_unnamed_peer_only_from_a_non_global_address(source: Endpoint, moves: bool) -> None:
+    """The inviter behind the same NAT may not have named its host candidates (anonymous mail)."""
+    acceptor = Acceptor(INVITER_OUTER, sealed(accept=True), 0.0, lan=True)
+    acceptor.datagrams_to_send()
+    acceptor.datagram_received(sealed(accept=False).seal(Flag.HELLO, os.urandom), source, 0.1)
+    assert acceptor.peer == (source if moves else INVITER_OUTER)
+    # without `lan` the same packet is ignored
+    plain = Acceptor(INVITER_OUTER, sealed(accept=True), 0.0, peer_reflexive=True)
+    plain.datagram_received(sealed(accept=False).seal(Flag.HELLO, os.urandom), source, 0.1)
+    assert plain.peer == INVITER_OUTER
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["anonymous-mail", "pinned"])
+def test_one_lan_without_hairpin_completes_over_the_host_candidates(named: bool) -> None:
+    """Fake time and a NAT that drops what is sent to its own address: both sides complete, each with the
+    other's LAN endpoint, in about one hello."""
+    inviter = Inviter(
+        ACCEPTOR_OUTER, sealed(accept=False), 0.0, hosts=[ACCEPTOR_LAN], lan=True, peer_reflexive=True
+    )
+    acceptor = Acceptor(
+        INVITER_OUTER, sealed(accept=True), 0.0, hosts=[INVITER_LAN] if named else [], lan=True
+    )
+    lan: dict[Endpoint, Handshake] = {INVITER_LAN: inviter, ACCEPTOR_LAN: acceptor}
+    sender = {id(inviter): INVITER_LAN, id(acceptor): ACCEPTOR_LAN}
+    in_flight: list[tuple[float, int, Handshake, bytes, Endpoint]] = []
+    order = itertools.count()
+
+    def flush(machine: Handshake, now: float) -> None:
+        for datagram in machine.datagrams_to_send():
+            if datagram.to in lan:  # the outer endpoints: dropped at the NAT
+                arrival = (now + 0.001, next(order), lan[datagram.to], datagram.data, sender[id(machine)])
+                heapq.heappush(in_flight, arrival)
+
+    now = 0.0
+    for machine in (inviter, acceptor):
+        flush(machine, now)
+    while inviter.outcome is None or acceptor.outcome is None:
+        timers = [(when, next(order), m) for m in (inviter, acceptor) if (when := m.get_timer()) is not None]
+        if in_flight and (not timers or in_flight[0][0] <= min(timers)[0]):
+            now, _, target, data, source = heapq.heappop(in_flight)
+            target.datagram_received(data, source, now)
+        else:
+            now, _, target = min(timers)
+            target.handle_timer(now)
+        flush(target, now)
+        assert now < 10
+    assert (inviter.outcome, acceptor.outcome) == (Outcome.COMPLETED, Outcome.COMPLETED)
+    assert (inviter.peer, acceptor.peer) == (ACCEPTOR_LAN, INVITER_LAN)
+    assert now < 0.1
