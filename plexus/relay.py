@@ -415,12 +415,17 @@ class Relay:
         )
 
     def _ended(self, failure: TurnError | None) -> None:
-        """The allocation is gone: closed here, or lost (its refresh failed)."""
+        """The allocation is gone: closed here, or lost (its refresh failed, or its stream to the server
+        closed)."""
         if self._failure is None:
+            # Over a stream the connection's end is the allocation's too, whoever ended it.
+            lost = (
+                "the TURN server stopped refreshing it"
+                if self.transport == "udp"
+                else "its connection closed"
+            )
             self._failure = failure or (
-                TurnError(f"{self} is closed")
-                if self._closed
-                else TurnError(f"{self} was lost: the TURN server stopped refreshing it")
+                TurnError(f"{self} is closed") if self._closed else TurnError(f"{self} was lost: {lost}")
             )
             if not self._closed:
                 log.warning("%s", self._failure)

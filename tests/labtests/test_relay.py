@@ -222,6 +222,24 @@ async def test_a_turns_certificate_not_from_the_given_ca_is_refused_in_one_line(
     assert message.endswith("; --turn-ca names a private CA)") and "\n" not in message
 
 
+async def test_a_relay_over_tcp_ends_with_its_connection(lab: Lab) -> None:
+    """The TURN server goes away: its TCP connection closes, and whoever waits on the relay learns it at once,
+    not when a refresh would have failed minutes later."""
+
+    async def on_a() -> tuple[str, float]:
+        async with relay_for(lab, "tcp") as relay:
+            lab.stop_stun()
+            started = time.monotonic()
+            with pytest.raises(TurnError) as caught:
+                async with asyncio.timeout(5):
+                    await relay.recvfrom()
+            return str(caught.value), time.monotonic() - started
+
+    message, took = await lab.call("a", on_a)
+    print(f"{message} ({took * 1000:.0f} ms after the server stopped)")
+    assert message.endswith("203.0.113.10:3478 over TCP was lost: its connection closed")
+
+
 async def test_no_turn_server_is_unreachable_within_the_bound(lab: Lab) -> None:
     async def on_a() -> float:
         started = time.monotonic()

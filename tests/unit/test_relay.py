@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import struct
 import time
@@ -230,6 +231,16 @@ async def test_recvfrom_queues_and_ends_with_the_relay() -> None:
         await relay.recvfrom()
     with pytest.raises(TurnError, match="was lost"):
         relay.sendto(b"z", PEER)
+
+
+async def test_a_relay_over_a_stream_is_lost_with_its_connection() -> None:
+    relay = Relay(Endpoint("192.0.2.1", 5349), "user", "password", transport="tls")
+    relay._client = FakeClient()  # type: ignore[assignment]
+    relay.relayed = Endpoint("192.0.2.1", 49152)
+    relay._ended(None)
+    message = "TURN relay 192.0.2.1:49152 on 192.0.2.1:5349 over TLS was lost: its connection closed"
+    with pytest.raises(TurnError, match=f"^{re.escape(message)}$"):
+        await relay.recvfrom()
 
 
 def test_data_indications_from_a_permitted_ip_reach_the_receiver_from_any_port() -> None:
