@@ -92,15 +92,17 @@ def digest(datagrams: list[bytes]) -> str:
     return hashlib.sha256(b"".join(datagrams)).hexdigest()
 
 
-async def paced(send: Callable[[bytes], Awaitable[None] | None], datagrams: list[bytes]) -> float:
-    """Send at BULK_RATE, in bursts of 50; the time it took."""
+async def paced(
+    send: Callable[[bytes], Awaitable[None] | None], datagrams: list[bytes], burst: int = 50
+) -> float:
+    """Send at BULK_RATE, in bursts of `burst`; the time it took."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     for index, datagram in enumerate(datagrams):
         result = send(datagram)
         if result is not None:
             await result
-        if index % 50 == 49:
+        if index % burst == burst - 1:
             await asyncio.sleep(max(0.0, started + (index + 1) / BULK_RATE - loop.time()))
     return loop.time() - started
 
@@ -160,7 +162,8 @@ async def test_datagrams_cross_both_symmetric_nats_through_the_relay(lab: Lab, t
         assert allocation_s < 1
 
 
-async def test_a_bulk_transfer_arrives_whole_both_ways(lab: Lab) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_bulk_transfer_arrives_whole_both_ways(lab: Lab, transport: Transport) -> None:
     lab.set_nat("a", "symmetric")
     lab.set_nat("b", "symmetric")
     b = plain_socket(lab, "b")
@@ -169,11 +172,15 @@ async def test_a_bulk_transfer_arrives_whole_both_ways(lab: Lab) -> None:
 
     async def on_a() -> tuple[int, int]:
         loop = asyncio.get_running_loop()
-        async with relay_for(lab) as relay:
+        async with relay_for(lab, transport) as relay:
             source = await first_contact(relay, lab, b)
             # b -> a
             receiver = asyncio.create_task(collect(lambda: _data(relay.recvfrom()), len(sent)))
-            elapsed = await paced(lambda d: loop.sock_sendto(b, d, relay.relayed), sent)
+            # Toward a stream coturn queues a few tens of KB that arrive at once and drops the rest: bursts
+            # of 50 datagrams (60 KB) lose 2 to 5 % of them, bursts of 10 none at the same rate. Neither a
+            # larger receive buffer here nor a faster reader of the stream changed that: it is the server's.
+            burst = 50 if transport == "udp" else 10
+            elapsed = await paced(lambda d: loop.sock_sendto(b, d, relay.relayed), sent, burst)
             got = await receiver
             lost_in = bulk_report("b -> relay -> a", sent, got, elapsed)
             # a -> b
