@@ -57,3 +57,13 @@ def test_a_port_in_other_digits_is_refused() -> None:
         except FrameError:
             continue
         raise AssertionError(f"{text!r} read as {found}")
+
+
+def test_a_host_with_inner_whitespace_is_refused() -> None:
+    """Found by Hypothesis: "0 :1" once read as host "0 " (whitespace around is stripped, not inside)."""
+    for text in ("0 :1", "a b:22", "[::1 ]:22"):
+        try:
+            found = wire.read_open(wire.frame(Code.OPEN, text))
+        except FrameError:
+            continue
+        raise AssertionError(f"{text!r} read as {found}")
