@@ -60,8 +60,9 @@ from tests.lab.dht import DhtNetwork
 from tests.lab.lab import Lab
 from tests.lab.sessions import Plexus, Side
 
-# A target for the DHT's time to connect, reported beside the figures, never a failure of the benchmark
-TARGET_SECONDS = 0.9
+# A target for the DHT's time to connect at 0 ms links (issue 17), reported beside the figures, never a
+# failure of the benchmark
+TARGET_SECONDS = 0.2
 FLOOR_ROUNDS = 5  # counted rounds of the plain nodes per delay, after one warm-up round
 FLOOR_WAIT = 10.0  # seconds any step of a plain node may take
 IDLE_SETTLE = 5.0  # seconds between the idle acceptor's session and the start of the measurement

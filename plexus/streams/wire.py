@@ -22,7 +22,9 @@ ALPN = "plexus-streams/1"
 MAX_TEXT = 1024  # a target or a reason: far more than any real one
 _HEAD = struct.Struct("!BH")
 # [0-9]{1,5}, not \d+: \d takes any script's digits (int() reads them), and a 5000-digit port breaks int().
-_TARGET = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<v6port>[0-9]{1,5})|(?P<host>[^\[\]:]+):(?P<port>[0-9]{1,5})")
+_TARGET = re.compile(
+    r"\[(?P<v6>[^\]\s]+)\]:(?P<v6port>[0-9]{1,5})|(?P<host>[^\[\]:\s]+):(?P<port>[0-9]{1,5})"
+)
 
 
 class Code(IntEnum):

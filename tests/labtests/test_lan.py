@@ -19,6 +19,21 @@ pytestmark = pytest.mark.lab
 TIMEOUT = {"handshake-timeout": "20"}  # the issue's cron job: a failure must not hold the test up for 60 s
 
 
+def _at_home(
+    lab: Lab, tmp_path: Path, running: list[Plexus], invited: dict[str, str], inviting: dict[str, str]
+) -> tuple[Plexus, Plexus, float]:
+    """b accepts, c (on b's LAN) invites once: both commands launched and each heard the other."""
+    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=invited)
+    at_home = dataclasses.replace(inviter, host="c")
+    invite, code, took = sessions.invite_once(
+        lab, at_home, acceptor_side, tmp_path, running, overrides=inviting
+    )
+    assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    mine, theirs = invite.wait_hello()[0], acceptor.wait_hello()[0]
+    assert mine["received"] and theirs["received"], f"{mine}\n{theirs}"
+    return acceptor, invite, took
+
+
 @pytest.mark.parametrize("pinned", [False, True], ids=["anonymous-mail", "pinned-mail"])
 def test_same_lan_without_hairpin_connects_over_the_lan(
     lab: Lab, tmp_path: Path, running: list[Plexus], pinned: bool
@@ -28,14 +43,8 @@ def test_same_lan_without_hairpin_connects_over_the_lan(
         home, laptop = Identity.load(tmp_path / "b.key"), Identity.load(tmp_path / "c.key")
         invited = TIMEOUT | {"identity": str(tmp_path / "b.key"), "peer-identity": laptop.id}
         inviting = TIMEOUT | {"identity": str(tmp_path / "c.key"), "peer-identity": home.id}
-    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=invited)
-    at_home = dataclasses.replace(inviter, host="c")
-    invite, code, took = sessions.invite_once(
-        lab, at_home, acceptor_side, tmp_path, running, overrides=inviting
-    )
-    assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    acceptor, invite, took = _at_home(lab, tmp_path, running, invited, inviting)
     mine, theirs = invite.wait_hello()[0], acceptor.wait_hello()[0]
-    assert mine["received"] and theirs["received"], f"{mine}\n{theirs}"
     assert (mine["args"]["peerip"], theirs["args"]["peerip"]) == (lab.inner_ip("b"), lab.inner_ip("c"))
     assert mine["args"]["peerport"] == theirs["args"]["innerport"]
     for side in (invite, acceptor):
@@ -55,14 +64,7 @@ def test_same_lan_behind_a_symmetric_nat_needs_no_relay(
     """Behind a NAT that maps per destination, two hosts of one LAN had only a relay (none here: the acceptor
     refused, exit 11); the LAN candidate is tried before any birthday or relay."""
     lab.set_nat("b", "symmetric")
-    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=TIMEOUT)
-    at_home = dataclasses.replace(inviter, host="c")
-    invite, code, took = sessions.invite_once(
-        lab, at_home, acceptor_side, tmp_path, running, overrides=TIMEOUT
-    )
-    assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
-    mine, theirs = invite.wait_hello()[0], acceptor.wait_hello()[0]
-    assert mine["received"] and theirs["received"], f"{mine}\n{theirs}"
+    acceptor, invite, took = _at_home(lab, tmp_path, running, TIMEOUT, TIMEOUT)
     for side in (invite, acceptor):
         assert [event["way"] for event in side.events("connected")] == ["lan"], side.events()
     print(f"same LAN behind a symmetric NAT: over the LAN in {took:.1f} s")
