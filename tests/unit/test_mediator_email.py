@@ -432,3 +432,22 @@ def test_mail_signing_needs_the_identity_and_the_pin() -> None:
         config(identity=me)
     with pytest.raises(UsageError, match="both --identity and --peer-identity"):
         config(peer_identity="a" * 32)
+
+
+async def test_an_exists_during_a_fetch_is_noted() -> None:
+    """aioimaplib drops an untagged EXISTS that comes while a FETCH runs (it goes to the pending command it
+    names); the wrapped entry for untagged lines notes it first, so the scan runs again before IDLE. Fails if
+    aioimaplib stops reading untagged lines through `_untagged_response`."""
+    import aioimaplib
+
+    protocol = aioimaplib.IMAP4ClientProtocol(asyncio.get_running_loop(), None)
+    protocol.state = aioimaplib.SELECTED
+    fetch = aioimaplib.FetchCommand("A1", "1:*", "(UID)", loop=asyncio.get_running_loop())
+    protocol.pending_async_commands[fetch.untagged_resp_name] = fetch
+    inbox = Inbox(config(), ssl.create_default_context())
+    mail._note_arrivals(type("Client", (), {"protocol": protocol})(), inbox)  # type: ignore[arg-type]
+    protocol._handle_line(b"* 1 FETCH (UID 7)", None)
+    assert not inbox.arrived
+    protocol._handle_line(b"* 8 EXISTS", None)
+    assert inbox.arrived
+    assert not any(b"EXISTS" in bytes(line) for line in fetch.response.lines)  # what aioimaplib drops
