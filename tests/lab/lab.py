@@ -8,6 +8,13 @@ Host c shares b's LAN (a bridge in nat-b) and NAT, which does not hairpin (masqu
 packet from c to nat-b's WAN address ends at nat-b. It is the home LAN of issue 18; the other tests leave it
 idle. It is only ever behind nat-b's NAT (b's mode "none" gives it no way out).
 
+Opt-in (double_nat): a's home router behind a carrier NAT, the double NAT of issue 18. Namespace cgn takes
+nat-a's place on inet's link: nat-a's WAN gets an address of the carrier's inside (100.64.0.2, RFC 6598),
+the carrier masquerades onto its own WAN address (198.51.100.10), endpoint-independently like most CGNATs,
+and drops new WAN traffic as the home routers do.
+
+    a -- nat-a (WAN 100.64.0.2) -- cgn (WAN 198.51.100.10) -- inet -- ...
+
 Every namespace name carries a per-instance prefix (px + 6 hex digits + "-"), so labs run side by side. Veth
 pairs are created directly inside their namespaces, so interface names never meet in the root namespace.
 In mode "none" a host is public: it moves to an address in a /27 that inet routes via its router
@@ -46,7 +53,7 @@ from tests.lab.pki import make_pki
 T = TypeVar("T")
 NatMode = Literal["cone", "fullcone", "symmetric", "none"]
 NAT_MODES: tuple[NatMode, ...] = ("cone", "fullcone", "symmetric", "none")
-NAMESPACES = ("a", "nat-a", "inet", "nat-b", "b", "c", "pub")
+NAMESPACES = ("a", "nat-a", "cgn", "inet", "nat-b", "b", "c", "pub")
 REGISTRY = Path("/run/plexus-lab")
 PREFIX_RE = re.compile(r"^px[0-9a-f]{6}-")
 NOBODY = 65534  # owner of the mailboxes: Dovecot refuses root as mail user
@@ -94,6 +101,8 @@ SITES: dict[str, _Site] = {
     ),
 }
 NEIGHBOURS = {host: site for site in SITES.values() for host in site.neighbours}
+# The carrier NAT in front of nat-a (double_nat): its inside /30, nat-a's WAN at .2, and its WAN /30 to inet
+CARRIER_INSIDE, CARRIER_WAN, CARRIER_UPLINK = "100.64.0", "198.51.100.10", "198.51.100.9"
 
 # Conntrack must not learn unsolicited WAN traffic, neither forwarded nor addressed to the router itself: an
 # entry created by a stray inbound packet would take the host's port and Linux NAT would then look symmetric.
@@ -291,6 +300,7 @@ class Lab:
         }
         self.turn = TurnAccount(self.STUN_PRIMARY, "plexus", f"turn-{secrets.token_hex(4)}", self.TURN_REALM)
         self.modes: dict[str, NatMode] = {"a": "cone", "b": "cone"}
+        self.carrier = False  # a's router is behind the carrier NAT (double_nat)
         self._servers: dict[str, _Server] = {}
         self._wires: dict[str, subprocess.Popen[str]] = {}  # hosts whose WAN link is a delay wire
         self._created: list[str] = []
@@ -312,6 +322,8 @@ class Lab:
     def public_ip(self, host: str) -> str:
         if host in NEIGHBOURS:
             return NEIGHBOURS[host].wan_ip
+        if host == "a" and self.carrier:
+            return CARRIER_WAN
         site = _site(host)
         return site.public_ip if self.modes[host] == "none" else site.wan_ip
 
@@ -401,7 +413,7 @@ class Lab:
             self._created.append(self.netns(name))
             self.ip(name, "link", "set", "lo", "up")
             self._sysctl(name, "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
-        for router in ("nat-a", "nat-b", "inet"):
+        for router in ("nat-a", "cgn", "nat-b", "inet"):
             self._sysctl(router, "net.ipv4.ip_forward=1")
         for host, site in SITES.items():
             self._lan(f"nat-{host}", (host, *site.neighbours))
@@ -498,6 +510,8 @@ class Lab:
         old = self._wires.pop(host, None)
         if old is None and not delay_ms:
             return  # the plain veth is in place already
+        if host == "a" and self.carrier:
+            raise LabError("no delay wire behind the carrier NAT (this kernel has no netem)")
         if old is None:
             self.ip(f"nat-{host}", "link", "del", "wan")  # takes inet's end with it
         else:
@@ -510,6 +524,35 @@ class Lab:
         else:
             self._veth(f"nat-{host}", "wan", "inet", f"nat-{host}")
         self._address_wan(host)
+
+    def double_nat(self, on: bool = True) -> None:
+        """Put a's home router behind the carrier NAT (cgn), or back on inet directly. The carrier's uplink is
+        inet's "nat-a" and nat-a's uplink its "wan" either way, so separate, block_udp and netem delays apply
+        unchanged."""
+        if on == self.carrier:
+            return
+        if "a" in self._wires:
+            raise LabError("a's WAN link is a delay wire; clear the delay before switching the carrier NAT")
+        if on:
+            self.ip("nat-a", "link", "del", "wan")  # takes inet's end and its routes with it
+            self._veth("nat-a", "wan", "cgn", "lan")
+            self._veth("cgn", "wan", "inet", "nat-a")
+            self.ip("nat-a", "addr", "add", f"{CARRIER_INSIDE}.2/30", "dev", "wan")
+            self.ip("nat-a", "route", "add", "default", "via", f"{CARRIER_INSIDE}.1")
+            self.ip("cgn", "addr", "add", f"{CARRIER_INSIDE}.1/30", "dev", "lan")
+            self.ip("cgn", "addr", "add", f"{CARRIER_WAN}/30", "dev", "wan")
+            self.ip("cgn", "route", "add", "default", "via", CARRIER_UPLINK)
+            # a in mode "none" has an address of its own, which the carrier masquerades too
+            self.ip("cgn", "route", "add", f"{SITES['a'].public_net}/27", "via", f"{CARRIER_INSIDE}.2")
+            self.ip("inet", "addr", "add", f"{CARRIER_UPLINK}/30", "dev", "nat-a")
+            run(["ip", "netns", "exec", self.netns("cgn"), "nft", "-f", "-"], input=nft_ruleset("cone", ""))
+        else:
+            self.ip("cgn", "link", "del", "lan")
+            self.ip("cgn", "link", "del", "wan")
+            self._veth("nat-a", "wan", "inet", "nat-a")
+            self._address_wan("a")
+        self.carrier = on
+        self._apply_nat("a")  # its conntrack entries name the WAN address it had
 
     @functools.cached_property
     def netem_available(self) -> bool:
@@ -559,9 +602,10 @@ class Lab:
             run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=ruleset)
 
     def reset(self) -> None:
-        """Back to the start: both NATs cone, clean links, no firewall between the sites nor on either, STUN
-        running; fails if a mail server died."""
+        """Back to the start: both NATs cone, no carrier NAT, clean links, no firewall between the sites nor
+        on either, STUN running; fails if a mail server died."""
         self.separate(False)
+        self.double_nat(False)
         for host in SITES:
             self.block_udp(host, False)
             self.set_nat(host, "cone")
@@ -688,7 +732,8 @@ class Lab:
         lines = ["namespaces:"]
         lines += [f"  {name:6} {self.netns(name)}" for name in NAMESPACES]
         lines += [
-            f"host a: inner {self.inner_ip('a')}, public {self.public_ip('a')} (NAT {self.modes['a']})",
+            f"host a: inner {self.inner_ip('a')}, public {self.public_ip('a')} (NAT {self.modes['a']}"
+            + (f", behind the carrier NAT: nat-a's WAN {CARRIER_INSIDE}.2)" if self.carrier else ")"),
             f"host b: inner {self.inner_ip('b')}, public {self.public_ip('b')} (NAT {self.modes['b']})",
             f"host c: inner {self.inner_ip('c')}, on b's LAN behind the same NAT, which does not hairpin",
             f"STUN: {self.STUN_PRIMARY} and {self.STUN_ALTERNATE} (RFC 5780)",
