@@ -1,8 +1,9 @@
 """The plexus benchmark: `python3 -m bench` (as root; scripts/bench installs what it needs first).
 
 In its own NAT lab it measures the time to connect (with its phases, beside the floor the same path could not
-beat), which NAT pairs connect and how the others fail, what an idle acceptor and one session cost, and the
-reconnect loop with real OpenVPN (bench/soak.py), streams: TCP through plexus's QUIC beside plain TCP,
+beat), which NAT pairs connect and how the others fail (and issue 18's networks: a LAN without hairpin, a
+double NAT, no UDP out), what an idle acceptor and one session cost, and the reconnect loop with real
+OpenVPN (bench/soak.py), streams: TCP through plexus's QUIC beside plain TCP,
 OpenVPN and the raw UDP path (bench/streams.py), the DHT rendezvous beside the mail (bench/dht.py), and
 `plexus --version` and `--help` beside a bare interpreter (bench/startup.py, the one section without a lab).
 Progress goes to stderr, the report to stdout (a plain-text table), and with --json FILE also to that file.
@@ -180,6 +181,25 @@ def bench_matrix(lab: Lab, workdir: Path, timeout: float, tries: int) -> list[di
     return cells
 
 
+def bench_networks(lab: Lab, workdir: Path, timeout: float, tries: int) -> list[dict[str, Any]]:
+    """Issue 18's networks, like the matrix's cells: c on b's LAN (its NAT does not hairpin) inviting b, and
+    a's cone router behind the carrier NAT inviting b; b's NAT cone, then symmetric."""
+    cells = []
+    for network, acceptor_mode in report.NETWORKS:
+        lab.double_nat(network == report.DOUBLE_NAT)
+        inviting = "c" if network == report.SAME_LAN else "a"
+        cell = runs.matrix_cell(lab, workdir, "cone", acceptor_mode, timeout, tries, inviting=inviting)
+        progress(
+            f"{network}, b {acceptor_mode}: {cell.method}, {cell.successes}/{tries} ok, "
+            f"{statistics.median(cell.seconds):.2f} s"
+        )
+        cells.append({"network": network, "acceptor": acceptor_mode} | _figures(cell))
+    lab.double_nat(False)
+    for host in ("a", "b"):
+        lab.set_nat(host, "cone")
+    return cells
+
+
 def _figures(cell: runs.Cell) -> dict[str, Any]:
     return {"codes": list(cell.codes), "outcome": cell.outcome, "method": cell.method,
             "successes": cell.successes, "seconds": [round(s, 3) for s in cell.seconds]}  # fmt: skip
@@ -251,6 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["matrix_timeout"] = args.fail_timeout
             results["matrix_tries"] = args.tries
             results["matrix"] = bench_matrix(lab, workdir, args.fail_timeout, args.tries)
+            results["networks"] = bench_networks(lab, workdir, args.fail_timeout, args.tries)
         if "relays" in args.sections:
             results["relays_timeout"] = args.fail_timeout
             results["relays"] = bench_relays(lab, workdir, args.fail_timeout, args.tries)

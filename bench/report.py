@@ -21,6 +21,10 @@ CORNER = "inviter \\ acceptor"
 MODES = ("none", "cone", "fullcone", "symmetric")
 CELL = 34
 SYMMETRIC, NO_UDP = "both NATs symmetric", "no UDP out of a"
+SAME_LAN, DOUBLE_NAT = "same LAN, no hairpin (c)", "double NAT (a: cone, carrier NAT)"
+NETWORKS = [(network, mode) for network in (SAME_LAN, DOUBLE_NAT) for mode in ("cone", "symmetric")]
+LAN_OVER_DIRECT = 0.1  # issue 18's target: a same-LAN session within this many seconds of a direct one
+STREAM_OVER_UDP_RELAY = 2.0  # and a relay over TCP or TLS within this many times a relay over UDP
 RELAY_CASES = [(SYMMETRIC, transport) for transport in ("udp", "tcp", "tls")] + [
     (NO_UDP, transport) for transport in ("tcp", "tls")
 ]
@@ -36,6 +40,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _connect(results)
     if "matrix" in results:
         lines += _matrix(results["matrix"], results["matrix_timeout"], results["matrix_tries"])
+    if "networks" in results:
+        lines += _networks(results["networks"], results["matrix"])
     if "relays" in results:
         lines += _relays(results["relays"], results["relays_timeout"])
     if "footprint" in results:
@@ -114,6 +120,34 @@ def _matrix(cells: list[dict[str, Any]], timeout: float, tries: int) -> list[str
     return lines
 
 
+def _median(cell: dict[str, Any]) -> float:
+    return float(statistics.median(cell["seconds"]))
+
+
+def _target(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def _networks(cells: list[dict[str, Any]], matrix: list[dict[str, Any]]) -> list[str]:
+    direct = next(cell for cell in matrix if (cell["inviter"], cell["acceptor"]) == ("cone", "cone"))
+    lines = [
+        "",
+        "== Issue 18's networks, inviting b (same options as the matrix): c on b's LAN behind b's NAT, which "
+        "does not hairpin; a's cone router behind a carrier NAT",
+        "path taken, sessions that connected, median seconds until the inviter launched its command, and the "
+        "difference to the direct IPv4 session (matrix cone -> cone)",
+        f"{'network':<40}{'b NAT':<11}{'result':<30}vs direct",
+    ]
+    for cell in [*cells, direct | {"network": "direct IPv4 (a -> b)"}]:
+        lines.append(f"{cell['network']:<40}{cell['acceptor']:<11}{_cell(cell, 2):<30}"
+                     f"{_median(cell) - _median(direct):+.2f} s")  # fmt: skip
+    lan = [cell for cell in cells if cell["network"] == SAME_LAN]
+    slowest = max(_median(cell) for cell in lan) - _median(direct)
+    lines.append(f"target same LAN within {LAN_OVER_DIRECT:g} s of a direct session: "
+                 f"{_target(slowest <= LAN_OVER_DIRECT)} ({slowest:+.2f} s at most)")  # fmt: skip
+    return lines
+
+
 def _relays(cells: list[dict[str, Any]], timeout: float) -> list[str]:
     lines = [
         "",
@@ -125,11 +159,17 @@ def _relays(cells: list[dict[str, Any]], timeout: float) -> list[str]:
     lines += [
         f"{cell['case'] + ', TURN over ' + cell['transport'].upper():<40}{_cell(cell)}" for cell in cells
     ]
+    udp = next((cell for cell in cells if (cell["case"], cell["transport"]) == (SYMMETRIC, "udp")), None)
+    streams = [cell for cell in cells if cell["transport"] != "udp"]
+    if udp is not None and streams:
+        ratio = max(_median(cell) for cell in streams) / _median(udp)
+        lines.append(f"target TCP and TLS within {STREAM_OVER_UDP_RELAY:g}x a relay over UDP: "
+                     f"{_target(ratio <= STREAM_OVER_UDP_RELAY)} ({ratio:.2f}x at most)")  # fmt: skip
     return lines
 
 
-def _cell(cell: dict[str, Any]) -> str:
-    spread = f"{statistics.median(cell['seconds']):.1f} s"
+def _cell(cell: dict[str, Any], digits: int = 1) -> str:
+    spread = f"{statistics.median(cell['seconds']):.{digits}f} s"
     failed = "" if cell["outcome"] == "ok" else f" ({cell['outcome']})"
     return f"{cell['method']} {cell['successes']}/{len(cell['codes'])} {spread}{failed}"
 
@@ -244,6 +284,10 @@ def check(results: dict[str, Any]) -> list[str]:
         if cell["successes"] != len(cell["codes"]) or cell["method"] != expected:
             failures.append(f"matrix {cell['inviter']} -> {cell['acceptor']}: {_cell(cell)}, "
                             f"expected {expected} every time")  # fmt: skip
+    for cell in results.get("networks", []):
+        if cell["successes"] != len(cell["codes"]):
+            failures.append(f"{cell['network']} -> b {cell['acceptor']}: {_cell(cell)}, expected every "
+                            "session to connect")  # fmt: skip
     for cell in results.get("relays", []):
         if cell["successes"] != len(cell["codes"]) or cell["method"] != "relay":
             failures.append(f"relays, {cell['case']}, TURN over {cell['transport'].upper()}: {_cell(cell)}, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -128,8 +129,10 @@ def matrix_cell(
     tries: int,
     *,
     transport: str = "udp",
+    inviting: str = "a",
 ) -> Cell:
-    """`tries` sessions between those NAT modes, both sides with the lab's TURN server over `transport`."""
+    """`tries` sessions between those NAT modes, both sides with the lab's TURN server over `transport`;
+    `inviting` is the inviting host (c: on b's LAN, behind b's NAT, where a's mode does not matter)."""
     lab.set_nat("a", inviter_mode)
     lab.set_nat("b", acceptor_mode)
     options = {
@@ -138,6 +141,7 @@ def matrix_cell(
     } | sessions.turn(lab, transport=transport)
     codes, seconds, method = [], [], "-"
     with acceptor(lab, workdir, **options) as (_, inviter_side, acceptor_side):
+        inviter_side = dataclasses.replace(inviter_side, host=inviting)
         for _ in range(tries):
             inviter, started, ended = invite(lab, workdir, inviter_side, acceptor_side, **options)
             codes.append(ended.code)

@@ -341,3 +341,42 @@ def test_the_relays_section_reads_and_checks_each_transport() -> None:
         failure.startswith("relays, no UDP out of a, TURN over TCP: ")
         and "expected relay every time" in failure
     )
+
+
+def _cell(seconds: list[float], method: str, codes: list[int] | None = None) -> dict[str, Any]:
+    codes = codes or [0] * len(seconds)
+    outcome = "ok" if not any(codes) else "HANDSHAKE_TIMEOUT"
+    return {"codes": codes, "outcome": outcome, "method": method, "successes": codes.count(0),
+            "seconds": seconds}  # fmt: skip
+
+
+def test_the_networks_rows_stand_beside_the_direct_session_and_fail_only_on_a_failed_session() -> None:
+    direct = {"inviter": "cone", "acceptor": "cone"} | _cell([0.40, 0.42, 0.44], "direct")
+    cells = [
+        {"network": report.SAME_LAN, "acceptor": "cone"} | _cell([0.45, 0.47, 0.50], "lan"),
+        {"network": report.SAME_LAN, "acceptor": "symmetric"} | _cell([0.50, 0.60, 0.70], "lan"),
+        {"network": report.DOUBLE_NAT, "acceptor": "cone"} | _cell([0.41, 0.43, 15.1], "direct", [0, 0, 8]),
+    ]
+    host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
+    results = {"machine": host, "bench_seconds": 1.0, "matrix": [direct], "matrix_timeout": 15.0,
+               "matrix_tries": 3, "networks": cells}  # fmt: skip
+    text = report.render(results)
+    assert f"{'same LAN, no hairpin (c)':<40}{'cone':<11}{'lan 3/3 0.47 s':<30}+0.05 s" in text
+    assert f"{'direct IPv4 (a -> b)':<40}{'cone':<11}{'direct 3/3 0.42 s':<30}+0.00 s" in text
+    assert "direct 2/3 0.43 s (HANDSHAKE_TIMEOUT)" in text
+    # the slower same-LAN row, symmetric: 0.60 s against 0.42 s
+    assert "target same LAN within 0.1 s of a direct session: NOT met (+0.18 s at most)" in text
+    (failure,) = report.check(results)
+    assert failure.startswith("double NAT (a: cone, carrier NAT) -> b cone: direct 2/3")
+    assert report.check(results | {"networks": cells[:2]}) == []
+
+
+def test_the_relays_section_reports_the_stream_transports_against_udp() -> None:
+    cells = [
+        {"case": report.SYMMETRIC, "transport": "udp"} | _cell([1.0, 1.0], "relay"),
+        {"case": report.SYMMETRIC, "transport": "tcp"} | _cell([1.5, 1.5], "relay"),
+        {"case": report.NO_UDP, "transport": "tls"} | _cell([2.4, 2.4], "relay"),
+    ]
+    host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
+    text = report.render({"machine": host, "bench_seconds": 1.0, "relays": cells, "relays_timeout": 15.0})
+    assert "target TCP and TLS within 2x a relay over UDP: NOT met (2.40x at most)" in text
