@@ -140,7 +140,7 @@ def _networks(cells: list[dict[str, Any]], matrix: list[dict[str, Any]]) -> list
     ]
     for cell in [*cells, direct | {"network": "direct IPv4 (a -> b)"}]:
         lines.append(f"{cell['network']:<40}{cell['acceptor']:<11}{_cell(cell, 2):<30}"
-                     f"{_median(cell) - _median(direct):+.2f} s")  # fmt: skip
+                     f"{round(_median(cell) - _median(direct), 2) + 0.0:+.2f} s")  # fmt: skip
     lan = [cell for cell in cells if cell["network"] == SAME_LAN]
     slowest = max(_median(cell) for cell in lan) - _median(direct)
     lines.append(f"target same LAN within {LAN_OVER_DIRECT:g} s of a direct session: "
@@ -160,11 +160,16 @@ def _relays(cells: list[dict[str, Any]], timeout: float) -> list[str]:
         f"{cell['case'] + ', TURN over ' + cell['transport'].upper():<40}{_cell(cell)}" for cell in cells
     ]
     udp = next((cell for cell in cells if (cell["case"], cell["transport"]) == (SYMMETRIC, "udp")), None)
-    streams = [cell for cell in cells if cell["transport"] != "udp"]
-    if udp is not None and streams:
-        ratio = max(_median(cell) for cell in streams) / _median(udp)
-        lines.append(f"target TCP and TLS within {STREAM_OVER_UDP_RELAY:g}x a relay over UDP: "
-                     f"{_target(ratio <= STREAM_OVER_UDP_RELAY)} ({ratio:.2f}x at most)")  # fmt: skip
+    ratios = {}
+    for case in (SYMMETRIC, NO_UDP):
+        streams = [cell for cell in cells if cell["case"] == case and cell["transport"] != "udp"]
+        if udp is not None and streams:
+            ratios[case] = max(_median(cell) for cell in streams) / _median(udp)
+    if ratios:
+        each = ", ".join(f"{case} {ratio:.2f}x" for case, ratio in ratios.items())
+        met = _target(max(ratios.values()) <= STREAM_OVER_UDP_RELAY)
+        lines.append(f"target TCP and TLS within {STREAM_OVER_UDP_RELAY:g}x a relay over UDP between "
+                     f"symmetric NATs: {met} ({each})")  # fmt: skip
     return lines
 
 
