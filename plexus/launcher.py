@@ -23,7 +23,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from plexus import events, files
@@ -48,7 +48,7 @@ class Tunnel:
     inner: Endpoint
     outer: Endpoint
     peer: Endpoint
-    secret: int
+    secret: int = field(repr=False)  # a tunnel printed or logged must not show it (the wildcard %secret%)
     path: str = "direct"  # how the packets go (plexus/path.py's Method): direct, lan, fan-out, spray or relay
 
     def wildcards(self) -> dict[str, str]:

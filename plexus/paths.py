@@ -23,7 +23,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -76,7 +76,7 @@ class TurnConfig:
 
     server: Endpoint
     user: str
-    password: str
+    password: str = field(repr=False)  # a config printed or logged must not show it
     transport: Transport = "udp"
     ca: Path | None = None  # over TLS: the CA its certificate is verified against; None: the system's
 
@@ -228,7 +228,7 @@ class Attempt:
     inner: Endpoint
     outer: Endpoint
     peer: Endpoint  # the peer's outer endpoint, from its offer
-    secret: int
+    secret: int = field(repr=False)
     codec: puncher.Codec
     accept: bool
     hops: int  # --punch-hops: the TTL of the first hellos on a direct path

@@ -27,7 +27,7 @@ import logging
 import re
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 from types import TracebackType
@@ -84,7 +84,7 @@ class MailConfig:
     smtp: Endpoint
     imap: Endpoint
     login: str
-    password: str
+    password: str = field(repr=False)  # a config printed or logged must not show it
     address: str  # --email-from: this host's address
     peer_address: str  # --email-to: the peer's address
     host_id: str

@@ -736,3 +736,20 @@ def test_turn_ca_is_for_turns_only(tmp_path: Path, capsys: pytest.CaptureFixture
     assert turn is not None and turn.ca == ca and str(turn) == "turns:h:5349"
     code, _, err = run([*options, "--turn-server=turn:h?transport=tcp"], capsys)
     assert (code, err) == (ExitCode.USAGE, "plexus: --turn-ca is for a turns: server (TLS), not TCP\n")
+
+
+def test_configs_and_tunnels_do_not_show_their_secrets() -> None:
+    """A config or tunnel printed or logged (a library caller's f-string, a traceback's locals) shows neither
+    the passwords nor the shared secret."""
+    from plexus.launcher import Tunnel
+    from plexus.mediator.email import MailConfig
+    from plexus.paths import TurnConfig
+
+    server = Endpoint("203.0.113.10", 3478)
+    shown = [
+        repr(TurnConfig(server, "user", "turn-password-1")),
+        repr(MailConfig(server, server, "me", "mail-password-2", "a@x", "b@x", "a", "b")),
+        repr(Tunnel(server, server, server, 1234567890123, "direct")),
+    ]
+    for text in shown:
+        assert not any(secret in text for secret in ("turn-password-1", "mail-password-2", "1234567890123"))
