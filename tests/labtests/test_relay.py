@@ -305,7 +305,10 @@ async def test_forward_carries_a_local_command_to_the_peer(lab: Lab, transport: 
                     receiver = asyncio.create_task(
                         collect(lambda: _data(loop.sock_recvfrom(b, 65535)), len(sent))
                     )
-                    elapsed = await paced(lambda d: loop.sock_sendto(command, d, local_at), sent)
+                    # Over a stream, in bursts of 10 as below (test_a_bulk_transfer_arrives_whole_both_ways):
+                    # bursts of 50 lost 58 of 4167 once, in a CI run while another lab started beside it.
+                    burst = 50 if transport == "udp" else 10
+                    elapsed = await paced(lambda d: loop.sock_sendto(command, d, local_at), sent, burst)
                     lost = bulk_report("command -> forward -> relay -> b", sent, await receiver, elapsed)
                     assert lost == 0
                 finally:
