@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from plexus import path, paths, session, stun
-from plexus.endpoint import Endpoint
+from plexus.endpoint import ANY6, Endpoint
 from plexus.errors import StunError, StunSilentError, TurnError
 from plexus.launcher import Tunnel
 from plexus.options import STUN_PORT, TURNS_PORT
@@ -41,6 +41,8 @@ class Exploration:
     nat: stun.NatReport | None
     paths: dict[str, str]  # the peer's mapping ("independent", "dependent") -> the way
     relays: dict[str, str] = dataclasses.field(default_factory=dict)
+    ipv6: Endpoint | None = None  # the IPv6 endpoint a STUN server saw; None: IPv6 does not get out
+    ipv6_inner: Endpoint | None = None  # the IPv6 socket's own endpoint (another address: a NAT66)
 
     @property
     def udp(self) -> bool:
@@ -51,16 +53,27 @@ class Exploration:
         lines = [
             self.nat.render() if self.nat else f"{'UDP':<16}blocked: the STUN server answers over TCP only"
         ]
+        lines.append(f"{'IPv6':<16}{self._ipv6()}")
         lines += [f"{'TURN over ' + kind.upper():<16}{found}" for kind, found in self.relays.items()]
         lines += [
             f"{'to a peer whose NAT maps ' + PEER_MAPPINGS[peer]:<52}{way}"
             for peer, way in self.paths.items()
         ]
+        if self.ipv6 is not None:
+            lines.append(f"{'to a peer with IPv6 too, whatever its NAT':<52}{path.Method.IPV6}")
         return "\n".join(lines)
+
+    def _ipv6(self) -> str:
+        if self.ipv6 is None:
+            return "no: no STUN answer over IPv6 (no route, no AAAA record for the server, a firewall)"
+        if self.ipv6_inner is not None and self.ipv6_inner.host != self.ipv6.host:
+            return f"{self.ipv6} (translated from {self.ipv6_inner}: a NAT66 or prefix translation)"
+        return f"{self.ipv6} (the host's own address: no NAT, a stateful firewall punches like a cone NAT)"
 
     def to_json(self) -> dict[str, Any]:
         nat = self.nat.to_json() if self.nat else {}
-        return nat | {"udp": self.udp, "relays": self.relays, "paths": self.paths}
+        ipv6 = str(self.ipv6) if self.ipv6 else None
+        return nat | {"udp": self.udp, "ipv6": ipv6, "relays": self.relays, "paths": self.paths}
 
     def json(self) -> str:
         return json.dumps(self.to_json())
@@ -88,26 +101,35 @@ async def explore(
     stun_client: Endpoint | str = "0.0.0.0:0",
     relay: bool = False,
     turn: TurnConfig | None = None,
+    stun_client6: Endpoint | None = ANY6,
+    stun_server6: Endpoint | None = None,
 ) -> Exploration:
     """Ask the STUN server (RFC 5780 tests where it has an alternate address) what the NAT in front of
     `stun_client` does, whether UDP gets out at all (no answer over UDP, one over TCP: it does not), and
     which way through it leaves to each kind of peer (`relay`: a TURN relay is at hand). With `turn`, an
     allocation is tried on its host over UDP, TCP and TLS (the URI's port for its own transport, 3478 and
-    5349 for the others), and the ways count with the transports that work. Raises
-    plexus.errors.PlexusError subclasses: StunError when the server answers neither over UDP nor over TCP,
-    UsageError when `stun_client` cannot be bound."""
+    5349 for the others), and the ways count with the transports that work. Beside it, from `stun_client6`
+    (None: not asked), whether IPv6 gets out: `stun_server6`, or `stun_server`'s AAAA record, answers.
+    Raises plexus.errors.PlexusError subclasses: StunError when the server answers neither over UDP nor over
+    TCP, UsageError when `stun_client` cannot be bound."""
     server = _endpoint(stun_server, STUN_PORT)
     report: stun.NatReport | None
-    with paths.bind(_endpoint(stun_client, 0)) as sock:
+    with paths.punching(_endpoint(stun_client, 0), stun_client6) as socks:
+        ipv6 = asyncio.ensure_future(paths.discover6(socks.v6, server, stun_server6))
         try:
-            report = await stun.explore(sock, server)
-        except StunSilentError as error:
-            if await stun.query_over_tcp(server) is None:
-                raise StunError(f"{error}, nor over TCP: is the server down?") from error
-            report = None
+            try:
+                report = await stun.explore(socks.v4, server)
+            except StunSilentError as error:
+                if await stun.query_over_tcp(server) is None:
+                    raise StunError(f"{error}, nor over TCP: is the server down?") from error
+                report = None
+            inner6, outer6 = await ipv6
+        finally:
+            ipv6.cancel()
     relays = await try_relays(turn) if turn is not None else {}
     usable = [kind for kind, found in relays.items() if found == RELAY_WORKS and (report or kind != "udp")]
-    return Exploration(report, ways_through(report, relay=relay or bool(usable)), relays)
+    ways = ways_through(report, relay=relay or bool(usable))
+    return Exploration(report, ways, relays, outer6, inner6)
 
 
 async def try_relays(turn: TurnConfig) -> dict[str, str]:

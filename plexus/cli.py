@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from plexus import __version__, files
-from plexus.endpoint import Endpoint
+from plexus.endpoint import ANY4, ANY6
 from plexus.errors import STOP_SIGNALS, ExitCode, Interrupted, PlexusError, UsageError
 from plexus.options import (
     LOG_LEVELS,
@@ -137,9 +137,9 @@ def _forms(secret: str, login: str) -> set[str]:
 async def explore(options: Options, as_json: bool) -> None:
     from plexus import api  # the library's explore: --explore is a thin layer over it
 
-    inner = options.endpoint(Name.STUN_CLIENT) if options.get(Name.STUN_CLIENT) else Endpoint("0.0.0.0", 0)
+    inner, inner6 = options.stun_client(Name.STUN_CLIENT) if options.get(Name.STUN_CLIENT) else (ANY4, ANY6)
     found = await api.explore(
-        options.endpoint(Name.STUN_SERVER), stun_client=inner, turn=turn_config(options)
+        options.endpoint(Name.STUN_SERVER), stun_client=inner, stun_client6=inner6, turn=turn_config(options)
     )
     print(found.json() if as_json else found)
 

@@ -117,6 +117,14 @@ class Sockets:
 
     def send(self, datagram: Datagram) -> None:
         sock = self.socks[datagram.sock]
+        family = socket.AF_INET6 if ":" in datagram.to.host else socket.AF_INET
+        if sock.family != family:
+            # A machine names its destinations, not its sockets: an IPv6 candidate goes out of the IPv6 one.
+            found = next((other for other in self.socks if other.family == family), None)
+            if found is None:
+                log.debug("no %s socket for %s: not sent", family.name, datagram.to)
+                return
+            sock = found
         hops = contextlib.nullcontext() if datagram.ttl is None else _hop_limit(sock, datagram.ttl)
         try:
             with hops:
@@ -199,12 +207,16 @@ async def drive(machine: Machine, transport: Transport) -> None:
         driver.stop()
 
 
-async def resolve(server: Endpoint) -> Endpoint:
-    """The server's IPv4 endpoint (a hostname is looked up); OSError when the lookup fails."""
+async def resolve(server: Endpoint, family: socket.AddressFamily = socket.AF_INET) -> Endpoint:
+    """The server's endpoint in `family` (a hostname is looked up); OSError when the lookup fails (an IP
+    address of the other family included)."""
     if server.is_ip:
+        if (":" in server.host) != (family == socket.AF_INET6):
+            kind = "IPv6" if family == socket.AF_INET6 else "IPv4"
+            raise OSError(f"{server.host} is not an {kind} address")
         return server
     infos = await asyncio.get_running_loop().getaddrinfo(
-        server.host, server.port, family=socket.AF_INET, type=socket.SOCK_DGRAM
+        server.host, server.port, family=family, type=socket.SOCK_DGRAM
     )
     host, port = infos[0][4][:2]
     return Endpoint(str(host), int(port))

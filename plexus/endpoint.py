@@ -55,6 +55,10 @@ class Endpoint(NamedTuple):
         return Endpoint(canonical_ip(self.host), self.port)
 
 
+ANY4 = Endpoint("0.0.0.0", 0)  # every IPv4 address, a port the system chooses
+ANY6 = Endpoint("::", 0)
+
+
 def canonical_ip(host: str) -> str:
     """`host` in the one spelling of its IP address; a hostname as it is."""
     try:

@@ -102,6 +102,7 @@ class Discovered(Event):
     inner: Endpoint
     outer: Endpoint
     mapping: str
+    outer6: Endpoint | None = None  # the IPv6 endpoint, where this side has one
 
 
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)

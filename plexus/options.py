@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from plexus import files
-from plexus.endpoint import Endpoint
+from plexus.endpoint import ANY4, ANY6, Endpoint
 from plexus.errors import UsageError
 
 # Each config is built where its module is loaded: options for a mail session never load OpenDHT, say.
@@ -173,13 +173,42 @@ class TurnUri(NamedTuple):
             raise UsageError(f"{where}: {error}") from error
 
 
+class StunClient(NamedTuple):
+    """--stun-client: the punching sockets' endpoints, IPv4's and IPv6's (None: no IPv6)."""
+
+    def parse(self, text: str, where: str) -> tuple[Endpoint, Endpoint | None]:
+        """`PORT` (both families, every address), `IPV4:PORT` (IPv4 only, as plexus 2.2 took it),
+        `[IPV6]:PORT` (IPv6 there, IPv4 on every address and the same port), or both comma-separated."""
+        text = text.strip()
+        if text.isascii() and text.isdigit():
+            endpoint = self._endpoint(f"0.0.0.0:{text}", where, text)
+            return endpoint, Endpoint("::", endpoint.port)
+        parts = [self._endpoint(part, where, text) for part in text.split(",")]
+        v4 = [part for part in parts if ":" not in part.host]
+        v6 = [part for part in parts if ":" in part.host]
+        if len(v4) > 1 or len(v6) > 1:
+            raise UsageError(f"{where}: {text!r}: at most one IPv4 and one IPv6 endpoint")
+        if v6 and not v6[0].is_ip:
+            raise UsageError(f"{where}: {v6[0].host!r} is not an IPv6 address")
+        return (v4[0] if v4 else Endpoint("0.0.0.0", v6[0].port)), (v6[0] if v6 else None)
+
+    @staticmethod
+    def _endpoint(part: str, where: str, text: str) -> Endpoint:
+        try:
+            return Endpoint.parse(part)
+        except ValueError as error:
+            raise UsageError(
+                f"{where}: {error} (IPV4:PORT, [IPV6]:PORT, both comma-separated, or PORT alone)"
+            ) from error
+
+
 class File(NamedTuple):
     directory: bool = False
     private: bool = False  # a private key: refused when others can read it, as ssh refuses one
 
 
 # How an option's text becomes its value (`where`, in their parse(), names the option in the message).
-Check = Whole | Number | Choice | Address | File | TurnUri
+Check = Whole | Number | Choice | Address | File | TurnUri | StunClient
 
 
 class Option(NamedTuple):
@@ -291,7 +320,14 @@ TABLE = (
         "HOST[:PORT]",
         check=Address(STUN_PORT),
     ),
-    Option(Name.STUN_CLIENT, NAT, "Inner endpoint to punch from [default: any].", "IP:PORT", check=Address()),
+    Option(
+        Name.STUN_CLIENT,
+        NAT,
+        "Inner endpoint to punch from: IPV4:PORT (IPv4 only), [IPV6]:PORT, both comma-separated, or PORT "
+        "alone (both families) [default: any address and port, both families].",
+        "ENDPOINT",
+        check=StunClient(),
+    ),
     Option(
         Name.PUNCH_HOPS, NAT, "TTL of the first punch packet [default: 7].", "TTL", check=Whole(1, 255, 7)
     ),
@@ -567,6 +603,9 @@ class Options:
         except ValueError as error:
             raise UsageError(f"{self.origin(name)}: {error}") from error
 
+    def stun_client(self, name: Name) -> tuple[Endpoint, Endpoint | None]:
+        return self._check(name, StunClient).parse(self.require(name), self.origin(name))
+
     def turn_uri(self, name: Name) -> tuple[Endpoint, Transport]:
         return self._check(name, TurnUri).parse(self.require(name), self.origin(name))
 
@@ -687,15 +726,16 @@ def session_config(options: Options) -> session.SessionConfig:
     )
     streams = streams_config(options, smime_config(options))
     command = command_config(options, streams)
-    inner = options.endpoint(Name.STUN_CLIENT) if options.get(Name.STUN_CLIENT) else Endpoint("0.0.0.0", 0)
+    inner, inner6 = options.stun_client(Name.STUN_CLIENT) if options.get(Name.STUN_CLIENT) else (ANY4, ANY6)
     keep_sessions = options.flag(Name.KEEP_SESSIONS)
-    if keep_sessions and inner.port and options.flag(Name.ACCEPT):
+    if keep_sessions and (inner.port or (inner6 and inner6.port)) and options.flag(Name.ACCEPT):
         raise UsageError(
             "--keep-sessions runs sessions side by side, each on its own inner port: "
             "leave out --stun-client's port (or give port 0)"
         )
     return session.SessionConfig(
         inner=inner,
+        inner6=inner6,
         stun_server=options.endpoint(Name.STUN_SERVER),
         rendezvous=rendezvous_config(options),
         command=command,

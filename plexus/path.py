@@ -5,6 +5,7 @@ Pure: the session flow asks `choose` once it knows both sides' Reach, and acts o
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
@@ -21,6 +22,7 @@ class Method(StrEnum):
     SPRAY = "spray"  # the peer maps per destination: probe random ports of its address (birthday paradox)
     RELAY = "relay"  # both map per destination, or one lets no UDP out: through a TURN relay one allocated
     LAN = "lan"  # both behind one NAT: the peer's host candidates (its LAN endpoints), raced with DIRECT
+    IPV6 = "ipv6"  # both have IPv6 (stateful firewalls, no NAT): each aims at the other's IPv6 endpoint
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,16 @@ class Plan:
     hosts: tuple[Endpoint, ...] = ()
     # RELAY: which side lets no UDP out ("here", "peer"), if one does; both NATs map per destination otherwise
     blocked: Literal["here", "peer"] | None = None
+    # Both sides have IPv6: the peer's IPv6 endpoint. DIRECT and LAN race it on their one handshake machine
+    # (the IPv6 socket beside the IPv4 one); before any other method it is a way of its own, tried first.
+    ipv6: Endpoint | None = None
+
+    @property
+    def races_ipv6(self) -> bool:
+        """The IPv6 candidate runs in this method's own handshake rather than as a way before it: the
+        peer's plan is DIRECT or LAN too, both race the same candidates and the acceptor's choice settles
+        it."""
+        return self.ipv6 is not None and self.method in (Method.DIRECT, Method.LAN)
 
     def describe(self) -> str:
         """The method first (as PLEXUS_PATH names it), then why."""
@@ -52,10 +64,14 @@ class Plan:
             "address are probed",
             Method.RELAY: f"through TURN relay {self.relay or '(own allocation)'}; both NATs map per "
             "destination",
+            Method.IPV6: f"both sides have IPv6, which needs no NAT traversal: the peer at {self.ipv6}",
             Method.LAN: "both sides share a public address, and a NAT that does not hairpin drops what is "
             f"sent there: the peer's LAN endpoints ({', '.join(map(str, self.hosts)) or 'none named'}) are "
             "raced with the direct path",
         }[self.method]
+        if self.ipv6 is not None and self.method is not Method.IPV6:
+            when = "raced with it" if self.races_ipv6 else "tried first"
+            why += f"; the peer's IPv6 endpoint {self.ipv6} is {when}"
         return f"{self.method} ({why})"
 
 
@@ -64,6 +80,19 @@ class NoPath(Exception):
 
 
 def choose(mine: Reach, theirs: Reach | None, *, own_relay: bool, shared_address: bool = False) -> Plan:
+    """The plan for this side (`_choose4`'s for IPv4), with the peer's IPv6 endpoint where both sides have
+    IPv6: raced, tried first, or (no way through IPv4 without a relay) the only way."""
+    ipv6 = theirs.v6 if theirs is not None and mine.v6 is not None else None
+    try:
+        plan = _choose4(mine, theirs, own_relay=own_relay, shared_address=shared_address)
+    except NoPath:
+        if ipv6 is None:
+            raise
+        return Plan(Method.IPV6, ipv6=ipv6)
+    return plan if ipv6 is None else dataclasses.replace(plan, ipv6=ipv6)
+
+
+def _choose4(mine: Reach, theirs: Reach | None, *, own_relay: bool, shared_address: bool) -> Plan:
     """The plan for this side. `theirs` is None for a plexus 2.2 peer (no X-Plexus-Reach header), whose NAT
     is endpoint-independent (2.2 refuses any other); `own_relay`: this side has allocated a relay (mine.relay)
     or can allocate one now; `shared_address`: both outer endpoints have the same address (one NAT, or one

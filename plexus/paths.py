@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 from collections.abc import Awaitable
@@ -55,18 +56,65 @@ UDP_PATIENCE = 2.0
 ARRIVING_HOPS = 64  # a first hello that must arrive (toward a relay)
 # With a relay to fall back on, how long a direct attempt may take: a birthday needs up to about 7 s.
 FALLBACK_BOUND = 10.0
+# How long IPv6 may take as a way of its own before the IPv4 way: through stateful firewalls it is one round
+# trip after both sides' first hellos, which go out every HELLO_INTERVAL.
+IPV6_BOUND = 3.0
+# The IPv6 STUN binding runs beside IPv4's discovery, which takes two round trips or more; its sends at 0,
+# 0.2, 0.6 and 1.4 s. A host whose IPv6 gets no answer by then offers none.
+IPV6_SCHEDULE = stun.Schedule(attempts=4, timeout=1.5)
 
 
 def bind(inner: Endpoint) -> socket.socket:
-    """A non-blocking UDP socket on --stun-client; a port that cannot be bound is a usage error."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    """A non-blocking UDP socket on `inner` (--stun-client, IPv4 or IPv6); a port that cannot be bound is a
+    usage error."""
+    family = socket.AF_INET6 if ":" in inner.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # IPv4 has its own socket
         sock.bind(inner)
     except OSError as error:
         sock.close()
         raise UsageError(f"cannot bind --stun-client {inner}: {error.strerror}") from error
     sock.setblocking(False)
     return sock
+
+
+@dataclass(frozen=True)
+class Punching:
+    """The punching sockets: IPv4's (always: plexus 2.2's endpoint is IPv4) and IPv6's where the host can
+    bind one. Each way closes what it uses; closing this closes the rest."""
+
+    v4: socket.socket
+    v6: socket.socket | None = None
+
+    def close(self) -> None:
+        self.v4.close()
+        if self.v6 is not None:
+            self.v6.close()
+
+
+def punching(inner: Endpoint, inner6: Endpoint | None) -> contextlib.closing[Punching]:
+    """Bind --stun-client's sockets. IPv6's takes IPv4's port where `inner6` names none (and it is free), so
+    the command's port is the same whichever family wins; a host without IPv6 has no IPv6 socket, unless
+    --stun-client named an IPv6 address (then failing to bind it is a usage error)."""
+    v4 = bind(inner)
+    v6 = None
+    if inner6 is not None:
+        try:
+            if inner6.port:
+                v6 = bind(inner6)
+            else:
+                try:
+                    v6 = bind(Endpoint(inner6.host, v4.getsockname()[1]))
+                except UsageError:
+                    v6 = bind(inner6)
+        except UsageError as error:
+            if inner6.host != "::":
+                v4.close()
+                raise
+            log.debug("no IPv6 socket: %s", error)
+    return contextlib.closing(Punching(v4, v6))
 
 
 @dataclass(frozen=True)
@@ -94,12 +142,55 @@ class Found:
     inner: Endpoint
     outer: Endpoint
     mapping: Mapping
+    # IPv6: the IPv6 socket's endpoint, and the same as the STUN server saw it (no NAT66: the same, as a rule)
+    inner6: Endpoint | None = None
+    outer6: Endpoint | None = None
 
 
-async def discover(sock: socket.socket, server: Endpoint, turn: TurnConfig | None = None) -> Found:
+async def discover(
+    socks: Punching, server: Endpoint, turn: TurnConfig | None = None, server6: Endpoint | None = None
+) -> Found:
     """Learn the inner and outer endpoints and whether the outer one holds for every destination; or, when
     STUN gets no answer over UDP and `turn` reaches its server over TCP or TLS, that this side can only be
-    reached through that relay (mapping "blocked")."""
+    reached through that relay (mapping "blocked"). Beside it, on the IPv6 socket, the IPv6 endpoint: from
+    `server6`, or the AAAA record of `server`'s name."""
+    ipv6 = asyncio.ensure_future(discover6(socks.v6, server, server6))
+    try:
+        found = await _discover4(socks.v4, server, turn)
+        if found.mapping == "blocked":
+            return found
+        inner6, outer6 = await ipv6
+    finally:
+        ipv6.cancel()
+    if outer6 is not None:
+        found = dataclasses.replace(found, inner6=inner6, outer6=outer6)
+    events.emit(events.Discovered, inner=found.inner, outer=found.outer, mapping=found.mapping, outer6=outer6)
+    return found
+
+
+async def discover6(
+    sock: socket.socket | None, server: Endpoint, server6: Endpoint | None
+) -> tuple[Endpoint | None, Endpoint | None]:
+    """The IPv6 socket's endpoints, inner and outer; (None, None) where it has no answer (no IPv6 route, no
+    IPv6 STUN server, a firewall that lets no IPv6 UDP out): this side then offers no IPv6 candidate."""
+    if sock is None:
+        return None, None
+    address = server6 or await stun.resolve6(server)
+    if address is None:
+        log.info("no IPv6: STUN server %s has no IPv6 address", server.host)
+        return None, None
+    try:
+        outer = await stun.query_outer(sock, address, schedule=IPV6_SCHEDULE)
+        inner = stun.inner_endpoint(sock, address)
+    except StunError as error:
+        log.info("no IPv6: %s", error)
+        return None, None
+    translated = outer.canonical().host != inner.canonical().host
+    log.info("IPv6 endpoint %s%s", outer, " (behind a NAT66 or prefix translation)" if translated else "")
+    return inner, outer
+
+
+async def _discover4(sock: socket.socket, server: Endpoint, turn: TurnConfig | None) -> Found:
     log.debug("asking STUN server %s for the outer endpoint", server)
     probing = asyncio.ensure_future(stun.probe_mapping(sock, server))
     try:
@@ -120,9 +211,7 @@ async def discover(sock: socket.socket, server: Endpoint, turn: TurnConfig | Non
     log.info("inner endpoint %s, outer endpoint %s", report.inner, report.outer)
     if report.punchable is False:
         log.info("NAT mapping is %s: the outer port changes per destination", report.mapping)
-    found = Found(report.inner, report.outer, "dependent" if report.punchable is False else "independent")
-    events.emit(events.Discovered, inner=found.inner, outer=found.outer, mapping=found.mapping)
-    return found
+    return Found(report.inner, report.outer, "dependent" if report.punchable is False else "independent")
 
 
 async def _without_udp(
@@ -182,12 +271,14 @@ class Gathered:
             return self.relay.relayed
         return self.found.outer
 
-    def reach(self, streams: bool, *, hosts: bool) -> Reach:
-        """What this side's offer tells the peer of its ways through; with `hosts` (only toward a peer known
-        to be plexus: 2.2 is never sent anything new) its host candidate too, the punching socket's LAN
-        endpoint, where it is not the outer one."""
+    def reach(self, streams: bool, *, hosts: bool, ipv6: bool = True) -> Reach:
+        """What this side's offer tells the peer of its ways through: its IPv6 endpoint (`ipv6`: not toward
+        a peer known to be plexus 2.2, which is never sent anything new); with `hosts` (only toward a peer
+        known to be plexus) its host candidate too, the punching socket's LAN endpoint, where it is not the
+        outer one."""
         lan = (self.found.inner,) if hosts and self.found.inner != self.found.outer else ()
-        return Reach(self.found.mapping, self.relay.relayed if self.relay else None, streams, lan)
+        relay = self.relay.relayed if self.relay else None
+        return Reach(self.found.mapping, relay, streams, lan, self.found.outer6 if ipv6 else None)
 
 
 async def gather(
@@ -219,19 +310,38 @@ async def gather(
 
 @dataclass(frozen=True)
 class Attempt:
-    """What every way needs. `sock` is the socket STUN ran on (its mapping is the one the peer was told of);
-    the first way to use it closes it. `stun_client` is --stun-client, for a way that needs a socket of its
-    own; `inner` and `outer` are this side's endpoints as STUN saw them."""
+    """What every way needs. `socks` are the sockets STUN ran on (their mappings are the ones the peer was
+    told of); the first way to use one closes it. `stun_client` is --stun-client, for a way that needs a
+    socket of its own; `found` is this side's endpoints as STUN saw them."""
 
-    sock: socket.socket
+    socks: Punching
     stun_client: Endpoint
-    inner: Endpoint
-    outer: Endpoint
+    found: Found
     peer: Endpoint  # the peer's outer endpoint, from its offer
     secret: int = field(repr=False)
     codec: puncher.Codec
     accept: bool
     hops: int  # --punch-hops: the TTL of the first hellos on a direct path
+
+    @property
+    def sock(self) -> socket.socket:
+        return self.socks.v4
+
+    @property
+    def inner(self) -> Endpoint:
+        return self.found.inner
+
+    @property
+    def outer(self) -> Endpoint:
+        return self.found.outer
+
+    def tunnel(self, peer: Endpoint, method: Method, inner: Endpoint | None = None) -> Tunnel:
+        """The tunnel to `peer` (an IPv6 one from the IPv6 socket's endpoints), from `inner` (a socket of a
+        way's own) or the punching socket's endpoint."""
+        if ":" in peer.host:
+            assert self.found.inner6 is not None and self.found.outer6 is not None, "IPv6 without endpoints"
+            return Tunnel(self.found.inner6, self.found.outer6, peer, self.secret, method)
+        return Tunnel(inner or self.inner, self.outer, peer, self.secret, method)
 
 
 class Established(Protocol):
@@ -305,10 +415,14 @@ class Forwarded:
 
 
 class Way(Protocol):
-    """One kind of path: how it is reported (`method`, `describe`) and set up (`establish`)."""
+    """One kind of path: how it is reported (`method`, `describe`) and set up (`establish`); `bound`: how
+    long it may take where another way comes after it."""
 
     @property
     def method(self) -> Method: ...
+
+    @property
+    def bound(self) -> float: ...
 
     def describe(self) -> str: ...
 
@@ -319,9 +433,11 @@ class Way(Protocol):
 class Direct:
     """Both NATs map endpoint-independently: a TTL-limited hello, then the handshake. `peer_reflexive`
     accepts the peer from another port of its address once a handshake packet authenticates. A LAN plan
-    races the peer's host candidates with its outer endpoint on the one socket: the tunnel says which won."""
+    races the peer's host candidates with its outer endpoint on the one socket, and a plan with the peer's
+    IPv6 endpoint races it from the IPv6 socket, in the same handshake: the tunnel says which won."""
 
     plan: Plan
+    bound = FALLBACK_BOUND
 
     @property
     def method(self) -> Method:
@@ -333,6 +449,7 @@ class Direct:
     async def establish(self, attempt: Attempt, timeout: float) -> Established:
         spray = puncher.Spray() if self.plan.method is Method.SPRAY else None
         lan = self.plan.method is Method.LAN
+        ipv6 = self.plan.ipv6 if self.plan.races_ipv6 else None
         peer = await puncher.punch(
             attempt.sock,
             attempt.peer,
@@ -342,15 +459,41 @@ class Direct:
             timeout=timeout,
             peer_reflexive=self.plan.peer_reflexive,
             spray=spray,
-            hosts=self.plan.hosts,
+            hosts=self.plan.hosts + ((ipv6,) if ipv6 else ()),
             lan=lan,
+            also=attempt.socks.v6 if ipv6 else None,
         )
-        # Another address than the outer one's is the LAN (a peer-reflexive port keeps the address).
-        moved = peer.canonical().host != attempt.peer.canonical().host
-        won = Method.LAN if moved else Method.DIRECT if lan else self.method
+        if ":" in peer.host:
+            won = Method.IPV6
+        else:  # another address than the outer one's is the LAN (a peer-reflexive port keeps the address)
+            moved = peer.canonical().host != attempt.peer.canonical().host
+            won = Method.LAN if moved else Method.DIRECT if lan else self.method
         if won is not self.method:
             log.info("path: %s won the race (the peer at %s)", won, peer)
-        return Punched(Tunnel(attempt.inner, attempt.outer, peer, attempt.secret, won))
+        return Punched(attempt.tunnel(peer, won))
+
+
+@dataclass(frozen=True)
+class Ipv6:
+    """Both sides have IPv6, which crosses stateful firewalls with the same punch and needs no NAT traversal:
+    the handshake on the IPv6 socket alone, toward the peer's IPv6 endpoint. It comes before the IPv4 ways
+    that open many mappings or a relay (fan-out, spray, relay), bounded by IPV6_BOUND, and is the only way
+    where IPv4 has none."""
+
+    plan: Plan
+    method = Method.IPV6
+    bound = IPV6_BOUND
+
+    def describe(self) -> str:
+        return Plan(Method.IPV6, ipv6=self.plan.ipv6).describe()
+
+    async def establish(self, attempt: Attempt, timeout: float) -> Established:
+        assert attempt.socks.v6 is not None and self.plan.ipv6 is not None, "an IPv6 way without IPv6"
+        peer = await puncher.punch(
+            attempt.socks.v6, self.plan.ipv6, attempt.codec, accept=attempt.accept, hops=attempt.hops,
+            timeout=timeout,
+        )  # fmt: skip
+        return Punched(attempt.tunnel(peer, self.method))
 
 
 @dataclass(frozen=True)
@@ -359,10 +502,8 @@ class FanOut:
     peer; the first to complete the handshake is the path."""
 
     plan: Plan
-
-    @property
-    def method(self) -> Method:
-        return Method.FANOUT
+    method = Method.FANOUT
+    bound = FALLBACK_BOUND
 
     def describe(self) -> str:
         return self.plan.describe()
@@ -375,7 +516,7 @@ class FanOut:
         )
         with contextlib.closing(winner):
             inner = Endpoint(host, winner.getsockname()[1])
-        return Punched(Tunnel(inner, attempt.outer, peer, attempt.secret, self.method))
+        return Punched(attempt.tunnel(peer, self.method, inner))
 
 
 @dataclass(frozen=True)
@@ -385,10 +526,8 @@ class TowardRelay:
 
     relayed: Endpoint
     fresh_socket: bool = False
-
-    @property
-    def method(self) -> Method:
-        return Method.RELAY
+    method = Method.RELAY
+    bound = FALLBACK_BOUND
 
     def describe(self) -> str:
         return Plan(Method.RELAY, relay=self.relayed).describe()
@@ -401,7 +540,7 @@ class TowardRelay:
         peer = await puncher.punch(
             sock, self.relayed, attempt.codec, accept=attempt.accept, hops=ARRIVING_HOPS, timeout=timeout
         )
-        return Punched(Tunnel(inner, attempt.outer, peer, attempt.secret, self.method))
+        return Punched(attempt.tunnel(peer, self.method, inner))
 
 
 @dataclass(frozen=True)
@@ -409,10 +548,8 @@ class OwnRelay:
     """The handshake through this side's TURN allocation; the command will talk to a local forwarder."""
 
     relay: Relay
-
-    @property
-    def method(self) -> Method:
-        return Method.RELAY
+    method = Method.RELAY
+    bound = FALLBACK_BOUND
 
     def describe(self) -> str:
         return Plan(Method.RELAY).describe()
@@ -448,7 +585,10 @@ def choose(mine: Gathered, theirs: Offer) -> list[Way]:
     shared = mine.found.outer.canonical().host == theirs.outer.canonical().host
     try:
         chosen = path.choose(
-            Reach(mine.found.mapping), theirs.reach, own_relay=mine.relay is not None, shared_address=shared
+            Reach(mine.found.mapping, v6=mine.found.outer6),
+            theirs.reach,
+            own_relay=mine.relay is not None,
+            shared_address=shared,
         )
     except path.NoPath as error:
         raise NatUnsuitableError(f"no path to the peer: {error}") from error
@@ -458,32 +598,34 @@ def choose(mine: Gathered, theirs: Offer) -> list[Way]:
 
 
 def ways(plan: Plan, own: Relay | None, theirs: Endpoint | None) -> list[Way]:
-    """The ways to try, in order: the plan's, then a relay to fall back on (this side's allocation, or the
-    peer's relayed endpoint) when the plan's is a direct one."""
+    """The ways to try, in order: IPv6 first where it is not raced (an IPV6 plan is only that), the plan's,
+    then a relay to fall back on (this side's allocation, or the peer's relayed endpoint) when the plan's is
+    a direct one."""
+    first: list[Way] = [Ipv6(plan)] if plan.ipv6 is not None and not plan.races_ipv6 else []
+    if plan.method is Method.IPV6:
+        return first
     if plan.method is Method.RELAY:
         if plan.relay is not None:
-            return [TowardRelay(plan.relay)]
+            return [*first, TowardRelay(plan.relay)]
         assert own is not None, "a relay plan without a relay of either side"
-        return [OwnRelay(own)]
-    first: Way = FanOut(plan) if plan.method is Method.FANOUT else Direct(plan)
+        return [*first, OwnRelay(own)]
+    first.append(FanOut(plan) if plan.method is Method.FANOUT else Direct(plan))
     if own is not None:
-        return [first, OwnRelay(own)]
+        return [*first, OwnRelay(own)]
     if theirs is not None:
-        return [first, TowardRelay(theirs, fresh_socket=True)]
-    return [first]
+        return [*first, TowardRelay(theirs, fresh_socket=True)]
+    return first
 
 
 async def establish(candidates: list[Way], attempt: Attempt, handshake_timeout: float) -> Established:
-    """Try each way in turn; all but the last are bounded by FALLBACK_BOUND (a firewall, or a birthday that
+    """Try each way in turn; all but the last are bounded by their `bound` (a firewall, or a birthday that
     found no pair of ports, ends them)."""
     *before, last = candidates
-    for way in before:
+    for way, after in zip(before, candidates[1:], strict=True):
         try:
-            return await way.establish(attempt, FALLBACK_BOUND)
+            return await way.establish(attempt, way.bound)
         except HandshakeTimeoutError:
-            log.warning(
-                "no direct path (%s) within %g s: falling back to the relay", way.method, FALLBACK_BOUND
-            )
+            log.warning("no path (%s) within %g s: trying %s", way.method, way.bound, after.method)
             events.emit(events.FellBack, way=str(way.method))
     return await last.establish(attempt, handshake_timeout)
 

@@ -292,6 +292,9 @@ class Handshake(ABC):
         if flag is None:
             log.debug("ignoring %d bytes from %s: not a handshake packet of this session", len(data), source)
             return
+        if not self.settled and not self._settles(flag):
+            self._on_candidate(source, now)
+            return
         if reflexive:
             log.info(
                 "%s endpoint %s: the peer's packets come from there, not %s",
@@ -309,6 +312,16 @@ class Handshake(ABC):
         self._spray_ports.clear()
         log.debug("%s from %s", flag.name.lower(), source)
         self._on_packet(flag, now)
+
+    def _settles(self, flag: Flag) -> bool:
+        """Whether an authenticated `flag` settles which candidate the peer is. The acceptor decides: it
+        settles on the first hello to arrive, and readies only there. Where candidates race (`hosts`, `lan`,
+        peer-reflexive), the inviter settles only on that ready: settling on a hello of its own choosing, it
+        could pick another pair than the acceptor did, and each would then ignore the other's packets."""
+        return True
+
+    def _on_candidate(self, source: Endpoint, now: float) -> None:  # noqa: B027 (only the inviter races)
+        """An authenticated packet from `source` that does not settle the race (`_settles`)."""
 
     def _may_come_from(self, source: Endpoint) -> bool:
         """Whether an authenticated packet from `source`, not the peer's endpoint, may make it the peer."""
@@ -393,8 +406,22 @@ class Inviter(Handshake):
         self._interval = HELLO_INTERVAL if fanout is None else fanout.interval
         self._next_hello = now if fanout is None else now + fanout.offset
         self._last_hello: float | None = None
-        self._answer_hellos = peer_reflexive or fanout is not None or bool(self.hosts) or lan
+        self._racing = peer_reflexive or bool(self.hosts) or lan
+        self._answered: dict[Endpoint, float] = {}  # racing candidates' hellos answered: when, last
+        self._answer_hellos = self._racing or fanout is not None
         self.handle_timer(now)
+
+    def _settles(self, flag: Flag) -> bool:
+        return flag is Flag.READY or not self._racing
+
+    def _on_candidate(self, source: Endpoint, now: float) -> None:
+        # A hello from one of the racing candidates: the way from there is open, so a hello back at once
+        # (not at the next slot) lets the acceptor settle on it and ready. At most one per HELLO_INTERVAL to
+        # each: a fan-out's hundreds of sockets each get theirs. Only authenticated packets get here, so the
+        # table is as bounded as the codec's nonces.
+        if now >= self._answered.get(source, now - HELLO_INTERVAL) + HELLO_INTERVAL:
+            self._send(Flag.HELLO, to=source)
+            self._answered[source] = now
 
     def _on_packet(self, flag: Flag, now: float) -> None:
         if flag is Flag.READY:
@@ -559,10 +586,13 @@ async def punch(
     spray: Spray | None = None,
     hosts: Sequence[Endpoint] = (),
     lan: bool = False,
+    also: socket.socket | None = None,
 ) -> Endpoint:
-    """Open the NATs between `sock` and `peer` and confirm the path; close `sock` on every path. Return the
-    peer endpoint the handshake completed with: `peer` itself, or with `peer_reflexive` maybe another port of
-    its address, or with `hosts` or `lan` the peer's LAN endpoint that won the race (`Handshake`).
+    """Open the NATs between `sock` and `peer` and confirm the path; close `sock` (and `also`) on every path.
+    Return the peer endpoint the handshake completed with: `peer` itself, or with `peer_reflexive` maybe
+    another port of its address, or with `hosts` or `lan` the peer's candidate that won the race
+    (`Handshake`). `also` is a socket of the other family, for the candidates of that family among `hosts`
+    (the peer's IPv6 endpoint): one machine races them all, so both sides settle on the same pair.
 
     `peer_reflexive` and `spray` are for the easy side of a peer whose NAT maps per destination (which runs
     `punch_fanout`); the defaults behave exactly as plexus 2.2.
@@ -570,8 +600,11 @@ async def punch(
     The acceptor's TTL-limited hello leaves before the first await, so a caller may start this as a task and
     rely on its NAT being open once the task has run one step.
     """
-    with contextlib.closing(sock):
-        sock.setblocking(False)
+    socks = [sock] if also is None else [sock, also]
+    with contextlib.ExitStack() as closing:
+        for each in socks:
+            closing.callback(each.close)
+            each.setblocking(False)
         now = asyncio.get_running_loop().time()
         key = peer.canonical()
         machine = handshake(
@@ -586,7 +619,7 @@ async def punch(
             hosts=hosts,
             lan=lan,
         )
-        await drive(machine, Sockets([sock]))
+        await drive(machine, Sockets(socks))
     outcome = machine.outcome
     assert outcome is not None  # a machine is finished only with an outcome
     if outcome is Outcome.TIMED_OUT:

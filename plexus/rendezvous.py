@@ -61,17 +61,20 @@ class Reach:
     the X-Plexus-Reach header, which plexus 2.2 ignores; a 2.2 peer's mail has none. An inviter also says here
     whether it wants streams (QUIC, plexus/streams/) rather than the acceptor's command. `hosts` are its host
     candidates: the punching socket's own (LAN) endpoints, for a peer behind the same NAT when that NAT does
-    not hairpin."""
+    not hairpin. `v6` is its IPv6 endpoint as a STUN server saw it (its global address and the port of its
+    IPv6 punching socket, behind a stateful firewall and no NAT66 as a rule), where it has one."""
 
     mapping: Mapping
     relay: Endpoint | None = None
     streams: bool = False
     hosts: tuple[Endpoint, ...] = ()
+    v6: Endpoint | None = None
 
     def header(self) -> str:
         relay = f"; relay={self.relay}" if self.relay else ""
         hosts = f"; hosts={','.join(map(str, self.hosts))}" if self.hosts else ""
-        return f"mapping={self.mapping}{relay}" + ("; streams=1" if self.streams else "") + hosts
+        v6 = f"; v6={self.v6}" if self.v6 else ""
+        return f"mapping={self.mapping}{relay}" + ("; streams=1" if self.streams else "") + hosts + v6
 
     @classmethod
     def parse(cls, text: str) -> Reach:
@@ -85,7 +88,9 @@ class Reach:
         hosts = fields.get("hosts", "").split(",") if fields.get("hosts") else []
         if len(hosts) > MAX_HOST_CANDIDATES:
             raise ReachError(f"{REACH_HEADER}: more than {MAX_HOST_CANDIDATES} host candidates")
-        return cls(mapping, relay, fields.get("streams") == "1", tuple(_address(h, "host") for h in hosts))
+        v6 = _ipv6(fields["v6"]) if "v6" in fields else None
+        streams = fields.get("streams") == "1"
+        return cls(mapping, relay, streams, tuple(_address(h, "host") for h in hosts), v6)
 
 
 def _address(text: str, name: str) -> Endpoint:
@@ -98,6 +103,16 @@ def _address(text: str, name: str) -> Endpoint:
     if not endpoint.port:
         raise ReachError(f"{REACH_HEADER}: {name} port 0")
     return endpoint.canonical()
+
+
+def _ipv6(text: str) -> Endpoint:
+    """A Reach's IPv6 candidate: a unicast IPv6 address that can be routed to (hellos go there)."""
+    endpoint = _address(text, "v6")
+    address = ipaddress.ip_address(endpoint.host)
+    special = address.is_loopback or address.is_unspecified or address.is_multicast or address.is_link_local
+    if not isinstance(address, ipaddress.IPv6Address) or address.ipv4_mapped is not None or special:
+        raise ReachError(f"{REACH_HEADER}: v6 {endpoint.host[:60]!r} is not a routable IPv6 address")
+    return endpoint
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,13 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from plexus import events, launcher, paths, puncher
-from plexus.endpoint import Endpoint
+from plexus.endpoint import ANY6, Endpoint
 from plexus.errors import (
     CommandFailedError,
     NotServedError,
@@ -54,8 +53,8 @@ SHUTDOWN_GRACE = 0.5
 
 @dataclass(frozen=True)
 class SessionConfig:
-    inner: Endpoint  # --stun-client; port 0 lets the system choose
-    stun_server: Endpoint
+    inner: Endpoint  # --stun-client's IPv4 endpoint; port 0 lets the system choose
+    stun_server: Endpoint  # a name with an AAAA record gives the IPv6 STUN server too
     rendezvous: RendezvousConfig  # how the peers meet: by mail (MailConfig, the default) or on OpenDHT
     command: Command | None  # None: streams only (an acceptor with --forward-allow, an inviter's --stdio)
     punch_hops: int = 7
@@ -67,6 +66,9 @@ class SessionConfig:
     # The library's (plexus/api.py): the session's work is the caller's, on the tunnel, instead of a command
     hand_over: Callable[[Tunnel], Awaitable[None]] | None = None
     on_event: events.Sink = events.ignore  # each session event as it happens (plexus/events.py)
+    # --stun-client's IPv6 endpoint (port 0: the IPv4 socket's port where it is free); None: no IPv6
+    inner6: Endpoint | None = ANY6
+    stun_server6: Endpoint | None = None  # the IPv6 STUN server where stun_server's name gives none
 
     def reporting(self, sink: events.Sink) -> SessionConfig:
         return dataclasses.replace(self, on_event=sink)
@@ -90,7 +92,7 @@ def _connected(config: SessionConfig, role: events.Role, established: paths.Esta
 
 def _attempt(
     config: SessionConfig,
-    sock: socket.socket,
+    socks: paths.Punching,
     mine: paths.Gathered,
     theirs: Offer,
     puzzle: int,
@@ -101,11 +103,9 @@ def _attempt(
     peer's; the secret and the handshake's codec follow from both puzzles."""
     inviter, acceptor = (theirs.puzzle, puzzle) if accept else (puzzle, theirs.puzzle)
     codec = handshake_codec(config, inviter, acceptor, theirs, accept=accept)
-    found = mine.found
     return paths.Attempt(
-        sock, config.inner, found.inner, found.outer, theirs.outer, inviter ^ acceptor, codec, accept,
-        config.punch_hops,
-    )  # fmt: skip
+        socks, config.inner, mine.found, theirs.outer, inviter ^ acceptor, codec, accept, config.punch_hops
+    )
 
 
 async def invite(config: SessionConfig) -> Tunnel:
@@ -159,9 +159,9 @@ async def _meet(
     config: SessionConfig, rendezvous: Rendezvous, relays: contextlib.AsyncExitStack
 ) -> paths.Established:
     """STUN, the request, the response, the punch."""
-    with contextlib.closing(bind(config.inner)) as sock:
+    with paths.punching(config.inner, config.inner6) as socks:
         async with rendezvous.submission() as submission:
-            found = await paths.discover(sock, config.stun_server, config.turn)
+            found = await _discover(config, socks)
             mine = await paths.gather(found, config.turn, relays, accept=False)
             streams = config.streams is not None and config.streams.inviting
             puzzle = secrets.randbits(64)
@@ -177,10 +177,14 @@ async def _meet(
             )
         candidates = paths.choose(mine, response)
         log.info("peer endpoint %s, punching", response.outer)
-        attempt = _attempt(config, sock, mine, response, puzzle, accept=False)
+        attempt = _attempt(config, socks, mine, response, puzzle, accept=False)
         return _connected(
             config, "invite", await paths.establish(candidates, attempt, config.handshake_timeout)
         )
+
+
+async def _discover(config: SessionConfig, socks: paths.Punching) -> paths.Found:
+    return await paths.discover(socks, config.stun_server, config.turn, config.stun_server6)
 
 
 def handshake_codec(
@@ -247,8 +251,8 @@ async def _accept(config: SessionConfig) -> None:
         async with config.rendezvous.open() as rendezvous:
             if slot is not None:
                 await slot.stop_previous()  # left by an acceptor that was killed: it holds the inner port
-            with contextlib.closing(bind(config.inner)) as sock:
-                paths.note_limits(await paths.discover(sock, config.stun_server, config.turn), config.turn)
+            with paths.punching(config.inner, config.inner6) as socks:
+                paths.note_limits(await _discover(config, socks), config.turn)
             await rendezvous.listen()
             config.on_event(events.Listening(role="accept", peer_id=config.rendezvous.peer_id))
             async for invitation in rendezvous.requests():
@@ -350,13 +354,13 @@ async def _answer(
             async with rendezvous.submission() as submission:
                 async with _refusing(rendezvous, invitation, submission):
                     _servable(config, invitation)
-                    sock = closing.enter_context(contextlib.closing(bind(config.inner)))
-                    found = await paths.discover(sock, config.stun_server, config.turn)
+                    socks = closing.enter_context(paths.punching(config.inner, config.inner6))
+                    found = await _discover(config, socks)
                     theirs = invitation.offer.reach
                     mine = await paths.gather(found, config.turn, relays, accept=True, peer=theirs)
                     candidates = paths.choose(mine, invitation.offer)
                 puzzle = secrets.randbits(64)
-                attempt = _attempt(config, sock, mine, invitation.offer, puzzle, accept=True)
+                attempt = _attempt(config, socks, mine, invitation.offer, puzzle, accept=True)
                 # The punch starts before the response leaves: the TTL-limited hello (or the fan-out, the
                 # spray, the relay's permission) has opened the way when the inviter's hellos arrive.
                 handshake = asyncio.ensure_future(

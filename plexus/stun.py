@@ -686,17 +686,27 @@ def _unsendable(destination: Endpoint, exc: OSError) -> StunError:
     return StunError(f"cannot send to {destination}: {exc.strerror or exc}")
 
 
-async def resolve(server: Endpoint) -> Endpoint:
-    """The server's IPv4 endpoint (a hostname is looked up)."""
+async def resolve(server: Endpoint, family: socket.AddressFamily = socket.AF_INET) -> Endpoint:
+    """The server's endpoint in `family` (a hostname is looked up)."""
     try:
-        return await driver.resolve(server)
+        return await driver.resolve(server, family)
     except OSError as exc:
         raise StunError(f"cannot resolve STUN server {server.host}: {exc.strerror or exc}") from exc
 
 
+async def resolve6(server: Endpoint) -> Endpoint | None:
+    """The server's IPv6 endpoint: an IPv6 address as it is, a name's AAAA record; None where there is none
+    (an IPv4 address, a name without AAAA, a host without IPv6): this side then offers no IPv6 candidate."""
+    try:
+        return await driver.resolve(server, socket.AF_INET6)
+    except (OSError, UnicodeError) as exc:
+        log.debug("no IPv6 address for STUN server %s: %s", server.host, exc)
+        return None
+
+
 def _check_socket(sock: socket.socket) -> None:
-    if sock.family != socket.AF_INET or sock.type != socket.SOCK_DGRAM:
-        raise ValueError("the STUN client needs an IPv4 UDP socket")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_DGRAM:
+        raise ValueError("the STUN client needs an IP UDP socket")
     if sock.getblocking():
         raise ValueError("the STUN client needs a non-blocking socket")
     if sock.getsockname()[1] == 0:
@@ -706,9 +716,9 @@ def _check_socket(sock: socket.socket) -> None:
 def inner_endpoint(sock: socket.socket, toward: Endpoint) -> Endpoint:
     """The socket's own endpoint; for a wildcard bind, the local address the system uses toward `toward`."""
     host, port = sock.getsockname()[:2]
-    if host == "0.0.0.0":
+    if host in ("0.0.0.0", "::"):
         # Connecting a UDP socket sends nothing: it only picks the route and so the source address.
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        with socket.socket(sock.family, socket.SOCK_DGRAM) as probe:
             try:
                 probe.connect((toward.host, toward.port))
             except OSError as exc:
@@ -722,7 +732,7 @@ async def query_outer(
 ) -> Endpoint:
     """The outer endpoint of `sock` as `server` sees it: one binding request on the caller's socket."""
     _check_socket(sock)
-    address = await resolve(server)
+    address = await resolve(server, sock.family)
     exchange = Exchange()
     transaction = exchange.start(
         0, Transaction(address, binding_request(), asyncio.get_running_loop().time(), schedule)
@@ -804,14 +814,14 @@ async def _discover(
     sock: socket.socket, server: Endpoint, schedule: Schedule, probe: Schedule, *, mapping_only: bool
 ) -> NatReport:
     _check_socket(sock)
-    address = await resolve(server)
+    address = await resolve(server, sock.family)
     inner = inner_endpoint(sock, address)
     now = asyncio.get_running_loop().time()
     discovery = Discovery(address, now, schedule, probe, mapping_only=mapping_only)
     if mapping_only:
         await _drive(discovery, [sock])
     else:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as second:
+        with socket.socket(sock.family, socket.SOCK_DGRAM) as second:
             second.setblocking(False)
             second.bind((sock.getsockname()[0], 0))
             await _drive(discovery, [sock, second])

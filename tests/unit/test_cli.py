@@ -33,6 +33,7 @@ from plexus.options import (
     Name,
     Options,
     Setting,
+    StunClient,
     read_config,
     session_config,
     streams_config,
@@ -753,3 +754,32 @@ def test_configs_and_tunnels_do_not_show_their_secrets() -> None:
     ]
     for text in shown:
         assert not any(secret in text for secret in ("turn-password-1", "mail-password-2", "1234567890123"))
+
+
+@pytest.mark.parametrize(
+    ("text", "v4", "v6"),
+    [
+        ("5000", Endpoint("0.0.0.0", 5000), Endpoint("::", 5000)),  # both families, every address
+        ("10.0.1.2:5000", Endpoint("10.0.1.2", 5000), None),  # IPv4 only, as plexus 2.2 took it
+        ("[2001:db8:a::2]:5000", Endpoint("0.0.0.0", 5000), Endpoint("2001:db8:a::2", 5000)),
+        ("10.0.1.2:5000,[::]:6000", Endpoint("10.0.1.2", 5000), Endpoint("::", 6000)),
+        (" [::]:0 , 0.0.0.0:0 ", Endpoint("0.0.0.0", 0), Endpoint("::", 0)),
+    ],
+)
+def test_stun_client_takes_either_family_or_both(text: str, v4: Endpoint, v6: Endpoint | None) -> None:
+    assert StunClient().parse(text, "--stun-client") == (v4, v6)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("10.0.1.2:5000,10.0.1.3:5000", "at most one IPv4 and one IPv6 endpoint"),
+        ("[::]:1,[::]:2", "at most one IPv4 and one IPv6 endpoint"),
+        ("[::g]:5000", "'::g' is not an IPv6 address"),
+        ("70000", "port must be 0-65535"),
+        ("10.0.1.2:5000,", "bad endpoint ''"),
+    ],
+)
+def test_a_bad_stun_client_says_what_it_takes(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        StunClient().parse(text, "--stun-client")

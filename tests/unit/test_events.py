@@ -98,6 +98,7 @@ SAMPLES: dict[str, tuple[object, object]] = {
     "int | None": (None, 8),
     "str | None": (None, "b"),
     "Endpoint": (Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2)),
+    "Endpoint | None": (None, Endpoint("2001:db8::1", 2)),
 }
 EVENTS = [kind for kind in vars(events).values() if isinstance(kind, type) and issubclass(kind, events.Event)]
 

@@ -106,3 +106,49 @@ def test_a_side_that_lets_no_udp_out_is_reached_through_its_relay(
 def test_no_udp_out_and_no_way(theirs: Reach | None, own_relay: bool, why: str) -> None:
     with pytest.raises(path.NoPath, match=re.escape(why)):
         path.choose(Reach("blocked"), theirs, own_relay=own_relay)
+
+
+MY6, THEIR6 = Endpoint("2001:db8:a::2", 5000), Endpoint("2001:db8:b::2", 5000)
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs", "own_relay", "method", "races"),
+    [
+        (EIM, EIM, False, Method.DIRECT, True),  # raced in the direct handshake
+        (EDM, EIM, False, Method.FANOUT, False),  # tried first, then the birthday
+        (EIM, EDM, False, Method.SPRAY, False),
+        (EDM, EDM, True, Method.RELAY, False),  # tried first, then the relay
+        (EDM, EDM, False, Method.IPV6, False),  # the only way: IPv4 has none without a relay
+    ],
+)
+def test_both_sides_with_ipv6_add_it_to_every_plan(
+    mine: Reach, theirs: Reach, own_relay: bool, method: Method, races: bool
+) -> None:
+    plan = path.choose(Reach(mine.mapping, v6=MY6), Reach(theirs.mapping, v6=THEIR6), own_relay=own_relay)
+    assert (plan.method, plan.ipv6, plan.races_ipv6) == (method, THEIR6, races)
+    assert str(THEIR6) in plan.describe()
+    # the mirror image: the peer's plan races or goes first exactly as this side's
+    back = path.choose(Reach(theirs.mapping, v6=THEIR6), Reach(mine.mapping, v6=MY6), own_relay=own_relay)
+    assert back.races_ipv6 == races
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs"),
+    [
+        (Reach("independent", v6=MY6), EIM),  # the peer has no IPv6
+        (EIM, Reach("independent", v6=THEIR6)),  # this side has none
+        (Reach("independent", v6=MY6), None),  # plexus 2.2: never anything new
+    ],
+)
+def test_ipv6_needs_both_sides(mine: Reach, theirs: Reach | None) -> None:
+    assert path.choose(mine, theirs, own_relay=False).ipv6 is None
+
+
+def test_lan_and_ipv6_race_in_one_handshake() -> None:
+    plan = path.choose(
+        Reach("dependent", v6=MY6),
+        Reach("dependent", hosts=LAN, v6=THEIR6),
+        own_relay=False,
+        shared_address=True,
+    )
+    assert (plan.method, plan.hosts, plan.ipv6, plan.races_ipv6) == (Method.LAN, LAN, THEIR6, True)

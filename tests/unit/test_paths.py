@@ -74,7 +74,8 @@ async def test_a_lan_plan_reports_lan_when_a_host_candidate_wins() -> None:
 
     def attempt(sock: socket.socket, inner: Endpoint, *, accept: bool) -> paths.Attempt:
         codec = puncher.Authenticated.derive(1, 2, accept=accept)
-        return paths.Attempt(sock, inner, inner, shared, shared, 3, codec, accept, 7)
+        found = paths.Found(inner, shared, "independent")
+        return paths.Attempt(paths.Punching(sock), inner, found, shared, 3, codec, accept, 7)
 
     inviting = paths.Direct(Plan(Method.LAN, hosts=(acceptor_lan,)))
     accepting = paths.Direct(Plan(Method.LAN))
@@ -88,9 +89,51 @@ async def test_a_lan_plan_reports_lan_when_a_host_candidate_wins() -> None:
     ]
 
 
+def _ipv6_attempt(*, accept: bool, v6: socket.socket) -> paths.Attempt:
+    """Loopback's ::1 as each side's IPv6 endpoint; IPv4 toward TEST-NET, where nobody answers."""
+    nowhere = Endpoint("192.0.2.1", 9)
+    v4 = paths.bind(Endpoint("127.0.0.1", 0))
+    inner = Endpoint("127.0.0.1", v4.getsockname()[1])
+    inner6 = Endpoint("::1", v6.getsockname()[1])
+    found = paths.Found(inner, nowhere, "independent", inner6, inner6)
+    codec = puncher.Authenticated.derive(1, 2, accept=accept)
+    return paths.Attempt(paths.Punching(v4, v6), inner, found, nowhere, 3, codec, accept, 7)
+
+
+@pytest.mark.parametrize("method", [Method.DIRECT, Method.LAN, Method.SPRAY, Method.IPV6])
+async def test_ipv6_wins_the_race_or_goes_first_and_the_tunnel_is_ipv6(method: Method) -> None:
+    """IPv4 gets nowhere (TEST-NET), IPv6 (loopback) does: raced in the plan's own handshake (direct,
+    LAN), or as the way before it (spray, and an IPV6 plan alone); the tunnel has IPv6 endpoints, plain."""
+    v6 = [paths.bind(Endpoint("::1", 0)) for _ in range(2)]
+    ends = [Endpoint("::1", sock.getsockname()[1]) for sock in v6]
+    attempts = [_ipv6_attempt(accept=accept, v6=sock) for accept, sock in zip((True, False), v6, strict=True)]
+    plans = [Plan(method, ipv6=ends[1]), Plan(method, ipv6=ends[0])]
+    ways = [paths.ways(plan, None, None) for plan in plans]
+    assert [type(way).__name__ for way in ways[0]] == (
+        ["Direct"] if plans[0].races_ipv6 else ["Ipv6"] if method is Method.IPV6 else ["Ipv6", "Direct"]
+    )
+    got = await asyncio.gather(
+        *(way[0].establish(attempt, 5.0) for way, attempt in zip(ways, attempts, strict=True))
+    )
+    assert [(g.tunnel.path, g.tunnel.peer, g.tunnel.inner) for g in got] == [
+        (Method.IPV6, ends[1], ends[0]),
+        (Method.IPV6, ends[0], ends[1]),
+    ]
+    assert got[0].tunnel.environment()["PLEXUS_PEERIP"] == "::1"
+
+
+def test_an_ipv6_way_is_bounded_by_its_own_bound() -> None:
+    plan = Plan(Method.FANOUT, ipv6=Endpoint("2001:db8::1", 5))
+    assert [(way.method, way.bound) for way in paths.ways(plan, None, None)] == [
+        (Method.IPV6, paths.IPV6_BOUND),
+        (Method.FANOUT, paths.FALLBACK_BOUND),
+    ]
+
+
 class _Way:
     def __init__(self, method: Method, outcome: paths.Established | None) -> None:
         self.method, self.outcome, self.timeouts = method, outcome, list[float]()
+        self.bound = paths.FALLBACK_BOUND
 
     def describe(self) -> str:
         return str(self.method)

@@ -598,12 +598,11 @@ def sent(machine: Handshake) -> list[tuple[Flag | None, Endpoint | None]]:
     ]
 
 
-@pytest.mark.parametrize("role", [Inviter, Acceptor])
 def test_peer_reflexive_switch_happens_once_and_only_for_authenticated_packets(
-    role: type[Handshake], caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     mailed = Endpoint(HARD_IP, 5000)
-    machine = role(mailed, MASKED, 0.0, peer_reflexive=True, random=zeros)  # type: ignore[call-arg]
+    machine = Acceptor(mailed, MASKED, 0.0, peer_reflexive=True, random=zeros)
     machine.datagrams_to_send()
     for data, source in (
         (b"\x01" + bytes(7), mailed._replace(port=6000)),  # unauthenticated, from a new port
@@ -622,8 +621,7 @@ def test_peer_reflexive_switch_happens_once_and_only_for_authenticated_packets(
         f"peer-reflexive endpoint {HARD_IP}:6000: the peer's packets come from there, not {mailed}"
     ]
     assert [(e.before, e.after) for e in reported if isinstance(e, events.Moved)] == [(mailed, machine.peer)]
-    # the answer (an acceptor's ready, an inviter's hello at once) goes to the new peer (to=None)
-    assert sent(machine) == [(Flag.READY if role is Acceptor else Flag.HELLO, None)]
+    assert sent(machine) == [(Flag.READY, None)]  # the ready goes to the new peer (to=None)
     # from now on only the new peer counts: neither the mailed endpoint nor a third port
     for source in (mailed, mailed._replace(port=7000)):
         machine.datagram_received(READY, source, 0.3)
@@ -633,12 +631,36 @@ def test_peer_reflexive_switch_happens_once_and_only_for_authenticated_packets(
     assert machine.outcome is Outcome.COMPLETED
 
 
-def test_a_packet_from_the_mailed_endpoint_settles_the_peer() -> None:
+def test_the_racing_inviter_answers_a_hello_where_it_came_from_and_settles_on_the_ready(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The acceptor chooses the pair: a peer-reflexive hello gets a hello back at once, there, and only the
+    acceptor's ready settles the inviter's peer."""
+    mailed = Endpoint(HARD_IP, 5000)
+    moved = mailed._replace(port=6000)
+    inviter = Inviter(mailed, MASKED, 0.0, peer_reflexive=True, random=zeros)
+    inviter.datagrams_to_send()
+    inviter.datagram_received(HELLO, Endpoint("203.0.113.51", 6000), 0.1)  # another address: ignored
+    inviter.datagram_received(HELLO, moved, 0.2)
+    assert (inviter.peer, inviter.settled) == (mailed, False)
+    assert sent(inviter) == [(Flag.HELLO, moved)]
+    inviter.datagram_received(HELLO, moved, 0.3)  # within HELLO_INTERVAL of the last answer there
+    assert sent(inviter) == []
+    reported: list[events.Event] = []
+    with caplog.at_level("INFO", logger="plexus.puncher"), events.reporting(reported.append, "invite"):
+        inviter.datagram_received(READY, moved, 0.4)
+    assert (inviter.peer, inviter.outcome) == (moved, Outcome.COMPLETED)
+    assert [(e.before, e.after) for e in reported if isinstance(e, events.Moved)] == [(mailed, moved)]
+    assert sent(inviter) == [(Flag.READY, None)] * puncher.READY_COPIES
+
+
+def test_a_ready_from_the_mailed_endpoint_settles_the_peer() -> None:
     inviter = Inviter(ACCEPTOR, MASKED, 0.0, peer_reflexive=True)
     inviter.datagram_received(HELLO, ACCEPTOR, 0.1)
-    inviter.datagram_received(READY, ACCEPTOR._replace(port=1), 0.2)
-    assert inviter.peer == ACCEPTOR
-    assert inviter.outcome is None
+    assert not inviter.settled
+    inviter.datagram_received(READY, ACCEPTOR, 0.2)
+    inviter.datagram_received(READY, ACCEPTOR._replace(port=1), 0.3)
+    assert (inviter.peer, inviter.outcome) == (ACCEPTOR, Outcome.COMPLETED)
 
 
 def test_an_inviter_answers_hellos_early_at_most_once_per_hello_interval() -> None:
@@ -1122,7 +1144,7 @@ def test_hellos_go_to_the_outer_endpoint_and_every_host_candidate() -> None:
     assert destinations(acceptor) == [(INVITER_OUTER, 3), (INVITER_LAN, None)]
 
 
-def test_the_first_authenticated_packet_settles_the_race_and_the_rest_stop() -> None:
+def test_the_acceptors_ready_settles_the_race_and_the_rest_stop() -> None:
     inviter = Inviter(ACCEPTOR_OUTER, sealed(accept=False), 0.0, hosts=[ACCEPTOR_LAN], random=counting)
     inviter.datagrams_to_send()
     acceptor = sealed(accept=True)
@@ -1130,27 +1152,51 @@ def test_the_first_authenticated_packet_settles_the_race_and_the_rest_stop() -> 
     inviter.datagram_received(bytes(puncher.DATAGRAM_SIZE), ACCEPTOR_LAN, 0.1)
     inviter.datagram_received(acceptor.seal(Flag.HELLO, os.urandom), Endpoint("10.0.2.9", 40001), 0.1)
     assert (inviter.peer, inviter.settled) == (ACCEPTOR_OUTER, False)
+    assert destinations(inviter) == []
+    # a candidate's hello is answered at once, there only, and settles nothing: the acceptor chooses
     inviter.datagram_received(acceptor.seal(Flag.HELLO, os.urandom), ACCEPTOR_LAN, 0.2)
-    assert (inviter.peer, inviter.settled) == (ACCEPTOR_LAN, True)
-    assert destinations(inviter) == [(ACCEPTOR_LAN, None)]  # answered at once, there only
-    inviter.handle_timer(0.2 + puncher.HELLO_INTERVAL)
+    assert (inviter.peer, inviter.settled) == (ACCEPTOR_OUTER, False)
     assert destinations(inviter) == [(ACCEPTOR_LAN, None)]
-    inviter.datagram_received(acceptor.seal(Flag.READY, os.urandom), ACCEPTOR_OUTER, 0.5)  # the loser
-    assert inviter.outcome is None
-    inviter.datagram_received(acceptor.seal(Flag.READY, os.urandom), ACCEPTOR_LAN, 0.6)
-    assert inviter.outcome is Outcome.COMPLETED
+    inviter.handle_timer(puncher.HELLO_INTERVAL)
+    assert destinations(inviter) == [(ACCEPTOR_OUTER, None), (ACCEPTOR_LAN, None)]
+    inviter.datagram_received(acceptor.seal(Flag.READY, os.urandom), ACCEPTOR_LAN, 0.5)
+    assert (inviter.peer, inviter.outcome) == (ACCEPTOR_LAN, Outcome.COMPLETED)
+    assert destinations(inviter) == [(ACCEPTOR_LAN, None)] * puncher.READY_COPIES
 
 
 def test_the_outer_endpoint_may_win_the_race_too() -> None:
-    """A NAT that hairpins: the direct path's packet came first, and the host candidate drops out."""
+    """A NAT that hairpins: the acceptor readied on the direct path, and the host candidate drops out."""
     inviter = Inviter(ACCEPTOR_OUTER, sealed(accept=False), 0.0, hosts=[ACCEPTOR_LAN])
     inviter.datagrams_to_send()
     acceptor = sealed(accept=True)
-    inviter.datagram_received(acceptor.seal(Flag.HELLO, os.urandom), ACCEPTOR_OUTER, 0.1)
-    inviter.datagram_received(acceptor.seal(Flag.READY, os.urandom), ACCEPTOR_LAN, 0.2)
-    assert (inviter.peer, inviter.outcome) == (ACCEPTOR_OUTER, None)
-    inviter.handle_timer(1.0)
-    assert destinations(inviter) == [(ACCEPTOR_OUTER, None)]
+    inviter.datagram_received(acceptor.seal(Flag.HELLO, os.urandom), ACCEPTOR_LAN, 0.1)
+    inviter.datagram_received(acceptor.seal(Flag.READY, os.urandom), ACCEPTOR_OUTER, 0.2)
+    assert (inviter.peer, inviter.outcome) == (ACCEPTOR_OUTER, Outcome.COMPLETED)
+    inviter.datagram_received(acceptor.seal(Flag.READY, os.urandom), ACCEPTOR_LAN, 0.3)
+    assert inviter.peer == ACCEPTOR_OUTER
+
+
+def test_both_sides_settle_on_the_acceptors_pair_when_each_hears_another_first() -> None:
+    """Two pairs that both work (IPv6 and the LAN): the inviter hears the acceptor on one first, the
+    acceptor hears the inviter on the other. Settling on what each heard first, each would ignore the
+    other's packets until the timeout; the acceptor's choice settles both."""
+    inviter_v6, acceptor_v6 = Endpoint("2001:db8:b::3", 40000), Endpoint("2001:db8:b::2", 40001)
+    inviter = Inviter(ACCEPTOR_OUTER, sealed(accept=False), 0.0, hosts=[ACCEPTOR_LAN, acceptor_v6])
+    acceptor = Acceptor(INVITER_OUTER, sealed(accept=True), 0.0, hosts=[INVITER_LAN, inviter_v6])
+    hello_v6 = next(d for d in acceptor.datagrams_to_send() if d.to == inviter_v6)
+    hello_lan = next(d for d in inviter.datagrams_to_send() if d.to == ACCEPTOR_LAN)
+    inviter.datagram_received(hello_v6.data, acceptor_v6, 0.01)  # the inviter hears IPv6 first
+    acceptor.datagram_received(hello_lan.data, INVITER_LAN, 0.01)  # the acceptor the LAN
+    assert acceptor.peer == INVITER_LAN and acceptor.settled and not inviter.settled
+    (ready,) = acceptor.datagrams_to_send()
+    assert ready.to == INVITER_LAN
+    inviter.datagram_received(ready.data, ACCEPTOR_LAN, 0.02)
+    assert (inviter.peer, inviter.outcome) == (ACCEPTOR_LAN, Outcome.COMPLETED)
+    # the inviter's answer to the IPv6 hello reaches a settled acceptor, which ignores it
+    for datagram in inviter.datagrams_to_send():
+        source = inviter_v6 if ":" in datagram.to.host else INVITER_LAN
+        acceptor.datagram_received(datagram.data, source, 0.03)
+    assert (acceptor.peer, acceptor.outcome) == (INVITER_LAN, Outcome.COMPLETED)
 
 
 @pytest.mark.parametrize(

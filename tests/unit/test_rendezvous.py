@@ -90,6 +90,15 @@ async def test_each_config_opens_its_own_rendezvous() -> None:
         "mapping=independent; hosts=10.0.2.2:5,",
         "mapping=independent; hosts=10.0.2.2:70000",
         "mapping=independent; hosts=" + ",".join(f"10.0.2.{i}:5" for i in range(MAX_HOST_CANDIDATES + 1)),
+        "mapping=independent; v6=198.51.100.2:5",  # not IPv6
+        "mapping=independent; v6=[::ffff:198.51.100.2]:5",  # IPv4 in IPv6's clothes
+        "mapping=independent; v6=[::1]:5",
+        "mapping=independent; v6=[fe80::1]:5",
+        "mapping=independent; v6=[ff02::1]:5",
+        "mapping=independent; v6=[::]:5",
+        "mapping=independent; v6=[2001:db8::1]:0",
+        "mapping=independent; v6=[2001:db8::1]",
+        "mapping=independent; v6=host.example:5",
     ],
 )
 def test_a_bad_reach_is_a_reach_error(text: str) -> None:
@@ -115,14 +124,22 @@ def test_reach_round_trip_with_host_candidates() -> None:
     assert Reach("dependent").header() == "mapping=dependent"
 
 
+def test_reach_round_trip_with_an_ipv6_endpoint() -> None:
+    reach = Reach("dependent", v6=Endpoint("2001:db8:a::2", 5000))
+    assert reach.header() == "mapping=dependent; v6=[2001:db8:a::2]:5000"
+    assert Reach.parse(reach.header()) == reach
+    assert Reach.parse("mapping=dependent; v6=[2001:DB8:A:0::2]:5000") == reach  # one spelling
+
+
 @FUZZ
 @given(st.text(max_size=300), st.lists(st.text(max_size=60), max_size=MAX_HOST_CANDIDATES + 2))
 def test_any_reach_text_parses_or_is_a_reach_error(text: str, hosts: list[str]) -> None:
-    for candidate in (text, f"mapping=independent; hosts={','.join(hosts)}"):
+    for candidate in (text, f"mapping=independent; hosts={','.join(hosts)}", f"mapping=dependent; v6={text}"):
         try:
             reach = Reach.parse(candidate)
         except ReachError:
             continue
         assert len(reach.hosts) <= MAX_HOST_CANDIDATES
         assert all(host.port and host.is_ip for host in reach.hosts)
+        assert reach.v6 is None or (":" in reach.v6.host and reach.v6.port and reach.v6.is_ip)
         assert Reach.parse(reach.header()) == reach
