@@ -24,7 +24,7 @@ def main() -> int:
         return 2
     args = dict(zip(names, sys.argv[1:], strict=True))
     peer = (args["peerip"], int(args["peerport"]))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in args["innerip"] else socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((args["innerip"], int(args["innerport"])))
     sock.settimeout(INTERVAL)
     greeting = f"hello from {args['outerip']}:{args['outerport']} secret {args['secret']}".encode()
@@ -37,7 +37,7 @@ def main() -> int:
             data, source = sock.recvfrom(2048)
         except TimeoutError:
             continue
-        if source == peer and received is None:
+        if source[:2] == peer and received is None:  # an IPv6 source has flow info and scope too
             received, heard_at = data.decode(errors="replace"), time.monotonic()
     print(json.dumps({"args": args, "received": received, "started": started}), flush=True)
     return 0 if received else 1

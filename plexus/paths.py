@@ -26,7 +26,7 @@ import socket
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from plexus import events, path, puncher, stun
 from plexus.endpoint import Endpoint
@@ -49,10 +49,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NOWHERE = Endpoint("0.0.0.0", 0)  # the outer endpoint of a side that no UDP leaves
-# With a relay over TCP or TLS at hand, how long STUN over UDP may stay unanswered (its first four sends,
-# 0 to 1.4 s) before a binding over TCP is asked: an answer there means no UDP gets out. On a lossy link the
-# fifth send might still have been answered; the session then goes through the relay, which works anyway.
+# With a relay over TCP or TLS at hand, a binding over TCP is asked beside STUN over UDP. An answer over TCP
+# within UDP_PATIENCE and then none over UDP for as long again, at least UDP_GRACE (STUN's sends at 0 and
+# 0.2 s, and their round trip), means that no UDP gets out. On a lossy link a later send might still have
+# been answered; the session then goes through the relay, which works anyway.
 UDP_PATIENCE = 2.0
+UDP_GRACE = 0.5
 ARRIVING_HOPS = 64  # a first hello that must arrive (toward a relay)
 # With a relay to fall back on, how long a direct attempt may take: a birthday needs up to about 7 s.
 FALLBACK_BOUND = 10.0
@@ -192,20 +194,24 @@ async def discover6(
 
 async def _discover4(sock: socket.socket, server: Endpoint, turn: TurnConfig | None) -> Found:
     log.debug("asking STUN server %s for the outer endpoint", server)
-    probing = asyncio.ensure_future(stun.probe_mapping(sock, server))
+    answered = asyncio.Event()
+    probing = asyncio.ensure_future(stun.probe_mapping(sock, server, answered=answered))
+    over_tcp: asyncio.Future[Endpoint | None] | None = None
     try:
         if turn is not None and turn.transport != "udp":
-            await asyncio.wait({probing}, timeout=UDP_PATIENCE)
-            if not probing.done() and await stun.query_over_tcp(server) is not None and not probing.done():
-                # Four sends unanswered over UDP, an answer over TCP at once: no UDP gets out. Waiting out
-                # STUN's 9.5 s would only delay the relay that carries the session either way.
-                why = f"STUN server {server} answers over TCP, over UDP not within {UDP_PATIENCE:g} s"
+            over_tcp = asyncio.ensure_future(stun.query_over_tcp(server))
+            silent = await _udp_silent(answered, over_tcp)
+            if silent is not None:
+                # STUN's 9.5 s waited out would only delay the relay that carries the session either way.
+                why = f"STUN server {server} answers over TCP, {silent}"
                 return await _relay_only(sock, server, turn, why)
         report = await probing
     except StunSilentError as error:
-        return await _without_udp(sock, server, turn, error)
+        return await _without_udp(sock, server, turn, error, over_tcp)
     finally:
         probing.cancel()
+        if over_tcp is not None:
+            over_tcp.cancel()
     if report.mapping is None:
         log.warning("STUN server %s has no alternate address: NAT mapping not tested", server)
     log.info("inner endpoint %s, outer endpoint %s", report.inner, report.outer)
@@ -214,13 +220,37 @@ async def _discover4(sock: socket.socket, server: Endpoint, turn: TurnConfig | N
     return Found(report.inner, report.outer, "dependent" if report.punchable is False else "independent")
 
 
+async def _udp_silent(answered: asyncio.Event, over_tcp: asyncio.Future[Endpoint | None]) -> str | None:
+    """With a relay over TCP or TLS at hand, STUN over TCP is asked beside STUN over UDP: an answer over TCP
+    and none over UDP for as long again (at least UDP_GRACE) means that no UDP gets out, and says so; None
+    when UDP answered, or TCP did not within UDP_PATIENCE (then STUN over UDP runs its course)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    heard = asyncio.ensure_future(answered.wait())
+    try:
+        either: set[asyncio.Future[Any]] = {heard, over_tcp}
+        await asyncio.wait(either, timeout=UDP_PATIENCE, return_when=asyncio.FIRST_COMPLETED)
+        if answered.is_set() or not over_tcp.done() or over_tcp.result() is None:
+            return None
+        took = loop.time() - start
+        grace = max(UDP_GRACE, took)
+        await asyncio.wait({heard}, timeout=grace)
+        return None if answered.is_set() else f"over UDP not within {took + grace:.1f} s"
+    finally:
+        heard.cancel()
+
+
 async def _without_udp(
-    sock: socket.socket, server: Endpoint, turn: TurnConfig | None, error: StunSilentError
+    sock: socket.socket,
+    server: Endpoint,
+    turn: TurnConfig | None,
+    error: StunSilentError,
+    asked: asyncio.Future[Endpoint | None] | None = None,
 ) -> Found:
-    """STUN got no answer over UDP: a binding request over TCP to the same server tells a network that lets
-    no UDP out (TCP answers) from a server that is down. A relay over TCP or TLS carries the session either
-    way; without one, the failure says which it seems to be."""
-    over_tcp = await stun.query_over_tcp(server)
+    """STUN got no answer over UDP: a binding request over TCP to the same server (`asked` already, or now)
+    tells a network that lets no UDP out (TCP answers) from a server that is down. A relay over TCP or TLS
+    carries the session either way; without one, the failure says which it seems to be."""
+    over_tcp = await (asked if asked is not None else stun.query_over_tcp(server))
     if over_tcp is not None:
         why = f"STUN server {server} answers over TCP but not over UDP: no UDP gets out here"
     else:

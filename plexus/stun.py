@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -538,10 +538,12 @@ class Discovery(Exchange):
         probe: Schedule = PROBE_SCHEDULE,
         *,
         mapping_only: bool = False,
+        on_outer: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.server = server
         self.mapping_only = mapping_only
+        self._on_outer = on_outer  # called once, when the first answer names the outer endpoint
         self._probe_base = probe
         self._probe = probe
         self.primary = self.start(PUNCH, Transaction(server, binding_request(), now, schedule))
@@ -576,6 +578,9 @@ class Discovery(Exchange):
         if self.outer is None:
             self.done = True
             return
+        if self._on_outer is not None:
+            self._on_outer()
+            self._on_outer = None
         if self._hairpin_test is None:
             if self._mapping_tests is None:
                 self._start_mapping_tests(now)
@@ -802,22 +807,31 @@ async def probe_mapping(
     *,
     schedule: Schedule = DEFAULT_SCHEDULE,
     probe: Schedule = PROBE_SCHEDULE,
+    answered: asyncio.Event | None = None,
 ) -> NatReport:
     """The outer endpoint and the mapping behaviour only (filtering and hairpin None): what a session needs.
 
-    Its answers all come from addresses `sock` has sent to, so it takes about two round trips.
+    Its answers all come from addresses `sock` has sent to, so it takes about two round trips. `answered` is
+    set at the first of them: UDP gets out.
     """
-    return await _discover(sock, server, schedule, probe, mapping_only=True)
+    return await _discover(sock, server, schedule, probe, mapping_only=True, answered=answered)
 
 
 async def _discover(
-    sock: socket.socket, server: Endpoint, schedule: Schedule, probe: Schedule, *, mapping_only: bool
+    sock: socket.socket,
+    server: Endpoint,
+    schedule: Schedule,
+    probe: Schedule,
+    *,
+    mapping_only: bool,
+    answered: asyncio.Event | None = None,
 ) -> NatReport:
     _check_socket(sock)
     address = await resolve(server, sock.family)
     inner = inner_endpoint(sock, address)
     now = asyncio.get_running_loop().time()
-    discovery = Discovery(address, now, schedule, probe, mapping_only=mapping_only)
+    on_outer = answered.set if answered is not None else None
+    discovery = Discovery(address, now, schedule, probe, mapping_only=mapping_only, on_outer=on_outer)
     if mapping_only:
         await _drive(discovery, [sock])
     else:

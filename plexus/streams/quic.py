@@ -200,7 +200,8 @@ class Link(asyncio.DatagramProtocol):
         quic = self._quic or self._candidate(data)
         if quic is None:
             return
-        quic.receive_datagram(data, addr, self._loop.time())
+        # IPv6 sources come with flow info and scope: the same path as the (host, port) QUIC was given
+        quic.receive_datagram(data, addr[:2], self._loop.time())
         self._dispatch(quic)
         self._schedule_flush()
 
