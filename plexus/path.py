@@ -44,6 +44,12 @@ class Plan:
     ipv6: Endpoint | None = None
 
     @property
+    def races_lan(self) -> bool:
+        """The handshake takes the peer from a LAN address too (any non-global one, as the peer may have
+        named none): both sides aim at each other's endpoint as it is, between two plexus peers."""
+        return self.method is Method.LAN or (self.method is Method.DIRECT and self.peer_reflexive)
+
+    @property
     def races_ipv6(self) -> bool:
         """The IPv6 candidate runs in this method's own handshake rather than as a way before it: the
         peer's plan is DIRECT or LAN too, both race the same candidates and the acceptor's choice settles
@@ -69,6 +75,8 @@ class Plan:
             f"sent there: the peer's LAN endpoints ({', '.join(map(str, self.hosts)) or 'none named'}) are "
             "raced with the direct path",
         }[self.method]
+        if self.hosts and self.method is not Method.LAN:
+            why += f"; the peer's LAN endpoints ({', '.join(map(str, self.hosts))}) are raced with it"
         if self.ipv6 is not None and self.method is not Method.IPV6:
             when = "raced with it" if self.races_ipv6 else "tried first"
             why += f"; the peer's IPv6 endpoint {self.ipv6} is {when}"
@@ -120,7 +128,7 @@ def _choose4(mine: Reach, theirs: Reach | None, *, own_relay: bool, shared_addre
     if shared_address:
         return Plan(Method.LAN, hosts=theirs.hosts)
     if mine.mapping == "independent" and theirs.mapping == "independent":
-        return Plan(Method.DIRECT)
+        return Plan(Method.DIRECT, hosts=theirs.hosts)  # a LAN between them may be shorter: raced
     if mine.mapping == "dependent" and theirs.mapping == "independent":
         return Plan(Method.FANOUT)
     if mine.mapping == "independent":

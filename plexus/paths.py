@@ -478,7 +478,7 @@ class Direct:
 
     async def establish(self, attempt: Attempt, timeout: float) -> Established:
         spray = puncher.Spray() if self.plan.method is Method.SPRAY else None
-        lan = self.plan.method is Method.LAN
+        lan = self.plan.races_lan
         ipv6 = self.plan.ipv6 if self.plan.races_ipv6 else None
         peer = await puncher.punch(
             attempt.sock,

@@ -152,3 +152,11 @@ def test_lan_and_ipv6_race_in_one_handshake() -> None:
         shared_address=True,
     )
     assert (plan.method, plan.hosts, plan.ipv6, plan.races_ipv6) == (Method.LAN, LAN, THEIR6, True)
+
+
+def test_a_direct_plan_races_the_peers_lan_endpoints_too() -> None:
+    """Two hosts on one LAN need not share an outer address (two uplinks, a VPN): the LAN is raced anyway."""
+    plan = path.choose(EIM, Reach("independent", hosts=LAN), own_relay=False)
+    assert (plan.method, plan.hosts, plan.races_lan) == (Method.DIRECT, LAN, True)
+    assert str(LAN[0]) in plan.describe()
+    assert not path.choose(EIM, None, own_relay=False).races_lan  # never toward plexus 2.2
