@@ -43,7 +43,9 @@ def test_every_pair_of_nats_connects(
     assert a["received"] and b["received"], f"{a}\n{b}"
     expected = path.choose(mapping(inviter_mode), mapping(acceptor_mode), own_relay=True)
     chosen = [(event["way"], event["why"]) for event in invite.events("chosen")]
-    assert chosen == [(expected.method, expected.describe())], chosen
+    # the acceptor names its LAN endpoint, which a direct plan races: the why says so after the table's
+    assert [way for way, _ in chosen] == [expected.method], chosen
+    assert chosen[0][1].startswith(expected.describe().rstrip(")")), chosen
     print(f"{inviter_mode} -> {acceptor_mode}: {expected.method} in {took:.1f} s")
 
 
