@@ -105,9 +105,10 @@ async def test_turn_allocates_over_ipv6_and_relays_to_ipv4(lab: Lab, transport: 
     port = Lab.TURNS_PORT if transport == "tls" else Lab.STUN6_PRIMARY.port
     peer = lab.socket("pub")
     peer.bind((Lab.PUB_IPS[1], 40000))
-    peer.settimeout(5)
+    peer.setblocking(False)
 
-    async def relay() -> tuple[str, int]:
+    async def relay() -> tuple[tuple[str, int], bytes, tuple[str, int]]:
+        """The relayed address, and what the peer received from where, while the allocation lasts."""
         relayed, _ = await turn.create_turn_endpoint(
             asyncio.DatagramProtocol,
             (Lab.STUN6_PRIMARY.host, port),
@@ -119,14 +120,14 @@ async def test_turn_allocates_over_ipv6_and_relays_to_ipv4(lab: Lab, transport: 
         try:
             assert relayed.get_extra_info("related_address")[0] == lab.inner_ip6("a")
             relayed.sendto(b"relayed", peer.getsockname())
-            await asyncio.sleep(0.5)  # aioice sends after its CreatePermission/ChannelBind round trip
-            return tuple(relayed.get_extra_info("sockname"))
+            received = asyncio.get_running_loop().sock_recvfrom(peer, 100)
+            data, source = await asyncio.wait_for(received, 5)
+            return tuple(relayed.get_extra_info("sockname")), data, source
         finally:
             relayed.close()
 
     with peer:
-        address = await lab.call("a", relay)
-        data, source = peer.recvfrom(100)
+        address, data, source = await lab.call("a", relay)
     assert address[0] == Lab.PUB_IPS[0] and Lab.TURN_RELAY_PORTS[0] <= address[1] <= Lab.TURN_RELAY_PORTS[1]
     assert (data, source) == (b"relayed", address)
 
