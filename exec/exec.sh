@@ -15,6 +15,9 @@
 # TLS handshake between the pinned certificates, never from anything that travelled by mail.
 # Both ends run the same script: the side whose outer endpoint sorts first is the TLS server and takes the
 # first tunnel address (SUBNET.1), the other side the TLS client and SUBNET.2, with no further exchange.
+# When the IPv6 path won, plexus passes plain IPv6 addresses (no brackets); openvpn then speaks udp6, and an
+# IPv6 endpoint sorts by its address written out in full (every group 4 hex digits), then its port: the same
+# order on both hosts whichever of its spellings each was given.
 # openvpn runs in the foreground and ends (it is not restarted) when the peer is silent for 30 s or the TLS
 # handshake fails (a wrong fingerprint), so a cron job can tell a dead tunnel and reconnect.
 #
@@ -33,6 +36,35 @@ me=${0##*/}
 die() {
     echo "$me: $*" >&2
     exit 1
+}
+
+expand6() {  # an IPv6 address in full, 8 groups of 4 lowercase hex digits: 2001:db8::1 -> 2001:0db8:...:0001
+    local address=${1,,} head=() tail=() groups=() full=() group
+    if [[ $address == *::* ]]; then
+        IFS=: read -ra head <<<"${address%%::*}"
+        IFS=: read -ra tail <<<"${address#*::}"
+        groups=("${head[@]}")
+        while [ $((${#groups[@]} + ${#tail[@]})) -lt 8 ]; do groups+=(0); done
+        groups+=("${tail[@]}")
+    else
+        IFS=: read -ra groups <<<"$address"
+    fi
+    [ ${#groups[@]} -eq 8 ] || die "not an IPv6 address: $1"
+    for group in "${groups[@]}"; do
+        [[ $group =~ ^[0-9a-f]{1,4}$ ]] || die "not an IPv6 address: $1"
+        full+=("$(printf %04x "0x$group")")
+    done
+    (IFS=:; echo "${full[*]}")
+}
+
+endpoint_key() {  # what the TLS role decision compares: IPv4 as ip:port, IPv6 written out in full then .port
+    local full
+    if [[ $1 == *:* ]]; then
+        full=$(expand6 "$1") || exit 1
+        echo "$full.$2"
+    else
+        echo "$1:$2"
+    fi
 }
 
 fingerprint() {  # the certificate's SHA-256 as --peer-fingerprint takes it: AB:CD:...
@@ -91,7 +123,13 @@ peer_fingerprint=$(grep -Eio -m1 '^ *([0-9a-f]{2}:){31}[0-9a-f]{2} *$' "$dir/pee
     | tr -d ' ' | tr a-f A-F) \
     || die "$dir/peer-fingerprint holds no SHA-256 fingerprint (AB:CD:... 32 pairs, as \`$me fingerprint\` prints)"
 
-if [[ "$outerip:$outerport" < "$peerip:$peerport" ]]; then
+proto=udp
+if [[ $peerip == *:* ]]; then
+    proto=udp6
+fi
+outer_key=$(endpoint_key "$outerip" "$outerport")
+peer_key=$(endpoint_key "$peerip" "$peerport")
+if [[ $outer_key < $peer_key ]]; then
     local_address=$subnet.1 remote_address=$subnet.2 role=(--tls-server --dh none)
 else
     local_address=$subnet.2 remote_address=$subnet.1 role=(--tls-client)
@@ -101,7 +139,7 @@ group=nogroup
 getent group nogroup >/dev/null || group=nobody  # Fedora, Arch: nobody's group is nobody
 
 # shellcheck disable=SC2086  # PLEXUS_OPENVPN_ARGS is a list of words on purpose
-exec openvpn --dev "$dev" --dev-type tun --proto udp \
+exec openvpn --dev "$dev" --dev-type tun --proto "$proto" \
     --local "$innerip" --lport "$innerport" --remote "$peerip" --rport "$peerport" \
     --ifconfig "$local_address" "$remote_address" \
     "${role[@]}" --cert "$dir/cert.pem" --key "$dir/key.pem" --peer-fingerprint "$peer_fingerprint" \

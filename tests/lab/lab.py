@@ -19,6 +19,25 @@ Every namespace name carries a per-instance prefix (px + 6 hex digits + "-"), so
 pairs are created directly inside their namespaces, so interface names never meet in the root namespace.
 In mode "none" a host is public: it moves to an address in a /27 that inet routes via its router
 (198.51.100.66 for a, 198.51.100.98 for b) and the router only routes.
+
+IPv6 (issue 18) runs beside IPv4 on every link, global addresses of the documentation prefix, no NAT66:
+
+    a (2001:db8:a::2) -- nat-a -- inet -- nat-b -- b (2001:db8:b::2), c (2001:db8:b::3)
+                                    |
+                  pub (2001:db8:ff::10, 2001:db8:ff::11): coturn STUN and TURN on both families
+
+Each site's LAN is a /64 (2001:db8:a::/64, 2001:db8:b::/64; the router is ::1), each WAN link to inet a /64
+(2001:db8:1:a::/64, 2001:db8:1:b::/64; inet ::1, the router ::2), pub's link 2001:db8:ff::/64 (inet ::1). Each
+home router is a stateful IPv6 firewall (table ip6 plexus_fw6, as RFC 6092 has home routers): what the LAN
+started comes back in, new traffic from the WAN is dropped, so a simultaneous UDP open gets through at once
+while the same hosts' IPv4 may sit behind symmetric NATs. The NAT modes are IPv4's alone: in mode "none" the
+host's IPv6 stays behind its firewall. The carrier NAT only routes IPv6 (carriers hand out native IPv6; the
+home router filters): its inside link is 2001:db8:64::/64 and it takes nat-a's place on 2001:db8:1:a::/64.
+set_ipv6(host, False) takes a host's global address and IPv6 default route away (an IPv4-only network).
+Addresses skip duplicate address detection (accept_dad=0 in every namespace, so link-local addresses too:
+a router resolves neighbours from its link-local address), and up() waits until every host reaches pub over
+IPv6 rather than sleeping. `ip netns exec` gives each host namespace /etc/netns/NAME/hosts, where
+stun.lab.test (STUN_NAME) has an A and an AAAA record and mail.lab.test an A record.
 """
 
 from __future__ import annotations
@@ -54,7 +73,9 @@ T = TypeVar("T")
 NatMode = Literal["cone", "fullcone", "symmetric", "none"]
 NAT_MODES: tuple[NatMode, ...] = ("cone", "fullcone", "symmetric", "none")
 NAMESPACES = ("a", "nat-a", "cgn", "inet", "nat-b", "b", "c", "pub")
+HOSTS = ("a", "b", "c")
 REGISTRY = Path("/run/plexus-lab")
+NETNS_ETC = Path("/etc/netns")  # `ip netns exec NAME` bind-mounts NETNS_ETC/NAME/hosts over /etc/hosts
 PREFIX_RE = re.compile(r"^px[0-9a-f]{6}-")
 NOBODY = 65534  # owner of the mailboxes: Dovecot refuses root as mail user
 SERVER_WAIT_S = 20.0
@@ -91,18 +112,23 @@ class _Site:
     public_net: str  # the /27 a host in mode "none" lives in, e.g. "198.51.100.64"
     public_gw: str
     public_ip: str
+    lan6: str  # the LAN's /64 as an address prefix, e.g. "2001:db8:a::": router ::1, host ::2
+    wan6: str  # the /64 between the router and inet: inet ::1, the router (or the carrier NAT) ::2
     neighbours: tuple[str, ...] = ()  # more hosts on the LAN, always behind the NAT (.3, .4, ...)
 
 
 SITES: dict[str, _Site] = {
-    "a": _Site("10.0.1", "198.51.100.2", "198.51.100.1", "198.51.100.64", "198.51.100.65", "198.51.100.66"),
-    "b": _Site(
-        "10.0.2", "198.51.100.6", "198.51.100.5", "198.51.100.96", "198.51.100.97", "198.51.100.98", ("c",)
-    ),
-}
+    "a": _Site("10.0.1", "198.51.100.2", "198.51.100.1", "198.51.100.64", "198.51.100.65", "198.51.100.66",
+               "2001:db8:a::", "2001:db8:1:a::"),
+    "b": _Site("10.0.2", "198.51.100.6", "198.51.100.5", "198.51.100.96", "198.51.100.97", "198.51.100.98",
+               "2001:db8:b::", "2001:db8:1:b::", ("c",)),
+}  # fmt: skip
 NEIGHBOURS = {host: site for site in SITES.values() for host in site.neighbours}
 # The carrier NAT in front of nat-a (double_nat): its inside /30, nat-a's WAN at .2, and its WAN /30 to inet
 CARRIER_INSIDE, CARRIER_WAN, CARRIER_UPLINK = "100.64.0", "198.51.100.10", "198.51.100.9"
+CARRIER_INSIDE6 = "2001:db8:64::"  # the carrier's inside /64 (cgn ::1, nat-a ::2): IPv6 is only routed
+PUB_NET6 = "2001:db8:ff::"  # pub's link: inet ::1, pub ::10 and ::11
+DISCARD_PORT = 9  # nothing listens there: a datagram to it comes back as ICMP port unreachable
 
 # Conntrack must not learn unsolicited WAN traffic, neither forwarded nor addressed to the router itself: an
 # entry created by a stray inbound packet would take the host's port and Linux NAT would then look symmetric.
@@ -137,6 +163,23 @@ _NFT_FULLCONE = """\
         iifname "wan" meta l4proto udp dnat to {host_ip}
     }}
 """
+# IPv6 has no NAT66: the home router is a stateful firewall. Neighbour discovery addressed to the router
+# itself must pass; ICMPv6 errors about the LAN's own flows are "related".
+_NFT_FIREWALL6 = """\
+table ip6 plexus_fw6 {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        iifname "wan" ct state established,related accept
+        iifname "wan" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
+        iifname "wan" drop
+    }
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        iifname "wan" ct state established,related accept
+        iifname "wan" drop
+    }
+}
+"""
 _NFT_COUNTER = """\
 table ip plexus_count {
     counter wan_udp { }
@@ -163,18 +206,21 @@ def _neighbour_ip(host: str) -> str | None:
 def _nft_loss(loss_pct: float) -> str:
     rules = ""
     if loss_pct:
-        # numgen draws per packet; a per-mille threshold keeps fractional percentages meaningful
+        # numgen draws per packet; a per-mille threshold keeps fractional percentages meaningful. Both
+        # families lose packets; neighbour discovery is spared, as ARP is (it never meets an ip table).
         threshold = min(max(round(loss_pct * 10), 1), 1000)
         rules = f"""
     chain inbound {{
         type filter hook prerouting priority raw - 20;
+        icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept
         iifname "wan" numgen random mod 1000 <= {threshold - 1} drop
     }}
     chain outbound {{
         type filter hook postrouting priority srcnat + 10;
+        icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept
         oifname "wan" numgen random mod 1000 <= {threshold - 1} drop
     }}"""
-    return f"table ip plexus_link\ndelete table ip plexus_link\ntable ip plexus_link {{{rules}\n}}\n"
+    return f"table inet plexus_link\ndelete table inet plexus_link\ntable inet plexus_link {{{rules}\n}}\n"
 
 
 def nft_ruleset(mode: NatMode, host_ip: str) -> str:
@@ -279,6 +325,9 @@ class _Server:
 class Lab:
     STUN_PRIMARY: ClassVar[Endpoint] = Endpoint("203.0.113.10", 3478)
     STUN_ALTERNATE: ClassVar[Endpoint] = Endpoint("203.0.113.11", 3479)
+    STUN6_PRIMARY: ClassVar[Endpoint] = Endpoint(f"{PUB_NET6}10", 3478)
+    STUN6_ALTERNATE: ClassVar[Endpoint] = Endpoint(f"{PUB_NET6}11", 3479)
+    STUN_NAME: ClassVar[str] = "stun.lab.test"  # A and AAAA: STUN_PRIMARY's and STUN6_PRIMARY's addresses
     MAIL_HOST: ClassVar[str] = "203.0.113.10"
     MAIL_NAME: ClassVar[str] = "mail.lab.test"
     SMTPS_PORT: ClassVar[int] = 465
@@ -287,6 +336,7 @@ class Lab:
     LMTP_PORT: ClassVar[int] = 24
     HOPS_TO_PEER_NAT: ClassVar[int] = 3
     PUB_IPS: ClassVar[tuple[str, str]] = ("203.0.113.10", "203.0.113.11")
+    PUB_IPS6: ClassVar[tuple[str, str]] = (f"{PUB_NET6}10", f"{PUB_NET6}11")
     TURN_REALM: ClassVar[str] = "lab.test"
     TURN_RELAY_PORTS: ClassVar[tuple[int, int]] = (49152, 49407)  # relayed endpoints on 203.0.113.10
     TURNS_PORT: ClassVar[int] = 5349  # TURN over TLS (TCP is on the STUN port)
@@ -301,6 +351,7 @@ class Lab:
         self.turn = TurnAccount(self.STUN_PRIMARY, "plexus", f"turn-{secrets.token_hex(4)}", self.TURN_REALM)
         self.modes: dict[str, NatMode] = {"a": "cone", "b": "cone"}
         self.carrier = False  # a's router is behind the carrier NAT (double_nat)
+        self.ipv6 = dict.fromkeys(HOSTS, True)  # hosts with their global IPv6 address (set_ipv6)
         self._servers: dict[str, _Server] = {}
         self._wires: dict[str, subprocess.Popen[str]] = {}  # hosts whose WAN link is a delay wire
         self._created: list[str] = []
@@ -318,6 +369,12 @@ class Lab:
             return neighbour
         site = _site(host)
         return site.public_ip if self.modes[host] == "none" else f"{site.lan_net}.2"
+
+    def inner_ip6(self, host: str) -> str:
+        """The host's global IPv6 address (no brackets), also its public one: there is no NAT66. The address
+        it has with IPv6 on (set_ipv6)."""
+        site = NEIGHBOURS.get(host) or _site(host)
+        return f"{site.lan6}{3 + site.neighbours.index(host) if host in NEIGHBOURS else 2}"
 
     def public_ip(self, host: str) -> str:
         if host in NEIGHBOURS:
@@ -375,6 +432,8 @@ class Lab:
             self._register()
             self._build_network()
             self._start_servers()
+            for host in HOSTS:
+                self._wait_for_ipv6(host)
         except BaseException:
             self.down()
             raise
@@ -394,6 +453,8 @@ class Lab:
         for name in reversed(self._created):
             _kill_namespace(name)
         self._created.clear()
+        for host in HOSTS:
+            shutil.rmtree(NETNS_ETC / self.netns(host), ignore_errors=True)
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
@@ -406,15 +467,28 @@ class Lab:
         self.tmp.chmod(0o755)  # Dovecot's unprivileged processes need to traverse it
         REGISTRY.mkdir(parents=True, exist_ok=True)
         (REGISTRY / f"{self.prefix}json").write_text(json.dumps({"owner": os.getpid(), "tmp": str(self.tmp)}))
+        # The machine's own lines stay (its hostname may be there and nowhere else, with no DNS in the lab)
+        hosts = Path("/etc/hosts").read_text().rstrip("\n") + (
+            f"\n# the plexus lab {self.prefix}\n"
+            f"{self.PUB_IPS[0]} {self.STUN_NAME} {self.MAIL_NAME}\n{self.PUB_IPS6[0]} {self.STUN_NAME}\n"
+        )
+        for host in HOSTS:
+            folder = NETNS_ETC / self.netns(host)
+            folder.mkdir(parents=True)
+            (folder / "hosts").write_text(hosts)
 
     def _build_network(self) -> None:
         for name in NAMESPACES:
             run(["ip", "netns", "add", self.netns(name)])
             self._created.append(self.netns(name))
             self.ip(name, "link", "set", "lo", "up")
-            self._sysctl(name, "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
+            # Before any interface exists, so that every address, link-local ones too, is usable at once
+            self._sysctl(name, "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
+                         "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")  # fmt: skip
         for router in ("nat-a", "cgn", "nat-b", "inet"):
-            self._sysctl(router, "net.ipv4.ip_forward=1")
+            self._sysctl(router, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+        # pub answers every probe of _wait_for_ipv6 (ICMPv6 errors are otherwise limited to one a second)
+        self._sysctl("pub", "net.ipv6.icmp.ratelimit=0")
         for host, site in SITES.items():
             self._lan(f"nat-{host}", (host, *site.neighbours))
         self._veth("nat-a", "wan", "inet", "nat-a")
@@ -424,17 +498,27 @@ class Lab:
             router = f"nat-{host}"
             self.ip(router, "addr", "add", f"{site.lan_net}.1/24", "dev", "lan")
             self.ip(router, "addr", "add", f"{site.public_gw}/27", "dev", "lan")
+            self.ip(router, "addr", "add", f"{site.lan6}1/64", "dev", "lan", "nodad")
             self._address_wan(host)
             self._set_host_address(host)
             for neighbour in site.neighbours:
                 self.ip(neighbour, "addr", "add", f"{_neighbour_ip(neighbour)}/24", "dev", "eth0")
                 self.ip(neighbour, "route", "add", "default", "via", f"{site.lan_net}.1")
-            run(["ip", "netns", "exec", self.netns(router), "nft", "-f", "-"], input=_NFT_COUNTER)
+            for lan_host in (host, *site.neighbours):
+                self._address_host6(lan_host)
+            run(
+                ["ip", "netns", "exec", self.netns(router), "nft", "-f", "-"],
+                input=_NFT_COUNTER + _NFT_FIREWALL6,
+            )
             self._apply_nat(host)
         self.ip("inet", "addr", "add", "203.0.113.1/24", "dev", "pub")
+        self.ip("inet", "addr", "add", f"{PUB_NET6}1/64", "dev", "pub", "nodad")
         for ip in self.PUB_IPS:
             self.ip("pub", "addr", "add", f"{ip}/24", "dev", "eth0")
+        for ip in self.PUB_IPS6:
+            self.ip("pub", "addr", "add", f"{ip}/64", "dev", "eth0", "nodad")
         self.ip("pub", "route", "add", "default", "via", "203.0.113.1")
+        self.ip("pub", "-6", "route", "add", "default", "via", f"{PUB_NET6}1")
 
     def _sysctl(self, ns: str, *settings: str) -> None:
         run(["ip", "netns", "exec", self.netns(ns), "sysctl", "-q", "-w", *settings])
@@ -463,11 +547,26 @@ class Lab:
         self.ip(router, "route", "add", "default", "via", site.inet_ip)
         self.ip("inet", "addr", "add", f"{site.inet_ip}/30", "dev", router)
         self.ip("inet", "route", "add", f"{site.public_net}/27", "via", site.wan_ip)
+        self._address_wan6(host, f"nat-{host}")
+
+    def _address_wan6(self, host: str, router: str) -> None:
+        """The IPv6 side of the link between inet and `router`, the site's home router or the carrier NAT in
+        front of it, which inet routes the site's /64 to."""
+        site = SITES[host]
+        self.ip(router, "addr", "add", f"{site.wan6}2/64", "dev", "wan", "nodad")
+        self.ip(router, "-6", "route", "add", "default", "via", f"{site.wan6}1")
+        self.ip("inet", "addr", "add", f"{site.wan6}1/64", "dev", f"nat-{host}", "nodad")
+        self.ip("inet", "-6", "route", "add", f"{site.lan6}/64", "via", f"{site.wan6}2")
+
+    def _address_host6(self, host: str) -> None:
+        site = NEIGHBOURS.get(host) or SITES[host]
+        self.ip(host, "addr", "add", f"{self.inner_ip6(host)}/64", "dev", "eth0", "nodad")
+        self.ip(host, "-6", "route", "add", "default", "via", f"{site.lan6}1")
 
     def _set_host_address(self, host: str) -> None:
         site = SITES[host]
         public = self.modes[host] == "none"
-        self.ip(host, "addr", "flush", "dev", "eth0")
+        self.ip(host, "-4", "addr", "flush", "dev", "eth0")
         self.ip(host, "addr", "add", f"{self.inner_ip(host)}/{27 if public else 24}", "dev", "eth0")
         self.ip(host, "route", "replace", "default", "via", site.public_gw if public else f"{site.lan_net}.1")
 
@@ -546,6 +645,11 @@ class Lab:
             self.ip("cgn", "route", "add", f"{SITES['a'].public_net}/27", "via", f"{CARRIER_INSIDE}.2")
             self.ip("inet", "addr", "add", f"{CARRIER_UPLINK}/30", "dev", "nat-a")
             run(["ip", "netns", "exec", self.netns("cgn"), "nft", "-f", "-"], input=nft_ruleset("cone", ""))
+            self.ip("nat-a", "addr", "add", f"{CARRIER_INSIDE6}2/64", "dev", "wan", "nodad")
+            self.ip("nat-a", "-6", "route", "add", "default", "via", f"{CARRIER_INSIDE6}1")
+            self.ip("cgn", "addr", "add", f"{CARRIER_INSIDE6}1/64", "dev", "lan", "nodad")
+            self.ip("cgn", "-6", "route", "add", f"{SITES['a'].lan6}/64", "via", f"{CARRIER_INSIDE6}2")
+            self._address_wan6("a", "cgn")
         else:
             self.ip("cgn", "link", "del", "lan")
             self.ip("cgn", "link", "del", "wan")
@@ -575,6 +679,22 @@ class Lab:
                 return int(item["counter"]["packets"])
         raise LabError(f"no wan_udp counter in {router}")
 
+    def set_ipv6(self, host: str, on: bool = True) -> None:
+        """Give the host its global IPv6 address and default route back, or take both away: a network with
+        IPv4 only (its link-local address stays, as on any Linux host). On again, it waits until the host
+        reaches pub over IPv6."""
+        if host not in HOSTS:
+            raise ValueError(f"unknown lab host {host!r}; expected one of {', '.join(HOSTS)}")
+        if on == self.ipv6[host]:
+            return
+        if on:
+            self._address_host6(host)
+            self._wait_for_ipv6(host)
+        else:
+            self.ip(host, "-6", "route", "del", "default")
+            self.ip(host, "addr", "del", f"{self.inner_ip6(host)}/64", "dev", "eth0")
+        self.ipv6[host] = on
+
     def separate(self, on: bool = True) -> None:
         """A firewall at the internet router that drops UDP between the two sites, so that no direct path can
         work, while both still reach the public servers (STUN, TURN, mail)."""
@@ -603,13 +723,15 @@ class Lab:
 
     def reset(self) -> None:
         """Back to the start: both NATs cone, no carrier NAT, clean links, no firewall between the sites nor
-        on either, STUN running; fails if a mail server died."""
+        on either, IPv6 on every host, STUN running; fails if a mail server died."""
         self.separate(False)
         self.double_nat(False)
         for host in SITES:
             self.block_udp(host, False)
             self.set_nat(host, "cone")
             self.set_link(host)
+        for host in HOSTS:
+            self.set_ipv6(host)
         if not self._servers["stun"].running:
             self.start_stun()
         for server in self._servers.values():
@@ -618,7 +740,7 @@ class Lab:
     # ---- servers -----------------------------------------------------------------------------------------
     def _start_servers(self) -> None:
         tmp = self._path("")
-        make_pki(tmp, [self.MAIL_NAME], list(self.PUB_IPS))
+        make_pki(tmp, [self.MAIL_NAME, self.STUN_NAME], [*self.PUB_IPS, *self.PUB_IPS6])
         self._write_mail_config()
         self._servers["stun"] = _Server("turnserver", self._turnserver_argv(), tmp / "turnserver.log")
         self._servers["dovecot"] = _Server(
@@ -640,14 +762,18 @@ class Lab:
         self._wait_for("stun", self._probe_stun)
 
     def _turnserver_argv(self) -> list[str]:
-        """coturn: STUN (RFC 5780) on both addresses, and TURN over UDP, TCP (the same port) and TLS
-        (TURNS_PORT, the lab CA's server certificate) with long-term credentials.
+        """coturn: STUN (RFC 5780) on both addresses of each family, and TURN over UDP, TCP (the same port)
+        and TLS (TURNS_PORT, the lab CA's server certificate) with long-term credentials, over IPv4 and IPv6.
 
-        Plain STUN binding requests need no credentials. Relayed endpoints are on the primary address. coturn
-        refuses some peer ranges by default; the lab's hosts (198.51.100.0/24) and servers (203.0.113.0/24)
-        are allowed explicitly, so a change of that default cannot break the lab.
+        Plain STUN binding requests need no credentials. coturn pairs the two listening addresses of a family
+        for RFC 5780, so the IPv6 alternate is the second IPv6 address. Relayed endpoints are on the primary
+        IPv4 address only: an allocation over IPv6 gets one there too (RFC 6156's default family, coturn's
+        --allocation-default-address-family ipv4); with no IPv6 relay address, relays reach IPv4 peers
+        only, so the allowed peer ranges are IPv4's. coturn refuses some peer ranges by default; the lab's
+        hosts (198.51.100.0/24) and servers (203.0.113.0/24) are allowed explicitly, so a change of that
+        default cannot break the lab.
         """
-        listen = [arg for ip in self.PUB_IPS for arg in ("--listening-ip", ip)]
+        listen = [arg for ip in (*self.PUB_IPS, *self.PUB_IPS6) for arg in ("--listening-ip", ip)]
         return ["turnserver", "-n", *listen,
                 "--listening-port", str(self.STUN_PRIMARY.port),
                 "--alt-listening-port", str(self.STUN_ALTERNATE.port),
@@ -686,28 +812,62 @@ class Lab:
 
     def _wait_for(self, name: str, probe: Callable[[], None]) -> None:
         server = self._servers[name]
+        error = self._retry("inet", probe, server.check_running)
+        if error is not None:
+            raise LabError(
+                f"{server.name} did not answer within {SERVER_WAIT_S:.0f} s ({error}).\n{server.log_tail()}"
+            )
+
+    def _wait_for_ipv6(self, host: str) -> None:
+        """Until the host reaches pub over IPv6: neighbour discovery and routes work, no sleep guessed."""
+        error = self._retry(host, self._probe_ipv6)
+        if error is not None:
+            raise LabError(f"host {host} did not reach pub over IPv6 within {SERVER_WAIT_S:.0f} s ({error})")
+
+    def _retry(
+        self, ns: str, probe: Callable[[], None], check: Callable[[], None] = lambda: None
+    ) -> Exception | None:
+        """Run probe in the namespace until it passes (None) or SERVER_WAIT_S is over (its last error); check
+        runs before each attempt and may give up by raising."""
         deadline = time.monotonic() + SERVER_WAIT_S
         error: Exception | None = None
         while time.monotonic() < deadline:
-            server.check_running()
+            check()
             try:
-                self.run_sync("inet", probe)
-                return
+                self.run_sync(ns, probe)
+                return None
             except (OSError, LabError, ssl.SSLError) as exc:
                 error = exc
                 time.sleep(0.1)
-        raise LabError(
-            f"{server.name} did not answer within {SERVER_WAIT_S:.0f} s ({error}).\n{server.log_tail()}"
-        )
+        return error
 
     def _probe_stun(self) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for server in (self.STUN_PRIMARY, self.STUN6_PRIMARY):
+            with socket.socket(
+                socket.AF_INET6 if ":" in server.host else socket.AF_INET, socket.SOCK_DGRAM
+            ) as sock:
+                sock.settimeout(0.3)
+                request = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+                sock.sendto(bytes(request), tuple(server))
+                reply = stun.parse_message(sock.recv(2048))
+                if (
+                    reply.transaction_id != request.transaction_id
+                    or "XOR-MAPPED-ADDRESS" not in reply.attributes
+                ):
+                    raise LabError(f"unexpected STUN reply {reply}")
+
+    def _probe_ipv6(self) -> None:
+        """A round trip to pub over IPv6, coturn or not: a datagram to a port where nothing listens comes back
+        as ICMPv6 port unreachable, which the socket raises as ConnectionRefusedError."""
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
             sock.settimeout(0.3)
-            request = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
-            sock.sendto(bytes(request), tuple(self.STUN_PRIMARY))
-            reply = stun.parse_message(sock.recv(2048))
-            if reply.transaction_id != request.transaction_id or "XOR-MAPPED-ADDRESS" not in reply.attributes:
-                raise LabError(f"unexpected STUN reply {reply}")
+            sock.connect((self.PUB_IPS6[0], DISCARD_PORT))
+            sock.send(b"probe")
+            try:
+                sock.recv(16)
+            except ConnectionRefusedError:
+                return
+            raise LabError(f"something answers on [{self.PUB_IPS6[0]}]:{DISCARD_PORT}")
 
     def _tls_client(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))
@@ -736,10 +896,13 @@ class Lab:
             + (f", behind the carrier NAT: nat-a's WAN {CARRIER_INSIDE}.2)" if self.carrier else ")"),
             f"host b: inner {self.inner_ip('b')}, public {self.public_ip('b')} (NAT {self.modes['b']})",
             f"host c: inner {self.inner_ip('c')}, on b's LAN behind the same NAT, which does not hairpin",
-            f"STUN: {self.STUN_PRIMARY} and {self.STUN_ALTERNATE} (RFC 5780)",
-            f"TURN: {self.turn.server} (UDP), user {self.turn.user} / {self.turn.password}, realm "
-            f"{self.turn.realm}, relayed ports {self.PUB_IPS[0]}:{self.TURN_RELAY_PORTS[0]}-"
-            f"{self.TURN_RELAY_PORTS[1]}",
+            f"IPv6 (no NAT66, stateful firewalls): a {self.inner_ip6('a')}, b {self.inner_ip6('b')}, "
+            f"c {self.inner_ip6('c')}; pub {self.PUB_IPS6[0]}, {self.PUB_IPS6[1]}",
+            f"STUN: {self.STUN_PRIMARY} and {self.STUN_ALTERNATE} (RFC 5780); on IPv6 {self.STUN6_PRIMARY}"
+            f" and {self.STUN6_ALTERNATE}; {self.STUN_NAME} has both families (hosts' /etc/netns files)",
+            f"TURN: {self.turn.server} (UDP) and {self.STUN6_PRIMARY}, user {self.turn.user} / "
+            f"{self.turn.password}, realm {self.turn.realm}, relayed ports "
+            f"{self.PUB_IPS[0]}:{self.TURN_RELAY_PORTS[0]}-{self.TURN_RELAY_PORTS[1]}",
             f"mail: SMTPS {self.MAIL_HOST}:{self.SMTPS_PORT}, submission :{self.SUBMISSION_PORT} (STARTTLS), "
             f"IMAPS :{self.IMAPS_PORT}; CA {self.ca_file}",
             "accounts:",
@@ -827,6 +990,12 @@ def clean_stale() -> list[str]:
             continue
         _kill_namespace(name)
         removed.append(name)
+    for folder in NETNS_ETC.glob("px*-*"):
+        match = PREFIX_RE.match(folder.name)
+        owner = None if match is None else owners.get(match.group(0))
+        if match is not None and (owner is None or not _alive(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
     for prefix, owner in owners.items():
         if not _alive(owner):
             shutil.rmtree(tmps[prefix], ignore_errors=True)

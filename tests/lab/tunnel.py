@@ -23,9 +23,12 @@ SIX_ARGS = "%innerip% %innerport% %outerip% %outerport% %peerip% %peerport%"  # 
 
 
 def exec_sh(
-    *args: str, directory: Path | None = None, as_nobody: bool = False
+    *args: str, directory: Path | None = None, as_nobody: bool = False, path: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """The script run here; `path` goes first on PATH (a stand-in openvpn)."""
     env = os.environ | ({"PLEXUS_OPENVPN_DIR": str(directory)} if directory else {})
+    if path is not None:
+        env["PATH"] = f"{path}:{env['PATH']}"
     if not as_nobody:
         return subprocess.run([str(EXEC_SH), *args], env=env, capture_output=True, text=True, timeout=30)
     # As nobody the script comes on stdin: the clone may sit in a folder only root can enter (mktemp -d).
@@ -52,6 +55,20 @@ def pinned_pair(workdir: Path) -> tuple[Path, Path]:
     (folders[0] / "peer-fingerprint").write_text(f"# b's, copied by hand\n{fingerprints[1].lower()}\n")
     (folders[1] / "peer-fingerprint").write_text(fingerprints[0] + "\n")
     return folders
+
+
+def launch(lab: Lab, host: str, folder: Path, log: Path, *endpoints: str) -> subprocess.Popen[bytes]:
+    """exec.sh on the host as plexus launches it with the six recommended arguments (SIX_ARGS), without
+    plexus: what it would pass, given by hand."""
+    with log.open("ab") as out:
+        return lab.popen(
+            host,
+            [str(EXEC_SH), *endpoints],
+            env=os.environ | {"PLEXUS_OPENVPN_DIR": str(folder)},
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def tun_addresses(lab: Lab, host: str) -> tuple[str, str] | None:

@@ -24,9 +24,10 @@ pytestmark = pytest.mark.lab
 
 PROBE_TIMEOUT_S = 10.0
 PUSH_LIMIT_S = 2.0
-IP_RECVERR = 11  # linux/in.h; not in Python's socket module
+IP_RECVERR, IPV6_RECVERR = 11, 25  # linux/in.h, linux/in6.h; not in Python's socket module
 UNREACHABLE = (errno.ENETUNREACH, errno.EHOSTUNREACH)
 OUTSIDE = ("8.8.8.8", "1.1.1.1", "192.0.2.1")  # public resolvers; TEST-NET-1, often a gateway of test VMs
+OUTSIDE6 = "2001:4860:4860::8888"  # the lab's hosts have global IPv6 addresses and default routes too
 
 
 @pytest.fixture
@@ -63,16 +64,20 @@ def test_the_lab_has_no_way_out(lab: Lab) -> None:
             if ": lo:" in link or re.search(r"\sbridge\s", link):
                 continue
             assert re.search(rf"link-netns {re.escape(lab.prefix)}\S+", link), f"{name}: {link}"
-    for target in (*OUTSIDE, "2001:4860:4860::8888"):
+    for target in (*OUTSIDE, OUTSIDE6):
         route = run(["ip", "-n", lab.netns("inet"), "route", "get", target], check=False)
         assert route.returncode != 0 and "unreachable" in route.stderr, (
             f"inet routes {target}: {route.stdout}"
         )
 
     def send_out(target: str) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        v6 = ":" in target
+        with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as sock:
             # Net unreachable is a soft ICMP error: a connected UDP socket reports it only with IP_RECVERR
-            sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+            if v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
             sock.settimeout(1)
             sock.connect((target, 4222))
             for _ in range(3):  # inet rate-limits its ICMP errors per destination
@@ -86,8 +91,9 @@ def test_the_lab_has_no_way_out(lab: Lab) -> None:
             return 0
 
     for host in ("pub", "a", "b"):
-        code = lab.run_sync(host, functools.partial(send_out, OUTSIDE[0]))
-        assert code in UNREACHABLE, f"{host} -> {OUTSIDE[0]}: {errno.errorcode.get(code, code)}"
+        for target in (OUTSIDE[0], OUTSIDE6):  # IPv6's comes back through the home routers' firewalls
+            code = lab.run_sync(host, functools.partial(send_out, target))
+            assert code in UNREACHABLE, f"{host} -> {target}: {errno.errorcode.get(code, code)}"
 
 
 def test_the_network_forms_and_stops_without_leftovers(lab: Lab) -> None:

@@ -19,6 +19,7 @@ from email.message import EmailMessage
 import pytest
 from aioice import stun
 
+from plexus.endpoint import Endpoint
 from tests.lab.lab import Lab
 
 pytestmark = pytest.mark.lab
@@ -42,9 +43,9 @@ def pub_sockets(
         yield socks
 
 
-def host_socket(lab: Lab, host: str, port: int = HOST_PORT) -> socket.socket:
-    sock = lab.socket(host)
-    sock.bind(("0.0.0.0", port))
+def host_socket(lab: Lab, host: str, port: int = HOST_PORT, family: int = socket.AF_INET) -> socket.socket:
+    sock = lab.socket(host, family)
+    sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
     sock.settimeout(TIMEOUT)
     return sock
 
@@ -174,7 +175,7 @@ def stun_request(
         return None
     reply = stun.parse_message(data)
     assert reply.transaction_id == request.transaction_id
-    return reply, source
+    return reply, source[:2]  # IPv6's source has flow info and scope id too
 
 
 @pytest.mark.parametrize("server", [Lab.STUN_PRIMARY, Lab.STUN_ALTERNATE])
@@ -228,11 +229,14 @@ def test_stop_and_start_stun(lab: Lab) -> None:
         assert stun_request(sock, Lab.STUN_PRIMARY) is not None
 
 
-def test_set_link_loses_packets(lab: Lab) -> None:
+@pytest.mark.parametrize("server", [Lab.STUN_PRIMARY, Lab.STUN6_PRIMARY])
+def test_set_link_loses_packets(lab: Lab, server: Endpoint) -> None:
+    family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+
     def answered(count: int) -> int:
-        with host_socket(lab, "a") as sock:
+        with host_socket(lab, "a", family=family) as sock:
             sock.settimeout(0.05)
-            return sum(stun_request(sock, Lab.STUN_PRIMARY) is not None for _ in range(count))
+            return sum(stun_request(sock, server) is not None for _ in range(count))
 
     lab.set_link("a", loss_pct=100)
     assert answered(5) == 0

@@ -1,7 +1,8 @@
 """exec/exec.sh: OpenVPN in TLS mode with pinned self-signed certificates.
 
-The fast tests run the script's own checks (no lab; `init` needs no root). The lab tests launch it from a real
-plexus session across the lab's NATs on both hosts, each with its own key folder, and ping through the tunnel.
+The fast tests run the script's own checks (no lab; `init` needs no root), and its TLS role decision with a
+stand-in openvpn. The lab tests launch it from a real plexus session across the lab's NATs on both hosts, each
+with its own key folder, and ping through the tunnel; and over IPv6, launched by hand as plexus would.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.lab import sessions
-from tests.lab.lab import Lab
+from tests.lab.lab import Lab, stop_process
 from tests.lab.sessions import Plexus, Side
 from tests.lab.tunnel import (
     DEV,
@@ -30,6 +31,7 @@ from tests.lab.tunnel import (
     exec_sh,
     first_ping,
     init,
+    launch,
     pinned_pair,
     tun_addresses,
 )
@@ -86,6 +88,57 @@ def test_run_mode_checks_before_starting_openvpn(tmp_path: Path) -> None:
     (tmp_path / "peer-fingerprint").write_text("not a fingerprint\n")
     garbled = exec_sh(*endpoints, directory=tmp_path)
     assert garbled.returncode != 0 and "no SHA-256 fingerprint" in garbled.stderr, garbled.stderr
+
+
+Endpoint = tuple[str, str]  # an address as plexus passes it, and a port
+
+# Each host decides its TLS role alone, from the endpoints as plexus gave it: (a's own, b's as a has it), (b's
+# own, a's as b has it), whether a is the TLS server, openvpn's --proto.
+ROLES: list[tuple[tuple[Endpoint, Endpoint], tuple[Endpoint, Endpoint], bool, str]] = [
+    ((("198.51.100.2", "40000"), ("198.51.100.6", "40001")),
+     (("198.51.100.6", "40001"), ("198.51.100.2", "40000")), True, "udp"),
+    ((("2001:db8:a::2", "40000"), ("2001:db8:b::2", "40001")),
+     (("2001:db8:b::2", "40001"), ("2001:db8:a::2", "40000")), True, "udp6"),
+    # Other spellings of the same addresses: as plain strings, each side would sort its own first
+    ((("2001:db8:a::2", "40000"), ("2001:0db8:b::2", "40001")),
+     (("2001:db8:b::2", "40001"), ("2001:0DB8:A:0:0:0:0:2", "40000")), True, "udp6"),
+    ((("2001:db8:ff00::5", "40000"), ("2001:db8:1::9", "40001")),
+     (("2001:db8:1::9", "40001"), ("2001:db8:ff00::5", "40000")), False, "udp6"),
+    # One address, the port decides
+    ((("2001:db8:a::2", "40001"), ("2001:db8:a::2", "40000")),
+     (("2001:db8:a::2", "40000"), ("2001:db8:a::2", "40001")), False, "udp6"),
+]  # fmt: skip
+
+
+@needs_openssl
+def test_tls_roles_are_opposite_whatever_the_family_or_spelling(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the root check comes first")
+    folders = pinned_pair(tmp_path)
+    stand_in = tmp_path / "bin"
+    stand_in.mkdir()
+    (stand_in / "openvpn").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')  # its arguments, one a line
+    (stand_in / "openvpn").chmod(0o755)
+
+    def argv(folder: Path, own: Endpoint, peer: Endpoint) -> list[str]:
+        done = exec_sh(*own, *own, *peer, directory=folder, path=stand_in)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    for (own_a, b_at_a), (own_b, a_at_b), a_serves, proto in ROLES:
+        at_a, at_b = argv(folders[0], own_a, b_at_a), argv(folders[1], own_b, a_at_b)
+        assert (("--tls-server" in at_a), ("--tls-server" in at_b)) == (a_serves, not a_serves), (at_a, at_b)
+        for args, own, peer in ((at_a, own_a, b_at_a), (at_b, own_b, a_at_b)):
+            assert args[args.index("--proto") + 1] == proto
+            assert args[args.index("--local") + 1 : args.index("--local") + 4] == [own[0], "--lport", own[1]]
+            assert args[args.index("--remote") + 1 : args.index("--remote") + 4] == [
+                peer[0],
+                "--rport",
+                peer[1],
+            ]
+    for wrong in ("2001:db8::zz", "1:2:3:4:5:6:7:8:9", "2001:db8::1::2"):
+        refused = exec_sh(wrong, "40000", wrong, "40000", "2001:db8::2", "40001", directory=folders[0])
+        assert refused.returncode == 1 and refused.stderr == f"exec.sh: not an IPv6 address: {wrong}\n"
 
 
 # --- a real session launches exec.sh on both hosts
@@ -212,3 +265,43 @@ def test_plexus_reconnect_brings_a_dead_tunnel_back(lab: Lab, tmp_path: Path, ru
     assert logged()[-1].startswith("-t plexus reconnected (the tunnel to 10.255.0."), logged()
     assert first_ping(lab, time.monotonic() + 30), laptop.exec_log.read_text()
     assert sessions.pids_of(lab, "a", "openvpn") != [before]
+
+
+@pytest.mark.lab
+def test_a_ping_crosses_the_tunnel_over_ipv6(lab: Lab, tmp_path: Path, running: list[Plexus]) -> None:
+    """Both hosts behind symmetric IPv4 NATs, the IPv6 path between their global addresses: exec.sh given the
+    plain IPv6 addresses plexus passes when that path wins, launched by hand on both hosts (no session: both
+    ends send, so the stateful firewalls open by themselves)."""
+    lab.set_nat("a", "symmetric")
+    lab.set_nat("b", "symmetric")
+    folders = pinned_pair(tmp_path)
+    a, b = (lab.inner_ip6("a"), "41800"), (lab.inner_ip6("b"), "41801")
+    logs = tmp_path / "a-openvpn.log", tmp_path / "b-openvpn.log"
+    began = time.monotonic()
+    launched = [
+        launch(lab, "a", folders[0], logs[0], *a, *a, *b),
+        launch(lab, "b", folders[1], logs[1], *b, *b, *a),
+    ]
+    try:
+        addresses = first_ping(lab, began + 60)
+        text = "".join(f"\n{log.name}:\n{log.read_text()}" for log in logs)
+        assert addresses is not None, f"no ping across the tunnel{text}"
+        print(f"first ping across the IPv6 tunnel {time.monotonic() - began:.1f} s after both launched")
+        ping = lab.exec("a", ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", addresses[1]])
+        assert " 0% packet loss" in ping.stdout, ping.stdout
+        own_a, far_a = addresses
+        assert own_a.endswith(".1")  # a's 2001:db8:a::2 sorts before b's 2001:db8:b::2: a is the TLS server
+        assert tun_addresses(lab, "b") == (far_a, own_a)
+        for host, own, peer in (("a", a, b), ("b", b, a)):
+            [pid] = sessions.pids_of(lab, host, "openvpn")
+            argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+            assert argv[argv.index("--proto") + 1] == "udp6", argv
+            assert argv[argv.index("--local") + 1] == own[0], argv
+            assert argv[argv.index("--remote") + 1] == peer[0], argv
+            assert ("--tls-server" in argv) == (host == "a"), argv
+        text = "".join(f"\n{log.name}:\n{log.read_text()}" for log in logs)
+        assert "Peer Connection Initiated" in text
+        assert "DEPRECATED" not in text and "WARNING" not in text, text
+    finally:
+        for popen in launched:
+            stop_process(popen)
