@@ -35,17 +35,19 @@ DIRECT = "direct"
 DIRECTIONS = {"up": "a -> b", "down": "b -> a"}
 LOCAL_SINK, LOCAL_HTTP = 17019, 17080  # --forward's listening ports on a
 DROPS = {"a": "a", "b": "b", "server": "pub"}  # where receive-buffer drops are counted: name, namespace
+CPUS = ("inviter", "acceptor", "server")  # whose CPU time each transfer reads
 MB = 1e6  # figures in MB/s, as the relay's own bulk tests quote them (tests/labtests/test_relay.py)
 
 
 @dataclass(frozen=True)
 class Moved:
-    """One direction's transfer in a session, the CPU seconds of the plexus inviter (a, the relay's end) and
-    acceptor (b) over it, and the datagrams each namespace's kernel dropped meanwhile because a receiving
-    socket's buffer was full (on a and b: plexus's sockets; on the server: coturn's)."""
+    """One direction's transfer in a session; the CPU seconds over it of the plexus inviter (a, the relay's
+    end), the plexus acceptor (b) and coturn (the server, any session's); and the datagrams each namespace's
+    kernel dropped meanwhile because a receiving socket's buffer was full (on a and b: plexus's sockets; on
+    the server: coturn's)."""
 
     bulk: streams.Bulk
-    cpu: tuple[float, float]
+    cpu: dict[str, float]  # by CPUS' names
     drops: dict[str, int]
 
     @property
@@ -54,7 +56,7 @@ class Moved:
 
     def to_json(self) -> dict[str, Any]:
         return self.bulk.to_json() | {"mb_s": round(self.mb_s, 2), "cpu_seconds": {
-            "inviter": round(self.cpu[0], 3), "acceptor": round(self.cpu[1], 3)},
+            name: round(seconds, 3) for name, seconds in self.cpu.items()},
             "receive_buffer_drops": self.drops}  # fmt: skip
 
 
@@ -119,16 +121,17 @@ def session(
     try:
         with streams.forwarding(lab, workdir, ids, me, peer, targets.forwards, turn) as invite:
             way = invite.events("connected")[-1]["way"]
-            pids = [streams.plexus_pid(invite)], [streams.plexus_pid(acceptor)]
+            pids = {"inviter": [streams.plexus_pid(invite)], "acceptor": [streams.plexus_pid(acceptor)],
+                    "server": sessions.pids_of(lab, "pub", "turnserver")}  # fmt: skip
             for direction in DIRECTIONS:
                 dropped = {name: streams.rcvbuf_errors(lab, host) for name, host in DROPS.items()}
-                before = [streams.cpu(side) for side in pids]
+                cpu = {name: streams.cpu(found) for name, found in pids.items()}
                 bulk = lab.run_sync("a", functools.partial(targets.run, direction))
-                after = [streams.cpu(side) for side in pids]
+                cpu = {name: streams.cpu(found) - cpu[name] for name, found in pids.items()}
                 dropped = {
                     name: streams.rcvbuf_errors(lab, host) - dropped[name] for name, host in DROPS.items()
                 }
-                moved[direction] = Moved(bulk, (after[0] - before[0], after[1] - before[1]), dropped)
+                moved[direction] = Moved(bulk, cpu, dropped)
     except (RuntimeError, OSError) as error:  # a session or a connection that failed: reported, then the next
         return Session(way, moved, one_line(error))
     return Session(way, moved)
@@ -217,11 +220,12 @@ def render(found: dict[str, Any]) -> list[str]:
         "and only a with the TURN server (a allocates: its leg carries up toward the server, down from it), "
         "then the direct path (cone NATs) for reference",
         "MB/s (median, min, max of the sessions), the median against the relay over UDP's the same way, CPU "
-        "seconds per MiB of the plexus process on a (the inviter, with the relay forwarder) and on b; "
+        "seconds per MiB (median) of the plexus process on a (the inviter, with the relay forwarder), on b, "
+        "and of coturn; "
         "datagrams the kernel dropped over all the sessions' transfers because a receiving socket's buffer "
         "was full, on a / b / the TURN server; sessions whose bytes arrived whole by the expected way",
         f"{'path':<22}{'way':<6}"
-        + "".join(f"{h:>9}" for h in ("median", "min", "max", "vs UDP", "CPU a", "CPU b"))
+        + "".join(f"{h:>9}" for h in ("median", "min", "max", "vs UDP", "CPU a", "CPU b", "CPU srv"))
         + f"{'drops':>16}{'ok':>6}",
     ]
     for name, title in TITLES.items():
@@ -232,7 +236,7 @@ def render(found: dict[str, Any]) -> list[str]:
                 f"{statistics.median(m['cpu_seconds'][side] for m in moved) / found['mib']:.4f}"
                 if moved
                 else "-"
-                for side in ("inviter", "acceptor")
+                for side in CPUS
             ]
             ratio = found["over_udp"][direction].get(name)
             figures = [entry[direction][key] for key in ("median_mb_s", "min_mb_s", "max_mb_s")]

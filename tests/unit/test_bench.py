@@ -393,7 +393,9 @@ def _session(way: str, up: float, down: float, *, reply: str = "8388608 ab", err
 
     def moved(rate: float, drops: int) -> relay_streams.Moved:
         bulk = streams.Bulk(8 * report.MIB, 8 * report.MIB / rate / 1e6, reply, "8388608 ab")
-        return relay_streams.Moved(bulk, (0.4, 0.2), {"a": drops, "b": 0, "server": 2 * drops})
+        return relay_streams.Moved(
+            bulk, {"inviter": 0.4, "acceptor": 0.2, "server": 0.08}, {"a": drops, "b": 0, "server": 2 * drops}
+        )
 
     done = {"up": up, "down": down}
     return relay_streams.Session(
@@ -424,9 +426,9 @@ def test_the_relay_streams_stand_beside_the_relay_over_udp_each_way() -> None:
     host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
     text = report.render({"machine": host, "bench_seconds": 1.0, "relay_streams": found})
     assert "8 MiB each way per session" in text and "3 sessions per path" in text
-    # medians, the ratio to UDP, CPU seconds per MiB on a and b, the drops over 3 sessions on a / b / server
+    # medians, the ratio to UDP, CPU seconds per MiB on a, b and the server, the drops over 3 sessions
     assert (
-        "relay, TURN over TCP  up         11.0     10.0     12.0    0.50x   0.0500   0.0250"
+        "relay, TURN over TCP  up         11.0     10.0     12.0    0.50x   0.0500   0.0250   0.0100"
         "           3/0/6   3/3" in text
     )
     assert "relay, TURN over UDP  down       15.0     14.0     16.0        -" in text
@@ -453,6 +455,6 @@ def test_the_relay_streams_fail_only_on_wrong_bytes_a_wrong_way_or_a_failed_sess
         {"machine": host, "bench_seconds": 1.0, "relay_streams": relay_streams.summary(8, 1, found)}
     )
     assert (
-        "relay, TURN over TCP  down          -        -        -        -        -        -"
+        "relay, TURN over TCP  down          -        -        -        -        -        -        -"
         "           0/0/0   0/1" in text
     )
