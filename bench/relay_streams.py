@@ -1,14 +1,15 @@
-"""Relay streams: the streams' bulk transfer (bench/streams.py's) when the path is a TURN relay, with the
+"""Relay streams: the streams' bulk transfers (bench/streams.py's) when the path is a TURN relay, with the
 relay's leg to the lab's coturn over UDP, TCP and TLS side by side, and the direct path's for reference.
 
 Both NATs are symmetric, so no punch can work; only the inviter (a) is given the TURN server (its leg over
 UDP, `turn:HOST?transport=tcp` or `turns:HOST:5349` with the lab's CA), so it allocates and every datagram of
 the QUIC connection passes its relay forwarder (plexus/relay.py `forward`) and that leg; b sends to the
-relayed endpoint over plain UDP. One acceptor on b (`--forward-allow` to a sink target) serves every session;
-each transfer is a fresh `--forward` inviter on a, one TCP connection of `mib` MiB into the sink, timed from
-the connect until the sink's checked answer (bench/streams.py `bulk`). The transports take turns (UDP, TCP,
-TLS, UDP, TCP, TLS, ...) so a busy moment of the shared machine hits them alike. Then, for reference, the
-same transfer `runs` times over the direct path (both NATs cone, nobody with a TURN server).
+relayed endpoint over plain UDP. One acceptor on b (`--forward-allow` to a sink and an HTTP target) serves
+every session; each session is a fresh `--forward` inviter on a that moves `mib` MiB each way on one TCP
+connection: up into the sink (bench/streams.py `bulk`, timed until the sink's checked answer), then down, a
+GET from the HTTP target (timed until the whole body, checked). The transports take turns (UDP, TCP, TLS,
+UDP, ...) so a busy moment of the shared machine hits them alike. Then, for reference, as many sessions over
+the direct path (both NATs cone, nobody with a TURN server).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from tests.lab.sessions import Plexus, Side
 
 TRANSPORTS = ("udp", "tcp", "tls")
 DIRECT = "direct"
-# Both ways over one session: a's relay leg carries the data toward the server (up) or from it (down)
-DIRECTIONS = {"up": "a -> b", "down": "b -> a"}
+# Both ways over one session: up (a -> b), a's relay leg carries the data toward the server; down (b -> a),
+# from it
+DIRECTIONS = ("up", "down")
 LOCAL_SINK, LOCAL_HTTP = 17019, 17080  # --forward's listening ports on a
 DROPS = {"a": "a", "b": "b", "server": "pub"}  # where receive-buffer drops are counted: name, namespace
 CPUS = ("inviter", "acceptor", "server")  # whose CPU time each transfer reads
