@@ -4,7 +4,8 @@ In its own NAT lab it measures the time to connect (with its phases, beside the 
 beat), which NAT pairs connect and how the others fail (and issue 18's networks: a LAN without hairpin, a
 double NAT, no UDP out), what an idle acceptor and one session cost, and the reconnect loop with real
 OpenVPN (bench/soak.py), streams: TCP through plexus's QUIC beside plain TCP,
-OpenVPN and the raw UDP path (bench/streams.py), the DHT rendezvous beside the mail (bench/dht.py), and
+OpenVPN and the raw UDP path (bench/streams.py), the same streams through a TURN relay over UDP, TCP and TLS
+beside the direct path (bench/relay_streams.py), the DHT rendezvous beside the mail (bench/dht.py), and
 `plexus --version` and `--help` beside a bare interpreter (bench/startup.py, the one section without a lab).
 Progress goes to stderr, the report to stdout (a plain-text table), and with --json FILE also to that file.
 """
@@ -25,12 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import dht, floor, report, runs, soak, startup, streams
+from bench import dht, floor, relay_streams, report, runs, soak, startup, streams
 from bench.stats import summarize
 from bench.timeline import PHASES, Timeline, TimelineError
 from tests.lab.lab import Lab, LabError, lab_available
 
-SECTIONS = ("connect", "matrix", "relays", "footprint", "soak", "streams", "dht", "startup")
+SECTIONS = ("connect", "matrix", "relays", "footprint", "soak", "streams", "relay-streams", "dht", "startup")
 T = TypeVar("T")
 
 
@@ -55,7 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sections", type=_sections, default=SECTIONS, help=f"what to run (default {','.join(SECTIONS)})"
     )
     parser.add_argument(
-        "--tries", type=_positive(int), default=3, help="sessions per pair of NAT modes (default 3)"
+        "--tries",
+        type=_positive(int),
+        default=3,
+        help="sessions per pair of NAT modes, per relay transport, and per path in relay-streams (default 3)",
     )
     parser.add_argument(
         "--cycles", type=_positive(int), default=20, help="reconnect cycles in the soak (default 20)"
@@ -76,6 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=5,
         help="ssh logins timed in the streams section (default 5)",
     )
+    parser.add_argument(
+        "--relay-mib", type=_positive(int), default=16,
+        help="MiB each way per session in the relay-streams section (default 16)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -296,6 +304,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "streams" in args.sections:
             results["streams"] = streams.measure(
                 lab, workdir / "streams", args.stream_mib, args.round_trips, args.ssh_runs, progress
+            )
+        if "relay-streams" in args.sections:
+            results["relay_streams"] = relay_streams.measure(
+                lab, workdir / "relay-streams", args.relay_mib, args.tries, progress
             )
     results["bench_seconds"] = round(time.monotonic() - started, 1)
     return results

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench import dht, startup
+from bench import dht, relay_streams, startup
 from bench.timeline import PHASES
 from plexus import path
 from plexus.rendezvous import Reach
@@ -50,6 +50,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _soak(results["soak"])
     if "streams" in results:
         lines += _streams(results["streams"])
+    if "relay_streams" in results:
+        lines += relay_streams.render(results["relay_streams"])
     if "dht" in results:
         lines += _dht(results["dht"])
     if "startup" in results:
@@ -308,6 +310,8 @@ def check(results: dict[str, Any]) -> list[str]:
         failures += _check_soak(results["soak"])
     if "streams" in results:
         failures += _check_streams(results["streams"])
+    if "relay_streams" in results:
+        failures += relay_streams.check(results["relay_streams"])
     if "dht" in results:
         # Only what went wrong: a session that failed, a measurement that could not be made. The times and the
         # target are reported.

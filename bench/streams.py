@@ -221,12 +221,18 @@ def streams_acceptor(lab: Lab, workdir: Path, ids: Ids, *allowed: str) -> Iterat
 
 @contextlib.contextmanager
 def forwarding(
-    lab: Lab, workdir: Path, ids: Ids, me: Side, peer: Side, forwards: list[str]
+    lab: Lab,
+    workdir: Path,
+    ids: Ids,
+    me: Side,
+    peer: Side,
+    forwards: list[str],
+    extra: dict[str, str] | None = None,
 ) -> Iterator[Plexus]:
-    """A --forward inviter on a, once it listens on every port; stopped with SIGINT (as a user would)."""
-    invite = sessions.start(
-        lab, me, peer, workdir, accept=False, overrides=ids.inviter_options(forward=",".join(forwards))
-    )
+    """A --forward inviter on a (with `extra` options: a TURN server, say), once it listens on every port;
+    stopped with SIGINT (as a user would)."""
+    overrides = ids.inviter_options(forward=",".join(forwards), **(extra or {}))
+    invite = sessions.start(lab, me, peer, workdir, accept=False, overrides=overrides)
     try:
         deadline = time.monotonic() + 60
         while len(invite.events("forwarding")) < len(forwards):

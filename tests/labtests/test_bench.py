@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,17 +16,34 @@ pytestmark = pytest.mark.lab
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_runs_and_reports(tmp_path: Path) -> None:
+def bench(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """`python -m bench` with these arguments, which must pass: its report and its results."""
     reason = lab_available()
     if reason is not None:
         pytest.skip(reason)
     figures = tmp_path / "bench.json"
-    argv = [sys.executable, "-m", "bench", "--runs", "3", "--delays", "0", "--idle", "1",
-            "--sections", "connect,footprint", "--json", str(figures)]  # fmt: skip
+    argv = [sys.executable, "-m", "bench", *args, "--json", str(figures)]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "total" in done.stdout and "== Footprint" in done.stdout
-    results = json.loads(figures.read_text())
+    return done.stdout, json.loads(figures.read_text())
+
+
+def test_bench_runs_and_reports(tmp_path: Path) -> None:
+    report, results = bench(
+        tmp_path, "--runs", "3", "--delays", "0", "--idle", "1", "--sections", "connect,footprint"
+    )
+    assert "total" in report and "== Footprint" in report
     (connect,) = results["connect"]
     assert connect["total"]["n"] == 3 and connect["floor"] > 0
     assert results["footprint"]["inviter"]["code"] == 0
+
+
+def test_bench_measures_the_streams_through_each_relay_transport(tmp_path: Path) -> None:
+    report, results = bench(tmp_path, "--sections", "relay-streams", "--relay-mib", "1", "--tries", "1")
+    assert "== Streams through a TURN relay" in report and "relay, TURN over TLS  down" in report
+    found = results["relay_streams"]
+    for name, way in [("udp", "relay"), ("tcp", "relay"), ("tls", "relay"), ("direct", "direct")]:
+        (session,) = found["paths"][name]["sessions"]
+        assert session["way"] == way and session["up"]["ok"] and session["down"]["ok"], session
+        assert session["up"]["bytes"] == session["down"]["bytes"] == 1 << 20
+    assert set(found["over_udp"]["up"]) == {"tcp", "tls", "direct"}

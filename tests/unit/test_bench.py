@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench import dht, floor, report, startup
+from bench import dht, floor, relay_streams, report, startup, streams
 from bench.stats import quantile, summarize
 from bench.timeline import PHASES, Timeline, TimelineError, timeline
 
@@ -382,4 +382,79 @@ def test_the_relays_section_reports_the_stream_transports_against_udp() -> None:
     assert (
         "target TCP and TLS within 2x a relay over UDP between symmetric NATs: NOT met (both NATs symmetric "
         "1.50x, no UDP out of a 2.40x)" in text
+    )
+
+
+# ---- the relay-streams section (bench/relay_streams.py) --------------------------------------------------
+
+
+def _session(way: str, up: float, down: float, *, reply: str = "8388608 ab", error: str | None = None) -> Any:
+    """A session moving 8 MiB each way, at `up` and `down` MB/s (0: that direction never ran)."""
+
+    def moved(rate: float, drops: int) -> relay_streams.Moved:
+        bulk = streams.Bulk(8 * report.MIB, 8 * report.MIB / rate / 1e6, reply, "8388608 ab")
+        return relay_streams.Moved(
+            bulk, {"inviter": 0.4, "acceptor": 0.2, "server": 0.08}, {"a": drops, "b": 0, "server": 2 * drops}
+        )
+
+    done = {"up": up, "down": down}
+    return relay_streams.Session(
+        way, {d: moved(rate, i + 1) for i, (d, rate) in enumerate(done.items()) if rate}, error
+    )
+
+
+def _relay_streams() -> dict[str, Any]:
+    found = {
+        "udp": [_session("relay", 20.0, 16.0), _session("relay", 24.0, 14.0), _session("relay", 22.0, 15.0)],
+        "tcp": [_session("relay", 11.0, 8.0), _session("relay", 12.0, 7.0), _session("relay", 10.0, 9.0)],
+        "tls": [_session("relay", 22.0, 15.0)] * 3,
+        "direct": [_session("direct", 33.0, 30.0)] * 3,
+    }
+    return relay_streams.summary(8, 3, found)
+
+
+def test_the_relay_streams_stand_beside_the_relay_over_udp_each_way() -> None:
+    found = _relay_streams()
+    assert found["paths"]["udp"]["up"] == {"median_mb_s": 22.0, "min_mb_s": 20.0, "max_mb_s": 24.0}
+    assert found["over_udp"]["up"] == {"tcp": 0.5, "tls": 1.0, "direct": 1.5}
+    assert found["over_udp"]["down"]["tcp"] == pytest.approx(0.53)
+    assert found["paths"]["tcp"]["sessions"][0]["down"]["receive_buffer_drops"] == {
+        "a": 2,
+        "b": 0,
+        "server": 4,
+    }
+    host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
+    text = report.render({"machine": host, "bench_seconds": 1.0, "relay_streams": found})
+    assert "8 MiB each way per session" in text and "3 sessions per path" in text
+    # medians, the ratio to UDP, CPU seconds per MiB on a, b and the server, the drops over 3 sessions
+    assert (
+        "relay, TURN over TCP  up         11.0     10.0     12.0    0.50x   0.0500   0.0250   0.0100"
+        "           3/0/6   3/3" in text
+    )
+    assert "relay, TURN over UDP  down       15.0     14.0     16.0        -" in text
+    assert "direct (cone NATs)    down       30.0" in text and "Checks: all passed" in text
+    assert report.check({"relay_streams": found}) == []
+
+
+def test_the_relay_streams_fail_only_on_wrong_bytes_a_wrong_way_or_a_failed_session() -> None:
+    found = {
+        "udp": [_session("relay", 5.0, 5.0)],  # slow: reported, not failed
+        "tcp": [_session("relay", 20.0, 0.0, error="--forward inviter exited 14: TURN error")],
+        "tls": [_session("relay", 20.0, 15.0, reply="8388600 cd")],
+        "direct": [_session("relay", 20.0, 15.0)],
+    }
+    failures = report.check({"relay_streams": relay_streams.summary(8, 1, found)})
+    assert failures == [
+        "relay streams, relay, TURN over TCP, session 1: --forward inviter exited 14: TURN error",
+        "relay streams, relay, TURN over TLS, session 1: up: '8388600 cd' arrived, expected '8388608 ab'; "
+        "down: '8388600 cd' arrived, expected '8388608 ab'",
+        "relay streams, direct (cone NATs), session 1: connected by relay, expected direct",
+    ]
+    host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
+    text = report.render(
+        {"machine": host, "bench_seconds": 1.0, "relay_streams": relay_streams.summary(8, 1, found)}
+    )
+    assert (
+        "relay, TURN over TCP  down          -        -        -        -        -        -        -"
+        "           0/0/0   0/1" in text
     )
