@@ -191,12 +191,18 @@ def bench_matrix(lab: Lab, workdir: Path, timeout: float, tries: int) -> list[di
 
 def bench_networks(lab: Lab, workdir: Path, timeout: float, tries: int) -> list[dict[str, Any]]:
     """Issue 18's networks, like the matrix's cells: c on b's LAN (its NAT does not hairpin) inviting b, and
-    a's cone router behind the carrier NAT inviting b; b's NAT cone, then symmetric."""
+    a's cone router behind the carrier NAT inviting b, b's NAT cone, then symmetric; a and b with IPv6 beside
+    IPv4, both NATs symmetric and no relay (IPv6 is the only way), and both cone (IPv6 raced)."""
     cells = []
     for network, acceptor_mode in report.NETWORKS:
         lab.double_nat(network == report.DOUBLE_NAT)
         inviting = "c" if network == report.SAME_LAN else "a"
-        cell = runs.matrix_cell(lab, workdir, "cone", acceptor_mode, timeout, tries, inviting=inviting)
+        ipv6 = network in (report.IPV6_ONLY_WAY, report.DUAL_STACK)
+        cell = runs.matrix_cell(
+            lab, workdir, "symmetric" if network == report.IPV6_ONLY_WAY else "cone", acceptor_mode, timeout,
+            tries, inviting=inviting, turn=network != report.IPV6_ONLY_WAY,
+            options={"stun-server": lab.STUN_NAME} if ipv6 else {},
+        )  # fmt: skip
         progress(
             f"{network}, b {acceptor_mode}: {cell.method}, {cell.successes}/{tries} ok, "
             f"{statistics.median(cell.seconds):.2f} s"

@@ -130,15 +130,22 @@ def matrix_cell(
     *,
     transport: str = "udp",
     inviting: str = "a",
+    turn: bool = True,
+    options: dict[str, str] | None = None,
 ) -> Cell:
-    """`tries` sessions between those NAT modes, both sides with the lab's TURN server over `transport`;
-    `inviting` is the inviting host (c: on b's LAN, behind b's NAT, where a's mode does not matter)."""
+    """`tries` sessions between those NAT modes, both sides with the lab's TURN server over `transport`
+    (unless not `turn`) and `options`; `inviting` is the inviting host (c: on b's LAN, behind b's NAT, where
+    a's mode does not matter)."""
     lab.set_nat("a", inviter_mode)
     lab.set_nat("b", acceptor_mode)
-    options = {
-        "response-timeout": f"{timeout:g}",
-        "handshake-timeout": f"{timeout:g}",
-    } | sessions.turn(lab, transport=transport)
+    options = (
+        {
+            "response-timeout": f"{timeout:g}",
+            "handshake-timeout": f"{timeout:g}",
+        }
+        | (sessions.turn(lab, transport=transport) if turn else {})
+        | (options or {})
+    )
     codes, seconds, method = [], [], "-"
     with acceptor(lab, workdir, **options) as (_, inviter_side, acceptor_side):
         inviter_side = dataclasses.replace(inviter_side, host=inviting)

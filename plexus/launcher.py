@@ -21,6 +21,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -49,7 +50,12 @@ class Tunnel:
     outer: Endpoint
     peer: Endpoint
     secret: int = field(repr=False)  # a tunnel printed or logged must not show it (the wildcard %secret%)
-    path: str = "direct"  # how the packets go (plexus/path.py's Method): direct, lan, fan-out, spray or relay
+    path: str = "direct"  # how the packets go (plexus/path.py's Method): direct, lan, ipv6, fan-out, ...
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        """The address family of a socket on `inner`: IPv6 where the IPv6 way won."""
+        return socket.AF_INET6 if ":" in self.inner.host else socket.AF_INET
 
     def wildcards(self) -> dict[str, str]:
         return {

@@ -1,17 +1,19 @@
 """The ways through, as values: this side's candidates, and each kind of path, which knows how it is set up,
 reported and torn down.
 
-`discover` learns this side's server-reflexive candidate (STUN: its outer endpoint and its NAT's mapping) and
-its host candidate (the inner endpoint), `gather` adds a relayed one where a relay may be needed;
-`Gathered.reach` is what the offer tells the peer.
+`discover` learns this side's server-reflexive candidate (STUN: its outer endpoint and its NAT's mapping),
+its host candidate (the inner endpoint) and, on the IPv6 socket (`punching` binds both), its IPv6 endpoint;
+`gather` adds a relayed one where a relay may be needed; `Gathered.reach` is what the offer tells the peer.
 plexus/path.py decides which kind of path the two NATs allow (a pure decision table); `choose` turns that
-decision and the relays at hand into an ordered list of Way values, and `establish` tries them in turn: with
-a relay to fall back on, the first is bounded by FALLBACK_BOUND. A Way's `establish` confirms the path with
+decision and the relays at hand into an ordered list of Way values, and `establish` tries them in turn, each
+but the last bounded by its `bound` (IPv6 tried first: IPV6_BOUND; a direct way before a relay:
+FALLBACK_BOUND). Candidates of one plan that can run in one handshake (the outer endpoint, LAN endpoints, the
+IPv6 endpoint) race there, and the acceptor's choice settles it. A Way's `establish` confirms the path with
 the handshake and returns an Established path, which carries the session's work (the command's life, the
 streams) and, on a relay this side allocated, the datagrams between the command and the relay.
 
-A new kind of path (IPv6 candidates, TURN over TCP, a port mapping) is one more candidate in
-`gather`, one more Way and its place in `ways`; the session's flow does not change. The shape follows
+A new kind of path (IPv6 and TURN over TCP came so; a port mapping would) is one more candidate in
+`discover` or `gather`, one more Way and its place in `ways`; the session's flow does not change. The shape follows
 aioice's candidates (values tried in order) and aioquic's QuicConnection (the transport's state kept out of
 the caller's flow).
 """

@@ -367,7 +367,8 @@ async def _answer(
                     paths.establish(candidates, attempt, config.handshake_timeout)
                 )
                 await asyncio.sleep(0)
-                reach = mine.reach(_wants_streams(invitation), hosts=theirs is not None)
+                plexus = theirs is not None  # 2.2 is never sent anything new
+                reach = mine.reach(_wants_streams(invitation), hosts=plexus, ipv6=plexus)
                 offer = Offer(mine.outer, puzzle, reach)
                 await rendezvous.answer(invitation, offer, submission)
             return _connected(config, "accept", await handshake)

@@ -9,6 +9,7 @@ NATs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,7 +169,7 @@ def start(
     workdir: Path,
     *,
     accept: bool,
-    overrides: dict[str, str | None] | None = None,
+    overrides: Mapping[str, str | None] | None = None,
     argv: list[str] | None = None,
     env: dict[str, str] | None = None,
     wrapper: tuple[str, ...] = (),
@@ -182,8 +184,8 @@ def start(
     log_file, exec_log = workdir / f"{name}.log", workdir / f"{name}.exec.log"
     events_file = workdir / f"{name}.events.jsonl"
     if argv is None:
-        values = options(lab, me, peer) | {"log-level": "debug", "log-file": str(log_file)}
-        values |= {"exec-log-file": str(exec_log)} | (overrides or {})
+        values: dict[str, str | None] = {**options(lab, me, peer), "log-level": "debug"}
+        values |= {"log-file": str(log_file), "exec-log-file": str(exec_log)} | dict(overrides or {})
         argv = [
             f"--{key}={value}" if value else f"--{key}" for key, value in values.items() if value is not None
         ]
@@ -220,6 +222,32 @@ def invite_once(
     running.append(invite)
     code = invite.wait(90)
     return invite, code, time.monotonic() - started
+
+
+def hello_session(
+    lab: Lab,
+    workdir: Path,
+    running: list[Plexus],
+    acceptor_options: Mapping[str, str | None] | None = None,
+    inviter_options: Mapping[str, str | None] | None = None,
+    *,
+    host: str = "a",
+) -> tuple[Plexus, Plexus, float]:
+    """b accepts, `host` invites once, each with its options; asserts that the inviter exited 0 and that both
+    commands (hello.py) heard the other. Returns the acceptor, the inviter and how long the inviter took."""
+    acceptor, inviter, acceptor_side = accepting(lab, workdir, running, overrides=acceptor_options)
+    invite, code, took = invite_once(
+        lab,
+        dataclasses.replace(inviter, host=host),
+        acceptor_side,
+        workdir,
+        running,
+        overrides=inviter_options,
+    )
+    assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    mine, theirs = invite.wait_hello()[0], acceptor.wait_hello()[0]
+    assert mine["received"] and theirs["received"], f"{mine}\n{theirs}"
+    return acceptor, invite, took
 
 
 def pids_of(lab: Lab, host: str, name: str) -> list[int]:

@@ -67,13 +67,14 @@ def start(
     *,
     accept: bool,
     on: str | None = None,
+    extra: dict[str, str | None] | None = None,
 ) -> Plexus:
-    """The acceptor (on b) or the inviter (on a, or the host `on`)."""
+    """The acceptor (on b) or the inviter (on a, or the host `on`), with `extra` options."""
     host = on or ("b" if accept else "a")
     me, peer = (hosts.acceptor_file, hosts.inviter) if accept else (hosts.inviter_file, hosts.acceptor)
     side = Side(host, sessions.pair(lab)[0].account, f"{host}-dht")
     process = sessions.start(
-        lab, side, side, tmp_path, accept=accept, overrides=dht_options(network, me, peer)
+        lab, side, side, tmp_path, accept=accept, overrides=dht_options(network, me, peer) | (extra or {})
     )
     running.append(process)
     return process
@@ -93,6 +94,26 @@ def test_a_session_meets_on_the_dht_and_connects(
     assert mine["args"]["secret"] == theirs["args"]["secret"]
     assert mine["received"] and theirs["received"]
     print(f"DHT session: inviter exited 0 after {elapsed:.2f} s")
+
+
+def test_the_ipv6_endpoint_travels_in_the_sealed_letters(
+    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
+) -> None:
+    """Issue 18 on the DHT: both IPv4 NATs symmetric, no relay, the STUN server by its dual-stack name: each
+    side's v6 endpoint is in its Reach inside the signed, sealed letter, and the session goes over IPv6."""
+    for host in ("a", "b"):
+        lab.set_nat(host, "symmetric")
+    dual = {"stun-server": Lab.STUN_NAME}
+    acceptor = start(lab, tmp_path, running, network, hosts, accept=True, extra=dual)
+    sessions.wait_until_listening(acceptor)
+    invite = start(lab, tmp_path, running, network, hosts, accept=False, extra=dual)
+    code = invite.wait(60)
+    assert code == 0, f"{invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
+    mine, theirs = invite.wait_hello()[0], acceptor.wait_hello()[0]
+    assert mine["received"] and theirs["received"]
+    assert (mine["args"]["peerip"], theirs["args"]["peerip"]) == (lab.inner_ip6("b"), lab.inner_ip6("a"))
+    for side in (invite, acceptor):
+        assert [event["way"] for event in side.events("connected")] == ["ipv6"]
 
 
 def test_hosts_on_one_lan_meet_on_the_dht_and_connect_over_it(

@@ -22,17 +22,9 @@ DUAL_STACK = {"stun-server": Lab.STUN_NAME} | TIMEOUT
 
 
 def _session(
-    lab: Lab, tmp_path: Path, running: list[Plexus], options: dict[str, str | None]
+    lab: Lab, tmp_path: Path, running: list[Plexus], options: dict[str, str]
 ) -> tuple[Plexus, Plexus, float]:
-    """b accepts, a invites once; both commands launched and each heard the other."""
-    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=options)
-    invite, code, took = sessions.invite_once(
-        lab, inviter, acceptor_side, tmp_path, running, overrides=options
-    )
-    assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
-    mine, theirs = invite.wait_hello()[0], acceptor.wait_hello()[0]
-    assert mine["received"] and theirs["received"], f"{mine}\n{theirs}"
-    return acceptor, invite, took
+    return sessions.hello_session(lab, tmp_path, running, options, options)
 
 
 def _ways(plexus: Plexus) -> list[str]:

@@ -4,7 +4,6 @@ candidate (its LAN address, in its Reach) is raced with that direct path and get
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,7 @@ def _at_home(
     lab: Lab, tmp_path: Path, running: list[Plexus], invited: dict[str, str], inviting: dict[str, str]
 ) -> tuple[Plexus, Plexus, float]:
     """b accepts, c (on b's LAN) invites once: both commands launched and each heard the other."""
-    acceptor, inviter, acceptor_side = sessions.accepting(lab, tmp_path, running, overrides=invited)
-    at_home = dataclasses.replace(inviter, host="c")
-    invite, code, took = sessions.invite_once(
-        lab, at_home, acceptor_side, tmp_path, running, overrides=inviting
-    )
-    assert code == 0, f"inviter exited {code}: {invite.stderr()}\n{invite.log()}\nacceptor:\n{acceptor.log()}"
-    mine, theirs = invite.wait_hello()[0], acceptor.wait_hello()[0]
-    assert mine["received"] and theirs["received"], f"{mine}\n{theirs}"
-    return acceptor, invite, took
+    return sessions.hello_session(lab, tmp_path, running, invited, inviting, host="c")
 
 
 @pytest.mark.parametrize("pinned", [False, True], ids=["anonymous-mail", "pinned-mail"])

@@ -305,3 +305,31 @@ def test_a_ping_crosses_the_tunnel_over_ipv6(lab: Lab, tmp_path: Path, running: 
     finally:
         for popen in launched:
             stop_process(popen)
+
+
+@pytest.mark.lab
+def test_a_plexus_session_over_ipv6_runs_openvpn_over_it(
+    lab: Lab, tmp_path: Path, running: list[Plexus]
+) -> None:
+    """End to end: two symmetric IPv4 NATs and no relay, the STUN server by its dual-stack name: plexus
+    connects over IPv6 and launches exec.sh with the plain IPv6 endpoints, and a ping crosses OpenVPN's tunnel
+    over them."""
+    lab.set_nat("a", "symmetric")
+    lab.set_nat("b", "symmetric")
+    folders = pinned_pair(tmp_path)
+    began = time.monotonic()
+    invite, acceptor = connect(
+        lab, tmp_path, running, folders, **{"exec-args": SIX_ARGS, "stun-server": Lab.STUN_NAME}
+    )
+    assert [event["way"] for event in invite.events("connected")] == ["ipv6"]
+    addresses = first_ping(lab, began + 60)
+    assert addresses is not None, f"no ping across the tunnel{openvpn_logs(invite, acceptor)}"
+    print(
+        f"first ping across OpenVPN over plexus's IPv6 path {time.monotonic() - began:.1f} s after the start"
+    )
+    for host, own, peer in (("a", "a", "b"), ("b", "b", "a")):
+        [pid] = sessions.pids_of(lab, host, "openvpn")
+        argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        assert argv[argv.index("--proto") + 1] == "udp6", argv
+        assert argv[argv.index("--local") + 1] == lab.inner_ip6(own), argv
+        assert argv[argv.index("--remote") + 1] == lab.inner_ip6(peer), argv

@@ -244,25 +244,47 @@ def test_without_an_identity_forwarding_is_refused_with_how_to_make_one(
     assert message.count("\n") == 1 and "--identity" in message and "--anonymous" in message, message
 
 
+def _between_symmetric_nats(
+    lab: Lab,
+    tmp_path: Path,
+    running: list[Plexus],
+    ids: Ids,
+    acceptor: dict[str, str],
+    inviter: dict[str, str],
+) -> Plexus:
+    """Both NATs map per destination: 2 MiB from a's --stdio to a sink on b, every byte checked; returns the
+    acceptor, whose events say which way the session took."""
+    for host in ("a", "b"):
+        lab.set_nat(host, "symmetric")
+    data = pattern(2 << 20)
+    with TcpTarget(lab, "b", "sink", port=7009):
+        accepting, *sides = start_acceptor(lab, tmp_path, running, ids, "127.0.0.1:7009", **acceptor)
+        code, out, err = stdio(
+            lab, tmp_path, running, (sides[0], sides[1]), ids, "127.0.0.1:7009", data, **inviter
+        )
+    assert code == 0, f"{err}\n{accepting.log()[-3000:]}"
+    assert out == f"{len(data)} {hashlib.sha256(data).hexdigest()}\n".encode()
+    return accepting
+
+
 @pytest.mark.parametrize("relayed", ["a", "b"])
 def test_streams_cross_a_turn_relay(
     lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids, relayed: str
 ) -> None:
-    """Both NATs map per destination: the session goes through TURN (allocated by the side named, whose
-    streams then pass plexus's own relay forwarder), and the streams with it."""
-    for host in ("a", "b"):
-        lab.set_nat(host, "symmetric")
-    data = pattern(2 << 20)
+    """The session goes through TURN (allocated by the side named, whose streams then pass plexus's own relay
+    forwarder), and the streams with it."""
     acceptor_relay = turn(lab) if relayed == "b" else {}
     inviter_relay = turn(lab) if relayed == "a" else {}
-    with TcpTarget(lab, "b", "sink", port=7009):
-        acceptor, *sides = start_acceptor(lab, tmp_path, running, ids, "127.0.0.1:7009", **acceptor_relay)
-        code, out, err = stdio(
-            lab, tmp_path, running, (sides[0], sides[1]), ids, "127.0.0.1:7009", data, **inviter_relay
-        )
-    assert code == 0, f"{err}\n{acceptor.log()[-3000:]}"
-    assert out == f"{len(data)} {hashlib.sha256(data).hexdigest()}\n".encode()
+    acceptor = _between_symmetric_nats(lab, tmp_path, running, ids, acceptor_relay, inviter_relay)
     assert [event["way"] for event in acceptor.events("chosen")] == ["relay"], acceptor.events()
+
+
+def test_streams_run_over_ipv6(lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids) -> None:
+    """No relay, the STUN server by its dual-stack name: the session's path is IPv6 and QUIC runs over it
+    (issue 18)."""
+    dual = {"stun-server": Lab.STUN_NAME}
+    acceptor = _between_symmetric_nats(lab, tmp_path, running, ids, dual, dual)
+    assert [event["way"] for event in acceptor.events("connected")] == ["ipv6"], acceptor.events()
 
 
 def test_an_acceptor_serves_what_it_is_configured_for(
