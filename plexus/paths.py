@@ -13,9 +13,9 @@ the handshake and returns an Established path, which carries the session's work 
 streams) and, on a relay this side allocated, the datagrams between the command and the relay.
 
 A new kind of path (IPv6 and TURN over TCP came so; a port mapping would) is one more candidate in
-`discover` or `gather`, one more Way and its place in `ways`; the session's flow does not change. The shape follows
-aioice's candidates (values tried in order) and aioquic's QuicConnection (the transport's state kept out of
-the caller's flow).
+`discover` or `gather`, one more Way and its place in `ways`; the session's flow does not change. The shape
+follows aioice's candidates (values tried in order) and aioquic's QuicConnection (the transport's state kept
+out of the caller's flow).
 """
 
 from __future__ import annotations
