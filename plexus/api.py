@@ -43,6 +43,7 @@ class Exploration:
     relays: dict[str, str] = dataclasses.field(default_factory=dict)
     ipv6: Endpoint | None = None  # the IPv6 endpoint a STUN server saw; None: IPv6 does not get out
     ipv6_inner: Endpoint | None = None  # the IPv6 socket's own endpoint (another address: a NAT66)
+    no_ipv6: str = "not asked"  # why `ipv6` is None
 
     @property
     def udp(self) -> bool:
@@ -65,7 +66,7 @@ class Exploration:
 
     def _ipv6(self) -> str:
         if self.ipv6 is None:
-            return "no: no STUN answer over IPv6 (no route, no AAAA record for the server, a firewall)"
+            return f"no: {self.no_ipv6}"
         if self.ipv6_inner is not None and self.ipv6_inner.host != self.ipv6.host:
             return f"{self.ipv6} (translated from {self.ipv6_inner}: a NAT66 or prefix translation)"
         return f"{self.ipv6} (the host's own address: no NAT, a stateful firewall punches like a cone NAT)"
@@ -123,13 +124,15 @@ async def explore(
                 if await stun.query_over_tcp(server) is None:
                     raise StunError(f"{error}, nor over TCP: is the server down?") from error
                 report = None
-            inner6, outer6 = await ipv6
+            found6 = await ipv6
         finally:
             ipv6.cancel()
     relays = await try_relays(turn) if turn is not None else {}
     usable = [kind for kind, found in relays.items() if found == RELAY_WORKS and (report or kind != "udp")]
     ways = ways_through(report, relay=relay or bool(usable))
-    return Exploration(report, ways, relays, outer6, inner6)
+    if isinstance(found6, str):
+        return Exploration(report, ways, relays, no_ipv6=found6)
+    return Exploration(report, ways, relays, found6[1], found6[0])
 
 
 async def try_relays(turn: TurnConfig) -> dict[str, str]:

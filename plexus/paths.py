@@ -163,35 +163,41 @@ async def discover(
         found = await _discover4(socks.v4, server, turn)
         if found.mapping == "blocked":
             return found
-        inner6, outer6 = await ipv6
+        found6 = await ipv6
     finally:
         ipv6.cancel()
-    if outer6 is not None:
+    if isinstance(found6, str):
+        log.info("no IPv6: %s", found6)
+    else:
+        inner6, outer6 = found6
+        translated = outer6.canonical().host != inner6.canonical().host
+        log.info(
+            "IPv6 endpoint %s%s", outer6, " (behind a NAT66 or prefix translation)" if translated else ""
+        )
         found = dataclasses.replace(found, inner6=inner6, outer6=outer6)
-    events.emit(events.Discovered, inner=found.inner, outer=found.outer, mapping=found.mapping, outer6=outer6)
+    events.emit(
+        events.Discovered, inner=found.inner, outer=found.outer, mapping=found.mapping, outer6=found.outer6
+    )
     return found
 
 
 async def discover6(
     sock: socket.socket | None, server: Endpoint, server6: Endpoint | None
-) -> tuple[Endpoint | None, Endpoint | None]:
-    """The IPv6 socket's endpoints, inner and outer; (None, None) where it has no answer (no IPv6 route, no
-    IPv6 STUN server, a firewall that lets no IPv6 UDP out): this side then offers no IPv6 candidate."""
+) -> tuple[Endpoint, Endpoint] | str:
+    """The IPv6 socket's endpoints, inner and outer; or why there are none (no IPv6 socket, no IPv6 STUN
+    server, no IPv6 route, a firewall that lets no IPv6 UDP out): this side then offers no IPv6 candidate."""
     if sock is None:
-        return None, None
+        return "no IPv6 socket (--stun-client names IPv4 only, or this host has no IPv6)"
     address = server6 or await stun.resolve6(server)
+    if address is None and server.is_ip:
+        return f"STUN server {server.host} is an IPv4 address (its name, with an AAAA record, gives IPv6 too)"
     if address is None:
-        log.info("no IPv6: STUN server %s has no IPv6 address", server.host)
-        return None, None
+        return f"STUN server {server.host} has no IPv6 address (no AAAA record)"
     try:
         outer = await stun.query_outer(sock, address, schedule=IPV6_SCHEDULE)
-        inner = stun.inner_endpoint(sock, address)
+        return stun.inner_endpoint(sock, address), outer
     except StunError as error:
-        log.info("no IPv6: %s", error)
-        return None, None
-    translated = outer.canonical().host != inner.canonical().host
-    log.info("IPv6 endpoint %s%s", outer, " (behind a NAT66 or prefix translation)" if translated else "")
-    return inner, outer
+        return str(error)
 
 
 async def _discover4(sock: socket.socket, server: Endpoint, turn: TurnConfig | None) -> Found:
@@ -282,7 +288,8 @@ def note_limits(found: Found, turn: TurnConfig | None) -> None:
     elif found.mapping == "dependent":
         log.warning(
             "this NAT maps per destination: peers behind endpoint-independent NATs get through by birthday "
-            "punching; peers behind such NATs too need a TURN relay (%s)",
+            "punching; peers behind such NATs too need %sa TURN relay (%s)",
+            "IPv6 on their side (this side has it) or " if found.outer6 else "",
             f"--turn-server {turn}" if turn else "no --turn-server given",
         )
 

@@ -55,7 +55,7 @@ def test_the_exploration_reads_as_explore_prints_it() -> None:
     found = api.Exploration(report, api.ways_through(report, relay=False))
     lines = str(found).splitlines()
     assert "\n".join(lines[:-3]) == report.render()
-    assert lines[-3].startswith("IPv6            no: no STUN answer over IPv6")
+    assert lines[-3] == "IPv6            no: not asked"
     assert lines[-2] == f"{'to a peer whose NAT maps endpoint-independently':<52}direct"
     paths = {"independent": "direct", "dependent": "spray"}
     assert found.to_json() == report.to_json() | {"udp": True, "ipv6": None, "relays": {}, "paths": paths}
@@ -84,7 +84,7 @@ def test_an_exploration_where_no_udp_gets_out_names_the_relays_that_work() -> No
     found = api.Exploration(None, api.ways_through(None, relay=True), relays)
     assert str(found).splitlines() == [
         "UDP             blocked: the STUN server answers over TCP only",
-        "IPv6            no: no STUN answer over IPv6 (no route, no AAAA record for the server, a firewall)",
+        "IPv6            no: not asked",
         "TURN over UDP   no: no answer from TURN server 192.0.2.1:3478 within 10 s",
         "TURN over TCP   works",
         "TURN over TLS   works",
