@@ -159,8 +159,8 @@ class Failed(Event):
 
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Sent(Event):
-    """A rendezvous message left this side (`kind`: request, response or refusal): its SMTP DATA was
-    accepted, or its DHT put was handed to the node."""
+    """A rendezvous message left this side (`kind`: request, response, refusal or rebind): its SMTP DATA
+    was accepted, or its DHT put was handed to the node."""
 
     name: ClassVar[str] = "sent"
     kind: str

@@ -23,10 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-from plexus import events
+from plexus import events, keys
 from plexus.driver import Datagram, Driver, Sockets, drive
 from plexus.endpoint import Endpoint
 from plexus.errors import HandshakeTimeoutError
@@ -43,7 +40,6 @@ TAG_SIZE = 16
 AUTH_BODY = DATAGRAM_SIZE - TAG_SIZE  # what the tag covers: every byte before it
 KEY_SIZE = 32  # HMAC-SHA256's own size
 KEY_INFO = b"plexus handshake 1"  # HKDF info: a new datagram format or key schedule gets a new label
-KEY_INFO_BOUND = b"plexus handshake 1 bound"  # the key bound to the two identities as well
 HELLO_INTERVAL = 0.25  # the inviter's hello period; short because the first lost hello costs connect time
 QUIET_PERIOD = 4.0  # acceptor: silence after its ready meaning the inviter got one (2.2 retries every 1.6 s)
 PUNCH_REFRESH = 1.0  # acceptor: re-punch until the first hello, in case the punch was lost before its NAT
@@ -161,15 +157,9 @@ class Authenticated(Codec):
     def derive(
         cls, inviter_puzzle: int, acceptor_puzzle: int, *, accept: bool, bound: bytes = b""
     ) -> Authenticated:
-        """The codec of a session with these puzzles, for the acceptor's side or the inviter's. `bound`: the
-        ECDH secret of the two pinned identity keys, where both sides have them; then knowing the puzzles (a
-        mailbox reader does) is not enough to make the key."""
-        for puzzle in (inviter_puzzle, acceptor_puzzle):
-            _mask(puzzle)  # the same check as a secret's: an unsigned 64-bit number
-        material = inviter_puzzle.to_bytes(8, "big") + acceptor_puzzle.to_bytes(8, "big") + bound
-        info = KEY_INFO_BOUND if bound else KEY_INFO
-        key = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=info).derive(material)
-        return cls(key, accept=accept)
+        """The codec of a session with these puzzles, for the acceptor's side or the inviter's; `bound` as
+        keys.derive takes it."""
+        return cls(keys.derive(KEY_INFO, inviter_puzzle, acceptor_puzzle, bound, KEY_SIZE), accept=accept)
 
     def _tag(self, body: bytes) -> bytes:
         return hmac.digest(self._key, body, "sha256")[:TAG_SIZE]

@@ -2,8 +2,11 @@
 plexus/mediator/email.py; on OpenDHT, plexus/mediator/dhtnode.py) and the values both sides exchange.
 
 The inviter sends an Offer (its outer endpoint, its puzzle, its Reach) and waits for the acceptor's; the
-acceptor waits for Invitations and answers or refuses each. Both implementations judge what arrives by the
-same rules, kept here: how far the peer's clock may be off, and what a refusal's reason may hold. A session
+acceptor waits for Invitations and answers or refuses each. Later, when its path has died (a new network,
+a NAT that mapped anew), the inviter sends a Rebind: its new endpoint and Reach, for the session it
+continues, authenticated by a key of that session (RebindKey); the acceptor's loop admits it (Rebinds) and
+hands it to that session alone. Both implementations judge what arrives by the same rules, kept here: how
+far the peer's clock may be off, what a refusal's reason may hold, what a rebind must prove. A session
 (plexus/session.py) sees only this module: it opens a rendezvous from its config (`RendezvousConfig.open`),
 which imports its implementation then, so that a mail session never loads OpenDHT and a DHT session never
 loads the mail clients (nor the mail parser: plexus/mediator/dht.py takes those rules from here).
@@ -11,20 +14,28 @@ loads the mail clients (nor the mail parser: plexus/mediator/dht.py takes those 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import datetime
+import hmac
 import ipaddress
-from collections.abc import AsyncIterator
+import logging
+import struct
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from plexus import keys
 from plexus.endpoint import Endpoint
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from plexus.identity import Identity
+
+log = logging.getLogger(__name__)
 
 # "blocked": no UDP gets out of this side's network; it is reached only through the relay it names.
 Mapping = Literal["independent", "dependent", "blocked"]
@@ -37,6 +48,15 @@ MAX_HOST_CANDIDATES = 4
 # the hosts plus delivery delay. A request this old is useless anyway (inviters wait 60 s); a replay older
 # than this is refused even after a restart.
 CLOCK_TOLERANCE = datetime.timedelta(minutes=5)
+# What a rendezvous message is, by mail and on the DHT alike. A refusal and a rebind are plexus's own: plexus
+# 2.2 knows requests and responses only, and is never sent a rebind (a session with 2.2 has no RebindKey).
+Kind = Literal["request", "response", "refusal", "rebind"]
+KINDS: dict[str, Kind] = {
+    "request": "request",
+    "response": "response",
+    "refusal": "refusal",
+    "rebind": "rebind",
+}
 REASON_LIMIT = 200  # characters of a refusal's reason, after sanitizing
 NO_REASON = "no reason given"
 
@@ -93,15 +113,16 @@ class Reach:
         return cls(mapping, relay, streams, tuple(_address(h, "host") for h in hosts), v6)
 
 
-def _address(text: str, name: str) -> Endpoint:
-    """An IP address and a port that is not 0: what a Reach's relay or host candidate must be."""
+def _address(text: str, name: str, where: str = REACH_HEADER) -> Endpoint:
+    """An IP address and a port that is not 0: what a Reach's relay or host candidate must be (a rebind's
+    outer endpoint too: `where` names what it is part of)."""
     try:
         endpoint = Endpoint.parse(text)
         ipaddress.ip_address(endpoint.host)
     except ValueError as error:
-        raise ReachError(f"{REACH_HEADER}: bad {name} {text[:60]!r}") from error
+        raise ReachError(f"{where}: bad {name} {text[:60]!r}") from error
     if not endpoint.port:
-        raise ReachError(f"{REACH_HEADER}: {name} port 0")
+        raise ReachError(f"{where}: {name} port 0")
     return endpoint.canonical()
 
 
@@ -138,6 +159,181 @@ class Invitation:
     legacy: bool = False
 
 
+# The rebind (docs/protocol.md, "Rebind"). Its key and the session's id are one output of keys.derive under
+# this label: the id tells nothing of the key, and neither can be made without the handshake's material.
+REBIND_LABEL = b"plexus rebind 1"
+REBIND_KEY_BYTES = 32
+SESSION_ID_BYTES = 16
+REBIND_TAG_BYTES = 32  # HMAC-SHA256, whole
+U64_LIMIT = 1 << 64  # a sequence and an issued time are unsigned 64-bit numbers on the wire
+_REBIND_SIGNED = REBIND_LABEL + b"\0"  # the tag's input begins with it
+
+
+class RebindError(ValueError):
+    """A rebind that is not taken, malformed or refused (Rebinds.admit): str() says why."""
+
+
+@dataclass(frozen=True)
+class Rebind:
+    """The inviter's word that the session `session` goes on from a new place: its outer endpoint and Reach
+    now (candidates, as an offer carries them). `sequence` counts the session's rebinds from 1: a later one
+    supersedes an earlier one, and one not after the last taken is a replay. `issued`: unix seconds. `tag`:
+    HMAC-SHA256 under the session's rebind key over every other field (`signed`). Made by RebindKey.seal, read
+    from either encoding by `read`, judged by Rebinds.admit."""
+
+    session: bytes
+    sequence: int
+    issued: int
+    outer: Endpoint
+    reach: Reach
+    tag: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        """RebindError unless each field is in its range: the readers rely on it."""
+        if len(self.session) != SESSION_ID_BYTES:
+            raise RebindError(f"rebind: a session id of {len(self.session)} bytes, not {SESSION_ID_BYTES}")
+        if not 0 < self.sequence < U64_LIMIT:
+            raise RebindError(f"rebind: sequence {str(self.sequence)[:30]} out of range")
+        if not 0 <= self.issued < U64_LIMIT:
+            raise RebindError(f"rebind: issued {str(self.issued)[:30]} out of range")
+        if len(self.tag) != REBIND_TAG_BYTES:
+            raise RebindError(f"rebind: a tag of {len(self.tag)} bytes, not {REBIND_TAG_BYTES}")
+
+    def signed(self) -> bytes:
+        """What the tag covers: the label and a NUL, the session id, sequence and issued (u64 big-endian
+        each), then the outer endpoint's and the Reach's texts as `read` parses them back, each after its
+        length (u16 big-endian). A field's spelling on the wire is not covered, only what it means."""
+        texts = (str(self.outer).encode(), self.reach.header().encode())
+        return (
+            _REBIND_SIGNED
+            + self.session
+            + struct.pack("!QQ", self.sequence, self.issued)
+            + b"".join(struct.pack("!H", len(text)) + text for text in texts)
+        )
+
+    @classmethod
+    def read(cls, session: str, sequence: int, issued: int, outer: str, reach: str, tag: str) -> Rebind:
+        """The rebind from an encoding's fields: session id and tag in lowercase hex, the outer endpoint as
+        `ip:port` (IPv6 in brackets), the Reach as X-Plexus-Reach's text. RebindError says what is wrong."""
+        try:
+            endpoint = _address(outer, "outer endpoint", "rebind")
+            parsed = Reach.parse(reach)
+        except ReachError as error:
+            raise RebindError(str(error)) from None
+        return cls(_hex(session, "session id"), sequence, issued, endpoint, parsed, _hex(tag, "tag"))
+
+
+def _hex(text: str, name: str) -> bytes:
+    if len(text) % 2 or text.strip("0123456789abcdef"):
+        raise RebindError(f"rebind: {name} {text[:70]!r} is not lowercase hex")
+    return bytes.fromhex(text)
+
+
+@dataclass(frozen=True)
+class RebindKey:
+    """A session's rebind secret, the same on both sides: the session's id, which a rebind names, and the key
+    of its tag. Both follow from the handshake's material (keys.derive): the puzzles and, where the identities
+    are pinned, their ECDH secret; neither ever travels. Only between plexus peers: a session with plexus 2.2
+    has none, so a 2.2 peer is never sent a rebind."""
+
+    session: bytes
+    key: bytes = field(repr=False)
+
+    @classmethod
+    def derive(cls, inviter_puzzle: int, acceptor_puzzle: int, bound: bytes = b"") -> RebindKey:
+        """`bound` as for the handshake's key (keys.derive): the same session binds both or neither."""
+        made = keys.derive(
+            REBIND_LABEL, inviter_puzzle, acceptor_puzzle, bound, REBIND_KEY_BYTES + SESSION_ID_BYTES
+        )
+        return cls(made[REBIND_KEY_BYTES:], made[:REBIND_KEY_BYTES])
+
+    def seal(self, sequence: int, outer: Endpoint, reach: Reach, now: datetime.datetime) -> Rebind:
+        """The session's `sequence`th rebind, issued now. The endpoints are put in the one spelling a reader
+        parses them back to (the tag covers that spelling)."""
+        unsigned = Rebind(
+            self.session,
+            sequence,
+            int(now.timestamp()),
+            outer.canonical(),
+            Reach.parse(reach.header()),
+            bytes(REBIND_TAG_BYTES),
+        )
+        return dataclasses.replace(unsigned, tag=self._tag(unsigned))
+
+    def verifies(self, rebind: Rebind) -> bool:
+        """Whether the rebind's tag is this key's, compared in constant time."""
+        return hmac.compare_digest(self._tag(rebind), rebind.tag)
+
+    def _tag(self, rebind: Rebind) -> bytes:
+        return hmac.digest(self.key, rebind.signed(), "sha256")
+
+
+class Rebound:
+    """The rebinds admitted for one session: an async iterator that yields, each time, the newest admitted
+    since the last one taken (a later rebind supersedes one not taken yet). Rebinds.expect makes it."""
+
+    def __init__(self, key: RebindKey) -> None:
+        self.key = key
+        self.last = 0  # the sequence of the last rebind admitted: the next must be after it
+        self._newest: Rebind | None = None
+        self._arrived = asyncio.Event()
+
+    def admit(self, rebind: Rebind, now: datetime.datetime, tolerance: datetime.timedelta) -> None:
+        """Take the rebind, or raise RebindError: a tag not this session's, a sequence not after the last
+        admitted (a replay, or one overtaken), an issued time beyond the tolerance of our clock."""
+        if not self.key.verifies(rebind):
+            raise RebindError("rebind with a bad tag: not made with this session's key")
+        if rebind.sequence <= self.last:
+            raise RebindError(f"rebind {rebind.sequence} of a session already at {self.last}: a replay")
+        age = now.timestamp() - rebind.issued
+        if abs(age) > tolerance.total_seconds():
+            when = f"{abs(age):.0f} s {'ago' if age > 0 else 'ahead'}"
+            raise RebindError(
+                f"rebind issued {when}, beyond the {tolerance.total_seconds():g} s our clock allows"
+            )
+        self.last = rebind.sequence
+        self._newest = rebind
+        self._arrived.set()
+
+    def __aiter__(self) -> Rebound:
+        return self
+
+    async def __anext__(self) -> Rebind:
+        while self._newest is None:
+            self._arrived.clear()
+            await self._arrived.wait()
+        newest, self._newest = self._newest, None
+        return newest
+
+
+@dataclass
+class Rebinds:
+    """The acceptor's sessions that a rebind may continue, by session id. Each rendezvous keeps one: its
+    listening loop hands every rebind it reads to `admit`, and a session watches its own with `expect`."""
+
+    tolerance: datetime.timedelta = CLOCK_TOLERANCE
+    _sessions: dict[bytes, Rebound] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def expect(self, key: RebindKey) -> Iterator[Rebound]:
+        """Within it, the session's rebinds are admitted and yielded by the Rebound; outside it, refused."""
+        rebound = Rebound(key)
+        self._sessions[key.session] = rebound
+        try:
+            yield rebound
+        finally:
+            if self._sessions.get(key.session) is rebound:
+                del self._sessions[key.session]
+
+    def admit(self, rebind: Rebind, now: datetime.datetime) -> None:
+        """Hand the rebind to its session, or raise RebindError (Rebound.admit; a session not expected)."""
+        rebound = self._sessions.get(rebind.session)
+        if rebound is None:
+            raise RebindError(f"rebind of no session here ({rebind.session.hex()[:8]}...)")
+        rebound.admit(rebind, now, self.tolerance)
+        log.info("rebind %d: the peer is now at %s", rebind.sequence, rebind.outer)
+
+
 class Rendezvous(Protocol):
     """One side's end of a rendezvous, used inside `async with` (entering starts what can run ahead: the IMAP
     login, the DHT join; leaving cleans up).
@@ -171,6 +367,16 @@ class Rendezvous(Protocol):
     async def answer(self, invitation: Invitation, offer: Offer, submission: Any) -> None: ...
 
     async def refuse(self, invitation: Invitation, reason: str, submission: Any) -> None: ...
+
+    async def rebind(self, rebind: Rebind, submission: Any) -> None:
+        """The inviter's: send the rebind (RebindKey.seal) to the acceptor; returns once it has left (its SMTP
+        DATA accepted, its DHT put handed to the node)."""
+        ...
+
+    def rebinds(self, key: RebindKey) -> contextlib.AbstractContextManager[Rebound]:
+        """The acceptor's: within it, each rebind of this session that the requests() loop reads and admits
+        comes out of the Rebound; any other is dropped there, with a Rejected event and one log line."""
+        ...
 
 
 class RendezvousConfig(Protocol):

@@ -35,7 +35,7 @@ from plexus.errors import (
 )
 from plexus.launcher import Command, Running, Slot, Tunnel
 from plexus.paths import TurnConfig, bind
-from plexus.rendezvous import Invitation, Offer, Rendezvous, RendezvousConfig
+from plexus.rendezvous import Invitation, Offer, RebindKey, Rendezvous, RendezvousConfig
 
 # Streams (and with them aioquic) load with the first streams session, not with every session.
 if TYPE_CHECKING:
@@ -196,9 +196,25 @@ def handshake_codec(
     --identity and --peer-identity; the DHT always has both), so both sides bind or neither does."""
     if theirs.reach is None:
         return puncher.Masked(inviter_puzzle ^ acceptor_puzzle)
+    bound = _bound(config, theirs)
+    return puncher.Authenticated.derive(inviter_puzzle, acceptor_puzzle, accept=accept, bound=bound)
+
+
+def rebind_key(
+    config: SessionConfig, inviter_puzzle: int, acceptor_puzzle: int, theirs: Offer
+) -> RebindKey | None:
+    """The session's rebind key (plexus.rendezvous.RebindKey), from the handshake's material and bound as its
+    key is; None toward plexus 2.2 (the peer's offer has no Reach), which is never sent a rebind."""
+    if theirs.reach is None:
+        return None
+    return RebindKey.derive(inviter_puzzle, acceptor_puzzle, _bound(config, theirs))
+
+
+def _bound(config: SessionConfig, theirs: Offer) -> bytes:
+    """The ECDH secret of both pinned identities, where the peer's offer came signed by its pinned key."""
     mine = config.rendezvous.identity
     bound = mine.agree(theirs.signer) if mine is not None and theirs.signer is not None else None
-    return puncher.Authenticated.derive(inviter_puzzle, acceptor_puzzle, accept=accept, bound=bound or b"")
+    return bound or b""
 
 
 async def _command(process: subprocess.Popen[bytes], running: set[Running]) -> None:

@@ -17,8 +17,8 @@ Republished daily.
     signature: ECDSA-SHA256 by that key over b"plexus card v3\0" + key text + b"\0" + the inner card's bytes
       before the u16 m
 
-Letter (request, response, refusal): signed by its sender, encrypted to its recipient, so that only the
-recipient learns who sent it.
+Letter (request, response, refusal, rebind): signed by its sender, encrypted to its recipient, so that only
+the recipient learns who sent it.
     b"PXD3" | HPKE (RFC 9180) base mode single-shot encryption: enc (65) | ciphertext and tag
     suite: DHKEM(P-256, HKDF-SHA256), HKDF-SHA256, AES-256-GCM; the recipient's identity key is the KEM key,
       the key text (UTF-8) the info: a value copied under another key does not decrypt
@@ -27,7 +27,9 @@ recipient learns who sent it.
     content: compact UTF-8 JSON, keys sorted: v (1), kind, from and to (ids), key (the key text), issued
       (unix seconds), puzzle (a refusal's: the refused request's); outer ("ip:port") and reach
       (X-Plexus-Reach text) except in a refusal; answers (response and refusal: the request's puzzle);
-      reason (refusal)
+      reason (refusal). A rebind (put where requests are) has v, kind, from, to, key, issued (the rebind's,
+      whole seconds), outer and reach, and no puzzle: session and tag (lowercase hex), sequence
+      (plexus.rendezvous.Rebind; its tag is checked by the session it names, Rebinds.admit)
 
 Node id: a host's DHT node id for the day, 20 bytes of HKDF-SHA256(the identity's private scalar (32 bytes),
 salt=None, info=b"plexus node v3\0" + YYYY-MM-DD). The same all day, so that a run from cron takes its
@@ -54,15 +56,23 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from plexus.endpoint import Endpoint
 from plexus.identity import ID_LENGTH, Identity, id_of
-from plexus.rendezvous import CLOCK_TOLERANCE, Offer, Reach, ReachError, sanitize_reason
+from plexus.rendezvous import (
+    CLOCK_TOLERANCE,
+    Offer,
+    Reach,
+    ReachError,
+    Rebind,
+    RebindError,
+    sanitize_reason,
+)
+from plexus.rendezvous import KINDS as KINDS
+from plexus.rendezvous import Kind as Kind
 
 DEFAULT_PORT = 4222  # OpenDHT's usual port (dhtnode's default)
 # A card is republished daily; two days also covers the clocks of both hosts straddling midnight.
 CARD_LIFETIME = datetime.timedelta(days=2)
 
 Family = Literal["card", "request", "response"]
-Kind = Literal["request", "response", "refusal"]
-KINDS: dict[str, Kind] = {"request": "request", "response": "response", "refusal": "refusal"}
 
 KEY_VERSION = 3
 CARD_MAGIC = b"PXC3"
@@ -165,13 +175,19 @@ class Letter:
     recipient: str
     key: str  # the key text it is put under
     issued: datetime.datetime
-    puzzle: int  # the sender's; a refusal's is the refused request's
-    offer: Offer | None = None  # None in a refusal only; its puzzle is `puzzle`, its reach is required
+    puzzle: int | None  # the sender's; a refusal's is the refused request's; None in a rebind only
+    offer: Offer | None = None  # None in a refusal and a rebind; its puzzle is `puzzle`, its reach required
     answers: int | None = None  # response and refusal: the puzzle of the request they answer
     reason: str | None = None  # refusal only
+    rebind: Rebind | None = None  # rebind only; its issued is the letter's
 
     def __post_init__(self) -> None:
         """Raise DhtMessageError unless the fields fit the kind: decode() relies on this."""
+        if self.kind == "rebind" or self.rebind is not None:
+            self._check_rebind()
+            return
+        if self.puzzle is None:
+            raise DhtMessageError(f"a {self.kind} without puzzle")
         for name, number in (("puzzle", self.puzzle), ("answers", self.answers)):
             if number is not None and not 0 <= number < PUZZLE_LIMIT:
                 raise DhtMessageError(f"{name} {str(number)[:30]} out of range")
@@ -192,6 +208,15 @@ class Letter:
         if self.reason is not None:
             object.__setattr__(self, "reason", sanitize_reason(self.reason))
 
+    def _check_rebind(self) -> None:
+        if self.kind != "rebind" or self.rebind is None:
+            raise DhtMessageError(f"a {self.kind} {'without' if self.rebind is None else 'with'} a rebind")
+        extra = [name for name in ("puzzle", "offer", "answers", "reason") if getattr(self, name) is not None]
+        if extra:
+            raise DhtMessageError(f"a rebind with {', '.join(extra)}")
+        if self.issued.timestamp() != self.rebind.issued:
+            raise DhtMessageError("a rebind issued at another time than its letter")
+
     def encode(self) -> bytes:
         content: dict[str, object] = {
             "v": VERSION,
@@ -199,16 +224,26 @@ class Letter:
             "from": self.sender,
             "to": self.recipient,
             "key": self.key,
-            "issued": self.issued.timestamp(),
-            "puzzle": self.puzzle,
         }
+        if self.rebind is not None:
+            rebind = self.rebind
+            content.update(
+                issued=rebind.issued,
+                session=rebind.session.hex(),
+                sequence=rebind.sequence,
+                outer=str(rebind.outer),
+                reach=rebind.reach.header(),
+                tag=rebind.tag.hex(),
+            )
+            return _json(content)
+        content.update(issued=self.issued.timestamp(), puzzle=self.puzzle)
         if self.offer is not None:
             assert self.offer.reach is not None  # __post_init__
             content["outer"] = str(self.offer.outer)
             content["reach"] = self.offer.reach.header()
         optional = {"answers": self.answers, "reason": self.reason}
         content.update((name, value) for name, value in optional.items() if value is not None)
-        return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        return _json(content)
 
     @classmethod
     def decode(cls, data: bytes) -> Letter:
@@ -225,21 +260,44 @@ class Letter:
         kind = KINDS.get(kind_text)
         if kind is None:
             raise DhtMessageError(f"unknown kind {kind_text[:20]!r}")
+        sender, recipient, key = _id(content, "from"), _id(content, "to"), _text(content, "key")
+        if kind == "rebind":
+            issued = _number(content, "issued")  # whole seconds: the rebind's tag covers them
+            rebind = _rebind(content, issued)
+            return cls(kind, sender, recipient, key, _time(issued), None, rebind=rebind)
         puzzle = _number(content, "puzzle")
         offer = None
         if kind != "refusal":
             offer = Offer(_endpoint(_text(content, "outer")), puzzle, _reach(_text(content, "reach")))
         return cls(
             kind=kind,
-            sender=_id(content, "from"),
-            recipient=_id(content, "to"),
-            key=_text(content, "key"),
+            sender=sender,
+            recipient=recipient,
+            key=key,
             issued=_time(content.get("issued")),
             puzzle=puzzle,
             offer=offer,
             answers=_number(content, "answers") if "answers" in content else None,
             reason=_text(content, "reason") if "reason" in content else None,
         )
+
+
+def _json(content: dict[str, object]) -> bytes:
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _rebind(content: dict[str, object], issued: int) -> Rebind:
+    try:
+        return Rebind.read(
+            _text(content, "session"),
+            _number(content, "sequence"),
+            issued,
+            _text(content, "outer"),
+            _text(content, "reach"),
+            _text(content, "tag"),
+        )
+    except RebindError as error:
+        raise DhtMessageError(str(error)) from None
 
 
 def seal(letter: Letter, sender: Identity, recipient: ec.EllipticCurvePublicKey) -> bytes:
@@ -307,6 +365,8 @@ class Screen:
             raise DhtMessageError(f"expected a {kind}, got a {letter.kind}")
         if letter.kind in ("response", "refusal") and letter.answers != request:
             raise DhtMessageError(f"answers the request {letter.answers}, not ours ({request})")
+        if letter.puzzle is None:  # a rebind, which is Rebinds.admit's to judge
+            raise DhtMessageError(f"a {letter.kind} has no puzzle to screen")
         if (letter.kind, letter.puzzle) in self.seen:
             raise DhtMessageError(f"puzzle {letter.puzzle} already seen: a replay")
         if abs(letter.issued - now) > self.tolerance:

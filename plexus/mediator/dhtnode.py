@@ -1,5 +1,6 @@
 """The DHT rendezvous's driver: one OpenDHT node (opendht's DhtRunner, which runs in threads of its own) and
-the DhtMediator, which gives a session what the email Mediator gives it: invite, requests, answer, refuse.
+the DhtMediator, which gives a session what the email Mediator gives it: invite, requests, answer, refuse,
+and a running session's rebind (put where requests go, so the acceptor's one listen takes both).
 
 Values are built and checked by plexus/mediator/dht.py (sans-I/O); this module only puts them, listens for
 them and hands over what passes. A listen delivers the values already stored and then each new one as the
@@ -25,7 +26,7 @@ from plexus.endpoint import Endpoint
 from plexus.errors import DhtUnreachableError, PeerNotFoundError, PeerRefusedError, UsageError
 from plexus.identity import Identity
 from plexus.mediator import dht
-from plexus.rendezvous import Invitation, Offer
+from plexus.rendezvous import Invitation, Offer, Rebind, RebindError, RebindKey, Rebinds, Rebound
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ DAY_CHECK = 600.0  # how often a long-lived listener looks whether the UTC day (
 STOP_TIMEOUT = 2.0  # for the node's shutdown to say it is done
 # The most an acceptor waits at the start for the search of the requests already stored to end.
 EARLIER_SEARCH = 3.0
+# The most a rebind waits for the acceptor's card, when no request of this mediator has fetched it.
+CARD_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,7 @@ def _ignore(key: str, error: Exception) -> None:
     """Log a value that is not taken, in one line. Whatever checking it raised, it never ends a listen: the
     value's refusal (DhtMessageError) at DEBUG, anything else (a bug, which one crafted value must not turn
     into a way to stop an acceptor) at WARNING, without its traceback."""
-    if isinstance(error, dht.DhtMessageError):
+    if isinstance(error, dht.DhtMessageError | RebindError):
         log.debug("ignoring a value under %s: %s", key, error)
         events.emit(events.Rejected, source="dht", reason=events.one_line(error))
     else:
@@ -209,6 +212,8 @@ class DhtMediator:
             set()
         )  # letters on their way: a put confirms long after the push
         self._peer_keys: dict[int, Any] = {}  # request puzzle -> the inviter's public key, to answer it
+        self._peer_card_key: Any = None  # the acceptor's public key from its card, once invite() read it
+        self._rebinds = Rebinds()
         self._listened = False
 
     async def __aenter__(self) -> DhtMediator:
@@ -293,14 +298,23 @@ class DhtMediator:
         finally:
             node.forget(text)
 
-    def _send(self, family: dht.Family, host_id: str, recipient: Any, **fields: Any) -> None:
+    def _send(
+        self,
+        family: dht.Family,
+        host_id: str,
+        recipient: Any,
+        issued: datetime.datetime | None = None,
+        **fields: Any,
+    ) -> None:
         """Put a letter sealed to the recipient under each sending day's key, without waiting for the
-        confirmation (PUT_GRACE)."""
+        confirmation (PUT_GRACE). `issued`: now, unless the letter carries a time of its own (a rebind's)."""
         now = _now()
         values = []
         for day in dht.sending_days(now):
             text = dht.key_text(family, host_id, day)
-            letter = dht.Letter(sender=self._me.id, recipient=self.peer_id, key=text, issued=now, **fields)
+            letter = dht.Letter(
+                sender=self._me.id, recipient=self.peer_id, key=text, issued=issued or now, **fields
+            )
             values.append((text, dht.seal(letter, self._me, recipient)))
         self._background(self._put_all(values, fields["kind"]))
 
@@ -325,7 +339,7 @@ class DhtMediator:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         await self._ready()
-        peer_key = await self._peer_card(deadline)
+        peer_key = self._peer_card_key = await self._peer_card(deadline)
         with self._listening("response", self._me.id) as answers:  # before the put: no answer is missed
             self._send("request", self.peer_id, peer_key, kind="request", puzzle=offer.puzzle, offer=offer)
             log.info("request put for %s, waiting for the response", self.peer_id)
@@ -346,17 +360,22 @@ class DhtMediator:
         raise PeerNotFoundError(f"no response from {self.peer_id} on the DHT within {timeout:g} s")
 
     def _open(self, key: str, value: bytes, kind: dht.Kind, request: int | None = None) -> dht.Letter | None:
+        """The letter if it is the kind waited for and passes the Screen; a rebind goes to its session."""
         try:
             letter, sender = dht.unseal(value, self._me, key, self.peer_id)
+            if letter.rebind is not None:  # for a running session, not for this wait: handed over here
+                self._rebinds.admit(letter.rebind, _now())
+                return None
             self._screen.admit(letter, kind, _now(), request)
         except Exception as error:
             _ignore(key, error)
             return None
+        if letter.offer is None:
+            return letter
         if kind == "request":
-            self._peer_keys[letter.puzzle] = sender
-        if letter.offer is not None:  # signed by the pinned peer: the handshake's key is bound to it
-            letter = dataclasses.replace(letter, offer=dataclasses.replace(letter.offer, signer=sender))
-        return letter
+            self._peer_keys[letter.offer.puzzle] = sender
+        # Signed by the pinned peer: the handshake's key is bound to it.
+        return dataclasses.replace(letter, offer=dataclasses.replace(letter.offer, signer=sender))
 
     async def listen(self) -> None:
         """Get ready for requests: joined, and the requests already stored passed over (the listen that
@@ -408,6 +427,29 @@ class DhtMediator:
 
     async def refuse(self, invitation: Invitation, reason: str, submission: object = None) -> None:
         self._reply(invitation, "refusal", reason=reason)
+
+    async def rebind(self, rebind: Rebind, submission: object = None) -> None:
+        """Put the rebind, sealed to the acceptor, where its requests go: its listen takes it. The acceptor's
+        card is the one invite() read, or is looked up now (PeerNotFoundError after CARD_TIMEOUT)."""
+        await self._ready()
+        if self._peer_card_key is None:
+            self._peer_card_key = await self._peer_card(asyncio.get_running_loop().time() + CARD_TIMEOUT)
+        issued = datetime.datetime.fromtimestamp(rebind.issued, datetime.UTC)
+        self._send(
+            "request",
+            self.peer_id,
+            self._peer_card_key,
+            kind="rebind",
+            puzzle=None,
+            rebind=rebind,
+            issued=issued,
+        )
+        log.info("rebind %d put for %s: outer endpoint %s", rebind.sequence, self.peer_id, rebind.outer)
+        events.emit(events.Sent, kind="rebind")
+
+    def rebinds(self, key: RebindKey) -> contextlib.AbstractContextManager[Rebound]:
+        """This session's rebinds, as requests() reads them (plexus.rendezvous.Rendezvous.rebinds)."""
+        return self._rebinds.expect(key)
 
     def _reply(
         self, invitation: Invitation, kind: dht.Kind, offer: Offer | None = None, reason: str | None = None

@@ -11,9 +11,10 @@ wait began (the acceptor clears it as it starts, the inviter as it leaves), and 
 it lands in a mailbox the inviter reads. An inviter leaves alone a fresh answer to another request: another
 session from the same account waits for it. Nothing else is touched.
 
-No message stops the loop: each is judged on its own (route, size, then message.read and the Screen), and
-whatever judging it raises is logged once, with its UID, and the message is consumed if it is the peer's route
-(a message whose headers cannot be read is not) or else left. A message over message.MAX_MESSAGE (its
+No message stops the loop: each is judged on its own (route, size, then message.read and the Screen, or for
+a rebind the Rebinds of the running sessions, which it is handed to), and whatever judging it raises is
+logged once, with its UID, and the message is consumed if it is the peer's route (a message whose headers
+cannot be read is not) or else left. A message over message.MAX_MESSAGE (its
 RFC822.SIZE, fetched with the headers) is consumed unread.
 """
 
@@ -49,8 +50,8 @@ from plexus.errors import (
     UsageError,
 )
 from plexus.mediator import message, smime
-from plexus.mediator.message import Kind, Letter, Refusal, Route, Screen
-from plexus.rendezvous import CLOCK_TOLERANCE, Offer
+from plexus.mediator.message import Content, Kind, Letter, Refusal, Route, Screen
+from plexus.rendezvous import CLOCK_TOLERANCE, Offer, Rebind, RebindError, RebindKey, Rebinds, Rebound
 from plexus.rendezvous import Invitation as Invitation  # re-exported: it lived here
 
 log = logging.getLogger(__name__)
@@ -442,6 +443,7 @@ class Mediator:
         self._context = tls_context(config)
         self._inbox = Inbox(config, self._context)
         self._screen = Screen()
+        self._rebinds = Rebinds()
         self._opening: asyncio.Future[Cursor] | None = None
         self._cursor: Cursor | None = None
         self._start: Cursor | None = None  # the cursor as the wait began: below it, mail that arrived earlier
@@ -581,10 +583,23 @@ class Mediator:
         log.info("refusal sent to %s: %s", self._config.peer_id, refusal.reason)
         events.emit(events.Sent, kind="refusal")
 
+    async def rebind(self, rebind: Rebind, submission: Submission | None = None) -> None:
+        """Mail the rebind to the acceptor: SMTP alone, so a Mediator that never logged in to IMAP (or whose
+        connection is down) sends it as well."""
+        await self._send(
+            "rebind", rebind, message.new_message_id(self._config.address), submission=submission
+        )
+        log.info("rebind %d sent to %s: outer endpoint %s", rebind.sequence, self._peer, rebind.outer)
+        events.emit(events.Sent, kind="rebind")
+
+    def rebinds(self, key: RebindKey) -> contextlib.AbstractContextManager[Rebound]:
+        """This session's rebinds, as requests() reads them (plexus.rendezvous.Rendezvous.rebinds)."""
+        return self._rebinds.expect(key)
+
     async def _send(
         self,
         kind: Kind,
-        content: Offer | Refusal,
+        content: Content,
         message_id: str,
         in_reply_to: str | None = None,
         *,
@@ -667,8 +682,12 @@ class Mediator:
             return None
         try:
             letter = message.read(data, self._keys, self._config.peer_identity)
-            self._screen.admit(letter, kind, datetime.datetime.now(datetime.UTC), reply_to, request)
-        except (message.MessageError, smime.SmimeError) as error:
+            now = datetime.datetime.now(datetime.UTC)
+            if letter.rebind is not None:  # for a running session, not for this wait: handed over here
+                self._rebinds.admit(letter.rebind, now)
+                return None
+            self._screen.admit(letter, kind, now, reply_to, request)
+        except (message.MessageError, smime.SmimeError, RebindError) as error:
             log.warning("ignoring message UID %d from %s: %s", item.uid, self._peer, error)
             self._ignored = f"message UID {item.uid}: {error}"
             events.emit(events.Rejected, source="mail", reason=events.one_line(error))

@@ -22,7 +22,6 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
-from typing import Literal
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,10 +33,12 @@ from plexus.mediator import smime
 
 # Re-exported (they lived here): cli.py and older callers import them from this module.
 from plexus.rendezvous import CLOCK_TOLERANCE as CLOCK_TOLERANCE
+from plexus.rendezvous import KINDS as KINDS
 from plexus.rendezvous import MAPPINGS as MAPPINGS
 from plexus.rendezvous import NO_REASON as NO_REASON
-from plexus.rendezvous import REACH_HEADER, ReachError
+from plexus.rendezvous import REACH_HEADER, ReachError, Rebind, RebindError
 from plexus.rendezvous import REASON_LIMIT as REASON_LIMIT
+from plexus.rendezvous import Kind as Kind
 from plexus.rendezvous import Mapping as Mapping
 from plexus.rendezvous import Offer as Offer
 from plexus.rendezvous import Reach as Reach
@@ -45,11 +46,8 @@ from plexus.rendezvous import sanitize_reason as sanitize_reason
 
 PROTOCOL = "PLEXUS"
 VERSION = "2.1"  # plexus 2.2 speaks "2.1" on the wire
-
-# A refusal is plexus's own addition: an acceptor that cannot serve a request says why. plexus 2.2 matches
-# its mail against `PLEXUS 2.1 response <ip> <port> <puzzle>`: it passes over a refusal like any other mail.
-Kind = Literal["request", "response", "refusal"]
-KINDS: dict[str, Kind] = {"request": "request", "response": "response", "refusal": "refusal"}
+# plexus 2.2 matches its mail against `PLEXUS 2.1 response <ip> <port> <puzzle>`: it passes over a refusal
+# or a rebind (Kind) like any other mail.
 _NUMBER = re.compile(r"[0-9]{1,20}")
 _HEADER_LINE = re.compile(rb"[!-9;-~]+:")
 # The largest message read, in octets. plexus's own mail weighs under 1 KiB plain and about 5 KiB with S/MIME
@@ -107,12 +105,13 @@ class Letter:
     """A received PLEXUS message, read and (with S/MIME) decrypted and verified."""
 
     kind: Kind
-    offer: Offer | None  # a request's or response's; None in a refusal
+    offer: Offer | None  # a request's or response's; None in a refusal or a rebind
     message_id: str | None
     in_reply_to: str | None
     date: datetime.datetime | None
     signing_time: datetime.datetime | None = None
     refusal: Refusal | None = None  # a refusal's; None otherwise
+    rebind: Rebind | None = None  # a rebind's; None otherwise
 
     @property
     def puzzle(self) -> int:
@@ -123,17 +122,25 @@ class Letter:
         return self.offer.puzzle
 
 
-def format_body(kind: Kind, content: Offer | Refusal) -> str:
+Content = Offer | Refusal | Rebind
+
+
+def format_body(kind: Kind, content: Content) -> str:
     if kind == "refusal":
         if not isinstance(content, Refusal):
             raise TypeError("a refusal carries a Refusal")
         return f"{PROTOCOL} {VERSION} refusal {content.puzzle} {sanitize_reason(content.reason)}"
+    if kind == "rebind":
+        if not isinstance(content, Rebind):
+            raise TypeError("a rebind carries a Rebind")
+        fields = (content.session.hex(), content.sequence, content.issued, content.outer, content.tag.hex())
+        return f"{PROTOCOL} {VERSION} rebind {' '.join(map(str, fields))} {content.reach.header()}"
     if not isinstance(content, Offer):
         raise TypeError(f"a {kind} carries an Offer")
     return f"{PROTOCOL} {VERSION} {kind} {content.outer.host} {content.outer.port} {content.puzzle}"
 
 
-def parse_body(text: str) -> tuple[Kind, Offer | Refusal]:
+def parse_body(text: str) -> tuple[Kind, Content]:
     """The first non-empty line must be the PLEXUS line; anything after it (an MTA's footer) is ignored."""
     line = _first_line(text)
     head = line.split(maxsplit=3)
@@ -146,6 +153,8 @@ def parse_body(text: str) -> tuple[Kind, Offer | Refusal]:
         raise MessageError(f"unknown PLEXUS message kind {kind[:20]!r}")
     if kind == "refusal":
         return "refusal", _parse_refusal(line)
+    if kind == "rebind":
+        return "rebind", _parse_rebind(line)
     words = line.split()
     if len(words) != 6:
         raise MessageError(f"not a PLEXUS line: {line[:80]!r}")
@@ -171,6 +180,22 @@ def _parse_refusal(line: str) -> Refusal:
     return Refusal(_puzzle(words[3]), words[4] if len(words) > 4 else "")
 
 
+def _parse_rebind(line: str) -> Rebind:
+    """`PLEXUS 2.1 rebind <session> <sequence> <issued> <outer> <tag> <reach>`: the Reach is the rest of the
+    line."""
+    words = line.split(maxsplit=8)
+    if len(words) < 9:
+        raise MessageError(f"rebind cut short: {line[:80]!r}")
+    session, sequence, issued, outer, tag, reach = words[3:]
+    for name, number in (("sequence", sequence), ("issued", issued)):
+        if not _NUMBER.fullmatch(number):
+            raise MessageError(f"rebind: bad {name} {number[:30]!r}")
+    try:
+        return Rebind.read(session, int(sequence), int(issued), outer, reach, tag)
+    except RebindError as error:
+        raise MessageError(str(error)) from None
+
+
 def _puzzle(text: str) -> int:
     if not _NUMBER.fullmatch(text) or int(text) >= 2**64:
         raise MessageError(f"bad puzzle {text[:30]!r}")
@@ -184,7 +209,7 @@ def new_message_id(sender: str) -> str:
 
 def build(
     kind: Kind,
-    content: Offer | Refusal,
+    content: Content,
     route: Route,
     *,
     message_id: str,
@@ -195,7 +220,8 @@ def build(
 ) -> bytes:
     """The whole message, CRLF line ends, every line under 1000 octets (headers folded, base64 at 76).
 
-    content: an Offer, or for a refusal a Refusal. A response or refusal names its request in In-Reply-To.
+    content: an Offer, for a refusal a Refusal, for a rebind a Rebind (whose Reach is in its line). A response
+    or refusal names its request in In-Reply-To.
     signer: the --identity key, which signs what the message says in the X-Plexus-Identity header."""
     message = EmailMessage(policy=email.policy.SMTP)
     message["From"] = route.sender
@@ -280,6 +306,7 @@ def read(raw: bytes, keys: smime.Keys | None, pinned: str | None = None) -> Lett
         date=_date(message),
         signing_time=signing_time,
         refusal=content if isinstance(content, Refusal) else None,
+        rebind=content if isinstance(content, Rebind) else None,
     )
 
 

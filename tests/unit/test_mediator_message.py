@@ -38,7 +38,7 @@ from plexus.mediator.message import (
     read,
     sanitize_reason,
 )
-from plexus.rendezvous import ReachError
+from plexus.rendezvous import ReachError, RebindError, RebindKey, Rebinds
 from tests.fuzz import FUZZ
 from tests.unit.test_smime import Pki, mutate, pki  # noqa: F401 (pki: the fixture)
 
@@ -221,6 +221,8 @@ def test_smime_mail_without_keys_is_rejected() -> None:
 # ---- hostile mail ------------------------------------------------------------------------------------------
 
 PEER = Route("peer@example.org", "me@example.org", "peer-host")  # the incoming route of the fuzzed acceptor
+REBIND_KEY = RebindKey.derive(7, 8)  # the session the fuzzed acceptor expects rebinds of
+REBIND = REBIND_KEY.seal(1, Endpoint("198.51.100.2", 40001), Reach("independent"), NOW)
 PEER_KEY = ec.generate_private_key(ec.SECP256R1())
 PEER_ID = id_of(PEER_KEY.public_key())
 
@@ -232,6 +234,11 @@ def receive(raw: bytes, keys: smime.Keys | None = None, pinned: str | None = Non
     message_id_of(headers), in_reply_to_of(headers)
     PEER.matches(headers)  # read regardless: a forged route is anyone's to write
     letter = read(raw, keys, pinned)
+    if letter.rebind is not None:  # handed to the session it names
+        rebinds = Rebinds()
+        with rebinds.expect(REBIND_KEY):
+            rebinds.admit(letter.rebind, NOW)
+        return letter
     Screen().admit(
         letter, letter.kind if letter.kind != "refusal" else "response", NOW, request=letter.puzzle
     )
@@ -241,7 +248,7 @@ def receive(raw: bytes, keys: smime.Keys | None = None, pinned: str | None = Non
 def receive_or_reject(raw: bytes, keys: smime.Keys | None = None, pinned: str | None = None) -> Letter | None:
     try:
         return receive(raw, keys, pinned)
-    except (MessageError, smime.SmimeError):
+    except (MessageError, smime.SmimeError, RebindError):
         return None
 
 
@@ -451,6 +458,8 @@ FRAGMENTS = [
     b"PLEXUS 2.1 request 198.51.100.2 40000 7\r\n",
     b"PLEXUS 2.1 response 2001:db8::1 1 18446744073709551615\r\n",
     b"PLEXUS 2.1 refusal 7 busy\r\n",
+    format_body("rebind", REBIND).encode() + b"\r\n",
+    format_body("rebind", REBIND).encode()[:60],
     b"UExFWFVTIDIuMSByZXF1ZXN0IDEuMi4zLjQgNSA2DQo=\r\n",
     b"PLEXUS=202.1 request 1.2.3.4 5 6=\r\n",
     b"begin 644 x\r\n",
@@ -484,12 +493,15 @@ def test_fuzz_structured_messages_are_judged_cleanly(seed: bytes) -> None:
 SIGNED_RESPONSE = signed("response", in_reply_to="<0@example.org>")
 
 
+SIGNED_REBIND = build("rebind", REBIND, ALICE, message_id="<2@example.org>", date=NOW, signer=PEER_KEY)
+
+
 @FUZZ
-@given(st.binary(min_size=4, max_size=24))
-def test_fuzz_mutated_signed_mail_is_the_original_or_refused(program: bytes) -> None:
+@given(st.sampled_from([SIGNED_RESPONSE, SIGNED_REBIND]), st.binary(min_size=4, max_size=24))
+def test_fuzz_mutated_signed_mail_is_the_original_or_refused(original: bytes, program: bytes) -> None:
     """Whatever is changed in a signed message, with the pin it reads as the original said, or not at all."""
-    letter = receive_or_reject(mutate(SIGNED_RESPONSE, program, FRAGMENTS), pinned=PEER_ID)
-    assert letter is None or letter == read(SIGNED_RESPONSE, None, PEER_ID)
+    letter = receive_or_reject(mutate(original, program, FRAGMENTS), pinned=PEER_ID)
+    assert letter is None or letter == read(original, None, PEER_ID)
 
 
 # ---- refusal -----------------------------------------------------------------------------------------------
