@@ -331,7 +331,7 @@ class Rebinds:
         if rebound is None:
             raise RebindError(f"rebind of no session here ({rebind.session.hex()[:8]}...)")
         rebound.admit(rebind, now, self.tolerance)
-        log.info("rebind %d: the peer is now at %s", rebind.sequence, rebind.outer)
+        log.info("rebind %d admitted: the peer says it is now at %s", rebind.sequence, rebind.outer)
 
 
 class Rendezvous(Protocol):
