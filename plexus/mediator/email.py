@@ -14,8 +14,8 @@ session from the same account waits for it. Nothing else is touched.
 No message stops the loop: each is judged on its own (route, size, then message.read and the Screen, or for
 a rebind the Rebinds of the running sessions, which it is handed to), and whatever judging it raises is
 logged once, with its UID, and the message is consumed if it is the peer's route (a message whose headers
-cannot be read is not) or else left. A message over message.MAX_MESSAGE (its
-RFC822.SIZE, fetched with the headers) is consumed unread.
+cannot be read is not) or else left. A message over message.MAX_MESSAGE (its RFC822.SIZE, fetched with the
+headers) is consumed unread.
 """
 
 from __future__ import annotations
