@@ -1,0 +1,106 @@
+"""Streams that outlive the inviter's NAT mapping it anew (issue 19): a --forward stream between a (behind a
+cone or symmetric NAT) and b (public, or behind a full-cone NAT: neither filters per endpoint) while a's NAT
+forgets every mapping and maps a onto new outer ports mid-transfer (Lab.remap). The acceptor hears the
+inviter's packets from the new endpoint, validates it and sends there (QUIC migration, streams/quic.py).
+Behind a NAT that filters per endpoint, b drops them: that takes a rebind over the rendezvous (not here)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from plexus.endpoint import Endpoint
+from tests.lab.lab import REMAP_RANGES, Lab
+from tests.lab.services import BYE, CHUNK, TcpTarget, pattern
+from tests.lab.sessions import Plexus
+from tests.labtests.test_streams import Ids, forwarding, ids, start_acceptor
+
+__all__ = ["ids"]  # the fixture, used by name
+
+pytestmark = pytest.mark.lab
+
+
+class Transfer:
+    """A bulk transfer through the echo target from inside a's namespace: one thread writes `data` and
+    half-closes, another reads everything back, noting the longest time between two reads."""
+
+    def __init__(self, lab: Lab, port: int, data: bytes) -> None:
+        self.data = data
+        self.received = bytearray()
+        self.longest_silence = 0.0
+        self.error: BaseException | None = None
+        self._sock = lab.socket("a", socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.settimeout(90)
+        self._sock.connect(("127.0.0.1", port))
+        self._threads = [threading.Thread(target=self._guard, args=(f,)) for f in (self._write, self._read)]
+        for thread in self._threads:
+            thread.start()
+
+    def _guard(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except (OSError, AssertionError) as error:  # finish() reports it
+            self.error = error
+
+    def _write(self) -> None:
+        view = memoryview(self.data)
+        for start in range(0, len(view), CHUNK):
+            self._sock.sendall(view[start : start + CHUNK])
+        self._sock.shutdown(socket.SHUT_WR)
+
+    def _read(self) -> None:
+        last = time.monotonic()
+        while chunk := self._sock.recv(CHUNK):
+            now = time.monotonic()
+            self.longest_silence = max(self.longest_silence, now - last)
+            last = now
+            self.received += chunk
+
+    def wait_past(self, size: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < size:
+            assert self.error is None and time.monotonic() < deadline, (self.error, len(self.received))
+            time.sleep(0.01)
+
+    def finish(self, timeout: float) -> bytes:
+        for thread in self._threads:
+            thread.join(timeout)
+        self._sock.close()
+        assert self.error is None, self.error
+        return bytes(self.received)
+
+
+@pytest.mark.parametrize(("nat_a", "nat_b"), [("cone", "none"), ("cone", "fullcone"), ("symmetric", "none")])
+def test_a_stream_survives_the_inviters_nat_mapping_it_anew_mid_transfer(
+    lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids, nat_a: str, nat_b: str
+) -> None:
+    lab.set_nat("a", nat_a)
+    lab.set_nat("b", nat_b)
+    data = pattern(48 << 20)
+    with TcpTarget(lab, "b", "echo", port=7007) as echo:
+        acceptor, me, peer = start_acceptor(lab, tmp_path, running, ids, f"127.0.0.1:{echo.port}")
+        invite = forwarding(lab, tmp_path, running, (me, peer), ids, f"17007:127.0.0.1:{echo.port}")
+        transfer = Transfer(lab, 17007, data)
+        transfer.wait_past(len(data) // 4, timeout=60)
+        ports = lab.remap("a")
+        received = transfer.finish(timeout=120)
+    assert received == data + BYE, (
+        f"{len(received)} of {len(data) + len(BYE)} bytes\n{acceptor.log()[-3000:]}"
+    )
+    (migrated,) = acceptor.wait_events("migrated", timeout=5)
+    before, after = Endpoint.parse(migrated["before"]), Endpoint.parse(migrated["after"])
+    low, high = (int(port) for port in ports.split("-"))
+    assert before.host == after.host == lab.public_ip("a") and low <= after.port <= high, migrated
+    assert ports == REMAP_RANGES[0] and before.port != after.port
+    dead = acceptor.events("path_dead") + invite.events("path_dead")
+    print(
+        f"a {nat_a}, b {nat_b}: {len(data) >> 20} MiB each way, a remapped {before} -> {after}; longest "
+        f"silence {transfer.longest_silence * 1000:.0f} ms; path_dead events: {dead}"
+    )
+    assert transfer.longest_silence < 2.0 and not dead
+    assert invite.process.poll() is None and not acceptor.events("ended")  # the session goes on
