@@ -66,8 +66,8 @@ IDLE_TIMEOUT = 60.0
 # way and its ACK the other (about 60 bytes each with the IP and UDP headers) per interval; docs/streams.md.
 KEEPALIVE_INTERVAL = 1.0
 # Ack-eliciting packets (data, pings) unanswered this long: the path looks dead. Above the time a live path
-# needs to answer after a lost packet or two (an RTT plus aioquic's probe timeouts: under 1.5 s at 300 ms
-# RTT), below the 2-3 s a rebind over the rendezvous has to resume a stream in.
+# needs to answer after a lost packet (an RTT and a probe timeout: under 1 s at 300 ms RTT; about 1.8 s
+# after two in a row), below the 2-3 s a rebind over the rendezvous has to resume a stream in.
 DEAD_AFTER = 2.0
 HANDSHAKE_TIMEOUT = 10.0
 # The acceptor's connections made from client Initials before one completes its handshake: the real one and a

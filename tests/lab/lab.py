@@ -152,7 +152,7 @@ _NFT_FILTER = """\
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat;
-        oifname "wan" masquerade{masquerade_flags}
+{masquerade}
     }}
 """
 # The outer port ranges remap() moves a host's mappings into, in turn: every new mapping gets a new port.
@@ -230,10 +230,14 @@ def nft_ruleset(mode: NatMode, host_ip: str, ports: str | None = None) -> str:
     (remap), else the host's own port where it is free."""
     if mode == "none":
         return _NFT_TEMPLATE.format(chains="")
-    flags = (f" to :{ports}" if ports else "") + (" fully-random" if mode == "symmetric" else "")
+    random = " fully-random" if mode == "symmetric" else ""
+    masquerade = f'        oifname "wan" masquerade{random}'
+    if ports:  # a port range needs the protocol named; the rest (ICMP) is masqueraded as before
+        ranged = f'        oifname "wan" meta l4proto {{ tcp, udp }} masquerade to :{ports}{random}'
+        masquerade = f"{ranged}\n{masquerade}"
     chains = _NFT_FILTER.format(
         extra_forward='        iifname "wan" ct status dnat accept\n' if mode == "fullcone" else "",
-        masquerade_flags=flags,
+        masquerade=masquerade,
     )
     if mode == "fullcone":
         chains += _NFT_FULLCONE.format(host_ip=host_ip)

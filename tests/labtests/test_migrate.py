@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from plexus.endpoint import Endpoint
+from plexus.streams import quic
 from tests.lab.lab import REMAP_RANGES, Lab
-from tests.lab.services import BYE, CHUNK, TcpTarget, pattern
+from tests.lab.services import BYE, CHUNK, TcpTarget, exchange, pattern
 from tests.lab.sessions import Plexus
 from tests.labtests.test_streams import Ids, forwarding, ids, start_acceptor
 
@@ -79,6 +80,7 @@ class Transfer:
 def test_a_stream_survives_the_inviters_nat_mapping_it_anew_mid_transfer(
     lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids, nat_a: str, nat_b: str
 ) -> None:
+    """Mid-transfer, then again on an idle line (where the inviter's next keepalive makes the new mapping)."""
     lab.set_nat("a", nat_a)
     lab.set_nat("b", nat_b)
     data = pattern(48 << 20)
@@ -89,18 +91,24 @@ def test_a_stream_survives_the_inviters_nat_mapping_it_anew_mid_transfer(
         transfer.wait_past(len(data) // 4, timeout=60)
         ports = lab.remap("a")
         received = transfer.finish(timeout=120)
-    assert received == data + BYE, (
-        f"{len(received)} of {len(data) + len(BYE)} bytes\n{acceptor.log()[-3000:]}"
-    )
-    (migrated,) = acceptor.wait_events("migrated", timeout=5)
-    before, after = Endpoint.parse(migrated["before"]), Endpoint.parse(migrated["after"])
+        assert received == data + BYE, f"{len(received)} bytes of {len(data)}\n{acceptor.log()[-3000:]}"
+        (moved,) = acceptor.wait_events("migrated", timeout=5)
+        idle_since = time.time()
+        lab.remap("a")
+        again = acceptor.wait_events("migrated", count=2, timeout=10)[1]
+        after_idle = lab.run_sync("a", lambda: exchange("127.0.0.1", 17007, b"after\n", timeout=10))
+    assert after_idle == b"after\n" + BYE
+    before, after = Endpoint.parse(moved["before"]), Endpoint.parse(moved["after"])
     low, high = (int(port) for port in ports.split("-"))
-    assert before.host == after.host == lab.public_ip("a") and low <= after.port <= high, migrated
+    assert before.host == after.host == lab.public_ip("a") and low <= after.port <= high, moved
     assert ports == REMAP_RANGES[0] and before.port != after.port
+    assert Endpoint.parse(again["before"]) == after and Endpoint.parse(again["after"]).port != after.port
+    idle_move = again["at"] - idle_since
     dead = acceptor.events("path_dead") + invite.events("path_dead")
     print(
-        f"a {nat_a}, b {nat_b}: {len(data) >> 20} MiB each way, a remapped {before} -> {after}; longest "
-        f"silence {transfer.longest_silence * 1000:.0f} ms; path_dead events: {dead}"
+        f"a {nat_a}, b {nat_b}: {len(data) >> 20} MiB each way, a remapped {before} -> {after} mid-transfer:"
+        f" longest silence {transfer.longest_silence * 1000:.0f} ms; remapped on an idle line: moved after"
+        f" {idle_move:.2f} s; path_dead events: {dead}"
     )
-    assert transfer.longest_silence < 2.0 and not dead
+    assert transfer.longest_silence < 2.0 and idle_move < quic.KEEPALIVE_INTERVAL + 1.0 and not dead
     assert invite.process.poll() is None and not acceptor.events("ended")  # the session goes on

@@ -301,7 +301,7 @@ async def test_a_silent_peer_is_a_dead_path_within_the_bound_and_the_streams_liv
         ends.nat.dropping = True
         # data, or else the keepalive after an interval's silence (two on the acceptor), unanswered for
         # DEAD_AFTER
-        bounds = [quic.DEAD_AFTER + (0 if flowing else n * quic.KEEPALIVE_INTERVAL) + 0.15 for n in (2, 1)]
+        bounds = [quic.DEAD_AFTER + (0 if flowing else n * quic.KEEPALIVE_INTERVAL) + 0.3 for n in (2, 1)]
         noticed = await asyncio.gather(
             *(dead(link, bound) for link, bound in zip((ends.acceptor, ends.inviter), bounds, strict=True))
         )
