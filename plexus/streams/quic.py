@@ -22,7 +22,10 @@ A dead path shows within seconds, not at the idle timeout: an inviter that has h
 acceptor for KEEPALIVE_INTERVAL pings it (the acceptor, which hears those pings, only after twice that), and
 a side whose ack-eliciting packets (data or pings) have had no answer for DEAD_AFTER reports the path dead
 (`Link.dead`, `PathDead`) without ending anything: the path may come back (a Wi-Fi hiccup, the peer's NAT
-mapping anew), and only the idle timeout ends the session.
+mapping anew; `PathBack`, and a PING at once so that what went into the silence is resent), and only the
+idle timeout ends the session. These PINGs are probes: they may go beyond the congestion window, which a
+silence leaves full of what went unanswered, and so once the path is back the next one ends the silence,
+however far aioquic's probe timeout has backed off.
 
 Throughput is bound by Python's work per datagram and per pass through aioquic's send path, so the driver
 sends once per batch of received datagrams (a flush scheduled with call_soon, not one per datagram), lets
@@ -105,11 +108,12 @@ class _Pacer(QuicPacketPacer):
 
 
 class _Connection(QuicConnection):
-    """aioquic's QuicConnection and the things plexus needs beyond its public API, kept here alone (no public
-    way exists in aioquic 1.7): the pacer's burst, the server's client-certificate request, the peer's
+    """aioquic's QuicConnection and the things plexus needs beyond its public API, kept here alone (no
+    public way exists in aioquic 1.7): the pacer's burst, the server's client-certificate request, the peer's
     certificate, a stream's unacknowledged bytes, when the peer was last heard and whether it was asked
-    since, and whether the address datagrams go to is validated. tests/unit/test_streams.py checks each
-    against the pinned aioquic, so a version that moves one fails there by name."""
+    since, a probe beyond the congestion window, and whether the address datagrams go to is validated.
+    tests/unit/test_streams.py checks each against the pinned aioquic, so a version that moves one fails
+    there by name."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -131,6 +135,12 @@ class _Connection(QuicConnection):
         if self.asked_at is None and self._ack_eliciting_sent_since_receipt:
             self.asked_at = now
         return datagrams
+
+    def probe(self) -> None:
+        """A PING that may go beyond the congestion window, as the probe timeout's own do (RFC 9002 section
+        7): into a silence the window is full of what went unanswered, and a plain PING would wait behind
+        it."""
+        self._send_probe()
 
     @property
     def validated_peer(self) -> NetworkAddress | None:
@@ -475,13 +485,14 @@ class Link(asyncio.DatagramProtocol):
         assert self._quic is not None
         quic = self._quic
         interval = KEEPALIVE_INTERVAL * (1 if quic.configuration.is_client else 2)
-        uid = 0
         pinged = -math.inf
         while not self.closed.done():
             now = self._loop.time()
             if now - max(quic.heard_at, pinged) >= interval:
-                uid += 1
-                quic.send_ping(uid)
+                # Each interval into a silence, whatever aioquic's probe timeout has backed off to: the first
+                # to get through once the path is back ends the silence (the peer's ACK of it declares what
+                # went unanswered lost, and it goes again at once).
+                quic.probe()
                 self._flush()
                 pinged = now
             wake = max(quic.heard_at, pinged) + interval
@@ -503,6 +514,9 @@ class Link(asyncio.DatagramProtocol):
         if self.dead.is_set() and quic.heard_at > self._silent_since:
             silent = quic.heard_at - self._silent_since
             self.dead.clear()
+            # What this side sent into the silence waits for its probe timeout, which has backed off to
+            # seconds by now; the peer's ACK of a probe declares it lost and it goes again at once.
+            quic.probe()
             log.info("streams: the peer answers again after %.1f s of silence", silent)
             plexus_events.emit(plexus_events.PathBack, silent=round(silent, 3))
 

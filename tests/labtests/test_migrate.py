@@ -112,3 +112,39 @@ def test_a_stream_survives_the_inviters_nat_mapping_it_anew_mid_transfer(
     )
     assert transfer.longest_silence < 2.0 and idle_move < quic.KEEPALIVE_INTERVAL + 1.0 and not dead
     assert invite.process.poll() is None and not acceptor.events("ended")  # the session goes on
+
+
+def test_a_path_cut_for_seconds_is_reported_dead_on_both_sides_and_the_stream_goes_on(
+    lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids
+) -> None:
+    """The internet router drops the sites' UDP for 4.5 s mid-transfer (a Wi-Fi hiccup, both endpoints
+    unchanged): each side reports the path dead DEAD_AFTER into the cut, nothing ends, and once the path is
+    back the inviter's next keepalive probe ends the silence on both sides, and every byte arrives."""
+    cut_s = 4.5  # not a whole number of keepalive intervals: the inviter's probes do not meet its end
+    data = pattern(48 << 20)
+    with TcpTarget(lab, "b", "echo", port=7007) as echo:
+        acceptor, me, peer = start_acceptor(lab, tmp_path, running, ids, f"127.0.0.1:{echo.port}")
+        invite = forwarding(lab, tmp_path, running, (me, peer), ids, f"17007:127.0.0.1:{echo.port}")
+        transfer = Transfer(lab, 17007, data)
+        transfer.wait_past(len(data) // 4, timeout=60)
+        cut = time.time()
+        lab.separate(True)
+        try:
+            noticed = [
+                side.wait_events("path_dead", timeout=cut_s)[0]["at"] - cut for side in (acceptor, invite)
+            ]
+        finally:
+            time.sleep(max(cut + cut_s - time.time(), 0))
+            lab.separate(False)
+        uncut = time.time()
+        received = transfer.finish(timeout=120)
+        back = [side.wait_events("path_back", timeout=5)[0]["at"] - uncut for side in (acceptor, invite)]
+    assert received == data + BYE, f"{len(received)} bytes of {len(data)}\n{acceptor.log()[-3000:]}"
+    print(
+        f"cut {cut_s:g} s mid-transfer: path_dead after {noticed[0]:.2f} s (acceptor), {noticed[1]:.2f} s"
+        f" (inviter); path_back {back[0]:.2f} s, {back[1]:.2f} s after the cut ended; longest silence"
+        f" {transfer.longest_silence:.2f} s"
+    )
+    assert all(quic.DEAD_AFTER - 0.2 < took < quic.DEAD_AFTER + 0.5 for took in noticed), noticed
+    assert all(took < quic.KEEPALIVE_INTERVAL + 0.5 for took in back), back  # the inviter's next probe
+    assert invite.process.poll() is None and not acceptor.events("ended")

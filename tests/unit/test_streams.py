@@ -680,8 +680,8 @@ def handshake_in_memory() -> tuple[quic._Connection, quic._Connection, Identity,
 
 def test_the_aioquic_internals_the_connection_adapter_reaches_are_there() -> None:
     """_Connection's pacer, client-certificate request, peer certificate, unacknowledged bytes, when the
-    peer was heard and asked, and the validated peer address, on an in-memory handshake: a new aioquic that
-    renames what they reach fails here, by name, not as a hang."""
+    peer was heard and asked, its probe and the validated peer address, on an in-memory handshake: a new
+    aioquic that renames what they reach fails here, by name, not as a hang."""
     server, client, acceptor_id, inviter_id, now = handshake_in_memory()
     for connection in (server, client):
         assert isinstance(connection._loss._pacer, quic._Pacer), "aioquic moved its pacer (_loss._pacer)"
@@ -691,10 +691,10 @@ def test_the_aioquic_internals_the_connection_adapter_reaches_are_there() -> Non
     assert quic.id_of(client.peer_certificate.public_key()) == acceptor_id.id
     assert (server.validated_peer, client.validated_peer) == (CLIENT, SERVER)
     assert 0 < server.heard_at <= now and 0 < client.heard_at <= now, "_payload_received is not reached"
-    client.send_ping(1)
+    client.probe()
     for data, _ in client.datagrams_to_send(now=now):
         server.receive_datagram(data, CLIENT, now=now)
-    assert client.asked_at == now, "aioquic lost _ack_eliciting_sent_since_receipt"
+    assert client.asked_at == now, "aioquic lost _send_probe or _ack_eliciting_sent_since_receipt"
     exchange(server, client, now)
     assert client.asked_at is None and client.heard_at > now
     stream_id = client.get_next_available_stream_id()
