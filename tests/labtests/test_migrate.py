@@ -6,10 +6,12 @@ Behind a NAT that filters per endpoint, b drops them: that takes a rebind over t
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,35 @@ class Transfer:
         return bytes(self.received)
 
 
+@dataclass
+class Running:
+    """A --forward session carrying a bulk transfer through the echo target on b."""
+
+    acceptor: Plexus
+    invite: Plexus
+    transfer: Transfer
+
+    def finish(self) -> None:
+        """Every byte written came back, in order, and then the echo's BYE."""
+        received = self.transfer.finish(timeout=120)
+        expected = self.transfer.data + BYE
+        assert received == expected, (
+            f"{len(received)} of {len(expected)} bytes\n{self.acceptor.log()[-3000:]}"
+        )
+
+
+@contextlib.contextmanager
+def mid_transfer(lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids) -> Iterator[Running]:
+    """The echo target on b, an acceptor allowing it, a --forward inviter on a, and 48 MiB each way through
+    them, a quarter of it through already."""
+    with TcpTarget(lab, "b", "echo", port=7007) as echo:
+        acceptor, me, peer = start_acceptor(lab, tmp_path, running, ids, f"127.0.0.1:{echo.port}")
+        invite = forwarding(lab, tmp_path, running, (me, peer), ids, f"17007:127.0.0.1:{echo.port}")
+        transfer = Transfer(lab, 17007, pattern(48 << 20))
+        transfer.wait_past(len(transfer.data) // 4, timeout=60)
+        yield Running(acceptor, invite, transfer)
+
+
 @pytest.mark.parametrize(("nat_a", "nat_b"), [("cone", "none"), ("cone", "fullcone"), ("symmetric", "none")])
 def test_a_stream_survives_the_inviters_nat_mapping_it_anew_mid_transfer(
     lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids, nat_a: str, nat_b: str
@@ -83,19 +114,13 @@ def test_a_stream_survives_the_inviters_nat_mapping_it_anew_mid_transfer(
     """Mid-transfer, then again on an idle line (where the inviter's next keepalive makes the new mapping)."""
     lab.set_nat("a", nat_a)
     lab.set_nat("b", nat_b)
-    data = pattern(48 << 20)
-    with TcpTarget(lab, "b", "echo", port=7007) as echo:
-        acceptor, me, peer = start_acceptor(lab, tmp_path, running, ids, f"127.0.0.1:{echo.port}")
-        invite = forwarding(lab, tmp_path, running, (me, peer), ids, f"17007:127.0.0.1:{echo.port}")
-        transfer = Transfer(lab, 17007, data)
-        transfer.wait_past(len(data) // 4, timeout=60)
+    with mid_transfer(lab, tmp_path, running, ids) as session:
         ports = lab.remap("a")
-        received = transfer.finish(timeout=120)
-        assert received == data + BYE, f"{len(received)} bytes of {len(data)}\n{acceptor.log()[-3000:]}"
-        (moved,) = acceptor.wait_events("migrated", timeout=5)
+        session.finish()
+        (moved,) = session.acceptor.wait_events("migrated", timeout=5)
         idle_since = time.time()
         lab.remap("a")
-        again = acceptor.wait_events("migrated", count=2, timeout=10)[1]
+        again = session.acceptor.wait_events("migrated", count=2, timeout=10)[1]
         after_idle = lab.run_sync("a", lambda: exchange("127.0.0.1", 17007, b"after\n", timeout=10))
     assert after_idle == b"after\n" + BYE
     before, after = Endpoint.parse(moved["before"]), Endpoint.parse(moved["after"])
@@ -104,14 +129,15 @@ def test_a_stream_survives_the_inviters_nat_mapping_it_anew_mid_transfer(
     assert ports == REMAP_RANGES[0] and before.port != after.port
     assert Endpoint.parse(again["before"]) == after and Endpoint.parse(again["after"]).port != after.port
     idle_move = again["at"] - idle_since
-    dead = acceptor.events("path_dead") + invite.events("path_dead")
+    dead = session.acceptor.events("path_dead") + session.invite.events("path_dead")
+    silence = session.transfer.longest_silence
     print(
-        f"a {nat_a}, b {nat_b}: {len(data) >> 20} MiB each way, a remapped {before} -> {after} mid-transfer:"
-        f" longest silence {transfer.longest_silence * 1000:.0f} ms; remapped on an idle line: moved after"
-        f" {idle_move:.2f} s; path_dead events: {dead}"
+        f"a {nat_a}, b {nat_b}: 48 MiB each way, a remapped {before} -> {after} mid-transfer: longest"
+        f" silence {silence * 1000:.0f} ms; remapped on an idle line: moved after {idle_move:.2f} s;"
+        f" path_dead events: {dead}"
     )
-    assert transfer.longest_silence < 2.0 and idle_move < quic.KEEPALIVE_INTERVAL + 1.0 and not dead
-    assert invite.process.poll() is None and not acceptor.events("ended")  # the session goes on
+    assert silence < 2.0 and idle_move < quic.KEEPALIVE_INTERVAL + 1.0 and not dead
+    assert session.invite.process.poll() is None and not session.acceptor.events("ended")  # it goes on
 
 
 def test_a_path_cut_for_seconds_is_reported_dead_on_both_sides_and_the_stream_goes_on(
@@ -121,30 +147,23 @@ def test_a_path_cut_for_seconds_is_reported_dead_on_both_sides_and_the_stream_go
     unchanged): each side reports the path dead DEAD_AFTER into the cut, nothing ends, and once the path is
     back the inviter's next keepalive probe ends the silence on both sides, and every byte arrives."""
     cut_s = 4.5  # not a whole number of keepalive intervals: the inviter's probes do not meet its end
-    data = pattern(48 << 20)
-    with TcpTarget(lab, "b", "echo", port=7007) as echo:
-        acceptor, me, peer = start_acceptor(lab, tmp_path, running, ids, f"127.0.0.1:{echo.port}")
-        invite = forwarding(lab, tmp_path, running, (me, peer), ids, f"17007:127.0.0.1:{echo.port}")
-        transfer = Transfer(lab, 17007, data)
-        transfer.wait_past(len(data) // 4, timeout=60)
+    with mid_transfer(lab, tmp_path, running, ids) as session:
+        sides = (session.acceptor, session.invite)
         cut = time.time()
         lab.separate(True)
         try:
-            noticed = [
-                side.wait_events("path_dead", timeout=cut_s)[0]["at"] - cut for side in (acceptor, invite)
-            ]
+            noticed = [side.wait_events("path_dead", timeout=cut_s)[0]["at"] - cut for side in sides]
         finally:
             time.sleep(max(cut + cut_s - time.time(), 0))
             lab.separate(False)
         uncut = time.time()
-        received = transfer.finish(timeout=120)
-        back = [side.wait_events("path_back", timeout=5)[0]["at"] - uncut for side in (acceptor, invite)]
-    assert received == data + BYE, f"{len(received)} bytes of {len(data)}\n{acceptor.log()[-3000:]}"
+        session.finish()
+        back = [side.wait_events("path_back", timeout=5)[0]["at"] - uncut for side in sides]
     print(
         f"cut {cut_s:g} s mid-transfer: path_dead after {noticed[0]:.2f} s (acceptor), {noticed[1]:.2f} s"
         f" (inviter); path_back {back[0]:.2f} s, {back[1]:.2f} s after the cut ended; longest silence"
-        f" {transfer.longest_silence:.2f} s"
+        f" {session.transfer.longest_silence:.2f} s"
     )
     assert all(quic.DEAD_AFTER - 0.2 < took < quic.DEAD_AFTER + 0.5 for took in noticed), noticed
     assert all(took < quic.KEEPALIVE_INTERVAL + 0.5 for took in back), back  # the inviter's next probe
-    assert invite.process.poll() is None and not acceptor.events("ended")
+    assert session.invite.process.poll() is None and not session.acceptor.events("ended")

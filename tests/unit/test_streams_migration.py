@@ -20,9 +20,7 @@ from plexus.endpoint import Endpoint
 from plexus.identity import PeerCheck
 from plexus.streams import forward, quic
 from plexus.streams.wire import Allowed, Target
-from tests.unit.test_streams import echo_server, new_identity, serving, udp_socket
-
-Address = tuple[str, int]
+from tests.unit.test_streams import Address, echo_server, new_identity, serving, udp_socket
 
 
 @dataclass
