@@ -187,6 +187,35 @@ class Moved(Event):
 
 
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)
+class Migrated(Event):
+    """The streams' peer sends from another endpoint (its NAT mapped it anew): packets that decrypted under
+    the connection's keys came from `after` and it answered there (QUIC path validation), so the acceptor
+    sends there from now on."""
+
+    name: ClassVar[str] = "migrated"
+    before: Endpoint
+    after: Endpoint
+
+
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
+class PathDead(Event):
+    """The streams' path looks dead: this side's data or pings have had no answer for a while, and the peer
+    has been `silent` seconds. The session goes on: the path may come back (`PathBack`) until the idle
+    timeout ends it."""
+
+    name: ClassVar[str] = "path_dead"
+    silent: float
+
+
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
+class PathBack(Event):
+    """The peer of a path that looked dead is heard again, after `silent` seconds without it."""
+
+    name: ClassVar[str] = "path_back"
+    silent: float
+
+
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class FellBack(Event):
     """A way through failed within its bound (`way`): the session tries the next, a relay."""
 

@@ -47,7 +47,8 @@ async def carry(sock: socket.socket, tunnel: Tunnel, config: StreamsConfig, *, a
 
     The inviter ends after --stdio's stream ends, or with the link (--forward runs until interrupted); the
     acceptor serves whatever streams the inviter opens until the inviter closes or falls silent. Both ping
-    while the link lives, which keeps both NAT mappings open."""
+    while the link lives, which keeps both NAT mappings open and shows a dead path within seconds
+    (`link.dead`, which a rebind will await; quic.py's docstring)."""
     from plexus.streams import forward, quic
 
     size = quic.RELAYED_DATAGRAM_SIZE if tunnel.path == Method.RELAY else quic.DATAGRAM_SIZE

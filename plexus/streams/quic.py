@@ -1,13 +1,31 @@
 """QUIC over the punched path: a thin asyncio driver around aioquic's sans-I/O QuicConnection.
 
-The acceptor serves and the inviter connects, on a UDP socket bound to the session's inner endpoint and
-connected to the peer's (so stray datagrams from anyone else never reach QUIC). Both sides prove an identity
-in TLS 1.3 and check the peer's (identity.PeerCheck) when the handshake completes, before any stream's bytes
-are handed on. Each TCP connection is one bidirectional stream (streams/forward.py).
+The acceptor serves and the inviter connects, on a UDP socket bound to the session's inner endpoint. Both
+sides prove an identity in TLS 1.3 and check the peer's (identity.PeerCheck) when the handshake completes,
+before any stream's bytes are handed on. Each TCP connection is one bidirectional stream (streams/forward.py).
 
-A datagram from the peer's endpoint proves nothing (a UDP source is easy to forge), so the acceptor keeps a
-candidate connection per client Initial (by its destination connection id, up to MAX_CANDIDATES) and keeps
-the one whose TLS handshake completes; a stray or forged Initial only makes a candidate that never does.
+The inviter's socket is connected to the acceptor's endpoint, so the kernel drops datagrams from anyone else.
+The acceptor's is not: its peer's NAT may map the inviter's socket anew (an idle mapping forgotten, conntrack
+flushed) and the inviter's packets then come from another endpoint, which a connected socket would never
+hear. Until the handshake completes the acceptor takes datagrams from the punched endpoint alone, as a
+connected socket would. A datagram from that endpoint still proves nothing (a UDP source is easy to forge),
+so the acceptor keeps a candidate connection per client Initial (by its destination connection id, up to
+MAX_CANDIDATES) and keeps the one whose TLS handshake completes; a stray or forged Initial only makes a
+candidate that never does. After the handshake every datagram goes to the connection, and only what decrypts
+under its keys counts: a new packet (a packet number above any seen, so not a replay) from a new endpoint
+makes aioquic send there, within the anti-amplification limit (three times what came from it), and challenge
+it (PATH_CHALLENGE, RFC 9000 section 9); the answer validates it and the acceptor has migrated (`Migrated`),
+an unanswered challenge puts it back on the old path. Garbage, a replay or a packet altered on the way
+changes nothing. Each datagram goes to the address aioquic gives it.
+
+A dead path shows within seconds, not at the idle timeout: an inviter that has heard nothing from the
+acceptor for KEEPALIVE_INTERVAL pings it (the acceptor, which hears those pings, only after twice that), and
+a side whose ack-eliciting packets (data or pings) have had no answer for DEAD_AFTER reports the path dead
+(`Link.dead`, `PathDead`) without ending anything: the path may come back (a Wi-Fi hiccup, the peer's NAT
+mapping anew; `PathBack`, and a PING at once so that what went into the silence is resent), and only the
+idle timeout ends the session. These PINGs are probes: they may go beyond the congestion window, which a
+silence leaves full of what went unanswered, and so once the path is back the next one ends the silence,
+however far aioquic's probe timeout has backed off.
 
 Throughput is bound by Python's work per datagram and per pass through aioquic's send path, so the driver
 sends once per batch of received datagrams (a flush scheduled with call_soon, not one per datagram), lets
@@ -20,6 +38,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import socket
 import ssl
 from typing import Any, cast
@@ -27,11 +46,12 @@ from typing import Any, cast
 from aioquic._buffer import Buffer, BufferReadError
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import NetworkAddress, QuicConnection, QuicReceiveContext
 from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 from aioquic.quic.recovery import K_MICRO_SECOND, QuicPacketPacer
 from cryptography import x509
 
+from plexus import events as plexus_events
 from plexus.endpoint import Endpoint
 from plexus.errors import PeerIdentityError, PlexusError, StreamsLostError
 from plexus.identity import Identity, PeerCheck, id_of
@@ -41,9 +61,17 @@ log = logging.getLogger(__name__)
 
 # A peer silent this long is gone (QUIC's idle timeout, RFC 9000 10.1): the session ends.
 IDLE_TIMEOUT = 60.0
-# Each side pings this often while it has streams open (or a --forward listener): UDP mappings in NATs
-# expire after 30 s or more of silence, and the pings keep both alive.
-KEEPALIVE_INTERVAL = 15.0
+# An inviter that has heard nothing from the acceptor for this long pings it, and again each interval while
+# the silence lasts: the answers keep both NAT mappings alive (they expire after 30 s or more of silence), an
+# idle line's death shows within KEEPALIVE_INTERVAL + DEAD_AFTER, and an inviter whose NAT forgot its mapping
+# makes a new one with the next ping. The acceptor pings after twice this: while the inviter's pings come it
+# need not, and pings crossing would cost each direction a second datagram. An idle line costs a PING one
+# way and its ACK the other (about 60 bytes each with the IP and UDP headers) per interval; docs/streams.md.
+KEEPALIVE_INTERVAL = 1.0
+# Ack-eliciting packets (data, pings) unanswered this long: the path looks dead. Above the time a live path
+# needs to answer after a lost packet (an RTT and a probe timeout: under 1 s at 300 ms RTT; about 1.8 s
+# after two in a row), below the 2-3 s a rebind over the rendezvous has to resume a stream in.
+DEAD_AFTER = 2.0
 HANDSHAKE_TIMEOUT = 10.0
 # The acceptor's connections made from client Initials before one completes its handshake: the real one and a
 # few forged or stray ones; a new Initial beyond that replaces the oldest.
@@ -80,14 +108,46 @@ class _Pacer(QuicPacketPacer):
 
 
 class _Connection(QuicConnection):
-    """aioquic's QuicConnection and the four things plexus needs beyond its public API, kept here alone (no
+    """aioquic's QuicConnection and the things plexus needs beyond its public API, kept here alone (no
     public way exists in aioquic 1.7): the pacer's burst, the server's client-certificate request, the peer's
-    certificate and a stream's unacknowledged bytes. tests/unit/test_streams.py checks each against the
-    pinned aioquic, so a version that moves one fails there by name."""
+    certificate, a stream's unacknowledged bytes, when the peer was last heard and whether it was asked
+    since, a probe beyond the congestion window, and whether the address datagrams go to is validated.
+    tests/unit/test_streams.py checks each against the pinned aioquic, so a version that moves one fails
+    there by name."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._loss._pacer = _Pacer(max_datagram_size=self._max_datagram_size)
+        self.heard_at = -math.inf  # when the last packet that decrypted under this connection's keys came
+        self.asked_at: float | None = None  # the first ack-eliciting packet sent since then, unanswered
+
+    def _payload_received(
+        self, context: QuicReceiveContext, plain: bytes, crypto_frame_required: bool = False
+    ) -> tuple[bool, bool]:
+        # Reached only by a packet that decrypted and is no duplicate: forged or replayed datagrams never are.
+        received = super()._payload_received(context, plain, crypto_frame_required=crypto_frame_required)
+        self.heard_at = context.time
+        self.asked_at = None
+        return received
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        datagrams = super().datagrams_to_send(now)
+        if self.asked_at is None and self._ack_eliciting_sent_since_receipt:
+            self.asked_at = now
+        return datagrams
+
+    def probe(self) -> None:
+        """A PING that may go beyond the congestion window, as the probe timeout's own do (RFC 9002 section
+        7): into a silence the window is full of what went unanswered, and a plain PING would wait behind
+        it."""
+        self._send_probe()
+
+    @property
+    def validated_peer(self) -> NetworkAddress | None:
+        """Where datagrams go, once that address is validated (a server whose client moved sends to the new
+        address, within the anti-amplification limit, while it validates it); None before."""
+        path = self._network_paths[0] if self._network_paths else None
+        return path.addr if path is not None and path.is_validated else None
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -173,11 +233,21 @@ class Stream:
 
 
 class Link(asyncio.DatagramProtocol):
-    """One QUIC connection on one connected UDP socket."""
+    """One QUIC connection on one UDP socket: the inviter's connected to the acceptor, the acceptor's open to
+    the inviter's new endpoints once the handshake is done."""
 
-    def __init__(self, quic: _Connection | None, check: PeerCheck, config: QuicConfiguration) -> None:
+    def __init__(
+        self,
+        quic: _Connection | None,
+        check: PeerCheck,
+        config: QuicConfiguration,
+        peer: Endpoint,
+    ) -> None:
         self._quic = quic  # the acceptor's is the candidate whose handshake completes first
         self._candidates: dict[bytes, _Connection] = {}  # acceptor, until then: by their connection ids
+        self._punched = peer.canonical()  # the only source the acceptor hears before the handshake completes
+        self._connected = False  # the socket is connected (the inviter's): datagrams go without an address
+        self._peer: NetworkAddress = peer  # where datagrams go, validated
         self._refusal: PlexusError | None = None  # why the last candidate that ended did
         self._check = check
         self._config = config
@@ -190,19 +260,30 @@ class Link(asyncio.DatagramProtocol):
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.accepted: asyncio.Queue[Stream | None] = asyncio.Queue()  # None: the link closed
+        # Set while the path looks dead (DEAD_AFTER without an answer), cleared when the peer is heard again:
+        # what the session can await to find the peer another way. The link goes on either way.
+        self.dead = asyncio.Event()
+        self._silent_since = -math.inf  # while the path looks dead: when the peer was last heard
 
     # asyncio.DatagramProtocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.DatagramTransport, transport)
+        self._connected = transport.get_extra_info("peername") is not None
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        quic = self._quic or self._candidate(data)
-        if quic is None:
-            return
+        quic = self._quic
+        if quic is None:  # the acceptor, before the handshake completes
+            if Endpoint(*addr[:2]).canonical() != self._punched:
+                return
+            quic = self._candidate(data)
+            if quic is None:
+                return
         # IPv6 sources come with flow info and scope: the same path as the (host, port) QUIC was given
         quic.receive_datagram(data, addr[:2], self._loop.time())
         self._dispatch(quic)
+        if quic is self._quic and self.ready.done():
+            self._watch(quic)
         self._schedule_flush()
 
     def error_received(self, exc: Exception) -> None:
@@ -283,6 +364,7 @@ class Link(asyncio.DatagramProtocol):
 
     def _handshake_completed(self) -> None:
         assert self._quic is not None
+        self._peer = self._quic.validated_peer or self._peer
         try:
             self._check.check(self._quic.peer_certificate)
         except PeerIdentityError as error:
@@ -338,8 +420,8 @@ class Link(asyncio.DatagramProtocol):
             return
         live = self._live()
         for quic in live:
-            for data, _ in quic.datagrams_to_send(self._loop.time()):
-                self._transport.sendto(data)
+            for data, addr in quic.datagrams_to_send(self._loop.time()):
+                self._transport.sendto(data, None if self._connected else addr)
         if self._timer is not None:
             self._timer.cancel()
         when = min((t for quic in live if (t := quic.get_timer()) is not None), default=None)
@@ -397,14 +479,58 @@ class Link(asyncio.DatagramProtocol):
         return None if certificate is None else id_of(certificate.public_key())
 
     async def keepalive(self) -> None:
-        """Ping every KEEPALIVE_INTERVAL until cancelled: the NAT mappings stay while this side wants them."""
+        """Until cancelled or closed: ping whenever the peer has been silent for KEEPALIVE_INTERVAL (twice
+        that on the acceptor), and mark the path dead when what this side sent has had no answer for
+        DEAD_AFTER (module docstring)."""
         assert self._quic is not None
-        uid = 0
+        quic = self._quic
+        interval = KEEPALIVE_INTERVAL * (1 if quic.configuration.is_client else 2)
+        pinged = -math.inf
         while not self.closed.done():
-            await asyncio.sleep(KEEPALIVE_INTERVAL)
-            uid += 1
-            self._quic.send_ping(uid)
-            self._schedule_flush()
+            now = self._loop.time()
+            if now - max(quic.heard_at, pinged) >= interval:
+                # Each interval into a silence, whatever aioquic's probe timeout has backed off to: the first
+                # to get through once the path is back ends the silence (the peer's ACK of it declares what
+                # went unanswered lost, and it goes again at once).
+                quic.probe()
+                self._flush()
+                pinged = now
+            wake = max(quic.heard_at, pinged) + interval
+            if quic.asked_at is not None and not self.dead.is_set():
+                if now - quic.asked_at >= DEAD_AFTER:
+                    self._path_dead(quic, now)
+                else:
+                    wake = min(wake, quic.asked_at + DEAD_AFTER)
+            await asyncio.sleep(max(wake - now, 0.0))
+
+    def _watch(self, quic: _Connection) -> None:
+        """After each datagram: has the peer moved (to a validated address), or come back?"""
+        peer = quic.validated_peer
+        if peer is not None and peer != self._peer:
+            before, self._peer = Endpoint(*self._peer[:2]), peer
+            after = Endpoint(*peer[:2])
+            log.info("streams: peer moved from %s to %s", before, after)
+            plexus_events.emit(plexus_events.Migrated, before=before, after=after)
+        if self.dead.is_set() and quic.heard_at > self._silent_since:
+            silent = quic.heard_at - self._silent_since
+            self.dead.clear()
+            # What this side sent into the silence waits for its probe timeout, which has backed off to
+            # seconds by now; the peer's ACK of a probe declares it lost and it goes again at once.
+            quic.probe()
+            log.info("streams: the peer answers again after %.1f s of silence", silent)
+            plexus_events.emit(plexus_events.PathBack, silent=round(silent, 3))
+
+    def _path_dead(self, quic: _Connection, now: float) -> None:
+        self.dead.set()
+        self._silent_since = quic.heard_at
+        silent = now - quic.heard_at
+        log.warning(
+            "streams: nothing from the peer for %.1f s (sent data or pings unanswered): the path looks dead;"
+            " the session waits for it until the %g s idle timeout",
+            silent,
+            IDLE_TIMEOUT,
+        )
+        plexus_events.emit(plexus_events.PathDead, silent=round(silent, 3))
 
     async def close(self) -> None:
         """Close cleanly: CONNECTION_CLOSE sent, then the socket, after at most CLOSE_TIMEOUT."""
@@ -419,10 +545,10 @@ class Link(asyncio.DatagramProtocol):
 
 
 async def _link(
-    sock: socket.socket, quic: _Connection | None, check: PeerCheck, config: QuicConfiguration
+    sock: socket.socket, quic: _Connection | None, check: PeerCheck, config: QuicConfiguration, peer: Endpoint
 ) -> Link:
     loop = asyncio.get_running_loop()
-    link = Link(quic, check, config)
+    link = Link(quic, check, config, peer)
     await loop.create_datagram_endpoint(lambda: link, sock=sock)
     return link
 
@@ -434,7 +560,7 @@ async def connect(
     config = configuration(identity, client=True, datagram_size=datagram_size)
     sock.connect(peer)
     quic = _Connection(configuration=config)
-    link = await _link(sock, quic, check, config)
+    link = await _link(sock, quic, check, config, peer)
     quic.connect(peer, now=asyncio.get_running_loop().time())
     link._flush()
     return await _ready(link)
@@ -443,10 +569,10 @@ async def connect(
 async def serve(
     sock: socket.socket, peer: Endpoint, identity: Identity, check: PeerCheck, *, datagram_size: int
 ) -> Link:
-    """The acceptor's side: wait for the inviter's handshake from `peer`, checked; `sock` is taken over."""
+    """The acceptor's side: wait for the inviter's handshake from `peer`, checked; `sock` is taken over (and
+    left unconnected: the inviter's packets may come from a new endpoint later, module docstring)."""
     config = configuration(identity, client=False, datagram_size=datagram_size)
-    sock.connect(peer)
-    link = await _link(sock, None, check, config)
+    link = await _link(sock, None, check, config, peer)
     return await _ready(link)
 
 

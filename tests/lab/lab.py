@@ -152,9 +152,11 @@ _NFT_FILTER = """\
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat;
-        oifname "wan" masquerade{masquerade_flags}
+{masquerade}
     }}
 """
+# The outer port ranges remap() moves a host's mappings into, in turn: every new mapping gets a new port.
+REMAP_RANGES = ("20000-29999", "30000-39999")
 # Endpoint-independent filtering: whatever reaches the WAN address on a UDP port goes to the host's same port
 # (masquerade keeps the host's port when it is free, which it is in the lab).
 _NFT_FULLCONE = """\
@@ -223,12 +225,19 @@ def _nft_loss(loss_pct: float) -> str:
     return f"table inet plexus_link\ndelete table inet plexus_link\ntable inet plexus_link {{{rules}\n}}\n"
 
 
-def nft_ruleset(mode: NatMode, host_ip: str) -> str:
+def nft_ruleset(mode: NatMode, host_ip: str, ports: str | None = None) -> str:
+    """The NAT router's table for `mode`; `ports`, a range such as "20000-29999", for the outer ports
+    (remap), else the host's own port where it is free."""
     if mode == "none":
         return _NFT_TEMPLATE.format(chains="")
+    random = " fully-random" if mode == "symmetric" else ""
+    masquerade = f'        oifname "wan" masquerade{random}'
+    if ports:  # a port range needs the protocol named; the rest (ICMP) is masqueraded as before
+        ranged = f'        oifname "wan" meta l4proto {{ tcp, udp }} masquerade to :{ports}{random}'
+        masquerade = f"{ranged}\n{masquerade}"
     chains = _NFT_FILTER.format(
         extra_forward='        iifname "wan" ct status dnat accept\n' if mode == "fullcone" else "",
-        masquerade_flags=" fully-random" if mode == "symmetric" else "",
+        masquerade=masquerade,
     )
     if mode == "fullcone":
         chains += _NFT_FULLCONE.format(host_ip=host_ip)
@@ -350,6 +359,7 @@ class Lab:
         }
         self.turn = TurnAccount(self.STUN_PRIMARY, "plexus", f"turn-{secrets.token_hex(4)}", self.TURN_REALM)
         self.modes: dict[str, NatMode] = {"a": "cone", "b": "cone"}
+        self.ports: dict[str, str] = {}  # hosts whose NAT maps onto a port range of REMAP_RANGES (remap)
         self.carrier = False  # a's router is behind the carrier NAT (double_nat)
         self.ipv6 = dict.fromkeys(HOSTS, True)  # hosts with their global IPv6 address (set_ipv6)
         self._servers: dict[str, _Server] = {}
@@ -572,7 +582,7 @@ class Lab:
 
     def _apply_nat(self, host: str) -> None:
         router = self.netns(f"nat-{host}")
-        ruleset = nft_ruleset(self.modes[host], f"{SITES[host].lan_net}.2")
+        ruleset = nft_ruleset(self.modes[host], f"{SITES[host].lan_net}.2", self.ports.get(host))
         run(["ip", "netns", "exec", router, "nft", "-f", "-"], input=ruleset)
         # conntrack -F exits 1 when the table was already empty
         run(["ip", "netns", "exec", router, "conntrack", "-F"], check=False)
@@ -588,6 +598,20 @@ class Lab:
         if was_public != (mode == "none"):
             self._set_host_address(host)
         self._apply_nat(host)
+
+    def remap(self, host: str) -> str:
+        """The host's NAT maps every flow anew, onto new outer ports, as a NAT that forgot its mappings (or
+        restarted) does: its masquerade takes the next range of REMAP_RANGES and its conntrack table is
+        flushed. The host's next packets get new mappings; what comes to the old ones is dropped. Returns the
+        range now in use."""
+        _site(host)
+        if self.modes[host] == "none":
+            raise LabError(f"{host} is in NAT mode none: it has no mappings to remap")
+        current = self.ports.get(host)
+        following = 0 if current is None else REMAP_RANGES.index(current) + 1
+        self.ports[host] = REMAP_RANGES[following % len(REMAP_RANGES)]
+        self._apply_nat(host)
+        return self.ports[host]
 
     def set_link(self, host: str, delay_ms: float = 0, loss_pct: float = 0) -> None:
         """Degrade the host's WAN link: loss_pct each way (nftables), delay_ms each way.
@@ -722,10 +746,12 @@ class Lab:
             run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=ruleset)
 
     def reset(self) -> None:
-        """Back to the start: both NATs cone, no carrier NAT, clean links, no firewall between the sites nor
-        on either, IPv6 on every host, STUN running; fails if a mail server died."""
+        """Back to the start: both NATs cone on the hosts' own ports (no remap range), no carrier NAT, clean
+        links, no firewall between the sites nor on either, IPv6 on every host, STUN running; fails if a mail
+        server died."""
         self.separate(False)
         self.double_nat(False)
+        self.ports.clear()
         for host in SITES:
             self.block_udp(host, False)
             self.set_nat(host, "cone")

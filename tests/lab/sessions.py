@@ -194,7 +194,9 @@ def start(
         me.host,
         [*wrapper, sys.executable, "-m", "plexus", *argv],
         cwd=ROOT,
-        env=os.environ | (env or {}) | {events.ENVIRONMENT: str(events_file)},
+        # A crash in native code (OpenDHT's threads call back into Python) leaves every thread's Python stack
+        # on stderr, which a failing test shows.
+        env=os.environ | (env or {}) | {events.ENVIRONMENT: str(events_file), "PYTHONFAULTHANDLER": "1"},
         stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -120,7 +120,7 @@ def test_sink_target_reports_length_and_digest(lab: Lab) -> None:
 
 def test_with_loss_resets_the_link_whatever_happens(lab: Lab) -> None:
     def link_rules() -> str:
-        return str(lab.exec("nat-b", ["nft", "list", "table", "ip", "plexus_link"], check=True).stdout)
+        return str(lab.exec("nat-b", ["nft", "list", "table", "inet", "plexus_link"], check=True).stdout)
 
     with pytest.raises(RuntimeError, match="inside"), with_loss(lab, "b", 30):
         assert "numgen random mod 1000 <= 299 drop" in link_rules()

@@ -32,6 +32,8 @@ from plexus.streams.wire import Allowed, Code, FrameError, Target
 from tests.unit.test_cli import full_options, run
 from tests.unit.test_smime import make_identity
 
+Address = tuple[str, int]
+
 # wire: the frames
 
 
@@ -641,37 +643,92 @@ def test_no_streams_options_no_streams(tmp_path: Path) -> None:
 # quic: the aioquic internals _Connection reaches (pinned aioquic; these fail first when it changes them)
 
 
-def test_the_aioquic_internals_the_connection_adapter_reaches_are_there() -> None:
-    """_Connection's pacer, client-certificate request, peer certificate and unacknowledged bytes, on an
-    in-memory handshake: a new aioquic that renames what they reach fails here, by name, not as a hang."""
+CLIENT, SERVER = ("192.0.2.2", 1), ("192.0.2.1", 1)
+
+
+def exchange(
+    server: quic._Connection, client: quic._Connection, now: float, *, source: Address = CLIENT
+) -> float:
+    """Ten rounds of what each side has to send, the client's from `source`, 10 ms apart; the time after."""
+    for _ in range(10):
+        now += 0.01
+        for data, _ in server.datagrams_to_send(now=now):
+            client.receive_datagram(data, SERVER, now=now)
+        for data, _ in client.datagrams_to_send(now=now):
+            server.receive_datagram(data, source, now=now)
+    return now
+
+
+def handshake_in_memory() -> tuple[quic._Connection, quic._Connection, Identity, Identity, float]:
+    """A server and a client that completed their handshake, without sockets: server, client, their
+    identities, the time."""
     acceptor_id, inviter_id = Identity.ephemeral(), Identity.ephemeral()
     size = quic.DATAGRAM_SIZE
     client = quic._Connection(configuration=quic.configuration(inviter_id, client=True, datagram_size=size))
     now = 0.0
-    client.connect(("192.0.2.1", 1), now=now)
+    client.connect(SERVER, now=now)
     in_flight = [data for data, _ in client.datagrams_to_send(now=now)]
     header = pull_quic_header(Buffer(data=in_flight[0]), host_cid_length=8)
     server = quic._Connection(
         configuration=quic.configuration(acceptor_id, client=False, datagram_size=size),
         original_destination_connection_id=header.destination_cid,
     )
+    for data in in_flight:
+        server.receive_datagram(data, CLIENT, now=now)
+    return server, client, acceptor_id, inviter_id, exchange(server, client, now)
+
+
+def test_the_aioquic_internals_the_connection_adapter_reaches_are_there() -> None:
+    """_Connection's pacer, client-certificate request, peer certificate, unacknowledged bytes, when the
+    peer was heard and asked, its probe and the validated peer address, on an in-memory handshake: a new
+    aioquic that renames what they reach fails here, by name, not as a hang."""
+    server, client, acceptor_id, inviter_id, now = handshake_in_memory()
     for connection in (server, client):
         assert isinstance(connection._loss._pacer, quic._Pacer), "aioquic moved its pacer (_loss._pacer)"
-    for data in in_flight:
-        server.receive_datagram(data, ("192.0.2.2", 1), now=now)
-    for _ in range(10):
-        now += 0.01
-        for sender, receiver, source in ((server, client, "192.0.2.1"), (client, server, "192.0.2.2")):
-            for data, _ in sender.datagrams_to_send(now=now):
-                receiver.receive_datagram(data, (source, 1), now=now)
     assert server.tls._request_client_certificate, "aioquic's tls.Context lost _request_client_certificate"
     assert client.peer_certificate is not None and server.peer_certificate is not None
     assert quic.id_of(server.peer_certificate.public_key()) == inviter_id.id
     assert quic.id_of(client.peer_certificate.public_key()) == acceptor_id.id
+    assert (server.validated_peer, client.validated_peer) == (CLIENT, SERVER)
+    assert 0 < server.heard_at <= now and 0 < client.heard_at <= now, "_payload_received is not reached"
+    client.probe()
+    for data, _ in client.datagrams_to_send(now=now):
+        server.receive_datagram(data, CLIENT, now=now)
+    assert client.asked_at == now, "aioquic lost _send_probe or _ack_eliciting_sent_since_receipt"
+    exchange(server, client, now)
+    assert client.asked_at is None and client.heard_at > now
     stream_id = client.get_next_available_stream_id()
     client.send_stream_data(stream_id, b"x" * 5000)
     assert client.unacknowledged(stream_id) == 5000
     pacer = client._loss._pacer
     pacer.update_rate(congestion_window=1 << 20, smoothed_rtt=0.025)
     rate = (1 << 20) / 0.025
-    assert pacer.bucket_max >= quic.PACING_BURST * size / rate * 0.99  # 64 datagrams a wake-up, not 16
+    assert pacer.bucket_max >= quic.PACING_BURST * quic.DATAGRAM_SIZE / rate * 0.99  # 64 a wake-up, not 16
+
+
+def test_the_server_moves_to_a_clients_new_address_once_it_answers_there_and_never_on_a_replay() -> None:
+    """What Link counts on from aioquic: a new packet from a new address moves the server, validated by the
+    client's answer there; a replayed or altered one, from anywhere, changes nothing; a genuine one raced
+    to the server from another address (an attacker on the path) only until its challenge goes unanswered."""
+    server, client, _, _, now = handshake_in_memory()
+    stream_id = client.get_next_available_stream_id()
+    client.send_stream_data(stream_id, b"before")
+    old = [data for data, _ in client.datagrams_to_send(now=now)]
+    for data in old:
+        server.receive_datagram(data, CLIENT, now=now)
+    now = exchange(server, client, now)
+    forger = ("192.0.2.66", 666)
+    for data in [*old, old[0][:-1] + bytes([old[0][-1] ^ 1])]:
+        server.receive_datagram(data, forger, now=now)
+    assert server.validated_peer == CLIENT and server.get_peer_address() == CLIENT
+    assert all(addr == CLIENT for _, addr in server.datagrams_to_send(now=now))
+    client.send_stream_data(stream_id, b"raced")
+    for data, _ in client.datagrams_to_send(now=now):
+        server.receive_datagram(data, forger, now=now)
+    assert server.get_peer_address() == forger and server.validated_peer is None  # challenged, not moved
+    now = exchange(server, client, now)
+    assert server.validated_peer == CLIENT
+    moved = ("192.0.2.2", 2)
+    client.send_ping(2)
+    now = exchange(server, client, now, source=moved)
+    assert server.validated_peer == moved
