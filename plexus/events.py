@@ -217,7 +217,8 @@ class PathBack(Event):
 
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class FellBack(Event):
-    """A way through failed within its bound (`way`): the session tries the next, a relay."""
+    """A way through failed within its bound (`way`): the session tries the next (IPv6 tried first, then
+    the plan's; a direct way, then a relay)."""
 
     name: ClassVar[str] = "fell_back"
     way: str

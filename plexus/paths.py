@@ -161,9 +161,7 @@ async def discover(
     ipv6 = asyncio.ensure_future(discover6(socks.v6, server, server6))
     try:
         found = await _discover4(socks.v4, server, turn)
-        if found.mapping == "blocked":
-            return found
-        found6 = await ipv6
+        found6 = await ipv6 if found.mapping != "blocked" else "no UDP gets out"
     finally:
         ipv6.cancel()
     if isinstance(found6, str):
@@ -275,10 +273,7 @@ async def _without_udp(
 
 async def _relay_only(sock: socket.socket, server: Endpoint, turn: TurnConfig, why: str) -> Found:
     log.warning("%s; this session goes through TURN relay %s only", why, turn)
-    inner = stun.inner_endpoint(sock, await stun.resolve(server))
-    found = Found(inner, NOWHERE, "blocked")
-    events.emit(events.Discovered, inner=found.inner, outer=found.outer, mapping=found.mapping)
-    return found
+    return Found(stun.inner_endpoint(sock, await stun.resolve(server)), NOWHERE, "blocked")
 
 
 def note_limits(found: Found, turn: TurnConfig | None) -> None:

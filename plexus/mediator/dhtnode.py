@@ -77,7 +77,9 @@ class _Node:
         self._config = config
         self._runner = opendht.DhtRunner()
         self._loop = asyncio.get_running_loop()
-        self._tokens: dict[str, Any] = {}
+        # Each listen's token and the callbacks object opendht's binding made for it (see _cancel).
+        self._tokens: dict[str, tuple[Any, Any]] = {}
+        self._callbacks: list[Any] = []
 
     def start(self) -> None:
         settings = opendht.DhtConfig()
@@ -102,13 +104,14 @@ class _Node:
         """Shut the node down, without join(): opendht's bindings hold the GIL while join() waits for the
         runner's lock, which the runner holds while it calls back into Python, so a pending callback would
         hang both threads (reproduced in the lab). Only calls that queue an operation are made here."""
-        for token in self._tokens.values():
-            self._runner.cancelListen(token)
-        self._tokens.clear()
+        for key_text in list(self._tokens):
+            self.forget(key_text)
         done = self._loop.create_future()
         self._runner.shutdown(lambda: self._loop.call_soon_threadsafe(_resolve, done))
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(done, STOP_TIMEOUT)
+        except TimeoutError:
+            _UNSETTLED.extend(self._callbacks)  # the runner may still call them: they must outlive us
 
     async def put(self, key_text: str, data: bytes, *, permanent: bool = False) -> bool:
         done: asyncio.Future[bool] = self._loop.create_future()
@@ -158,11 +161,22 @@ class _Node:
                 self._loop.call_soon_threadsafe(into.put_nowait, (key_text, bytes(value.data)))
             return True
 
-        self._tokens[key_text] = self._runner.listen(opendht.InfoHash.get(key_text), arrived)
+        token = self._runner.listen(opendht.InfoHash.get(key_text), arrived)
+        callbacks = opendht.ListenToken._cb["cb"]
+        self._callbacks.append(callbacks)
+        self._tokens[key_text] = (token, callbacks)
 
     def forget(self, key_text: str) -> None:
-        token = self._tokens.pop(key_text, None)
-        if token is not None:
+        """Cancel a listen. opendht's binding (4.x) keeps a listen's callbacks object in a dict shared by
+        every ListenToken, and cancelListen drops a reference to whatever is there now, i.e. the newest
+        listen's, not the cancelled one's. So the cancelled one's is put back there first; and each stays
+        referenced from here until the runner has shut down, because a cancel is only queued and a value
+        may still be delivered to it. Without both, a value under a key listened to earlier reached freed
+        memory: an inviter's SIGSEGV in an OpenDHT thread, in CI."""
+        entry = self._tokens.pop(key_text, None)
+        if entry is not None:
+            token, callbacks = entry
+            opendht.ListenToken._cb["cb"] = callbacks
             self._runner.cancelListen(token)
 
 
@@ -192,6 +206,10 @@ def _ignore(key: str, error: Exception) -> None:
             source="dht",
             reason=events.one_line(f"unchecked ({type(error).__name__}: {text})"),
         )
+
+
+# The callbacks of nodes whose runner did not confirm its shutdown (_Node.stop): kept for the process's life.
+_UNSETTLED: list[Any] = []
 
 
 def _resolve(future: asyncio.Future[Any], value: Any = None) -> None:

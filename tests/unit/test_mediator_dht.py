@@ -10,6 +10,7 @@ import json
 import math
 import os
 import struct
+import sys
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
 from typing import Any, cast
@@ -868,3 +869,26 @@ async def test_no_card_stops_the_look_for_the_peers(
         found = await mediator._peer_card(asyncio.get_running_loop().time() + 5)
     assert id_of(found) == ALICE.id
     assert [level for level, _ in ignored(caplog)] == ["DEBUG", "WARNING"]
+
+
+# The node's listens and opendht's binding
+
+
+async def test_cancelling_a_listen_releases_its_own_callbacks_and_no_other() -> None:
+    """opendht's cancelListen drops a reference to the newest listen's callbacks, not the cancelled one's
+    (a dict shared by every token); _Node.forget puts the right one there first. A real runner, bound to a
+    port of its own and joined to no one, so nothing leaves this host."""
+    node = dhtnode._Node(cast(dhtnode.DhtConfig, None))
+    node._runner.run(port=0)
+    try:
+        into: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        node.listen("a", into)
+        node.listen("b", into)
+        first, second = node._tokens["a"][1], node._tokens["b"][1]
+        held = sys.getrefcount(first), sys.getrefcount(second)
+        node.forget("a")
+        node.listen("c", into)  # takes the shared dict's place from the second
+        # The first lost the binding's own reference and its token's; the second only the shared dict's.
+        assert (sys.getrefcount(first), sys.getrefcount(second)) == (held[0] - 2, held[1] - 1)
+    finally:
+        await node.stop()
