@@ -198,6 +198,26 @@ class Migrated(Event):
 
 
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)
+class Remapped(Event):
+    """The inviter's streams path went unanswered and its STUN server now sees it at `after`, not `before`
+    (a new network, a NAT that mapped anew): a rebind naming `after` follows (plexus/streams/resume.py)."""
+
+    name: ClassVar[str] = "remapped"
+    before: Endpoint
+    after: Endpoint
+
+
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
+class Rebound(Event):
+    """The acceptor took the inviter's rebind (`sequence`, authenticated by the session's key) and punched
+    toward `outer`, the inviter's new endpoint, from its streams socket."""
+
+    name: ClassVar[str] = "rebound"
+    outer: Endpoint
+    sequence: int
+
+
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class PathDead(Event):
     """The streams' path looks dead: this side's data or pings have had no answer for a while, and the peer
     has been `silent` seconds. The session goes on: the path may come back (`PathBack`) until the idle

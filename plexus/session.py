@@ -17,10 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
+import functools
+import itertools
 import logging
 import secrets
+import socket
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -34,12 +38,13 @@ from plexus.errors import (
     SupersededError,
 )
 from plexus.launcher import Command, Running, Slot, Tunnel
+from plexus.path import Method
 from plexus.paths import TurnConfig, bind
 from plexus.rendezvous import Invitation, Offer, RebindKey, Rendezvous, RendezvousConfig
 
 # Streams (and with them aioquic) load with the first streams session, not with every session.
 if TYPE_CHECKING:
-    from plexus.streams import StreamsConfig
+    from plexus.streams import Resume, StreamsConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -132,11 +137,11 @@ async def _invite(config: SessionConfig) -> Tunnel:
         async with config.rendezvous.open() as rendezvous:
             if slot is not None:
                 await slot.stop_previous()  # a stale tunnel holds the inner port and would double the new one
-            established = await _meet(config, rendezvous, relays)
+            established, following = await _meet(config, rendezvous, relays)
             if config.command is None:
                 await established.release_unused(relays)
                 config.on_event(events.Launched(role="invite", pid=None))
-                await established.carry(_work(config, established.tunnel, accept=False))
+                await established.carry(_work(config, established.tunnel, accept=False, resume=following))
                 return established.tunnel
             process = launcher.start(config.command, established.tunnel)
             config.on_event(events.Launched(role="invite", pid=process.pid))
@@ -157,8 +162,8 @@ async def _invite(config: SessionConfig) -> Tunnel:
 
 async def _meet(
     config: SessionConfig, rendezvous: Rendezvous, relays: contextlib.AsyncExitStack
-) -> paths.Established:
-    """STUN, the request, the response, the punch."""
+) -> tuple[paths.Established, Resume | None]:
+    """STUN, the request, the response, the punch; and how the streams, if any, follow this side's moves."""
     with paths.punching(config.inner, config.inner6) as socks:
         async with rendezvous.submission() as submission:
             found = await _discover(config, socks)
@@ -178,9 +183,30 @@ async def _meet(
         candidates = paths.choose(mine, response)
         log.info("peer endpoint %s, punching", response.outer)
         attempt = _attempt(config, socks, mine, response, puzzle, accept=False)
-        return _connected(
-            config, "invite", await paths.establish(candidates, attempt, config.handshake_timeout)
-        )
+        established = await paths.establish(candidates, attempt, config.handshake_timeout)
+    key = rebind_key(config, puzzle, response.puzzle, response)
+    following = _following(config, rendezvous, key, offer, established.tunnel) if streams else None
+    return _connected(config, "invite", established), following
+
+
+def _following(
+    config: SessionConfig, rendezvous: Rendezvous, key: RebindKey | None, offer: Offer, tunnel: Tunnel
+) -> Resume | None:
+    """The inviter's side of a session that survives this side's moves (plexus/streams/resume.py): on a
+    direct IPv4 path to a plexus peer, where a move is a new outer endpoint that STUN shows. Elsewhere a
+    move is not followed (docs/streams.md, "What survives what")."""
+    if key is None or offer.reach is None or tunnel.path != Method.DIRECT or tunnel.family != socket.AF_INET:
+        return None
+    from plexus.streams import resume
+
+    reach, sequence = offer.reach, itertools.count(1)
+
+    async def send(outer: Endpoint) -> None:
+        rebind = key.seal(next(sequence), outer, reach, datetime.datetime.now(datetime.UTC))
+        async with rendezvous.submission() as submission:
+            await rendezvous.rebind(rebind, submission)
+
+    return functools.partial(resume.follow, server=config.stun_server, outer=tunnel.outer, send=send)
 
 
 async def _discover(config: SessionConfig, socks: paths.Punching) -> paths.Found:
@@ -228,20 +254,23 @@ async def _command(process: subprocess.Popen[bytes], running: set[Running]) -> N
         raise
 
 
-def _work(config: SessionConfig, tunnel: Tunnel, *, accept: bool) -> Awaitable[None]:
-    """The session's work when it launches no command: the library caller's, or the streams."""
+def _work(
+    config: SessionConfig, tunnel: Tunnel, *, accept: bool, resume: Resume | None = None
+) -> Awaitable[None]:
+    """The session's work when it launches no command: the library caller's, or the streams (with what
+    keeps them going across a move, `resume`)."""
     if config.hand_over is not None:
         return config.hand_over(tunnel)
     assert config.streams is not None
-    return _streams(tunnel, config.streams, accept=accept)
+    return _streams(tunnel, config.streams, accept=accept, resume=resume)
 
 
-async def _streams(tunnel: Tunnel, config: StreamsConfig, *, accept: bool) -> None:
+async def _streams(tunnel: Tunnel, config: StreamsConfig, *, accept: bool, resume: Resume | None) -> None:
     """The streams on the tunnel's inner endpoint (on a relay this side allocated: the loopback endpoint
     facing plexus's forwarder), bound now that the punch has let the port go."""
     from plexus.streams import carry
 
-    await carry(bind(tunnel.inner), tunnel, config, accept=accept)
+    await carry(bind(tunnel.inner), tunnel, config, accept=accept, resume=resume)
 
 
 async def accept(config: SessionConfig) -> None:
@@ -298,20 +327,20 @@ async def _serve(
         turn = slot = None
     async with contextlib.AsyncExitStack() as relays:
 
-        async def establish() -> tuple[paths.Established, subprocess.Popen[bytes] | None]:
+        async def establish() -> tuple[paths.Established, RebindKey | None, subprocess.Popen[bytes] | None]:
             if slot is not None:
                 await slot.stop_previous()
-            established = await _answer(config, rendezvous, invitation, relays)
+            established, key = await _answer(config, rendezvous, invitation, relays)
             if config.hand_over is not None or _wants_streams(invitation):
-                return established, None
+                return established, key, None
             assert config.command is not None  # _answer refused the request otherwise
             process = launcher.start(config.command, established.tunnel)
             if slot is not None:
                 slot.save(process.pid)
-            return established, process
+            return established, key, process
 
         try:
-            established, process = await (establish() if turn is None else turn.run(establish))
+            established, key, process = await (establish() if turn is None else turn.run(establish))
             config.on_event(events.Launched(role="accept", pid=process.pid if process else None))
         except PlexusError as error:
             log.error("session with %s failed: %s", peer, error)
@@ -320,7 +349,8 @@ async def _serve(
         await established.release_unused(relays)  # a standby: not held for as long as the session runs
         try:
             if process is None:
-                await established.carry(_work(config, established.tunnel, accept=True))
+                with _answering(config, rendezvous, key, established.tunnel) as answering:
+                    await established.carry(_work(config, established.tunnel, accept=True, resume=answering))
             else:
                 await established.carry(_command(process, running))
         except PlexusError as error:
@@ -329,6 +359,22 @@ async def _serve(
             return
         log.info("session with %s ended", peer)
         config.on_event(events.Ended(role="accept"))
+
+
+@contextlib.contextmanager
+def _answering(
+    config: SessionConfig, rendezvous: Rendezvous, key: RebindKey | None, tunnel: Tunnel
+) -> Iterator[Resume | None]:
+    """The acceptor's side of a session that survives the inviter's moves: within it, the session's rebinds
+    are taken, and its streams punch toward each (plexus/streams/resume.py); not on a relay (its path does
+    not depend on the inviter's endpoint) nor for the library's caller."""
+    if key is None or config.hand_over is not None or tunnel.path == Method.RELAY:
+        yield None
+        return
+    from plexus.streams import resume
+
+    with rendezvous.rebinds(key) as rebound:
+        yield functools.partial(resume.answer, rebound=rebound)
 
 
 def _wants_streams(invitation: Invitation) -> bool:
@@ -362,8 +408,9 @@ async def _answer(
     rendezvous: Rendezvous,
     invitation: Invitation,
     relays: contextlib.AsyncExitStack,
-) -> paths.Established:
-    """STUN, the plan, the punch, the response, the handshake; the SMTP session opens while STUN runs."""
+) -> tuple[paths.Established, RebindKey | None]:
+    """STUN, the plan, the punch, the response, the handshake; the SMTP session opens while STUN runs. With
+    the path, the session's rebind key (None toward 2.2)."""
     handshake: asyncio.Future[paths.Established] | None = None
     with contextlib.ExitStack() as closing:
         try:
@@ -387,7 +434,8 @@ async def _answer(
                 reach = mine.reach(_wants_streams(invitation), hosts=plexus, ipv6=plexus)
                 offer = Offer(mine.outer, puzzle, reach)
                 await rendezvous.answer(invitation, offer, submission)
-            return _connected(config, "accept", await handshake)
+            key = rebind_key(config, invitation.offer.puzzle, puzzle, invitation.offer)
+            return _connected(config, "accept", await handshake), key
         finally:
             if handshake is not None:
                 handshake.cancel()

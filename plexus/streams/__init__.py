@@ -7,11 +7,11 @@ is what a session runs on its tunnel, as it would launch a command on it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from plexus.identity import Identity, PeerCheck
 from plexus.launcher import Tunnel
@@ -21,6 +21,11 @@ from plexus.streams.wire import Allowed, Target
 # aioquic loads with the first stream session, not with every session that might have one.
 if TYPE_CHECKING:
     from plexus.streams.forward import Forward
+    from plexus.streams.quic import Link
+
+# What keeps a session going across a network change, run beside its streams (plexus/streams/resume.py):
+# the inviter's `follow`, the acceptor's `answer`, bound to what each needs.
+Resume = Callable[["Link"], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +46,17 @@ class StreamsConfig:
         return self.stdio is not None or bool(self.forwards)
 
 
-async def carry(sock: socket.socket, tunnel: Tunnel, config: StreamsConfig, *, accept: bool) -> None:
+async def carry(
+    sock: socket.socket, tunnel: Tunnel, config: StreamsConfig, *, accept: bool, resume: Resume | None = None
+) -> None:
     """The session's streams over the tunnel, from `sock` (bound to the tunnel's inner endpoint; taken
-    over), until they are done or the peer goes.
+    over), until they are done or the peer goes; `resume` beside them, whose failure (PeerLostError) ends
+    them.
 
     The inviter ends after --stdio's stream ends, or with the link (--forward runs until interrupted); the
     acceptor serves whatever streams the inviter opens until the inviter closes or falls silent. Both ping
     while the link lives, which keeps both NAT mappings open and shows a dead path within seconds
-    (`link.dead`, which a rebind will await; quic.py's docstring)."""
+    (`link.dead`; quic.py's docstring)."""
     from plexus.streams import forward, quic
 
     size = quic.RELAYED_DATAGRAM_SIZE if tunnel.path == Method.RELAY else quic.DATAGRAM_SIZE
@@ -57,17 +65,27 @@ async def carry(sock: socket.socket, tunnel: Tunnel, config: StreamsConfig, *, a
     else:
         link = await quic.connect(sock, tunnel.peer, config.identity, config.check, datagram_size=size)
     log.info("streams: QUIC connected with %s (peer id %s)", tunnel.peer, link.peer_id)
-    pinging = asyncio.ensure_future(link.keepalive())
+    beside: list[asyncio.Future[Any]] = [asyncio.ensure_future(link.keepalive())]
+    if resume is not None:
+        beside.append(asyncio.ensure_future(resume(link)))
+    work: asyncio.Future[Any]
+    if accept:
+        assert config.allowed is not None
+        work = asyncio.ensure_future(forward.serve(link, config.allowed))
+    elif config.stdio is not None:
+        work = asyncio.ensure_future(forward.stdio(link, config.stdio))
+    else:
+        work = asyncio.ensure_future(
+            asyncio.gather(*(forward.listen(link, each) for each in config.forwards))
+        )
     try:
-        if accept:
-            assert config.allowed is not None
-            await forward.serve(link, config.allowed)
-        elif config.stdio is not None:
-            await forward.stdio(link, config.stdio)
-        else:
-            await asyncio.gather(*(forward.listen(link, each) for each in config.forwards))
+        await asyncio.wait([work, *beside], return_when=asyncio.FIRST_COMPLETED)
+        for task in beside:
+            if task.done():
+                task.result()  # PeerLostError: the session cannot go on
+        await work
     finally:
-        pinging.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pinging
+        for task in (work, *beside):
+            task.cancel()
+        await asyncio.gather(work, *beside, return_exceptions=True)
         await link.close()

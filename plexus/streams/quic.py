@@ -4,19 +4,20 @@ The acceptor serves and the inviter connects, on a UDP socket bound to the sessi
 sides prove an identity in TLS 1.3 and check the peer's (identity.PeerCheck) when the handshake completes,
 before any stream's bytes are handed on. Each TCP connection is one bidirectional stream (streams/forward.py).
 
-The inviter's socket is connected to the acceptor's endpoint, so the kernel drops datagrams from anyone else.
-The acceptor's is not: its peer's NAT may map the inviter's socket anew (an idle mapping forgotten, conntrack
-flushed) and the inviter's packets then come from another endpoint, which a connected socket would never
-hear. Until the handshake completes the acceptor takes datagrams from the punched endpoint alone, as a
-connected socket would. A datagram from that endpoint still proves nothing (a UDP source is easy to forge),
-so the acceptor keeps a candidate connection per client Initial (by its destination connection id, up to
+The inviter takes datagrams from the acceptor's endpoint alone (and, while it asks, its STUN server's answer:
+`mapped`, which a rebind needs, plexus/streams/resume.py); its socket is not connected, so that it can ask.
+The acceptor's is not either: its peer's NAT may map the inviter's socket anew (an idle mapping forgotten,
+conntrack flushed) and the inviter's packets then come from another endpoint, which a connected socket would
+never hear. Until the handshake completes the acceptor takes datagrams from the punched endpoint alone, as a
+connected socket would. A datagram from that endpoint still proves nothing (a UDP source is easy to forge), so
+the acceptor keeps a candidate connection per client Initial (by its destination connection id, up to
 MAX_CANDIDATES) and keeps the one whose TLS handshake completes; a stray or forged Initial only makes a
 candidate that never does. After the handshake every datagram goes to the connection, and only what decrypts
 under its keys counts: a new packet (a packet number above any seen, so not a replay) from a new endpoint
 makes aioquic send there, within the anti-amplification limit (three times what came from it), and challenge
 it (PATH_CHALLENGE, RFC 9000 section 9); the answer validates it and the acceptor has migrated (`Migrated`),
-an unanswered challenge puts it back on the old path. Garbage, a replay or a packet altered on the way
-changes nothing. Each datagram goes to the address aioquic gives it.
+an unanswered challenge puts it back on the old path. Garbage, a replay or a packet altered on the way changes
+nothing. Each datagram goes to the address aioquic gives it.
 
 A dead path shows within seconds, not at the idle timeout: an inviter that has heard nothing from the
 acceptor for KEEPALIVE_INTERVAL pings it (the acceptor, which hears those pings, only after twice that), and
@@ -26,6 +27,12 @@ mapping anew; `PathBack`, and a PING at once so that what went into the silence 
 idle timeout ends the session. These PINGs are probes: they may go beyond the congestion window, which a
 silence leaves full of what went unanswered, and so once the path is back the next one ends the silence,
 however far aioquic's probe timeout has backed off.
+
+Beside QUIC, on the same socket: STUN (its first byte has the top two bits clear, RFC 7983; every QUIC
+packet has the fixed bit 0x40 set) and the acceptor's punch (`punch`: PUNCH, toward a rebind's endpoint),
+which makes the inviter probe at once instead of at its next keepalive. Neither moves anything: the
+inviter sends only to the acceptor's endpoint whatever arrives, and the STUN answer only counts for what
+the inviter tells the acceptor in a rebind, which carries its own authentication.
 
 Throughput is bound by Python's work per datagram and per pass through aioquic's send path, so the driver
 sends once per batch of received datagrams (a flush scheduled with call_soon, not one per datagram), lets
@@ -52,6 +59,7 @@ from aioquic.quic.recovery import K_MICRO_SECOND, QuicPacketPacer
 from cryptography import x509
 
 from plexus import events as plexus_events
+from plexus import stun
 from plexus.endpoint import Endpoint
 from plexus.errors import PeerIdentityError, PlexusError, StreamsLostError
 from plexus.identity import Identity, PeerCheck, id_of
@@ -72,6 +80,17 @@ KEEPALIVE_INTERVAL = 1.0
 # needs to answer after a lost packet (an RTT and a probe timeout: under 1 s at 300 ms RTT; about 1.8 s
 # after two in a row), below the 2-3 s a rebind over the rendezvous has to resume a stream in.
 DEAD_AFTER = 2.0
+# Ack-eliciting packets unanswered this long: the inviter asks its STUN server whether its NAT mapped it anew
+# (the path's death is certain then, and a rebind need not wait for DEAD_AFTER). Well above a live path's
+# answer time at 0 ms links (a few ms), so a lossy moment costs at most one STUN round trip.
+SUSPECT_AFTER = 0.4
+QUIC_FIXED_BIT = 0x40  # set in every QUIC packet's first byte (RFC 9000 17); STUN's has it clear
+# The acceptor's punch toward a rebind's endpoint: not QUIC (first byte 0), not STUN (no cookie).
+PUNCH = b"\0plexus punch"
+POKE_INTERVAL = 0.05  # the inviter probes at most this often on punches
+# The inviter's question to its STUN server: sends at 0, 0.1, 0.3 s, an answer by 0.8 s (a server that has
+# answered before; a slower one gets asked again at the next suspicion).
+MAPPED_SCHEDULE = stun.Schedule(rto=0.1, max_rto=0.4, attempts=3, timeout=0.8)
 HANDSHAKE_TIMEOUT = 10.0
 # The acceptor's connections made from client Initials before one completes its handshake: the real one and a
 # few forged or stray ones; a new Initial beyond that replaces the oldest.
@@ -246,7 +265,6 @@ class Link(asyncio.DatagramProtocol):
         self._quic = quic  # the acceptor's is the candidate whose handshake completes first
         self._candidates: dict[bytes, _Connection] = {}  # acceptor, until then: by their connection ids
         self._punched = peer.canonical()  # the only source the acceptor hears before the handshake completes
-        self._connected = False  # the socket is connected (the inviter's): datagrams go without an address
         self._peer: NetworkAddress = peer  # where datagrams go, validated
         self._refusal: PlexusError | None = None  # why the last candidate that ended did
         self._check = check
@@ -264,14 +282,23 @@ class Link(asyncio.DatagramProtocol):
         # what the session can await to find the peer another way. The link goes on either way.
         self.dead = asyncio.Event()
         self._silent_since = -math.inf  # while the path looks dead: when the peer was last heard
+        # Set while this side's packets have gone unanswered for SUSPECT_AFTER, cleared when the peer is heard
+        # again: when the inviter asks whether it moved (plexus/streams/resume.py).
+        self.suspect = asyncio.Event()
+        self._heard = asyncio.Event()  # set as the peer is heard; a waiter clears it (heard_within)
+        self._query: stun.Transaction | None = None  # the inviter's question to its STUN server (mapped)
+        self._query_answered = asyncio.Event()
+        self._poked_at = -math.inf
 
     # asyncio.DatagramProtocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.DatagramTransport, transport)
-        self._connected = transport.get_extra_info("peername") is not None
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if not data or not data[0] & QUIC_FIXED_BIT:
+            self._beside_quic(data, addr)
+            return
         quic = self._quic
         if quic is None:  # the acceptor, before the handshake completes
             if Endpoint(*addr[:2]).canonical() != self._punched:
@@ -279,12 +306,37 @@ class Link(asyncio.DatagramProtocol):
             quic = self._candidate(data)
             if quic is None:
                 return
+        elif quic.configuration.is_client and not self._from_peer(addr):
+            return  # the acceptor never moves during a session: anything else is noise or forged
         # IPv6 sources come with flow info and scope: the same path as the (host, port) QUIC was given
         quic.receive_datagram(data, addr[:2], self._loop.time())
         self._dispatch(quic)
         if quic is self._quic and self.ready.done():
             self._watch(quic)
         self._schedule_flush()
+
+    def _from_peer(self, addr: tuple[str, int]) -> bool:
+        return addr[1] == self._punched.port and addr[0] == self._punched.host
+
+    def _beside_quic(self, data: bytes, addr: tuple[str, int]) -> None:
+        """A datagram that is not QUIC: the STUN server's answer to `mapped`, or the acceptor's punch (or a
+        late handshake datagram, or noise: dropped)."""
+        now = self._loop.time()
+        query = self._query
+        if query is not None and (addr[0], addr[1]) == (query.destination.host, query.destination.port):
+            try:
+                message = stun.decode(data)
+            except stun.StunParseError:
+                return
+            if query.receive(message, Endpoint(addr[0], addr[1]), now):
+                self._query_answered.set()
+            return
+        quic = self._quic
+        # The acceptor's punch toward this side's new endpoint: its NAT now lets the next packet in.
+        client = quic is not None and quic.configuration.is_client
+        if client and self._from_peer(addr) and now - self._poked_at >= POKE_INTERVAL:
+            self._poked_at = now
+            self.probe()
 
     def error_received(self, exc: Exception) -> None:
         log.debug("UDP error on the streams socket: %s", exc)  # ICMP unreachable: QUIC retransmits anyway
@@ -421,7 +473,7 @@ class Link(asyncio.DatagramProtocol):
         live = self._live()
         for quic in live:
             for data, addr in quic.datagrams_to_send(self._loop.time()):
-                self._transport.sendto(data, None if self._connected else addr)
+                self._transport.sendto(data, addr)
         if self._timer is not None:
             self._timer.cancel()
         when = min((t for quic in live if (t := quic.get_timer()) is not None), default=None)
@@ -496,6 +548,11 @@ class Link(asyncio.DatagramProtocol):
                 self._flush()
                 pinged = now
             wake = max(quic.heard_at, pinged) + interval
+            if quic.asked_at is not None and not self.suspect.is_set():
+                if now - quic.asked_at >= SUSPECT_AFTER:
+                    self.suspect.set()
+                else:
+                    wake = min(wake, quic.asked_at + SUSPECT_AFTER)
             if quic.asked_at is not None and not self.dead.is_set():
                 if now - quic.asked_at >= DEAD_AFTER:
                     self._path_dead(quic, now)
@@ -505,6 +562,10 @@ class Link(asyncio.DatagramProtocol):
 
     def _watch(self, quic: _Connection) -> None:
         """After each datagram: has the peer moved (to a validated address), or come back?"""
+        if not self._heard.is_set():
+            self._heard.set()
+        if self.suspect.is_set() and quic.asked_at is None:
+            self.suspect.clear()
         peer = quic.validated_peer
         if peer is not None and peer != self._peer:
             before, self._peer = Endpoint(*self._peer[:2]), peer
@@ -532,6 +593,53 @@ class Link(asyncio.DatagramProtocol):
         )
         plexus_events.emit(plexus_events.PathDead, silent=round(silent, 3))
 
+    def probe(self) -> None:
+        """A PING now (beyond the congestion window, as the keepalive's)."""
+        if self._quic is not None:
+            self._quic.probe()
+            self._flush()
+
+    def punch(self, toward: Endpoint) -> None:
+        """The acceptor's PUNCH toward a rebind's endpoint: its NAT lets that endpoint's packets in then."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.sendto(PUNCH, (toward.host, toward.port))
+
+    async def heard_within(self, timeout: float) -> bool:
+        """Whether a packet from the peer decrypts within `timeout` from now."""
+        assert self._quic is not None
+        mark = self._quic.heard_at
+        deadline = self._loop.time() + timeout
+        while self._quic.heard_at <= mark:
+            self._heard.clear()
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._heard.wait(), remaining)
+        return True
+
+    async def mapped(self, server: Endpoint) -> Endpoint | None:
+        """This socket's outer endpoint as the STUN server at `server` (an IP address) sees it now, or None
+        without an answer within MAPPED_SCHEDULE's timeout. One question at a time."""
+        assert self._query is None, "one STUN question at a time"
+        query = self._query = stun.Transaction(
+            server, stun.binding_request(), self._loop.time(), MAPPED_SCHEDULE
+        )
+        self._query_answered.clear()
+        try:
+            while (when := query.next_time()) is not None:
+                data = query.poll(self._loop.time())
+                if data is not None and self._transport is not None and not self._transport.is_closing():
+                    self._transport.sendto(data, (server.host, server.port))
+                if not query.pending:
+                    break
+                wait = max((query.next_time() or when) - self._loop.time(), 0.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._query_answered.wait(), wait)
+        finally:
+            self._query = None
+        return query.mapped
+
     async def close(self) -> None:
         """Close cleanly: CONNECTION_CLOSE sent, then the socket, after at most CLOSE_TIMEOUT."""
         if self._quic is not None and not self.closed.done():
@@ -558,7 +666,6 @@ async def connect(
 ) -> Link:
     """The inviter's side: the handshake with the acceptor at `peer`, checked; `sock` is taken over."""
     config = configuration(identity, client=True, datagram_size=datagram_size)
-    sock.connect(peer)
     quic = _Connection(configuration=config)
     link = await _link(sock, quic, check, config, peer)
     quic.connect(peer, now=asyncio.get_running_loop().time())

@@ -1,0 +1,173 @@
+"""Streams that outlive the inviter's move behind a NAT that filters per endpoint (issue 19): an ssh-style
+--stdio stream from a to the echo target on b, both behind port-restricted cone NATs, while a's NAT forgets
+every mapping and maps a onto new outer ports mid-transfer (Lab.remap). b's NAT drops a's packets from the
+new endpoint until b punches toward it, which it does on the rebind a sends over the rendezvous: by mail
+(the lab's SMTP and Dovecot) and on the DHT (a private network in the lab's public namespace). Every byte
+arrives, in order, once; the longest silence of the stream is measured and printed."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plexus.endpoint import Endpoint
+from tests.lab import sessions
+from tests.lab.dht import DhtNetwork
+from tests.lab.lab import Lab
+from tests.lab.services import BYE, CHUNK, TcpTarget, pattern
+from tests.lab.sessions import Plexus, Side
+from tests.labtests.test_dht import Hosts, dht_options, hosts
+from tests.labtests.test_streams import Ids, acceptor_options, ids, inviter_options
+
+__all__ = ["hosts", "ids"]  # the fixtures, used by name
+
+pytestmark = pytest.mark.lab
+
+TARGET = "127.0.0.1:7007"
+SIZE = 16 << 20  # each way, written at RATE: the remap lands mid-stream, with seconds of it to go
+RATE = 4 << 20  # bytes per second: what ssh carrying a large file over a modest line might
+
+
+@pytest.fixture(scope="module")
+def network(_lab_instance: Lab) -> Iterator[DhtNetwork]:
+    with DhtNetwork(_lab_instance) as started:
+        yield started
+
+
+class StdioTransfer:
+    """`data` written to a --stdio inviter's stdin (then EOF) by one thread, its stdout read by another,
+    which notes the longest time between two reads."""
+
+    def __init__(self, invite: Plexus, data: bytes) -> None:
+        self.invite, self.data = invite, data
+        self.received = bytearray()
+        self.longest_silence = 0.0
+        self.error: BaseException | None = None
+        self._threads = [threading.Thread(target=self._guard, args=(f,)) for f in (self._write, self._read)]
+        for thread in self._threads:
+            thread.start()
+
+    def _guard(self, work: object) -> None:
+        try:
+            work()  # type: ignore[operator]
+        except (OSError, ValueError) as error:
+            self.error = error
+
+    def _write(self) -> None:
+        stdin = self.invite.process.stdin
+        assert stdin is not None
+        view = memoryview(self.data)
+        began = time.monotonic()
+        for start in range(0, len(view), CHUNK):
+            time.sleep(max(began + start / RATE - time.monotonic(), 0))
+            stdin.write(view[start : start + CHUNK])  # type: ignore[call-overload]
+            stdin.flush()
+        stdin.close()
+
+    def _read(self) -> None:
+        stdout = self.invite.process.stdout
+        assert stdout is not None
+        last = time.monotonic()
+        while chunk := stdout.read1(CHUNK):  # type: ignore[attr-defined]
+            now = time.monotonic()
+            if self.received:  # from the first byte: the session's setup is not a silence
+                self.longest_silence = max(self.longest_silence, now - last)
+            last = now
+            self.received += chunk
+
+    def wait_past(self, size: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < size:
+            assert self.error is None and time.monotonic() < deadline, (
+                self.error,
+                len(self.received),
+                self.invite.log()[-3000:],
+            )
+            time.sleep(0.01)
+
+    def finish(self, timeout: float) -> None:
+        """Every byte written came back, in order, then the echo's BYE; the inviter exits 0."""
+        for thread in self._threads:
+            thread.join(timeout)
+        assert self.error is None, self.error
+        expected = self.data + BYE
+        assert bytes(self.received) == expected, (
+            f"{len(self.received)} of {len(expected)} bytes\n{self.invite.log()[-3000:]}"
+        )
+        assert self.invite.process.wait(timeout) == 0, self.invite.log()[-3000:]
+
+
+def _survives(lab: Lab, acceptor: Plexus, invite: Plexus, how: str) -> None:
+    """Remap a mid-transfer and check what each side did; print the figures."""
+    transfer = StdioTransfer(invite, pattern(SIZE))
+    transfer.wait_past(SIZE // 8, timeout=60)
+    remapped_at = time.time()
+    lab.remap("a")
+    try:
+        (remapped,) = invite.wait_events("remapped", timeout=10)
+        (rebound,) = acceptor.wait_events("rebound", timeout=15)
+        (moved,) = acceptor.wait_events("migrated", timeout=15)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{invite.log()[-4000:]}\n{acceptor.log()[-4000:]}") from None
+    transfer.finish(timeout=120)
+    after = Endpoint.parse(remapped["after"])
+    assert Endpoint.parse(rebound["outer"]) == after == Endpoint.parse(moved["after"]), (rebound, moved)
+    assert Endpoint.parse(remapped["before"]) == Endpoint.parse(moved["before"]) != after
+    print(
+        f"{how}: {SIZE >> 20} MiB each way through --stdio, a remapped mid-transfer: STUN showed the move"
+        f" {remapped['at'] - remapped_at:.2f} s after, b took the rebind at {rebound['at'] - remapped_at:.2f}"
+        f" s, migrated at {moved['at'] - remapped_at:.2f} s; longest silence"
+        f" {transfer.longest_silence * 1000:.0f} ms"
+    )
+    assert [event["error"] for event in acceptor.wait_events("ended", timeout=10)] == [None]
+
+
+def test_a_stdio_stream_survives_the_inviters_remap_behind_filtering_nats_by_mail(
+    lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids
+) -> None:
+    lab.set_nat("a", "cone")
+    lab.set_nat("b", "cone")
+    with TcpTarget(lab, "b", "echo", port=7007):
+        acceptor, me, peer = sessions.accepting(
+            lab, tmp_path, running, overrides=acceptor_options(ids, TARGET)
+        )
+        invite = sessions.start(
+            lab,
+            me,
+            peer,
+            tmp_path,
+            accept=False,
+            overrides=inviter_options(ids, stdio=TARGET),
+            stdin=subprocess.PIPE,
+            text=False,
+        )
+        running.append(invite)
+        _survives(lab, acceptor, invite, "mail")
+
+
+def test_a_stdio_stream_survives_the_inviters_remap_behind_filtering_nats_on_the_dht(
+    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
+) -> None:
+    lab.set_nat("a", "cone")
+    lab.set_nat("b", "cone")
+    with TcpTarget(lab, "b", "echo", port=7007):
+        allow = {"exec-command": None, "forward-allow": TARGET}
+        me, peer = Side("a", lab.accounts["local"], "a-dht"), Side("b", lab.accounts["remote"], "b-dht")
+        overrides = dht_options(network, hosts.acceptor_file, hosts.inviter) | allow
+        acceptor = sessions.start(lab, peer, me, tmp_path, accept=True, overrides=overrides)
+        running.append(acceptor)
+        sessions.wait_until_listening(acceptor)
+        inviter = dht_options(network, hosts.inviter_file, hosts.acceptor) | {
+            "exec-command": None,
+            "stdio": TARGET,
+        }
+        invite = sessions.start(
+            lab, me, peer, tmp_path, accept=False, overrides=inviter, stdin=subprocess.PIPE, text=False
+        )
+        running.append(invite)
+        _survives(lab, acceptor, invite, "DHT")
