@@ -46,6 +46,7 @@ import atexit
 import contextlib
 import functools
 import grp
+import ipaddress
 import json
 import os
 import re
@@ -157,6 +158,7 @@ _NFT_FILTER = """\
 """
 # The outer port ranges remap() moves a host's mappings into, in turn: every new mapping gets a new port.
 REMAP_RANGES = ("20000-29999", "30000-39999")
+RENUMBERED_OFFSET = 6  # renumber: the outer address's place in the site's public /27 (a host in "none" has 2)
 # Endpoint-independent filtering: whatever reaches the WAN address on a UDP port goes to the host's same port
 # (masquerade keeps the host's port when it is free, which it is in the lab).
 _NFT_FULLCONE = """\
@@ -225,15 +227,19 @@ def _nft_loss(loss_pct: float) -> str:
     return f"table inet plexus_link\ndelete table inet plexus_link\ntable inet plexus_link {{{rules}\n}}\n"
 
 
-def nft_ruleset(mode: NatMode, host_ip: str, ports: str | None = None) -> str:
+def nft_ruleset(mode: NatMode, host_ip: str, ports: str | None = None, outer: str | None = None) -> str:
     """The NAT router's table for `mode`; `ports`, a range such as "20000-29999", for the outer ports
-    (remap), else the host's own port where it is free."""
+    (remap), else the host's own port where it is free; `outer`, the outer address (renumber), else the
+    router's WAN address."""
     if mode == "none":
         return _NFT_TEMPLATE.format(chains="")
     random = " fully-random" if mode == "symmetric" else ""
-    masquerade = f'        oifname "wan" masquerade{random}'
+    to = "masquerade" if outer is None else f"snat ip to {outer}"
+    masquerade = f'        oifname "wan" {to}{random}'
     if ports:  # a port range needs the protocol named; the rest (ICMP) is masqueraded as before
-        ranged = f'        oifname "wan" meta l4proto {{ tcp, udp }} masquerade to :{ports}{random}'
+        ranged = f'        oifname "wan" meta l4proto {{ tcp, udp }} {to}:{ports}{random}'
+        if outer is None:
+            ranged = ranged.replace("masquerade:", "masquerade to :")
         masquerade = f"{ranged}\n{masquerade}"
     chains = _NFT_FILTER.format(
         extra_forward='        iifname "wan" ct status dnat accept\n' if mode == "fullcone" else "",
@@ -360,6 +366,7 @@ class Lab:
         self.turn = TurnAccount(self.STUN_PRIMARY, "plexus", f"turn-{secrets.token_hex(4)}", self.TURN_REALM)
         self.modes: dict[str, NatMode] = {"a": "cone", "b": "cone"}
         self.ports: dict[str, str] = {}  # hosts whose NAT maps onto a port range of REMAP_RANGES (remap)
+        self.outer: dict[str, str] = {}  # hosts whose NAT maps onto another address than its WAN's (renumber)
         self.carrier = False  # a's router is behind the carrier NAT (double_nat)
         self.ipv6 = dict.fromkeys(HOSTS, True)  # hosts with their global IPv6 address (set_ipv6)
         self._servers: dict[str, _Server] = {}
@@ -392,7 +399,7 @@ class Lab:
         if host == "a" and self.carrier:
             return CARRIER_WAN
         site = _site(host)
-        return site.public_ip if self.modes[host] == "none" else site.wan_ip
+        return site.public_ip if self.modes[host] == "none" else self.outer.get(host, site.wan_ip)
 
     @property
     def ca_file(self) -> Path:
@@ -582,7 +589,9 @@ class Lab:
 
     def _apply_nat(self, host: str) -> None:
         router = self.netns(f"nat-{host}")
-        ruleset = nft_ruleset(self.modes[host], f"{SITES[host].lan_net}.2", self.ports.get(host))
+        ruleset = nft_ruleset(
+            self.modes[host], f"{SITES[host].lan_net}.2", self.ports.get(host), self.outer.get(host)
+        )
         run(["ip", "netns", "exec", router, "nft", "-f", "-"], input=ruleset)
         # conntrack -F exits 1 when the table was already empty
         run(["ip", "netns", "exec", router, "conntrack", "-F"], check=False)
@@ -612,6 +621,25 @@ class Lab:
         self.ports[host] = REMAP_RANGES[following % len(REMAP_RANGES)]
         self._apply_nat(host)
         return self.ports[host]
+
+    def renumber(self, host: str, renumbered: bool = True) -> str:
+        """The host's NAT maps every flow anew onto another outer address, as after a new DHCP lease from
+        the ISP (or a laptop's move to another network): an address of the site's public /27 (which inet
+        routes to the router) and its conntrack table flushed; `renumbered` False: back to the WAN address.
+        Returns the outer address now in use."""
+        site = _site(host)
+        if self.modes[host] == "none":
+            raise LabError(f"{host} is in NAT mode none: it has no outer address to change")
+        router = self.netns(f"nat-{host}")
+        address = str(ipaddress.ip_address(site.public_net) + RENUMBERED_OFFSET)
+        if renumbered and host not in self.outer:
+            run(["ip", "netns", "exec", router, "ip", "addr", "add", f"{address}/32", "dev", "wan"])
+            self.outer[host] = address
+        elif not renumbered and host in self.outer:
+            del self.outer[host]
+            run(["ip", "netns", "exec", router, "ip", "addr", "del", f"{address}/32", "dev", "wan"])
+        self._apply_nat(host)
+        return self.public_ip(host)
 
     def set_link(self, host: str, delay_ms: float = 0, loss_pct: float = 0) -> None:
         """Degrade the host's WAN link: loss_pct each way (nftables), delay_ms each way.
@@ -753,6 +781,8 @@ class Lab:
         self.double_nat(False)
         self.ports.clear()
         for host in SITES:
+            if host in self.outer:
+                self.renumber(host, False)
             self.block_udp(host, False)
             self.set_nat(host, "cone")
             self.set_link(host)

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.lab
 
 TARGET = "127.0.0.1:7007"
 SIZE = 16 << 20  # each way, written at RATE: the remap lands mid-stream, with seconds of it to go
+PAST = {"remap": "remapped", "renumber": "renumbered"}
 RATE = 4 << 20  # bytes per second: what ssh carrying a large file over a modest line might
 
 
@@ -102,12 +103,13 @@ class StdioTransfer:
         assert self.invite.process.wait(timeout) == 0, self.invite.log()[-3000:]
 
 
-def _survives(lab: Lab, acceptor: Plexus, invite: Plexus, how: str) -> None:
-    """Remap a mid-transfer and check what each side did; print the figures."""
+def _survives(lab: Lab, acceptor: Plexus, invite: Plexus, how: str, change: str = "remap") -> None:
+    """Change a's outer endpoint mid-transfer (`change`: Lab.remap, a new port; Lab.renumber, a new
+    address too) and check what each side did; print the figures."""
     transfer = StdioTransfer(invite, pattern(SIZE))
     transfer.wait_past(SIZE // 8, timeout=60)
     remapped_at = time.time()
-    lab.remap("a")
+    getattr(lab, change)("a")
     try:
         (remapped,) = invite.wait_events("remapped", timeout=10)
         (rebound,) = acceptor.wait_events("rebound", timeout=15)
@@ -118,8 +120,9 @@ def _survives(lab: Lab, acceptor: Plexus, invite: Plexus, how: str) -> None:
     after = Endpoint.parse(remapped["after"])
     assert Endpoint.parse(rebound["outer"]) == after == Endpoint.parse(moved["after"]), (rebound, moved)
     assert Endpoint.parse(remapped["before"]) == Endpoint.parse(moved["before"]) != after
+    assert after.host == lab.public_ip("a")
     print(
-        f"{how}: {SIZE >> 20} MiB each way through --stdio, a remapped mid-transfer: STUN showed the move"
+        f"{how}: {SIZE >> 20} MiB each way through --stdio, a {PAST[change]} mid-transfer: STUN saw the move"
         f" {remapped['at'] - remapped_at:.2f} s after, b took the rebind at {rebound['at'] - remapped_at:.2f}"
         f" s, migrated at {moved['at'] - remapped_at:.2f} s; longest silence"
         f" {transfer.longest_silence * 1000:.0f} ms"
@@ -127,9 +130,12 @@ def _survives(lab: Lab, acceptor: Plexus, invite: Plexus, how: str) -> None:
     assert [event["error"] for event in acceptor.wait_events("ended", timeout=10)] == [None]
 
 
-def test_a_stdio_stream_survives_the_inviters_remap_behind_filtering_nats_by_mail(
-    lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids
+@pytest.mark.parametrize("change", ["remap", "renumber"])
+def test_a_stdio_stream_survives_the_inviters_move_behind_filtering_nats_by_mail(
+    lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids, change: str
 ) -> None:
+    """A new outer port (the NAT forgot its mappings), and a new outer address (a new lease, a new
+    network)."""
     lab.set_nat("a", "cone")
     lab.set_nat("b", "cone")
     with TcpTarget(lab, "b", "echo", port=7007):
@@ -147,7 +153,7 @@ def test_a_stdio_stream_survives_the_inviters_remap_behind_filtering_nats_by_mai
             text=False,
         )
         running.append(invite)
-        _survives(lab, acceptor, invite, "mail")
+        _survives(lab, acceptor, invite, "mail", change)
 
 
 def test_a_stdio_stream_survives_the_inviters_remap_behind_filtering_nats_on_the_dht(
