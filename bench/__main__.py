@@ -5,7 +5,8 @@ beat), which NAT pairs connect and how the others fail (and issue 18's networks:
 double NAT, no UDP out), what an idle acceptor and one session cost, and the reconnect loop with real
 OpenVPN (bench/soak.py), streams: TCP through plexus's QUIC beside plain TCP,
 OpenVPN and the raw UDP path (bench/streams.py), the same streams through a TURN relay over UDP, TCP and TLS
-beside the direct path (bench/relay_streams.py), the DHT rendezvous beside the mail (bench/dht.py), and
+beside the direct path (bench/relay_streams.py), the DHT rendezvous beside the mail (bench/dht.py), a
+stream across the inviter's moves behind filtering NATs, by mail and on the DHT (bench/resume.py), and
 `plexus --version` and `--help` beside a bare interpreter (bench/startup.py, the one section without a lab).
 Progress goes to stderr, the report to stdout (a plain-text table), and with --json FILE also to that file.
 """
@@ -26,12 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import dht, floor, relay_streams, report, runs, soak, startup, streams
+from bench import dht, floor, relay_streams, report, resume, runs, soak, startup, streams
 from bench.stats import summarize
 from bench.timeline import PHASES, Timeline, TimelineError
 from tests.lab.lab import Lab, LabError, lab_available
 
-SECTIONS = ("connect", "matrix", "relays", "footprint", "soak", "streams", "relay-streams", "dht", "startup")
+SECTIONS = (
+    "connect", "matrix", "relays", "footprint", "soak", "streams", "relay-streams", "dht", "resume", "startup"
+)  # fmt: skip
 T = TypeVar("T")
 
 
@@ -83,6 +86,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--relay-mib", type=_positive(int), default=16,
         help="MiB each way per session in the relay-streams section (default 16)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--moves", type=_positive(int), default=10,
+        help="moves of the inviter's NAT per rendezvous in the resume section (default 10)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume-mib", type=_positive(int), default=32,
+        help="MiB of each bulk transfer before and after the moves in the resume section (default 32)",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON here")
     return parser.parse_args(argv)
@@ -315,6 +326,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["relay_streams"] = relay_streams.measure(
                 lab, workdir / "relay-streams", args.relay_mib, args.tries, progress
             )
+        if "resume" in args.sections:
+            results["resume"] = resume.measure(lab, workdir / "resume", args.moves, args.resume_mib, progress)
     results["bench_seconds"] = round(time.monotonic() - started, 1)
     return results
 

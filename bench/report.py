@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench import dht, relay_streams, startup
+from bench import dht, relay_streams, resume, startup
 from bench.timeline import PHASES
 from plexus import path
 from plexus.rendezvous import Reach
@@ -60,6 +60,8 @@ def render(results: dict[str, Any]) -> str:
         lines += relay_streams.render(results["relay_streams"])
     if "dht" in results:
         lines += _dht(results["dht"])
+    if "resume" in results:
+        lines += resume.render(results["resume"])
     if "startup" in results:
         lines += startup.render(results["startup"])
     failures = results.get("failures", [])
@@ -325,6 +327,8 @@ def check(results: dict[str, Any]) -> list[str]:
         # Only what went wrong: a session that failed, a measurement that could not be made. The times and the
         # target are reported.
         failures += [f"dht: {failure}" for failure in results["dht"]["failures"]]
+    if "resume" in results:
+        failures += resume.check(results["resume"])
     if "startup" in results:
         failures += startup.check(results["startup"])
     return failures

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,17 +201,19 @@ class Ids:
         return {"exec-command": None, "forward-allow": ",".join(allowed), "identity": str(self.acceptor_file),
                 "peer-identity": self.inviter, "log-level": "info"}  # fmt: skip
 
-    def inviter_options(self, **extra: str) -> dict[str, str | None]:
+    def inviter_options(self, **extra: str | None) -> dict[str, str | None]:
         return {"exec-command": None, "identity": str(self.inviter_file), "peer-identity": self.acceptor,
                 "log-level": "info", **extra}  # fmt: skip
 
 
 @contextlib.contextmanager
-def streams_acceptor(lab: Lab, workdir: Path, ids: Ids, *allowed: str) -> Iterator[tuple[Plexus, Side, Side]]:
+def streams_acceptor(
+    lab: Lab, workdir: Path, ids: Ids, *allowed: str, extra: Mapping[str, str | None] | None = None
+) -> Iterator[tuple[Plexus, Side, Side]]:
+    """A listening acceptor on b allowing those targets, with `extra` options (another rendezvous, say)."""
     inviter_side, acceptor_side = sessions.pair(lab)
-    acceptor = sessions.start(
-        lab, acceptor_side, inviter_side, workdir, accept=True, overrides=ids.acceptor_options(*allowed)
-    )
+    overrides = ids.acceptor_options(*allowed) | dict(extra or {})
+    acceptor = sessions.start(lab, acceptor_side, inviter_side, workdir, accept=True, overrides=overrides)
     try:
         sessions.wait_until_listening(acceptor)
         yield acceptor, inviter_side, acceptor_side
@@ -227,7 +229,7 @@ def forwarding(
     me: Side,
     peer: Side,
     forwards: list[str],
-    extra: dict[str, str] | None = None,
+    extra: Mapping[str, str | None] | None = None,
 ) -> Iterator[Plexus]:
     """A --forward inviter on a (with `extra` options: a TURN server, say), once it listens on every port;
     stopped with SIGINT (as a user would)."""
