@@ -92,8 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="moves of the inviter's NAT per rendezvous in the resume section (default 10)",
     )  # fmt: skip
     parser.add_argument(
-        "--resume-mib", type=_positive(int), default=32,
-        help="MiB of each bulk transfer before and after the moves in the resume section (default 32)",
+        "--resume-mib", type=_positive(int), default=16,
+        help="MiB of the bulk transfers before and after each move in the resume section (default 16)",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON here")
     return parser.parse_args(argv)

@@ -9,9 +9,13 @@ bench/dht.py's).
 
 Through each session, one TCP connection carries a steady stream to the echo target and back: a RECORD-byte
 record every INTERVAL (its sequence number and the time it was written), so bytes flow both ways all the
-time, as an interactive ssh's do. Then `moves` changes of a's outer endpoint, SETTLE seconds after the
-previous one resumed, alternating Lab.remap (new ports: a NAT that forgot its mappings) and Lab.renumber
-(a new outer address, as a new lease gives; then back to the old one, and so on). For each:
+time, as an interactive ssh's do. Then `moves` changes of a's outer endpoint, alternating Lab.remap (new
+ports: a NAT that forgot its mappings) and Lab.renumber (a new outer address, as a new lease gives; then
+back to the old one, and so on). Each change comes between two bulk transfers of `mib` MiB into the sink on
+another connection of the same session (bench/streams.py `bulk`, checked by the sink's answer): the first
+ends QUIET before the change, so the change meets a line that carries the steady stream only, the second
+starts once the stream resumed; the next transfer comes SETTLE after it. Each move's pair, side by side, is
+the throughput before and after it, a moment apart on this shared machine. For each change:
 
 - resumed: from the change (the lab's NAT rules replaced and its conntrack table flushed) until the first
   record written after it came back from the echo;
@@ -21,9 +25,7 @@ previous one resumed, alternating Lab.remap (new ports: a NAT that forgot its ma
   endpoint; b took the rebind and punched; b's QUIC validated the new path and sends there.
 
 At the end the writer half-closes and everything echoed must equal everything written, then the echo's BYE:
-nothing lost, repeated or reordered. Before the first move and after the last one, `bulk_runs` bulk
-transfers of `mib` MiB into the sink on another connection of the same session (bench/streams.py `bulk`,
-checked by the sink's answer), their MiB/s side by side.
+nothing lost, repeated or reordered.
 
 The targets (TARGETS), checked: a stream resumes within 2 s of a change on the DHT and within 3 s by mail
 (median), every change resumed, and nothing lost.
@@ -36,7 +38,6 @@ import contextlib
 import functools
 import itertools
 import socket
-import statistics
 import struct
 import threading
 import time
@@ -59,9 +60,9 @@ CHANGES = ("remap", "renumber")
 LOCAL_ECHO, LOCAL_SINK = 17027, 17029  # --forward's listening ports on a
 RECORD = struct.Struct("!Qd16x")  # sequence number, time.time() when written; 32 bytes
 INTERVAL = 0.01  # seconds between two records: 3.2 kB/s each way
-SETTLE = 2.0  # seconds after a change resumed (and b migrated) until the next
+SETTLE = 2.0  # seconds from the transfer after a change until the one before the next
 WAIT = 30.0  # seconds a change may take to resume (or an event to come) before it counts as failed
-BULK_RUNS = 3  # bulk transfers before the first move and after the last
+QUIET = 1.0  # seconds between a bulk transfer's end and the change: the line carries the steady stream only
 MIB = streams.MIB
 
 
@@ -96,19 +97,17 @@ class Ticker:
         began, sequence = time.monotonic(), 0
         while not self._stop.wait(max(began + sequence * INTERVAL - time.monotonic(), 0)):
             record = RECORD.pack(sequence, time.time())
+            self.written += record  # before it can come back
             self._sock.sendall(record)
-            self.written += record
             sequence += 1
         self._sock.shutdown(socket.SHUT_WR)
 
     def _read(self) -> None:
         while chunk := self._sock.recv(CHUNK):
             now = time.time()
-            complete = len(self.received) // RECORD.size
             self.received += chunk
-            whole = min(len(self.received), len(self.written)) // RECORD.size  # BYE is no record
-            with self._arrived:
-                for index in range(complete, whole):
+            with self._arrived:  # the echo's BYE, shorter than a record, completes none
+                for index in range(len(self.arrivals), len(self.received) // RECORD.size):
                     (_, written_at) = RECORD.unpack_from(self.received, index * RECORD.size)
                     self.arrivals.append((written_at, now))
                 self._arrived.notify_all()
@@ -155,6 +154,8 @@ class Move:
     remapped: float | None
     rebound: float | None
     migrated: float | None
+    before: streams.Bulk  # the bulk transfer right before the change
+    after: streams.Bulk | None  # and right after the stream resumed (None: it did not)
 
     def to_json(self) -> dict[str, Any]:
         return {"change": self.change, "outer": self.outer} | {
@@ -162,16 +163,19 @@ class Move:
             for name, value in (("resumed", self.resumed), ("silence", self.silence),
                                 ("remapped", self.remapped), ("rebound", self.rebound),
                                 ("migrated", self.migrated))
-        }  # fmt: skip
+        } | {"bulk_before": _bulk_json(self.before), "bulk_after": _bulk_json(self.after)}  # fmt: skip
+
+
+def _bulk_json(bulk: streams.Bulk | None) -> dict[str, Any] | None:
+    return None if bulk is None else bulk.to_json() | {"mib_s": round(mib_s(bulk), 2)}
 
 
 @dataclass(frozen=True)
 class Session:
-    """One rendezvous's session: its moves, the bulk transfers before and after them, whether the steady
-    stream came back whole (`records` written), or why it failed."""
+    """One rendezvous's session: its moves, whether the steady stream came back whole (`records` written),
+    or why it failed."""
 
     moves: list[Move]
-    bulk: dict[str, list[streams.Bulk]]  # "before", "after"
     intact: bool
     records: int
     error: str | None = None
@@ -200,8 +204,14 @@ def _change(lab: Lab, number: int) -> str:
     return "renumber back" if back else "renumber"
 
 
-def move(lab: Lab, acceptor: Plexus, invite: Plexus, ticker: Ticker, number: int) -> Move:
-    """Change a's outer endpoint and time what follows."""
+def move(
+    lab: Lab, sides: tuple[Plexus, Plexus], ticker: Ticker, number: int, transfer: Callable[[], streams.Bulk]
+) -> Move:
+    """A bulk transfer, QUIET, the `number`th change of a's outer endpoint, what follows timed, and once the
+    stream resumed, a bulk transfer. `sides`: the acceptor, the inviter."""
+    acceptor, invite = sides
+    first = transfer()
+    time.sleep(QUIET)
     before = time.time()
     change = _change(lab, number)
     changed = time.time()  # the new NAT rules and the flushed conntrack table are in place
@@ -209,14 +219,10 @@ def move(lab: Lab, acceptor: Plexus, invite: Plexus, ticker: Ticker, number: int
     resumed = None if arrived is None else arrived - changed
     silence = None if arrived is None else ticker.silence(before - 1.0, arrived)
     migrated = _since(acceptor, "migrated", before, changed, WAIT)
-    return Move(change, lab.public_ip("a"), resumed, silence, _since(invite, "remapped", before, changed, 0),
-                _since(acceptor, "rebound", before, changed, 0), migrated)  # fmt: skip
-
-
-def bulks(lab: Lab, block: bytes, mib: int, expected: str) -> list[streams.Bulk]:
-    """BULK_RUNS transfers into the sink, one after another, each on a connection of its own."""
-    transfer = functools.partial(streams.bulk, "127.0.0.1", LOCAL_SINK, block, mib, expected)
-    return [lab.run_sync("a", transfer) for _ in range(BULK_RUNS)]
+    remapped = _since(invite, "remapped", before, changed, 0)
+    rebound = _since(acceptor, "rebound", before, changed, 0)
+    after = None if arrived is None else transfer()
+    return Move(change, lab.public_ip("a"), resumed, silence, remapped, rebound, migrated, first, after)
 
 
 def mib_s(bulk: streams.Bulk) -> float:
@@ -233,11 +239,13 @@ def session(
     progress: Callable[[str], None],
 ) -> Session:
     """One acceptor and one --forward inviter with the rendezvous's `options` (by accept), the steady stream
-    through them, bulk transfers, `moves` changes, bulk transfers."""
+    through them, `moves` changes, each between two bulk transfers of `mib` MiB."""
     ids = streams.Ids.make(workdir / "ids")
     block, expected = streams.block_and_expected(mib)
+    transfer = functools.partial(
+        lab.run_sync, "a", functools.partial(streams.bulk, "127.0.0.1", LOCAL_SINK, block, mib, expected)
+    )
     done: list[Move] = []
-    bulk: dict[str, list[streams.Bulk]] = {}
     ticker: Ticker | None = None
     try:
         with contextlib.ExitStack() as stack:
@@ -252,10 +260,8 @@ def session(
                 streams.forwarding(lab, workdir, ids, me, peer, forwards, options(False))
             )
             ticker = Ticker(lab, LOCAL_ECHO)
-            bulk["before"] = bulks(lab, block, mib, expected)
-            progress(f"  {WAYS[way]}: bulk before the moves {_rates(bulk['before'])}")
             for number in range(moves):
-                found = move(lab, acceptor, invite, ticker, number)
+                found = move(lab, (acceptor, invite), ticker, number, transfer)
                 done.append(found)
                 progress(f"  {WAYS[way]} move {number + 1} ({found.change}, a now at {found.outer}): "
                          + _move_line(found))  # fmt: skip
@@ -265,8 +271,6 @@ def session(
                     )
                     raise RuntimeError(f"move {number + 1} ({found.change}) never resumed")
                 time.sleep(SETTLE)
-            bulk["after"] = bulks(lab, block, mib, expected)
-            progress(f"  {WAYS[way]}: bulk after the moves {_rates(bulk['after'])}")
             intact = ticker.finish(WAIT)
             records = len(ticker.written) // RECORD.size
             error = None if intact else "the echoed stream is not what was written"
@@ -276,19 +280,19 @@ def session(
         intact, records, error = False, 0, one_line(failure)
     finally:
         lab.reset()  # a's NAT back on its own ports and address
-    return Session(done, bulk, intact, records, error)
-
-
-def _rates(found: list[streams.Bulk]) -> str:
-    return ", ".join(f"{mib_s(b):.1f}" + ("" if b.ok else " (WRONG)") for b in found) + " MiB/s"
+    return Session(done, intact, records, error)
 
 
 def _move_line(found: Move) -> str:
     def s(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f} s"
 
+    def rate(bulk: streams.Bulk | None) -> str:
+        return "-" if bulk is None else f"{mib_s(bulk):.1f}" + ("" if bulk.ok else " (WRONG)")
+
     return (f"resumed {s(found.resumed)} (silence {s(found.silence)}); remapped {s(found.remapped)}, "
-            f"rebound {s(found.rebound)}, migrated {s(found.migrated)}")  # fmt: skip
+            f"rebound {s(found.rebound)}, migrated {s(found.migrated)}; bulk {rate(found.before)} MiB/s "
+            f"before, {rate(found.after)} after")  # fmt: skip
 
 
 def measure(
@@ -315,13 +319,15 @@ def _figures(values: list[float]) -> dict[str, float] | None:
 
 
 def summary(moves: int, mib: int, found: dict[str, Session]) -> dict[str, Any]:
-    """Per way: its moves, each measure's summary over all of them and per kind of change, the bulk MiB/s
-    before and after, and whether the stream came back whole."""
+    """Per way: its moves, each measure's summary over all of them and per kind of change, the bulk
+    transfers' MiB/s before and after the moves and each move's ratio of the two, the transfers that did not
+    arrive whole, and whether the stream came back whole."""
     ways: dict[str, Any] = {}
     for way, done in found.items():
         kinds = {"all": done.moves} | {
             kind: [m for m in done.moves if m.change.startswith(kind)] for kind in CHANGES
         }
+        pairs = [(mib_s(m.before), mib_s(m.after)) for m in done.moves if m.after]
         ways[way] = {
             "moves": [m.to_json() for m in done.moves],
             "summary": {
@@ -330,15 +336,16 @@ def summary(moves: int, mib: int, found: dict[str, Session]) -> dict[str, Any]:
                 for kind, chosen in kinds.items()
             },
             "bulk": {
-                when: {"mib_s": [round(mib_s(b), 2) for b in runs], "ok": all(b.ok for b in runs),
-                       "median_mib_s": round(statistics.median(mib_s(b) for b in runs), 2) if runs else None}
-                for when, runs in done.bulk.items()
+                "before": _figures([mib_s(m.before) for m in done.moves]),
+                "after": _figures([after for _, after in pairs]),
+                "after_over_before": _figures([after / before for before, after in pairs]),
+                "wrong": sum(not b.ok for m in done.moves for b in (m.before, m.after) if b),
             },
             "intact": done.intact,
             "records": done.records,
             "error": done.error,
         }  # fmt: skip
-    return {"moves": moves, "mib": mib, "bulk_runs": BULK_RUNS, "interval": INTERVAL,
+    return {"moves": moves, "mib": mib, "quiet": QUIET, "interval": INTERVAL,
             "record_bytes": RECORD.size, "settle": SETTLE, "targets": TARGETS, "ways": ways}  # fmt: skip
 
 
@@ -350,12 +357,14 @@ def render(found: dict[str, Any]) -> list[str]:
         "",
         f"== Resume: a --forward session between a and b, both NATs cone (they filter per endpoint), while "
         f"a's NAT moves it {found['moves']} times per rendezvous (remap: new ports; renumber: a new outer "
-        f"address, then back; in turn, {found['settle']:g} s after the previous move resumed); through it a "
-        f"{found['record_bytes']}-byte record every {found['interval'] * 1000:g} ms to an echo on b and back",
+        f"address, then back; in turn); through it a {found['record_bytes']}-byte record every "
+        f"{found['interval'] * 1000:g} ms to an echo on b and back; before each move and once it resumed, "
+        f"{found['mib']} MiB into a sink on b on another connection of the session (the move "
+        f"{found['quiet']:g} s after the transfer, the next transfer {found['settle']:g} s after the move's)",
         "seconds from each move (median / max): resumed, until the first record written after it came back; "
         "silence, the longest gap in the echoed stream around it; until a's STUN server saw the move "
         "(remapped), b took the rebind (rebound), b's QUIC moved to the new path (migrated)",
-        f"{'way':<6}{'moves':<10}{'n':>3}" + "".join(f"{name:>16}" for name in COLUMNS),
+        f"{'way':<6}{'change':<10}{'n':>3}" + "".join(f"{name:>16}" for name in COLUMNS),
     ]
     for way, title in WAYS.items():
         entry = found["ways"].get(way)
@@ -365,18 +374,19 @@ def render(found: dict[str, Any]) -> list[str]:
             n = figures["resumed"]["n"] if figures["resumed"] else 0
             lines.append(f"{title:<6}{kind:<10}{n:>3}" + "".join(
                 f"{_pair(figures[name]):>16}" for name in COLUMNS))  # fmt: skip
-    lines.append(f"bulk transfer into a sink on b on the same session, {found['mib']} MiB, MiB/s (median of "
-                 f"{found['bulk_runs']}) before the first move and after the last:")  # fmt: skip
+    lines.append("the bulk transfers, MiB/s, median (min-max): right before each move, right after it "
+                 "resumed, and each move's after / before; the echoed stream at the end")  # fmt: skip
     for way, title in WAYS.items():
         entry = found["ways"].get(way)
         if entry is None:
             continue
-        rates = {when: entry["bulk"].get(when) for when in ("before", "after")}
-        cells = [f"{when} " + (f"{r['median_mib_s']:.1f} ({', '.join(f'{v:.1f}' for v in r['mib_s'])})"
-                               + ("" if r["ok"] else " WRONG") if r else "-")
-                 for when, r in rates.items()]  # fmt: skip
+        bulk = entry["bulk"]
+        wrong = f", {bulk['wrong']} WRONG" if bulk["wrong"] else ""
         whole = "whole" if entry["intact"] else "NOT whole"
-        lines.append(f"  {title}: {'; '.join(cells)}; the echoed stream ({entry['records']} records) {whole}"
+        rates = [_spread(bulk[when], ".1f") for when in ("before", "after")]
+        ratio = _spread(bulk["after_over_before"], ".2f")
+        lines.append(f"  {title}: before {rates[0]}, after {rates[1]}, after / before {ratio}{wrong}; the "
+                     f"echoed stream ({entry['records']} records) {whole}"
                      + (f"; FAILED: {entry['error']}" if entry["error"] else ""))  # fmt: skip
     for way, target in found["targets"].items():
         resumed = found["ways"].get(way, {}).get("summary", {}).get("all", {}).get("resumed")
@@ -392,26 +402,24 @@ def _pair(figures: dict[str, float] | None) -> str:
     return "-" if figures is None else f"{figures['median']:.2f} / {figures['max']:.2f}"
 
 
+def _spread(figures: dict[str, float] | None, form: str) -> str:
+    if figures is None:
+        return "-"
+    return f"{figures['median']:{form}} ({figures['min']:{form}}-{figures['max']:{form}})"
+
+
 def check(found: dict[str, Any]) -> list[str]:
-    """Every move resumed within WAIT, the median within the way's target, the echoed stream and the bulk
-    transfers whole, no session failed."""
+    """Each way's session without a failure (every move resumed within WAIT, the echoed stream whole), its
+    median time to resume within the way's target, its bulk transfers whole."""
     failures = []
     for way, target in found["targets"].items():
-        entry = found["ways"][way]
-        label = f"resume, {WAYS[way]}"
+        entry, label = found["ways"][way], f"resume, {WAYS[way]}"
         if entry["error"]:
             failures.append(f"{label}: {entry['error']}")
-        elif not entry["intact"]:
-            failures.append(f"{label}: the echoed stream is not what was written")
-        stuck = [number for number, m in enumerate(entry["moves"], 1) if m["resumed"] is None]
-        if stuck:
-            failures.append(f"{label}: moves {stuck} never resumed")
         resumed = entry["summary"]["all"]["resumed"]
-        if resumed is None or len(entry["moves"]) < found["moves"]:
-            failures.append(f"{label}: {len(entry['moves'])} of {found['moves']} moves made")
         if resumed is not None and resumed["median"] > target:
             failures.append(f"{label}: the stream resumed {resumed['median']:.2f} s after a move (median), "
                             f"over the target {target:g} s")  # fmt: skip
-        failures += [f"{label}: a bulk transfer {when} the moves did not arrive whole"
-                     for when, rates in entry["bulk"].items() if not rates["ok"]]  # fmt: skip
+        if entry["bulk"]["wrong"]:
+            failures.append(f"{label}: {entry['bulk']['wrong']} bulk transfers did not arrive whole")
     return failures

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench import dht, floor, relay_streams, report, startup, streams
+from bench import dht, floor, relay_streams, report, resume, startup, streams
 from bench.stats import quantile, summarize
 from bench.timeline import PHASES, Timeline, TimelineError, timeline
 
@@ -458,3 +458,67 @@ def test_the_relay_streams_fail_only_on_wrong_bytes_a_wrong_way_or_a_failed_sess
         "relay, TURN over TCP  down          -        -        -        -        -        -        -"
         "           0/0/0   0/1" in text
     )
+
+
+# ---- the resume section (bench/resume.py) ------------------------------------------------------------------
+
+
+def _moves(*resumed: float | None, before: float = 20.0, after: float = 15.0, reply: str = "ab") -> Any:
+    """Moves in the section's order (remap, renumber, remap, renumber back, ...), each resumed as given,
+    migrated then, remapped 0.4 s and rebound 0.1 s before, its bulk transfers of 16 MiB at `before` and
+    `after` MiB/s (none after a move that never resumed)."""
+
+    def bulk(rate: float) -> streams.Bulk:
+        return streams.Bulk(16 * report.MIB, 16 / rate, reply, "ab")
+
+    changes = ["remap", "renumber", "remap", "renumber back"]
+    return [
+        resume.Move(changes[number % 4], "198.51.100.2", took, took, 0.4, took and took - 0.1, took,
+                    bulk(before + number), None if took is None else bulk(after + number))
+        for number, took in enumerate(resumed)
+    ]  # fmt: skip
+
+
+def test_the_resume_section_reports_each_way_by_kind_of_move_and_the_bulk_rates_beside() -> None:
+    found = resume.summary(4, 16, {
+        "mail": resume.Session(_moves(0.9, 1.0, 0.8, 1.2), True, 1500),
+        "dht": resume.Session(_moves(1.4, 0.5, 0.4, 0.6), True, 1400),
+    })  # fmt: skip
+    mail = found["ways"]["mail"]
+    assert mail["summary"]["all"]["resumed"]["median"] == pytest.approx(0.95)
+    assert mail["summary"]["renumber"]["resumed"]["n"] == 2  # "renumber" and "renumber back"
+    assert mail["summary"]["remap"]["migrated"]["max"] == pytest.approx(0.9)
+    assert mail["bulk"]["before"]["median"] == pytest.approx(21.5)
+    assert mail["bulk"]["after_over_before"]["min"] == pytest.approx(15 / 20)
+    assert mail["moves"][1]["bulk_after"]["mib_s"] == 16.0 and mail["bulk"]["wrong"] == 0
+    host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
+    text = report.render({"machine": host, "bench_seconds": 1.0, "resume": found})
+    assert "mail  all         4     0.95 / 1.20     0.95 / 1.20     0.40 / 0.40     0.85 / 1.10" in text
+    assert "DHT   remap       2     0.90 / 1.40" in text
+    assert (
+        "  DHT: before 21.5 (20.0-23.0), after 16.5 (15.0-18.0), after / before 0.77 (0.75-0.78); the echoed "
+        "stream (1400 records) whole" in text
+    )
+    assert "target DHT: a stream resumes within 2 s of a move (median): met (0.55 s)" in text
+    assert report.check({"resume": found}) == []
+
+
+def test_the_resume_section_fails_on_a_slow_median_a_failed_session_or_a_wrong_transfer() -> None:
+    found = resume.summary(4, 16, {
+        "mail": resume.Session(_moves(3.5, 3.1, 2.0, 4.0, reply="cd"), True, 1500),  # median 3.3 s
+        "dht": resume.Session(_moves(0.5, None), False, 0, "move 2 (renumber) never resumed"),
+    })  # fmt: skip
+    assert report.check({"resume": found}) == [
+        "resume, mail: the stream resumed 3.30 s after a move (median), over the target 3 s",
+        "resume, mail: 8 bulk transfers did not arrive whole",
+        "resume, DHT: move 2 (renumber) never resumed",
+    ]
+    host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
+    text = report.render({"machine": host, "bench_seconds": 1.0, "resume": found})
+    assert "DHT   renumber    0               -               -" in text
+    assert (
+        "mail: before 21.5 (20.0-23.0), after 16.5 (15.0-18.0), after / before 0.77 (0.75-0.78), 8 WRONG"
+        in text
+    )
+    assert "(0 records) NOT whole; FAILED: move 2 (renumber) never resumed" in text
+    assert "target mail: a stream resumes within 3 s of a move (median): NOT met (3.30 s)" in text
