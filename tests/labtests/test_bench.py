@@ -47,3 +47,15 @@ def test_bench_measures_the_streams_through_each_relay_transport(tmp_path: Path)
         assert session["way"] == way and session["up"]["ok"] and session["down"]["ok"], session
         assert session["up"]["bytes"] == session["down"]["bytes"] == 1 << 20
     assert set(found["over_udp"]["up"]) == {"tcp", "tls", "direct"}
+
+
+def test_bench_measures_a_stream_across_the_inviters_moves_by_mail_and_on_the_dht(tmp_path: Path) -> None:
+    report, results = bench(tmp_path, "--sections", "resume", "--moves", "2", "--resume-mib", "1")
+    assert "== Resume" in report and "target DHT: a stream resumes within 2 s" in report
+    for way in ("mail", "dht"):
+        entry = results["resume"]["ways"][way]
+        assert entry["error"] is None and entry["intact"] and entry["records"] > 0, entry
+        assert [move["change"] for move in entry["moves"]] == ["remap", "renumber"]
+        for move in entry["moves"]:
+            assert move["resumed"] is not None and move["migrated"] is not None, move
+            assert move["bulk_before"]["ok"] and move["bulk_after"]["ok"], move
