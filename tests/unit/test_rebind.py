@@ -540,3 +540,18 @@ async def test_the_dht_inviter_puts_it_where_requests_go() -> None:
     letter, _ = dht.unseal(put[0][1], BOB, key, ALICE.id)
     assert letter.rebind == rebind(1, now=now)
     assert [event.kind for event in sink if isinstance(event, events.Sent)] == ["rebind"]
+
+
+def test_a_rebind_sent_back_to_its_sender_names_no_session_there() -> None:
+    """Each direction has its own key and session id: the inviter's rebind, turned back on the inviter as if
+    the acceptor's, is refused, and the other way round."""
+    both = RebindKeys.derive(INVITER_PUZZLE, ACCEPTOR_PUZZLE)
+    now = datetime.datetime.now(datetime.UTC)
+    for accept in (False, True):
+        sent = both.mine(accept=accept).seal(1, OUTER, REACH, now)
+        judging = Rebinds()
+        # the sender's own expectation of its peer's rebinds: not this one
+        with judging.expect(both.theirs(accept=accept)), pytest.raises(RebindError, match="no session here"):
+            judging.admit(sent, now)
+        with judging.expect(both.theirs(accept=not accept)):  # the peer's: taken
+            judging.admit(sent, now)
