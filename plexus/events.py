@@ -188,9 +188,9 @@ class Moved(Event):
 
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Migrated(Event):
-    """The streams' peer sends from another endpoint (its NAT mapped it anew): packets that decrypted under
-    the connection's keys came from `after` and it answered there (QUIC path validation), so the acceptor
-    sends there from now on."""
+    """The streams' peer is at another endpoint (its NAT mapped it anew), and this side sends there from now
+    on. The acceptor: packets that decrypted under the connection's keys came from `after` and it answered
+    there (QUIC path validation). The inviter: the acceptor's rebind named `after`."""
 
     name: ClassVar[str] = "migrated"
     before: Endpoint
@@ -199,7 +199,7 @@ class Migrated(Event):
 
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Remapped(Event):
-    """The inviter's streams path went unanswered and its STUN server now sees it at `after`, not `before`
+    """This side's streams packets went unanswered and its STUN server now sees it at `after`, not `before`
     (a new network, a NAT that mapped anew): a rebind naming `after` follows (plexus/streams/resume.py)."""
 
     name: ClassVar[str] = "remapped"
@@ -209,8 +209,8 @@ class Remapped(Event):
 
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Rebound(Event):
-    """The acceptor took the inviter's rebind (`sequence`, authenticated by the session's key) and punched
-    toward `outer`, the inviter's new endpoint, from its streams socket."""
+    """This side took the peer's rebind (`sequence`, authenticated by the session's key) and punched toward
+    `outer`, the peer's new endpoint, from its streams socket."""
 
     name: ClassVar[str] = "rebound"
     outer: Endpoint

@@ -2,10 +2,10 @@
 plexus/mediator/email.py; on OpenDHT, plexus/mediator/dhtnode.py) and the values both sides exchange.
 
 The inviter sends an Offer (its outer endpoint, its puzzle, its Reach) and waits for the acceptor's; the
-acceptor waits for Invitations and answers or refuses each. Later, when its path has died (a new network,
-a NAT that mapped anew), the inviter sends a Rebind: its new endpoint and Reach, for the session it
-continues, authenticated by a key of that session (RebindKey); the acceptor's loop admits it (Rebinds) and
-hands it to that session alone. Both implementations judge what arrives by the same rules, kept here: how
+acceptor waits for Invitations and answers or refuses each. Later, when a side has moved (a new network,
+a NAT that mapped anew), it sends a Rebind: its new endpoint and Reach, for the session it continues,
+authenticated by that side's key of that session (RebindKeys); the peer admits it (Rebinds) and hands it to
+that session alone. Both implementations judge what arrives by the same rules, kept here: how
 far the peer's clock may be off, what a refusal's reason may hold, what a rebind must prove. A session
 (plexus/session.py) sees only this module: it opens a rendezvous from its config (`RendezvousConfig.open`),
 which imports its implementation then, so that a mail session never loads OpenDHT and a DHT session never
@@ -162,6 +162,9 @@ class Invitation:
 # The rebind (docs/protocol.md, "Rebind"). Its key and the session's id are one output of keys.derive under
 # this label: the id tells nothing of the key, and neither can be made without the handshake's material.
 REBIND_LABEL = b"plexus rebind 1"
+# The acceptor's rebinds to the inviter (its own move): a key and a session id of their own, so that a rebind
+# one side sent cannot be sent back to it as the other's.
+REBIND_BACK_LABEL = b"plexus rebind back 1"
 REBIND_KEY_BYTES = 32
 SESSION_ID_BYTES = 16
 REBIND_TAG_BYTES = 32  # HMAC-SHA256, whole
@@ -240,11 +243,13 @@ class RebindKey:
     key: bytes = field(repr=False)
 
     @classmethod
-    def derive(cls, inviter_puzzle: int, acceptor_puzzle: int, bound: bytes = b"") -> RebindKey:
-        """`bound` as for the handshake's key (keys.derive): the same session binds both or neither."""
-        made = keys.derive(
-            REBIND_LABEL, inviter_puzzle, acceptor_puzzle, bound, REBIND_KEY_BYTES + SESSION_ID_BYTES
-        )
+    def derive(
+        cls, inviter_puzzle: int, acceptor_puzzle: int, bound: bytes = b"", *, back: bool = False
+    ) -> RebindKey:
+        """`bound` as for the handshake's key (keys.derive): the same session binds both or neither. `back`:
+        the key of the acceptor's rebinds (REBIND_BACK_LABEL), not the inviter's."""
+        label = REBIND_BACK_LABEL if back else REBIND_LABEL
+        made = keys.derive(label, inviter_puzzle, acceptor_puzzle, bound, REBIND_KEY_BYTES + SESSION_ID_BYTES)
         return cls(made[REBIND_KEY_BYTES:], made[:REBIND_KEY_BYTES])
 
     def seal(self, sequence: int, outer: Endpoint, reach: Reach, now: datetime.datetime) -> Rebind:
@@ -266,6 +271,29 @@ class RebindKey:
 
     def _tag(self, rebind: Rebind) -> bytes:
         return hmac.digest(self.key, rebind.signed(), "sha256")
+
+
+@dataclass(frozen=True)
+class RebindKeys:
+    """A session's two rebind keys: `forth` seals the inviter's rebinds, `back` the acceptor's."""
+
+    forth: RebindKey
+    back: RebindKey
+
+    @classmethod
+    def derive(cls, inviter_puzzle: int, acceptor_puzzle: int, bound: bytes = b"") -> RebindKeys:
+        return cls(
+            RebindKey.derive(inviter_puzzle, acceptor_puzzle, bound),
+            RebindKey.derive(inviter_puzzle, acceptor_puzzle, bound, back=True),
+        )
+
+    def mine(self, *, accept: bool) -> RebindKey:
+        """The key this side seals its rebinds with."""
+        return self.back if accept else self.forth
+
+    def theirs(self, *, accept: bool) -> RebindKey:
+        """The key of the rebinds this side takes."""
+        return self.forth if accept else self.back
 
 
 class Rebound:
@@ -369,13 +397,14 @@ class Rendezvous(Protocol):
     async def refuse(self, invitation: Invitation, reason: str, submission: Any) -> None: ...
 
     async def rebind(self, rebind: Rebind, submission: Any) -> None:
-        """The inviter's: send the rebind (RebindKey.seal) to the acceptor; returns once it has left (its SMTP
-        DATA accepted, its DHT put handed to the node)."""
+        """Send this side's rebind (RebindKey.seal) to the peer; returns once it has left (its SMTP DATA
+        accepted, its DHT put handed to the node)."""
         ...
 
     def rebinds(self, key: RebindKey) -> contextlib.AbstractContextManager[Rebound]:
-        """The acceptor's: within it, each rebind of this session that the requests() loop reads and admits
-        comes out of the Rebound; any other is dropped there, with a Rejected event and one log line."""
+        """Within it, each rebind of the peer's under `key` that this side reads and admits comes out of the
+        Rebound (the acceptor's requests() loop reads them; an inviter reads its mailbox or listens on the
+        DHT meanwhile); any other is dropped, with a Rejected event and one log line."""
         ...
 
 

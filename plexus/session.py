@@ -40,7 +40,7 @@ from plexus.errors import (
 from plexus.launcher import Command, Running, Slot, Tunnel
 from plexus.path import Method
 from plexus.paths import TurnConfig, bind
-from plexus.rendezvous import Invitation, Offer, RebindKey, Rendezvous, RendezvousConfig
+from plexus.rendezvous import Invitation, Offer, RebindKeys, Rendezvous, RendezvousConfig
 
 # Streams (and with them aioquic) load with the first streams session, not with every session.
 if TYPE_CHECKING:
@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# What a session enters around its streams to survive a move (_resuming)
+Resuming = contextlib.AbstractContextManager["Resume | None"]
 
 # How long the inviter watches the launched command before exiting: long enough to report a command that
 # fails at once (bad arguments), short enough not to hold up a cron job.
@@ -137,11 +140,12 @@ async def _invite(config: SessionConfig) -> Tunnel:
         async with config.rendezvous.open() as rendezvous:
             if slot is not None:
                 await slot.stop_previous()  # a stale tunnel holds the inner port and would double the new one
-            established, following = await _meet(config, rendezvous, relays)
+            established, resuming = await _meet(config, rendezvous, relays)
             if config.command is None:
                 await established.release_unused(relays)
                 config.on_event(events.Launched(role="invite", pid=None))
-                await established.carry(_work(config, established.tunnel, accept=False, resume=following))
+                with resuming as resume:
+                    await established.carry(_work(config, established.tunnel, accept=False, resume=resume))
                 return established.tunnel
             process = launcher.start(config.command, established.tunnel)
             config.on_event(events.Launched(role="invite", pid=process.pid))
@@ -162,8 +166,8 @@ async def _invite(config: SessionConfig) -> Tunnel:
 
 async def _meet(
     config: SessionConfig, rendezvous: Rendezvous, relays: contextlib.AsyncExitStack
-) -> tuple[paths.Established, Resume | None]:
-    """STUN, the request, the response, the punch; and how the streams, if any, follow this side's moves."""
+) -> tuple[paths.Established, Resuming]:
+    """STUN, the request, the response, the punch; and how the streams, if any, survive a move."""
     with paths.punching(config.inner, config.inner6) as socks:
         async with rendezvous.submission() as submission:
             found = await _discover(config, socks)
@@ -184,29 +188,43 @@ async def _meet(
         log.info("peer endpoint %s, punching", response.outer)
         attempt = _attempt(config, socks, mine, response, puzzle, accept=False)
         established = await paths.establish(candidates, attempt, config.handshake_timeout)
-    key = rebind_key(config, puzzle, response.puzzle, response)
-    following = _following(config, rendezvous, key, offer, established.tunnel) if streams else None
-    return _connected(config, "invite", established), following
+    keys = rebind_keys(config, puzzle, response.puzzle, response)
+    resuming = _resuming(config, rendezvous, keys, offer, established.tunnel, accept=False)
+    return _connected(config, "invite", established), resuming
 
 
-def _following(
-    config: SessionConfig, rendezvous: Rendezvous, key: RebindKey | None, offer: Offer, tunnel: Tunnel
-) -> Resume | None:
-    """The inviter's side of a session that survives this side's moves (plexus/streams/resume.py): on a
-    direct IPv4 path to a plexus peer, where a move is a new outer endpoint that STUN shows. Elsewhere a
-    move is not followed (docs/streams.md, "What survives what")."""
-    if key is None or offer.reach is None or tunnel.path != Method.DIRECT or tunnel.family != socket.AF_INET:
-        return None
+@contextlib.contextmanager
+def _resuming(
+    config: SessionConfig,
+    rendezvous: Rendezvous,
+    keys: RebindKeys | None,
+    mine: Offer,
+    tunnel: Tunnel,
+    *,
+    accept: bool,
+) -> Iterator[Resume | None]:
+    """How a streams session survives either side's move (plexus/streams/resume.py): within it, the peer's
+    rebinds are taken, and this side's are sent, sealed with its key. On a direct IPv4 path between plexus
+    peers, where a move is a new outer endpoint that STUN shows; elsewhere None: a move is not followed
+    (docs/streams.md, "What survives what"), nor for the library's caller."""
+    plexus = keys is not None and mine.reach is not None and config.hand_over is None
+    if not plexus or tunnel.path != Method.DIRECT or tunnel.family != socket.AF_INET:
+        yield None
+        return
+    assert keys is not None and mine.reach is not None
     from plexus.streams import resume
 
-    reach, sequence = offer.reach, itertools.count(1)
+    key, reach, sequence = keys.mine(accept=accept), mine.reach, itertools.count(1)
 
     async def send(outer: Endpoint) -> None:
         rebind = key.seal(next(sequence), outer, reach, datetime.datetime.now(datetime.UTC))
         async with rendezvous.submission() as submission:
             await rendezvous.rebind(rebind, submission)
 
-    return functools.partial(resume.follow, server=config.stun_server, outer=tunnel.outer, send=send)
+    with rendezvous.rebinds(keys.theirs(accept=accept)) as rebound:
+        yield functools.partial(
+            resume.resume, server=config.stun_server, outer=tunnel.outer, send=send, rebound=rebound
+        )
 
 
 async def _discover(config: SessionConfig, socks: paths.Punching) -> paths.Found:
@@ -226,14 +244,14 @@ def handshake_codec(
     return puncher.Authenticated.derive(inviter_puzzle, acceptor_puzzle, accept=accept, bound=bound)
 
 
-def rebind_key(
+def rebind_keys(
     config: SessionConfig, inviter_puzzle: int, acceptor_puzzle: int, theirs: Offer
-) -> RebindKey | None:
-    """The session's rebind key (plexus.rendezvous.RebindKey), from the handshake's material and bound as its
-    key is; None toward plexus 2.2 (the peer's offer has no Reach), which is never sent a rebind."""
+) -> RebindKeys | None:
+    """The session's rebind keys (plexus.rendezvous.RebindKeys), from the handshake's material and bound as
+    its key is; None toward plexus 2.2 (the peer's offer has no Reach), which is never sent a rebind."""
     if theirs.reach is None:
         return None
-    return RebindKey.derive(inviter_puzzle, acceptor_puzzle, _bound(config, theirs))
+    return RebindKeys.derive(inviter_puzzle, acceptor_puzzle, _bound(config, theirs))
 
 
 def _bound(config: SessionConfig, theirs: Offer) -> bytes:
@@ -327,20 +345,20 @@ async def _serve(
         turn = slot = None
     async with contextlib.AsyncExitStack() as relays:
 
-        async def establish() -> tuple[paths.Established, RebindKey | None, subprocess.Popen[bytes] | None]:
+        async def establish() -> tuple[paths.Established, Resuming, subprocess.Popen[bytes] | None]:
             if slot is not None:
                 await slot.stop_previous()
-            established, key = await _answer(config, rendezvous, invitation, relays)
+            established, resuming = await _answer(config, rendezvous, invitation, relays)
             if config.hand_over is not None or _wants_streams(invitation):
-                return established, key, None
+                return established, resuming, None
             assert config.command is not None  # _answer refused the request otherwise
             process = launcher.start(config.command, established.tunnel)
             if slot is not None:
                 slot.save(process.pid)
-            return established, key, process
+            return established, resuming, process
 
         try:
-            established, key, process = await (establish() if turn is None else turn.run(establish))
+            established, resuming, process = await (establish() if turn is None else turn.run(establish))
             config.on_event(events.Launched(role="accept", pid=process.pid if process else None))
         except PlexusError as error:
             log.error("session with %s failed: %s", peer, error)
@@ -349,8 +367,8 @@ async def _serve(
         await established.release_unused(relays)  # a standby: not held for as long as the session runs
         try:
             if process is None:
-                with _answering(config, rendezvous, key, established.tunnel) as answering:
-                    await established.carry(_work(config, established.tunnel, accept=True, resume=answering))
+                with resuming as resume:
+                    await established.carry(_work(config, established.tunnel, accept=True, resume=resume))
             else:
                 await established.carry(_command(process, running))
         except PlexusError as error:
@@ -359,22 +377,6 @@ async def _serve(
             return
         log.info("session with %s ended", peer)
         config.on_event(events.Ended(role="accept"))
-
-
-@contextlib.contextmanager
-def _answering(
-    config: SessionConfig, rendezvous: Rendezvous, key: RebindKey | None, tunnel: Tunnel
-) -> Iterator[Resume | None]:
-    """The acceptor's side of a session that survives the inviter's moves: within it, the session's rebinds
-    are taken, and its streams punch toward each (plexus/streams/resume.py); not on a relay (its path does
-    not depend on the inviter's endpoint) nor for the library's caller."""
-    if key is None or config.hand_over is not None or tunnel.path == Method.RELAY:
-        yield None
-        return
-    from plexus.streams import resume
-
-    with rendezvous.rebinds(key) as rebound:
-        yield functools.partial(resume.answer, rebound=rebound)
 
 
 def _wants_streams(invitation: Invitation) -> bool:
@@ -408,9 +410,9 @@ async def _answer(
     rendezvous: Rendezvous,
     invitation: Invitation,
     relays: contextlib.AsyncExitStack,
-) -> tuple[paths.Established, RebindKey | None]:
+) -> tuple[paths.Established, Resuming]:
     """STUN, the plan, the punch, the response, the handshake; the SMTP session opens while STUN runs. With
-    the path, the session's rebind key (None toward 2.2)."""
+    the path, how its streams survive a move (_resuming)."""
     handshake: asyncio.Future[paths.Established] | None = None
     with contextlib.ExitStack() as closing:
         try:
@@ -434,8 +436,10 @@ async def _answer(
                 reach = mine.reach(_wants_streams(invitation), hosts=plexus, ipv6=plexus)
                 offer = Offer(mine.outer, puzzle, reach)
                 await rendezvous.answer(invitation, offer, submission)
-            key = rebind_key(config, invitation.offer.puzzle, puzzle, invitation.offer)
-            return _connected(config, "accept", await handshake), key
+            established = await handshake
+            keys = rebind_keys(config, invitation.offer.puzzle, puzzle, invitation.offer)
+            resuming = _resuming(config, rendezvous, keys, offer, established.tunnel, accept=True)
+            return _connected(config, "accept", established), resuming
         finally:
             if handshake is not None:
                 handshake.cancel()

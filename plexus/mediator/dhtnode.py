@@ -231,6 +231,8 @@ class DhtMediator:
         )  # letters on their way: a put confirms long after the push
         self._peer_keys: dict[int, Any] = {}  # request puzzle -> the inviter's public key, to answer it
         self._peer_card_key: Any = None  # the acceptor's public key from its card, once invite() read it
+        self._inviter_key: Any = None  # the pinned inviter's public key, as its last request was signed
+        self._inviting = False  # invite() was called: this side is the inviter
         self._rebinds = Rebinds()
         self._listened = False
 
@@ -357,6 +359,7 @@ class DhtMediator:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         await self._ready()
+        self._inviting = True
         peer_key = self._peer_card_key = await self._peer_card(deadline)
         with self._listening("response", self._me.id) as answers:  # before the put: no answer is missed
             self._send("request", self.peer_id, peer_key, kind="request", puzzle=offer.puzzle, offer=offer)
@@ -391,7 +394,7 @@ class DhtMediator:
         if letter.offer is None:
             return letter
         if kind == "request":
-            self._peer_keys[letter.offer.puzzle] = sender
+            self._peer_keys[letter.offer.puzzle] = self._inviter_key = sender
         # Signed by the pinned peer: the handshake's key is bound to it.
         return dataclasses.replace(letter, offer=dataclasses.replace(letter.offer, signer=sender))
 
@@ -447,16 +450,24 @@ class DhtMediator:
         self._reply(invitation, "refusal", reason=reason)
 
     async def rebind(self, rebind: Rebind, submission: object = None) -> None:
-        """Put the rebind, sealed to the acceptor, where its requests go: its listen takes it. The acceptor's
-        card is the one invite() read, or is looked up now (PeerNotFoundError after CARD_TIMEOUT)."""
+        """Put the rebind, sealed to the peer, where its listen takes it: the acceptor's where its requests
+        go, the inviter's where its responses go. The acceptor's card is the one invite() read, or is looked
+        up now (PeerNotFoundError after CARD_TIMEOUT); the inviter's key is the one its requests were
+        signed with."""
         await self._ready()
-        if self._peer_card_key is None:
-            self._peer_card_key = await self._peer_card(asyncio.get_running_loop().time() + CARD_TIMEOUT)
+        family: dht.Family = "request"
+        recipient = self._peer_card_key
+        if not self._inviting and self._inviter_key is not None:  # the acceptor's, to the inviter it serves
+            family, recipient = "response", self._inviter_key
+        elif recipient is None:
+            recipient = self._peer_card_key = await self._peer_card(
+                asyncio.get_running_loop().time() + CARD_TIMEOUT
+            )
         issued = datetime.datetime.fromtimestamp(rebind.issued, datetime.UTC)
         self._send(
-            "request",
+            family,
             self.peer_id,
-            self._peer_card_key,
+            recipient,
             kind="rebind",
             puzzle=None,
             rebind=rebind,
@@ -465,9 +476,30 @@ class DhtMediator:
         log.info("rebind %d put for %s: outer endpoint %s", rebind.sequence, self.peer_id, rebind.outer)
         events.emit(events.Sent, kind="rebind")
 
-    def rebinds(self, key: RebindKey) -> contextlib.AbstractContextManager[Rebound]:
-        """This session's rebinds, as requests() reads them (plexus.rendezvous.Rendezvous.rebinds)."""
-        return self._rebinds.expect(key)
+    @contextlib.contextmanager
+    def rebinds(self, key: RebindKey) -> Iterator[Rebound]:
+        """This session's rebinds from the peer (plexus.rendezvous.Rendezvous.rebinds): the acceptor's
+        requests() loop reads them; an inviter listens where its responses go meanwhile."""
+        with self._rebinds.expect(key) as rebound:
+            watch = asyncio.ensure_future(self._watch()) if self._inviting else None
+            try:
+                yield rebound
+            finally:
+                if watch is not None:
+                    watch.cancel()
+
+    async def _watch(self) -> None:
+        """The inviter's listen for the acceptor's rebinds (_open admits them) while its session runs; the
+        listened key follows the UTC day."""
+        while True:
+            day = dht.day_of(_now())
+            with self._listening("response", self._me.id) as arrived:
+                while dht.day_of(_now()) == day:
+                    try:
+                        key, value = await asyncio.wait_for(arrived.get(), DAY_CHECK)
+                    except TimeoutError:
+                        continue
+                    self._open(key, value, "response")
 
     def _reply(
         self, invitation: Invitation, kind: dht.Kind, offer: Offer | None = None, reason: str | None = None

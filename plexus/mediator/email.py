@@ -27,7 +27,7 @@ import datetime
 import logging
 import re
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -584,7 +584,7 @@ class Mediator:
         events.emit(events.Sent, kind="refusal")
 
     async def rebind(self, rebind: Rebind, submission: Submission | None = None) -> None:
-        """Mail the rebind to the acceptor: SMTP alone, so a Mediator that never logged in to IMAP (or whose
+        """Mail the rebind to the peer: SMTP alone, so a Mediator that never logged in to IMAP (or whose
         connection is down) sends it as well."""
         await self._send(
             "rebind", rebind, message.new_message_id(self._config.address), submission=submission
@@ -592,9 +592,26 @@ class Mediator:
         log.info("rebind %d sent to %s: outer endpoint %s", rebind.sequence, self._peer, rebind.outer)
         events.emit(events.Sent, kind="rebind")
 
-    def rebinds(self, key: RebindKey) -> contextlib.AbstractContextManager[Rebound]:
-        """This session's rebinds, as requests() reads them (plexus.rendezvous.Rendezvous.rebinds)."""
-        return self._rebinds.expect(key)
+    @contextlib.contextmanager
+    def rebinds(self, key: RebindKey) -> Iterator[Rebound]:
+        """This session's rebinds from the peer (plexus.rendezvous.Rendezvous.rebinds): the acceptor's
+        requests() loop reads them; an inviter reads its mailbox for them meanwhile (IMAP IDLE)."""
+        with self._rebinds.expect(key) as rebound:
+            watch = asyncio.ensure_future(self._watch()) if self._inviting else None
+            try:
+                yield rebound
+            finally:
+                if watch is not None:
+                    watch.cancel()
+
+    async def _watch(self) -> None:
+        """The inviter's reading of its mailbox for the acceptor's rebinds (_take admits them), for as long
+        as its session runs; whatever else is there is judged and consumed as the acceptor's loop would."""
+        try:
+            async for _ in self._letters("rebind", None):
+                pass
+        except PlexusError as error:  # the mailbox is out of reach: this side's own rebinds still go out
+            log.warning("no longer reading %s's mailbox for rebinds: %s", self._config.login, error)
 
     async def _send(
         self,

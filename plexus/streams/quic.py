@@ -161,6 +161,12 @@ class _Connection(QuicConnection):
         it."""
         self._send_probe()
 
+    def repoint(self, addr: NetworkAddress) -> None:
+        """The client's: the server is at `addr` now (its NAT mapped it anew, and an authenticated rebind
+        said so). A QUIC client never moves to a new server address by itself (RFC 9000 section 9): the
+        active path is given the new address, its connection ids and validation kept."""
+        self._network_paths[0].addr = addr
+
     @property
     def validated_peer(self) -> NetworkAddress | None:
         """Where datagrams go, once that address is validated (a server whose client moved sends to the new
@@ -600,9 +606,22 @@ class Link(asyncio.DatagramProtocol):
             self._flush()
 
     def punch(self, toward: Endpoint) -> None:
-        """The acceptor's PUNCH toward a rebind's endpoint: its NAT lets that endpoint's packets in then."""
+        """A PUNCH toward a rebind's endpoint: this side's NAT lets that endpoint's packets in then."""
         if self._transport is not None and not self._transport.is_closing():
             self._transport.sendto(PUNCH, (toward.host, toward.port))
+
+    def moved(self, peer: Endpoint) -> None:
+        """The peer says, in an authenticated rebind, that it is at `peer` now. The acceptor needs nothing
+        more than its punches (QUIC validates the new endpoint when its packets come, and moves); the
+        inviter sends there from now on, and takes datagrams from there alone."""
+        quic = self._quic
+        if quic is None or not quic.configuration.is_client or peer.canonical() == self._punched:
+            return
+        before, self._punched = self._punched, peer.canonical()
+        self._peer = (self._punched.host, self._punched.port)
+        quic.repoint(self._peer)
+        log.info("streams: peer moved from %s to %s", before, self._punched)
+        plexus_events.emit(plexus_events.Migrated, before=before, after=self._punched)
 
     async def heard_within(self, timeout: float) -> bool:
         """Whether a packet from the peer decrypts within `timeout` from now."""

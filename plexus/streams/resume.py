@@ -1,22 +1,26 @@
 """Streams that outlive a network change (issue 19; docs/streams.md, "What survives what").
 
-When the inviter's NAT maps it anew (a new network, a NAT that forgot an idle mapping), its packets reach
-the acceptor from a new endpoint, and the acceptor's NAT, which filters per endpoint, drops them. So the
-inviter finds out where it is now and says so over the rendezvous, which the acceptor listens to anyway:
+When one side's NAT maps it anew (a new network, a NAT that forgot an idle mapping, a new address from the
+ISP), its packets reach the peer from a new endpoint, and the peer's NAT, which filters per endpoint, drops
+them. So the side that moved finds out where it is now and says so over the rendezvous; both sides do the
+same (`resume` runs both halves on each):
 
-- `follow` (inviter): once its packets have gone unanswered for SUSPECT_AFTER (quic.Link.suspect), it asks
-  its STUN server from the streams socket where it is now (quic.Link.mapped). The same place: nothing to tell
-  (a lossy moment, or a dead network: the idle timeout decides). A new place: it sends a rebind naming it
-  (`send`: sealed with the session's key, by mail or on the DHT) and probes every HURRY until the acceptor
-  answers; unanswered for REBIND_WAIT, it sends the next, REBIND_TRIES in all, then ends the session
-  (PeerLostError).
-- `answer` (acceptor): each rebind the rendezvous admits for this session (authenticated, not a replay;
+- `follow`: once this side's packets have gone unanswered for SUSPECT_AFTER (quic.Link.suspect), it asks its
+  STUN server from the streams socket where it is now (quic.Link.mapped). The same place: nothing to tell
+  (a lossy moment, a dead network, or the peer moved: its rebind will say). A new place: it sends a rebind
+  naming it (`send`: sealed with this side's rebind key, by mail or on the DHT) and probes every HURRY until
+  the peer answers; unanswered for REBIND_WAIT, it sends the next, REBIND_TRIES in all, then ends the
+  session (PeerLostError).
+- `answer`: each rebind of the peer's that the rendezvous admits (authenticated, not a replay;
   plexus.rendezvous.Rebinds) makes it punch toward the new endpoint from the streams socket (quic.PUNCH, on
-  PUNCH_SCHEDULE). Its NAT then lets the inviter's packets in; QUIC validates the new path and moves there
-  (quic.py's docstring): every stream goes on, nothing lost or repeated.
+  PUNCH_SCHEDULE), so that its NAT lets the peer's packets in (quic.Link.moved). The acceptor's QUIC then
+  validates the inviter's new endpoint and moves there (quic.py's docstring); the inviter, whose QUIC client
+  never moves by itself, sends to the acceptor's new endpoint. Every stream goes on, nothing lost or
+  repeated.
 
-A rebind only names an endpoint; it cannot move traffic. What moves the acceptor's sending is QUIC path
-validation, and a forger's endpoint answers no PATH_CHALLENGE.
+A rebind only names an endpoint. What moves the acceptor's sending is QUIC path validation, and a forger's
+endpoint answers no PATH_CHALLENGE; what moves the inviter's is the acceptor's rebind, which takes the
+session's key.
 """
 
 from __future__ import annotations
@@ -44,11 +48,27 @@ RECHECK = 2.0  # after a STUN answer that shows no move: look again once the pee
 PUNCH_SCHEDULE = (0.0, 0.1, 0.3, 0.7)  # the acceptor's punches after a rebind, from its arrival
 
 
+async def resume(
+    link: Link,
+    server: Endpoint,
+    outer: Endpoint,
+    send: Callable[[Endpoint], Awaitable[None]],
+    rebound: AsyncIterator[Rebind],
+) -> None:
+    """Both halves, until cancelled or `follow` gives up (PeerLostError)."""
+    answering = asyncio.ensure_future(answer(link, rebound))
+    try:
+        await follow(link, server, outer, send)
+    finally:
+        answering.cancel()
+        await asyncio.gather(answering, return_exceptions=True)
+
+
 async def follow(
     link: Link, server: Endpoint, outer: Endpoint, send: Callable[[Endpoint], Awaitable[None]]
 ) -> None:
-    """The inviter's side, until cancelled: `server` is its STUN server (a name or an address), `outer` the
-    endpoint the acceptor knows, `send` sends the next rebind naming an endpoint. PeerLostError once
+    """This side's moves, until cancelled: `server` is its STUN server (a name or an address), `outer` the
+    endpoint the peer knows, `send` sends the next rebind naming an endpoint. PeerLostError once
     REBIND_TRIES rebinds went unanswered."""
     address = await _resolve(server)
     while True:
@@ -86,10 +106,11 @@ async def _hurry(link: Link, wait: float) -> bool:
 
 
 async def answer(link: Link, rebound: AsyncIterator[Rebind]) -> None:
-    """The acceptor's side, until cancelled: punch toward each admitted rebind's endpoint."""
+    """The peer's moves, until cancelled: toward each admitted rebind's endpoint."""
     async for rebind in rebound:
         log.info("streams: rebind %d: punching toward %s", rebind.sequence, rebind.outer)
         events.emit(events.Rebound, outer=rebind.outer, sequence=rebind.sequence)
+        link.moved(rebind.outer)
         start = asyncio.get_running_loop().time()
         for offset in PUNCH_SCHEDULE:
             await asyncio.sleep(max(start + offset - asyncio.get_running_loop().time(), 0.0))

@@ -1,9 +1,10 @@
-"""Streams that outlive the inviter's move behind a NAT that filters per endpoint (issue 19): an ssh-style
---stdio stream from a to the echo target on b, both behind port-restricted cone NATs, while a's NAT forgets
-every mapping and maps a onto new outer ports mid-transfer (Lab.remap). b's NAT drops a's packets from the
-new endpoint until b punches toward it, which it does on the rebind a sends over the rendezvous: by mail
-(the lab's SMTP and Dovecot) and on the DHT (a private network in the lab's public namespace). Every byte
-arrives, in order, once; the longest silence of the stream is measured and printed."""
+"""Streams that outlive either side's move behind NATs that filter per endpoint (issue 19): an ssh-style
+--stdio stream from a to the echo target on b, both behind port-restricted cone NATs, while one side's NAT
+forgets every mapping and maps it onto new outer ports (Lab.remap) or a new outer address (Lab.renumber)
+mid-transfer. The peer's NAT drops the packets from the new endpoint until the peer punches toward it, which
+it does on the rebind the side that moved sends over the rendezvous: by mail (the lab's SMTP and Dovecot)
+and on the DHT (a private network in the lab's public namespace). Every byte arrives, in order, once; the
+longest silence of the stream is measured and printed."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ __all__ = ["hosts", "ids"]  # the fixtures, used by name
 pytestmark = pytest.mark.lab
 
 TARGET = "127.0.0.1:7007"
-SIZE = 16 << 20  # each way, written at RATE: the remap lands mid-stream, with seconds of it to go
+SIZE = 16 << 20  # each way, written at RATE: the move lands mid-stream, with seconds of it to go
 PAST = {"remap": "remapped", "renumber": "renumbered"}
 RATE = 4 << 20  # bytes per second: what ssh carrying a large file over a modest line might
 
@@ -103,39 +104,44 @@ class StdioTransfer:
         assert self.invite.process.wait(timeout) == 0, self.invite.log()[-3000:]
 
 
-def _survives(lab: Lab, acceptor: Plexus, invite: Plexus, how: str, change: str = "remap") -> None:
-    """Change a's outer endpoint mid-transfer (`change`: Lab.remap, a new port; Lab.renumber, a new
-    address too) and check what each side did; print the figures."""
+def _survives(lab: Lab, acceptor: Plexus, invite: Plexus, how: str, mover: str, change: str) -> None:
+    """Change the outer endpoint of `mover` (a, the inviter, or b, the acceptor) mid-transfer (`change`:
+    Lab.remap, a new port; Lab.renumber, a new address too) and check what each side did; print the
+    figures."""
+    moving, other = (invite, acceptor) if mover == "a" else (acceptor, invite)
     transfer = StdioTransfer(invite, pattern(SIZE))
     transfer.wait_past(SIZE // 8, timeout=60)
-    remapped_at = time.time()
-    getattr(lab, change)("a")
+    changed_at = time.time()
+    getattr(lab, change)(mover)
     try:
-        (remapped,) = invite.wait_events("remapped", timeout=10)
-        (rebound,) = acceptor.wait_events("rebound", timeout=15)
-        (moved,) = acceptor.wait_events("migrated", timeout=15)
+        (remapped,) = moving.wait_events("remapped", timeout=10)
+        (rebound,) = other.wait_events("rebound", timeout=15)
+        (moved,) = other.wait_events("migrated", timeout=15)
     except AssertionError as error:
         raise AssertionError(f"{error}\n{invite.log()[-4000:]}\n{acceptor.log()[-4000:]}") from None
     transfer.finish(timeout=120)
     after = Endpoint.parse(remapped["after"])
     assert Endpoint.parse(rebound["outer"]) == after == Endpoint.parse(moved["after"]), (rebound, moved)
     assert Endpoint.parse(remapped["before"]) == Endpoint.parse(moved["before"]) != after
-    assert after.host == lab.public_ip("a")
+    assert after.host == lab.public_ip(mover)
     print(
-        f"{how}: {SIZE >> 20} MiB each way through --stdio, a {PAST[change]} mid-transfer: STUN saw the move"
-        f" {remapped['at'] - remapped_at:.2f} s after, b took the rebind at {rebound['at'] - remapped_at:.2f}"
-        f" s, migrated at {moved['at'] - remapped_at:.2f} s; longest silence"
-        f" {transfer.longest_silence * 1000:.0f} ms"
+        f"{how}: {SIZE >> 20} MiB each way through --stdio, {mover} {PAST[change]} mid-transfer: STUN saw"
+        f" the move {remapped['at'] - changed_at:.2f} s after, the peer took the rebind at"
+        f" {rebound['at'] - changed_at:.2f} s and moved at {moved['at'] - changed_at:.2f} s; longest"
+        f" silence {transfer.longest_silence * 1000:.0f} ms"
     )
     assert [event["error"] for event in acceptor.wait_events("ended", timeout=10)] == [None]
 
 
-@pytest.mark.parametrize("change", ["remap", "renumber"])
-def test_a_stdio_stream_survives_the_inviters_move_behind_filtering_nats_by_mail(
-    lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids, change: str
+MOVES = [("a", "remap"), ("a", "renumber"), ("b", "remap"), ("b", "renumber")]
+
+
+@pytest.mark.parametrize(("mover", "change"), MOVES[:3])
+def test_a_stdio_stream_survives_either_sides_move_behind_filtering_nats_by_mail(
+    lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids, mover: str, change: str
 ) -> None:
-    """A new outer port (the NAT forgot its mappings), and a new outer address (a new lease, a new
-    network)."""
+    """A new outer port (the NAT forgot its mappings), a new outer address (a new lease, a new network),
+    on the inviter's side and on the acceptor's."""
     lab.set_nat("a", "cone")
     lab.set_nat("b", "cone")
     with TcpTarget(lab, "b", "echo", port=7007):
@@ -153,11 +159,18 @@ def test_a_stdio_stream_survives_the_inviters_move_behind_filtering_nats_by_mail
             text=False,
         )
         running.append(invite)
-        _survives(lab, acceptor, invite, "mail", change)
+        _survives(lab, acceptor, invite, "mail", mover, change)
 
 
-def test_a_stdio_stream_survives_the_inviters_remap_behind_filtering_nats_on_the_dht(
-    lab: Lab, tmp_path: Path, running: list[Plexus], network: DhtNetwork, hosts: Hosts
+@pytest.mark.parametrize(("mover", "change"), [MOVES[0], MOVES[3]])
+def test_a_stdio_stream_survives_either_sides_move_behind_filtering_nats_on_the_dht(
+    lab: Lab,
+    tmp_path: Path,
+    running: list[Plexus],
+    network: DhtNetwork,
+    hosts: Hosts,
+    mover: str,
+    change: str,
 ) -> None:
     lab.set_nat("a", "cone")
     lab.set_nat("b", "cone")
@@ -176,4 +189,4 @@ def test_a_stdio_stream_survives_the_inviters_remap_behind_filtering_nats_on_the
             lab, me, peer, tmp_path, accept=False, overrides=inviter, stdin=subprocess.PIPE, text=False
         )
         running.append(invite)
-        _survives(lab, acceptor, invite, "DHT")
+        _survives(lab, acceptor, invite, "DHT", mover, change)

@@ -32,6 +32,7 @@ from plexus.rendezvous import (
     Rebind,
     RebindError,
     RebindKey,
+    RebindKeys,
     Rebinds,
     Rebound,
 )
@@ -106,7 +107,7 @@ def test_the_key_never_shows() -> None:
 
 @dataclasses.dataclass
 class _Config:
-    """What session.rebind_key reads of a SessionConfig: the rendezvous's identity."""
+    """What session.rebind_keys reads of a SessionConfig: the rendezvous's identity."""
 
     rendezvous: Any
 
@@ -115,18 +116,21 @@ def test_the_session_derives_it_as_its_handshake_key_and_never_for_plexus_2_2() 
     mine, theirs = dht_tests.new_identity(), dht_tests.new_identity()
     config = cast(session.SessionConfig, _Config(DhtConfig(mine, theirs.id, ())))
     plexus_2_2 = Offer(OUTER, ACCEPTOR_PUZZLE)
-    assert session.rebind_key(config, INVITER_PUZZLE, ACCEPTOR_PUZZLE, plexus_2_2) is None
+    assert session.rebind_keys(config, INVITER_PUZZLE, ACCEPTOR_PUZZLE, plexus_2_2) is None
     anonymous = Offer(OUTER, ACCEPTOR_PUZZLE, REACH)
-    assert session.rebind_key(config, INVITER_PUZZLE, ACCEPTOR_PUZZLE, anonymous) == KEY
+    both = session.rebind_keys(config, INVITER_PUZZLE, ACCEPTOR_PUZZLE, anonymous)
+    assert both is not None and both.forth == KEY and both.back not in (KEY,)
+    assert both.mine(accept=False) == both.theirs(accept=True) == KEY
+    assert both.back.session != KEY.session and both.back.key != KEY.key
     signed = dataclasses.replace(anonymous, signer=dht_tests.public(theirs))
     bound = mine.agree(dht_tests.public(theirs))
     assert bound is not None
-    expected = RebindKey.derive(INVITER_PUZZLE, ACCEPTOR_PUZZLE, bound)
-    assert session.rebind_key(config, INVITER_PUZZLE, ACCEPTOR_PUZZLE, signed) == expected
+    expected = RebindKeys.derive(INVITER_PUZZLE, ACCEPTOR_PUZZLE, bound)
+    assert session.rebind_keys(config, INVITER_PUZZLE, ACCEPTOR_PUZZLE, signed) == expected
     # The other side derives the same from its own key and the offer it got.
     mirrored = cast(session.SessionConfig, _Config(DhtConfig(theirs, mine.id, ())))
     theirs_got = dataclasses.replace(anonymous, signer=dht_tests.public(mine))
-    assert session.rebind_key(mirrored, INVITER_PUZZLE, ACCEPTOR_PUZZLE, theirs_got) == expected
+    assert session.rebind_keys(mirrored, INVITER_PUZZLE, ACCEPTOR_PUZZLE, theirs_got) == expected
 
 
 # ---- the value ---------------------------------------------------------------------------------------------
@@ -536,3 +540,18 @@ async def test_the_dht_inviter_puts_it_where_requests_go() -> None:
     letter, _ = dht.unseal(put[0][1], BOB, key, ALICE.id)
     assert letter.rebind == rebind(1, now=now)
     assert [event.kind for event in sink if isinstance(event, events.Sent)] == ["rebind"]
+
+
+def test_a_rebind_sent_back_to_its_sender_names_no_session_there() -> None:
+    """Each direction has its own key and session id: the inviter's rebind, turned back on the inviter as if
+    the acceptor's, is refused, and the other way round."""
+    both = RebindKeys.derive(INVITER_PUZZLE, ACCEPTOR_PUZZLE)
+    now = datetime.datetime.now(datetime.UTC)
+    for accept in (False, True):
+        sent = both.mine(accept=accept).seal(1, OUTER, REACH, now)
+        judging = Rebinds()
+        # the sender's own expectation of its peer's rebinds: not this one
+        with judging.expect(both.theirs(accept=accept)), pytest.raises(RebindError, match="no session here"):
+            judging.admit(sent, now)
+        with judging.expect(both.theirs(accept=not accept)):  # the peer's: taken
+            judging.admit(sent, now)
