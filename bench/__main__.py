@@ -89,7 +89,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--moves", type=_positive(int), default=10,
-        help="moves of the inviter's NAT per rendezvous in the resume section (default 10)",
+        help="moves of each moving side's NAT per rendezvous in the resume section (default 10)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--movers", type=_movers, default=("a",),
+        help="whose NAT moves in the resume section: a (the inviter), b (the acceptor), a,b (in turn; "
+             "default a)",
     )  # fmt: skip
     parser.add_argument(
         "--resume-mib", type=_positive(int), default=16,
@@ -118,6 +123,13 @@ def _delays(text: str) -> tuple[float, ...]:
     if any(delay < 0 for delay in delays):
         raise argparse.ArgumentTypeError("delays cannot be negative")
     return delays
+
+
+def _movers(text: str) -> tuple[str, ...]:
+    chosen = tuple(dict.fromkeys(item.strip() for item in text.split(",")))
+    if not chosen or not set(chosen) <= set(resume.MOVERS):
+        raise argparse.ArgumentTypeError(f"expected a, b or a,b, not {text!r}")
+    return chosen
 
 
 def _sections(text: str) -> tuple[str, ...]:
@@ -327,7 +339,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 lab, workdir / "relay-streams", args.relay_mib, args.tries, progress
             )
         if "resume" in args.sections:
-            results["resume"] = resume.measure(lab, workdir / "resume", args.moves, args.resume_mib, progress)
+            plan = resume.Plan(args.moves, args.movers, args.resume_mib)
+            results["resume"] = resume.measure(lab, workdir / "resume", plan, progress)
     results["bench_seconds"] = round(time.monotonic() - started, 1)
     return results
 

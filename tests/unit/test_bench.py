@@ -463,62 +463,75 @@ def test_the_relay_streams_fail_only_on_wrong_bytes_a_wrong_way_or_a_failed_sess
 # ---- the resume section (bench/resume.py) ------------------------------------------------------------------
 
 
-def _moves(*resumed: float | None, before: float = 20.0, after: float = 15.0, reply: str = "ab") -> Any:
-    """Moves in the section's order (remap, renumber, remap, renumber back, ...), each resumed as given,
-    migrated then, remapped 0.4 s and rebound 0.1 s before, its bulk transfers of 16 MiB at `before` and
-    `after` MiB/s (none after a move that never resumed)."""
+def _moves(
+    mover: str, *resumed: float | None, before: float = 20.0, after: float = 15.0, reply: str = "ab"
+) -> list[resume.Move]:
+    """The mover's moves in the section's order (remap, renumber, remap, renumber back, ...), each resumed as
+    given, migrated then, remapped 0.4 s and rebound 0.1 s before, its bulk transfers of 16 MiB at `before`
+    and `after` MiB/s, one more each move (none after a move that never resumed)."""
 
     def bulk(rate: float) -> streams.Bulk:
         return streams.Bulk(16 * report.MIB, 16 / rate, reply, "ab")
 
     changes = ["remap", "renumber", "remap", "renumber back"]
     return [
-        resume.Move(changes[number % 4], "198.51.100.2", took, took, 0.4, took and took - 0.1, took,
+        resume.Move(mover, changes[number % 4], "198.51.100.2", took, took, 0.4, took and took - 0.1, took,
                     bulk(before + number), None if took is None else bulk(after + number))
         for number, took in enumerate(resumed)
     ]  # fmt: skip
 
 
+HOST = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
+
+
 def test_the_resume_section_reports_each_way_by_kind_of_move_and_the_bulk_rates_beside() -> None:
-    found = resume.summary(4, 16, {
-        "mail": resume.Session(_moves(0.9, 1.0, 0.8, 1.2), True, 1500),
-        "dht": resume.Session(_moves(1.4, 0.5, 0.4, 0.6), True, 1400),
+    found = resume.summary(resume.Plan(4, ("a",), 16), {
+        "mail": resume.Session(_moves("a", 0.9, 1.0, 0.8, 1.2), True, 1500),
+        "dht": resume.Session(_moves("a", 1.4, 0.5, 0.4, 0.6), True, 1400),
     })  # fmt: skip
-    mail = found["ways"]["mail"]
+    mail = found["ways"]["mail"]["movers"]["a"]
     assert mail["summary"]["all"]["resumed"]["median"] == pytest.approx(0.95)
     assert mail["summary"]["renumber"]["resumed"]["n"] == 2  # "renumber" and "renumber back"
     assert mail["summary"]["remap"]["migrated"]["max"] == pytest.approx(0.9)
     assert mail["bulk"]["before"]["median"] == pytest.approx(21.5)
     assert mail["bulk"]["after_over_before"]["min"] == pytest.approx(15 / 20)
-    assert mail["moves"][1]["bulk_after"]["mib_s"] == 16.0 and mail["bulk"]["wrong"] == 0
-    host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
-    text = report.render({"machine": host, "bench_seconds": 1.0, "resume": found})
-    assert "mail  all         4     0.95 / 1.20     0.95 / 1.20     0.40 / 0.40     0.85 / 1.10" in text
-    assert "DHT   remap       2     0.90 / 1.40" in text
+    assert found["ways"]["mail"]["moves"][1]["bulk_after"]["mib_s"] == 16.0
+    assert found["ways"]["mail"]["wrong_bulk"] == 0
+    text = report.render({"machine": HOST, "bench_seconds": 1.0, "resume": found})
+    assert "while the NAT of a moves it 4 times per rendezvous (remap" in text
     assert (
-        "  DHT: before 21.5 (20.0-23.0), after 16.5 (15.0-18.0), after / before 0.77 (0.75-0.78); the echoed "
-        "stream (1400 records) whole" in text
+        "mail  a      all         4     0.95 / 1.20     0.95 / 1.20     0.40 / 0.40     0.85 / 1.10" in text
     )
-    assert "target DHT: a stream resumes within 2 s of a move (median): met (0.55 s)" in text
+    assert "DHT   a      remap       2     0.90 / 1.40" in text
+    assert (
+        "  DHT, a's moves: before 21.5 (20.0-23.0), after 16.5 (15.0-18.0), after / before 0.77 (0.75-0.78)"
+        in text
+    )
+    assert "  DHT: the echoed stream (1400 records) whole" in text
+    assert "target DHT: a stream resumes within 2 s of a move (median): a's met (0.55 s)" in text
     assert report.check({"resume": found}) == []
 
 
 def test_the_resume_section_fails_on_a_slow_median_a_failed_session_or_a_wrong_transfer() -> None:
-    found = resume.summary(4, 16, {
-        "mail": resume.Session(_moves(3.5, 3.1, 2.0, 4.0, reply="cd"), True, 1500),  # median 3.3 s
-        "dht": resume.Session(_moves(0.5, None), False, 0, "move 2 (renumber) never resumed"),
+    stuck = "b's move 1 (remap) never resumed"
+    found = resume.summary(resume.Plan(2, ("a", "b"), 16), {
+        "mail": resume.Session(_moves("a", 0.9, 1.1) + _moves("b", 3.5, 3.1, reply="cd"), True, 1500),
+        "dht": resume.Session(_moves("a", 0.5) + _moves("b", None), False, 0, stuck),
     })  # fmt: skip
     assert report.check({"resume": found}) == [
-        "resume, mail: the stream resumed 3.30 s after a move (median), over the target 3 s",
-        "resume, mail: 8 bulk transfers did not arrive whole",
-        "resume, DHT: move 2 (renumber) never resumed",
+        "resume, mail: the stream resumed 3.30 s after b's moves (median), over the target 3 s",
+        "resume, mail: 4 bulk transfers did not arrive whole",
+        "resume, DHT: b's move 1 (remap) never resumed",
     ]
-    host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
-    text = report.render({"machine": host, "bench_seconds": 1.0, "resume": found})
-    assert "DHT   renumber    0               -               -" in text
+    text = report.render({"machine": HOST, "bench_seconds": 1.0, "resume": found})
+    assert "while the NAT of a and of b moves it 2 times per rendezvous, in turn" in text
     assert (
-        "mail: before 21.5 (20.0-23.0), after 16.5 (15.0-18.0), after / before 0.77 (0.75-0.78), 8 WRONG"
+        "DHT   b      all         0               -               -     0.40 / 0.40               -" in text
+    )
+    assert "  mail: the echoed stream (1500 records) whole; 4 bulk transfers WRONG" in text
+    assert "  DHT: the echoed stream (0 records) NOT whole; FAILED: b's move 1 (remap) never resumed" in text
+    assert "  DHT, b's moves: before 20.0 (20.0-20.0), after -, after / before -" in text
+    assert (
+        "target mail: a stream resumes within 3 s of a move (median): a's met (1.00 s), b's NOT met (3.30 s)"
         in text
     )
-    assert "(0 records) NOT whole; FAILED: move 2 (renumber) never resumed" in text
-    assert "target mail: a stream resumes within 3 s of a move (median): NOT met (3.30 s)" in text
