@@ -6,7 +6,7 @@ double NAT, no UDP out), what an idle acceptor and one session cost, and the rec
 OpenVPN (bench/soak.py), streams: TCP through plexus's QUIC beside plain TCP,
 OpenVPN and the raw UDP path (bench/streams.py), the same streams through a TURN relay over UDP, TCP and TLS
 beside the direct path (bench/relay_streams.py), the DHT rendezvous beside the mail (bench/dht.py), a
-stream across the inviter's moves behind filtering NATs, by mail and on the DHT (bench/resume.py), and
+stream across a side's moves behind filtering NATs, by mail and on the DHT (bench/resume.py), and
 `plexus --version` and `--help` beside a bare interpreter (bench/startup.py, the one section without a lab).
 Progress goes to stderr, the report to stdout (a plain-text table), and with --json FILE also to that file.
 """

@@ -238,7 +238,7 @@ def move(
     arrived = ticker.resumed(changed, WAIT)
     resumed = None if arrived is None else arrived - changed
     silence = None if arrived is None else ticker.silence(before - 1.0, arrived)
-    migrated = _since(other, "migrated", before, changed, WAIT)
+    migrated = _since(other, "migrated", before, changed, 0 if arrived is None else WAIT)
     remapped = _since(moving, "remapped", before, changed, 0)
     rebound = _since(other, "rebound", before, changed, 0)
     after = None if arrived is None else transfer()
