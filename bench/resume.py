@@ -296,9 +296,11 @@ def session(
             records = len(ticker.written) // RECORD.size
             error = None if intact else "the echoed stream is not what was written"
     except (RuntimeError, OSError, AssertionError) as failure:
+        records = 0
         if ticker is not None:
             ticker.finish(1.0)
-        intact, records, error = False, 0, one_line(failure)
+            records = len(ticker.written) // RECORD.size
+        intact, error = False, one_line(failure)
     finally:
         lab.reset()  # both NATs back on their own ports and addresses
     return Session(done, intact, records, error)
