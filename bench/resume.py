@@ -60,6 +60,10 @@ WAYS = {"mail": "mail", "dht": "DHT"}
 TARGETS = {"mail": 3.0, "dht": 2.0}  # median seconds from a change until the stream flows again
 CHANGES = ("remap", "renumber")
 MOVERS = ("a", "b")  # the hosts whose NAT may move: the inviter's, the acceptor's
+# Each side's punching socket, on a port outside Lab's REMAP_RANGES: the NAT keeps a source port that is in
+# its range, so an ephemeral port there would bring a side back to the very endpoint it had before a remap,
+# which its peer's NAT still lets in (no move to tell)
+INNER_PORTS = {"a": 45017, "b": 45018}
 LOCAL_ECHO, LOCAL_SINK = 17027, 17029  # --forward's listening ports on a
 RECORD = struct.Struct("!Qd16x")  # sequence number, time.time() when written; 32 bytes
 INTERVAL = 0.01  # seconds between two records: 3.2 kB/s each way
@@ -171,8 +175,14 @@ class Move:
     before: streams.Bulk  # the bulk transfer right before the change
     after: streams.Bulk | None  # and right after the stream resumed (None: it did not)
 
+    @property
+    def let_in(self) -> bool:
+        """The stream went on with no rebind: the side's new endpoint was one its peer's NAT still let in
+        (a NAT that maps onto an endpoint it had before), so this was no move to measure."""
+        return self.resumed is not None and self.remapped is None
+
     def to_json(self) -> dict[str, Any]:
-        return {"mover": self.mover, "change": self.change, "outer": self.outer} | {
+        return {"mover": self.mover, "change": self.change, "outer": self.outer, "let_in": self.let_in} | {
             name: None if value is None else round(value, 4)
             for name, value in (("resumed", self.resumed), ("silence", self.silence),
                                 ("remapped", self.remapped), ("rebound", self.rebound),
@@ -274,11 +284,11 @@ def session(
             sink = stack.enter_context(TcpTarget(lab, "b", "sink"))
             allowed = (f"127.0.0.1:{echo.port}", f"127.0.0.1:{sink.port}")
             acceptor, me, peer = stack.enter_context(
-                streams.streams_acceptor(lab, workdir, ids, *allowed, extra=options(True))
+                streams.streams_acceptor(lab, workdir, ids, *allowed, extra=_inner(options(True), "b"))
             )
             forwards = [f"{LOCAL_ECHO}:{allowed[0]}", f"{LOCAL_SINK}:{allowed[1]}"]
             invite = stack.enter_context(
-                streams.forwarding(lab, workdir, ids, me, peer, forwards, options(False))
+                streams.forwarding(lab, workdir, ids, me, peer, forwards, _inner(options(False), "a"))
             )
             ticker = Ticker(lab, LOCAL_ECHO)
             for number, mover in itertools.product(range(plan.moves), plan.movers):
@@ -304,6 +314,10 @@ def session(
     finally:
         lab.reset()  # both NATs back on their own ports and addresses
     return Session(done, intact, records, error)
+
+
+def _inner(options: Mapping[str, str | None], host: str) -> dict[str, str | None]:
+    return {**options, "stun-client": str(INNER_PORTS[host])}
 
 
 def _move_line(found: Move) -> str:
@@ -350,10 +364,11 @@ def summary(plan: Plan, found: dict[str, Session]) -> dict[str, Any]:
     for way, done in found.items():
         movers = {}
         for mover in plan.movers:
-            own = [m for m in done.moves if m.mover == mover]
+            own = [m for m in done.moves if m.mover == mover and not m.let_in]
             kinds = {"all": own} | {kind: [m for m in own if m.change.startswith(kind)] for kind in CHANGES}
             pairs = [(mib_s(m.before), mib_s(m.after)) for m in own if m.after]
             movers[mover] = {
+                "let_in": sum(m.let_in for m in done.moves if m.mover == mover),
                 "summary": {
                     kind: {name: _figures([v for m in chosen if (v := getattr(m, name)) is not None])
                            for name in COLUMNS}
@@ -405,6 +420,11 @@ def render(found: dict[str, Any]) -> list[str]:
                 n = figures["resumed"]["n"] if figures["resumed"] else 0
                 lines.append(f"{title:<6}{mover:<7}{kind:<10}{n:>3}" + "".join(
                     f"{_pair(figures[name]):>16}" for name in COLUMNS))  # fmt: skip
+    let_in = [f"{title} {mover} {moved['let_in']}" for title, entry in entries
+              for mover, moved in entry["movers"].items() if moved["let_in"]]  # fmt: skip
+    if let_in:
+        lines.append("moves the peer's NAT let in at once, with no rebind (the new endpoint was one it still "
+                     f"had open), not counted above: {', '.join(let_in)}")  # fmt: skip
     lines.append("the bulk transfers, MiB/s, median (min-max): right before each move, right after it "
                  "resumed, and each move's after / before; the echoed stream at the end")  # fmt: skip
     for title, entry in entries:

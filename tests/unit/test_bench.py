@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Callable
 from typing import Any
@@ -485,9 +486,11 @@ HOST = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
 
 
 def test_the_resume_section_reports_each_way_by_kind_of_move_and_the_bulk_rates_beside() -> None:
+    # back on an endpoint b's NAT still had open: no rebind, resumed at once; not counted
+    let_in = dataclasses.replace(_moves("a", 0.01)[0], remapped=None, rebound=None)
     found = resume.summary(resume.Plan(4, ("a",), 16), {
         "mail": resume.Session(_moves("a", 0.9, 1.0, 0.8, 1.2), True, 1500),
-        "dht": resume.Session(_moves("a", 1.4, 0.5, 0.4, 0.6), True, 1400),
+        "dht": resume.Session([*_moves("a", 1.4, 0.5, 0.4, 0.6), let_in], True, 1400),
     })  # fmt: skip
     mail = found["ways"]["mail"]["movers"]["a"]
     assert mail["summary"]["all"]["resumed"]["median"] == pytest.approx(0.95)
@@ -508,6 +511,8 @@ def test_the_resume_section_reports_each_way_by_kind_of_move_and_the_bulk_rates_
         in text
     )
     assert "  DHT: the echoed stream (1400 records) whole" in text
+    assert "had open), not counted above: DHT a 1" in text
+    assert found["ways"]["dht"]["movers"]["a"]["summary"]["all"]["resumed"]["n"] == 4
     assert "target DHT: a stream resumes within 2 s of a move (median): a's met (0.55 s)" in text
     assert report.check({"resume": found}) == []
 
