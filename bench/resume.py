@@ -53,7 +53,7 @@ from bench.stats import summarize
 from plexus.events import one_line
 from tests.lab.dht import DhtNetwork
 from tests.lab.lab import Lab
-from tests.lab.services import BYE, CHUNK, TcpTarget
+from tests.lab.services import BYE, CHUNK, Duplex, TcpTarget
 from tests.lab.sessions import Plexus
 
 WAYS = {"mail": "mail", "dht": "DHT"}
@@ -73,7 +73,7 @@ QUIET = 1.0  # seconds between a bulk transfer's end and the change: the line ca
 MIB = streams.MIB
 
 
-class Ticker:
+class Ticker(Duplex):
     """The steady stream: one thread writes a record every INTERVAL into the echo through a's --forward
     listener, another reads the echo and notes when each record came back."""
 
@@ -81,24 +81,15 @@ class Ticker:
         self.written = bytearray()
         self.received = bytearray()
         self.arrivals: list[tuple[float, float]] = []  # per record echoed: (written at, arrived at)
-        self.error: BaseException | None = None
         self._stop = threading.Event()
         self._arrived = threading.Condition()
-        self._sock = lab.socket("a", socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.settimeout(WAIT + 30)
-        self._sock.connect(("127.0.0.1", port))
+        super().__init__(lab, "a", port, timeout=WAIT + 30)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._threads = [threading.Thread(target=self._guard, args=(f,)) for f in (self._write, self._read)]
-        for thread in self._threads:
-            thread.start()
+        self.start()
 
-    def _guard(self, work: Callable[[], None]) -> None:
-        try:
-            work()
-        except OSError as error:  # finish() reports it
-            self.error = error
-            with self._arrived:
-                self._arrived.notify_all()
+    def _failed(self) -> None:  # finish() reports it; resumed() stops waiting
+        with self._arrived:
+            self._arrived.notify_all()
 
     def _write(self) -> None:
         began, sequence = time.monotonic(), 0
@@ -144,9 +135,7 @@ class Ticker:
         """Stop writing, half-close, read the rest: True if the echo gave back exactly what was written, then
         its BYE."""
         self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout)
-        self._sock.close()
+        self.join(timeout)
         return self.error is None and bytes(self.received) == bytes(self.written) + BYE
 
 

@@ -334,6 +334,44 @@ def sink_reply(data: bytes) -> bytes:
     return f"{len(data)} {hashlib.sha256(data).hexdigest()}\n".encode()
 
 
+class Duplex:
+    """One TCP connection from inside a lab host's namespace to a port on its 127.0.0.1, written by one
+    thread (the subclass's `_write`) and read by another (`_read`) from start() on; the first OSError either
+    meets is kept in `error` (and `_failed` called in its thread), join() waits for both and closes."""
+
+    def __init__(self, lab: Lab, host: str, port: int, timeout: float) -> None:
+        self.error: BaseException | None = None
+        self._sock = lab.socket(host, socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        self._sock.connect(("127.0.0.1", port))
+        self._threads = [threading.Thread(target=self._guard, args=(f,)) for f in (self._write, self._read)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def join(self, timeout: float) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+        self._sock.close()
+
+    def _guard(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except OSError as error:
+            self.error = error
+            self._failed()
+
+    def _failed(self) -> None:
+        """After `error` is set, in the thread that met it."""
+
+    def _write(self) -> None:
+        raise NotImplementedError
+
+    def _read(self) -> None:
+        raise NotImplementedError
+
+
 # ---- stopping a process tree ------------------------------------------------------------------------------
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from plexus.endpoint import Endpoint
 from plexus.streams import quic
 from tests.lab.lab import REMAP_RANGES, Lab
-from tests.lab.services import BYE, CHUNK, TcpTarget, exchange, pattern
+from tests.lab.services import BYE, CHUNK, Duplex, TcpTarget, exchange, pattern
 from tests.lab.sessions import Plexus
 from tests.labtests.test_streams import Ids, forwarding, ids, start_acceptor
 
@@ -28,7 +27,7 @@ __all__ = ["ids"]  # the fixture, used by name
 pytestmark = pytest.mark.lab
 
 
-class Transfer:
+class Transfer(Duplex):
     """A bulk transfer through the echo target from inside a's namespace: one thread writes `data` and
     half-closes, another reads everything back, noting the longest time between two reads."""
 
@@ -36,19 +35,8 @@ class Transfer:
         self.data = data
         self.received = bytearray()
         self.longest_silence = 0.0
-        self.error: BaseException | None = None
-        self._sock = lab.socket("a", socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.settimeout(90)
-        self._sock.connect(("127.0.0.1", port))
-        self._threads = [threading.Thread(target=self._guard, args=(f,)) for f in (self._write, self._read)]
-        for thread in self._threads:
-            thread.start()
-
-    def _guard(self, work: Callable[[], None]) -> None:
-        try:
-            work()
-        except (OSError, AssertionError) as error:  # finish() reports it
-            self.error = error
+        super().__init__(lab, "a", port, timeout=90)
+        self.start()
 
     def _write(self) -> None:
         view = memoryview(self.data)
@@ -71,9 +59,7 @@ class Transfer:
             time.sleep(0.01)
 
     def finish(self, timeout: float) -> bytes:
-        for thread in self._threads:
-            thread.join(timeout)
-        self._sock.close()
+        self.join(timeout)
         assert self.error is None, self.error
         return bytes(self.received)
 
