@@ -218,6 +218,16 @@ class Rebound(Event):
 
 
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)
+class Rerouted(Event):
+    """A relayed streams session's inviter moved it to a direct path (`way` "direct": `peer` answered
+    there), or back to the relay when that path died (`way` "relay"; plexus/streams/direct.py)."""
+
+    name: ClassVar[str] = "rerouted"
+    way: str
+    peer: Endpoint
+
+
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class PathDead(Event):
     """The streams' path looks dead: this side's data or pings have had no answer for a while, and the peer
     has been `silent` seconds. The session goes on: the path may come back (`PathBack`) until the idle

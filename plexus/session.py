@@ -205,11 +205,17 @@ def _resuming(
 ) -> Iterator[Resume | None]:
     """How a streams session survives either side's move (plexus/streams/resume.py): within it, the peer's
     rebinds are taken, and this side's are sent, sealed with its key. On a direct IPv4 path between plexus
-    peers, where a move is a new outer endpoint that STUN shows; elsewhere None: a move is not followed
-    (docs/streams.md, "What survives what"), nor for the library's caller."""
+    peers, where a move is a new outer endpoint that STUN shows; on a relay, the search for a direct path
+    (plexus/streams/direct.py); elsewhere None: a move is not followed (docs/streams.md, "What survives
+    what"), nor for the library's caller."""
     plexus = keys is not None and mine.reach is not None and config.hand_over is None
-    if not plexus or tunnel.path != Method.DIRECT or tunnel.family != socket.AF_INET:
+    if not plexus or tunnel.family != socket.AF_INET or tunnel.path not in (Method.DIRECT, Method.RELAY):
         yield None
+        return
+    if tunnel.path == Method.RELAY:
+        from plexus.streams import direct
+
+        yield functools.partial(direct.upgrade, server=config.stun_server)
         return
     assert keys is not None and mine.reach is not None
     from plexus.streams import resume

@@ -70,7 +70,7 @@ async def follow(
     """This side's moves, until cancelled: `server` is its STUN server (a name or an address), `outer` the
     endpoint the peer knows, `send` sends the next rebind naming an endpoint. PeerLostError once
     REBIND_TRIES rebinds went unanswered."""
-    address = await _resolve(server)
+    address = await resolve(server)
     while True:
         await link.suspect.wait()
         mapped = await link.mapped(address)
@@ -117,7 +117,7 @@ async def answer(link: Link, rebound: AsyncIterator[Rebind]) -> None:
             link.punch(rebind.outer)
 
 
-async def _resolve(server: Endpoint) -> Endpoint:
+async def resolve(server: Endpoint) -> Endpoint:
     """The STUN server's IPv4 address (the streams socket's family), resolved once at the start."""
     infos = await asyncio.get_running_loop().getaddrinfo(
         server.host, server.port, family=socket.AF_INET, type=socket.SOCK_DGRAM
