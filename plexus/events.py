@@ -200,7 +200,7 @@ class Migrated(Event):
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Remapped(Event):
     """This side's streams packets went unanswered and its STUN server now sees it at `after`, not `before`
-    (a new network, a NAT that mapped anew): a rebind naming `after` follows (plexus/streams/resume.py)."""
+    (a new network, a NAT that mapped anew): a rebind naming `after` follows (plexus/resume.py)."""
 
     name: ClassVar[str] = "remapped"
     before: Endpoint

@@ -10,7 +10,6 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +21,8 @@ from plexus.streams.wire import Allowed, Target
 
 # aioquic loads with the first stream session, not with every session that might have one.
 if TYPE_CHECKING:
+    from plexus.resume import Resume
     from plexus.streams.forward import Forward
-    from plexus.streams.quic import Link
-
-# What keeps a session going across a network change, run beside its streams (plexus/streams/resume.py):
-# the inviter's `follow`, the acceptor's `answer`, bound to what each needs.
-Resume = Callable[["Link"], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ import logging
 
 from plexus import events
 from plexus.endpoint import Endpoint
+from plexus.resume import PUNCH_SCHEDULE, resolve
 from plexus.streams.quic import Link
-from plexus.streams.resume import PUNCH_SCHEDULE, resolve
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ sides prove an identity in TLS 1.3 and check the peer's (identity.PeerCheck) whe
 before any stream's bytes are handed on. Each TCP connection is one bidirectional stream (streams/forward.py).
 
 The inviter takes datagrams from the acceptor's endpoint alone (and, while it asks, its STUN server's answer:
-`mapped`, which a rebind needs, plexus/streams/resume.py); its socket is not connected, so that it can ask.
+`mapped`, which a rebind needs, plexus/resume.py); its socket is not connected, so that it can ask.
 The acceptor's is not either: its peer's NAT may map the inviter's socket anew (an idle mapping forgotten,
 conntrack flushed) and the inviter's packets then come from another endpoint, which a connected socket would
 never hear. Until the handshake completes the acceptor takes datagrams from the punched endpoint alone, as a
@@ -63,6 +63,7 @@ from plexus import stun
 from plexus.endpoint import Endpoint
 from plexus.errors import PeerIdentityError, PlexusError, StreamsLostError
 from plexus.identity import Identity, PeerCheck, id_of
+from plexus.resume import PUNCH
 from plexus.streams import wire
 from plexus.streams.wire import ALPN
 
@@ -86,8 +87,6 @@ DEAD_AFTER = 2.0
 # answer time at 0 ms links (a few ms), so a lossy moment costs at most one STUN round trip.
 SUSPECT_AFTER = 0.4
 QUIC_FIXED_BIT = 0x40  # set in every QUIC packet's first byte (RFC 9000 17); STUN's has it clear
-# The acceptor's punch toward a rebind's endpoint: not QUIC (first byte 0), not STUN (no cookie).
-PUNCH = b"\0plexus punch"
 POKE_INTERVAL = 0.05  # the inviter probes at most this often on punches
 # The inviter's question to its STUN server: sends at 0, 0.1, 0.3 s, an answer by 0.8 s (a server that has
 # answered before; a slower one gets asked again at the next suspicion).
@@ -306,11 +305,10 @@ class Link(asyncio.DatagramProtocol):
         self.dead = asyncio.Event()
         self._silent_since = -math.inf  # while the path looks dead: when the peer was last heard
         # Set while this side's packets have gone unanswered for SUSPECT_AFTER, cleared when the peer is heard
-        # again: when the inviter asks whether it moved (plexus/streams/resume.py).
+        # again: when the inviter asks whether it moved (plexus/resume.py).
         self.suspect = asyncio.Event()
         self._heard = asyncio.Event()  # set as the peer is heard; a waiter clears it (heard_within)
-        self._query: stun.Transaction | None = None  # the inviter's question to its STUN server (mapped)
-        self._query_answered = asyncio.Event()
+        self._question = stun.Question(MAPPED_SCHEDULE)  # to this side's STUN server (mapped, independent)
         self._poked_at = -math.inf
         # Where the inviter takes datagrams from: the punched endpoint, and those an authenticated message
         # named since (a rebind, a candidate).
@@ -358,14 +356,7 @@ class Link(asyncio.DatagramProtocol):
         """A datagram that is not QUIC: the STUN server's answer to `mapped`, or the acceptor's punch (or a
         late handshake datagram, or noise: dropped)."""
         now = self._loop.time()
-        query = self._query
-        if query is not None and (addr[0], addr[1]) == (query.destination.host, query.destination.port):
-            try:
-                message = stun.decode(data)
-            except stun.StunParseError:
-                return
-            if query.receive(message, Endpoint(addr[0], addr[1]), now):
-                self._query_answered.set()
+        if self._question.answer(data, Endpoint(*addr[:2]), now):
             return
         quic = self._quic
         # The acceptor's punch toward this side's new endpoint: its NAT now lets the next packet in.
@@ -661,9 +652,7 @@ class Link(asyncio.DatagramProtocol):
     def punch(self, toward: Endpoint) -> None:
         """A PUNCH toward an endpoint the peer named (a rebind, a candidate): this side's NAT lets that
         endpoint's packets in then."""
-        transport = self._out((toward.host, toward.port))
-        if not transport.is_closing():
-            transport.sendto(PUNCH, (toward.host, toward.port))
+        self._send(PUNCH, toward)
 
     def moved(self, peer: Endpoint) -> None:
         """The peer says, in an authenticated rebind, that it is at `peer` now. The acceptor needs nothing
@@ -726,39 +715,16 @@ class Link(asyncio.DatagramProtocol):
         """This socket's outer endpoint as the STUN server at `server` (an IP address) sees it now, or None
         without an answer within MAPPED_SCHEDULE's timeout. One question at a time. On a relay this side
         allocated, the direct socket's."""
-        return (await self._ask(server)).mapped
+        return (await self._question.ask(server, self._send)).mapped
 
     async def independent(self, server: Endpoint) -> Endpoint | None:
-        """The outer endpoint (as `mapped`) where the NAT maps it endpoint-independently now: the STUN server
-        and its other address (RFC 5780 OTHER-ADDRESS) see the same; else None (no answer, no other address,
-        or two different endpoints: a NAT that maps per destination)."""
-        first = await self._ask(server)
-        other = stun.other_address(first.response) if first.response is not None else None
-        if first.mapped is None or other is None:
-            return None
-        second = await self._ask(other)
-        return first.mapped if second.mapped == first.mapped else None
+        """As `mapped`, where the NAT maps endpoint-independently now (stun.Question); else None."""
+        return await self._question.independent(server, self._send)
 
-    async def _ask(self, server: Endpoint) -> stun.Transaction:
-        assert self._query is None, "one STUN question at a time"
-        query = self._query = stun.Transaction(
-            server, stun.binding_request(), self._loop.time(), MAPPED_SCHEDULE
-        )
-        self._query_answered.clear()
-        try:
-            while (when := query.next_time()) is not None:
-                data = query.poll(self._loop.time())
-                transport = self._out((server.host, server.port))
-                if data is not None and not transport.is_closing():
-                    transport.sendto(data, (server.host, server.port))
-                if not query.pending:
-                    break
-                wait = max((query.next_time() or when) - self._loop.time(), 0.0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._query_answered.wait(), wait)
-        finally:
-            self._query = None
-        return query
+    def _send(self, data: bytes, toward: Endpoint) -> None:
+        transport = self._out((toward.host, toward.port))
+        if not transport.is_closing():
+            transport.sendto(data, (toward.host, toward.port))
 
     async def close(self) -> None:
         """Close cleanly: CONNECTION_CLOSE sent, then the socket, after at most CLOSE_TIMEOUT."""
