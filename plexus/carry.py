@@ -28,7 +28,7 @@ from plexus import events, stun
 from plexus.endpoint import Endpoint
 from plexus.launcher import Tunnel
 from plexus.paths import Established, bind, free_port
-from plexus.resume import PUNCH, Resume
+from plexus.resume import PUNCH, Resume, heard
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +135,7 @@ class Carrier:
         return (await self._question.ask(server, self._send)).mapped
 
     async def heard_within(self, timeout: float) -> bool:
-        mark = self.heard_at
-        deadline = self._loop.time() + timeout
-        while self.heard_at <= mark:
-            self._heard.clear()
-            remaining = deadline - self._loop.time()
-            if remaining <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._heard.wait(), remaining)
-        return True
+        return await heard(self._heard, lambda: self.heard_at, timeout)
 
     def probe(self) -> None:
         self._send(PING, self._peer)

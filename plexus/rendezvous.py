@@ -22,7 +22,7 @@ import hmac
 import ipaddress
 import logging
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -343,13 +343,19 @@ class Rebinds:
     _sessions: dict[bytes, Rebound] = field(default_factory=dict)
 
     @contextlib.contextmanager
-    def expect(self, key: RebindKey) -> Iterator[Rebound]:
-        """Within it, the session's rebinds are admitted and yielded by the Rebound; outside it, refused."""
+    def expect(
+        self, key: RebindKey, reading: Callable[[], Awaitable[None]] | None = None
+    ) -> Iterator[Rebound]:
+        """Within it, the session's rebinds are admitted and yielded by the Rebound; outside it, refused.
+        `reading`: what reads them meanwhile where no listening loop does (an inviter's), run as a task."""
         rebound = Rebound(key)
         self._sessions[key.session] = rebound
+        task = asyncio.ensure_future(reading()) if reading is not None else None
         try:
             yield rebound
         finally:
+            if task is not None:
+                task.cancel()
             if self._sessions.get(key.session) is rebound:
                 del self._sessions[key.session]
 

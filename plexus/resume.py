@@ -26,6 +26,7 @@ A rebind only names an endpoint, and takes the session's key to make.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -130,6 +131,21 @@ async def follow(
             raise PeerLostError(
                 f"this side moved to {outer} and the peer answered none of {REBIND_TRIES} rebinds"
             )
+
+
+async def heard(signal: asyncio.Event, last: Callable[[], float], timeout: float) -> bool:
+    """Whether `last()` (when the peer was last heard) moves on within `timeout` from now; `signal` is set
+    whenever it does (a Movable's heard_within)."""
+    loop = asyncio.get_running_loop()
+    mark, deadline = last(), loop.time() + timeout
+    while last() <= mark:
+        signal.clear()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(signal.wait(), remaining)
+    return True
 
 
 async def _hurry(link: Movable, wait: float) -> bool:

@@ -63,7 +63,7 @@ from plexus import stun
 from plexus.endpoint import Endpoint
 from plexus.errors import PeerIdentityError, PlexusError, StreamsLostError
 from plexus.identity import Identity, PeerCheck, id_of
-from plexus.resume import PUNCH
+from plexus.resume import PUNCH, heard
 from plexus.streams import wire
 from plexus.streams.wire import ALPN
 
@@ -699,17 +699,9 @@ class Link(asyncio.DatagramProtocol):
 
     async def heard_within(self, timeout: float) -> bool:
         """Whether a packet from the peer decrypts within `timeout` from now."""
-        assert self._quic is not None
-        mark = self._quic.heard_at
-        deadline = self._loop.time() + timeout
-        while self._quic.heard_at <= mark:
-            self._heard.clear()
-            remaining = deadline - self._loop.time()
-            if remaining <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._heard.wait(), remaining)
-        return True
+        quic = self._quic
+        assert quic is not None
+        return await heard(self._heard, lambda: quic.heard_at, timeout)
 
     async def mapped(self, server: Endpoint) -> Endpoint | None:
         """This socket's outer endpoint as the STUN server at `server` (an IP address) sees it now, or None
