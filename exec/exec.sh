@@ -128,7 +128,8 @@ if [[ $peerip == *:* ]]; then
     proto=udp6
 fi
 outer_key=$(endpoint_key "$outerip" "$outerport")
-peer_key=$(endpoint_key "$peerip" "$peerport")
+# plexus --carry gives a loopback peer (itself) and the peer's own endpoint as PLEXUS_FARIP/PLEXUS_FARPORT
+peer_key=$(endpoint_key "${PLEXUS_FARIP:-$peerip}" "${PLEXUS_FARPORT:-$peerport}")
 if [[ $outer_key < $peer_key ]]; then
     local_address=$subnet.1 remote_address=$subnet.2 role=(--tls-server --dh none)
 else

@@ -31,7 +31,7 @@ class ExitCode(IntEnum):
     PEER_NOT_FOUND = 18  # DHT: the peer's card or its response did not appear within --response-timeout
     DHT_UNREACHABLE = 19  # DHT: no node answered (--dht-bootstrap)
     UDP_BLOCKED = 20  # no UDP gets out (STUN answers over TCP only), and no TURN relay over TCP or TLS
-    PEER_LOST = 21  # streams: this side moved (a new network, a NAT mapped anew), its rebinds unanswered
+    PEER_LOST = 21  # streams, --carry: this side moved (a new network, a NAT mapped anew), rebinds unanswered
     HANGUP = 129  # SIGHUP, 128 + 1: the terminal went away (with --stdio: ssh's normal end, exit OK instead)
     INTERRUPTED = 130  # SIGINT (Ctrl-C), 128 + 2 as shells report it
     TERMINATED = 143  # SIGTERM, 128 + 15; an acceptor stopped by SIGTERM exits OK instead (a service's stop)
@@ -60,7 +60,7 @@ MEANINGS = {
     ExitCode.PEER_NOT_FOUND: "DHT: the peer is not there (no card), or no response within --response-timeout",
     ExitCode.DHT_UNREACHABLE: "DHT: no node answered (--dht-bootstrap, UDP egress)",
     ExitCode.UDP_BLOCKED: "no UDP gets out: a TURN relay over TCP or TLS would carry it (--turn-server)",
-    ExitCode.PEER_LOST: "streams: this side moved and the peer did not answer its rebinds",
+    ExitCode.PEER_LOST: "this side moved (streams, --carry) and the peer did not answer its rebinds",
     ExitCode.HANGUP: "hung up (SIGHUP): the terminal closed (--stdio: ssh's normal end, exit 0)",
     ExitCode.INTERRUPTED: "interrupted (SIGINT, Ctrl-C)",
     ExitCode.TERMINATED: "terminated (SIGTERM) before the session ended",

@@ -200,7 +200,7 @@ class Migrated(Event):
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Remapped(Event):
     """This side's streams packets went unanswered and its STUN server now sees it at `after`, not `before`
-    (a new network, a NAT that mapped anew): a rebind naming `after` follows (plexus/streams/resume.py)."""
+    (a new network, a NAT that mapped anew): a rebind naming `after` follows (plexus/resume.py)."""
 
     name: ClassVar[str] = "remapped"
     before: Endpoint
@@ -215,6 +215,16 @@ class Rebound(Event):
     name: ClassVar[str] = "rebound"
     outer: Endpoint
     sequence: int
+
+
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
+class Rerouted(Event):
+    """A relayed streams session's inviter moved it to a direct path (`way` "direct": `peer` answered
+    there), or back to the relay when that path died (`way` "relay"; plexus/streams/direct.py)."""
+
+    name: ClassVar[str] = "rerouted"
+    way: str
+    peer: Endpoint
 
 
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)

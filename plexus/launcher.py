@@ -51,6 +51,8 @@ class Tunnel:
     peer: Endpoint
     secret: int = field(repr=False)  # a tunnel printed or logged must not show it (the wildcard %secret%)
     path: str = "direct"  # how the packets go (plexus/path.py's Method): direct, lan, ipv6, fan-out, ...
+    # Carried (--carry): the command talks to plexus on loopback (`peer`); the peer's endpoint beyond it
+    far: Endpoint | None = None
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -69,10 +71,15 @@ class Tunnel:
         }
 
     def environment(self) -> dict[str, str]:
-        """The same values as PLEXUS_INNERIP ... PLEXUS_SECRET (unlike arguments, not visible in `ps`), and
-        the path as PLEXUS_PATH."""
+        """The same values as PLEXUS_INNERIP ... PLEXUS_SECRET (unlike arguments, not visible in `ps`), the
+        path as PLEXUS_PATH, and where plexus carries the datagrams (--carry) the peer's endpoint beyond it
+        as PLEXUS_FARIP and PLEXUS_FARPORT (a command that decides a role by the endpoints, as exec.sh
+        does, compares its outer endpoint with that, which is what the peer's command sees as its own)."""
         values = {f"PLEXUS_{name.strip('%').upper()}": value for name, value in self.wildcards().items()}
-        return values | {"PLEXUS_PATH": self.path}
+        far = (
+            {} if self.far is None else {"PLEXUS_FARIP": self.far.host, "PLEXUS_FARPORT": str(self.far.port)}
+        )
+        return values | {"PLEXUS_PATH": self.path} | far
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class Name(StrEnum):
     EXEC_ARGS = "exec-args"
     EXEC_PWD = "exec-pwd"
     EXEC_LOG_FILE = "exec-log-file"
+    CARRY = "carry"
     FORWARD_ALLOW = "forward-allow"
     STDIO = "stdio"
     FORWARD = "forward"
@@ -372,6 +373,13 @@ TABLE = (
     ),
     Option(Name.EXEC_PWD, COMMAND, "Its working directory.", "DIR", check=File(directory=True)),
     Option(Name.EXEC_LOG_FILE, COMMAND, "File for its stdout and stderr.", "FILE"),
+    Option(
+        Name.CARRY,
+        COMMAND,
+        "Carry its datagrams through plexus, which then stays running with it and keeps the tunnel across "
+        "a network change of either side (it talks to plexus on loopback: %peerip% is 127.0.0.1).",
+        kind=Kind.FLAG,
+    ),
     Option(
         Name.FORWARD_ALLOW,
         STREAMS,
@@ -745,6 +753,7 @@ def session_config(options: Options) -> session.SessionConfig:
         keep_sessions=keep_sessions,
         turn=turn_config(options),
         streams=streams,
+        carry=options.flag(Name.CARRY),
     )
 
 
@@ -752,6 +761,8 @@ def command_config(options: Options, streams: StreamsConfig | None) -> launcher.
     """The command to launch: required unless the session carries streams (an inviter's --stdio or
     --forward replace it; an acceptor with --forward-allow may have both)."""
     exec_command = options.get(Name.EXEC_COMMAND)
+    if options.flag(Name.CARRY) and not exec_command:
+        raise UsageError("--carry carries a command's datagrams: give --exec-command (streams carry theirs)")
     if streams is not None and streams.inviting:
         if exec_command:
             raise UsageError("--stdio and --forward carry the session themselves: leave out --exec-command")

@@ -47,6 +47,7 @@ from plexus.rendezvous import Mapping, Offer, Reach
 # The TURN client (aioice's) loads with the first relay a session allocates or uses, not with every session.
 if TYPE_CHECKING:
     from plexus.relay import Relay, Transport
+    from plexus.resume import Resume
 
 log = logging.getLogger(__name__)
 
@@ -384,8 +385,9 @@ class Established(Protocol):
     @property
     def tunnel(self) -> Tunnel: ...
 
-    async def carry(self, work: Awaitable[None]) -> None:
-        """Run the work (the command's life, the streams) for as long as the path lives."""
+    async def carry(self, work: Awaitable[None], resume: Resume | None = None) -> None:
+        """Run the work (the command's life, the streams) for as long as the path lives; `resume` beside it
+        where this path follows a move itself (plexus/carry.py's; the streams follow theirs)."""
         ...
 
     @property
@@ -406,7 +408,7 @@ class Punched:
     tunnel: Tunnel
     through_here = False
 
-    async def carry(self, work: Awaitable[None]) -> None:
+    async def carry(self, work: Awaitable[None], resume: Resume | None = None) -> None:
         await work
 
     async def release_unused(self, allocations: contextlib.AsyncExitStack) -> None:
@@ -425,7 +427,7 @@ class Forwarded:
     peer: Endpoint
     through_here = True
 
-    async def carry(self, work: Awaitable[None]) -> None:
+    async def carry(self, work: Awaitable[None], resume: Resume | None = None) -> None:
         from plexus.relay import forward as relay_forward
 
         with contextlib.closing(self.local):
@@ -603,7 +605,7 @@ class OwnRelay:
             peer_reflexive=True,
         )
         local = bind(Endpoint("127.0.0.1", 0))
-        command = Endpoint("127.0.0.1", _free_port())
+        command = Endpoint("127.0.0.1", free_port())
         forwarder = Endpoint("127.0.0.1", local.getsockname()[1])
         return Forwarded(
             Tunnel(command, self.relay.relayed, forwarder, attempt.secret, self.method),
@@ -664,7 +666,7 @@ async def establish(candidates: list[Way], attempt: Attempt, handshake_timeout: 
     return await last.establish(attempt, handshake_timeout)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]

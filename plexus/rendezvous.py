@@ -22,12 +22,12 @@ import hmac
 import ipaddress
 import logging
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from plexus import keys
+from plexus import events, keys
 from plexus.endpoint import Endpoint
 
 if TYPE_CHECKING:
@@ -343,13 +343,21 @@ class Rebinds:
     _sessions: dict[bytes, Rebound] = field(default_factory=dict)
 
     @contextlib.contextmanager
-    def expect(self, key: RebindKey) -> Iterator[Rebound]:
-        """Within it, the session's rebinds are admitted and yielded by the Rebound; outside it, refused."""
+    def expect(
+        self, key: RebindKey, reading: Callable[[], Awaitable[None]] | None = None
+    ) -> Iterator[Rebound]:
+        """Within it, the session's rebinds are admitted and yielded by the Rebound; outside it, refused.
+        `reading`: what reads them meanwhile where no listening loop does (an inviter's), run as a task."""
         rebound = Rebound(key)
         self._sessions[key.session] = rebound
+        task = asyncio.ensure_future(reading()) if reading is not None else None
+        if task is not None:
+            task.add_done_callback(_reading_ended)
         try:
             yield rebound
         finally:
+            if task is not None:
+                task.cancel()
             if self._sessions.get(key.session) is rebound:
                 del self._sessions[key.session]
 
@@ -360,6 +368,12 @@ class Rebinds:
             raise RebindError(f"rebind of no session here ({rebind.session.hex()[:8]}...)")
         rebound.admit(rebind, now, self.tolerance)
         log.info("rebind %d admitted: the peer says it is now at %s", rebind.sequence, rebind.outer)
+
+
+def _reading_ended(task: asyncio.Future[None]) -> None:
+    """An inviter's reading of its rendezvous that failed: one line (its own rebinds still go out)."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.warning("no longer reading the rendezvous for the peer's rebinds: %s", events.one_line(error))
 
 
 class Rendezvous(Protocol):

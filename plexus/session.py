@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from plexus import events, launcher, paths, puncher
+from plexus.carry import carried
 from plexus.endpoint import ANY6, Endpoint
 from plexus.errors import (
     CommandFailedError,
@@ -44,7 +45,8 @@ from plexus.rendezvous import Invitation, Offer, RebindKeys, Rendezvous, Rendezv
 
 # Streams (and with them aioquic) load with the first streams session, not with every session.
 if TYPE_CHECKING:
-    from plexus.streams import Resume, StreamsConfig
+    from plexus.resume import Resume
+    from plexus.streams import StreamsConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,6 +79,8 @@ class SessionConfig:
     # --stun-client's IPv6 endpoint (port 0: the IPv4 socket's port where it is free); None: no IPv6
     inner6: Endpoint | None = ANY6
     stun_server6: Endpoint | None = None  # the IPv6 STUN server where stun_server's name gives none
+    # --carry: the command's datagrams pass through plexus, which follows a move (plexus/carry.py)
+    carry: bool = False
 
     def reporting(self, sink: events.Sink) -> SessionConfig:
         return dataclasses.replace(self, on_event=sink)
@@ -147,21 +151,45 @@ async def _invite(config: SessionConfig) -> Tunnel:
                 with resuming as resume:
                     await established.carry(_work(config, established.tunnel, accept=False, resume=resume))
                 return established.tunnel
-            process = launcher.start(config.command, established.tunnel)
-            config.on_event(events.Launched(role="invite", pid=process.pid))
-            if slot is not None:
-                slot.save(process.pid)
+            if config.carry:  # plexus stays, and so does the rendezvous: a move is told over it
+                established = carried(established)
+                process = _launch(config, config.command, established.tunnel, slot)
+                await established.release_unused(relays)
+                with resuming as resume:
+                    await established.carry(_watched(config.command, process), resume)
+                return established.tunnel
+            process = _launch(config, config.command, established.tunnel, slot)
             watching = asyncio.ensure_future(launcher.watch(process, grace=INVITER_WATCH_SECONDS))
             await established.release_unused(relays)  # an allocation kept for a fallback that was not needed
-        status = await watching
-        if status:
-            raise CommandFailedError(
-                f"{config.command.path} exited with status {status} within {INVITER_WATCH_SECONDS:g} s of "
-                "its launch (its output is in --exec-log-file)"
-            )
+        _launched(config.command, await watching)
         if established.through_here:
             await established.carry(_command(process, set()))
     return established.tunnel
+
+
+def _launch(
+    config: SessionConfig, command: Command, tunnel: Tunnel, slot: Slot | None
+) -> subprocess.Popen[bytes]:
+    process = launcher.start(command, tunnel)
+    config.on_event(events.Launched(role="invite", pid=process.pid))
+    if slot is not None:
+        slot.save(process.pid)
+    return process
+
+
+def _launched(command: Command, status: int | None) -> None:
+    """CommandFailedError for a command that exited non-zero within the watch window."""
+    if status:
+        raise CommandFailedError(
+            f"{command.path} exited with status {status} within {INVITER_WATCH_SECONDS:g} s of its launch "
+            "(its output is in --exec-log-file)"
+        )
+
+
+async def _watched(command: Command, process: subprocess.Popen[bytes]) -> None:
+    """A carried command's life on the inviter: the watch window, then until it exits."""
+    _launched(command, await launcher.watch(process, grace=INVITER_WATCH_SECONDS))
+    await _command(process, set())
 
 
 async def _meet(
@@ -189,7 +217,7 @@ async def _meet(
         attempt = _attempt(config, socks, mine, response, puzzle, accept=False)
         established = await paths.establish(candidates, attempt, config.handshake_timeout)
     keys = rebind_keys(config, puzzle, response.puzzle, response)
-    resuming = _resuming(config, rendezvous, keys, offer, established.tunnel, accept=False)
+    resuming = _resuming(config, rendezvous, keys, offer, established.tunnel, accept=False, streams=streams)
     return _connected(config, "invite", established), resuming
 
 
@@ -202,17 +230,26 @@ def _resuming(
     tunnel: Tunnel,
     *,
     accept: bool,
+    streams: bool,
 ) -> Iterator[Resume | None]:
-    """How a streams session survives either side's move (plexus/streams/resume.py): within it, the peer's
+    """How a streams session survives either side's move (plexus/resume.py): within it, the peer's
     rebinds are taken, and this side's are sent, sealed with its key. On a direct IPv4 path between plexus
-    peers, where a move is a new outer endpoint that STUN shows; elsewhere None: a move is not followed
-    (docs/streams.md, "What survives what"), nor for the library's caller."""
+    peers, where a move is a new outer endpoint that STUN shows; on a relay, the search for a direct path
+    (plexus/streams/direct.py); elsewhere None: a move is not followed (docs/streams.md, "What survives
+    what"), nor for the library's caller. A command's path follows a move where plexus carries it (--carry,
+    plexus/carry.py), on a direct path too."""
     plexus = keys is not None and mine.reach is not None and config.hand_over is None
-    if not plexus or tunnel.path != Method.DIRECT or tunnel.family != socket.AF_INET:
+    ways = (Method.DIRECT, Method.RELAY) if streams else (Method.DIRECT,) if config.carry else ()
+    if not plexus or tunnel.family != socket.AF_INET or tunnel.path not in ways:
         yield None
         return
+    if tunnel.path == Method.RELAY:
+        from plexus.streams import direct
+
+        yield functools.partial(direct.upgrade, server=config.stun_server)
+        return
     assert keys is not None and mine.reach is not None
-    from plexus.streams import resume
+    from plexus import resume
 
     key, reach, sequence = keys.mine(accept=accept), mine.reach, itertools.count(1)
 
@@ -352,6 +389,8 @@ async def _serve(
             if config.hand_over is not None or _wants_streams(invitation):
                 return established, resuming, None
             assert config.command is not None  # _answer refused the request otherwise
+            if config.carry:
+                established = carried(established)
             process = launcher.start(config.command, established.tunnel)
             if slot is not None:
                 slot.save(process.pid)
@@ -370,7 +409,8 @@ async def _serve(
                 with resuming as resume:
                     await established.carry(_work(config, established.tunnel, accept=True, resume=resume))
             else:
-                await established.carry(_command(process, running))
+                with resuming as resume:
+                    await established.carry(_command(process, running), resume)
         except PlexusError as error:
             log.error("session with %s ended: %s", peer, error)
             config.on_event(events.Ended(role="accept", error=str(error)))
@@ -438,7 +478,15 @@ async def _answer(
                 await rendezvous.answer(invitation, offer, submission)
             established = await handshake
             keys = rebind_keys(config, invitation.offer.puzzle, puzzle, invitation.offer)
-            resuming = _resuming(config, rendezvous, keys, offer, established.tunnel, accept=True)
+            resuming = _resuming(
+                config,
+                rendezvous,
+                keys,
+                offer,
+                established.tunnel,
+                accept=True,
+                streams=_wants_streams(invitation),
+            )
             return _connected(config, "accept", established), resuming
         finally:
             if handshake is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import enum
 import ipaddress
 import logging
@@ -449,6 +450,61 @@ class Exchange:
     def get_timer(self) -> float | None:
         times = [t for _, tx in self._transactions if (t := tx.next_time()) is not None]
         return min(times, default=None)
+
+
+class Question:
+    """One binding request at a time from a socket that carries other traffic too (the streams' QUIC, a
+    command's datagrams): its owner sends what `ask` gives it and hands every datagram from the server being
+    asked to `answer`. `independent` asks twice (RFC 5780's test I and a second to the OTHER-ADDRESS)."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        self._schedule = schedule
+        self._asking: Transaction | None = None
+        self._answered = asyncio.Event()
+
+    def answer(self, data: bytes, source: Endpoint, now: float) -> bool:
+        """Whether the datagram is from the server being asked (taken, whatever it holds)."""
+        asking = self._asking
+        if asking is None or source != asking.destination:
+            return False
+        try:
+            message = decode(data)
+        except StunParseError:
+            return True
+        if asking.receive(message, source, now):
+            self._answered.set()
+        return True
+
+    async def ask(self, server: Endpoint, send: Callable[[bytes, Endpoint], None]) -> Transaction:
+        """The transaction, answered or timed out by the schedule."""
+        assert self._asking is None, "one STUN question at a time"
+        loop = asyncio.get_running_loop()
+        asking = self._asking = Transaction(server, binding_request(), loop.time(), self._schedule)
+        self._answered.clear()
+        try:
+            while (when := asking.next_time()) is not None:
+                data = asking.poll(loop.time())
+                if data is not None:
+                    send(data, server)
+                if not asking.pending:
+                    break
+                wait = max((asking.next_time() or when) - loop.time(), 0.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._answered.wait(), wait)
+        finally:
+            self._asking = None
+        return asking
+
+    async def independent(self, server: Endpoint, send: Callable[[bytes, Endpoint], None]) -> Endpoint | None:
+        """The outer endpoint where the NAT maps it endpoint-independently now: `server` and its other
+        address (OTHER-ADDRESS) see the same; else None (no answer, no other address, or two different
+        endpoints: a NAT that maps per destination)."""
+        first = await self.ask(server, send)
+        other = other_address(first.response) if first.response is not None else None
+        if first.mapped is None or other is None:
+            return None
+        second = await self.ask(other, send)
+        return first.mapped if second.mapped == first.mapped else None
 
 
 # NAT behaviour discovery ---------------------------------------------------------------------------------

@@ -480,13 +480,8 @@ class DhtMediator:
     def rebinds(self, key: RebindKey) -> Iterator[Rebound]:
         """This session's rebinds from the peer (plexus.rendezvous.Rendezvous.rebinds): the acceptor's
         requests() loop reads them; an inviter listens where its responses go meanwhile."""
-        with self._rebinds.expect(key) as rebound:
-            watch = asyncio.ensure_future(self._watch()) if self._inviting else None
-            try:
-                yield rebound
-            finally:
-                if watch is not None:
-                    watch.cancel()
+        with self._rebinds.expect(key, self._watch if self._inviting else None) as rebound:
+            yield rebound
 
     async def _watch(self) -> None:
         """The inviter's listen for the acceptor's rebinds (_open admits them) while its session runs; the

@@ -596,13 +596,8 @@ class Mediator:
     def rebinds(self, key: RebindKey) -> Iterator[Rebound]:
         """This session's rebinds from the peer (plexus.rendezvous.Rendezvous.rebinds): the acceptor's
         requests() loop reads them; an inviter reads its mailbox for them meanwhile (IMAP IDLE)."""
-        with self._rebinds.expect(key) as rebound:
-            watch = asyncio.ensure_future(self._watch()) if self._inviting else None
-            try:
-                yield rebound
-            finally:
-                if watch is not None:
-                    watch.cancel()
+        with self._rebinds.expect(key, self._watch if self._inviting else None) as rebound:
+            yield rebound
 
     async def _watch(self) -> None:
         """The inviter's reading of its mailbox for the acceptor's rebinds (_take admits them), for as long

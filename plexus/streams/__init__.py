@@ -7,12 +7,13 @@ is what a session runs on its tunnel, as it would launch a command on it.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from plexus.endpoint import Endpoint
 from plexus.identity import Identity, PeerCheck
 from plexus.launcher import Tunnel
 from plexus.path import Method
@@ -20,12 +21,8 @@ from plexus.streams.wire import Allowed, Target
 
 # aioquic loads with the first stream session, not with every session that might have one.
 if TYPE_CHECKING:
+    from plexus.resume import Resume
     from plexus.streams.forward import Forward
-    from plexus.streams.quic import Link
-
-# What keeps a session going across a network change, run beside its streams (plexus/streams/resume.py):
-# the inviter's `follow`, the acceptor's `answer`, bound to what each needs.
-Resume = Callable[["Link"], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +43,17 @@ class StreamsConfig:
         return self.stdio is not None or bool(self.forwards)
 
 
+def _loopback(endpoint: Endpoint) -> bool:
+    return ipaddress.ip_address(endpoint.host).is_loopback
+
+
+def _direct_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", 0))
+    sock.setblocking(False)
+    return sock
+
+
 async def carry(
     sock: socket.socket, tunnel: Tunnel, config: StreamsConfig, *, accept: bool, resume: Resume | None = None
 ) -> None:
@@ -59,11 +67,13 @@ async def carry(
     (`link.dead`; quic.py's docstring)."""
     from plexus.streams import forward, quic
 
-    size = quic.RELAYED_DATAGRAM_SIZE if tunnel.path == Method.RELAY else quic.DATAGRAM_SIZE
-    if accept:
-        link = await quic.serve(sock, tunnel.peer, config.identity, config.check, datagram_size=size)
-    else:
-        link = await quic.connect(sock, tunnel.peer, config.identity, config.check, datagram_size=size)
+    relayed = tunnel.path == Method.RELAY
+    size = quic.RELAYED_DATAGRAM_SIZE if relayed else quic.DATAGRAM_SIZE
+    # On a relay this side allocated, the streams socket faces the forwarder (on loopback): a direct path
+    # found later needs a socket of its own (plexus/streams/direct.py).
+    direct = _direct_socket() if relayed and resume is not None and _loopback(tunnel.inner) else None
+    start = quic.serve if accept else quic.connect
+    link = await start(sock, tunnel.peer, config.identity, config.check, datagram_size=size, direct=direct)
     log.info("streams: QUIC connected with %s (peer id %s)", tunnel.peer, link.peer_id)
     beside: list[asyncio.Future[Any]] = [asyncio.ensure_future(link.keepalive())]
     if resume is not None:

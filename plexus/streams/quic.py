@@ -5,7 +5,7 @@ sides prove an identity in TLS 1.3 and check the peer's (identity.PeerCheck) whe
 before any stream's bytes are handed on. Each TCP connection is one bidirectional stream (streams/forward.py).
 
 The inviter takes datagrams from the acceptor's endpoint alone (and, while it asks, its STUN server's answer:
-`mapped`, which a rebind needs, plexus/streams/resume.py); its socket is not connected, so that it can ask.
+`mapped`, which a rebind needs, plexus/resume.py); its socket is not connected, so that it can ask.
 The acceptor's is not either: its peer's NAT may map the inviter's socket anew (an idle mapping forgotten,
 conntrack flushed) and the inviter's packets then come from another endpoint, which a connected socket would
 never hear. Until the handshake completes the acceptor takes datagrams from the punched endpoint alone, as a
@@ -63,6 +63,8 @@ from plexus import stun
 from plexus.endpoint import Endpoint
 from plexus.errors import PeerIdentityError, PlexusError, StreamsLostError
 from plexus.identity import Identity, PeerCheck, id_of
+from plexus.resume import PUNCH, heard
+from plexus.streams import wire
 from plexus.streams.wire import ALPN
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,6 @@ DEAD_AFTER = 2.0
 # answer time at 0 ms links (a few ms), so a lossy moment costs at most one STUN round trip.
 SUSPECT_AFTER = 0.4
 QUIC_FIXED_BIT = 0x40  # set in every QUIC packet's first byte (RFC 9000 17); STUN's has it clear
-# The acceptor's punch toward a rebind's endpoint: not QUIC (first byte 0), not STUN (no cookie).
-PUNCH = b"\0plexus punch"
 POKE_INTERVAL = 0.05  # the inviter probes at most this often on punches
 # The inviter's question to its STUN server: sends at 0, 0.1, 0.3 s, an answer by 0.8 s (a server that has
 # answered before; a slower one gets asked again at the next suspicion).
@@ -138,7 +138,7 @@ class _Connection(QuicConnection):
         super().__init__(**kwargs)
         self._loss._pacer = _Pacer(max_datagram_size=self._max_datagram_size)
         self.heard_at = -math.inf  # when the last packet that decrypted under this connection's keys came
-        self.asked_at: float | None = None  # the first ack-eliciting packet sent since then, unanswered
+        self.asked_at: float | None = None  # the first ack-eliciting packet sent since the last new ACK
 
     def _payload_received(
         self, context: QuicReceiveContext, plain: bytes, crypto_frame_required: bool = False
@@ -146,8 +146,16 @@ class _Connection(QuicConnection):
         # Reached only by a packet that decrypted and is no duplicate: forged or replayed datagrams never are.
         received = super()._payload_received(context, plain, crypto_frame_required=crypto_frame_required)
         self.heard_at = context.time
-        self.asked_at = None
         return received
+
+    def _handle_ack_frame(self, context: QuicReceiveContext, frame_type: int, buf: Buffer) -> None:
+        # What this side sent is answered only by an ACK of something newer: a path that carries the peer's
+        # packets and loses this side's (a network that lets nothing out) is as dead as one that carries none.
+        space = self._spaces[context.epoch]
+        before = space.largest_acked_packet
+        super()._handle_ack_frame(context, frame_type, buf)
+        if space.largest_acked_packet > before:
+            self.asked_at = None
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         datagrams = super().datagrams_to_send(now)
@@ -160,6 +168,12 @@ class _Connection(QuicConnection):
         7): into a silence the window is full of what went unanswered, and a plain PING would wait behind
         it."""
         self._send_probe()
+
+    @property
+    def takes_datagrams(self) -> bool:
+        """Whether the peer said it takes DATAGRAM frames (a plexus from before them closes the connection
+        on one)."""
+        return self._remote_max_datagram_frame_size is not None
 
     def repoint(self, addr: NetworkAddress) -> None:
         """The client's: the server is at `addr` now (its NAT mapped it anew, and an authenticated rebind
@@ -202,6 +216,7 @@ def configuration(identity: Identity, *, client: bool, datagram_size: int) -> Qu
         max_data=CONNECTION_WINDOW,
         # The certificate is checked against the pinned identity (PeerCheck), not against a CA or a name.
         verify_mode=ssl.CERT_NONE,
+        max_datagram_frame_size=wire.CONTROL_LIMIT,  # control datagrams (Link.send_candidate)
     )
     config.certificate = identity.certificate
     config.private_key = identity.key
@@ -267,6 +282,7 @@ class Link(asyncio.DatagramProtocol):
         check: PeerCheck,
         config: QuicConfiguration,
         peer: Endpoint,
+        direct: bool = False,
     ) -> None:
         self._quic = quic  # the acceptor's is the candidate whose handshake completes first
         self._candidates: dict[bytes, _Connection] = {}  # acceptor, until then: by their connection ids
@@ -289,12 +305,21 @@ class Link(asyncio.DatagramProtocol):
         self.dead = asyncio.Event()
         self._silent_since = -math.inf  # while the path looks dead: when the peer was last heard
         # Set while this side's packets have gone unanswered for SUSPECT_AFTER, cleared when the peer is heard
-        # again: when the inviter asks whether it moved (plexus/streams/resume.py).
+        # again: when the inviter asks whether it moved (plexus/resume.py).
         self.suspect = asyncio.Event()
         self._heard = asyncio.Event()  # set as the peer is heard; a waiter clears it (heard_within)
-        self._query: stun.Transaction | None = None  # the inviter's question to its STUN server (mapped)
-        self._query_answered = asyncio.Event()
+        self._question = stun.Question(MAPPED_SCHEDULE)  # to this side's STUN server (mapped, independent)
         self._poked_at = -math.inf
+        # Where the inviter takes datagrams from: the punched endpoint, and those an authenticated message
+        # named since (a rebind, a candidate).
+        self._known = {(self._punched.host, self._punched.port)}
+        # On a relay this side allocated, the socket faces plexus's forwarder (`peer`) and a second one
+        # (`direct`, set_direct) is for a direct path: datagrams go out of the one whose peer they are for.
+        self._relayed: NetworkAddress | None = (self._punched.host, self._punched.port) if direct else None
+        self._direct: asyncio.DatagramTransport | None = None
+        self.heard_from: NetworkAddress | None = None  # where the last packet that decrypted came from
+        self.peer_candidate: Endpoint | None = None  # the peer's latest CANDIDATE (plexus/streams/direct.py)
+        self.candidate_arrived = asyncio.Event()
 
     # asyncio.DatagramProtocol
 
@@ -313,29 +338,25 @@ class Link(asyncio.DatagramProtocol):
             if quic is None:
                 return
         elif quic.configuration.is_client and not self._from_peer(addr):
-            return  # the acceptor never moves during a session: anything else is noise or forged
+            return  # only an authenticated message moves the acceptor: anything else is noise or forged
+        heard = quic.heard_at
         # IPv6 sources come with flow info and scope: the same path as the (host, port) QUIC was given
         quic.receive_datagram(data, addr[:2], self._loop.time())
+        if quic.heard_at != heard:
+            self.heard_from = addr[:2]
         self._dispatch(quic)
         if quic is self._quic and self.ready.done():
             self._watch(quic)
         self._schedule_flush()
 
     def _from_peer(self, addr: tuple[str, int]) -> bool:
-        return addr[1] == self._punched.port and addr[0] == self._punched.host
+        return addr[:2] in self._known
 
     def _beside_quic(self, data: bytes, addr: tuple[str, int]) -> None:
         """A datagram that is not QUIC: the STUN server's answer to `mapped`, or the acceptor's punch (or a
         late handshake datagram, or noise: dropped)."""
         now = self._loop.time()
-        query = self._query
-        if query is not None and (addr[0], addr[1]) == (query.destination.host, query.destination.port):
-            try:
-                message = stun.decode(data)
-            except stun.StunParseError:
-                return
-            if query.receive(message, Endpoint(addr[0], addr[1]), now):
-                self._query_answered.set()
+        if self._question.answer(data, Endpoint(*addr[:2]), now):
             return
         quic = self._quic
         # The acceptor's punch toward this side's new endpoint: its NAT now lets the next packet in.
@@ -416,9 +437,22 @@ class Link(asyncio.DatagramProtocol):
                 stream = self._streams.pop(event.stream_id, None)
                 if stream is not None:
                     stream._fail(StreamsLostError("the peer reset the stream"))
+            elif isinstance(event, events.DatagramFrameReceived):
+                self._control(event.data)
             elif isinstance(event, events.ConnectionTerminated):
                 self._end(self._termination(event))
         self._wake_writers()
+
+    def _control(self, data: bytes) -> None:
+        try:
+            candidate = wire.read_candidate(data)
+        except wire.FrameError as error:
+            log.debug("streams: a control datagram dropped: %s", error)
+            return
+        if candidate != self.peer_candidate:
+            log.info("streams: the peer can be reached directly at %s", candidate)
+        self.peer_candidate = candidate
+        self.candidate_arrived.set()
 
     def _handshake_completed(self) -> None:
         assert self._quic is not None
@@ -479,7 +513,7 @@ class Link(asyncio.DatagramProtocol):
         live = self._live()
         for quic in live:
             for data, addr in quic.datagrams_to_send(self._loop.time()):
-                self._transport.sendto(data, addr)
+                self._out(addr).sendto(data, addr)
         if self._timer is not None:
             self._timer.cancel()
         when = min((t for quic in live if (t := quic.get_timer()) is not None), default=None)
@@ -578,7 +612,7 @@ class Link(asyncio.DatagramProtocol):
             after = Endpoint(*peer[:2])
             log.info("streams: peer moved from %s to %s", before, after)
             plexus_events.emit(plexus_events.Migrated, before=before, after=after)
-        if self.dead.is_set() and quic.heard_at > self._silent_since:
+        if self.dead.is_set() and quic.asked_at is None:  # an ACK of something newer: answered again
             silent = quic.heard_at - self._silent_since
             self.dead.clear()
             # What this side sent into the silence waits for its probe timeout, which has backed off to
@@ -605,59 +639,84 @@ class Link(asyncio.DatagramProtocol):
             self._quic.probe()
             self._flush()
 
+    def _out(self, addr: NetworkAddress) -> asyncio.DatagramTransport:
+        """The transport toward `addr`: the direct socket's, for anyone but the forwarder it has beside."""
+        assert self._transport is not None
+        if self._direct is None or addr[:2] == self._relayed:
+            return self._transport
+        return self._direct
+
+    def set_direct(self, transport: asyncio.DatagramTransport) -> None:
+        self._direct = transport
+
     def punch(self, toward: Endpoint) -> None:
-        """A PUNCH toward a rebind's endpoint: this side's NAT lets that endpoint's packets in then."""
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.sendto(PUNCH, (toward.host, toward.port))
+        """A PUNCH toward an endpoint the peer named (a rebind, a candidate): this side's NAT lets that
+        endpoint's packets in then."""
+        self._send(PUNCH, toward)
 
     def moved(self, peer: Endpoint) -> None:
         """The peer says, in an authenticated rebind, that it is at `peer` now. The acceptor needs nothing
         more than its punches (QUIC validates the new endpoint when its packets come, and moves); the
-        inviter sends there from now on, and takes datagrams from there alone."""
-        quic = self._quic
-        if quic is None or not quic.configuration.is_client or peer.canonical() == self._punched:
+        inviter sends there from now on."""
+        if self.client:
+            self.reroute(peer)
+
+    @property
+    def client(self) -> bool:
+        return self._quic is not None and self._quic.configuration.is_client
+
+    @property
+    def relayed(self) -> Endpoint | None:
+        """On a relay this side allocated: the forwarder's endpoint, where the relay path goes."""
+        return None if self._relayed is None else Endpoint(*self._relayed)
+
+    @property
+    def peer(self) -> Endpoint:
+        """Where this side's datagrams go now."""
+        return Endpoint(*self._peer[:2])
+
+    def reroute(self, peer: Endpoint) -> None:
+        """The inviter's: send to `peer` from now on (an endpoint an authenticated message named), and take
+        datagrams from it. A QUIC client never moves to a new server address by itself (RFC 9000 section
+        9); the acceptor's QUIC follows the inviter's new path by validating it."""
+        assert self._quic is not None and self.client
+        after = peer.canonical()
+        if (after.host, after.port) == self._peer[:2]:
             return
-        before, self._punched = self._punched, peer.canonical()
-        self._peer = (self._punched.host, self._punched.port)
-        quic.repoint(self._peer)
-        log.info("streams: peer moved from %s to %s", before, self._punched)
-        plexus_events.emit(plexus_events.Migrated, before=before, after=self._punched)
+        before = self.peer
+        self._known.add((after.host, after.port))
+        self._punched, self._peer = after, (after.host, after.port)
+        self._quic.repoint(self._peer)
+        log.info("streams: peer moved from %s to %s", before, after)
+        plexus_events.emit(plexus_events.Migrated, before=before, after=after)
+
+    def send_candidate(self, endpoint: Endpoint) -> None:
+        """Tell the peer this side's endpoint for a direct path (a CANDIDATE control datagram), where the
+        peer takes control datagrams."""
+        if self._quic is not None and self._quic.takes_datagrams and not self.closed.done():
+            self._quic.send_datagram_frame(wire.candidate_frame(endpoint))
+            self._flush()
 
     async def heard_within(self, timeout: float) -> bool:
         """Whether a packet from the peer decrypts within `timeout` from now."""
-        assert self._quic is not None
-        mark = self._quic.heard_at
-        deadline = self._loop.time() + timeout
-        while self._quic.heard_at <= mark:
-            self._heard.clear()
-            remaining = deadline - self._loop.time()
-            if remaining <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._heard.wait(), remaining)
-        return True
+        quic = self._quic
+        assert quic is not None
+        return await heard(self._heard, lambda: quic.heard_at, timeout)
 
     async def mapped(self, server: Endpoint) -> Endpoint | None:
         """This socket's outer endpoint as the STUN server at `server` (an IP address) sees it now, or None
-        without an answer within MAPPED_SCHEDULE's timeout. One question at a time."""
-        assert self._query is None, "one STUN question at a time"
-        query = self._query = stun.Transaction(
-            server, stun.binding_request(), self._loop.time(), MAPPED_SCHEDULE
-        )
-        self._query_answered.clear()
-        try:
-            while (when := query.next_time()) is not None:
-                data = query.poll(self._loop.time())
-                if data is not None and self._transport is not None and not self._transport.is_closing():
-                    self._transport.sendto(data, (server.host, server.port))
-                if not query.pending:
-                    break
-                wait = max((query.next_time() or when) - self._loop.time(), 0.0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._query_answered.wait(), wait)
-        finally:
-            self._query = None
-        return query.mapped
+        without an answer within MAPPED_SCHEDULE's timeout. One question at a time. On a relay this side
+        allocated, the direct socket's."""
+        return (await self._question.ask(server, self._send)).mapped
+
+    async def independent(self, server: Endpoint) -> Endpoint | None:
+        """As `mapped`, where the NAT maps endpoint-independently now (stun.Question); else None."""
+        return await self._question.independent(server, self._send)
+
+    def _send(self, data: bytes, toward: Endpoint) -> None:
+        transport = self._out((toward.host, toward.port))
+        if not transport.is_closing():
+            transport.sendto(data, (toward.host, toward.port))
 
     async def close(self) -> None:
         """Close cleanly: CONNECTION_CLOSE sent, then the socket, after at most CLOSE_TIMEOUT."""
@@ -667,38 +726,74 @@ class Link(asyncio.DatagramProtocol):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.closed), CLOSE_TIMEOUT)
         self._end(StreamsLostError("the session is over"))
-        if self._transport is not None:
-            self._transport.close()
+        for transport in (self._transport, self._direct):
+            if transport is not None:
+                transport.close()
+
+
+class _Beside(asyncio.DatagramProtocol):
+    """The direct socket beside a relay's forwarder: what arrives there is the link's as well."""
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._link.datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP error on the direct socket: %s", exc)
 
 
 async def _link(
-    sock: socket.socket, quic: _Connection | None, check: PeerCheck, config: QuicConfiguration, peer: Endpoint
+    sock: socket.socket,
+    quic: _Connection | None,
+    check: PeerCheck,
+    config: QuicConfiguration,
+    peer: Endpoint,
+    direct: socket.socket | None,
 ) -> Link:
     loop = asyncio.get_running_loop()
-    link = Link(quic, check, config, peer)
+    link = Link(quic, check, config, peer, direct=direct is not None)
     await loop.create_datagram_endpoint(lambda: link, sock=sock)
+    if direct is not None:
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Beside(link), sock=direct)
+        link.set_direct(transport)
     return link
 
 
 async def connect(
-    sock: socket.socket, peer: Endpoint, identity: Identity, check: PeerCheck, *, datagram_size: int
+    sock: socket.socket,
+    peer: Endpoint,
+    identity: Identity,
+    check: PeerCheck,
+    *,
+    datagram_size: int,
+    direct: socket.socket | None = None,
 ) -> Link:
-    """The inviter's side: the handshake with the acceptor at `peer`, checked; `sock` is taken over."""
+    """The inviter's side: the handshake with the acceptor at `peer`, checked; `sock` is taken over (and
+    `direct`, on a relay this side allocated: a socket for a direct path later, plexus/streams/direct.py)."""
     config = configuration(identity, client=True, datagram_size=datagram_size)
     quic = _Connection(configuration=config)
-    link = await _link(sock, quic, check, config, peer)
+    link = await _link(sock, quic, check, config, peer, direct)
     quic.connect(peer, now=asyncio.get_running_loop().time())
     link._flush()
     return await _ready(link)
 
 
 async def serve(
-    sock: socket.socket, peer: Endpoint, identity: Identity, check: PeerCheck, *, datagram_size: int
+    sock: socket.socket,
+    peer: Endpoint,
+    identity: Identity,
+    check: PeerCheck,
+    *,
+    datagram_size: int,
+    direct: socket.socket | None = None,
 ) -> Link:
     """The acceptor's side: wait for the inviter's handshake from `peer`, checked; `sock` is taken over (and
-    left unconnected: the inviter's packets may come from a new endpoint later, module docstring)."""
+    left unconnected: the inviter's packets may come from a new endpoint later, module docstring; `direct`
+    as for connect)."""
     config = configuration(identity, client=False, datagram_size=datagram_size)
-    link = await _link(sock, None, check, config, peer)
+    link = await _link(sock, None, check, config, peer, direct)
     return await _ready(link)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
+from plexus.endpoint import Endpoint
 from plexus.errors import UsageError
 
 ALPN = "plexus-streams/1"
@@ -121,3 +122,31 @@ def read_open(buffer: bytes) -> tuple[Target, bytes] | None:
         return Target.parse(text, "target"), rest
     except UsageError as error:
         raise FrameError(str(error)) from error
+
+
+# Control datagrams: QUIC DATAGRAM frames (RFC 9221) between the two ends of a link, outside every stream.
+# Each is CONTROL_MAGIC, a code (one byte) and its text. The one code so far is CANDIDATE: the sender's
+# endpoint that its NAT maps endpoint-independently now, as its STUN server saw it (`ip:port`, IPv6 in
+# brackets), where a relayed session may go directly (plexus/streams/direct.py). The QUIC connection
+# authenticates them; a peer's malformed one is still only dropped.
+CONTROL_MAGIC = b"PXC1"
+CONTROL_LIMIT = 64  # bytes of a control datagram: the longest candidate is under 60
+CANDIDATE = 0x01
+
+
+def candidate_frame(endpoint: Endpoint) -> bytes:
+    return CONTROL_MAGIC + bytes([CANDIDATE]) + str(endpoint.canonical()).encode("ascii")
+
+
+def read_candidate(data: bytes) -> Endpoint:
+    """The endpoint a CANDIDATE control datagram names; FrameError for anything else."""
+    if len(data) > CONTROL_LIMIT or data[:5] != CONTROL_MAGIC + bytes([CANDIDATE]):
+        raise FrameError("not a candidate control datagram")
+    try:
+        endpoint = Endpoint.parse(data[5:].decode("ascii"))
+        ipaddress.ip_address(endpoint.host)
+    except ValueError as error:
+        raise FrameError(f"a candidate that is not an IP endpoint: {data[5:]!r}") from error
+    if not endpoint.port:
+        raise FrameError("a candidate with port 0")
+    return endpoint.canonical()

@@ -587,18 +587,20 @@ class Lab:
         self.ip(host, "addr", "add", f"{self.inner_ip(host)}/{27 if public else 24}", "dev", "eth0")
         self.ip(host, "route", "replace", "default", "via", site.public_gw if public else f"{site.lan_net}.1")
 
-    def _apply_nat(self, host: str) -> None:
+    def _apply_nat(self, host: str, flush: bool = True) -> None:
         router = self.netns(f"nat-{host}")
         ruleset = nft_ruleset(
             self.modes[host], f"{SITES[host].lan_net}.2", self.ports.get(host), self.outer.get(host)
         )
         run(["ip", "netns", "exec", router, "nft", "-f", "-"], input=ruleset)
-        # conntrack -F exits 1 when the table was already empty
-        run(["ip", "netns", "exec", router, "conntrack", "-F"], check=False)
+        if flush:  # conntrack -F exits 1 when the table was already empty
+            run(["ip", "netns", "exec", router, "conntrack", "-F"], check=False)
 
     # ---- NAT and links -----------------------------------------------------------------------------------
-    def set_nat(self, host: str, mode: str) -> None:
-        """Switch the host's NAT router to mode; the host's inner address changes on entering/leaving none."""
+    def set_nat(self, host: str, mode: str, flush: bool = True) -> None:
+        """Switch the host's NAT router to mode; the host's inner address changes on entering/leaving none.
+        `flush` False: the mappings the NAT has stay (the flows going on, as a router reconfigured in place
+        keeps them); new flows get the new mode's."""
         _site(host)
         if mode not in NAT_MODES:
             raise ValueError(f"unknown NAT mode {mode!r}; expected one of {', '.join(NAT_MODES)}")
@@ -606,7 +608,7 @@ class Lab:
         self.modes[host] = mode
         if was_public != (mode == "none"):
             self._set_host_address(host)
-        self._apply_nat(host)
+        self._apply_nat(host, flush)
 
     def remap(self, host: str) -> str:
         """The host's NAT maps every flow anew, onto new outer ports, as a NAT that forgot its mappings (or
@@ -621,6 +623,16 @@ class Lab:
         self.ports[host] = REMAP_RANGES[following % len(REMAP_RANGES)]
         self._apply_nat(host)
         return self.ports[host]
+
+    def expire_stun_flows(self, host: str, port: int) -> None:
+        """The host's NAT forgets the mappings of the host's UDP port `port` toward the STUN server (its
+        primary and alternate ports), as a NAT does once they have been idle for its UDP timeout (30 s to
+        3 min): the port's next STUN request gets a mapping of the NAT's current mode."""
+        _site(host)
+        router = self.netns(f"nat-{host}")
+        for server in (self.STUN_PRIMARY, self.STUN_ALTERNATE):
+            run(["ip", "netns", "exec", router, "conntrack", "-D", "-p", "udp", "--sport", str(port),
+                 "--dport", str(server.port)], check=False)  # fmt: skip  (exits 1 when none matched)
 
     def renumber(self, host: str, renumbered: bool = True) -> str:
         """The host's NAT maps every flow anew onto another outer address, as after a new DHCP lease from

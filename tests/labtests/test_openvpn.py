@@ -7,10 +7,12 @@ with its own key folder, and ping through the tunnel; and over IPv6, launched by
 
 from __future__ import annotations
 
+import itertools
 import os
 import pwd
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from hashlib import sha256
@@ -20,6 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from plexus import endpoint
 from tests.lab import sessions
 from tests.lab.lab import Lab, stop_process
 from tests.lab.sessions import Plexus, Side
@@ -333,3 +336,56 @@ def test_a_plexus_session_over_ipv6_runs_openvpn_over_it(
         assert argv[argv.index("--proto") + 1] == "udp6", argv
         assert argv[argv.index("--local") + 1] == lab.inner_ip6(own), argv
         assert argv[argv.index("--remote") + 1] == lab.inner_ip6(peer), argv
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("mover", ["a", "b"])
+def test_a_carried_tunnel_outlives_either_sides_nat_mapping_it_anew(
+    lab: Lab, tmp_path: Path, running: list[Plexus], mover: str
+) -> None:
+    """--carry on both sides: exec.sh's OpenVPN talks to plexus on loopback, plexus carries its datagrams,
+    and when one side's NAT (port-restricted cone on both) forgets its mappings and maps it anew, a rebind
+    over the mail tells the peer, and pings across the tunnel go on: no new session, no cron run."""
+    folders = pinned_pair(tmp_path)
+    inviter, acceptor_side = sessions.pair(lab)
+    options = {"exec-command": str(EXEC_SH), "exec-args": SIX_ARGS, "carry": ""}
+    sides = {}
+    for me, peer, folder, accept in (
+        (acceptor_side, inviter, folders[1], True),
+        (inviter, acceptor_side, folders[0], False),
+    ):
+        plexus = sessions.start(
+            lab, me, peer, tmp_path, accept=accept, overrides=options, env={"PLEXUS_OPENVPN_DIR": str(folder)}
+        )
+        running.append(plexus)
+        sides[me.host] = plexus
+        if accept:
+            sessions.wait_until_listening(plexus)
+    addresses = first_ping(lab, time.monotonic() + 60)
+    assert addresses is not None, f"no ping across the tunnel{openvpn_logs(sides['a'], sides['b'])}"
+    assert [e["pid"] is not None for e in sides["a"].events("launched")] == [True]
+    pinging = lab.popen(
+        "a",
+        ["ping", "-n", "-i", "0.1", "-c", "120", "-W", "1", addresses[1]],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.0)
+    changed = time.time()
+    lab.remap(mover)
+    out, _ = pinging.communicate(timeout=60)
+    moving, other = (sides["a"], sides["b"]) if mover == "a" else (sides["b"], sides["a"])
+    try:
+        (remapped,) = moving.wait_events("remapped", timeout=5)
+        (moved,) = other.wait_events("migrated", timeout=5)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{sides['a'].log()[-4000:]}\n{sides['b'].log()[-4000:]}") from None
+    replies = [int(m) for m in re.findall(r"icmp_seq=(\d+)", out)]
+    gap = max(b - a for a, b in itertools.pairwise(replies)) * 0.1
+    print(
+        f"carried OpenVPN, {mover} remapped: the peer moved {moved['at'] - changed:.2f} s after;"
+        f" {len(replies)} of 120 pings (every 0.1 s) answered, the longest gap {gap:.1f} s"
+    )
+    assert endpoint.Endpoint.parse(moved["after"]) == endpoint.Endpoint.parse(remapped["after"])
+    assert replies and replies[-1] >= 115 and gap < 4.0, out  # the tunnel lives on to the end
+    assert sides["a"].process.poll() is None and sides["b"].process.poll() is None  # both carry on

@@ -42,11 +42,11 @@ def network(_lab_instance: Lab) -> Iterator[DhtNetwork]:
 
 
 class StdioTransfer:
-    """`data` written to a --stdio inviter's stdin (then EOF) by one thread, its stdout read by another,
-    which notes the longest time between two reads."""
+    """`data` written to a --stdio inviter's stdin (then EOF) at `rate` bytes a second by one thread, its
+    stdout read by another, which notes the longest time between two reads."""
 
-    def __init__(self, invite: Plexus, data: bytes) -> None:
-        self.invite, self.data = invite, data
+    def __init__(self, invite: Plexus, data: bytes, rate: float = RATE) -> None:
+        self.invite, self.data, self.rate = invite, data, rate
         self.received = bytearray()
         self.longest_silence = 0.0
         self.error: BaseException | None = None
@@ -66,7 +66,7 @@ class StdioTransfer:
         view = memoryview(self.data)
         began = time.monotonic()
         for start in range(0, len(view), CHUNK):
-            time.sleep(max(began + start / RATE - time.monotonic(), 0))
+            time.sleep(max(began + start / self.rate - time.monotonic(), 0))
             stdin.write(view[start : start + CHUNK])  # type: ignore[call-overload]
             stdin.flush()
         stdin.close()

@@ -57,3 +57,19 @@ def test_a_malformed_target_is_refused(text: str) -> None:
     "0 ": whitespace around a target is stripped, not inside it)."""
     with pytest.raises(FrameError):
         wire.read_open(wire.frame(Code.OPEN, text))
+
+
+@FUZZ
+@given(
+    st.one_of(
+        st.binary(max_size=80),
+        st.builds(lambda text: wire.CONTROL_MAGIC + bytes([wire.CANDIDATE]) + text.encode(), _texts),
+    )
+)
+def test_any_control_datagram_reads_as_a_candidate_or_is_refused(data: bytes) -> None:
+    """A peer's control datagram (inside QUIC, but a peer's all the same): a candidate names an IP endpoint
+    with a port, in its one spelling, or the datagram is refused."""
+    with contextlib.suppress(FrameError):
+        found = wire.read_candidate(data)
+        assert 0 < found.port < 65536 and found == found.canonical()
+        assert wire.read_candidate(wire.candidate_frame(found)) == found

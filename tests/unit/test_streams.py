@@ -680,7 +680,8 @@ def handshake_in_memory() -> tuple[quic._Connection, quic._Connection, Identity,
 
 def test_the_aioquic_internals_the_connection_adapter_reaches_are_there() -> None:
     """_Connection's pacer, client-certificate request, peer certificate, unacknowledged bytes, when the
-    peer was heard and asked, its probe and the validated peer address, on an in-memory handshake: a new
+    peer was heard and asked (and answered by an ACK), its probe, the validated peer address, whether the
+    peer takes DATAGRAM frames and the client's repointing, on an in-memory handshake: a new
     aioquic that renames what they reach fails here, by name, not as a hang."""
     server, client, acceptor_id, inviter_id, now = handshake_in_memory()
     for connection in (server, client):
@@ -696,7 +697,12 @@ def test_the_aioquic_internals_the_connection_adapter_reaches_are_there() -> Non
         server.receive_datagram(data, CLIENT, now=now)
     assert client.asked_at == now, "aioquic lost _send_probe or _ack_eliciting_sent_since_receipt"
     exchange(server, client, now)
-    assert client.asked_at is None and client.heard_at > now
+    assert client.asked_at is None and client.heard_at > now, "aioquic lost _handle_ack_frame or _spaces"
+    assert client.takes_datagrams and server.takes_datagrams, "_remote_max_datagram_frame_size moved"
+    client.repoint(("192.0.2.9", 9))
+    client.probe()
+    assert {addr for _, addr in client.datagrams_to_send(now=now)} == {("192.0.2.9", 9)}
+    client.repoint(SERVER)
     stream_id = client.get_next_available_stream_id()
     client.send_stream_data(stream_id, b"x" * 5000)
     assert client.unacknowledged(stream_id) == 5000

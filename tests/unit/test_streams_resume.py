@@ -1,4 +1,4 @@
-"""The pieces of a session that follows the inviter's move (plexus/streams/resume.py), on loopback: the
+"""The pieces of a session that follows the inviter's move (plexus/resume.py), on loopback: the
 inviter's STUN question from its streams socket, what it takes from whom beside QUIC, the acceptor's punch,
 and `follow`'s decisions (tell the peer only of a real move; give up after REBIND_TRIES)."""
 
@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from plexus import events, stun
+from plexus import events, resume, stun
 from plexus.endpoint import Endpoint
 from plexus.errors import PeerLostError
 from plexus.identity import PeerCheck
-from plexus.streams import quic, resume
+from plexus.streams import quic
 from tests.unit.test_streams import Pair, pair, udp_socket
 
 MAPPED = Endpoint("198.51.100.7", 40123)
@@ -77,11 +77,12 @@ async def test_the_inviter_takes_nothing_from_another_endpoint_but_its_stun_answ
         target = made.inviter_socket.getsockname()
         answered = asyncio.ensure_future(inviter.mapped(Endpoint("127.0.0.1", 9)))  # nobody there
         await asyncio.sleep(0.05)
-        assert inviter._query is not None
+        asking = inviter._question._asking
+        assert asking is not None
         forged = stun.Message(
             stun.BINDING,
             stun.Class.RESPONSE,
-            inviter._query.transaction_id,
+            asking.transaction_id,
             {"XOR-MAPPED-ADDRESS": Endpoint("203.0.113.9", 1)},
         )
         forger.sendto(bytes(forged), target)

@@ -1,42 +1,81 @@
-"""Streams that outlive a network change (issue 19; docs/streams.md, "What survives what").
+"""Sessions that outlive a network change (issue 19; docs/streams.md, "What survives what"): the streams'
+QUIC link (plexus/streams/quic.py) and a command's datagrams that plexus carries (--carry, plexus/carry.py)
+follow either side's move the same way, through the `Movable` face each offers.
 
 When one side's NAT maps it anew (a new network, a NAT that forgot an idle mapping, a new address from the
 ISP), its packets reach the peer from a new endpoint, and the peer's NAT, which filters per endpoint, drops
 them. So the side that moved finds out where it is now and says so over the rendezvous; both sides do the
 same (`resume` runs both halves on each):
 
-- `follow`: once this side's packets have gone unanswered for SUSPECT_AFTER (quic.Link.suspect), it asks its
-  STUN server from the streams socket where it is now (quic.Link.mapped). The same place: nothing to tell
-  (a lossy moment, a dead network, or the peer moved: its rebind will say). A new place: it sends a rebind
-  naming it (`send`: sealed with this side's rebind key, by mail or on the DHT) and probes every HURRY until
-  the peer answers; unanswered for REBIND_WAIT, it sends the next, REBIND_TRIES in all, then ends the
-  session (PeerLostError).
+- `follow`: once what this side sent has gone unanswered for a while (Movable.suspect), it asks its STUN
+  server from the path's socket where it is now (Movable.mapped). The same place: nothing to tell (a lossy
+  moment, a dead network, or the peer moved: its rebind will say). A new place: it sends a rebind naming it
+  (`send`: sealed with this side's rebind key, by mail or on the DHT) and probes every HURRY until the peer
+  answers; unanswered for REBIND_WAIT, it sends the next, REBIND_TRIES in all, then ends the session
+  (PeerLostError).
 - `answer`: each rebind of the peer's that the rendezvous admits (authenticated, not a replay;
-  plexus.rendezvous.Rebinds) makes it punch toward the new endpoint from the streams socket (quic.PUNCH, on
-  PUNCH_SCHEDULE), so that its NAT lets the peer's packets in (quic.Link.moved). The acceptor's QUIC then
-  validates the inviter's new endpoint and moves there (quic.py's docstring); the inviter, whose QUIC client
-  never moves by itself, sends to the acceptor's new endpoint. Every stream goes on, nothing lost or
-  repeated.
+  plexus.rendezvous.Rebinds) makes it punch toward the new endpoint from the path's socket (PUNCH, on
+  PUNCH_SCHEDULE), so that its NAT lets the peer's packets in, and tells the path (Movable.moved). The
+  acceptor's QUIC then validates the inviter's new endpoint and moves there (quic.py's docstring); the
+  inviter's QUIC client, which never moves by itself, and a carrier on either side send to the endpoint the
+  rebind names. Nothing is lost or repeated that the streams (or the command's own protocol) carry.
 
-A rebind only names an endpoint. What moves the acceptor's sending is QUIC path validation, and a forger's
-endpoint answers no PATH_CHALLENGE; what moves the inviter's is the acceptor's rebind, which takes the
-session's key.
+A rebind only names an endpoint, and takes the session's key to make.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 from plexus import events
 from plexus.endpoint import Endpoint
 from plexus.errors import PeerLostError, PlexusError
 from plexus.rendezvous import Rebind
-from plexus.streams.quic import Link
 
 log = logging.getLogger(__name__)
+
+# The punch toward an endpoint the peer named (a rebind's, a candidate's): neither QUIC (first byte 0, where
+# every QUIC packet has the fixed bit 0x40 set) nor STUN (no magic cookie), nor anything a command is given.
+PUNCH = b"\0plexus punch"
+
+
+class Movable(Protocol):
+    """A path that can follow a move: the streams' QUIC link (plexus/streams/quic.py), the carrier of a
+    command's datagrams (plexus/carry.py)."""
+
+    @property
+    def suspect(self) -> asyncio.Event:
+        """Set while what this side sent has gone unanswered for a while (cleared when answered)."""
+        ...
+
+    async def mapped(self, server: Endpoint) -> Endpoint | None:
+        """The path socket's outer endpoint as the STUN server at `server` sees it now, or None."""
+        ...
+
+    async def heard_within(self, timeout: float) -> bool:
+        """Whether the peer is heard within `timeout`."""
+        ...
+
+    def probe(self) -> None:
+        """Send something the peer answers."""
+        ...
+
+    def punch(self, toward: Endpoint) -> None:
+        """PUNCH toward `toward` from the path socket."""
+        ...
+
+    def moved(self, peer: Endpoint) -> None:
+        """The peer says, authenticated, that it is at `peer` now."""
+        ...
+
+
+# What keeps a session going across a move, run beside its work: `resume` bound to what a session has.
+Resume = Callable[[Movable], Awaitable[None]]
 
 # A rebind unanswered this long (no packet from the acceptor) is sent again: mail takes about a second in
 # the lab (SMTP, then the acceptor's IMAP IDLE and fetch), the DHT a few tens of ms; a real mail server
@@ -49,7 +88,7 @@ PUNCH_SCHEDULE = (0.0, 0.1, 0.3, 0.7)  # the acceptor's punches after a rebind, 
 
 
 async def resume(
-    link: Link,
+    link: Movable,
     server: Endpoint,
     outer: Endpoint,
     send: Callable[[Endpoint], Awaitable[None]],
@@ -65,12 +104,12 @@ async def resume(
 
 
 async def follow(
-    link: Link, server: Endpoint, outer: Endpoint, send: Callable[[Endpoint], Awaitable[None]]
+    link: Movable, server: Endpoint, outer: Endpoint, send: Callable[[Endpoint], Awaitable[None]]
 ) -> None:
     """This side's moves, until cancelled: `server` is its STUN server (a name or an address), `outer` the
     endpoint the peer knows, `send` sends the next rebind naming an endpoint. PeerLostError once
     REBIND_TRIES rebinds went unanswered."""
-    address = await _resolve(server)
+    address = await resolve(server)
     while True:
         await link.suspect.wait()
         mapped = await link.mapped(address)
@@ -94,7 +133,22 @@ async def follow(
             )
 
 
-async def _hurry(link: Link, wait: float) -> bool:
+async def heard(signal: asyncio.Event, last: Callable[[], float], timeout: float) -> bool:
+    """Whether `last()` (when the peer was last heard) moves on within `timeout` from now; `signal` is set
+    whenever it does (a Movable's heard_within)."""
+    loop = asyncio.get_running_loop()
+    mark, deadline = last(), loop.time() + timeout
+    while last() <= mark:
+        signal.clear()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(signal.wait(), remaining)
+    return True
+
+
+async def _hurry(link: Movable, wait: float) -> bool:
     """Probe every HURRY until the peer is heard (True) or `wait` has passed (False)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
@@ -105,7 +159,7 @@ async def _hurry(link: Link, wait: float) -> bool:
     return False
 
 
-async def answer(link: Link, rebound: AsyncIterator[Rebind]) -> None:
+async def answer(link: Movable, rebound: AsyncIterator[Rebind]) -> None:
     """The peer's moves, until cancelled: toward each admitted rebind's endpoint."""
     async for rebind in rebound:
         log.info("streams: rebind %d: punching toward %s", rebind.sequence, rebind.outer)
@@ -117,7 +171,7 @@ async def answer(link: Link, rebound: AsyncIterator[Rebind]) -> None:
             link.punch(rebind.outer)
 
 
-async def _resolve(server: Endpoint) -> Endpoint:
+async def resolve(server: Endpoint) -> Endpoint:
     """The STUN server's IPv4 address (the streams socket's family), resolved once at the start."""
     infos = await asyncio.get_running_loop().getaddrinfo(
         server.host, server.port, family=socket.AF_INET, type=socket.SOCK_DGRAM
