@@ -31,6 +31,7 @@ NETWORKS = [(network, mode) for network in (SAME_LAN, DOUBLE_NAT) for mode in ("
 ]
 LAN_OVER_DIRECT = 0.1  # issue 18's target: same-LAN and IPv6 sessions within this many seconds of direct
 STREAM_OVER_UDP_RELAY = 2.0  # and a relay over TCP or TLS within this many times a relay over UDP
+CARRIED_OVER_PLAIN = 0.5  # OpenVPN carried by plexus (--carry) keeps at least this share of its throughput
 RELAY_CASES = [(SYMMETRIC, transport) for transport in ("udp", "tcp", "tls")] + [
     (NO_UDP, transport) for transport in ("tcp", "tls")
 ]
@@ -228,7 +229,8 @@ def _soak(found: dict[str, Any]) -> list[str]:
     ]
 
 
-STREAM_PATHS = {"tcp": "plain TCP, no NAT", "plexus": "plexus streams", "openvpn": "OpenVPN"}
+STREAM_PATHS = {"tcp": "plain TCP, no NAT", "plexus": "plexus streams", "openvpn": "OpenVPN",
+                "openvpn-carried": "OpenVPN, --carry"}  # fmt: skip
 
 
 def _streams(found: dict[str, Any]) -> list[str]:
@@ -239,7 +241,8 @@ def _streams(found: dict[str, Any]) -> list[str]:
         f"on b, then {found['round_trips']} 1-byte round trips to an echo on b",
         "Mbit/s of the bulk transfer; round-trip times in ms (median, p95, and what each path adds to plain "
         "TCP's); CPU seconds per MiB of the bulk transfer, user + system, of the process on a and on b "
-        "(plexus: inviter, acceptor; OpenVPN: each host's openvpn); the sink's answer checked",
+        "(plexus: inviter, acceptor; OpenVPN: each host's openvpn; carried: its openvpn and plexus); the "
+        "sink's answer checked",
         _row("path", ["Mbit/s", "med ms", "p95 ms", "+med ms", "+p95 ms", "CPU a", "CPU b", "answer"]),
     ]
     for name, title in STREAM_PATHS.items():
@@ -263,6 +266,7 @@ def _streams(found: dict[str, Any]) -> list[str]:
         f"{udp['received_datagrams']} of {udp['sent_datagrams']} datagrams (loss {udp['loss_pct']:.1f} %; "
         f"{udp['receive_buffer_drops']} dropped by b's kernel with the receiver's socket buffer full)",
         f"busy share of one core during the transfer, a / b: {busy}",
+        _carried(found),
         f"ssh until the remote command's first output (a fresh session each time): through plexus --stdio "
         f"{_ssh(ssh['plexus'])}; through a plain relay without plexus {_ssh(ssh['pipe'])}",
         f"target one stream >= {targets['one_stream_mbit_s']:g} Mbit/s: "
@@ -271,6 +275,16 @@ def _streams(found: dict[str, Any]) -> list[str]:
         f"({found['added_rtt_ms']['plexus']['median_ms']:.3f} ms median)",
     ]
     return lines
+
+
+def _carried(found: dict[str, Any]) -> str:
+    carried, carrier = found["carried"], found["carrier_cpu_seconds"]["openvpn-carried"]
+    return (
+        f"carried OpenVPN beside plain: {100 * carried['mbit_s_ratio']:.0f} % of its throughput (check >= "
+        f"{100 * CARRIED_OVER_PLAIN:g} %), {carried['added_rtt_ms']['median_ms']:+.3f} ms median round trip; "
+        f"the carrier (plexus) used {carrier['inviter'] / found['mib']:.4f} / "
+        f"{carrier['acceptor'] / found['mib']:.4f} CPU s per MiB on a / b"
+    )
 
 
 def _ssh(found: dict[str, Any]) -> str:
@@ -346,7 +360,9 @@ def _check_soak(found: dict[str, Any]) -> list[str]:
 
 
 def _check_streams(found: dict[str, Any]) -> list[str]:
-    """Only what must be right whatever the machine: every byte delivered. The speed targets are reported."""
+    """What must be right whatever the machine: every byte delivered, and carrying no collapse of the
+    tunnel (a ratio of two paths on the same machine: a slow machine slows both). The speed targets are
+    reported."""
     failures = []
     for name, bulk in found["bulk"].items():
         if not bulk["ok"]:
@@ -363,6 +379,11 @@ def _check_streams(found: dict[str, Any]) -> list[str]:
             )
     if not found["udp"]["received_datagrams"]:
         failures.append("streams: no raw UDP datagram crossed the punched NATs")
+    if found["carried"]["mbit_s_ratio"] < CARRIED_OVER_PLAIN:
+        failures.append(
+            f"streams: OpenVPN carried by plexus kept {100 * found['carried']['mbit_s_ratio']:.0f} % of its "
+            f"plain throughput, under {100 * CARRIED_OVER_PLAIN:g} %"
+        )
     return failures
 
 
