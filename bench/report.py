@@ -31,7 +31,12 @@ NETWORKS = [(network, mode) for network in (SAME_LAN, DOUBLE_NAT) for mode in ("
 ]
 LAN_OVER_DIRECT = 0.1  # issue 18's target: same-LAN and IPv6 sessions within this many seconds of direct
 STREAM_OVER_UDP_RELAY = 2.0  # and a relay over TCP or TLS within this many times a relay over UDP
-CARRIED_OVER_PLAIN = 0.5  # OpenVPN carried by plexus (--carry) keeps at least this share of its throughput
+# OpenVPN carried by plexus (--carry) beside the plain tunnel, one run of each: at least this share of its
+# throughput (0.45-0.94 over six runs on the shared 2-core machine, plain OpenVPN alone varying 372-756
+# Mbit/s; a carrier that stalls or drops falls far below), and at most this much added to its median round
+# trip (0.12 to 0.24 ms seen; a carrier that holds datagrams back, for a timer say, goes over it)
+CARRIED_OVER_PLAIN = 0.25
+CARRIED_ADDED_RTT_MS = 1.0
 RELAY_CASES = [(SYMMETRIC, transport) for transport in ("udp", "tcp", "tls")] + [
     (NO_UDP, transport) for transport in ("tcp", "tls")
 ]
@@ -281,7 +286,8 @@ def _carried(found: dict[str, Any]) -> str:
     carried, carrier = found["carried"], found["carrier_cpu_seconds"]["openvpn-carried"]
     return (
         f"carried OpenVPN beside plain: {100 * carried['mbit_s_ratio']:.0f} % of its throughput (check >= "
-        f"{100 * CARRIED_OVER_PLAIN:g} %), {carried['added_rtt_ms']['median_ms']:+.3f} ms median round trip; "
+        f"{100 * CARRIED_OVER_PLAIN:g} %), {carried['added_rtt_ms']['median_ms']:+.3f} ms median round trip "
+        f"(check <= +{CARRIED_ADDED_RTT_MS:g} ms); "
         f"the carrier (plexus) used {carrier['inviter'] / found['mib']:.4f} / "
         f"{carrier['acceptor'] / found['mib']:.4f} CPU s per MiB on a / b"
     )
@@ -379,10 +385,17 @@ def _check_streams(found: dict[str, Any]) -> list[str]:
             )
     if not found["udp"]["received_datagrams"]:
         failures.append("streams: no raw UDP datagram crossed the punched NATs")
-    if found["carried"]["mbit_s_ratio"] < CARRIED_OVER_PLAIN:
+    carried = found["carried"]
+    if carried["mbit_s_ratio"] < CARRIED_OVER_PLAIN:
         failures.append(
-            f"streams: OpenVPN carried by plexus kept {100 * found['carried']['mbit_s_ratio']:.0f} % of its "
-            f"plain throughput, under {100 * CARRIED_OVER_PLAIN:g} %"
+            f"streams: OpenVPN carried by plexus kept {100 * carried['mbit_s_ratio']:.0f} % of its plain "
+            f"throughput ({found['bulk']['openvpn-carried']['mbit_s']:.0f} of "
+            f"{found['bulk']['openvpn']['mbit_s']:.0f} Mbit/s), under {100 * CARRIED_OVER_PLAIN:g} %"
+        )
+    if carried["added_rtt_ms"]["median_ms"] > CARRIED_ADDED_RTT_MS:
+        failures.append(
+            f"streams: carrying OpenVPN added {carried['added_rtt_ms']['median_ms']:.3f} ms to its median "
+            f"round trip, over {CARRIED_ADDED_RTT_MS:g} ms"
         )
     return failures
 

@@ -204,9 +204,11 @@ def test_check_fails_the_streams_only_on_wrong_bytes() -> None:
     assert "streams openvpn: the sink answered '209715199 cd'" in failures[0]
     assert "3 echo round trips" in failures[1] and "exit 255: refused" in failures[2]
     collapsed = _streams()
-    collapsed["carried"]["mbit_s_ratio"] = 0.2
-    (failure,) = report.check({"streams": collapsed})
-    assert "carried by plexus kept 20 % of its plain throughput" in failure, failure
+    collapsed["carried"] = {"mbit_s_ratio": 0.2, "added_rtt_ms": {"median_ms": 1.5, "p95_ms": 3.0}}
+    failures = report.check({"streams": collapsed})
+    assert len(failures) == 2
+    assert "carried by plexus kept 20 % of its plain throughput (300 of 500 Mbit/s)" in failures[0]
+    assert "added 1.500 ms to its median round trip" in failures[1]
     host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
     assert "WRONG" in report.render({"machine": host, "bench_seconds": 1.0, "streams": wrong})
 
