@@ -272,6 +272,11 @@ def _streams(found: dict[str, Any]) -> list[str]:
         f"{udp['receive_buffer_drops']} dropped by b's kernel with the receiver's socket buffer full)",
         f"busy share of one core during the transfer, a / b: {busy}",
         _carried(found),
+        "datagrams dropped by a full socket buffer during the transfer, a / b: "
+        + "; ".join(
+            f"{STREAM_PATHS[name]} {drops['a']} / {drops['b']}"
+            for name, drops in found["receive_buffer_drops"].items()
+        ),
         f"ssh until the remote command's first output (a fresh session each time): through plexus --stdio "
         f"{_ssh(ssh['plexus'])}; through a plain relay without plexus {_ssh(ssh['pipe'])}",
         f"target one stream >= {targets['one_stream_mbit_s']:g} Mbit/s: "

@@ -20,7 +20,8 @@ The paths:
 - openvpn-carried: the same with `--carry` on both sides: each openvpn talks to its plexus on loopback and
   plexus passes every datagram between it and the punched path (plexus/carry.py), so the CPU time read is
   each host's openvpn and plexus together, and plexus's alone beside it (`carrier_cpu_seconds`): what
-  carrying costs;
+  carrying costs; for both, the datagrams each host's kernel dropped over the transfer because a
+  receiving socket's buffer was full (`receive_buffer_drops`);
 - udp: the raw path, no encryption and no congestion control: a Python sender on a punches its own hole
   through both NATs to a Python receiver on b (each side sends to the other's public address from a fixed
   port, which Linux masquerade keeps) and sends `mib` MiB in 1400-byte datagrams (plexus's QUIC datagram
@@ -508,7 +509,13 @@ def measure(
                     )
                     if carriers:
                         costing.enter_context(costs(name, (carrying[0], carrying[1]), "carrier_cpu_seconds"))
+                    overflowed = {host: rcvbuf_errors(lab, host) for host in ("a", "b")}
                     transfer(name, far, sink.port)
+                # Neither tunnel paces its datagrams: what a full socket buffer drops, the TCP inside resends
+                # and slows down for
+                results.setdefault("receive_buffer_drops", {})[name] = {
+                    host: rcvbuf_errors(lab, host) - before for host, before in overflowed.items()
+                }
                 trips(name, far, echo.port)
     results["added_rtt_ms"] = {
         name: {key: round(results["rtt"][name][key] - results["rtt"]["tcp"][key], 4)

@@ -121,6 +121,7 @@ def _streams() -> dict[str, Any]:
         "carried": {"mbit_s_ratio": 0.6, "added_rtt_ms": {"median_ms": 0.1, "p95_ms": 0.2}},
         "cpu_seconds": {"plexus": sides, "openvpn": sides, "openvpn-carried": sides},
         "carrier_cpu_seconds": {"openvpn-carried": {"inviter": 4.0, "acceptor": 3.0}},
+        "receive_buffer_drops": {"openvpn": {"a": 0, "b": 900}, "openvpn-carried": {"a": 700, "b": 300}},
         "cpu_seconds_per_mib": {"plexus": sides, "openvpn": sides, "openvpn-carried": sides},
         "cpu_share": {"plexus": {"inviter": 1.0, "acceptor": 0.9}, "openvpn": sides,
                       "openvpn-carried": sides},
@@ -168,6 +169,7 @@ def test_report_shows_each_section() -> None:
     assert (
         "OpenVPN, --carry         300    0.200    0.400   +0.150   +0.300   0.0500   0.0400       ok" in text
     )
+    assert "OpenVPN 0 / 900; OpenVPN, --carry 700 / 300" in text
     assert "60 % of its throughput" in text and "+0.100 ms median" in text and "0.0200 / 0.0150 CPU s" in text
 
 
