@@ -32,9 +32,9 @@ NETWORKS = [(network, mode) for network in (SAME_LAN, DOUBLE_NAT) for mode in ("
 LAN_OVER_DIRECT = 0.1  # issue 18's target: same-LAN and IPv6 sessions within this many seconds of direct
 STREAM_OVER_UDP_RELAY = 2.0  # and a relay over TCP or TLS within this many times a relay over UDP
 # OpenVPN carried by plexus (--carry) beside the plain tunnel, one run of each: at least this share of its
-# throughput (0.45-0.94 over six runs on the shared 2-core machine, plain OpenVPN alone varying 372-756
+# throughput (0.45-0.94 over eleven runs on the shared 2-core machine, plain OpenVPN alone varying 372-684
 # Mbit/s; a carrier that stalls or drops falls far below), and at most this much added to its median round
-# trip (0.12 to 0.24 ms seen; a carrier that holds datagrams back, for a timer say, goes over it)
+# trip (0.03 to 0.24 ms seen; a carrier that holds datagrams back, for a timer say, goes over it)
 CARRIED_OVER_PLAIN = 0.25
 CARRIED_ADDED_RTT_MS = 1.0
 RELAY_CASES = [(SYMMETRIC, transport) for transport in ("udp", "tcp", "tls")] + [
