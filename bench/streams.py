@@ -572,6 +572,7 @@ def openvpn(lab: Lab, workdir: Path, carry: bool = False) -> Iterator[tuple[str,
     # A folder per path: exec.sh init refuses one that holds keys
     folders = tunnel.pinned_pair(workdir / ("openvpn-carried" if carry else "openvpn"))
     inviter_side, acceptor_side = sessions.pair(lab)
+    # info as a user runs it: a carrying plexus is in the data path, and its CPU is measured
     options: dict[str, str | None] = {"exec-command": str(tunnel.EXEC_SH), "exec-args": tunnel.SIX_ARGS,
                                       "log-level": "info"}  # fmt: skip
     if carry:
