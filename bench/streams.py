@@ -17,6 +17,11 @@ The paths:
   both plexus processes (/proc/PID/stat) is read before and after the bulk transfer;
 - openvpn: exec/exec.sh launched by a plexus session, as the reconnect soak runs it; the targets
   listen on b's tunnel address, and the CPU time of each host's openvpn is read like plexus's;
+- openvpn-carried: the same with `--carry` on both sides: each openvpn talks to its plexus on loopback and
+  plexus passes every datagram between it and the punched path (plexus/carry.py), so the CPU time read is
+  each host's openvpn and plexus together, and plexus's alone beside it (`carrier_cpu_seconds`): what
+  carrying costs; for both, the datagrams each host's kernel dropped over the transfer because a
+  receiving socket's buffer was full (`receive_buffer_drops`);
 - udp: the raw path, no encryption and no congestion control: a Python sender on a punches its own hole
   through both NATs to a Python receiver on b (each side sends to the other's public address from a fixed
   port, which Linux masquerade keeps) and sends `mib` MiB in 1400-byte datagrams (plexus's QUIC datagram
@@ -448,13 +453,13 @@ def measure(
         progress(f"  {name}: RTT median {results['rtt'][name]['median_ms']:.3f} ms")
 
     @contextlib.contextmanager
-    def costs(name: str, pids: tuple[list[int], list[int]]) -> Iterator[None]:
+    def costs(name: str, pids: tuple[list[int], list[int]], into: str = "cpu_seconds") -> Iterator[None]:
         """The CPU seconds of the processes on a and on b over the block (the bulk transfer)."""
         before = [cpu(side) for side in pids]
         yield
         after = [cpu(side) for side in pids]
-        results["cpu_seconds"][name] = {"inviter": round(after[0] - before[0], 3),
-                                        "acceptor": round(after[1] - before[1], 3)}  # fmt: skip
+        results.setdefault(into, {})[name] = {"inviter": round(after[0] - before[0], 3),
+                                              "acceptor": round(after[1] - before[1], 3)}  # fmt: skip
 
     # One sink and one echo on b for every path: on 0.0.0.0 they are b's loopback targets for plexus, its
     # public address while its NAT is "none", and its tunnel address under OpenVPN.
@@ -493,18 +498,39 @@ def measure(
             direct = proxy_command(lab, "b", "127.0.0.1", sshd.port)
             results["ssh"]["pipe"] = ssh_times(lab, sshd, direct, ssh_runs, progress)
 
-        progress("streams: OpenVPN (exec.sh) through a plexus session")
-        with openvpn(lab, workdir) as far:
-            per_host = {host: sessions.pids_of(lab, host, "openvpn") for host in ("a", "b")}
-            if any(len(found) != 1 for found in per_host.values()):
-                raise RuntimeError(f"expected one openvpn per host, found {per_host}")
-            with costs("openvpn", (per_host["a"], per_host["b"])):
-                transfer("openvpn", far, sink.port)
-            trips("openvpn", far, echo.port)
+        for name, carry in (("openvpn", False), ("openvpn-carried", True)):
+            progress(f"streams: OpenVPN (exec.sh) through a plexus session{' with --carry' if carry else ''}")
+            with openvpn(lab, workdir, carry) as (far, carriers):
+                per_host = {host: sessions.pids_of(lab, host, "openvpn") for host in ("a", "b")}
+                if any(len(found) != 1 for found in per_host.values()):
+                    raise RuntimeError(f"expected one openvpn per host, found {per_host}")
+                carrying = [[plexus_pid(carrier)] for carrier in carriers] or [[], []]
+                with contextlib.ExitStack() as costing:
+                    costing.enter_context(
+                        costs(name, (per_host["a"] + carrying[0], per_host["b"] + carrying[1]))
+                    )
+                    if carriers:
+                        costing.enter_context(costs(name, (carrying[0], carrying[1]), "carrier_cpu_seconds"))
+                    overflowed = {host: rcvbuf_errors(lab, host) for host in ("a", "b")}
+                    transfer(name, far, sink.port)
+                # Neither tunnel paces its datagrams: what a full socket buffer drops, the TCP inside resends
+                # and slows down for
+                results.setdefault("receive_buffer_drops", {})[name] = {
+                    host: rcvbuf_errors(lab, host) - before for host, before in overflowed.items()
+                }
+                trips(name, far, echo.port)
     results["added_rtt_ms"] = {
         name: {key: round(results["rtt"][name][key] - results["rtt"]["tcp"][key], 4)
                for key in ("median_ms", "p95_ms")}
-        for name in ("plexus", "openvpn")
+        for name in ("plexus", "openvpn", "openvpn-carried")
+    }  # fmt: skip
+    # What carrying costs beside the plain tunnel: throughput kept, round-trip time added
+    plain, carried = results["bulk"]["openvpn"], results["bulk"]["openvpn-carried"]
+    results["carried"] = {
+        "mbit_s_ratio": round(carried["mbit_s"] / plain["mbit_s"], 3),
+        "added_rtt_ms": {key: round(results["added_rtt_ms"]["openvpn-carried"][key]
+                                    - results["added_rtt_ms"]["openvpn"][key], 4)
+                         for key in ("median_ms", "p95_ms")},
     }  # fmt: skip
     results["cpu_seconds_per_mib"] = {
         name: {side: round(seconds / mib, 5) for side, seconds in sides.items()}
@@ -541,12 +567,18 @@ def ssh_times(lab: Lab, sshd: Sshd, proxy: str, runs: int, progress: Callable[[s
 
 
 @contextlib.contextmanager
-def openvpn(lab: Lab, workdir: Path) -> Iterator[str]:
+def openvpn(lab: Lab, workdir: Path, carry: bool = False) -> Iterator[tuple[str, list[Plexus]]]:
     """A tunnel as the soak has it (exec.sh on both hosts, launched by one plexus session); yields b's tunnel
-    address once a ping crosses. Every openvpn is stopped on leaving."""
-    folders = tunnel.pinned_pair(workdir / "openvpn")
+    address once a ping crosses, and with `carry` both plexus processes carrying it (a's, then b's; without,
+    none: the inviter has exited once it launched exec.sh). Every openvpn is stopped on leaving."""
+    # A folder per path: exec.sh init refuses one that holds keys
+    folders = tunnel.pinned_pair(workdir / ("openvpn-carried" if carry else "openvpn"))
     inviter_side, acceptor_side = sessions.pair(lab)
-    options: dict[str, str | None] = {"exec-command": str(tunnel.EXEC_SH), "exec-args": tunnel.SIX_ARGS}
+    # info as a user runs it: a carrying plexus is in the data path, and its CPU is measured
+    options: dict[str, str | None] = {"exec-command": str(tunnel.EXEC_SH), "exec-args": tunnel.SIX_ARGS,
+                                      "log-level": "info"}  # fmt: skip
+    if carry:
+        options["carry"] = ""
 
     def start(me: Side, peer: Side, folder: Path, accept: bool) -> Plexus:
         return sessions.start(lab, me, peer, workdir, accept=accept, overrides=options,
@@ -557,14 +589,19 @@ def openvpn(lab: Lab, workdir: Path) -> Iterator[str]:
     try:
         sessions.wait_until_listening(acceptor)
         invite = start(inviter_side, acceptor_side, folders[0], False)
-        code = invite.wait(90)
-        if code != 0:
-            raise RuntimeError(f"the OpenVPN session's inviter exited {code}: {invite.stderr()}")
-        addresses = tunnel.first_ping(lab, time.monotonic() + 60)
+        if not carry:  # the inviter exits once it launched exec.sh; a carrier stays with the command
+            code = invite.wait(90)
+            if code != 0:
+                raise RuntimeError(f"the OpenVPN session's inviter exited {code}: {invite.stderr()}")
+        addresses = tunnel.first_ping(lab, time.monotonic() + 90)
         far = tunnel.tun_addresses(lab, "b")
         if addresses is None or far is None:
-            raise RuntimeError("no ping crossed the OpenVPN tunnel within 60 s")
-        yield far[0]
+            raise RuntimeError(f"no ping crossed the OpenVPN tunnel within 90 s\n{invite.log()[-3000:]}")
+        carriers = [invite, acceptor] if carry else []
+        for plexus in carriers:
+            if plexus.process.poll() is not None:
+                raise RuntimeError(f"a carrying plexus exited {plexus.process.returncode}: {plexus.stderr()}")
+        yield far[0], carriers
     finally:
         if invite is not None:
             invite.stop()

@@ -103,8 +103,8 @@ def test_floor_counts_round_trips_on_each_path() -> None:
 
 
 def _streams() -> dict[str, Any]:
-    mbit = {"tcp": 5000.0, "plexus": 180.0, "openvpn": 500.0}
-    rtt = {"tcp": 0.05, "plexus": 0.5, "openvpn": 0.1}
+    mbit = {"tcp": 5000.0, "plexus": 180.0, "openvpn": 500.0, "openvpn-carried": 300.0}
+    rtt = {"tcp": 0.05, "plexus": 0.5, "openvpn": 0.1, "openvpn-carried": 0.2}
     sides = {"inviter": 0.05, "acceptor": 0.04}
     return {
         "mib": 200, "round_trips": 1000, "ssh_runs": 2,
@@ -118,10 +118,14 @@ def _streams() -> dict[str, Any]:
         "ssh": {"plexus": {"seconds": [1.5, 1.7], "median_seconds": 1.6, "wrong": []},
                 "pipe": {"seconds": [0.4, 0.4], "median_seconds": 0.4, "wrong": []}},
         "added_rtt_ms": {name: {"median_ms": rtt[name] - 0.05, "p95_ms": 2 * rtt[name] - 0.1}
-                         for name in ("plexus", "openvpn")},
-        "cpu_seconds": {"plexus": sides, "openvpn": sides},
-        "cpu_seconds_per_mib": {"plexus": sides, "openvpn": sides},
-        "cpu_share": {"plexus": {"inviter": 1.0, "acceptor": 0.9}, "openvpn": sides},
+                         for name in ("plexus", "openvpn", "openvpn-carried")},
+        "carried": {"mbit_s_ratio": 0.6, "added_rtt_ms": {"median_ms": 0.1, "p95_ms": 0.2}},
+        "cpu_seconds": {"plexus": sides, "openvpn": sides, "openvpn-carried": sides},
+        "carrier_cpu_seconds": {"openvpn-carried": {"inviter": 4.0, "acceptor": 3.0}},
+        "receive_buffer_drops": {"openvpn": {"a": 0, "b": 900}, "openvpn-carried": {"a": 700, "b": 300}},
+        "cpu_seconds_per_mib": {"plexus": sides, "openvpn": sides, "openvpn-carried": sides},
+        "cpu_share": {"plexus": {"inviter": 1.0, "acceptor": 0.9}, "openvpn": sides,
+                      "openvpn-carried": sides},
         "targets": {"one_stream_mbit_s": 200.0, "added_rtt_ms": 1.0, "throughput_met": False,
                     "rtt_met": True},
     }  # fmt: skip
@@ -163,6 +167,11 @@ def test_report_shows_each_section() -> None:
     )
     assert "through plexus --stdio median 1.60 s of 2 (1.50-1.70)" in text
     assert "200 Mbit/s: NOT met (180)" in text and "1 ms: met (0.450 ms median)" in text
+    assert (
+        "OpenVPN, --carry         300    0.200    0.400   +0.150   +0.300   0.0500   0.0400       ok" in text
+    )
+    assert "OpenVPN 0 / 900; OpenVPN, --carry 700 / 300" in text
+    assert "60 % of its throughput" in text and "+0.100 ms median" in text and "0.0200 / 0.0150 CPU s" in text
 
 
 def test_check_asserts_what_the_figures_must_show() -> None:
@@ -197,6 +206,12 @@ def test_check_fails_the_streams_only_on_wrong_bytes() -> None:
     assert len(failures) == 3
     assert "streams openvpn: the sink answered '209715199 cd'" in failures[0]
     assert "3 echo round trips" in failures[1] and "exit 255: refused" in failures[2]
+    collapsed = _streams()
+    collapsed["carried"] = {"mbit_s_ratio": 0.2, "added_rtt_ms": {"median_ms": 1.5, "p95_ms": 3.0}}
+    failures = report.check({"streams": collapsed})
+    assert len(failures) == 2
+    assert "carried by plexus kept 20 % of its plain throughput (300 of 500 Mbit/s)" in failures[0]
+    assert "added 1.500 ms to its median round trip" in failures[1]
     host = {"date": "d", "cores": 2, "cpu": "c", "kernel": "6", "python": "3"}
     assert "WRONG" in report.render({"machine": host, "bench_seconds": 1.0, "streams": wrong})
 
