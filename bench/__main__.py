@@ -6,7 +6,8 @@ double NAT, no UDP out), what an idle acceptor and one session cost, and the rec
 OpenVPN (bench/soak.py), streams: TCP through plexus's QUIC beside plain TCP,
 OpenVPN and the raw UDP path (bench/streams.py), the same streams through a TURN relay over UDP, TCP and TLS
 beside the direct path (bench/relay_streams.py), the DHT rendezvous beside the mail (bench/dht.py), a
-stream across a side's moves behind filtering NATs, by mail and on the DHT (bench/resume.py), and
+stream across a side's moves behind filtering NATs, by mail and on the DHT (bench/resume.py), a relayed
+session's move to a direct path and back (bench/upgrade.py), and
 `plexus --version` and `--help` beside a bare interpreter (bench/startup.py, the one section without a lab).
 Progress goes to stderr, the report to stdout (a plain-text table), and with --json FILE also to that file.
 """
@@ -27,13 +28,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import dht, floor, relay_streams, report, resume, runs, soak, startup, streams
+from bench import dht, floor, relay_streams, report, resume, runs, soak, startup, streams, upgrade
 from bench.stats import summarize
 from bench.timeline import PHASES, Timeline, TimelineError
 from tests.lab.lab import Lab, LabError, lab_available
 
 SECTIONS = (
-    "connect", "matrix", "relays", "footprint", "soak", "streams", "relay-streams", "dht", "resume", "startup"
+    "connect", "matrix", "relays", "footprint", "soak", "streams", "relay-streams", "dht", "resume",
+    "relay-direct", "startup",
 )  # fmt: skip
 T = TypeVar("T")
 
@@ -62,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tries",
         type=_positive(int),
         default=3,
-        help="sessions per pair of NAT modes, per relay transport, and per path in relay-streams (default 3)",
+        help="sessions per pair of NAT modes, per relay transport, per path in relay-streams, in relay-direct"
+        " (default 3)",
     )
     parser.add_argument(
         "--cycles", type=_positive(int), default=20, help="reconnect cycles in the soak (default 20)"
@@ -85,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--relay-mib", type=_positive(int), default=16,
-        help="MiB each way per session in the relay-streams section (default 16)",
+        help="MiB each way per session in the relay-streams and relay-direct sections (default 16)",
     )  # fmt: skip
     parser.add_argument(
         "--moves", type=_positive(int), default=10,
@@ -341,6 +344,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "resume" in args.sections:
             plan = resume.Plan(args.moves, args.movers, args.resume_mib)
             results["resume"] = resume.measure(lab, workdir / "resume", plan, progress)
+        if "relay-direct" in args.sections:
+            results["relay_direct"] = upgrade.measure(
+                lab, workdir / "relay-direct", args.relay_mib, args.tries, progress
+            )
     results["bench_seconds"] = round(time.monotonic() - started, 1)
     return results
 

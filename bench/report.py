@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench import dht, relay_streams, resume, startup
+from bench import dht, relay_streams, resume, startup, upgrade
 from bench.timeline import PHASES
 from plexus import path
 from plexus.rendezvous import Reach
@@ -68,6 +68,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _dht(results["dht"])
     if "resume" in results:
         lines += resume.render(results["resume"])
+    if "relay_direct" in results:
+        lines += upgrade.render(results["relay_direct"])
     if "startup" in results:
         lines += startup.render(results["startup"])
     failures = results.get("failures", [])
@@ -354,6 +356,8 @@ def check(results: dict[str, Any]) -> list[str]:
         failures += [f"dht: {failure}" for failure in results["dht"]["failures"]]
     if "resume" in results:
         failures += resume.check(results["resume"])
+    if "relay_direct" in results:
+        failures += upgrade.check(results["relay_direct"])
     if "startup" in results:
         failures += startup.check(results["startup"])
     return failures
