@@ -415,6 +415,11 @@ class Rendezvous(Protocol):
         accepted, its DHT put handed to the node)."""
         ...
 
+    def moved(self) -> None:
+        """This side's network changed under a running session (its STUN server sees it elsewhere): remake
+        what went through the old NAT mapping and will not say it died (an IMAP connection, DHT listens)."""
+        ...
+
     def rebinds(self, key: RebindKey) -> contextlib.AbstractContextManager[Rebound]:
         """Within it, each rebind of the peer's under `key` that this side reads and admits comes out of the
         Rebound (the acceptor's requests() loop reads them; an inviter reads its mailbox or listens on the

@@ -93,18 +93,24 @@ async def resume(
     outer: Endpoint,
     send: Callable[[Endpoint], Awaitable[None]],
     rebound: AsyncIterator[Rebind],
+    moved: Callable[[], None] = lambda: None,
 ) -> None:
-    """Both halves, until cancelled or `follow` gives up (PeerLostError)."""
+    """Both halves, until cancelled or `follow` gives up (PeerLostError); `moved` is told of each move of
+    this side (the rendezvous's, Rendezvous.moved)."""
     answering = asyncio.ensure_future(answer(link, rebound))
     try:
-        await follow(link, server, outer, send)
+        await follow(link, server, outer, send, moved)
     finally:
         answering.cancel()
         await asyncio.gather(answering, return_exceptions=True)
 
 
 async def follow(
-    link: Movable, server: Endpoint, outer: Endpoint, send: Callable[[Endpoint], Awaitable[None]]
+    link: Movable,
+    server: Endpoint,
+    outer: Endpoint,
+    send: Callable[[Endpoint], Awaitable[None]],
+    moved: Callable[[], None] = lambda: None,
 ) -> None:
     """This side's moves, until cancelled: `server` is its STUN server (a name or an address), `outer` the
     endpoint the peer knows, `send` sends the next rebind naming an endpoint. PeerLostError once
@@ -119,6 +125,7 @@ async def follow(
             continue
         log.warning("streams: this side is now at %s, not %s: telling the peer (a rebind)", mapped, outer)
         events.emit(events.Remapped, before=outer, after=mapped)
+        moved()
         outer = mapped
         for _ in range(REBIND_TRIES):
             try:

@@ -260,7 +260,12 @@ def _resuming(
 
     with rendezvous.rebinds(keys.theirs(accept=accept)) as rebound:
         yield functools.partial(
-            resume.resume, server=config.stun_server, outer=tunnel.outer, send=send, rebound=rebound
+            resume.resume,
+            server=config.stun_server,
+            outer=tunnel.outer,
+            send=send,
+            rebound=rebound,
+            moved=rendezvous.moved,
         )
 
 

@@ -77,8 +77,8 @@ class _Node:
         self._config = config
         self._runner = opendht.DhtRunner()
         self._loop = asyncio.get_running_loop()
-        # Each listen's token and the callbacks object opendht's binding made for it (see _cancel).
-        self._tokens: dict[str, tuple[Any, Any]] = {}
+        # Each listen's token, the callbacks object opendht's binding made for it (see forget), its queue.
+        self._tokens: dict[str, tuple[Any, Any, asyncio.Queue[tuple[str, bytes]]]] = {}
         self._callbacks: list[Any] = []
 
     def start(self) -> None:
@@ -164,7 +164,14 @@ class _Node:
         token = self._runner.listen(opendht.InfoHash.get(key_text), arrived)
         callbacks = opendht.ListenToken._cb["cb"]
         self._callbacks.append(callbacks)
-        self._tokens[key_text] = (token, callbacks)
+        self._tokens[key_text] = (token, callbacks, into)
+
+    def relisten(self) -> None:
+        """Every listen made anew: the nodes that store the values push them to the address a listen came
+        from, which a NAT that mapped this host anew has just changed."""
+        for key_text, (_, _, into) in list(self._tokens.items()):
+            self.forget(key_text)
+            self.listen(key_text, into)
 
     def forget(self, key_text: str) -> None:
         """Cancel a listen. opendht's binding (4.x) keeps a listen's callbacks object in a dict shared by
@@ -175,7 +182,7 @@ class _Node:
         memory: an inviter's SIGSEGV in an OpenDHT thread, in CI."""
         entry = self._tokens.pop(key_text, None)
         if entry is not None:
-            token, callbacks = entry
+            token, callbacks, _ = entry
             opendht.ListenToken._cb["cb"] = callbacks
             self._runner.cancelListen(token)
 
@@ -475,6 +482,11 @@ class DhtMediator:
         )
         log.info("rebind %d put for %s: outer endpoint %s", rebind.sequence, self.peer_id, rebind.outer)
         events.emit(events.Sent, kind="rebind")
+
+    def moved(self) -> None:
+        """This side's network changed under a running session: the listens are made anew from it."""
+        if self._node is not None:
+            self._node.relisten()
 
     @contextlib.contextmanager
     def rebinds(self, key: RebindKey) -> Iterator[Rebound]:

@@ -424,6 +424,12 @@ class Inbox:
             task.cancel()
             lost.cancel()
 
+    def drop(self) -> None:
+        """Count the connection as lost now (its TCP connection went through a NAT that has just mapped this
+        side anew, so nothing will ever come on it, and nothing says so): the wait reconnects."""
+        if self._imap is not None and not self._dropped.is_set():
+            self._lose(self._imap, self._dropped)
+
     @staticmethod
     def _lose(imap: aioimaplib.IMAP4, dropped: asyncio.Event) -> None:
         dropped.set()
@@ -591,6 +597,11 @@ class Mediator:
         )
         log.info("rebind %d sent to %s: outer endpoint %s", rebind.sequence, self._peer, rebind.outer)
         events.emit(events.Sent, kind="rebind")
+
+    def moved(self) -> None:
+        """This side's network changed under a running session: the IMAP connection is dropped and made
+        anew, or the peer's rebinds would wait on a dead one (IDLE renews only every 24 min)."""
+        self._inbox.drop()
 
     @contextlib.contextmanager
     def rebinds(self, key: RebindKey) -> Iterator[Rebound]:

@@ -86,6 +86,9 @@ DEAD_AFTER = 2.0
 # (the path's death is certain then, and a rebind need not wait for DEAD_AFTER). Well above a live path's
 # answer time at 0 ms links (a few ms), so a lossy moment costs at most one STUN round trip.
 SUSPECT_AFTER = 0.4
+# The acceptor hears the inviter at least every KEEPALIVE_INTERVAL (its data, ACKs or pings); silent for
+# longer by SUSPECT_AFTER, it asks its STUN server whether its own NAT moved.
+ACCEPTOR_SILENCE = KEEPALIVE_INTERVAL + SUSPECT_AFTER
 QUIC_FIXED_BIT = 0x40  # set in every QUIC packet's first byte (RFC 9000 17); STUN's has it clear
 POKE_INTERVAL = 0.05  # the inviter probes at most this often on punches
 # The inviter's question to its STUN server: sends at 0, 0.1, 0.3 s, an answer by 0.8 s (a server that has
@@ -304,10 +307,12 @@ class Link(asyncio.DatagramProtocol):
         # what the session can await to find the peer another way. The link goes on either way.
         self.dead = asyncio.Event()
         self._silent_since = -math.inf  # while the path looks dead: when the peer was last heard
+        self._reprobed = False  # while dead: a probe went once the peer was heard again
         # Set while this side's packets have gone unanswered for SUSPECT_AFTER, cleared when the peer is heard
         # again: when the inviter asks whether it moved (plexus/resume.py).
         self.suspect = asyncio.Event()
         self._heard = asyncio.Event()  # set as the peer is heard; a waiter clears it (heard_within)
+        self._asked = asyncio.Event()  # set as something this side sent awaits an answer (keepalive's wake)
         self._question = stun.Question(MAPPED_SCHEDULE)  # to this side's STUN server (mapped, independent)
         self._poked_at = -math.inf
         # Where the inviter takes datagrams from: the punched endpoint, and those an authenticated message
@@ -512,8 +517,11 @@ class Link(asyncio.DatagramProtocol):
             return
         live = self._live()
         for quic in live:
+            asked = quic.asked_at
             for data, addr in quic.datagrams_to_send(self._loop.time()):
                 self._out(addr).sendto(data, addr)
+            if asked is None and quic.asked_at is not None:
+                self._asked.set()  # the keepalive's clock for suspect and dead starts now
         if self._timer is not None:
             self._timer.cancel()
         when = min((t for quic in live if (t := quic.get_timer()) is not None), default=None)
@@ -572,11 +580,13 @@ class Link(asyncio.DatagramProtocol):
 
     async def keepalive(self) -> None:
         """Until cancelled or closed: ping whenever the peer has been silent for KEEPALIVE_INTERVAL (twice
-        that on the acceptor), and mark the path dead when what this side sent has had no answer for
-        DEAD_AFTER (module docstring)."""
+        that on the acceptor), suspect a move when what this side sent has had no answer for SUSPECT_AFTER
+        (or, on the acceptor, the inviter's pings stopped: ACCEPTOR_SILENCE), and mark the path dead when it
+        has had none for DEAD_AFTER (module docstring)."""
         assert self._quic is not None
         quic = self._quic
-        interval = KEEPALIVE_INTERVAL * (1 if quic.configuration.is_client else 2)
+        client = quic.configuration.is_client
+        interval = KEEPALIVE_INTERVAL * (1 if client else 2)
         pinged = -math.inf
         while not self.closed.done():
             now = self._loop.time()
@@ -588,17 +598,23 @@ class Link(asyncio.DatagramProtocol):
                 self._flush()
                 pinged = now
             wake = max(quic.heard_at, pinged) + interval
-            if quic.asked_at is not None and not self.suspect.is_set():
-                if now - quic.asked_at >= SUSPECT_AFTER:
+            if not self.suspect.is_set():
+                # An acceptor that only answers (an echo, a download's ACKs) sends nothing once its own NAT
+                # has moved; the inviter's pings, at most KEEPALIVE_INTERVAL apart, stop reaching it.
+                since = [quic.asked_at + SUSPECT_AFTER] if quic.asked_at is not None else []
+                since += [] if client else [quic.heard_at + ACCEPTOR_SILENCE]
+                if since and now >= min(since):
                     self.suspect.set()
-                else:
-                    wake = min(wake, quic.asked_at + SUSPECT_AFTER)
+                elif since:
+                    wake = min(wake, *since)
             if quic.asked_at is not None and not self.dead.is_set():
                 if now - quic.asked_at >= DEAD_AFTER:
                     self._path_dead(quic, now)
                 else:
                     wake = min(wake, quic.asked_at + DEAD_AFTER)
-            await asyncio.sleep(max(wake - now, 0.0))
+            self._asked.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._asked.wait(), max(wake - now, 0.0))
 
     def _watch(self, quic: _Connection) -> None:
         """After each datagram: has the peer moved (to a validated address), or come back?"""
@@ -612,7 +628,12 @@ class Link(asyncio.DatagramProtocol):
             after = Endpoint(*peer[:2])
             log.info("streams: peer moved from %s to %s", before, after)
             plexus_events.emit(plexus_events.Migrated, before=before, after=after)
-        if self.dead.is_set() and quic.asked_at is None:  # an ACK of something newer: answered again
+        if self.dead.is_set() and quic.asked_at is not None:
+            if quic.heard_at > self._silent_since and not self._reprobed:
+                # The peer is heard again; an ACK of this side's probe shows this side is heard too.
+                self._reprobed = True
+                quic.probe()
+        elif self.dead.is_set():  # an ACK of something newer: answered again
             silent = quic.heard_at - self._silent_since
             self.dead.clear()
             # What this side sent into the silence waits for its probe timeout, which has backed off to
@@ -623,6 +644,7 @@ class Link(asyncio.DatagramProtocol):
 
     def _path_dead(self, quic: _Connection, now: float) -> None:
         self.dead.set()
+        self._reprobed = False
         self._silent_since = quic.heard_at
         silent = now - quic.heard_at
         log.warning(

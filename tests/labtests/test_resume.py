@@ -42,14 +42,16 @@ def network(_lab_instance: Lab) -> Iterator[DhtNetwork]:
 
 
 class StdioTransfer:
-    """`data` written to a --stdio inviter's stdin (then EOF) at `rate` bytes a second by one thread, its
-    stdout read by another, which notes the longest time between two reads."""
+    """`data` written to a --stdio inviter's stdin at `rate` bytes a second by one thread (then EOF, once
+    `may_end` is set: a busy machine must not let the stream end before a move the test makes), its stdout
+    read by another, which notes the longest time between two reads."""
 
     def __init__(self, invite: Plexus, data: bytes, rate: float = RATE) -> None:
         self.invite, self.data, self.rate = invite, data, rate
         self.received = bytearray()
         self.longest_silence = 0.0
         self.error: BaseException | None = None
+        self.may_end = threading.Event()
         self._threads = [threading.Thread(target=self._guard, args=(f,)) for f in (self._write, self._read)]
         for thread in self._threads:
             thread.start()
@@ -69,6 +71,7 @@ class StdioTransfer:
             time.sleep(max(began + start / self.rate - time.monotonic(), 0))
             stdin.write(view[start : start + CHUNK])  # type: ignore[call-overload]
             stdin.flush()
+        self.may_end.wait(120)
         stdin.close()
 
     def _read(self) -> None:
@@ -94,6 +97,7 @@ class StdioTransfer:
 
     def finish(self, timeout: float) -> None:
         """Every byte written came back, in order, then the echo's BYE; the inviter exits 0."""
+        self.may_end.set()
         for thread in self._threads:
             thread.join(timeout)
         assert self.error is None, self.error
