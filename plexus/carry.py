@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from plexus import events, stun
 from plexus.endpoint import Endpoint
 from plexus.launcher import Tunnel
-from plexus.paths import Established, bind, free_port
+from plexus.paths import Established, bind, free_port, rebound
 from plexus.resume import PUNCH, Resume, heard
 
 log = logging.getLogger(__name__)
@@ -183,13 +183,13 @@ class Carried:
         await self.inner.release_unused(allocations)
 
 
-def carried(established: Established) -> Established:
+def carried(established: Established, inner: Endpoint, inner6: Endpoint | None) -> Established:
     """The path, carried (Carried), where the command would own it; a path through plexus already (a relay
-    this side allocated) as it is."""
+    this side allocated) as it is. `inner`, `inner6`: --stun-client's (paths.rebound)."""
     if established.through_here:
         return established
     punched = established.tunnel
-    path = bind(punched.inner)  # the punch's socket is closed by now: its port (and NAT mapping) is free
+    path = rebound(punched, inner, inner6)  # the punch's socket is closed by now: its port is free
     local = bind(Endpoint("127.0.0.1", 0))
     command = Endpoint("127.0.0.1", free_port())
     forwarder = Endpoint("127.0.0.1", local.getsockname()[1])

@@ -122,6 +122,15 @@ def punching(inner: Endpoint, inner6: Endpoint | None) -> contextlib.closing[Pun
     return contextlib.closing(Punching(v4, v6))
 
 
+def rebound(tunnel: Tunnel, inner: Endpoint, inner6: Endpoint | None) -> socket.socket:
+    """A socket on the tunnel's port, once the punch has let it go, for plexus's own use of the path (the
+    streams, a carried command): on the address --stun-client named (`inner`, `inner6`), as the punch's
+    socket was, so that where that is every address (the default) a new address of this host (Wi-Fi to
+    tethering) still sends and receives."""
+    named = inner6 if tunnel.family == socket.AF_INET6 and inner6 is not None else inner
+    return bind(Endpoint(named.host, tunnel.inner.port))
+
+
 @dataclass(frozen=True)
 class TurnConfig:
     """--turn-server, --turn-user, --turn-passwd, --turn-ca: the relay for when both NATs map per destination

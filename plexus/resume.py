@@ -32,7 +32,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
-from plexus import events
+from plexus import events, netwatch
 from plexus.endpoint import Endpoint
 from plexus.errors import PeerLostError, PlexusError
 from plexus.rendezvous import Rebind
@@ -83,6 +83,7 @@ Resume = Callable[[Movable], Awaitable[None]]
 REBIND_WAIT = 10.0
 REBIND_TRIES = 3
 HURRY = 0.2  # the inviter's probes while it waits for the acceptor's punch (beside the punch's own poke)
+SETTLE = 0.1  # after an address of this host came or went, before asking STUN: the rest of the change
 RECHECK = 2.0  # after a STUN answer that shows no move: look again once the peer is heard, or this long on
 PUNCH_SCHEDULE = (0.0, 0.1, 0.3, 0.7)  # the acceptor's punches after a rebind, from its arrival
 
@@ -116,28 +117,52 @@ async def follow(
     endpoint the peer knows, `send` sends the next rebind naming an endpoint. PeerLostError once
     REBIND_TRIES rebinds went unanswered."""
     address = await resolve(server)
-    while True:
-        await link.suspect.wait()
-        mapped = await link.mapped(address)
-        if mapped is None or mapped == outer:
+    changed = asyncio.Event()  # an address of this host came or went (netwatch)
+    with netwatch.watching(changed.set):
+        while True:
+            await _first(link.suspect.wait(), changed.wait())
+            if changed.is_set():
+                await asyncio.sleep(SETTLE)  # an address comes and the old one goes: ask once both did
+                changed.clear()
+            mapped = await link.mapped(address)
+            if mapped is not None and mapped != outer:
+                outer = await _tell(link, outer, mapped, send, moved)
+                continue
             log.debug("streams: unanswered, and STUN says %s: no move to tell", mapped or "nothing")
-            await link.heard_within(RECHECK)
-            continue
-        log.warning("streams: this side is now at %s, not %s: telling the peer (a rebind)", mapped, outer)
-        events.emit(events.Remapped, before=outer, after=mapped)
-        moved()
-        outer = mapped
-        for _ in range(REBIND_TRIES):
-            try:
-                await send(outer)
-            except PlexusError as error:  # the rendezvous is out of reach for now: wait, then try again
-                log.warning("streams: the rebind was not sent: %s", error)
-            if await _hurry(link, REBIND_WAIT):
-                break
-        else:
-            raise PeerLostError(
-                f"this side moved to {outer} and the peer answered none of {REBIND_TRIES} rebinds"
-            )
+            await _first(link.heard_within(RECHECK), changed.wait())
+
+
+async def _first(*waits: Awaitable[object]) -> None:
+    """Until the first of these is done; the others are cancelled."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _tell(
+    link: Movable,
+    outer: Endpoint,
+    mapped: Endpoint,
+    send: Callable[[Endpoint], Awaitable[None]],
+    moved: Callable[[], None],
+) -> Endpoint:
+    """This side is at `mapped` now, not `outer`: the rebinds, until the peer answers (PeerLostError after
+    REBIND_TRIES); the endpoint the peer knows, after."""
+    log.warning("streams: this side is now at %s, not %s: telling the peer (a rebind)", mapped, outer)
+    events.emit(events.Remapped, before=outer, after=mapped)
+    moved()
+    for _ in range(REBIND_TRIES):
+        try:
+            await send(mapped)
+        except PlexusError as error:  # the rendezvous is out of reach for now: wait, then try again
+            log.warning("streams: the rebind was not sent: %s", error)
+        if await _hurry(link, REBIND_WAIT):
+            return mapped
+    raise PeerLostError(f"this side moved to {mapped} and the peer answered none of {REBIND_TRIES} rebinds")
 
 
 async def heard(signal: asyncio.Event, last: Callable[[], float], timeout: float) -> bool:

@@ -152,7 +152,7 @@ async def _invite(config: SessionConfig) -> Tunnel:
                     await established.carry(_work(config, established.tunnel, accept=False, resume=resume))
                 return established.tunnel
             if config.carry:  # plexus stays, and so does the rendezvous: a move is told over it
-                established = carried(established)
+                established = carried(established, config.inner, config.inner6)
                 process = _launch(config, config.command, established.tunnel, slot)
                 await established.release_unused(relays)
                 with resuming as resume:
@@ -322,15 +322,19 @@ def _work(
     if config.hand_over is not None:
         return config.hand_over(tunnel)
     assert config.streams is not None
-    return _streams(tunnel, config.streams, accept=accept, resume=resume)
+    return _streams(config, tunnel, config.streams, accept=accept, resume=resume)
 
 
-async def _streams(tunnel: Tunnel, config: StreamsConfig, *, accept: bool, resume: Resume | None) -> None:
-    """The streams on the tunnel's inner endpoint (on a relay this side allocated: the loopback endpoint
-    facing plexus's forwarder), bound now that the punch has let the port go."""
+async def _streams(
+    session: SessionConfig, tunnel: Tunnel, config: StreamsConfig, *, accept: bool, resume: Resume | None
+) -> None:
+    """The streams on the tunnel's inner port (on a relay this side allocated: the loopback endpoint facing
+    plexus's forwarder), bound now that the punch has let the port go."""
     from plexus.streams import carry
 
-    await carry(bind(tunnel.inner), tunnel, config, accept=accept, resume=resume)
+    loopback = tunnel.inner.host == "127.0.0.1"
+    sock = bind(tunnel.inner) if loopback else paths.rebound(tunnel, session.inner, session.inner6)
+    await carry(sock, tunnel, config, accept=accept, resume=resume)
 
 
 async def accept(config: SessionConfig) -> None:
@@ -395,7 +399,7 @@ async def _serve(
                 return established, resuming, None
             assert config.command is not None  # _answer refused the request otherwise
             if config.carry:
-                established = carried(established)
+                established = carried(established, config.inner, config.inner6)
             process = launcher.start(config.command, established.tunnel)
             if slot is not None:
                 slot.save(process.pid)

@@ -158,6 +158,7 @@ _NFT_FILTER = """\
 """
 # The outer port ranges remap() moves a host's mappings into, in turn: every new mapping gets a new port.
 REMAP_RANGES = ("20000-29999", "30000-39999")
+READDRESSED = 12  # readdress: the last byte of the host's address on its LAN after the move (.2 before)
 RENUMBERED_OFFSET = 6  # renumber: the outer address's place in the site's public /27 (a host in "none" has 2)
 # Endpoint-independent filtering: whatever reaches the WAN address on a UDP port goes to the host's same port
 # (masquerade keeps the host's port when it is free, which it is in the lab).
@@ -367,6 +368,7 @@ class Lab:
         self.modes: dict[str, NatMode] = {"a": "cone", "b": "cone"}
         self.ports: dict[str, str] = {}  # hosts whose NAT maps onto a port range of REMAP_RANGES (remap)
         self.outer: dict[str, str] = {}  # hosts whose NAT maps onto another address than its WAN's (renumber)
+        self.readdressed: set[str] = set()  # hosts on their LAN's other address (readdress)
         self.carrier = False  # a's router is behind the carrier NAT (double_nat)
         self.ipv6 = dict.fromkeys(HOSTS, True)  # hosts with their global IPv6 address (set_ipv6)
         self._servers: dict[str, _Server] = {}
@@ -385,7 +387,9 @@ class Lab:
         if neighbour is not None:
             return neighbour
         site = _site(host)
-        return site.public_ip if self.modes[host] == "none" else f"{site.lan_net}.2"
+        if self.modes[host] == "none":
+            return site.public_ip
+        return f"{site.lan_net}.{READDRESSED if host in self.readdressed else 2}"
 
     def inner_ip6(self, host: str) -> str:
         """The host's global IPv6 address (no brackets), also its public one: there is no NAT66. The address
@@ -624,6 +628,29 @@ class Lab:
         self._apply_nat(host)
         return self.ports[host]
 
+    def readdress(self, host: str, moved: bool = True) -> str:
+        """The host's own address changes, as a laptop's does from Wi-Fi to tethering: a new address on its
+        LAN (.12), the old one (.2) removed, the default route kept. Its sockets bound to every address send
+        from the new one, which its NAT maps anew; one bound to the old address can send no more. `moved`
+        False: back. Returns the host's address now."""
+        site = _site(host)
+        if moved == (host in self.readdressed):
+            return self.inner_ip(host)
+        if self.modes[host] == "none":
+            raise LabError(f"{host} is in NAT mode none: its address is the public one")
+        old = self.inner_ip(host)
+        if moved:
+            self.readdressed.add(host)
+        else:
+            self.readdressed.discard(host)
+        new = self.inner_ip(host)
+        # Deleting a primary address deletes its secondaries too, unless they are promoted.
+        self.exec(host, ["sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"], check=True)
+        self.ip(host, "addr", "add", f"{new}/24", "dev", "eth0")
+        self.ip(host, "addr", "del", f"{old}/24", "dev", "eth0")
+        self.ip(host, "route", "replace", "default", "via", f"{site.lan_net}.1")
+        return new
+
     def expire_stun_flows(self, host: str, port: int) -> None:
         """The host's NAT forgets the mappings of the host's UDP port `port` toward the STUN server (its
         primary and alternate ports), as a NAT does once they have been idle for its UDP timeout (30 s to
@@ -795,6 +822,7 @@ class Lab:
         for host in SITES:
             if host in self.outer:
                 self.renumber(host, False)
+            self.readdress(host, False)
             self.block_udp(host, False)
             self.set_nat(host, "cone")
             self.set_link(host)

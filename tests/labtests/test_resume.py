@@ -31,7 +31,7 @@ pytestmark = pytest.mark.lab
 
 TARGET = "127.0.0.1:7007"
 SIZE = 16 << 20  # each way, written at RATE: the move lands mid-stream, with seconds of it to go
-PAST = {"remap": "remapped", "renumber": "renumbered"}
+PAST = {"remap": "remapped", "renumber": "renumbered", "readdress": "readdressed"}
 RATE = 4 << 20  # bytes per second: what ssh carrying a large file over a modest line might
 
 
@@ -137,15 +137,16 @@ def _survives(lab: Lab, acceptor: Plexus, invite: Plexus, how: str, mover: str, 
     assert [event["error"] for event in acceptor.wait_events("ended", timeout=10)] == [None]
 
 
-MOVES = [("a", "remap"), ("a", "renumber"), ("b", "remap"), ("b", "renumber")]
+MOVES = [("a", "remap"), ("a", "renumber"), ("b", "remap"), ("b", "renumber"), ("a", "readdress")]
 
 
-@pytest.mark.parametrize(("mover", "change"), MOVES[:3])
+@pytest.mark.parametrize(("mover", "change"), [*MOVES[:3], MOVES[4]])
 def test_a_stdio_stream_survives_either_sides_move_behind_filtering_nats_by_mail(
     lab: Lab, tmp_path: Path, running: list[Plexus], ids: Ids, mover: str, change: str
 ) -> None:
     """A new outer port (the NAT forgot its mappings), a new outer address (a new lease, a new network),
-    on the inviter's side and on the acceptor's."""
+    on the inviter's side and on the acceptor's; and the inviter's own address changing (Wi-Fi to
+    tethering: its streams socket, bound to every address, sends from the new one)."""
     lab.set_nat("a", "cone")
     lab.set_nat("b", "cone")
     with TcpTarget(lab, "b", "echo", port=7007):
