@@ -128,7 +128,7 @@ async def follow(
             if mapped is not None and mapped != outer:
                 outer = await _tell(link, outer, mapped, send, moved)
                 continue
-            log.debug("streams: unanswered, and STUN says %s: no move to tell", mapped or "nothing")
+            log.debug("unanswered, and STUN says %s: no move to tell", mapped or "nothing")
             await _first(link.heard_within(RECHECK), changed.wait())
 
 
@@ -152,14 +152,14 @@ async def _tell(
 ) -> Endpoint:
     """This side is at `mapped` now, not `outer`: the rebinds, until the peer answers (PeerLostError after
     REBIND_TRIES); the endpoint the peer knows, after."""
-    log.warning("streams: this side is now at %s, not %s: telling the peer (a rebind)", mapped, outer)
+    log.warning("this side is now at %s, not %s: telling the peer (a rebind)", mapped, outer)
     events.emit(events.Remapped, before=outer, after=mapped)
     moved()
     for _ in range(REBIND_TRIES):
         try:
             await send(mapped)
         except PlexusError as error:  # the rendezvous is out of reach for now: wait, then try again
-            log.warning("streams: the rebind was not sent: %s", error)
+            log.warning("the rebind was not sent: %s", error)
         if await _hurry(link, REBIND_WAIT):
             return mapped
     raise PeerLostError(f"this side moved to {mapped} and the peer answered none of {REBIND_TRIES} rebinds")
@@ -194,7 +194,7 @@ async def _hurry(link: Movable, wait: float) -> bool:
 async def answer(link: Movable, rebound: AsyncIterator[Rebind]) -> None:
     """The peer's moves, until cancelled: toward each admitted rebind's endpoint."""
     async for rebind in rebound:
-        log.info("streams: rebind %d: punching toward %s", rebind.sequence, rebind.outer)
+        log.info("rebind %d: punching toward %s", rebind.sequence, rebind.outer)
         events.emit(events.Rebound, outer=rebind.outer, sequence=rebind.sequence)
         link.moved(rebind.outer)
         start = asyncio.get_running_loop().time()

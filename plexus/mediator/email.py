@@ -230,6 +230,10 @@ class _Dropped(Exception):
     """The IMAP connection is gone or confused: reconnect."""
 
 
+class _Moved(_Dropped):
+    """The IMAP connection was dropped on purpose: this side's network changed (Inbox.drop)."""
+
+
 @dataclass
 class Cursor:
     """Where the wait begins: the first UID that counts, under one UIDVALIDITY."""
@@ -264,6 +268,7 @@ class Inbox:
         self._imap: aioimaplib.IMAP4 | None = None
         self._dropped = asyncio.Event()
         self._idling = False  # an IDLE was started and its DONE not yet sent
+        self._moved = False  # the connection was dropped because this side moved (drop)
         # The server reported new mail (an untagged EXISTS) since the scan began: look again before sleeping
         self.arrived = False
 
@@ -272,6 +277,7 @@ class Inbox:
         server = self._config.imap
         self._dropped = asyncio.Event()
         self._idling = False
+        self._moved = False
         dropped = self._dropped
         imap: aioimaplib.IMAP4 = aioimaplib.IMAP4(
             host=server.host,
@@ -386,7 +392,7 @@ class Inbox:
                     imap.wait_server_push(timeout=period + COMMAND_TIMEOUT), timeout=None
                 )
                 if pushed is _LOST:
-                    raise _Dropped("connection lost")
+                    raise self._lost()
                 self.end_idle()
                 await self._command(idle)
             finally:
@@ -406,7 +412,7 @@ class Inbox:
 
     def _client(self) -> aioimaplib.IMAP4:
         if self._imap is None or self._dropped.is_set():
-            raise _Dropped("connection lost")
+            raise self._lost()
         return self._imap
 
     async def _command(self, call: Awaitable[T], timeout: float | None = COMMAND_TIMEOUT) -> T:
@@ -428,7 +434,13 @@ class Inbox:
         """Count the connection as lost now (its TCP connection went through a NAT that has just mapped this
         side anew, so nothing will ever come on it, and nothing says so): the wait reconnects."""
         if self._imap is not None and not self._dropped.is_set():
+            self._moved = True
             self._lose(self._imap, self._dropped)
+
+    def _lost(self) -> _Dropped:
+        if self._moved:
+            return _Moved("this side's network changed")
+        return _Dropped("connection lost")
 
     @staticmethod
     def _lose(imap: aioimaplib.IMAP4, dropped: asyncio.Event) -> None:
@@ -665,6 +677,9 @@ class Mediator:
                 remaining = IDLE_RENEW if deadline is None else deadline - loop.time()
                 if remaining > 0:
                     await self._inbox.wait(remaining)
+            except _Moved:
+                log.info("IMAP connection to %s made anew: this side's network changed", self._config.imap)
+                await self._reopen(deadline)
             except _Dropped as error:
                 log.warning("IMAP connection to %s lost (%s): reconnecting", self._config.imap, error)
                 await self._reopen(deadline)
