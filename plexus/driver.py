@@ -24,6 +24,20 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE = 2048  # larger than any datagram the machines take (STUN, handshake)
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Whether `event` is set within `timeout`. A cancellation always gets through: Python 3.11's
+    asyncio.wait_for can swallow one that meets its own timeout, and a loop around it then runs on (a
+    streams link's keepalive held an ssh ProxyCommand's exit for minutes)."""
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=max(timeout, 0.0))
+        return bool(done)
+    finally:
+        waiter.cancel()
+
+
 class Datagram(NamedTuple):
     """A datagram to send to `to`, from the transport's socket number `sock`; `ttl` None: the normal TTL."""
 

@@ -26,13 +26,13 @@ A rebind only names an endpoint, and takes the session's key to make.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from plexus import events, netwatch
+from plexus.driver import wait_event
 from plexus.endpoint import Endpoint
 from plexus.errors import PeerLostError, PlexusError
 from plexus.rendezvous import Rebind
@@ -175,8 +175,7 @@ async def heard(signal: asyncio.Event, last: Callable[[], float], timeout: float
         remaining = deadline - loop.time()
         if remaining <= 0:
             return False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(signal.wait(), remaining)
+        await wait_event(signal, remaining)
     return True
 
 

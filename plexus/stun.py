@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import contextlib
 import enum
 import ipaddress
 import logging
@@ -489,8 +488,7 @@ class Question:
                 if not asking.pending:
                     break
                 wait = max((asking.next_time() or when) - loop.time(), 0.0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._answered.wait(), wait)
+                await driver.wait_event(self._answered, wait)
         finally:
             self._asking = None
         return asking

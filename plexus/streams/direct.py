@@ -26,10 +26,10 @@ comes inside the connection, and the acceptor sends to a new path only once it a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from plexus import events
+from plexus.driver import wait_event
 from plexus.endpoint import Endpoint
 from plexus.resume import PUNCH_SCHEDULE, resolve
 from plexus.streams.quic import Link
@@ -79,8 +79,7 @@ async def _until(link: Link, wait: float, acted_on: Endpoint | None) -> bool:
     deadline = loop.time() + wait
     while (remaining := deadline - loop.time()) > 0:
         link.candidate_arrived.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(link.candidate_arrived.wait(), remaining)
+        await wait_event(link.candidate_arrived, remaining)
         if link.peer_candidate is not None and link.peer_candidate != acted_on:
             return True
     return False

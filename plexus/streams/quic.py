@@ -60,6 +60,7 @@ from cryptography import x509
 
 from plexus import events as plexus_events
 from plexus import stun
+from plexus.driver import wait_event
 from plexus.endpoint import Endpoint
 from plexus.errors import PeerIdentityError, PlexusError, StreamsLostError
 from plexus.identity import Identity, PeerCheck, id_of
@@ -613,8 +614,7 @@ class Link(asyncio.DatagramProtocol):
                 else:
                     wake = min(wake, quic.asked_at + DEAD_AFTER)
             self._asked.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._asked.wait(), max(wake - now, 0.0))
+            await wait_event(self._asked, wake - now)
 
     def _watch(self, quic: _Connection) -> None:
         """After each datagram: has the peer moved (to a validated address), or come back?"""
