@@ -21,13 +21,13 @@ import contextlib
 import logging
 import math
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 
 from plexus import events, stun
 from plexus.endpoint import Endpoint
 from plexus.launcher import Tunnel
-from plexus.paths import Established, bind, free_port, rebound
+from plexus.paths import Established, bind, free_port, path_socket
 from plexus.resume import PUNCH, Resume, heard
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ PONG = b"\0plexus pong"
 # 0.4 s, which QUIC's ACKs answer at once: a command's protocol answers at its own pace (OpenVPN's data is
 # answered by the other side's traffic, its pings every --ping seconds).
 SUSPECT_AFTER = 1.0
-MAPPED_SCHEDULE = stun.Schedule(rto=0.1, max_rto=0.4, attempts=3, timeout=0.8)
 RECEIVE_SIZE = 65536
 
 
@@ -51,7 +50,7 @@ class Carrier:
         self._peer = peer.canonical()
         self._known = {(self._peer.host, self._peer.port)}  # the sources taken: the punched one, rebinds'
         self._loop = asyncio.get_running_loop()
-        self._question = stun.Question(MAPPED_SCHEDULE)
+        self._question = stun.Question()
         self._heard = asyncio.Event()
         self._asked_at: float | None = None  # the first datagram sent since the peer was last heard
         self._check: asyncio.TimerHandle | None = None
@@ -75,14 +74,7 @@ class Carrier:
         log.info("carrier ends: %d datagrams to the peer, %d to the command", self.to_peer, self.to_command)
 
     def _from_command(self) -> None:
-        while True:
-            try:
-                data, source = self._local.recvfrom(RECEIVE_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:  # ICMP port unreachable from a command not yet listening, say
-                log.debug("carrier: from the command: %s", error)
-                continue
+        for data, source in _received(self._local, "the command"):
             if source[:2] != self._command:
                 continue
             self._send(data, self._peer)
@@ -92,16 +84,9 @@ class Carrier:
                 self._check = self._loop.call_later(SUSPECT_AFTER, self._suspect)
 
     def _from_path(self) -> None:
-        while True:
-            try:
-                data, source = self._path.recvfrom(RECEIVE_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                log.debug("carrier: from the path: %s", error)
-                continue
+        for data, source in _received(self._path, "the path"):
             now = self._loop.time()
-            if self._question.answer(data, Endpoint(*source[:2]), now) or source[:2] not in self._known:
+            if self._question.answer(data, source, now) or source[:2] not in self._known:
                 continue
             self._answered(now)
             if data == PING:
@@ -153,6 +138,18 @@ class Carrier:
         events.emit(events.Migrated, before=before, after=after)
 
 
+def _received(sock: socket.socket, what: str) -> Iterator[tuple[bytes, tuple[str, int]]]:
+    """The datagrams waiting on a readable socket; an error (ICMP port unreachable from a command not yet
+    listening, say) is logged and passed over."""
+    while True:
+        try:
+            yield sock.recvfrom(RECEIVE_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            log.debug("carrier: from %s: %s", what, error)
+
+
 @dataclass
 class Carried:
     """A path whose datagrams pass through plexus's carrier: the command talks to it on loopback."""
@@ -185,11 +182,11 @@ class Carried:
 
 def carried(established: Established, inner: Endpoint, inner6: Endpoint | None) -> Established:
     """The path, carried (Carried), where the command would own it; a path through plexus already (a relay
-    this side allocated) as it is. `inner`, `inner6`: --stun-client's (paths.rebound)."""
+    this side allocated) as it is. `inner`, `inner6`: --stun-client's (paths.path_socket)."""
     if established.through_here:
         return established
     punched = established.tunnel
-    path = rebound(punched, inner, inner6)  # the punch's socket is closed by now: its port is free
+    path = path_socket(punched, inner, inner6)  # the punch's socket is closed by now: its port is free
     local = bind(Endpoint("127.0.0.1", 0))
     command = Endpoint("127.0.0.1", free_port())
     forwarder = Endpoint("127.0.0.1", local.getsockname()[1])

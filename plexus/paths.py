@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable
@@ -122,11 +123,19 @@ def punching(inner: Endpoint, inner6: Endpoint | None) -> contextlib.closing[Pun
     return contextlib.closing(Punching(v4, v6))
 
 
-def rebound(tunnel: Tunnel, inner: Endpoint, inner6: Endpoint | None) -> socket.socket:
-    """A socket on the tunnel's port, once the punch has let it go, for plexus's own use of the path (the
-    streams, a carried command): on the address --stun-client named (`inner`, `inner6`), as the punch's
-    socket was, so that where that is every address (the default) a new address of this host (Wi-Fi to
-    tethering) still sends and receives."""
+def forwarded(tunnel: Tunnel) -> bool:
+    """Whether the tunnel faces plexus's relay forwarder (a relay this side allocated): its inner endpoint
+    is a loopback one."""
+    return ipaddress.ip_address(tunnel.inner.host).is_loopback
+
+
+def path_socket(tunnel: Tunnel, inner: Endpoint, inner6: Endpoint | None) -> socket.socket:
+    """A socket for plexus's own use of the path (the streams, a carried command), once the punch has let its
+    port go: facing the forwarder, the tunnel's loopback endpoint; else the tunnel's port on the address
+    --stun-client named (`inner`, `inner6`), as the punch's socket was, so that where that is every address
+    (the default) a new address of this host (Wi-Fi to tethering) still sends and receives."""
+    if forwarded(tunnel):
+        return bind(tunnel.inner)
     named = inner6 if tunnel.family == socket.AF_INET6 and inner6 is not None else inner
     return bind(Endpoint(named.host, tunnel.inner.port))
 

@@ -196,10 +196,16 @@ async def answer(link: Movable, rebound: AsyncIterator[Rebind]) -> None:
         log.info("rebind %d: punching toward %s", rebind.sequence, rebind.outer)
         events.emit(events.Rebound, outer=rebind.outer, sequence=rebind.sequence)
         link.moved(rebind.outer)
-        start = asyncio.get_running_loop().time()
-        for offset in PUNCH_SCHEDULE:
-            await asyncio.sleep(max(start + offset - asyncio.get_running_loop().time(), 0.0))
-            link.punch(rebind.outer)
+        await punches(link, rebind.outer)
+
+
+async def punches(link: Movable, toward: Endpoint) -> None:
+    """PUNCH toward an endpoint the peer named, on PUNCH_SCHEDULE."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for offset in PUNCH_SCHEDULE:
+        await asyncio.sleep(max(start + offset - loop.time(), 0.0))
+        link.punch(toward)
 
 
 async def resolve(server: Endpoint) -> Endpoint:

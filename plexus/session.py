@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from plexus import events, launcher, paths, puncher
-from plexus.carry import carried
 from plexus.endpoint import ANY6, Endpoint
 from plexus.errors import (
     CommandFailedError,
@@ -40,7 +39,7 @@ from plexus.errors import (
 )
 from plexus.launcher import Command, Running, Slot, Tunnel
 from plexus.path import Method
-from plexus.paths import TurnConfig, bind
+from plexus.paths import TurnConfig
 from plexus.rendezvous import Invitation, Offer, RebindKeys, Rendezvous, RendezvousConfig
 
 # Streams (and with them aioquic) load with the first streams session, not with every session.
@@ -152,6 +151,8 @@ async def _invite(config: SessionConfig) -> Tunnel:
                     await established.carry(_work(config, established.tunnel, accept=False, resume=resume))
                 return established.tunnel
             if config.carry:  # plexus stays, and so does the rendezvous: a move is told over it
+                from plexus.carry import carried
+
                 established = carried(established, config.inner, config.inner6)
                 process = _launch(config, config.command, established.tunnel, slot)
                 await established.release_unused(relays)
@@ -332,8 +333,7 @@ async def _streams(
     plexus's forwarder), bound now that the punch has let the port go."""
     from plexus.streams import carry
 
-    loopback = tunnel.inner.host == "127.0.0.1"
-    sock = bind(tunnel.inner) if loopback else paths.rebound(tunnel, session.inner, session.inner6)
+    sock = paths.path_socket(tunnel, session.inner, session.inner6)
     await carry(sock, tunnel, config, accept=accept, resume=resume)
 
 
@@ -399,6 +399,8 @@ async def _serve(
                 return established, resuming, None
             assert config.command is not None  # _answer refused the request otherwise
             if config.carry:
+                from plexus.carry import carried
+
                 established = carried(established, config.inner, config.inner6)
             process = launcher.start(config.command, established.tunnel)
             if slot is not None:

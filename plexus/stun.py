@@ -451,26 +451,32 @@ class Exchange:
         return min(times, default=None)
 
 
+# A question from a running session's socket to a STUN server that answered at its start: sends at 0, 0.1,
+# 0.3 s, an answer by 0.8 s (a slower one gets asked again at the next suspicion).
+QUESTION_SCHEDULE = Schedule(rto=0.1, max_rto=0.4, attempts=3, timeout=0.8)
+
+
 class Question:
     """One binding request at a time from a socket that carries other traffic too (the streams' QUIC, a
     command's datagrams): its owner sends what `ask` gives it and hands every datagram from the server being
     asked to `answer`. `independent` asks twice (RFC 5780's test I and a second to the OTHER-ADDRESS)."""
 
-    def __init__(self, schedule: Schedule) -> None:
+    def __init__(self, schedule: Schedule = QUESTION_SCHEDULE) -> None:
         self._schedule = schedule
         self._asking: Transaction | None = None
         self._answered = asyncio.Event()
 
-    def answer(self, data: bytes, source: Endpoint, now: float) -> bool:
-        """Whether the datagram is from the server being asked (taken, whatever it holds)."""
+    def answer(self, data: bytes, source: tuple[str, int], now: float) -> bool:
+        """Whether the datagram (from `source`, as a socket gives it) is from the server being asked: taken,
+        whatever it holds. Cheap when nothing is asked: its owner hands it every datagram of the path."""
         asking = self._asking
-        if asking is None or source != asking.destination:
+        if asking is None or source[:2] != (asking.destination.host, asking.destination.port):
             return False
         try:
             message = decode(data)
         except StunParseError:
             return True
-        if asking.receive(message, source, now):
+        if asking.receive(message, asking.destination, now):
             self._answered.set()
         return True
 

@@ -7,13 +7,11 @@ is what a session runs on its tunnel, as it would launch a command on it.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from plexus.endpoint import Endpoint
 from plexus.identity import Identity, PeerCheck
 from plexus.launcher import Tunnel
 from plexus.path import Method
@@ -43,10 +41,6 @@ class StreamsConfig:
         return self.stdio is not None or bool(self.forwards)
 
 
-def _loopback(endpoint: Endpoint) -> bool:
-    return ipaddress.ip_address(endpoint.host).is_loopback
-
-
 def _direct_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("0.0.0.0", 0))
@@ -65,13 +59,14 @@ async def carry(
     acceptor serves whatever streams the inviter opens until the inviter closes or falls silent. Both ping
     while the link lives, which keeps both NAT mappings open and shows a dead path within seconds
     (`link.dead`; quic.py's docstring)."""
+    from plexus import paths
     from plexus.streams import forward, quic
 
     relayed = tunnel.path == Method.RELAY
     size = quic.RELAYED_DATAGRAM_SIZE if relayed else quic.DATAGRAM_SIZE
     # On a relay this side allocated, the streams socket faces the forwarder (on loopback): a direct path
     # found later needs a socket of its own (plexus/streams/direct.py).
-    direct = _direct_socket() if relayed and resume is not None and _loopback(tunnel.inner) else None
+    direct = _direct_socket() if relayed and resume is not None and paths.forwarded(tunnel) else None
     start = quic.serve if accept else quic.connect
     link = await start(sock, tunnel.peer, config.identity, config.check, datagram_size=size, direct=direct)
     log.info("streams: QUIC connected with %s (peer id %s)", tunnel.peer, link.peer_id)

@@ -10,7 +10,7 @@ relay, the socket beside its forwarder. When it does, the side tells the peer th
 control datagram inside the QUIC connection, which authenticates it. Once a side holds its own candidate and
 the peer's:
 
-- the acceptor punches toward the inviter's (quic.PUNCH, on PUNCH_SCHEDULE), so that its NAT lets the
+- the acceptor punches toward the inviter's (resume.punches), so that its NAT lets the
   inviter's packets in;
 - the inviter punches toward the acceptor's and, PUNCH_LEAD later, sends its QUIC packets there
   (Link.reroute). The acceptor's QUIC validates the inviter's new path and moves to it. A packet that
@@ -31,7 +31,7 @@ import logging
 from plexus import events
 from plexus.driver import wait_event
 from plexus.endpoint import Endpoint
-from plexus.resume import PUNCH_SCHEDULE, resolve
+from plexus.resume import punches, resolve
 from plexus.streams.quic import Link
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ async def upgrade(link: Link, server: Endpoint) -> None:
         if link.client:
             await _try(link, theirs, relay)
         else:
-            await _punches(link, theirs)
+            await punches(link, theirs)
 
 
 async def _until(link: Link, wait: float, acted_on: Endpoint | None) -> bool:
@@ -83,14 +83,6 @@ async def _until(link: Link, wait: float, acted_on: Endpoint | None) -> bool:
         if link.peer_candidate is not None and link.peer_candidate != acted_on:
             return True
     return False
-
-
-async def _punches(link: Link, toward: Endpoint) -> None:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    for offset in PUNCH_SCHEDULE:
-        await asyncio.sleep(max(start + offset - loop.time(), 0.0))
-        link.punch(toward)
 
 
 async def _try(link: Link, theirs: Endpoint, relay: Endpoint) -> bool:

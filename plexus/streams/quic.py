@@ -92,9 +92,6 @@ SUSPECT_AFTER = 0.4
 ACCEPTOR_SILENCE = KEEPALIVE_INTERVAL + SUSPECT_AFTER
 QUIC_FIXED_BIT = 0x40  # set in every QUIC packet's first byte (RFC 9000 17); STUN's has it clear
 POKE_INTERVAL = 0.05  # the inviter probes at most this often on punches
-# The inviter's question to its STUN server: sends at 0, 0.1, 0.3 s, an answer by 0.8 s (a server that has
-# answered before; a slower one gets asked again at the next suspicion).
-MAPPED_SCHEDULE = stun.Schedule(rto=0.1, max_rto=0.4, attempts=3, timeout=0.8)
 HANDSHAKE_TIMEOUT = 10.0
 # The acceptor's connections made from client Initials before one completes its handshake: the real one and a
 # few forged or stray ones; a new Initial beyond that replaces the oldest.
@@ -286,7 +283,6 @@ class Link(asyncio.DatagramProtocol):
         check: PeerCheck,
         config: QuicConfiguration,
         peer: Endpoint,
-        direct: bool = False,
     ) -> None:
         self._quic = quic  # the acceptor's is the candidate whose handshake completes first
         self._candidates: dict[bytes, _Connection] = {}  # acceptor, until then: by their connection ids
@@ -314,14 +310,14 @@ class Link(asyncio.DatagramProtocol):
         self.suspect = asyncio.Event()
         self._heard = asyncio.Event()  # set as the peer is heard; a waiter clears it (heard_within)
         self._asked = asyncio.Event()  # set as something this side sent awaits an answer (keepalive's wake)
-        self._question = stun.Question(MAPPED_SCHEDULE)  # to this side's STUN server (mapped, independent)
+        self._question = stun.Question()  # to this side's STUN server (mapped, independent)
         self._poked_at = -math.inf
         # Where the inviter takes datagrams from: the punched endpoint, and those an authenticated message
         # named since (a rebind, a candidate).
         self._known = {(self._punched.host, self._punched.port)}
         # On a relay this side allocated, the socket faces plexus's forwarder (`peer`) and a second one
-        # (`direct`, set_direct) is for a direct path: datagrams go out of the one whose peer they are for.
-        self._relayed: NetworkAddress | None = (self._punched.host, self._punched.port) if direct else None
+        # (set_direct) is for a direct path: datagrams go out of the one whose peer they are for.
+        self._relayed: NetworkAddress | None = None
         self._direct: asyncio.DatagramTransport | None = None
         self.heard_from: NetworkAddress | None = None  # where the last packet that decrypted came from
         self.peer_candidate: Endpoint | None = None  # the peer's latest CANDIDATE (plexus/streams/direct.py)
@@ -362,7 +358,7 @@ class Link(asyncio.DatagramProtocol):
         """A datagram that is not QUIC: the STUN server's answer to `mapped`, or the acceptor's punch (or a
         late handshake datagram, or noise: dropped)."""
         now = self._loop.time()
-        if self._question.answer(data, Endpoint(*addr[:2]), now):
+        if self._question.answer(data, addr, now):
             return
         quic = self._quic
         # The acceptor's punch toward this side's new endpoint: its NAT now lets the next packet in.
@@ -669,6 +665,8 @@ class Link(asyncio.DatagramProtocol):
         return self._direct
 
     def set_direct(self, transport: asyncio.DatagramTransport) -> None:
+        """The direct socket's transport, beside the one facing the forwarder (the punched `peer`)."""
+        self._relayed = (self._punched.host, self._punched.port)
         self._direct = transport
 
     def punch(self, toward: Endpoint) -> None:
@@ -686,11 +684,6 @@ class Link(asyncio.DatagramProtocol):
     @property
     def client(self) -> bool:
         return self._quic is not None and self._quic.configuration.is_client
-
-    @property
-    def relayed(self) -> Endpoint | None:
-        """On a relay this side allocated: the forwarder's endpoint, where the relay path goes."""
-        return None if self._relayed is None else Endpoint(*self._relayed)
 
     @property
     def peer(self) -> Endpoint:
@@ -727,7 +720,7 @@ class Link(asyncio.DatagramProtocol):
 
     async def mapped(self, server: Endpoint) -> Endpoint | None:
         """This socket's outer endpoint as the STUN server at `server` (an IP address) sees it now, or None
-        without an answer within MAPPED_SCHEDULE's timeout. One question at a time. On a relay this side
+        without an answer in time (stun.QUESTION_SCHEDULE). One question at a time. On a relay this side
         allocated, the direct socket's."""
         return (await self._question.ask(server, self._send)).mapped
 
@@ -775,7 +768,7 @@ async def _link(
     direct: socket.socket | None,
 ) -> Link:
     loop = asyncio.get_running_loop()
-    link = Link(quic, check, config, peer, direct=direct is not None)
+    link = Link(quic, check, config, peer)
     await loop.create_datagram_endpoint(lambda: link, sock=sock)
     if direct is not None:
         transport, _ = await loop.create_datagram_endpoint(lambda: _Beside(link), sock=direct)

@@ -65,7 +65,7 @@ async def test_a_stun_server_that_does_not_answer_gives_none_within_the_schedule
         loop = asyncio.get_running_loop()
         start = loop.time()
         assert await inviter.mapped(Endpoint(*silent.getsockname())) is None
-        assert loop.time() - start < quic.MAPPED_SCHEDULE.timeout + 0.3
+        assert loop.time() - start < stun.QUESTION_SCHEDULE.timeout + 0.3
     silent.close()
 
 
