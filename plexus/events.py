@@ -49,6 +49,8 @@ class Event:
     name: ClassVar[str]
     role: Role
     at: float = field(default_factory=_now)
+    # An acceptor's session: the name of the peer it serves (plexus/peers.py); None elsewhere.
+    peer_name: str | None = None
 
     def _values(self, hashed: bool = False) -> tuple[Any, ...]:
         """The values dataclasses' __eq__ (or __hash__) would compare (hash), in the fields' order."""
@@ -90,7 +92,7 @@ class Listening(Event):
     """The acceptor watches for requests: one sent from now on is served."""
 
     name: ClassVar[str] = "listening"
-    peer_id: str
+    peers: tuple[str, ...]  # the names of the peers it serves
 
 
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)

@@ -53,6 +53,8 @@ class Tunnel:
     path: str = "direct"  # how the packets go (plexus/path.py's Method): direct, lan, ipv6, fan-out, ...
     # Carried (--carry): the command talks to plexus on loopback (`peer`); the peer's endpoint beyond it
     far: Endpoint | None = None
+    # The peer's name (plexus/peers.py): which peer an acceptor's command serves, %peer% and PLEXUS_PEER
+    peer_name: str = ""
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -68,6 +70,7 @@ class Tunnel:
             "%peerip%": self.peer.host,
             "%peerport%": str(self.peer.port),
             SECRET: str(self.secret),
+            "%peer%": self.peer_name,
         }
 
     def environment(self) -> dict[str, str]:

@@ -52,6 +52,8 @@ class Name(StrEnum):
     CONFIG = "config"
     HOST_ID = "host-id"
     PEER_ID = "peer-id"
+    PEERS = "peers"
+    STATUS = "status"
     EMAIL_SMTPS = "email-smtps"
     EMAIL_IMAPS = "email-imaps"
     EMAIL_LOGIN = "email-login"
@@ -261,8 +263,28 @@ TABLE = (
         "FILE",
         in_config=False,
     ),
+    Option(
+        Name.PEERS,
+        ROLE,
+        "Acceptor: the peers it serves, one a line (its id or identity, a name, per-peer options; "
+        "docs/peers.md), re-read on SIGHUP.",
+        "FILE",
+    ),
+    Option(
+        Name.STATUS,
+        ROLE,
+        "Print a running acceptor's peers and sessions, then exit.",
+        kind=Kind.FLAG,
+        in_config=False,
+    ),
     Option(Name.HOST_ID, MAIL, "This host's id: the subject of its mail.", "ID"),
-    Option(Name.PEER_ID, MAIL, "The peer's id: the subject plexus waits for.", "ID"),
+    Option(
+        Name.PEER_ID,
+        MAIL,
+        "The peer's id: the subject plexus waits for (acceptor: repeatable, one peer each).",
+        "ID",
+        Kind.LIST,
+    ),
     Option(
         Name.EMAIL_SMTPS, MAIL, "SMTP server (TLS; STARTTLS on 25 and 587).", "HOST:PORT", check=Address()
     ),
@@ -411,7 +433,13 @@ TABLE = (
     Option(
         Name.SHOW_ID, STREAMS, "Print the id of --identity (for the peer's --peer-identity).", kind=Kind.FLAG
     ),
-    Option(Name.PEER_IDENTITY, STREAMS, "The peer's id, as its --show-id prints it.", "ID"),
+    Option(
+        Name.PEER_IDENTITY,
+        STREAMS,
+        "The peer's id, as its --show-id prints it (acceptor: repeatable, one peer each).",
+        "ID",
+        Kind.LIST,
+    ),
     Option(
         Name.ANONYMOUS,
         STREAMS,

@@ -363,7 +363,7 @@ async def _accept(config: SessionConfig) -> None:
             with paths.punching(config.inner, config.inner6) as socks:
                 paths.note_limits(await _discover(config, socks), config.turn)
             await rendezvous.listen()
-            config.on_event(events.Listening(role="accept", peer_id=config.rendezvous.peer_id))
+            config.on_event(events.Listening(role="accept", peers=(config.rendezvous.peer_id,)))
             async for invitation in rendezvous.requests():
                 task = asyncio.create_task(_serve(config, rendezvous, invitation, turn, slot, running))
                 sessions.add(task)
