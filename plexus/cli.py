@@ -12,7 +12,7 @@ import logging
 import re
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -144,10 +144,13 @@ async def explore(options: Options, as_json: bool) -> None:
     print(found.json() if as_json else found)
 
 
-def run_until_signal(main: Coroutine[Any, Any, T], *, streams: bool = False) -> T:
-    """Run the flow; SIGINT or SIGTERM cancel it, so every `finally` and `async with` unwinds (mail sessions
-    closed, commands stopped), and end it with Interrupted. As PID 1 (a container) SIGTERM would otherwise be
-    ignored, and typer's own KeyboardInterrupt handling is not ours to rely on."""
+def run_until_signal(
+    main: Coroutine[Any, Any, T], *, streams: bool = False, reload: Callable[[], None] | None = None
+) -> T:
+    """Run the flow; SIGINT, SIGTERM or SIGHUP cancel it, so every `finally` and `async with` unwinds (mail
+    sessions closed, commands stopped), and end it with Interrupted. As PID 1 (a container) SIGTERM would
+    otherwise be ignored, and typer's own KeyboardInterrupt handling is not ours to rely on. With `reload`
+    (an acceptor's), SIGHUP calls it instead, as a daemon's reload does."""
     import asyncio
 
     async def guarded() -> T:
@@ -164,6 +167,8 @@ def run_until_signal(main: Coroutine[Any, Any, T], *, streams: bool = False) -> 
 
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop, signum)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload)
         try:
             return await main
         except asyncio.CancelledError:
@@ -202,9 +207,13 @@ def run(**given: Any) -> None:
         config_ = config_.reporting(sink)
     # A normal end by signal: a service manager stopping the acceptor, ssh ending its ProxyCommand (--stdio).
     normal_end = signal.SIGTERM if accepting else signal.SIGHUP if options.get(Name.STDIO) else None
+    # An acceptor reads its --peers file again on SIGHUP; its sessions run on.
+    reload = config_.rendezvous.peers.reload if accepting else None
     try:
         run_until_signal(
-            api.serve(config_) if accepting else api.connect(config_), streams=config_.streams is not None
+            api.serve(config_) if accepting else api.connect(config_),
+            streams=config_.streams is not None,
+            reload=reload,
         )
     except Interrupted as stopped:
         if stopped.signum != normal_end:

@@ -22,7 +22,7 @@ from plexus.errors import UsageError
 
 # Each config is built where its module is loaded: options for a mail session never load OpenDHT, say.
 if TYPE_CHECKING:
-    from plexus import identity, launcher, session
+    from plexus import identity, launcher, peers, session
     from plexus.mediator.dhtnode import DhtConfig
     from plexus.mediator.email import MailConfig
     from plexus.mediator.smime import SmimeConfig
@@ -269,6 +269,7 @@ TABLE = (
         "Acceptor: the peers it serves, one a line (its id or identity, a name, per-peer options; "
         "docs/peers.md), re-read on SIGHUP.",
         "FILE",
+        check=_FILE,
     ),
     Option(
         Name.STATUS,
@@ -314,8 +315,10 @@ TABLE = (
     Option(
         Name.RENDEZVOUS,
         DHT,
-        "How the peers meet [default: dht with --dht-bootstrap, else email].",
+        "How the peers meet [default: dht with --dht-bootstrap, else email]; an acceptor may meet them both "
+        "ways: email,dht.",
         "email|dht",
+        Kind.LIST,
         check=Choice(("email", "dht")),
     ),
     Option(
@@ -703,12 +706,11 @@ def smime_config(options: Options) -> SmimeConfig | None:
     return SmimeConfig(cert=cert, key=key, peer=peer, ca=options.path(Name.SMIME_CA))
 
 
-def mail_config(options: Options) -> MailConfig:
+def mail_config(options: Options, roster: peers.Roster | None = None) -> MailConfig:
+    """The rendezvous by mail. Mail to and from a peer pinned by identity is signed (--identity signs)."""
     from plexus.mediator.email import MailConfig
 
     address = options.require(Name.EMAIL_FROM)
-    # With --identity (and its required --peer-identity) mail is signed, and the peer's must be.
-    me, check = pinned_identities(options) if options.get(Name.IDENTITY) else (None, None)
     return MailConfig(
         smtp=options.endpoint(Name.EMAIL_SMTPS),
         imap=options.endpoint(Name.EMAIL_IMAPS),
@@ -718,13 +720,12 @@ def mail_config(options: Options) -> MailConfig:
         # One shared mailbox is the common setup: --email-to defaults to the host's own address.
         peer_address=options.get(Name.EMAIL_TO) or address,
         host_id=options.require(Name.HOST_ID),
-        peer_id=options.require(Name.PEER_ID),
+        peers=roster or peer_roster(options, ("email",)),
         ca=options.path(Name.EMAIL_CA),
         cert=options.path(Name.EMAIL_CERT),
         key=options.path(Name.EMAIL_KEY),
         smime=smime_config(options),
-        identity=me,
-        peer_identity=check.pinned_id if check is not None else None,
+        identity=own_identity(options),
     )
 
 
@@ -760,20 +761,37 @@ def session_config(options: Options) -> session.SessionConfig:
     handshake_default = (
         handshake.default if variable is None else handshake.parse(variable, HANDSHAKE_VARIABLE)
     )
-    streams = streams_config(options, smime_config(options))
-    command = command_config(options, streams)
+    kinds = rendezvous_kinds(options)
+    roster = peer_roster(options, kinds)
+    smime_files = smime_config(options)
+    if smime_files is not None and len([peer for peer in roster.peers.known if peer.id is not None]) > 1:
+        raise UsageError(
+            "S/MIME pins one peer's certificate (--smime-peer): serve several peers with --identity and "
+            "each peer's identity (identity= in --peers)"
+        )
+    streams = streams_config(options, smime_files, roster)
+    command = command_config(options, streams, roster)
     inner, inner6 = options.stun_client(Name.STUN_CLIENT) if options.get(Name.STUN_CLIENT) else (ANY4, ANY6)
     keep_sessions = options.flag(Name.KEEP_SESSIONS)
-    if keep_sessions and (inner.port or (inner6 and inner6.port)) and options.flag(Name.ACCEPT):
+    fixed = inner.port or (inner6 and inner6.port)
+    if keep_sessions and fixed and options.flag(Name.ACCEPT):
         raise UsageError(
             "--keep-sessions runs sessions side by side, each on its own inner port: "
             "leave out --stun-client's port (or give port 0)"
         )
+    if fixed and options.flag(Name.ACCEPT) and (len(roster.peers.known) > 1 or roster.file is not None):
+        raise UsageError(
+            "several peers' sessions run side by side, each on its own inner port: leave out --stun-client's "
+            "port (or give port 0); the command learns it from %innerport%"
+        )
+    stun_server = options.endpoint(Name.STUN_SERVER)
+    meeting = rendezvous_configs(options, kinds, roster)
     return session.SessionConfig(
         inner=inner,
         inner6=inner6,
-        stun_server=options.endpoint(Name.STUN_SERVER),
-        rendezvous=rendezvous_config(options),
+        stun_server=stun_server,
+        rendezvous=meeting[0],
+        rendezvous_also=meeting[1:],
         command=command,
         punch_hops=hops,
         response_timeout=options.number(Name.RESPONSE_TIMEOUT),
@@ -785,17 +803,20 @@ def session_config(options: Options) -> session.SessionConfig:
     )
 
 
-def command_config(options: Options, streams: StreamsConfig | None) -> launcher.Command | None:
+def command_config(
+    options: Options, streams: StreamsConfig | None, roster: peers.Roster
+) -> launcher.Command | None:
     """The command to launch: required unless the session carries streams (an inviter's --stdio or
-    --forward replace it; an acceptor with --forward-allow may have both)."""
+    --forward replace it; an acceptor with --forward-allow may have both) or each peer has its own."""
     exec_command = options.get(Name.EXEC_COMMAND)
-    if options.flag(Name.CARRY) and not exec_command:
+    own = any(peer.command is not None for peer in roster.peers.known)
+    if options.flag(Name.CARRY) and not (exec_command or own):
         raise UsageError("--carry carries a command's datagrams: give --exec-command (streams carry theirs)")
     if streams is not None and streams.inviting:
         if exec_command:
             raise UsageError("--stdio and --forward carry the session themselves: leave out --exec-command")
         return None
-    if not exec_command and streams is not None:
+    if not exec_command and (streams is not None or own):
         return None
     if not exec_command:
         forwarding = " (or --forward-allow, to forward streams)" if options.flag(Name.ACCEPT) else ""
@@ -814,6 +835,7 @@ def command_config(options: Options, streams: StreamsConfig | None) -> launcher.
     )
 
 
+NO_PEER_IDENTITY = "missing --peer-identity: pin the peer's id (`plexus --identity=FILE --show-id` prints it)"
 NO_IDENTITY = (
     "streams need to know the peer: give --identity=FILE (made on first use) and --peer-identity=ID (the "
     "peer's `plexus --identity=FILE --show-id` prints it), or S/MIME (--smime-*), or --anonymous to let "
@@ -821,8 +843,11 @@ NO_IDENTITY = (
 )
 
 
-def streams_config(options: Options, smime_files: SmimeConfig | None) -> StreamsConfig | None:
-    """--forward-allow (acceptor), --stdio or --forward (inviter), and who may be on the other end."""
+def streams_config(
+    options: Options, smime_files: SmimeConfig | None, roster: peers.Roster
+) -> StreamsConfig | None:
+    """--forward-allow and the peers' allow= (acceptor), --stdio or --forward (inviter), and who may be on
+    the other end."""
     from plexus.streams.wire import Allowed, Target
 
     accepting = options.flag(Name.ACCEPT)
@@ -841,14 +866,15 @@ def streams_config(options: Options, smime_files: SmimeConfig | None) -> Streams
         )
     if stdio and forwards:
         raise UsageError("--stdio and --forward: give one or the other")
-    if not (allowed or stdio or forwards):
+    per_peer = accepting and any(peer.allowed is not None for peer in roster.peers.known)
+    if not (allowed or stdio or forwards or per_peer):
         return None
     for forward in forwards:
         check_listen(forward.listen, options.origin(Name.FORWARD))
     me, check = trust(options, smime_files)
     from plexus.streams import StreamsConfig
 
-    return StreamsConfig(me, check, Allowed.of(allowed) if accepting else None, stdio, forwards)
+    return StreamsConfig(me, check, Allowed.of(allowed) if accepting and allowed else None, stdio, forwards)
 
 
 def forward_config(options: Options) -> tuple[Forward, ...]:
@@ -888,13 +914,19 @@ def check_listen(listen: Endpoint, origin: str) -> None:
                 raise UsageError(f"cannot listen on {where}: {error.strerror}") from error
 
 
-def trust(options: Options, smime_files: SmimeConfig | None) -> tuple[identity.Identity, identity.PeerCheck]:
-    """This host's identity and what the peer must prove: --identity and --peer-identity, else S/MIME's
-    certificates, else (asked for by name) nothing."""
+def trust(
+    options: Options, smime_files: SmimeConfig | None
+) -> tuple[identity.Identity, identity.PeerCheck | None]:
+    """This host's identity and what the peer must prove: --identity and --peer-identity (an acceptor: each
+    peer its own identity; None), else S/MIME's certificates, else (asked for by name) nothing."""
     from plexus import identity
     from plexus.mediator import smime
 
     if options.get(Name.IDENTITY):
+        if options.flag(Name.ACCEPT):  # each peer proves its own identity (SessionConfig.serving)
+            me = own_identity(options)
+            assert me is not None
+            return me, identity.PeerCheck(None) if options.flag(Name.ANONYMOUS) else None
         return pinned_identities(options)
     if smime_files is not None:
         keys = smime.Keys.load(smime_files)
@@ -910,20 +942,75 @@ def pinned_identities(options: Options) -> tuple[identity.Identity, identity.Pee
     from plexus import identity
 
     key_file = options.require(Name.IDENTITY)
-    pinned = options.get(Name.PEER_IDENTITY)
+    pinned = options.values(Name.PEER_IDENTITY)
     if not pinned:
-        raise UsageError(
-            "missing --peer-identity: pin the peer's id (`plexus --identity=FILE --show-id` prints it)"
-        )
+        raise UsageError(NO_PEER_IDENTITY)
     me = identity.Identity.load(Path(key_file).expanduser())
-    return me, identity.PeerCheck(identity.parse_id(pinned, options.origin(Name.PEER_IDENTITY)))
+    return me, identity.PeerCheck(identity.parse_id(pinned[0], options.origin(Name.PEER_IDENTITY)))
 
 
-def rendezvous_config(options: Options) -> MailConfig | DhtConfig:
-    """By mail unless the DHT is asked for: --rendezvous=dht, or --dht-bootstrap given."""
-    chosen = options.choice(Name.RENDEZVOUS, "dht" if options.values(Name.DHT_BOOTSTRAP) else "email")
-    if chosen == "email":
-        return mail_config(options)
+def own_identity(options: Options) -> identity.Identity | None:
+    """--identity's key, made on first use; None without it."""
+    from plexus import identity
+
+    key_file = options.get(Name.IDENTITY)
+    return identity.Identity.load(Path(key_file).expanduser()) if key_file else None
+
+
+def rendezvous_kinds(options: Options) -> tuple[str, ...]:
+    """How the peers meet: --rendezvous (an acceptor may give both), else the DHT with --dht-bootstrap,
+    else mail."""
+    choices = OPTIONS[Name.RENDEZVOUS].check
+    assert isinstance(choices, Choice)
+    given = [value.lower() for value in options.values(Name.RENDEZVOUS)]
+    for value in given:
+        if value not in choices.choices:
+            raise UsageError(f"{options.origin(Name.RENDEZVOUS)} must be email or dht, not {value!r}")
+    kinds = tuple(dict.fromkeys(given)) or ("dht" if options.values(Name.DHT_BOOTSTRAP) else "email",)
+    if len(kinds) > 1 and not options.flag(Name.ACCEPT):
+        raise UsageError(
+            f"{options.origin(Name.RENDEZVOUS)}: an inviter meets its peer one way (email or dht)"
+        )
+    return kinds
+
+
+def peer_roster(options: Options, kinds: tuple[str, ...]) -> peers.Roster:
+    """Who this side meets. An acceptor: each --peer-id and --peer-identity, and --peers FILE's lines. An
+    inviter: its one peer, by --peer-id on mail (pinned by --peer-identity when mail is signed) or by
+    --peer-identity on the DHT."""
+    from plexus import identity, peers
+
+    ids, pinned = options.values(Name.PEER_ID), options.values(Name.PEER_IDENTITY)
+    if options.flag(Name.ACCEPT):
+        given = peers.given(ids, pinned)
+        return peers.Roster(given, options.path(Name.PEERS))
+    if options.get(Name.PEERS):
+        raise UsageError("--peers lists the peers an acceptor serves: an inviter names its one peer")
+    for name, values in ((Name.PEER_ID, ids), (Name.PEER_IDENTITY, pinned)):
+        if len(values) > 1:
+            raise UsageError(f"{options.origin(name)}: an inviter has one peer, not {len(values)}")
+    if kinds == ("dht",):
+        if not pinned:
+            raise UsageError(NO_PEER_IDENTITY)
+        return peers.Roster.of(peers.Peer(pinned[0], identity=identity.parse_id(pinned[0])))
+    if not ids:
+        raise UsageError("missing --peer-id (give it on the command line or in --config)")
+    if options.get(Name.IDENTITY) and not pinned:  # mail is signed, and the peer's must be
+        raise UsageError(NO_PEER_IDENTITY)
+    check = identity.parse_id(pinned[0], options.origin(Name.PEER_IDENTITY)) if pinned else None
+    return peers.Roster.of(peers.Peer(ids[0], id=ids[0], identity=check))
+
+
+def rendezvous_configs(
+    options: Options, kinds: tuple[str, ...], roster: peers.Roster
+) -> tuple[MailConfig | DhtConfig, ...]:
+    """Where this side meets its peers (`kinds`: by mail, on the DHT, or an acceptor's both), one roster."""
+    return tuple(
+        mail_config(options, roster) if kind == "email" else dht_config(options, roster) for kind in kinds
+    )
+
+
+def dht_config(options: Options, roster: peers.Roster) -> DhtConfig:
     from plexus.mediator import dht
     from plexus.mediator.dhtnode import DhtConfig
 
@@ -934,11 +1021,12 @@ def rendezvous_config(options: Options) -> MailConfig | DhtConfig:
         bootstrap = tuple(Endpoint.parse(node, dht.DEFAULT_PORT) for node in nodes)
     except ValueError as error:
         raise UsageError(f"{options.origin(Name.DHT_BOOTSTRAP)}: {error}") from error
-    me, check = pinned_identities(options)
-    assert check.pinned_id is not None
+    me = own_identity(options)
+    if me is None:
+        raise UsageError("missing --identity=FILE (made on first use): on the DHT hosts are known by it")
     return DhtConfig(
         identity=me,
-        peer_id=check.pinned_id,
+        peers=roster,
         bootstrap=bootstrap,
         port=options.whole(Name.DHT_PORT, dht.DEFAULT_PORT),
         network=options.whole(Name.DHT_NETWORK),

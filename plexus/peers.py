@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,6 +200,7 @@ class Roster:
     def __init__(self, given: tuple[Peer, ...] = (), file: Path | None = None) -> None:
         self._given = given
         self.file = file
+        self._checks: list[Callable[[Peers], None]] = []
         self.peers = self._read()
         if not self.peers.known:
             where = f" and {file} lists none" if file is not None else ""
@@ -208,6 +209,12 @@ class Roster:
     @classmethod
     def of(cls, *peers: Peer) -> Roster:
         return cls(peers)
+
+    def check(self, judge: Callable[[Peers], None]) -> None:
+        """Have `judge` (a rendezvous's: UsageError for peers it cannot serve) pass the peers now and those
+        of every reload."""
+        judge(self.peers)
+        self._checks.append(judge)
 
     def _read(self) -> Peers:
         listed: tuple[Peer, ...] = ()
@@ -225,18 +232,20 @@ class Roster:
                 raise UsageError(f"--peers {self.file} is not UTF-8 ({error.reason})") from None
             listed = parse(text, str(self.file))
         try:
-            return Peers(self._given + listed)
+            peers = Peers(self._given + listed)
         except UsageError as error:
             raise UsageError(f"--peers {self.file}: {error}") from None
+        for judge in self._checks:
+            judge(peers)
+        return peers
 
-    def reload(self) -> bool:
-        """Read --peers again; on a fault, say it once and keep the peers in force. True if they changed."""
+    def reload(self) -> None:
+        """Read --peers again; on a fault, say it once and keep the peers in force."""
         try:
             fresh = self._read()
         except UsageError as error:
             log.error("peers not reloaded, still serving %s: %s", ", ".join(self.peers.names), error)
-            return False
-        changed = fresh != self.peers
+            return
         added = [name for name in fresh.names if self.peers.by_name(name) is None]
         removed = [name for name in self.peers.names if fresh.by_name(name) is None]
         self.peers = fresh
@@ -246,4 +255,3 @@ class Roster:
             ", ".join(added) or "none",
             ", ".join(removed) or "none",
         )
-        return changed

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from plexus.identity import Identity
+    from plexus.peers import Peer, Roster
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ class Invitation:
 
     offer: Offer
     message_id: str | None  # mail: the request's, for the response's In-Reply-To
+    peer: Peer  # who sent it: a peer of the acceptor's (plexus/peers.py), found by its mail id or signer
     # The request carried no Date header, as plexus 2.2's never do (ours always do): its sender cannot read a
     # refusal, so none is sent.
     legacy: bool = False
@@ -403,16 +405,17 @@ class Rendezvous(Protocol):
         ...
 
     def requests(self) -> AsyncIterator[Invitation]:
-        """Each fresh request from the pinned peer, forever; a hostile one is dropped inside."""
+        """Each fresh request from one of the peers, forever, naming which; a hostile one, or one from
+        a stranger, is dropped inside."""
         ...
 
     async def answer(self, invitation: Invitation, offer: Offer, submission: Any) -> None: ...
 
     async def refuse(self, invitation: Invitation, reason: str, submission: Any) -> None: ...
 
-    async def rebind(self, rebind: Rebind, submission: Any) -> None:
-        """Send this side's rebind (RebindKey.seal) to the peer; returns once it has left (its SMTP DATA
-        accepted, its DHT put handed to the node)."""
+    async def rebind(self, rebind: Rebind, peer: Peer, submission: Any) -> None:
+        """Send this side's rebind (RebindKey.seal) to `peer`, whose session it continues; returns once it
+        has left (its SMTP DATA accepted, its DHT put handed to the node)."""
         ...
 
     def moved(self) -> None:
@@ -434,7 +437,10 @@ class RendezvousConfig(Protocol):
     def host_id(self) -> str: ...
 
     @property
-    def peer_id(self) -> str: ...
+    def peers(self) -> Roster:
+        """Whom it meets: an inviter its one peer, an acceptor those it serves (one roster for all of its
+        rendezvous, read again on SIGHUP)."""
+        ...
 
     @property
     def identity(self) -> Identity | None: ...

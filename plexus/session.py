@@ -37,9 +37,11 @@ from plexus.errors import (
     PlexusError,
     SupersededError,
 )
+from plexus.identity import PeerCheck
 from plexus.launcher import Command, Running, Slot, Tunnel
 from plexus.path import Method
 from plexus.paths import TurnConfig
+from plexus.peers import Peer
 from plexus.rendezvous import Invitation, Offer, RebindKeys, Rendezvous, RendezvousConfig
 
 # Streams (and with them aioquic) load with the first streams session, not with every session.
@@ -80,16 +82,42 @@ class SessionConfig:
     stun_server6: Endpoint | None = None  # the IPv6 STUN server where stun_server's name gives none
     # --carry: the command's datagrams pass through plexus, which follows a move (plexus/carry.py)
     carry: bool = False
+    # An acceptor's other ways to meet its peers (--rendezvous=email,dht): served at once, one roster
+    rendezvous_also: tuple[RendezvousConfig, ...] = ()
 
     def reporting(self, sink: events.Sink) -> SessionConfig:
         return dataclasses.replace(self, on_event=sink)
 
-    def slot(self, role: str) -> Slot | None:
-        """Where the last session's command is remembered, unless sessions are kept side by side (streams
-        sessions always are: a new ssh must not end the last one)."""
-        if self.keep_sessions or self.command is None:
+    def slot(self, role: str, peer: Peer) -> Slot | None:
+        """Where the command of the last session with `peer` is remembered, unless sessions are kept side by
+        side (streams sessions always are: a new ssh must not end the last one)."""
+        if self.keep_sessions or (self.command is None and peer.command is None):
             return None
-        return Slot.for_session(role, self.rendezvous.host_id, self.rendezvous.peer_id)
+        return Slot.for_session(role, self.rendezvous.host_id, peer.name)
+
+    @property
+    def peer(self) -> Peer:
+        """An inviter's one peer."""
+        return self.rendezvous.peers.peers.only
+
+    def serving(self, peer: Peer) -> SessionConfig:
+        """An acceptor's config for one peer's session: the peer's command and streams targets over the
+        acceptor's, its streams checked against its identity, each event named by it."""
+        streams = self.streams
+        if streams is not None:
+            check = PeerCheck(peer.identity) if peer.identity is not None else streams.check
+            allowed = peer.allowed if peer.allowed is not None else streams.allowed
+            streams = dataclasses.replace(streams, check=check, allowed=allowed)
+        command = self.command
+        if peer.command is not None:  # where it runs and logs to stay the acceptor's (--exec-pwd, -log-file)
+            own = peer.command
+            command = own if command is None else dataclasses.replace(command, path=own.path, words=own.words)
+        named = functools.partial(_named, self.on_event, peer.name)
+        return dataclasses.replace(self, command=command, streams=streams, on_event=named)
+
+
+def _named(sink: events.Sink, name: str, event: events.Event) -> None:
+    sink(dataclasses.replace(event, peer_name=name))
 
 
 def _connected(config: SessionConfig, role: events.Role, established: paths.Established) -> paths.Established:
@@ -138,7 +166,7 @@ async def invite(config: SessionConfig) -> Tunnel:
 
 
 async def _invite(config: SessionConfig) -> Tunnel:
-    slot = config.slot("invite")
+    slot = config.slot("invite", config.peer)
     async with contextlib.AsyncExitStack() as relays:
         async with config.rendezvous.open() as rendezvous:
             if slot is not None:
@@ -148,7 +176,8 @@ async def _invite(config: SessionConfig) -> Tunnel:
                 await established.release_unused(relays)
                 config.on_event(events.Launched(role="invite", pid=None))
                 with resuming as resume:
-                    await established.carry(_work(config, established.tunnel, accept=False, resume=resume))
+                    work = _work(config, established.tunnel, config.peer, accept=False, resume=resume)
+                    await established.carry(work)
                 return established.tunnel
             if config.carry:  # plexus stays, and so does the rendezvous: a move is told over it
                 from plexus.carry import carried
@@ -171,7 +200,7 @@ async def _invite(config: SessionConfig) -> Tunnel:
 def _launch(
     config: SessionConfig, command: Command, tunnel: Tunnel, slot: Slot | None
 ) -> subprocess.Popen[bytes]:
-    process = launcher.start(command, tunnel)
+    process = launcher.start(command, dataclasses.replace(tunnel, peer_name=config.peer.name))
     config.on_event(events.Launched(role="invite", pid=process.pid))
     if slot is not None:
         slot.save(process.pid)
@@ -210,15 +239,15 @@ async def _meet(
         config.on_event(events.Answered(role="invite", peer=response.outer))
         theirs = response.reach
         if streams and (theirs is None or not theirs.streams):
-            raise PeerRefusedError(
-                f"{config.rendezvous.peer_id} does not serve streams (a plexus without them, or 2.2)"
-            )
+            raise PeerRefusedError(f"{config.peer} does not serve streams (a plexus without them, or 2.2)")
         candidates = paths.choose(mine, response)
         log.info("peer endpoint %s, punching", response.outer)
         attempt = _attempt(config, socks, mine, response, puzzle, accept=False)
         established = await paths.establish(candidates, attempt, config.handshake_timeout)
     keys = rebind_keys(config, puzzle, response.puzzle, response)
-    resuming = _resuming(config, rendezvous, keys, offer, established.tunnel, accept=False, streams=streams)
+    resuming = _resuming(
+        config, rendezvous, config.peer, keys, offer, established.tunnel, accept=False, streams=streams
+    )
     return _connected(config, "invite", established), resuming
 
 
@@ -226,6 +255,7 @@ async def _meet(
 def _resuming(
     config: SessionConfig,
     rendezvous: Rendezvous,
+    peer: Peer,
     keys: RebindKeys | None,
     mine: Offer,
     tunnel: Tunnel,
@@ -257,7 +287,7 @@ def _resuming(
     async def send(outer: Endpoint) -> None:
         rebind = key.seal(next(sequence), outer, reach, datetime.datetime.now(datetime.UTC))
         async with rendezvous.submission() as submission:
-            await rendezvous.rebind(rebind, submission)
+            await rendezvous.rebind(rebind, peer, submission)
 
     with rendezvous.rebinds(keys.theirs(accept=accept)) as rebound:
         yield functools.partial(
@@ -316,12 +346,12 @@ async def _command(process: subprocess.Popen[bytes], running: set[Running]) -> N
 
 
 def _work(
-    config: SessionConfig, tunnel: Tunnel, *, accept: bool, resume: Resume | None = None
+    config: SessionConfig, tunnel: Tunnel, peer: Peer, *, accept: bool, resume: Resume | None = None
 ) -> Awaitable[None]:
     """The session's work when it launches no command: the library caller's, or the streams (with what
     keeps them going across a move, `resume`)."""
     if config.hand_over is not None:
-        return config.hand_over(tunnel)
+        return config.hand_over(dataclasses.replace(tunnel, peer_name=peer.name))
     assert config.streams is not None
     return _streams(config, tunnel, config.streams, accept=accept, resume=resume)
 
@@ -352,20 +382,33 @@ async def accept(config: SessionConfig) -> None:
 async def _accept(config: SessionConfig) -> None:
     sessions: set[asyncio.Task[None]] = set()
     running: set[Running] = set()
-    slot = config.slot("accept")
-    # Replacing sessions take turns (Turn: the newest request wins); kept ones each have their own inner port.
-    turn = None if config.keep_sessions else Turn()
+    roster = config.rendezvous.peers
+    # Replacing sessions take turns, each peer's apart (Turn: the newest request wins); kept ones each have
+    # their own inner port. A peer's new session replaces that peer's last one only.
+    turns: dict[str, Turn] = {}
+    slots: dict[str, Slot] = {}  # the peers' whose commands this acceptor launched: forgotten as it ends
     try:
-        # Entering starts the IMAP login (the DHT join), which runs while STUN does.
-        async with config.rendezvous.open() as rendezvous:
-            if slot is not None:
-                await slot.stop_previous()  # left by an acceptor that was killed: it holds the inner port
+        async with contextlib.AsyncExitStack() as meeting:
+            # Entering starts the IMAP login (the DHT join), which runs while STUN does.
+            places = [
+                await meeting.enter_async_context(each.open())
+                for each in (config.rendezvous, *config.rendezvous_also)
+            ]
+            for peer in roster.peers.known:  # left by an acceptor that was killed: they hold the inner port
+                if (slot := config.slot("accept", peer)) is not None:
+                    await slot.stop_previous()
             with paths.punching(config.inner, config.inner6) as socks:
                 paths.note_limits(await _discover(config, socks), config.turn)
-            await rendezvous.listen()
-            config.on_event(events.Listening(role="accept", peers=(config.rendezvous.peer_id,)))
-            async for invitation in rendezvous.requests():
-                task = asyncio.create_task(_serve(config, rendezvous, invitation, turn, slot, running))
+            for place in places:
+                await place.listen()
+            config.on_event(events.Listening(role="accept", peers=roster.peers.names))
+            async for place, invitation in _requests(places):
+                peer = invitation.peer
+                turn = None if config.keep_sessions else turns.setdefault(peer.name, Turn())
+                if (slot := config.slot("accept", peer)) is not None:
+                    slots[peer.name] = slot
+                serving = config.serving(peer)
+                task = asyncio.create_task(_serve(serving, place, invitation, turn, slot, running))
                 sessions.add(task)
                 task.add_done_callback(sessions.discard)
     finally:
@@ -373,8 +416,35 @@ async def _accept(config: SessionConfig) -> None:
             task.cancel()
         await asyncio.gather(*sessions, return_exceptions=True)
         await asyncio.gather(*(command.stop(SHUTDOWN_GRACE) for command in running))
-        if slot is not None:
+        for slot in slots.values():
             slot.forget()
+
+
+async def _requests(places: list[Rendezvous]) -> AsyncIterator[tuple[Rendezvous, Invitation]]:
+    """Each request from any of the acceptor's rendezvous as it comes, with the one to answer it through;
+    a rendezvous that fails (its server gone for good) ends the acceptor."""
+    arrived: asyncio.Queue[tuple[Rendezvous, Invitation]] = asyncio.Queue()
+
+    async def read(place: Rendezvous) -> None:
+        async for invitation in place.requests():
+            arrived.put_nowait((place, invitation))
+
+    readers = [asyncio.ensure_future(read(place)) for place in places]
+    try:
+        while True:
+            getting = asyncio.ensure_future(arrived.get())
+            await asyncio.wait([getting, *readers], return_when=asyncio.FIRST_COMPLETED)
+            if not getting.done():
+                getting.cancel()
+                for reader in readers:
+                    if reader.done():
+                        reader.result()  # its failure
+                        raise AssertionError("a rendezvous's requests() ended")  # they run forever
+            yield getting.result()
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
 
 
 async def _serve(
@@ -385,8 +455,21 @@ async def _serve(
     slot: Slot | None,
     running: set[Running],
 ) -> None:
-    peer = invitation.offer.outer
-    config.on_event(events.Requested(role="accept", peer=peer))
+    """One request's session, its events named by the peer it serves (`config` is SessionConfig.serving's)."""
+    with events.reporting(config.on_event, "accept"):
+        await _session(config, rendezvous, invitation, turn, slot, running)
+
+
+async def _session(
+    config: SessionConfig,
+    rendezvous: Rendezvous,
+    invitation: Invitation,
+    turn: Turn | None,
+    slot: Slot | None,
+    running: set[Running],
+) -> None:
+    peer = invitation.peer
+    config.on_event(events.Requested(role="accept", peer=invitation.offer.outer))
     if _wants_streams(invitation):  # streams sessions run side by side: no command of another is stopped
         turn = slot = None
     async with contextlib.AsyncExitStack() as relays:
@@ -402,7 +485,8 @@ async def _serve(
                 from plexus.carry import carried
 
                 established = carried(established, config.inner, config.inner6)
-            process = launcher.start(config.command, established.tunnel)
+            tunnel = dataclasses.replace(established.tunnel, peer_name=peer.name)
+            process = launcher.start(config.command, tunnel)
             if slot is not None:
                 slot.save(process.pid)
             return established, resuming, process
@@ -416,11 +500,11 @@ async def _serve(
             return
         await established.release_unused(relays)  # a standby: not held for as long as the session runs
         try:
-            if process is None:
-                with resuming as resume:
-                    await established.carry(_work(config, established.tunnel, accept=True, resume=resume))
-            else:
-                with resuming as resume:
+            with resuming as resume:
+                if process is None:
+                    work = _work(config, established.tunnel, peer, accept=True, resume=resume)
+                    await established.carry(work)
+                else:
                     await established.carry(_command(process, running), resume)
         except PlexusError as error:
             log.error("session with %s ended: %s", peer, error)
@@ -439,11 +523,16 @@ def _servable(config: SessionConfig, invitation: Invitation) -> None:
     whatever its caller does with the path)."""
     if config.hand_over is not None:
         return
+    peer = invitation.peer
     if _wants_streams(invitation):
         if config.streams is None or config.streams.allowed is None:
-            raise NotServedError("this acceptor forwards no streams (it has no --forward-allow)")
+            raise NotServedError(
+                f"this acceptor forwards no streams for {peer} (no --forward-allow, no allow=)"
+            )
+        if config.streams.check is None:
+            raise NotServedError(f"{peer} has no identity pinned here (identity= in --peers): no streams")
     elif config.command is None:
-        raise NotServedError("this acceptor runs no command, it only forwards streams (--stdio, --forward)")
+        raise NotServedError(f"this acceptor runs no command for {peer}, it only forwards streams")
 
 
 async def _watch(process: subprocess.Popen[bytes], running: set[Running]) -> None:
@@ -492,6 +581,7 @@ async def _answer(
             resuming = _resuming(
                 config,
                 rendezvous,
+                invitation.peer,
                 keys,
                 offer,
                 established.tunnel,

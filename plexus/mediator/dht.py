@@ -315,9 +315,10 @@ def seal(letter: Letter, sender: Identity, recipient: ec.EllipticCurvePublicKey)
 
 
 def unseal(
-    value: bytes, me: Identity, key_text: str, peer_id: str
+    value: bytes, me: Identity, key_text: str, peers: frozenset[str]
 ) -> tuple[Letter, ec.EllipticCurvePublicKey]:
-    """The letter found under key_text, from the pinned peer_id to me, and its sender's key (to answer it).
+    """The letter found under key_text, from one of the pinned `peers` (their ids) to me, and its sender's
+    key (to answer it).
 
     Raises DhtMessageError with the reason; ValueError if my identity is not a P-256 key."""
     key = _p256_key(me)
@@ -332,8 +333,8 @@ def unseal(
     content = plaintext[at:]
     sender_key = _public_key(spki, "sender")
     sender = id_of(sender_key)
-    if sender != peer_id:
-        raise DhtMessageError(f"from {sender}, not the pinned peer")
+    if sender not in peers:
+        raise DhtMessageError(f"from {sender}, not a peer of this host")
     try:
         sender_key.verify(signature, _letter_signed(key_text, content), _ECDSA)
     except InvalidSignature:

@@ -24,8 +24,9 @@ import opendht
 from plexus import events
 from plexus.endpoint import Endpoint
 from plexus.errors import DhtUnreachableError, PeerNotFoundError, PeerRefusedError, UsageError
-from plexus.identity import Identity
+from plexus.identity import Identity, id_of
 from plexus.mediator import dht
+from plexus.peers import Peer, Roster
 from plexus.rendezvous import Invitation, Offer, Rebind, RebindError, RebindKey, Rebinds, Rebound
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ class DhtConfig:
     """--dht-bootstrap, --dht-port, --dht-network, and the identities (--identity, --peer-identity)."""
 
     identity: Identity
-    peer_id: str
+    # The peers met on the DHT: those with an identity (--peer-identity, --peers); an inviter has one.
+    peers: Roster
     bootstrap: tuple[Endpoint, ...]
     # A fixed port by default: with the day's node id (see _Node.start) a run from cron takes over its last
     # run's place in the DHT, so searches are not held up by a dead node at its old address.
@@ -238,7 +240,7 @@ class DhtMediator:
         )  # letters on their way: a put confirms long after the push
         self._peer_keys: dict[int, Any] = {}  # request puzzle -> the inviter's public key, to answer it
         self._peer_card_key: Any = None  # the acceptor's public key from its card, once invite() read it
-        self._inviter_key: Any = None  # the pinned inviter's public key, as its last request was signed
+        self._inviter_keys: dict[str, Any] = {}  # a peer's identity -> its public key, from its last request
         self._inviting = False  # invite() was called: this side is the inviter
         self._rebinds = Rebinds()
         self._listened = False
@@ -262,7 +264,13 @@ class DhtMediator:
 
     @property
     def peer_id(self) -> str:
-        return self._config.peer_id
+        """An inviter's one peer's identity."""
+        pinned = self._config.peers.peers.only.identity
+        assert pinned is not None, "a peer met on the DHT has an identity"
+        return pinned
+
+    def _known(self) -> frozenset[str]:
+        return frozenset(p.identity for p in self._config.peers.peers.known if p.identity is not None)
 
     def submission(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Nothing to open ahead of a message: a put needs no session."""
@@ -303,7 +311,7 @@ class DhtMediator:
     async def _put_all(self, values: list[tuple[str, bytes]], what: str, *, permanent: bool = False) -> None:
         results = [await self._require().put(text, value, permanent=permanent) for text, value in values]
         if not any(results):
-            log.warning("no DHT node stored the %s for %s", what, self.peer_id)
+            log.warning("no DHT node stored the %s", what)
 
     def _require(self) -> _Node:
         assert self._node is not None, "DhtMediator used outside `async with`"
@@ -340,7 +348,7 @@ class DhtMediator:
         for day in dht.sending_days(now):
             text = dht.key_text(family, host_id, day)
             letter = dht.Letter(
-                sender=self._me.id, recipient=self.peer_id, key=text, issued=issued or now, **fields
+                sender=self._me.id, recipient=id_of(recipient), key=text, issued=issued or now, **fields
             )
             values.append((text, dht.seal(letter, self._me, recipient)))
         self._background(self._put_all(values, fields["kind"]))
@@ -354,7 +362,7 @@ class DhtMediator:
                 except TimeoutError:
                     break
                 try:
-                    return dht.read_card(value, self.peer_id, key, _now())
+                    return dht.read_card(value, self.peer_id, key, _now())  # the inviter's one peer
                 except Exception as error:
                     _ignore(key, error)
         raise PeerNotFoundError(
@@ -377,9 +385,10 @@ class DhtMediator:
                     key, value = await asyncio.wait_for(answers.get(), remaining)
                 except TimeoutError:
                     break
-                letter = self._open(key, value, "response", offer.puzzle)
-                if letter is None:
+                opened = self._open(key, value, "response", offer.puzzle)
+                if opened is None:
                     continue
+                letter, _ = opened
                 if letter.kind == "refusal":
                     raise PeerRefusedError(f"{self.peer_id} cannot serve this request: {letter.reason}")
                 assert letter.offer is not None
@@ -387,10 +396,15 @@ class DhtMediator:
                 return letter.offer
         raise PeerNotFoundError(f"no response from {self.peer_id} on the DHT within {timeout:g} s")
 
-    def _open(self, key: str, value: bytes, kind: dht.Kind, request: int | None = None) -> dht.Letter | None:
-        """The letter if it is the kind waited for and passes the Screen; a rebind goes to its session."""
+    def _open(
+        self, key: str, value: bytes, kind: dht.Kind, request: int | None = None
+    ) -> tuple[dht.Letter, Peer] | None:
+        """The letter if it is the kind waited for and passes the Screen, and the peer who sealed it; a
+        rebind goes to its session."""
         try:
-            letter, sender = dht.unseal(value, self._me, key, self.peer_id)
+            letter, sender = dht.unseal(value, self._me, key, self._known())
+            peer = self._config.peers.peers.by_identity(letter.sender)
+            assert peer is not None  # unseal took it from one of them
             if letter.rebind is not None:  # for a running session, not for this wait: handed over here
                 self._rebinds.admit(letter.rebind, _now())
                 return None
@@ -399,11 +413,11 @@ class DhtMediator:
             _ignore(key, error)
             return None
         if letter.offer is None:
-            return letter
+            return letter, peer
         if kind == "request":
-            self._peer_keys[letter.offer.puzzle] = self._inviter_key = sender
+            self._peer_keys[letter.offer.puzzle] = self._inviter_keys[letter.sender] = sender
         # Signed by the pinned peer: the handshake's key is bound to it.
-        return dataclasses.replace(letter, offer=dataclasses.replace(letter.offer, signer=sender))
+        return dataclasses.replace(letter, offer=dataclasses.replace(letter.offer, signer=sender)), peer
 
     async def listen(self) -> None:
         """Get ready for requests: joined, and the requests already stored passed over (the listen that
@@ -419,16 +433,18 @@ class DhtMediator:
         while True:
             day = dht.day_of(_now())
             with self._listening("request", self._me.id) as arrived:
-                log.info("waiting for requests from %s", self.peer_id)
+                names = (peer.name for peer in self._config.peers.peers.known if peer.identity is not None)
+                log.info("waiting for requests from %s", ", ".join(names))
                 while dht.day_of(_now()) == day:
                     try:
                         key, value = await asyncio.wait_for(arrived.get(), DAY_CHECK)
                     except TimeoutError:
                         continue
-                    letter = self._open(key, value, "request")
-                    if letter is not None and letter.offer is not None:
-                        log.info("request from %s: outer endpoint %s", self.peer_id, letter.offer.outer)
-                        yield Invitation(letter.offer, None)
+                    opened = self._open(key, value, "request")
+                    letter, peer = opened or (None, None)
+                    if letter is not None and peer is not None and letter.offer is not None:
+                        log.info("request from %s: outer endpoint %s", peer, letter.offer.outer)
+                        yield Invitation(letter.offer, None, peer)
             self._publish_card()  # under the new day's key
 
     async def _pass_over_earlier_requests(self) -> None:
@@ -445,9 +461,8 @@ class DhtMediator:
             search.cancel()
         log.log(
             logging.INFO if earlier else logging.DEBUG,
-            "%d request(s) from %s already on the DHT at the start: not answered",
+            "%d request(s) from peers already on the DHT at the start: not answered",
             earlier,
-            self.peer_id,
         )
 
     async def answer(self, invitation: Invitation, offer: Offer, submission: object = None) -> None:
@@ -456,7 +471,7 @@ class DhtMediator:
     async def refuse(self, invitation: Invitation, reason: str, submission: object = None) -> None:
         self._reply(invitation, "refusal", reason=reason)
 
-    async def rebind(self, rebind: Rebind, submission: object = None) -> None:
+    async def rebind(self, rebind: Rebind, peer: Peer, submission: object = None) -> None:
         """Put the rebind, sealed to the peer, where its listen takes it: the acceptor's where its requests
         go, the inviter's where its responses go. The acceptor's card is the one invite() read, or is looked
         up now (PeerNotFoundError after CARD_TIMEOUT); the inviter's key is the one its requests were
@@ -464,8 +479,9 @@ class DhtMediator:
         await self._ready()
         family: dht.Family = "request"
         recipient = self._peer_card_key
-        if not self._inviting and self._inviter_key is not None:  # the acceptor's, to the inviter it serves
-            family, recipient = "response", self._inviter_key
+        assert peer.identity is not None, "a peer met on the DHT has an identity"
+        if not self._inviting and peer.identity in self._inviter_keys:  # the acceptor's, to the inviter
+            family, recipient = "response", self._inviter_keys[peer.identity]
         elif recipient is None:
             recipient = self._peer_card_key = await self._peer_card(
                 asyncio.get_running_loop().time() + CARD_TIMEOUT
@@ -473,14 +489,14 @@ class DhtMediator:
         issued = datetime.datetime.fromtimestamp(rebind.issued, datetime.UTC)
         self._send(
             family,
-            self.peer_id,
+            peer.identity,
             recipient,
             kind="rebind",
             puzzle=None,
             rebind=rebind,
             issued=issued,
         )
-        log.info("rebind %d put for %s: outer endpoint %s", rebind.sequence, self.peer_id, rebind.outer)
+        log.info("rebind %d put for %s: outer endpoint %s", rebind.sequence, peer, rebind.outer)
         events.emit(events.Sent, kind="rebind")
 
     def moved(self) -> None:
@@ -512,9 +528,10 @@ class DhtMediator:
         self, invitation: Invitation, kind: dht.Kind, offer: Offer | None = None, reason: str | None = None
     ) -> None:
         request = invitation.offer.puzzle
+        assert invitation.peer.identity is not None, "a peer met on the DHT has an identity"
         self._send(
             "response",
-            self.peer_id,
+            invitation.peer.identity,
             self._peer_keys.pop(request),
             kind=kind,
             puzzle=offer.puzzle if offer is not None else request,

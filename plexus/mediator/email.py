@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
 import logging
 import re
 import ssl
@@ -51,6 +52,7 @@ from plexus.errors import (
 )
 from plexus.mediator import message, smime
 from plexus.mediator.message import Content, Kind, Letter, Refusal, Route, Screen
+from plexus.peers import Peer, Peers, Roster
 from plexus.rendezvous import CLOCK_TOLERANCE, Offer, Rebind, RebindError, RebindKey, Rebinds, Rebound
 from plexus.rendezvous import Invitation as Invitation  # re-exported: it lived here
 
@@ -87,50 +89,62 @@ class MailConfig:
     login: str
     password: str = field(repr=False)  # a config printed or logged must not show it
     address: str  # --email-from: this host's address
-    peer_address: str  # --email-to: the peer's address
+    peer_address: str  # --email-to: the peers' address, where a peer names no other (email= in --peers)
     host_id: str
-    peer_id: str
+    # The peers met by mail: those with an id (--peer-id, --peers); an inviter has one. A peer with an
+    # identity signs its mail with it, and is sent mail signed with --identity.
+    peers: Roster
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
     smime: smime.SmimeConfig | None = None
-    # --identity and --peer-identity: mail is signed with this key, and the peer's must carry the pinned id's.
-    identity: identities.Identity | None = None
-    peer_identity: str | None = None
+    identity: identities.Identity | None = None  # --identity: signs the mail to a peer that has one
 
     def __post_init__(self) -> None:
         for option, value in (
             ("--email-from", self.address),
             ("--email-to", self.peer_address),
             ("--host-id", self.host_id),
-            ("--peer-id", self.peer_id),
             ("--email-login", self.login),
         ):
             if not value.strip() or any(c in value for c in "\r\n\0"):
                 raise UsageError(f"{option} must be a non-empty single line")
-        if self.host_id == self.peer_id and self.address.lower() == self.peer_address.lower():
-            raise UsageError("--host-id and --peer-id must differ when both sides share one mailbox")
-        if (self.identity is None) != (self.peer_identity is None):
-            raise UsageError("mail signing needs both --identity and --peer-identity")
-        if self.identity is not None and not isinstance(self.identity.key, ec.EllipticCurvePrivateKey):
-            raise UsageError("--identity must hold a P-256 key to sign mail")
+        self.peers.check(functools.partial(check_peers, self))
 
     def open(self) -> Mediator:
         """The rendezvous by mail (plexus.rendezvous.Rendezvous)."""
         return Mediator(self)
 
-    @property
-    def signer(self) -> ec.EllipticCurvePrivateKey | None:
-        key = self.identity.key if self.identity is not None else None
+    def signer(self, peer: Peer) -> ec.EllipticCurvePrivateKey | None:
+        """What signs the mail to `peer`: --identity, toward a peer pinned by identity."""
+        key = self.identity.key if self.identity is not None and peer.identity is not None else None
         return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
 
-    @property
-    def outgoing(self) -> Route:
-        return Route(self.address, self.peer_address, self.host_id)
+    def outgoing(self, peer: Peer) -> Route:
+        return Route(self.address, peer.email or self.peer_address, self.host_id)
 
-    @property
-    def incoming(self) -> Route:
-        return Route(self.peer_address, self.address, self.peer_id)
+    def incoming(self, peer: Peer) -> Route:
+        assert peer.id is not None, "a peer met by mail has an id"
+        return Route(peer.email or self.peer_address, self.address, peer.id)
+
+
+def check_peers(config: MailConfig, peers: Peers) -> None:
+    """UsageError for peers this mailbox cannot serve: an id that is not one line, this host's own route, or
+    a peer pinned by identity without --identity to sign the mail to it. At start, and for each reload."""
+    for peer in peers.known:
+        if peer.id is None:
+            continue
+        if not peer.id.strip() or any(c in peer.id for c in "\r\n\0"):
+            raise UsageError(f"the peer id {peer.id[:60]!r} must be a non-empty single line")
+        if peer.id == config.host_id and config.incoming(peer).sender.lower() == config.address.lower():
+            raise UsageError("--host-id and --peer-id must differ when both sides share one mailbox")
+        if peer.identity is not None and not isinstance(
+            config.identity.key if config.identity else None, ec.EllipticCurvePrivateKey
+        ):
+            raise UsageError(
+                f"peer {peer.name} is pinned by identity: mail signing needs this host's --identity too "
+                "(a P-256 key)"
+            )
 
 
 def tls_context(config: MailConfig) -> ssl.SSLContext:
@@ -530,22 +544,20 @@ class Mediator:
         self._inviting = True
         message_id = message.new_message_id(self._config.address)
         self._request_id = message_id  # before DATA: a send that fails after delivery leaves it too
-        await self._send("request", offer, message_id, submission=submission)
-        log.info("request sent to %s (%s), waiting for the response", self._config.peer_id, message_id)
+        await self._send("request", offer, self._only, message_id, submission=submission)
+        log.info("request sent to %s (%s), waiting for the response", self._only, message_id)
         events.emit(events.Sent, kind="request")
         async with contextlib.aclosing(
             self._letters("response", deadline, reply_to=message_id, request=offer.puzzle)
         ) as letters:
-            async for letter in letters:
+            async for letter, _ in letters:
                 if letter.refusal is not None:
-                    raise PeerRefusedError(
-                        f"{self._config.peer_id} cannot serve this request: {letter.refusal.reason}"
-                    )
+                    raise PeerRefusedError(f"{self._only} cannot serve this request: {letter.refusal.reason}")
                 assert letter.offer is not None  # the Screen admitted a response
                 return letter.offer
         # A response ignored on the way (signed by another identity, say) is what the user needs to hear of.
         ignored = f"; ignored {self._ignored}" if self._ignored else ""
-        raise MailTimeoutError(f"no response from {self._config.peer_id} within {timeout:g} s{ignored}")
+        raise MailTimeoutError(f"no response from {self._only} within {timeout:g} s{ignored}")
 
     async def listen(self) -> None:
         """Put the watch for requests in place. The peer's mail already there is consumed unanswered: its
@@ -553,22 +565,24 @@ class Mediator:
         if self._listening:
             return
         await self.ready()
-        if self._keys is None and self._config.peer_identity is None:
+        anonymous = [peer.name for peer in self._mail_peers() if peer.identity is None]
+        if self._keys is None and anonymous:
             log.warning(
-                "mail is anonymous (no S/MIME, no --identity/--peer-identity): whoever can write to this "
-                "mailbox can stop the running command with a forged request, and whoever reads it sees the "
-                "endpoints (docs/protocol.md, Trust model)"
+                "mail from %s is anonymous (no S/MIME, no identity pinned): whoever can write to this "
+                "mailbox can stop that peer's command with a forged request, and whoever reads it sees the "
+                "endpoints (docs/protocol.md, Trust model)",
+                ", ".join(anonymous),
             )
         await self._clear_earlier_mail()
-        log.info("waiting for requests from %s", self._config.peer_id)
+        log.info("waiting for requests from %s", ", ".join(peer.name for peer in self._mail_peers()))
         self._listening = True
 
     async def requests(self) -> AsyncIterator[Invitation]:
         """Each fresh request from the peer, forever (from listen() on)."""
         await self.listen()
-        async for letter in self._letters("request", None):
+        async for letter, peer in self._letters("request", None):
             assert letter.offer is not None  # the Screen admitted a request
-            yield Invitation(letter.offer, letter.message_id, legacy=letter.date is None)
+            yield Invitation(letter.offer, letter.message_id, peer, legacy=letter.date is None)
 
     async def answer(
         self, invitation: Invitation, offer: Offer, submission: Submission | None = None
@@ -576,11 +590,12 @@ class Mediator:
         await self._send(
             "response",
             offer,
+            invitation.peer,
             message.new_message_id(self._config.address),
             invitation.message_id,
             submission=submission,
         )
-        log.info("response sent to %s", self._config.peer_id)
+        log.info("response sent to %s", invitation.peer)
         events.emit(events.Sent, kind="response")
 
     async def refuse(self, invitation: Invitation, reason: str, submission: Submission | None = None) -> None:
@@ -589,25 +604,28 @@ class Mediator:
         gets nothing, as before."""
         refusal = Refusal(invitation.offer.puzzle, reason)
         if invitation.legacy:
-            log.info("no refusal mailed to %s: plexus 2.2 would not read it (%s)", self._peer, refusal.reason)
+            log.info(
+                "no refusal mailed to %s: plexus 2.2 would not read it (%s)", invitation.peer, refusal.reason
+            )
             return
         await self._send(
             "refusal",
             refusal,
+            invitation.peer,
             message.new_message_id(self._config.address),
             invitation.message_id,
             submission=submission,
         )
-        log.info("refusal sent to %s: %s", self._config.peer_id, refusal.reason)
+        log.info("refusal sent to %s: %s", invitation.peer, refusal.reason)
         events.emit(events.Sent, kind="refusal")
 
-    async def rebind(self, rebind: Rebind, submission: Submission | None = None) -> None:
+    async def rebind(self, rebind: Rebind, peer: Peer, submission: Submission | None = None) -> None:
         """Mail the rebind to the peer: SMTP alone, so a Mediator that never logged in to IMAP (or whose
         connection is down) sends it as well."""
         await self._send(
-            "rebind", rebind, message.new_message_id(self._config.address), submission=submission
+            "rebind", rebind, peer, message.new_message_id(self._config.address), submission=submission
         )
-        log.info("rebind %d sent to %s: outer endpoint %s", rebind.sequence, self._peer, rebind.outer)
+        log.info("rebind %d sent to %s: outer endpoint %s", rebind.sequence, peer, rebind.outer)
         events.emit(events.Sent, kind="rebind")
 
     def moved(self) -> None:
@@ -626,7 +644,7 @@ class Mediator:
         """The inviter's reading of its mailbox for the acceptor's rebinds (_take admits them), for as long
         as its session runs; whatever else is there is judged and consumed as the acceptor's loop would."""
         try:
-            async for _ in self._letters("rebind", None):
+            async for _ in self._letters("rebind", None):  # admitted on the way, in _take
                 pass
         except PlexusError as error:  # the mailbox is out of reach: this side's own rebinds still go out
             log.warning("no longer reading %s's mailbox for rebinds: %s", self._config.login, error)
@@ -635,6 +653,7 @@ class Mediator:
         self,
         kind: Kind,
         content: Content,
+        peer: Peer,
         message_id: str,
         in_reply_to: str | None = None,
         *,
@@ -643,12 +662,12 @@ class Mediator:
         data = message.build(
             kind,
             content,
-            self._config.outgoing,
+            self._config.outgoing(peer),
             message_id=message_id,
             date=datetime.datetime.now(datetime.UTC),
             in_reply_to=in_reply_to,
             keys=self._keys,
-            signer=self._config.signer,
+            signer=self._config.signer(peer),
         )
         if submission is None:
             await send(self._config, self._context, data)
@@ -657,8 +676,9 @@ class Mediator:
 
     async def _letters(
         self, kind: Kind, deadline: float | None, reply_to: str | None = None, request: int | None = None
-    ) -> AsyncGenerator[Letter]:
-        """Admitted letters of this kind from past the cursor; ends at the deadline.
+    ) -> AsyncGenerator[tuple[Letter, Peer]]:
+        """Admitted letters of this kind, each with the peer who sent it, from past the cursor; ends at the
+        deadline.
 
         Every message of the peer's route that is judged is consumed: a taken one after its hand-over, an
         ignored one before the acceptor next sleeps, or (the inviter, whose wait is short) as it leaves."""
@@ -684,20 +704,23 @@ class Mediator:
                 log.warning("IMAP connection to %s lost (%s): reconnecting", self._config.imap, error)
                 await self._reopen(deadline)
 
-    async def _scan(self, kind: Kind, reply_to: str | None, request: int | None) -> AsyncGenerator[Letter]:
+    async def _scan(
+        self, kind: Kind, reply_to: str | None, request: int | None
+    ) -> AsyncGenerator[tuple[Letter, Peer]]:
         cursor = self._cursor
         assert cursor is not None, "Mediator used outside `async with`"
         for item in await self._inbox.new_mail(cursor):
             letter = None
             # Mail already flagged \Deleted is someone's (maybe another client's) to expunge: never touched.
-            if "\\deleted" not in item.flags and self._is_route(item):
+            peer = self._route(item, strangers=True) if "\\deleted" not in item.flags else None
+            if peer is not None:
                 if not cursor.counts(item):
-                    log.info("message UID %d from %s arrived before the wait began", item.uid, self._peer)
+                    log.info("message UID %d from %s arrived before the wait began", item.uid, peer)
                 elif item.size is not None and item.size > message.MAX_MESSAGE:
                     log.warning(
                         "ignoring message UID %d from %s: %d octets, over the %d-octet limit (not read)",
                         item.uid,
-                        self._peer,
+                        peer,
                         item.size,
                         message.MAX_MESSAGE,
                     )
@@ -705,57 +728,71 @@ class Mediator:
                         events.Rejected, source="mail", reason=f"over the {message.MAX_MESSAGE}-octet limit"
                     )
                 else:
-                    letter = await self._take(item, kind, reply_to, request)
+                    letter = await self._take(item, peer, kind, reply_to, request)
                 self._pending.append(item.uid)  # judged: taken or ignored, it is consumed
             cursor.next = item.uid + 1  # only once handled: after a drop mid-way this message is seen again
-            if letter is not None:
-                yield letter
+            if letter is not None and peer is not None:
+                yield letter, peer
                 await self._consume_pending()  # only the acceptor resumes here: its session goes on meanwhile
 
     async def _take(
-        self, item: Fetched, kind: Kind, reply_to: str | None, request: int | None
+        self, item: Fetched, peer: Peer, kind: Kind, reply_to: str | None, request: int | None
     ) -> Letter | None:
         data = await self._inbox.body(item.uid)
         if data is None:  # expunged meanwhile by someone else
             return None
         try:
-            letter = message.read(data, self._keys, self._config.peer_identity)
+            letter = message.read(data, self._keys, peer.identity)
             now = datetime.datetime.now(datetime.UTC)
             if letter.rebind is not None:  # for a running session, not for this wait: handed over here
                 self._rebinds.admit(letter.rebind, now)
                 return None
             self._screen.admit(letter, kind, now, reply_to, request)
         except (message.MessageError, smime.SmimeError, RebindError) as error:
-            log.warning("ignoring message UID %d from %s: %s", item.uid, self._peer, error)
+            log.warning("ignoring message UID %d from %s: %s", item.uid, peer, error)
             self._ignored = f"message UID {item.uid}: {error}"
             events.emit(events.Rejected, source="mail", reason=events.one_line(error))
             return None
         except Exception as error:  # the last guard: a reader's bug costs this message, never the loop
             name = type(error).__name__
-            log.error(
-                "ignoring message UID %d from %s: unreadable (%s: %s)", item.uid, self._peer, name, error
-            )
+            log.error("ignoring message UID %d from %s: unreadable (%s: %s)", item.uid, peer, name, error)
             events.emit(
                 events.Rejected, source="mail", reason=events.one_line(f"unreadable ({name}: {error})")
             )
             return None
         if letter.offer is not None:
-            log.info("%s from %s: outer endpoint %s", letter.kind, self._peer, letter.offer.outer)
+            log.info("%s from %s: outer endpoint %s", letter.kind, peer, letter.offer.outer)
         return letter
 
-    def _is_route(self, item: Fetched) -> bool:
-        """Whether the message is the peer's route mail for this side to judge (see _answers_another). Never
-        raises: headers that cannot be parsed are not the route's, and are logged once (one scan sees each
-        UID once)."""
+    def _route(self, item: Fetched, *, strangers: bool = False) -> Peer | None:
+        """The peer whose route mail this is, for this side to judge (see _answers_another): its Subject
+        names a peer met by mail, and its From and To are that peer's route. Never raises: headers that
+        cannot be parsed are not a route's, and are logged once (one scan sees each UID once). `strangers`:
+        mail to this host whose Subject names no peer is logged too, once, with that name (it is left
+        alone: in a shared mailbox it may be another host's)."""
         try:
             headers = message.parse_headers(item.data)
-            return self._config.incoming.matches(headers) and not self._answers_another(item, headers)
+            subject = message.subject_of(headers)
+            peer = self._config.peers.peers.by_id(subject) if subject is not None else None
+            if peer is None:
+                if strangers and subject not in (None, self._config.host_id) and self._to_me(headers):
+                    name = events.one_line(subject)[:70]
+                    log.info("passing over message UID %d: %r is not a peer of this host", item.uid, name)
+                    events.emit(events.Rejected, source="mail", reason=f"{name!r} is not a peer of this host")
+                return None
+            if self._config.incoming(peer).matches(headers) and not self._answers_another(item, headers):
+                return peer
+            return None
         except Exception as error:  # MessageError; anything else is a parser's bug: it must not stop the loop
             log.warning("passing over message UID %d: unreadable headers (%s)", item.uid, error)
             events.emit(
                 events.Rejected, source="mail", reason=events.one_line(f"unreadable headers ({error})")
             )
-            return False
+            return None
+
+    def _to_me(self, headers: Message) -> bool:
+        """Mail addressed to this host's address (any sender, any subject)."""
+        return Route("", self._config.address, "").addressed(headers)
 
     def _answers_another(self, item: Fetched, headers: Message) -> bool:
         """For an inviter: whether this is a fresh answer to a request not its own. Another session from the
@@ -770,8 +807,12 @@ class Mediator:
         return age is None or age <= CLOCK_TOLERANCE
 
     @property
-    def _peer(self) -> str:
-        return self._config.peer_id
+    def _only(self) -> Peer:
+        """An inviter's one peer."""
+        return self._config.peers.peers.only
+
+    def _mail_peers(self) -> list[Peer]:
+        return [peer for peer in self._config.peers.peers.known if peer.id is not None]
 
     async def _consume_pending(self) -> None:
         """Consume the judged messages: after the hand-over, so that the session goes on meanwhile (the
@@ -792,13 +833,12 @@ class Mediator:
             if found:
                 await self._inbox.consume(*found)
         except _Dropped as error:
-            log.warning("could not clear the mail from %s found at the start: %s", self._peer, error)
+            log.warning("could not clear the peers' mail found at the start: %s", error)
             return
         log.log(
             logging.INFO if found else logging.DEBUG,
-            "%d message(s) from %s arrived before the start: consumed, not answered",
+            "%d message(s) from peers arrived before the start: consumed, not answered",
             len(found),
-            self._peer,
         )
 
     async def _earlier_mail(self, request_id: str | None) -> list[int]:
@@ -810,7 +850,7 @@ class Mediator:
         same = start is not None and cursor is not None and start.validity == cursor.validity
         first = start.next if same and start is not None else 1
         if first > 1:
-            queries.append(f"UID 1:{first - 1} {_route_criteria(self._config.incoming)}".strip())
+            queries.append(f"UID 1:{first - 1} {_recipient_criteria(self._config.address)}".strip())
         if request_id is not None and _ATOM_SAFE.fullmatch(request_id):
             queries.append(f"HEADER Message-ID {_quoted(request_id)}")
         if not queries:
@@ -821,7 +861,7 @@ class Mediator:
         for item in await self._inbox.headers(candidates):
             if "\\deleted" in item.flags:
                 continue
-            earlier = item.uid < first and self._is_route(item)
+            earlier = item.uid < first and self._route(item) is not None
             if earlier or (request_id is not None and self._is_own_request(item, request_id)):
                 found.append(item.uid)
         return sorted(set(found))
@@ -831,7 +871,10 @@ class Mediator:
             headers = message.parse_headers(item.data)
         except message.MessageError:
             return False
-        return self._config.outgoing.matches(headers) and message.message_id_of(headers) == request_id
+        return (
+            self._config.outgoing(self._only).matches(headers)
+            and message.message_id_of(headers) == request_id
+        )
 
     async def _leave(self) -> None:
         """Consume what was judged; the inviter also its own request (shared mailbox) and the peer's mail that
@@ -866,7 +909,7 @@ class Mediator:
                 delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
                 if deadline is not None and loop.time() + delay >= deadline:
                     raise MailTimeoutError(
-                        f"no response from {self._config.peer_id}: IMAP server unreachable ({error})"
+                        f"no response from {self._only}: IMAP server unreachable ({error})"
                     ) from error
                 log.warning("IMAP reconnect failed (%s), retrying in %g s", error, delay)
                 await asyncio.sleep(delay)
@@ -972,16 +1015,11 @@ def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _route_criteria(route: Route) -> str:
-    """SEARCH criteria that every message of the route meets (substring, case-insensitive: a superset that
-    Route.matches then narrows). A value that is not printable ASCII is left out: a quoted IMAP string is
-    7-bit, and the check of the headers covers it."""
-    criteria = [
-        f"{key} {_quoted(value)}"
-        for key, value in (("FROM", route.sender), ("TO", route.recipient), ("SUBJECT", route.subject))
-        if value and _ATOM_SAFE.fullmatch(value)
-    ]
-    return " ".join(criteria)
+def _recipient_criteria(address: str) -> str:
+    """SEARCH criteria that every peer's route mail meets: its To (substring, case-insensitive: a superset
+    that each peer's Route then narrows). An address that is not printable ASCII is left out: a quoted IMAP
+    string is 7-bit, and the check of the headers covers it."""
+    return f"TO {_quoted(address)}" if _ATOM_SAFE.fullmatch(address) else ""
 
 
 def _internaldate(text: str) -> datetime.datetime | None:

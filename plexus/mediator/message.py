@@ -89,15 +89,17 @@ class Route:
         route's, so such a message is never read nor consumed."""
         try:
             senders = _addresses(headers, "From")
-            recipients = _addresses(headers, "To")
             subject = _subject(headers)
         except (ValueError, TypeError, IndexError, AttributeError, LookupError, email.errors.MessageError):
             return False
-        return (
-            subject == self.subject
-            and senders == [self.sender.lower()]
-            and self.recipient.lower() in recipients
-        )
+        return subject == self.subject and senders == [self.sender.lower()] and self.addressed(headers)
+
+    def addressed(self, headers: Message) -> bool:
+        """Whether the recipient is among the To addresses (case-insensitively); never raises."""
+        try:
+            return self.recipient.lower() in _addresses(headers, "To")
+        except (ValueError, TypeError, IndexError, AttributeError, LookupError, email.errors.MessageError):
+            return False
 
 
 @dataclass(frozen=True)
@@ -422,6 +424,14 @@ def _subject(headers: Message) -> str:
         return str(email.header.make_header(email.header.decode_header(raw))).strip()
     except (ValueError, LookupError, email.errors.MessageError) as error:
         raise MessageError(f"unreadable Subject {raw[:60]!r}") from error
+
+
+def subject_of(headers: Message) -> str | None:
+    """The Subject as Route.matches reads it (a sender's id); None if it cannot be read."""
+    try:
+        return _subject(headers)
+    except MessageError:
+        return None
 
 
 def message_id_of(headers: Message) -> str | None:

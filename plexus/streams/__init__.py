@@ -31,7 +31,10 @@ class StreamsConfig:
     the inviter --stdio or --forward."""
 
     identity: Identity
-    check: PeerCheck
+    # What the peer must prove. An acceptor's: what a peer with no identity pinned must prove (S/MIME's
+    # certificate, or nothing with --anonymous), or None: then each peer its own identity, and a peer
+    # without one gets no streams (SessionConfig.serving puts the peer's in place).
+    check: PeerCheck | None
     allowed: Allowed | None = None  # acceptor: None serves no streams at all
     stdio: Target | None = None  # inviter
     forwards: tuple[Forward, ...] = ()  # inviter
@@ -68,6 +71,7 @@ async def carry(
     # found later needs a socket of its own (plexus/streams/direct.py).
     direct = _direct_socket() if relayed and resume is not None and paths.forwarded(tunnel) else None
     start = quic.serve if accept else quic.connect
+    assert config.check is not None  # the session refused the request otherwise
     link = await start(sock, tunnel.peer, config.identity, config.check, datagram_size=size, direct=direct)
     log.info("streams: QUIC connected with %s (peer id %s)", tunnel.peer, link.peer_id)
     beside: list[asyncio.Future[Any]] = [asyncio.ensure_future(link.keepalive())]

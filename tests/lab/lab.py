@@ -658,8 +658,23 @@ class Lab:
         _site(host)
         router = self.netns(f"nat-{host}")
         for server in (self.STUN_PRIMARY, self.STUN_ALTERNATE):
-            run(["ip", "netns", "exec", router, "conntrack", "-D", "-p", "udp", "--sport", str(port),
-                 "--dport", str(server.port)], check=False)  # fmt: skip  (exits 1 when none matched)
+            run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    router,
+                    "conntrack",
+                    "-D",
+                    "-p",
+                    "udp",
+                    "--sport",
+                    str(port),
+                    "--dport",
+                    str(server.port),
+                ],
+                check=False,
+            )  # fmt: skip  (exits 1 when none matched)
 
     def renumber(self, host: str, renumbered: bool = True) -> str:
         """The host's NAT maps every flow anew onto another outer address, as after a new DHCP lease from

@@ -23,6 +23,7 @@ from plexus.endpoint import Endpoint
 from plexus.errors import MailAuthError, MailConnectionError, MailTimeoutError, PeerRefusedError
 from plexus.mediator import Invitation, MailConfig, Mediator, Offer, SmimeConfig, message, smime
 from plexus.mediator import email as mail
+from plexus.peers import Peer, Roster
 from tests.lab.lab import Account, Lab
 from tests.lab.mailbox import Mailbox
 from tests.unit.test_smime import make_identity, sign
@@ -53,7 +54,7 @@ def mail_config(
         address=me.address,
         peer_address=peer.address,
         host_id=host_id,
-        peer_id=peer_id,
+        peers=Roster.of(Peer(peer_id, id=peer_id)),
         ca=ca or lab.ca_file,
         smime=smime_config,
     )
@@ -171,7 +172,7 @@ def letter(
     return message.build(
         kind,
         message.Refusal(puzzle, "busy") if kind == "refusal" else Offer(INVITER_OFFER.outer, puzzle),
-        config.outgoing,
+        config.outgoing(config.peers.peers.only),
         message_id=message.new_message_id(config.address),
         date=date or datetime.datetime.now(datetime.UTC),
         in_reply_to=in_reply_to,
@@ -192,7 +193,7 @@ async def test_round_trip(lab: Lab, mailboxes: dict[str, Mailbox], shared: bool,
 
 async def test_empty_mailbox_times_out_cleanly(lab: Lab, mailboxes: dict[str, Mailbox]) -> None:
     pair = Pair.make(lab, shared=False)
-    with pytest.raises(MailTimeoutError, match=pair.inviter.peer_id):
+    with pytest.raises(MailTimeoutError, match=pair.inviter.peers.peers.only.name):
         await invite(lab, pair.inviter, timeout=3)
     mailboxes["remote"].purge(mailboxes["remote"].with_subject(pair.tag))
 

@@ -22,6 +22,7 @@ from plexus import events
 from plexus.endpoint import Endpoint
 from plexus.identity import Identity
 from plexus.mediator.dhtnode import DhtConfig
+from plexus.peers import Peer, Roster
 from plexus.rendezvous import Reach, Rebind, RebindKey, RendezvousConfig
 from tests.lab.dht import DhtNetwork
 from tests.lab.lab import Lab
@@ -80,10 +81,11 @@ class Accepting:
 async def send(config: RendezvousConfig, issued: int) -> float:
     """The forged rebind, the genuine one, the genuine one again; returns when the forged one had left."""
     async with config.open() as rendezvous:
-        await rendezvous.rebind(FORGER.seal(1, *NEW_PLACE, datetime.datetime.now(datetime.UTC)), None)
+        peer = config.peers.peers.only
+        await rendezvous.rebind(FORGER.seal(1, *NEW_PLACE, datetime.datetime.now(datetime.UTC)), peer, None)
         left = time.monotonic()
-        await rendezvous.rebind(genuine(issued), None)
-        await rendezvous.rebind(genuine(issued), None)  # a replay, later
+        await rendezvous.rebind(genuine(issued), peer, None)
+        await rendezvous.rebind(genuine(issued), peer, None)  # a replay, later
     return left
 
 
@@ -124,7 +126,7 @@ def dht_side(argv: list[str]) -> None:
     it listens)."""
     role, me, peer_id, bootstrap, issued_text, out = argv
     nodes = tuple(Endpoint.parse(node) for node in bootstrap.split(","))
-    config = DhtConfig(Identity.load(Path(me)), peer_id, nodes)
+    config = DhtConfig(Identity.load(Path(me)), Roster.of(Peer(peer_id, identity=peer_id)), nodes)
     issued = int(issued_text)
     code = 1
     try:

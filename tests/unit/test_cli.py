@@ -38,6 +38,7 @@ from plexus.options import (
     session_config,
     streams_config,
 )
+from plexus.peers import Peer, Roster
 from tests.fuzz import FUZZ
 from tests.unit.owners import owned_by_another
 
@@ -77,11 +78,12 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     ("argv", "message"),
     [
         (["--no-such-option"], "No such option"),
-        (["--accept"], "missing --exec-command"),
-        (["--exec-command=sh"], "missing --stun-server"),
+        (["--accept"], "no peer to serve"),
+        (["--accept", "--peer-id=b"], "missing --exec-command"),
+        (["--exec-command=sh", "--peer-id=b"], "missing --stun-server"),
         (["--config=/nonexistent/plexus.conf"], "cannot read --config"),
         (["--log-level=loud"], "--log-level must be one of"),
-        (["--exec-command=/nonexistent/cmd"], "does not exist"),
+        (["--exec-command=/nonexistent/cmd", "--peer-id=b"], "does not exist"),
         (["--explore"], "missing --stun-server"),
     ],
 )
@@ -183,9 +185,11 @@ def test_the_dht_rendezvous_needs_identities_and_a_bootstrap_node(
     base = ["--stun-server=203.0.113.10", f"--exec-command={sys.executable}"]
     ids = [f"--identity={key}", f"--peer-identity={peer}"]
     for extra, message in [
-        (["--rendezvous=dht"], "needs --dht-bootstrap"),
+        (["--rendezvous=dht", *ids], "needs --dht-bootstrap"),
         (["--rendezvous=carrier-pigeon"], "--rendezvous must be email or dht"),
-        (["--dht-bootstrap=203.0.113.10"], "missing --identity"),
+        (["--dht-bootstrap=203.0.113.10", f"--peer-identity={peer}"], "missing --identity"),
+        (["--dht-bootstrap=203.0.113.10", f"--identity={key}"], "missing --peer-identity"),
+        (["--rendezvous=email,dht", *ids], "an inviter meets its peer one way"),
         (["--dht-bootstrap=203.0.113.10", f"--identity={key}"], "missing --peer-identity"),
         (["--dht-bootstrap=203.0.113.10:x", *ids], "--dht-bootstrap"),
         (["--dht-bootstrap=203.0.113.10", *ids, "--dht-network=-1"], "--dht-network must be a whole number"),
@@ -201,7 +205,10 @@ def test_the_dht_rendezvous_needs_identities_and_a_bootstrap_node(
     config = session_config(options)
     assert isinstance(config.rendezvous, DhtConfig)
     assert config.rendezvous.bootstrap == (Endpoint("203.0.113.10", 4222), Endpoint("203.0.113.11", 4300))
-    assert config.rendezvous.peer_id == peer and config.rendezvous.host_id == Identity.load(key).id
+    assert (
+        config.rendezvous.peers.peers.only.identity == peer
+        and config.rendezvous.host_id == Identity.load(key).id
+    )
 
 
 def write_config(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
@@ -470,7 +477,8 @@ def test_a_forward_port_in_use_is_found_at_start(tmp_path: Path, capsys: pytest.
         f"plexus: cannot listen on --forward 127.0.0.1:{port}: Address already in use\n",
     )
     options = Options({"forward": [f"{port}:127.0.0.1:22"], "anonymous": True}, {})
-    assert streams_config(options, None) is not None  # free again: the check left nothing bound
+    roster = Roster.of(Peer("b", "b"))
+    assert streams_config(options, None, roster) is not None  # free again: the check left nothing bound
 
 
 def test_help_and_an_unreadable_config_read_well(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -508,7 +516,7 @@ def test_a_new_log_file_is_private_and_an_existing_one_keeps_its_mode_with_a_war
     log_file = tmp_path / "plexus.log"
     code, _, _ = run([f"--log-file={log_file}", "--accept"], capsys)
     assert (code, mode_of(log_file)) == (ExitCode.USAGE, 0o600)
-    assert "exit 2: missing --exec-command" in log_file.read_text()
+    assert "exit 2: no peer to serve" in log_file.read_text()
     log_file.chmod(0o644)
     run([f"--log-file={log_file}", "--accept"], capsys)
     assert mode_of(log_file) == 0o644
@@ -749,7 +757,7 @@ def test_configs_and_tunnels_do_not_show_their_secrets() -> None:
     server = Endpoint("203.0.113.10", 3478)
     shown = [
         repr(TurnConfig(server, "user", "turn-password-1")),
-        repr(MailConfig(server, server, "me", "mail-password-2", "a@x", "b@x", "a", "b")),
+        repr(MailConfig(server, server, "me", "mail-password-2", "a@x", "b@x", "a", Roster.of(Peer("b")))),
         repr(Tunnel(server, server, server, 1234567890123, "direct")),
     ]
     for text in shown:

@@ -27,11 +27,12 @@ def test_an_event_is_one_json_object_with_its_name(tmp_path: Path) -> None:
         )
     )
     lines = (tmp_path / "events.jsonl").read_text().splitlines()
-    assert json.loads(lines[0]) == {"event": "started", "role": "invite", "at": 1.5}
+    assert json.loads(lines[0]) == {"event": "started", "role": "invite", "at": 1.5, "peer_name": None}
     assert events.read(tmp_path / "events.jsonl")[1] == {
         "event": "connected",
         "role": "accept",
         "at": 2.0,
+        "peer_name": None,
         "inner": "10.0.0.2:40000",
         "outer": "198.51.100.2:40000",
         "peer": "198.51.100.1:5000",
@@ -97,6 +98,7 @@ SAMPLES: dict[str, tuple[object, object]] = {
     "int": (7, 8),
     "int | None": (None, 8),
     "str | None": (None, "b"),
+    "tuple[str, ...]": (("a",), ("a", "b")),
     "Endpoint": (Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2)),
     "Endpoint | None": (None, Endpoint("2001:db8::1", 2)),
 }

@@ -63,6 +63,7 @@ def test_the_command_gets_the_values_in_its_environment() -> None:
         "PLEXUS_PEERIP": "198.51.100.6",
         "PLEXUS_PEERPORT": "6000",
         "PLEXUS_SECRET": "18446744073709551615",
+        "PLEXUS_PEER": "",
         "PLEXUS_PATH": "direct",
     }
 

@@ -43,6 +43,7 @@ from plexus.mediator.dht import (
 )
 from plexus.mediator.dhtnode import DhtConfig
 from plexus.mediator.email import Invitation
+from plexus.peers import Peer, Roster
 from plexus.rendezvous import CLOCK_TOLERANCE, NO_REASON, Offer, Reach, RebindError, RebindKey, Rebinds
 from tests.fuzz import FUZZ
 
@@ -336,7 +337,9 @@ def test_node_id_follows_from_the_private_key_and_the_day() -> None:
 def test_seal_round_trip(kind: Kind) -> None:
     sender, recipient, key = ROUTES[kind]
     original = letter(kind)
-    got, sender_key = unseal(seal(original, sender, public(recipient)), recipient, key, sender.id)
+    got, sender_key = unseal(
+        seal(original, sender, public(recipient)), recipient, key, frozenset({sender.id})
+    )
     assert got == original
     assert id_of(sender_key) == sender.id
 
@@ -368,7 +371,7 @@ def test_a_sealed_value_tells_nothing_of_its_sender() -> None:
 
 def test_sealed_by_hand_is_read() -> None:
     key = ROUTES["request"][2]
-    got, _ = unseal(seal_by_hand(content_of(), key, ALICE, BOB), BOB, key, ALICE.id)
+    got, _ = unseal(seal_by_hand(content_of(), key, ALICE, BOB), BOB, key, frozenset({ALICE.id}))
     assert got == letter()
 
 
@@ -376,7 +379,7 @@ def test_sealed_to_another_host() -> None:
     key = ROUTES["request"][2]
     value = seal(letter(recipient=EVE.id), ALICE, public(EVE))
     with pytest.raises(DhtMessageError, match="not encrypted to this host"):
-        unseal(value, BOB, key, ALICE.id)
+        unseal(value, BOB, key, frozenset({ALICE.id}))
 
 
 def test_tampered_anywhere() -> None:
@@ -385,7 +388,7 @@ def test_tampered_anywhere() -> None:
     for at in range(len(value)):
         tampered = value[:at] + bytes([value[at] ^ 0x01]) + value[at + 1 :]
         with pytest.raises(DhtMessageError) as caught:
-            unseal(tampered, BOB, key, ALICE.id)
+            unseal(tampered, BOB, key, frozenset({ALICE.id}))
         if at >= 4:  # past the magic, HPKE refuses it
             assert "not encrypted to this host" in str(caught.value)
 
@@ -394,7 +397,7 @@ def test_moved_to_another_key() -> None:
     value = sealed()
     moved = key_text("request", BOB.id, NOW.date() + datetime.timedelta(days=1))
     with pytest.raises(DhtMessageError, match="not encrypted to this host"):
-        unseal(value, BOB, moved, ALICE.id)
+        unseal(value, BOB, moved, frozenset({ALICE.id}))
 
 
 @pytest.mark.parametrize(
@@ -402,7 +405,7 @@ def test_moved_to_another_key() -> None:
 )
 def test_not_a_sealed_value(value: bytes) -> None:
     with pytest.raises(DhtMessageError):
-        unseal(value, BOB, ROUTES["request"][2], ALICE.id)
+        unseal(value, BOB, ROUTES["request"][2], frozenset({ALICE.id}))
 
 
 def test_forged_by_another_identity() -> None:
@@ -410,29 +413,29 @@ def test_forged_by_another_identity() -> None:
     signed_by_eve = seal(letter(sender=EVE.id), EVE, public(BOB))
     claims_alice = seal_by_hand(content_of(), key, EVE, BOB)
     for value in (signed_by_eve, claims_alice):
-        with pytest.raises(DhtMessageError, match=f"from {EVE.id}, not the pinned peer"):
-            unseal(value, BOB, key, ALICE.id)
+        with pytest.raises(DhtMessageError, match=f"from {EVE.id}, not a peer of this host"):
+            unseal(value, BOB, key, frozenset({ALICE.id}))
 
 
 def test_bad_signature() -> None:
     key = ROUTES["request"][2]
     value = seal_by_hand(content_of(), key, ALICE, BOB, signed=content_of(puzzle=8))
     with pytest.raises(DhtMessageError, match="bad signature"):
-        unseal(value, BOB, key, ALICE.id)
+        unseal(value, BOB, key, frozenset({ALICE.id}))
 
 
 def test_addressed_to_someone_else() -> None:
     key = ROUTES["request"][2]
     value = seal_by_hand(content_of(to=EVE.id), key, ALICE, BOB)
     with pytest.raises(DhtMessageError, match=f"to {EVE.id}, not this host"):
-        unseal(value, BOB, key, ALICE.id)
+        unseal(value, BOB, key, frozenset({ALICE.id}))
 
 
 def test_from_someone_else_than_its_signer() -> None:
     key = ROUTES["request"][2]
     value = seal_by_hand(content_of(**{"from": EVE.id}), key, ALICE, BOB)
     with pytest.raises(DhtMessageError, match=f"says it is from {EVE.id}"):
-        unseal(value, BOB, key, ALICE.id)
+        unseal(value, BOB, key, frozenset({ALICE.id}))
 
 
 def test_written_for_another_key() -> None:
@@ -440,13 +443,13 @@ def test_written_for_another_key() -> None:
     other = key_text("request", BOB.id, NOW.date() - datetime.timedelta(days=1))
     value = seal_by_hand(content_of(key=other), key, ALICE, BOB)
     with pytest.raises(DhtMessageError, match="written for"):
-        unseal(value, BOB, key, ALICE.id)
+        unseal(value, BOB, key, frozenset({ALICE.id}))
 
 
 def test_unreadable_content_inside() -> None:
     key = ROUTES["request"][2]
     with pytest.raises(DhtMessageError, match="not JSON"):
-        unseal(seal_by_hand(b"{", key, ALICE, BOB), BOB, key, ALICE.id)
+        unseal(seal_by_hand(b"{", key, ALICE, BOB), BOB, key, frozenset({ALICE.id}))
 
 
 def test_seal_checks_its_keys() -> None:
@@ -751,7 +754,7 @@ def test_fuzz_sealed(case: tuple[Kind, bytes]) -> None:
     """A sealed value, mutated or cut as a whole, or genuine HPKE around a mutated plaintext."""
     kind, value = case
     sender, recipient, key = ROUTES[kind]
-    read_or_refuse(lambda: unseal(value, recipient, key, sender.id))
+    read_or_refuse(lambda: unseal(value, recipient, key, frozenset({sender.id})))
 
 
 def edited(genuine: bytes, replaced: dict[str, object], removed: set[str]) -> bytes:
@@ -778,7 +781,7 @@ def test_fuzz_signed_content_through_the_screen(case: tuple[Kind, bytes], expect
     sender, recipient, key = ROUTES[kind]
 
     def take() -> None:
-        got, _ = unseal(seal_by_hand(content, key, sender, recipient), recipient, key, sender.id)
+        got, _ = unseal(seal_by_hand(content, key, sender, recipient), recipient, key, frozenset({sender.id}))
         if got.rebind is None:
             Screen().admit(got, expected, NOW, 3)
             return
@@ -813,7 +816,7 @@ class FakeNode:
 
 def joined(me: Identity, peer: Identity, values: list[bytes]) -> dhtnode.DhtMediator:
     """A mediator on a FakeNode, as if it had joined the DHT."""
-    mediator = dhtnode.DhtMediator(DhtConfig(me, peer.id, ()))
+    mediator = dhtnode.DhtMediator(DhtConfig(me, Roster.of(Peer(peer.id, identity=peer.id)), ()))
     mediator._node = FakeNode(values)  # type: ignore[assignment]
     mediator._joined = asyncio.get_running_loop().create_future()
     mediator._joined.set_result(None)

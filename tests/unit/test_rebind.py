@@ -24,6 +24,7 @@ from plexus.identity import Identity
 from plexus.mediator import dht, message
 from plexus.mediator.dhtnode import DhtConfig
 from plexus.mediator.email import Mediator
+from plexus.peers import Peer, Roster
 from plexus.rendezvous import (
     CLOCK_TOLERANCE,
     Invitation,
@@ -114,7 +115,9 @@ class _Config:
 
 def test_the_session_derives_it_as_its_handshake_key_and_never_for_plexus_2_2() -> None:
     mine, theirs = dht_tests.new_identity(), dht_tests.new_identity()
-    config = cast(session.SessionConfig, _Config(DhtConfig(mine, theirs.id, ())))
+    config = cast(
+        session.SessionConfig, _Config(DhtConfig(mine, Roster.of(Peer(theirs.id, identity=theirs.id)), ()))
+    )
     plexus_2_2 = Offer(OUTER, ACCEPTOR_PUZZLE)
     assert session.rebind_keys(config, INVITER_PUZZLE, ACCEPTOR_PUZZLE, plexus_2_2) is None
     anonymous = Offer(OUTER, ACCEPTOR_PUZZLE, REACH)
@@ -128,7 +131,9 @@ def test_the_session_derives_it_as_its_handshake_key_and_never_for_plexus_2_2() 
     expected = RebindKeys.derive(INVITER_PUZZLE, ACCEPTOR_PUZZLE, bound)
     assert session.rebind_keys(config, INVITER_PUZZLE, ACCEPTOR_PUZZLE, signed) == expected
     # The other side derives the same from its own key and the offer it got.
-    mirrored = cast(session.SessionConfig, _Config(DhtConfig(theirs, mine.id, ())))
+    mirrored = cast(
+        session.SessionConfig, _Config(DhtConfig(theirs, Roster.of(Peer(mine.id, identity=mine.id)), ()))
+    )
     theirs_got = dataclasses.replace(anonymous, signer=dht_tests.public(mine))
     assert session.rebind_keys(mirrored, INVITER_PUZZLE, ACCEPTOR_PUZZLE, theirs_got) == expected
 
@@ -434,7 +439,7 @@ def test_dht_round_trip_and_layout() -> None:
             f'"to":"{BOB.id}","v":1}}'
         ).encode()
     )
-    letter, _ = dht.unseal(dht.seal(original, ALICE, dht_tests.public(BOB)), BOB, key, ALICE.id)
+    letter, _ = dht.unseal(dht.seal(original, ALICE, dht_tests.public(BOB)), BOB, key, frozenset({ALICE.id}))
     assert letter == original and letter.rebind == rebind()
 
 
@@ -533,11 +538,11 @@ async def test_the_dht_inviter_puts_it_where_requests_go() -> None:
     mediator._node = Node([card])  # type: ignore[assignment]
     sink: list[events.Event] = []
     with events.reporting(sink.append, "invite"):
-        await mediator.rebind(rebind(1, now=now))
+        await mediator.rebind(rebind(1, now=now), mediator._config.peers.peers.only)
         await asyncio.gather(*mediator._puts)
     key = dht.key_text("request", BOB.id, dht.day_of(now))
     assert put[0][0] == key
-    letter, _ = dht.unseal(put[0][1], BOB, key, ALICE.id)
+    letter, _ = dht.unseal(put[0][1], BOB, key, frozenset({ALICE.id}))
     assert letter.rebind == rebind(1, now=now)
     assert [event.kind for event in sink if isinstance(event, events.Sent)] == ["rebind"]
 

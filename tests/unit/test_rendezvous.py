@@ -13,6 +13,7 @@ from plexus.endpoint import Endpoint
 from plexus.identity import Identity
 from plexus.mediator.dhtnode import DhtConfig, DhtMediator
 from plexus.mediator.email import MailConfig, Mediator
+from plexus.peers import Peer, Roster
 from plexus.rendezvous import MAX_HOST_CANDIDATES, Reach, ReachError, RendezvousConfig
 from tests.fuzz import FUZZ
 
@@ -67,13 +68,21 @@ def test_mail_without_s_mime_loads_no_x509() -> None:
 
 async def test_each_config_opens_its_own_rendezvous() -> None:
     mail: RendezvousConfig = MailConfig(
-        Endpoint("127.0.0.1", 465), Endpoint("127.0.0.1", 993), "me", "secret", "a@x", "b@x", "a", "b"
+        Endpoint("127.0.0.1", 465),
+        Endpoint("127.0.0.1", 993),
+        "me",
+        "secret",
+        "a@x",
+        "b@x",
+        "a",
+        Roster.of(Peer("b", "b")),
     )
     assert isinstance(mail.open(), Mediator)
     me = Identity.ephemeral()
-    dht: RendezvousConfig = DhtConfig(me, "peer", ())
+    peers = Roster.of(Peer("peer", identity="a" * 32))
+    dht: RendezvousConfig = DhtConfig(me, peers, ())
     assert isinstance(dht.open(), DhtMediator)
-    assert (dht.host_id, dht.peer_id, dht.identity) == (me.id, "peer", me)
+    assert (dht.host_id, dht.peers, dht.identity) == (me.id, peers, me)
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from plexus.errors import ExitCode, PeerIdentityError, StreamsLostError, TargetR
 from plexus.identity import Identity, PeerCheck
 from plexus.mediator import smime
 from plexus.options import Options, command_config, read_config, streams_config
+from plexus.peers import Peer, Roster
 from plexus.streams import forward, quic, wire
 from plexus.streams.forward import Forward
 from plexus.streams.wire import Allowed, Code, FrameError, Target
@@ -608,17 +609,21 @@ def test_bad_streams_options_are_one_line_usage_errors(
     assert err.startswith("plexus: ") and message in err, err
 
 
+ROSTER = Roster.of(Peer("b", "b"))
+
+
 def test_forward_allow_in_the_config_file_is_comma_separated(tmp_path: Path) -> None:
     path = tmp_path / "plexus.conf"
     path.write_text("accept\nanonymous\nforward-allow = 127.0.0.1:22, [::1]:80,localhost:8080\n")
-    streams = streams_config(Options({}, read_config(path), path), None)
-    assert streams is not None and streams.check.anonymous and not streams.inviting
+    streams = streams_config(Options({}, read_config(path), path), None, ROSTER)
+    assert streams is not None and streams.check is not None and streams.check.anonymous
+    assert not streams.inviting
     assert streams.allowed == Allowed.of(
         [Target("127.0.0.1", 22), Target("::1", 80), Target("localhost", 8080)]
     )
     path.write_text("accept\nanonymous\nforward-allow = 127.0.0.1:22, nonsense\n")
     with pytest.raises(UsageError, match=r"^--forward-allow \(.*plexus.conf:3\) 'nonsense': expected"):
-        streams_config(Options({}, read_config(path), path), None)
+        streams_config(Options({}, read_config(path), path), None, ROSTER)
 
 
 def test_identity_and_peer_identity_pin_the_peer(tmp_path: Path) -> None:
@@ -627,16 +632,16 @@ def test_identity_and_peer_identity_pin_the_peer(tmp_path: Path) -> None:
     options = Options(
         {"stdio": "127.0.0.1:22", "identity": str(key), "peer-identity": f" {peer.id.upper()} "}, {}
     )
-    streams = streams_config(options, None)
+    streams = streams_config(options, None, ROSTER)
     assert streams is not None and streams.inviting
     assert streams.stdio == Target("127.0.0.1", 22) and streams.allowed is None
     assert streams.check == PeerCheck(peer.id)
     assert streams.identity.id == Identity.load(key).id
-    assert command_config(options, streams) is None  # --stdio replaces the command
+    assert command_config(options, streams, ROSTER) is None  # --stdio replaces the command
 
 
 def test_no_streams_options_no_streams(tmp_path: Path) -> None:
-    assert streams_config(Options({"identity": str(tmp_path / "k.pem")}, {}), None) is None
+    assert streams_config(Options({"identity": str(tmp_path / "k.pem")}, {}), None, ROSTER) is None
     assert not (tmp_path / "k.pem").exists()
 
 
