@@ -712,7 +712,7 @@ class Mediator:
         for item in await self._inbox.new_mail(cursor):
             letter = None
             # Mail already flagged \Deleted is someone's (maybe another client's) to expunge: never touched.
-            peer = self._route(item, strangers=True) if "\\deleted" not in item.flags else None
+            peer = self._route(item, strangers=not self._inviting) if "\\deleted" not in item.flags else None
             if peer is not None:
                 if not cursor.counts(item):
                     log.info("message UID %d from %s arrived before the wait began", item.uid, peer)
