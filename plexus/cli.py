@@ -7,18 +7,19 @@ parse the options, but their multi-line usage boxes are replaced by that one lin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from plexus import __version__, files
 from plexus.endpoint import ANY4, ANY6
-from plexus.errors import STOP_SIGNALS, ExitCode, Interrupted, PlexusError, UsageError
+from plexus.errors import STOP_SIGNALS, ExitCode, Interrupted, NoAcceptorError, PlexusError, UsageError
 from plexus.options import (
     LOG_LEVELS,
     PASSWORDS,
@@ -30,6 +31,9 @@ from plexus.options import (
 
 # The rest loads where a path needs it: --version and --help load no network library, an email session no
 # OpenDHT, a DHT session no mail client.
+if TYPE_CHECKING:
+    from plexus.session import SessionConfig
+    from plexus.status import Status
 
 log = logging.getLogger("plexus")
 
@@ -48,6 +52,55 @@ def show_id(options: Options) -> None:
     if not key_file:
         raise UsageError("--show-id needs --identity=FILE (made on first use)")
     print(identity.Identity.load(Path(key_file).expanduser()).id)
+
+
+def show_status(options: Options) -> None:
+    """--status: the acceptor of --host-id, else of --identity (a DHT acceptor's host id is its identity's
+    id), else every acceptor this user runs here."""
+    from plexus import status
+
+    host_id = options.get(Name.HOST_ID)
+    key_file = options.get(Name.IDENTITY)
+    if not host_id and key_file:
+        from plexus import identity
+
+        path = Path(key_file).expanduser()
+        if not path.exists():  # an acceptor would have made it; --status must not
+            raise NoAcceptorError(f"no acceptor runs with --identity {path}: there is no such file")
+        host_id = identity.Identity.load(path).id
+    print(status.show(host_id or None))
+
+
+@contextlib.contextmanager
+def reporting(
+    config_: SessionConfig, accepting: bool
+) -> Iterator[tuple[SessionConfig, Callable[[], None] | None]]:
+    """The session's config with its sinks: PLEXUS_EVENTS's JSON lines (the lab tests and bench/ read them)
+    and, for an acceptor, its status file (`plexus --status`), which is removed when it ends; and for an
+    acceptor what SIGHUP does: read --peers again (its sessions run on) and say so in the status file."""
+    from plexus import events
+
+    sinks: list[events.Sink] = []
+    if (lines := events.JsonLines.from_environment()) is not None:
+        sinks.append(lines)
+    status: Status | None = None
+    reload = None
+    if accepting:
+        from plexus.status import Status
+
+        roster = config_.rendezvous.peers
+        status = Status(config_.rendezvous.host_id, roster)
+        sinks.append(status)
+
+        def reload() -> None:
+            roster.reload()
+            status.write()
+
+    try:
+        yield (config_.reporting(events.tee(*sinks)) if sinks else config_), reload
+    finally:
+        if status is not None:
+            status.close()
 
 
 def setup_logging(options: Options) -> None:
@@ -198,27 +251,24 @@ def run(**given: Any) -> None:
     if options.flag(Name.SHOW_ID):
         show_id(options)
         return
+    if options.flag(Name.STATUS):
+        show_status(options)
+        return
     from plexus import api
-    from plexus.events import JsonLines
 
-    config_ = session_config(options)
-    sink = JsonLines.from_environment()  # PLEXUS_EVENTS: the lab tests and bench/ read them
-    if sink is not None:
-        config_ = config_.reporting(sink)
     # A normal end by signal: a service manager stopping the acceptor, ssh ending its ProxyCommand (--stdio).
     normal_end = signal.SIGTERM if accepting else signal.SIGHUP if options.get(Name.STDIO) else None
-    # An acceptor reads its --peers file again on SIGHUP; its sessions run on.
-    reload = config_.rendezvous.peers.reload if accepting else None
-    try:
-        run_until_signal(
-            api.serve(config_) if accepting else api.connect(config_),
-            streams=config_.streams is not None,
-            reload=reload,
-        )
-    except Interrupted as stopped:
-        if stopped.signum != normal_end:
-            raise
-        log.info("stopped")
+    with reporting(session_config(options), accepting) as (config_, reload):
+        try:
+            run_until_signal(
+                api.serve(config_) if accepting else api.connect(config_),
+                streams=config_.streams is not None,
+                reload=reload,
+            )
+        except Interrupted as stopped:
+            if stopped.signum != normal_end:
+                raise
+            log.info("stopped")
 
 
 def parse(argv: Sequence[str]) -> Options:

@@ -32,6 +32,7 @@ class ExitCode(IntEnum):
     DHT_UNREACHABLE = 19  # DHT: no node answered (--dht-bootstrap)
     UDP_BLOCKED = 20  # no UDP gets out (STUN answers over TCP only), and no TURN relay over TCP or TLS
     PEER_LOST = 21  # streams, --carry: this side moved (a new network, a NAT mapped anew), rebinds unanswered
+    NO_ACCEPTOR = 22  # --status: no acceptor runs here as this user (it left no status file)
     HANGUP = 129  # SIGHUP, 128 + 1: the terminal went away (with --stdio: ssh's normal end, exit OK instead)
     INTERRUPTED = 130  # SIGINT (Ctrl-C), 128 + 2 as shells report it
     TERMINATED = 143  # SIGTERM, 128 + 15; an acceptor stopped by SIGTERM exits OK instead (a service's stop)
@@ -61,6 +62,7 @@ MEANINGS = {
     ExitCode.DHT_UNREACHABLE: "DHT: no node answered (--dht-bootstrap, UDP egress)",
     ExitCode.UDP_BLOCKED: "no UDP gets out: a TURN relay over TCP or TLS would carry it (--turn-server)",
     ExitCode.PEER_LOST: "this side moved (streams, --carry) and the peer did not answer its rebinds",
+    ExitCode.NO_ACCEPTOR: "--status: no acceptor runs here as this user",
     ExitCode.HANGUP: "hung up (SIGHUP): the terminal closed (--stdio: ssh's normal end, exit 0)",
     ExitCode.INTERRUPTED: "interrupted (SIGINT, Ctrl-C)",
     ExitCode.TERMINATED: "terminated (SIGTERM) before the session ended",
@@ -184,3 +186,7 @@ class PeerNotFoundError(PlexusError):
 
 class DhtUnreachableError(PlexusError):
     exit_code = ExitCode.DHT_UNREACHABLE
+
+
+class NoAcceptorError(PlexusError):
+    exit_code = ExitCode.NO_ACCEPTOR

@@ -289,6 +289,16 @@ def ignore(event: Event) -> None:
     """The sink of a session nobody listens to."""
 
 
+def tee(*sinks: Sink) -> Sink:
+    """One sink that hands each event to each of `sinks` in turn (a status file, PLEXUS_EVENTS)."""
+
+    def each(event: Event) -> None:
+        for sink in sinks:
+            sink(event)
+
+    return each
+
+
 class JsonLines:
     """A sink that appends each event to a file as one JSON line (created 0600: it names endpoints)."""
 

@@ -248,10 +248,7 @@ class Slot:
 
     @classmethod
     def for_session(cls, role: str, host_id: str, peer_id: str) -> Slot:
-        def safe(name: str) -> str:
-            return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-        return cls(state_dir() / f"{role}-{safe(host_id)}-{safe(peer_id)}.json")
+        return cls(state_dir() / f"{role}-{safe_name(host_id)}-{safe_name(peer_id)}.json")
 
     def load(self) -> Running | None:
         try:
@@ -278,6 +275,11 @@ class Slot:
 
     def forget(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def safe_name(name: str) -> str:
+    """A host or peer id as part of a file name in state_dir(): nothing that could leave the folder."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def state_dir() -> Path:
