@@ -338,11 +338,15 @@ def test_an_acceptors_events_reach_its_status_file_and_plexus_events(
 
     monkeypatch.setenv(events.ENVIRONMENT, str(tmp_path / "events.jsonl"))
     given = SessionConfig(HOME, INVITER, Rendezvous("home", roster()), None)  # type: ignore[arg-type]
-    with cli.reporting(given, accepting=True) as config:
+    with cli.reporting(given, accepting=True) as (config, reload):
         config.on_event(events.Requested(role="accept", peer=INVITER, peer_name="phone"))
+        assert peer(folder / "status-home.json", "phone")["state"] == "connecting"
+        assert reload is not None
+        reload()  # SIGHUP: the peers read again, the file rewritten
         assert peer(folder / "status-home.json", "phone")["state"] == "connecting"
     assert [line["event"] for line in events.read(tmp_path / "events.jsonl")] == ["requested"]
     assert not (folder / "status-home.json").exists()  # the acceptor ended
-    with cli.reporting(given, accepting=False) as config:  # an inviter: no status file
+    with cli.reporting(given, accepting=False) as (config, reload):  # an inviter: no status file
+        assert reload is None
         config.on_event(events.Started(role="invite"))
         assert not list(folder.iterdir())
