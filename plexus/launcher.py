@@ -139,7 +139,8 @@ def start(command: Command, tunnel: Tunnel) -> subprocess.Popen[bytes]:
         if not isinstance(output, int):
             output.close()
     shown = shlex.join([command.path, *expand_args(command.words, tunnel, redact=True)])
-    log.info("launched %s (pid %d) for peer %s", shown, process.pid, tunnel.peer)
+    whom = f"{tunnel.peer_name} at {tunnel.peer}" if tunnel.peer_name else str(tunnel.peer)
+    log.info("launched %s (pid %d) for %s", shown, process.pid, whom)
     return process
 
 

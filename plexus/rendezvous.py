@@ -378,6 +378,27 @@ def _reading_ended(task: asyncio.Future[None]) -> None:
         log.warning("no longer reading the rendezvous for the peer's rebinds: %s", events.one_line(error))
 
 
+class Strangers:
+    """Who knocked without being a peer (a mail's Subject, a DHT value's signer that no peer has): logged
+    once each at INFO with its id, then at DEBUG, since anyone can write to the mailbox or put under the key
+    as often as they like; each knock is a Rejected event."""
+
+    LIMIT = 1024  # ids remembered; past it, the oldest is forgotten (and would be logged at INFO again)
+
+    def __init__(self) -> None:
+        self._seen: dict[str, None] = {}
+
+    def knock(self, who: str, source: Literal["mail", "dht"], what: str) -> None:
+        """`who` (already one printable line) knocked with `what` (a message, a value)."""
+        first = who not in self._seen
+        self._seen.pop(who, None)
+        self._seen[who] = None
+        if len(self._seen) > self.LIMIT:
+            del self._seen[next(iter(self._seen))]
+        log.log(logging.INFO if first else logging.DEBUG, "%s from %s: not a peer of this host", what, who)
+        events.emit(events.Rejected, source=source, reason=f"{who} is not a peer of this host")
+
+
 class Rendezvous(Protocol):
     """One side's end of a rendezvous, used inside `async with` (entering starts what can run ahead: the IMAP
     login, the DHT join; leaving cleans up).

@@ -94,6 +94,14 @@ class DhtMessageError(ValueError):
     """Why a value read from the DHT is not taken: str(error) is logged."""
 
 
+class NotAPeerError(DhtMessageError):
+    """A value sealed by a key that is no peer's: `sender` is its id (the Strangers log it)."""
+
+    def __init__(self, sender: str) -> None:
+        super().__init__(f"from {sender}, not a peer of this host")
+        self.sender = sender
+
+
 def key_text(family: Family, host_id: str, day: datetime.date) -> str:
     return f"plexus/{KEY_VERSION}/{family}/{host_id}/{day.isoformat()}"
 
@@ -334,7 +342,7 @@ def unseal(
     sender_key = _public_key(spki, "sender")
     sender = id_of(sender_key)
     if sender not in peers:
-        raise DhtMessageError(f"from {sender}, not a peer of this host")
+        raise NotAPeerError(sender)
     try:
         sender_key.verify(signature, _letter_signed(key_text, content), _ECDSA)
     except InvalidSignature:

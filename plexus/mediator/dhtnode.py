@@ -27,7 +27,16 @@ from plexus.errors import DhtUnreachableError, PeerNotFoundError, PeerRefusedErr
 from plexus.identity import Identity, id_of
 from plexus.mediator import dht
 from plexus.peers import Peer, Roster
-from plexus.rendezvous import Invitation, Offer, Rebind, RebindError, RebindKey, Rebinds, Rebound
+from plexus.rendezvous import (
+    Invitation,
+    Offer,
+    Rebind,
+    RebindError,
+    RebindKey,
+    Rebinds,
+    Rebound,
+    Strangers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +252,7 @@ class DhtMediator:
         self._inviter_keys: dict[str, Any] = {}  # a peer's identity -> its public key, from its last request
         self._inviting = False  # invite() was called: this side is the inviter
         self._rebinds = Rebinds()
+        self._strangers = Strangers()
         self._listened = False
 
     async def __aenter__(self) -> DhtMediator:
@@ -403,6 +413,13 @@ class DhtMediator:
         rebind goes to its session."""
         try:
             letter, sender = dht.unseal(value, self._me, key, self._known())
+        except dht.NotAPeerError as stranger:
+            self._strangers.knock(stranger.sender, "dht", f"a value under {key}")
+            return None
+        except Exception as error:
+            _ignore(key, error)
+            return None
+        try:
             peer = self._config.peers.peers.by_identity(letter.sender)
             assert peer is not None  # unseal took it from one of them
             if letter.rebind is not None:  # for a running session, not for this wait: handed over here

@@ -53,7 +53,16 @@ from plexus.errors import (
 from plexus.mediator import message, smime
 from plexus.mediator.message import Content, Kind, Letter, Refusal, Route, Screen
 from plexus.peers import Peer, Peers, Roster
-from plexus.rendezvous import CLOCK_TOLERANCE, Offer, Rebind, RebindError, RebindKey, Rebinds, Rebound
+from plexus.rendezvous import (
+    CLOCK_TOLERANCE,
+    Offer,
+    Rebind,
+    RebindError,
+    RebindKey,
+    Rebinds,
+    Rebound,
+    Strangers,
+)
 from plexus.rendezvous import Invitation as Invitation  # re-exported: it lived here
 
 log = logging.getLogger(__name__)
@@ -476,6 +485,7 @@ class Mediator:
         self._inbox = Inbox(config, self._context)
         self._screen = Screen()
         self._rebinds = Rebinds()
+        self._strangers = Strangers()
         self._opening: asyncio.Future[Cursor] | None = None
         self._cursor: Cursor | None = None
         self._start: Cursor | None = None  # the cursor as the wait began: below it, mail that arrived earlier
@@ -776,9 +786,8 @@ class Mediator:
             peer = self._config.peers.peers.by_id(subject) if subject is not None else None
             if peer is None:
                 if strangers and subject not in (None, self._config.host_id) and self._to_me(headers):
-                    name = events.one_line(subject)[:70]
-                    log.info("passing over message UID %d: %r is not a peer of this host", item.uid, name)
-                    events.emit(events.Rejected, source="mail", reason=f"{name!r} is not a peer of this host")
+                    name = repr(events.one_line(subject)[:70])
+                    self._strangers.knock(name, "mail", f"message UID {item.uid} (passed over)")
                 return None
             if self._config.incoming(peer).matches(headers) and not self._answers_another(item, headers):
                 return peer
