@@ -82,9 +82,10 @@ async def _answer(link: Link, stream: Stream, allowed: Allowed) -> None:
         link.forget(stream)
         return
     if not allowed.permits(target):
-        log.warning("stream %d: %s is not in --forward-allow: refused", stream.id, target)
-        events.emit(events.Rejected, source="stream", reason=f"{target} is not in --forward-allow")
-        await _verdict(link, stream, Code.NOT_ALLOWED, f"{target} is not in the acceptor's --forward-allow")
+        log.warning("stream %d: %s is not a target this peer may reach: refused", stream.id, target)
+        events.emit(events.Rejected, source="stream", reason=f"{target} is not a target this peer may reach")
+        why = f"{target} is not a target the acceptor allows this peer (--forward-allow, allow=)"
+        await _verdict(link, stream, Code.NOT_ALLOWED, why)
         return
     try:
         reader, writer = await asyncio.wait_for(

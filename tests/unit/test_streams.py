@@ -337,7 +337,8 @@ async def test_a_target_not_allowed_is_refused_and_never_connected() -> None:
                 with pytest.raises(TargetRefusedError) as error:
                     await asyncio.wait_for(forward.open_target(inviter, target), 5)
                 assert str(error.value) == (
-                    f"the acceptor refused {target}: {target} is not in the acceptor's --forward-allow"
+                    f"the acceptor refused {target}: {target} is not a target the acceptor allows this peer "
+                    "(--forward-allow, allow=)"
                 )
         assert echo.connections == 0
 
