@@ -17,13 +17,14 @@ force and is read again on SIGHUP: a file that no longer reads leaves the peers 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shlex
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from plexus import identity, launcher
+from plexus import files, identity, launcher
 from plexus.errors import UsageError
 from plexus.streams.wire import Allowed, Target
 
@@ -221,6 +222,8 @@ class Roster:
         if self.file is not None:
             try:
                 with self.file.open("rb") as stream:
+                    # It decides who may knock and what runs for them: no other user may change it.
+                    files.check(os.fstat(stream.fileno()), f"--peers {self.file}", self.file, holds=None)
                     data = stream.read(MAX_FILE + 1)
             except OSError as error:
                 raise UsageError(f"cannot read --peers {self.file}: {error.strerror}") from error
