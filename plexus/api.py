@@ -188,8 +188,9 @@ async def invite(config: SessionConfig) -> AsyncIterator[Tunnel]:
 
 async def accept(config: SessionConfig) -> AsyncIterator[Tunnel]:
     """Serve requests from the peers (config.rendezvous.peers) forever and yield each established path (as
-    `invite` yields it, its `peer_name` set), in the order they are established. A session that fails is logged and the next one is served. The path
-    lasts until the consumer asks for the next one, or leaves the loop."""
+    `invite` yields it, its `peer_name` set), in the order they are established. A session that fails is
+    logged and the next one is served. The path lasts until the consumer asks for the next one, or leaves
+    the loop."""
     arrived: asyncio.Queue[tuple[Tunnel, asyncio.Event]] = asyncio.Queue()
 
     async def hand_over(tunnel: Tunnel) -> None:
@@ -228,8 +229,9 @@ async def connect(config: SessionConfig) -> Tunnel:
 async def serve(config: SessionConfig) -> None:
     """The acceptor as `plexus --accept` runs it, until cancelled: each request from one of its peers gets
     the path, and config.command (or the peer's own) is launched on it (a newer request from that peer
-    replaces its session before, unless config.keep_sessions) or its streams are served (config.streams' allow-list). A request this acceptor
-    cannot serve is refused; a session that fails is reported (config.on_event) and the next one served.
+    replaces its session before, unless config.keep_sessions) or its streams are served (config.streams'
+    allow-list, or the peer's). A request this acceptor cannot serve is refused; a session that fails is
+    reported (config.on_event) and the next one served.
     Cancelled, it stops the commands it launched. Raises PlexusError subclasses only for its own start: a
     STUN server that does not answer, a rendezvous that cannot be reached."""
     await session.accept(config)

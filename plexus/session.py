@@ -8,8 +8,10 @@ Acceptor: STUN once, then forever: wait for a request -> stop the previous sessi
 ways through -> the punch (TTL-limited hello, fan-out, spray or relay) -> response -> handshake -> launch.
 A request it cannot serve (the inner port held, STUN failing, no way through) gets a refusal, so the inviter
 stops waiting at once. Each phase is reported as a typed event (plexus/events.py).
-The acceptor serves each request in its own task, so a slow or failing session never stops the loop. Stopped
-(cancelled), it stops the commands it launched: their lifetime is the acceptor's.
+The acceptor serves each request in its own task, so a slow or failing session never stops the loop; it
+serves many peers (plexus/peers.py), on one or more rendezvous at once, and a new session replaces only the
+same peer's last one. Stopped (cancelled), it stops the commands it launched: their lifetime is the
+acceptor's.
 """
 
 from __future__ import annotations
@@ -455,63 +457,53 @@ async def _serve(
     slot: Slot | None,
     running: set[Running],
 ) -> None:
-    """One request's session, its events named by the peer it serves (`config` is SessionConfig.serving's)."""
+    """One request's session, its events named by the peer it serves (`config` is SessionConfig.serving's,
+    and what the rendezvous and the ways through report within it goes to the same sink)."""
     with events.reporting(config.on_event, "accept"):
-        await _session(config, rendezvous, invitation, turn, slot, running)
+        peer = invitation.peer
+        config.on_event(events.Requested(role="accept", peer=invitation.offer.outer))
+        if _wants_streams(invitation):  # streams sessions run side by side: no command of another is stopped
+            turn = slot = None
+        async with contextlib.AsyncExitStack() as relays:
 
+            async def establish() -> tuple[paths.Established, Resuming, subprocess.Popen[bytes] | None]:
+                if slot is not None:
+                    await slot.stop_previous()
+                established, resuming = await _answer(config, rendezvous, invitation, relays)
+                if config.hand_over is not None or _wants_streams(invitation):
+                    return established, resuming, None
+                assert config.command is not None  # _answer refused the request otherwise
+                if config.carry:
+                    from plexus.carry import carried
 
-async def _session(
-    config: SessionConfig,
-    rendezvous: Rendezvous,
-    invitation: Invitation,
-    turn: Turn | None,
-    slot: Slot | None,
-    running: set[Running],
-) -> None:
-    peer = invitation.peer
-    config.on_event(events.Requested(role="accept", peer=invitation.offer.outer))
-    if _wants_streams(invitation):  # streams sessions run side by side: no command of another is stopped
-        turn = slot = None
-    async with contextlib.AsyncExitStack() as relays:
+                    established = carried(established, config.inner, config.inner6)
+                tunnel = dataclasses.replace(established.tunnel, peer_name=peer.name)
+                process = launcher.start(config.command, tunnel)
+                if slot is not None:
+                    slot.save(process.pid)
+                return established, resuming, process
 
-        async def establish() -> tuple[paths.Established, Resuming, subprocess.Popen[bytes] | None]:
-            if slot is not None:
-                await slot.stop_previous()
-            established, resuming = await _answer(config, rendezvous, invitation, relays)
-            if config.hand_over is not None or _wants_streams(invitation):
-                return established, resuming, None
-            assert config.command is not None  # _answer refused the request otherwise
-            if config.carry:
-                from plexus.carry import carried
-
-                established = carried(established, config.inner, config.inner6)
-            tunnel = dataclasses.replace(established.tunnel, peer_name=peer.name)
-            process = launcher.start(config.command, tunnel)
-            if slot is not None:
-                slot.save(process.pid)
-            return established, resuming, process
-
-        try:
-            established, resuming, process = await (establish() if turn is None else turn.run(establish))
-            config.on_event(events.Launched(role="accept", pid=process.pid if process else None))
-        except PlexusError as error:
-            log.error("session with %s failed: %s", peer, error)
-            config.on_event(events.Failed(role="accept", error=str(error)))
-            return
-        await established.release_unused(relays)  # a standby: not held for as long as the session runs
-        try:
-            with resuming as resume:
-                if process is None:
-                    work = _work(config, established.tunnel, peer, accept=True, resume=resume)
-                    await established.carry(work)
-                else:
-                    await established.carry(_command(process, running), resume)
-        except PlexusError as error:
-            log.error("session with %s ended: %s", peer, error)
-            config.on_event(events.Ended(role="accept", error=str(error)))
-            return
-        log.info("session with %s ended", peer)
-        config.on_event(events.Ended(role="accept"))
+            try:
+                established, resuming, process = await (establish() if turn is None else turn.run(establish))
+                config.on_event(events.Launched(role="accept", pid=process.pid if process else None))
+            except PlexusError as error:
+                log.error("session with %s failed: %s", peer, error)
+                config.on_event(events.Failed(role="accept", error=str(error)))
+                return
+            await established.release_unused(relays)  # a standby: not held for as long as the session runs
+            try:
+                with resuming as resume:
+                    if process is None:
+                        work = _work(config, established.tunnel, peer, accept=True, resume=resume)
+                        await established.carry(work)
+                    else:
+                        await established.carry(_command(process, running), resume)
+            except PlexusError as error:
+                log.error("session with %s ended: %s", peer, error)
+                config.on_event(events.Ended(role="accept", error=str(error)))
+                return
+            log.info("session with %s ended", peer)
+            config.on_event(events.Ended(role="accept"))
 
 
 def _wants_streams(invitation: Invitation) -> bool:
