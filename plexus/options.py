@@ -848,7 +848,7 @@ def streams_config(
 ) -> StreamsConfig | None:
     """--forward-allow and the peers' allow= (acceptor), --stdio or --forward (inviter), and who may be on
     the other end."""
-    from plexus.streams.wire import Allowed, Target
+    from plexus.targets import Allowed, Target
 
     accepting = options.flag(Name.ACCEPT)
     allowed = [

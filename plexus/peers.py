@@ -26,7 +26,7 @@ from pathlib import Path
 
 from plexus import files, identity, launcher
 from plexus.errors import UsageError
-from plexus.streams.wire import Allowed, Target
+from plexus.targets import Allowed, Target
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from plexus.identity import Identity, PeerCheck
 from plexus.launcher import Tunnel
 from plexus.path import Method
-from plexus.streams.wire import Allowed, Target
+from plexus.targets import Allowed, Target
 
 # aioquic loads with the first stream session, not with every session that might have one.
 if TYPE_CHECKING:

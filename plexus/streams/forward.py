@@ -22,7 +22,8 @@ from plexus.endpoint import Endpoint
 from plexus.errors import PlexusError, StreamsLostError, TargetRefusedError, UsageError
 from plexus.streams import wire
 from plexus.streams.quic import Link, Stream
-from plexus.streams.wire import Allowed, Code, FrameError, Target
+from plexus.streams.wire import Code, FrameError
+from plexus.targets import Allowed, Target
 
 log = logging.getLogger(__name__)
 

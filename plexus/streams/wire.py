@@ -10,22 +10,16 @@ has the byte layout.
 from __future__ import annotations
 
 import ipaddress
-import re
 import struct
-from collections.abc import Iterable
-from dataclasses import dataclass
 from enum import IntEnum
 
 from plexus.endpoint import Endpoint
 from plexus.errors import UsageError
+from plexus.targets import Target
 
 ALPN = "plexus-streams/1"
 MAX_TEXT = 1024  # a target or a reason: far more than any real one
 _HEAD = struct.Struct("!BH")
-# [0-9]{1,5}, not \d+: \d takes any script's digits (int() reads them), and a 5000-digit port breaks int().
-_TARGET = re.compile(
-    r"\[(?P<v6>[^\]\s]+)\]:(?P<v6port>[0-9]{1,5})|(?P<host>[^\[\]:\s]+):(?P<port>[0-9]{1,5})"
-)
 
 
 class Code(IntEnum):
@@ -38,48 +32,6 @@ class Code(IntEnum):
 
 class FrameError(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class Target:
-    """HOST:PORT, as written in --forward-allow, --stdio and --forward: a name, IPv4, or [IPv6]."""
-
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str, option: str) -> Target:
-        match = _TARGET.fullmatch(text.strip())
-        if match is None:
-            raise UsageError(f"{option} {text!r}: expected HOST:PORT ([ADDRESS]:PORT for IPv6)")
-        host = match.group("v6") or match.group("host")
-        port = int(match.group("v6port") or match.group("port"))
-        if not 0 < port < 65536:
-            raise UsageError(f"{option} {text!r}: port {port} is not 1-65535")
-        if match.group("v6") is not None:
-            try:
-                host = str(ipaddress.IPv6Address(host))
-            except ValueError as error:
-                raise UsageError(f"{option} {text!r}: {host!r} is not an IPv6 address") from error
-        return cls(host.lower(), port)
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Allowed:
-    """--forward-allow: exactly these targets, as written (a name is not resolved to match an address);
-    none listed, none reachable."""
-
-    targets: frozenset[Target]
-
-    @classmethod
-    def of(cls, targets: Iterable[Target]) -> Allowed:
-        return cls(frozenset(targets))
-
-    def permits(self, target: Target) -> bool:
-        return target in self.targets
 
 
 def frame(code: Code, text: str = "") -> bytes:

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from plexus.streams import wire
-from plexus.streams.wire import Code, FrameError, Target
+from plexus.streams.wire import Code, FrameError
+from plexus.targets import Target
 from tests.fuzz import FUZZ
 
 _texts = st.one_of(

@@ -29,7 +29,8 @@ from plexus.options import Options, command_config, read_config, streams_config
 from plexus.peers import Peer, Roster
 from plexus.streams import forward, quic, wire
 from plexus.streams.forward import Forward
-from plexus.streams.wire import Allowed, Code, FrameError, Target
+from plexus.streams.wire import Code, FrameError
+from plexus.targets import Allowed, Target
 from tests.unit.test_cli import full_options, run
 from tests.unit.test_smime import make_identity
 

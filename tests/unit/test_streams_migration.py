@@ -19,7 +19,7 @@ from plexus import events
 from plexus.endpoint import Endpoint
 from plexus.identity import PeerCheck
 from plexus.streams import forward, quic
-from plexus.streams.wire import Allowed, Target
+from plexus.targets import Allowed, Target
 from tests.unit.test_streams import Address, echo_server, new_identity, serving, udp_socket
 
 
