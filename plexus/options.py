@@ -8,6 +8,7 @@ every error names the option and, when the file set it, the file and line.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -982,8 +983,9 @@ def peer_roster(options: Options, kinds: tuple[str, ...]) -> peers.Roster:
 
     ids, pinned = options.values(Name.PEER_ID), options.values(Name.PEER_IDENTITY)
     if options.flag(Name.ACCEPT):
-        given = peers.given(ids, pinned)
-        return peers.Roster(given, options.path(Name.PEERS))
+        roster = peers.Roster(peers.given(ids, pinned), options.path(Name.PEERS))
+        roster.check(functools.partial(_unmet, kinds))
+        return roster
     if options.get(Name.PEERS):
         raise UsageError("--peers lists the peers an acceptor serves: an inviter names its one peer")
     for name, values in ((Name.PEER_ID, ids), (Name.PEER_IDENTITY, pinned)):
@@ -999,6 +1001,19 @@ def peer_roster(options: Options, kinds: tuple[str, ...]) -> peers.Roster:
         raise UsageError(NO_PEER_IDENTITY)
     check = identity.parse_id(pinned[0], options.origin(Name.PEER_IDENTITY)) if pinned else None
     return peers.Roster.of(peers.Peer(ids[0], id=ids[0], identity=check))
+
+
+def _unmet(kinds: tuple[str, ...], listed: peers.Peers) -> None:
+    """Warn of a peer no rendezvous of this acceptor meets: one known by identity alone when it meets by mail
+    alone, or by mail id alone when it meets on the DHT alone."""
+    for peer in listed.known:
+        if peer.id is None and "dht" not in kinds:
+            unmet = "its identity only, and this acceptor is not on the DHT"
+        elif peer.identity is None and "email" not in kinds:
+            unmet = "its mail id only, and this acceptor reads no mailbox"
+        else:
+            continue
+        log.warning("peer %s cannot connect: it is known by %s (--rendezvous=email,dht)", peer, unmet)
 
 
 def rendezvous_configs(
