@@ -403,8 +403,9 @@ class Rendezvous(Protocol):
     """One side's end of a rendezvous, used inside `async with` (entering starts what can run ahead: the IMAP
     login, the DHT join; leaving cleans up).
 
-    `submission()` opens what a message needs ahead of it (the mail's SMTP session up to DATA; nothing on
-    the DHT), so that it runs while STUN does; what it yields is passed back, opaque, to the call that sends.
+    `submission(peer)` opens what a message to `peer` needs ahead of it (the mail's SMTP session up to DATA,
+    toward that peer's address; nothing on the DHT), so that it runs while STUN does; what it yields is
+    passed back, opaque, to the call that sends.
     """
 
     async def __aenter__(self) -> Rendezvous: ...
@@ -413,7 +414,7 @@ class Rendezvous(Protocol):
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None: ...
 
-    def submission(self) -> contextlib.AbstractAsyncContextManager[Any]: ...
+    def submission(self, peer: Peer) -> contextlib.AbstractAsyncContextManager[Any]: ...
 
     async def invite(self, offer: Offer, timeout: float, submission: Any) -> Offer:
         """Send the request and return the acceptor's response; PlexusError subclasses on a refusal, a

@@ -229,7 +229,7 @@ async def _meet(
 ) -> tuple[paths.Established, Resuming]:
     """STUN, the request, the response, the punch; and how the streams, if any, survive a move."""
     with paths.punching(config.inner, config.inner6) as socks:
-        async with rendezvous.submission() as submission:
+        async with rendezvous.submission(config.peer) as submission:
             found = await _discover(config, socks)
             mine = await paths.gather(found, config.turn, relays, accept=False)
             streams = config.streams is not None and config.streams.inviting
@@ -288,7 +288,7 @@ def _resuming(
 
     async def send(outer: Endpoint) -> None:
         rebind = key.seal(next(sequence), outer, reach, datetime.datetime.now(datetime.UTC))
-        async with rendezvous.submission() as submission:
+        async with rendezvous.submission(peer) as submission:
             await rendezvous.rebind(rebind, peer, submission)
 
     with rendezvous.rebinds(keys.theirs(accept=accept)) as rebound:
@@ -548,7 +548,7 @@ async def _answer(
     handshake: asyncio.Future[paths.Established] | None = None
     with contextlib.ExitStack() as closing:
         try:
-            async with rendezvous.submission() as submission:
+            async with rendezvous.submission(invitation.peer) as submission:
                 async with _refusing(rendezvous, invitation, submission):
                     _servable(config, invitation)
                     socks = closing.enter_context(paths.punching(config.inner, config.inner6))

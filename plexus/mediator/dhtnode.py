@@ -282,7 +282,7 @@ class DhtMediator:
     def _known(self) -> frozenset[str]:
         return frozenset(p.identity for p in self._config.peers.peers.known if p.identity is not None)
 
-    def submission(self) -> contextlib.AbstractAsyncContextManager[None]:
+    def submission(self, peer: Peer) -> contextlib.AbstractAsyncContextManager[None]:
         """Nothing to open ahead of a message: a put needs no session."""
         return contextlib.nullcontext()
 

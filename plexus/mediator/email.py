@@ -168,15 +168,16 @@ def tls_context(config: MailConfig) -> ssl.SSLContext:
 
 
 class Submission:
-    """One SMTP session toward the peer, opened ahead of its message.
+    """One SMTP session toward a peer's address (`recipient`), opened ahead of its message.
 
     Entering starts the connection, TLS, AUTH, MAIL FROM and RCPT TO in a task, so that they run while STUN
     finds what the message will say; deliver() waits for them, then sends DATA. QUIT goes out in the
     background: once DATA is accepted the message is the server's, and nobody need wait for the goodbye.
     """
 
-    def __init__(self, config: MailConfig, context: ssl.SSLContext) -> None:
+    def __init__(self, config: MailConfig, context: ssl.SSLContext, recipient: str) -> None:
         self._config = config
+        self._recipient = recipient
         starttls = config.smtp.port in STARTTLS_PORTS
         self._client = aiosmtplib.SMTP(
             hostname=config.smtp.host,
@@ -209,7 +210,7 @@ class Submission:
     async def _open(self) -> None:
         await self._client.connect()
         await self._client.mail(self._config.address)
-        await self._client.rcpt(self._config.peer_address)
+        await self._client.rcpt(self._recipient)
 
     async def deliver(self, data: bytes) -> None:
         """Send the message once the session is ready; returns when the server has accepted it."""
@@ -233,9 +234,9 @@ class Submission:
             raise _unreachable("SMTP", server, error) from error
 
 
-async def send(config: MailConfig, context: ssl.SSLContext, data: bytes) -> None:
-    """Deliver one message on its own SMTP session."""
-    async with Submission(config, context) as submission:
+async def send(config: MailConfig, context: ssl.SSLContext, data: bytes, recipient: str) -> None:
+    """Deliver one message to `recipient` on its own SMTP session."""
+    async with Submission(config, context, recipient) as submission:
         await submission.deliver(data)
 
 
@@ -537,9 +538,9 @@ class Mediator:
             self._start = dataclasses.replace(cursor)
             self._cursor = cursor
 
-    def submission(self) -> Submission:
-        """An SMTP session to open ahead of the message (see Submission)."""
-        return Submission(self._config, self._context)
+    def submission(self, peer: Peer) -> Submission:
+        """An SMTP session to open ahead of the message to `peer` (see Submission)."""
+        return Submission(self._config, self._context, self._config.outgoing(peer).recipient)
 
     async def invite(
         self, offer: Offer, timeout: float = 60.0, submission: Submission | None = None
@@ -669,10 +670,11 @@ class Mediator:
         *,
         submission: Submission | None,
     ) -> None:
+        route = self._config.outgoing(peer)
         data = message.build(
             kind,
             content,
-            self._config.outgoing(peer),
+            route,
             message_id=message_id,
             date=datetime.datetime.now(datetime.UTC),
             in_reply_to=in_reply_to,
@@ -680,7 +682,7 @@ class Mediator:
             signer=self._config.signer(peer),
         )
         if submission is None:
-            await send(self._config, self._context, data)
+            await send(self._config, self._context, data, route.recipient)
         else:
             await submission.deliver(data)
 

@@ -335,7 +335,7 @@ def mail_base64(data: bytes) -> bytes:
 
 async def send(lab: Lab, config: MailConfig, data: bytes) -> None:
     """Mail data from host a the way plexus does."""
-    await lab.call("a", lambda: mail.send(config, mail.tls_context(config), data))
+    await lab.call("a", lambda: mail.send(config, mail.tls_context(config), data, config.peer_address))
 
 
 async def test_dropped_imap_connection_is_survived(lab: Lab, mailboxes: dict[str, Mailbox]) -> None:
@@ -362,7 +362,7 @@ async def test_a_submission_left_before_data_sends_nothing(lab: Lab, mailboxes: 
     before = set(mailboxes["remote"].flags())
 
     async def abandon() -> None:
-        async with mail.Submission(pair.inviter, mail.tls_context(pair.inviter)):
+        async with mail.Submission(pair.inviter, mail.tls_context(pair.inviter), pair.inviter.peer_address):
             await asyncio.sleep(1)  # connected, logged in, MAIL FROM and RCPT TO done: only DATA is missing
 
     await lab.call("a", abandon)

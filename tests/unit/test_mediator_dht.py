@@ -895,3 +895,62 @@ async def test_cancelling_a_listen_releases_its_own_callbacks_and_no_other() -> 
         assert (sys.getrefcount(first), sys.getrefcount(second)) == (held[0] - 2, held[1] - 1)
     finally:
         await node.stop()
+
+
+# One acceptor, many peers
+
+
+class StoringNode(FakeNode):
+    """A FakeNode that also keeps what is put."""
+
+    def __init__(self, values: list[bytes]) -> None:
+        super().__init__(values)
+        self.stored: list[tuple[str, bytes]] = []
+
+    async def put(self, key: str, data: bytes, *, permanent: bool = False) -> bool:
+        self.stored.append((key, data))
+        return True
+
+
+async def test_an_acceptor_serves_each_of_its_peers_and_answers_each_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    carol = new_identity()
+    now = datetime.datetime.now(datetime.UTC)
+    key = key_text("request", BOB.id, day_of(now))
+
+    def request(sender: Identity, puzzle: int) -> bytes:
+        return seal(letter("request", puzzle, key=key, issued=now, sender=sender.id), sender, public(BOB))
+
+    node = StoringNode([request(ALICE, 9), request(EVE, 10), request(carol, 11)])
+    roster = Roster.of(Peer("alice", identity=ALICE.id), Peer("carol", identity=carol.id))
+    mediator = dhtnode.DhtMediator(DhtConfig(BOB, roster, ()))
+    mediator._node = node  # type: ignore[assignment]
+    mediator._joined = asyncio.get_running_loop().create_future()
+    mediator._joined.set_result(None)
+    with caplog.at_level("DEBUG", logger="plexus.mediator.dhtnode"):
+        requests = cast(AsyncGenerator[Invitation], mediator.requests())
+        first = await asyncio.wait_for(anext(requests), 5)
+        second = await asyncio.wait_for(anext(requests), 5)
+        await requests.aclose()
+    assert [(i.peer.name, i.offer.puzzle) for i in (first, second)] == [("alice", 9), ("carol", 11)]
+    assert first.offer.signer is not None and id_of(first.offer.signer) == ALICE.id
+    assert second.offer.signer is not None and id_of(second.offer.signer) == carol.id
+    ((_, stranger),) = ignored(caplog)
+    assert f"from {EVE.id}, not a peer of this host" in stranger
+
+    await mediator.answer(second, replace(OFFER, puzzle=21))
+    await mediator.answer(first, replace(OFFER, puzzle=20))
+    await asyncio.gather(*mediator._puts)
+    answered: dict[str, set[tuple[str, int | None]]] = {}
+    for stored_key, value in node.stored:
+        for peer in (ALICE, carol):
+            with contextlib.suppress(dht.DhtMessageError):
+                response, _ = unseal(value, peer, stored_key, frozenset({BOB.id}))
+                answered.setdefault(peer.id, set()).add((stored_key, response.answers))
+    # Each response under its own peer's key (each sending day's), readable by that peer alone.
+    assert answered == {
+        peer.id: {(key_text("response", peer.id, day), puzzle) for day in sending_days(dhtnode._now())}
+        for peer, puzzle in ((ALICE, 9), (carol, 11))
+    }
+    assert len(node.stored) == sum(len(found) for found in answered.values())

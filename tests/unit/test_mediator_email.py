@@ -4,6 +4,7 @@ against fake IMAP clients, what consuming sends and how long leaving may take.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import gc
 import logging
@@ -16,9 +17,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from plexus import events
 from plexus.endpoint import Endpoint
 from plexus.errors import UsageError
+from plexus.identity import Identity
 from plexus.mediator import email as mail
+from plexus.mediator import message
 from plexus.mediator.email import (
     Cursor,
     Fetched,
@@ -32,7 +36,9 @@ from plexus.mediator.email import (
     _unreachable,
     tls_context,
 )
+from plexus.mediator.message import Route
 from plexus.peers import Peer, Roster
+from plexus.rendezvous import Invitation, Offer
 
 SERVER = Endpoint("203.0.113.10", 993)
 
@@ -451,3 +457,134 @@ async def test_an_exists_during_a_fetch_is_noted() -> None:
     protocol._handle_line(b"* 8 EXISTS", None)
     assert inbox.arrived
     assert not any(b"EXISTS" in bytes(line) for line in fetch.response.lines)  # what aioimaplib drops
+
+
+# One acceptor, many peers
+
+ME = Identity.ephemeral()
+PHONE = Identity.ephemeral()
+LAPTOP = Peer("laptop", id="laptop", email="laptop@example.org")  # unsigned mail, at its own address
+
+
+def mail_from(subject: str, sender: str, puzzle: int, signer: Identity | None = None) -> bytes:
+    return message.build(
+        "request",
+        Offer(Endpoint("198.51.100.2", 40000), puzzle),
+        Route(sender, "me@example.org", subject),
+        message_id=message.new_message_id(sender),
+        date=datetime.datetime.now(datetime.UTC),
+        signer=None if signer is None else signer.key,  # type: ignore[arg-type]
+    )
+
+
+def serving(inbox: FakeInbox, roster: Roster) -> Mediator:
+    mediator = scanning(inbox, identity=ME)
+    mediator._config = dataclasses.replace(mediator._config, peers=roster)
+    return mediator
+
+
+async def taken(mediator: Mediator, count: int) -> list[Invitation]:
+    """The first `count` invitations, then one more scan of the mailbox, which finds nothing more."""
+    requests = mediator.requests()
+    invitations = [await asyncio.wait_for(anext(requests), 5) for _ in range(count)]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(anext(requests), 0.2)
+    return invitations
+
+
+class FakeSmtp:
+    """aiosmtplib.SMTP as a Submission uses it: each message's envelope recipient and data, in `delivered`."""
+
+    delivered: list[tuple[str, bytes]]
+
+    def __init__(self, **options: object) -> None:
+        self.recipient = ""
+
+    async def connect(self) -> None:
+        pass
+
+    async def mail(self, sender: str) -> None:
+        pass
+
+    async def rcpt(self, recipient: str) -> None:
+        self.recipient = recipient
+
+    async def data(self, data: bytes) -> None:
+        self.delivered.append((self.recipient, data))
+
+    async def quit(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def test_an_acceptor_serves_each_peer_by_mail_and_answers_each_at_its_address(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, "plexus.mediator.email")
+    phone = Peer("phone", id="phone", identity=PHONE.id)
+    inbox = FakeInbox(
+        [
+            arrived(10, mail_from("laptop", "laptop@example.org", 9)),
+            arrived(11, mail_from("phone", "peer@example.org", 10, signer=PHONE)),
+            arrived(12, mail_from("tablet", "tablet@example.org", 11)),
+        ]
+    )
+    mediator = serving(inbox, Roster.of(LAPTOP, phone))
+    seen: list[events.Event] = []
+    with events.reporting(seen.append, "accept"):
+        from_laptop, from_phone = await taken(mediator, 2)
+        assert [letter async for letter in mediator._scan("request", None, None)] == []
+    assert (from_laptop.peer, from_laptop.offer.puzzle) == (LAPTOP, 9)
+    assert (from_phone.peer, from_phone.offer.puzzle) == (phone, 10)
+    assert from_phone.offer.signer is not None and from_laptop.offer.signer is None
+
+    # A stranger's mail is another host's, maybe: left in the mailbox, logged once.
+    assert sorted(inbox.consumed) == [10, 11]
+    assert caplog.text.count("passing over message UID 12: 'tablet' is not a peer of this host") == 1
+    assert [(e.source, e.reason) for e in seen if isinstance(e, events.Rejected)] == [
+        ("mail", "'tablet' is not a peer of this host")
+    ]
+
+    monkeypatch.setattr(FakeSmtp, "delivered", [], raising=False)
+    monkeypatch.setattr(mail.aiosmtplib, "SMTP", FakeSmtp)
+    async with mediator.submission(LAPTOP) as submission:  # opened ahead, toward that peer's address
+        await mediator.answer(from_laptop, Offer(Endpoint("203.0.113.5", 50000), 20), submission)
+    await mediator.answer(from_phone, Offer(Endpoint("203.0.113.5", 50001), 21))
+    (to_laptop, laptop_data), (to_phone, phone_data) = FakeSmtp.delivered
+    assert (to_laptop, to_phone) == ("laptop@example.org", "peer@example.org")
+    laptop_mail, phone_mail = message.parse_headers(laptop_data), message.parse_headers(phone_data)
+    assert (laptop_mail["To"], laptop_mail["Subject"], phone_mail["To"]) == (
+        "laptop@example.org",
+        "me",
+        "peer@example.org",
+    )
+    # Signed only toward the peer pinned by identity: the laptop may be plexus 2.2, which reads no signature.
+    assert message.IDENTITY_HEADER not in laptop_mail
+    response = message.read(phone_data, None, ME.id)
+    assert response.offer is not None and response.offer.puzzle == 21 and response.in_reply_to is not None
+
+
+async def test_a_peer_removed_by_a_reload_is_a_stranger(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "plexus.mediator.email")
+    file = tmp_path / "peers"
+    file.write_text("laptop laptop email=laptop@example.org\nphone phone\n")
+    roster = Roster((), file)
+    first = FakeInbox([arrived(10, mail_from("laptop", "laptop@example.org", 9))])
+    (invitation,) = await taken(serving(first, roster), 1)
+    assert invitation.peer.name == "laptop" and first.consumed == [10]
+
+    file.write_text("phone phone\n")
+    roster.reload()
+    later = FakeInbox([arrived(10, mail_from("laptop", "laptop@example.org", 9))])
+    seen: list[events.Event] = []
+    with events.reporting(seen.append, "accept"):
+        await taken(serving(later, roster), 0)
+    assert later.consumed == [] and later.fetched == []
+    assert "passing over message UID 10: 'laptop' is not a peer of this host" in caplog.text
+    assert [e.reason for e in seen if isinstance(e, events.Rejected)] == [
+        "'laptop' is not a peer of this host"
+    ]
