@@ -237,7 +237,8 @@ class Roster:
         try:
             peers = Peers(self._given + listed)
         except UsageError as error:
-            raise UsageError(f"--peers {self.file}: {error}") from None
+            where = "--peer-id, --peer-identity" if self.file is None else f"--peers {self.file}"
+            raise UsageError(f"{where}: {error}") from None
         for judge in self._checks:
             judge(peers)
         return peers

@@ -791,3 +791,81 @@ def test_stun_client_takes_either_family_or_both(text: str, v4: Endpoint, v6: En
 def test_a_bad_stun_client_says_what_it_takes(text: str, message: str) -> None:
     with pytest.raises(UsageError, match=re.escape(message)):
         StunClient().parse(text, "--stun-client")
+
+
+# An acceptor's peers
+
+
+def acceptor_options(tmp_path: Path, *extra: str) -> list[str]:
+    """An acceptor's command line without its peers, and without --stun-client's fixed port."""
+    options = [
+        option for option in full_options(tmp_path) if not option.startswith(("--peer-id", "--stun-c"))
+    ]
+    return ["--accept", *options, *extra]
+
+
+def test_an_acceptor_serves_each_peer_given(tmp_path: Path) -> None:
+    pinned = Identity.load(tmp_path / "peer.key").id
+    argv = acceptor_options(tmp_path, "--peer-id=a", "--peer-id=b", f"--peer-identity={pinned}")
+    config = session_config(cli.parse(argv))
+    assert config.rendezvous.peers.peers.known == (
+        Peer("a", id="a"),
+        Peer("b", id="b"),
+        Peer(pinned, identity=pinned),
+    )
+
+
+def test_email_and_dht_at_once_share_one_roster(tmp_path: Path) -> None:
+    peers = tmp_path / "peers"
+    peers.write_text(f"{Identity.load(tmp_path / 'peer.key').id} phone\n")
+    argv = acceptor_options(
+        tmp_path,
+        "--rendezvous=email,dht",
+        "--peer-id=laptop",
+        f"--peers={peers}",
+        "--dht-bootstrap=203.0.113.10",
+        f"--identity={tmp_path / 'id.key'}",
+    )
+    config = session_config(cli.parse(argv))
+    (also,) = config.rendezvous_also
+    assert isinstance(config.rendezvous, MailConfig) and isinstance(also, DhtConfig)
+    assert config.rendezvous.peers is also.peers and also.peers.peers.names == ("laptop", "phone")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--accept", "--peer-id=a", "--peer-id=b", "--stun-client=10.0.1.2:5000"],
+            "several peers' sessions",
+        ),
+        (
+            ["--accept", "--peer-id=a", "--peers=PEERS", "--stun-client=10.0.1.2:5000"],
+            "several peers' sessions",
+        ),
+        (["--peer-id=a", "--peer-id=b"], "--peer-id: an inviter has one peer, not 2"),
+        (["--peer-id=a", "--peers=PEERS"], "--peers lists the peers an acceptor serves"),
+        (
+            [
+                "--accept",
+                "--peer-id=a",
+                "--peer-id=b",
+                "--smime-cert=PEERS",
+                "--smime-key=PEERS",
+                "--smime-peer=PEERS",
+            ],
+            "S/MIME pins one peer's certificate",
+        ),
+        (["--accept", "--peers=PEERS"], "peers: two peers with the name 'x'"),
+    ],
+)
+def test_what_several_peers_cannot_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    peers = tmp_path / "peers"
+    peers.write_text("x x\nx2 x\n" if "--peer-id=a" not in extra else "b b\n")
+    peers.chmod(0o600)  # it stands for --smime-key's file too
+    base = [option for option in full_options(tmp_path) if not option.startswith(("--peer-id", "--stun-c"))]
+    code, _, err = run([*base, *(word.replace("PEERS", str(peers)) for word in extra)], capsys)
+    assert code == ExitCode.USAGE, err
+    assert err.count("\n") == 1 and re.search(message, err), err

@@ -548,7 +548,7 @@ async def test_an_acceptor_serves_each_peer_by_mail_and_answers_each_at_its_addr
     ]
 
     monkeypatch.setattr(FakeSmtp, "delivered", [], raising=False)
-    monkeypatch.setattr(mail.aiosmtplib, "SMTP", FakeSmtp)
+    monkeypatch.setattr("aiosmtplib.SMTP", FakeSmtp)
     async with mediator.submission(LAPTOP) as submission:  # opened ahead, toward that peer's address
         await mediator.answer(from_laptop, Offer(Endpoint("203.0.113.5", 50000), 20), submission)
     await mediator.answer(from_phone, Offer(Endpoint("203.0.113.5", 50001), 21))

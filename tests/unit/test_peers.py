@@ -137,6 +137,8 @@ def test_the_file_and_the_command_line_are_one_set_of_peers(tmp_path: Path) -> N
     assert Roster((Peer("phone", id="phone"),), file).peers.names == ("phone", "laptop")
     with pytest.raises(UsageError, match=f"--peers {file}: two peers with the name 'laptop'"):
         Roster((Peer("laptop", id="other"),), file)
+    with pytest.raises(UsageError, match=r"^--peer-id, --peer-identity: two peers with the name 'a'"):
+        Roster(given(["a", "a"], []))
 
 
 @pytest.mark.parametrize(
