@@ -522,7 +522,7 @@ class FakeSmtp:
 async def test_an_acceptor_serves_each_peer_by_mail_and_answers_each_at_its_address(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    caplog.set_level(logging.INFO, "plexus.mediator.email")
+    caplog.set_level(logging.INFO)
     phone = Peer("phone", id="phone", identity=PHONE.id)
     inbox = FakeInbox(
         [
@@ -542,7 +542,7 @@ async def test_an_acceptor_serves_each_peer_by_mail_and_answers_each_at_its_addr
 
     # A stranger's mail is another host's, maybe: left in the mailbox, logged once.
     assert sorted(inbox.consumed) == [10, 11]
-    assert caplog.text.count("passing over message UID 12: 'tablet' is not a peer of this host") == 1
+    assert caplog.text.count("message UID 12 (passed over) from 'tablet': not a peer of this host") == 1
     assert [(e.source, e.reason) for e in seen if isinstance(e, events.Rejected)] == [
         ("mail", "'tablet' is not a peer of this host")
     ]
@@ -569,7 +569,7 @@ async def test_an_acceptor_serves_each_peer_by_mail_and_answers_each_at_its_addr
 async def test_a_peer_removed_by_a_reload_is_a_stranger(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "plexus.mediator.email")
+    caplog.set_level(logging.INFO)
     file = tmp_path / "peers"
     file.write_text("laptop laptop email=laptop@example.org\nphone phone\n")
     roster = Roster((), file)
@@ -584,7 +584,7 @@ async def test_a_peer_removed_by_a_reload_is_a_stranger(
     with events.reporting(seen.append, "accept"):
         await taken(serving(later, roster), 0)
     assert later.consumed == [] and later.fetched == []
-    assert "passing over message UID 10: 'laptop' is not a peer of this host" in caplog.text
+    assert "message UID 10 (passed over) from 'laptop': not a peer of this host" in caplog.text
     assert [e.reason for e in seen if isinstance(e, events.Rejected)] == [
         "'laptop' is not a peer of this host"
     ]

@@ -14,7 +14,7 @@ from plexus import peers
 from plexus.errors import UsageError
 from plexus.launcher import Command
 from plexus.peers import Peer, Peers, Roster, given, parse
-from plexus.streams.wire import Allowed, Target
+from plexus.targets import Allowed, Target
 from tests.fuzz import FUZZ
 
 LAPTOP = "a" * 32

@@ -20,7 +20,7 @@ from plexus.peers import Peer, Roster
 from plexus.rendezvous import Invitation, Offer, Reach
 from plexus.session import SessionConfig, _requests, _servable
 from plexus.streams import StreamsConfig
-from plexus.streams.wire import Allowed, Target
+from plexus.targets import Allowed, Target
 
 PINNED = "a" * 32
 OWN = Command("/usr/local/bin/phone.sh", ("%peer%",))
