@@ -39,7 +39,7 @@ DEVICES = ("phone", "tablet", "laptop", "work")
 
 @dataclass(frozen=True)
 class Household:
-    """What the tests share: the DHT, the echo targets on b, and the identity files of b and its devices."""
+    """What the tests share: the DHT, the echo targets on b, and the identity files of b's devices."""
 
     network: DhtNetwork
     keys: Path
@@ -78,6 +78,11 @@ class Home:
     def mail_id(self, name: str) -> str:
         return f"{name}-{self.tag}"
 
+    @property
+    def key(self) -> Path:
+        """b's identity: this test's own, so that no request left on the DHT by an earlier test is for it."""
+        return self.workdir / "home.key"
+
     def line(self, name: str) -> str:
         """A device's line in the peers file."""
         lines = {
@@ -101,7 +106,7 @@ class Home:
             "peers": str(self.peers_file),
             "rendezvous": "email,dht",
             "dht-bootstrap": ",".join(self.household.network.bootstrap),
-            "identity": str(self.household.key("home")),
+            "identity": str(self.key),
             "exec-command": str(HOLD),
             "exec-args": f"{ARGS} %peer%",
         }
@@ -129,7 +134,7 @@ class Home:
             values = dict.fromkeys((*gone, "email-from", "email-to", "email-ca")) | {
                 "dht-bootstrap": ",".join(self.household.network.bootstrap),
                 "identity": str(self.household.key(name)),
-                "peer-identity": self.household.id("home"),
+                "peer-identity": Identity.load(self.key).id,
             }
         return values | {"exec-command": "/bin/true"} | extra
 
