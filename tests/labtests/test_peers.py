@@ -262,18 +262,43 @@ def test_each_peer_reaches_only_the_targets_its_line_allows(home: Home) -> None:
     assert (code, out) == (0, b"pong\n" + BYE), err
 
 
-def reloaded(acceptor: Plexus, peers: tuple[str, ...], timeout: float = 10.0) -> None:
-    """Wait until the acceptor serves these peers (its `listening` event after a reload names them)."""
-    acceptor.wait_events("listening", timeout=timeout, peers=list(peers))
+def status(home: Home) -> str:
+    """`plexus --status` for b's acceptor (its --host-id), run on b as its user (root): its state folder."""
+    argv = [sys.executable, "-m", "plexus", "--status", f"--host-id={home.side.host_id}"]
+    done = home.lab.exec("b", argv, cwd=sessions.ROOT, timeout=30)
+    assert done.returncode == 0, f"{done.returncode}: {done.stderr}"
+    return str(done.stdout)
+
+
+def rows(shown: str) -> dict[str, list[str]]:
+    """`plexus --status`'s line of each peer (after the acceptor's header), split into its words."""
+    return {words[0]: words for words in (line.split() for line in shown.splitlines()[1:]) if words}
+
+
+def reloaded(home: Home, peers: tuple[str, ...], timeout: float = 10.0) -> dict[str, list[str]]:
+    """Wait until `plexus --status` lists these peers (the acceptor rewrites it as it reloads --peers), and
+    those only, but for a removed one whose session runs on; returns its rows."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = status(home)
+        found = rows(shown)
+        listed = {name for name, words in found.items() if "longer" not in words}
+        if listed == set(peers):
+            return found
+        assert time.monotonic() < deadline, f"not reloaded to {peers} within {timeout} s:\n{shown}"
+        time.sleep(0.1)
 
 
 def test_sighup_adds_and_removes_peers_and_the_running_sessions_go_on(home: Home) -> None:
+    """The peers file edited, then SIGHUP: a peer added (a watch) connects, a peer removed (the tablet) is
+    a stranger from then on, and every command that ran still runs, the removed peer's too; a file that no
+    longer reads leaves the peers as they were."""
     acceptor = home.start()
     held = {name: home.connect(name) for name in ("phone", "tablet", "laptop")}
-    watch = Identity.load(home.household.key("watch")).id
     home.write_peers("phone", "laptop", "work", "watch")  # tablet goes, the watch comes
     acceptor.process.send_signal(signal.SIGHUP)
-    reloaded(acceptor, ("phone", "laptop", "work", "watch"))
+    shown = reloaded(home, ("phone", "laptop", "work", "watch"))
+    assert " ".join(shown["tablet"][1:]).endswith("no longer in the peers"), shown["tablet"]
     assert acceptor.process.poll() is None
     line = home.connect("watch")
     assert (line["peer"], line["word"]) == ("watch", "watch")
@@ -285,30 +310,29 @@ def test_sighup_adds_and_removes_peers_and_the_running_sessions_go_on(home: Home
     for name, before in held.items():
         assert alive(before["pid"]), f"{name}'s command ended at the reload"
     assert len(acceptor.matching("launched", peer_name="tablet")) == 1
-    assert watch not in acceptor.events("listening")[0]["peers"]
-    # A file that no longer reads leaves the peers as they were.
     home.peers_file.write_text("not-an-identity\n")
     acceptor.process.send_signal(signal.SIGHUP)
-    time.sleep(1)
+    time.sleep(0.5)
+    reloaded(home, ("phone", "laptop", "work", "watch"))
     assert acceptor.process.poll() is None
     assert home.connect("watch")["peer"] == "watch"
 
 
-def status(home: Home) -> str:
-    """`plexus --status` on b, run as the acceptor's user with its state directory."""
-    done = home.lab.exec("b", [sys.executable, "-m", "plexus", "--status"], cwd=sessions.ROOT, timeout=30)
-    assert done.returncode == 0, f"{done.returncode}: {done.stderr}"
-    return str(done.stdout)
-
-
 def test_status_shows_each_peer_and_its_sessions_way(home: Home) -> None:
-    home.start()
-    for name in ("tablet", "work"):
-        home.connect(name)
+    """`plexus --status`: a header naming the acceptor, then a line a peer: its name, its latest session's
+    state and way (or "idle -"), and the command's pid."""
+    acceptor = home.start()
+    held = {name: home.connect(name) for name in ("tablet", "work")}
     shown = status(home)
-    lines = {name: [line for line in shown.splitlines() if name in line] for name in DEVICES}
-    assert all(lines.values()), shown
-    ways = {event["peer_name"]: event["way"] for event in home.listening.events("connected")}
-    for name, way in ways.items():
-        assert any(way in line for line in lines[name]), (name, way, shown)
-    assert ways.keys() == {"tablet", "work"}
+    assert shown.splitlines()[0].startswith(f"{home.side.host_id}: acceptor pid {acceptor.process.pid}"), (
+        shown
+    )
+    found = rows(shown)
+    assert list(found) == list(DEVICES), shown
+    ways = {event["peer_name"]: event["way"] for event in acceptor.events("connected")}
+    for name in DEVICES:
+        if name in held:
+            assert found[name][1:3] == ["running", ways[name]], shown
+            assert f"pid {held[name]['pid']}" in " ".join(found[name]), shown
+        else:
+            assert found[name][1:3] == ["idle", "-"], shown
