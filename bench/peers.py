@@ -9,8 +9,9 @@ one --peers file. What they cost and how fast they answer:
   with those 19 sessions running;
 - time to connect, `tries` times each, in turn: the 20th peer to the 20-peer acceptor (its 19 others still
   holding their sessions), and the one peer to the other acceptor: from the inviter's start until both
-  commands run (the inviter's `launched` event and the acceptor's for that peer), and the acceptor's own
-  part of it, from the request's arrival (`requested`) until its command runs.
+  commands run (the inviter's `launched` event and the acceptor's for that peer), and the acceptor's answer
+  within it: from the request's arrival (`requested`) until its response leaves (`sent`: the roster's
+  look-up, STUN, the plan, the put).
 
 The inviters exit once their sessions run (their command is /bin/true), as a phone's or laptop's plexus
 does: their DHT nodes go, and every search in a network this small waits for the gone ones (docs/
@@ -174,10 +175,10 @@ def _last_line(invite: Plexus) -> str:
 @dataclass(frozen=True)
 class Connect:
     """One session's times, seconds: from the inviter's start until both commands run, and the acceptor's
-    part (from the request's arrival until its command runs)."""
+    answer (from the request's arrival until its response left)."""
 
     total: float
-    acceptor: float
+    answer: float
 
 
 def connect_time(
@@ -193,12 +194,13 @@ def connect_time(
     try:
         launched = acceptor.wait_events("launched", peer_name=name, timeout=15)[-1]["at"]
         requested = at(acceptor.events(), "requested", after=started, peer_name=name)
+        answered = at(acceptor.events(), "sent", after=requested, peer_name=name, kind="response")
         mine = at(invite.events(), "launched")
     except (AssertionError, TimelineError) as missing:
         return f"{count} peer(s): {str(missing).splitlines()[0]}"
     if launched < started:
         return f"{count} peer(s): the acceptor launched nothing for this session"
-    return Connect(max(mine, launched) - started, launched - requested)
+    return Connect(max(mine, launched) - started, answered - requested)
 
 
 def measure(lab: Lab, workdir: Path, tries: int, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -222,8 +224,8 @@ def measure(lab: Lab, workdir: Path, tries: int, progress: Callable[[str], None]
                     continue
                 found[count].append(done)
                 progress(
-                    f"  try {attempt + 1}, {count} peer(s): {done.total:.2f} s, the acceptor's part"
-                    f" {done.acceptor:.3f} s"
+                    f"  try {attempt + 1}, {count} peer(s): {done.total:.2f} s, the acceptor's answer"
+                    f" {done.answer:.3f} s"
                 )
         for count, acceptor in listening.items():
             if acceptor.process.poll() is not None:
@@ -237,7 +239,7 @@ def measure(lab: Lab, workdir: Path, tries: int, progress: Callable[[str], None]
         "connect": {
             str(count): {
                 "total": _spread([one.total for one in done]),
-                "acceptor": _spread([one.acceptor for one in done]),
+                "answer": _spread([one.answer for one in done]),
             }
             for count, done in found.items()
         },
@@ -278,7 +280,7 @@ def render(results: dict[str, Any]) -> list[str]:
     def connect_lines(title: str, found: dict[str, Any]) -> list[str]:
         return [
             f"    {title:<42} {spread(found['total'], 2)}",
-            f"    {'  the acceptor, request to command':<42} {spread(found['acceptor'], 3)}",
+            f"    {'  the acceptor, request to response':<42} {spread(found['answer'], 3)}",
         ]
 
     lines = [

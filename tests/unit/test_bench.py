@@ -567,8 +567,8 @@ def _peers(rss_many: int, cpu_one: float = 0.0, failures: tuple[str, ...] = ()) 
         "idle": {"20": {"cpu_seconds": 0.01, "cpu_share": 0.001, "rss_bytes": rss_many * report.MIB},
                  "1": {"cpu_seconds": 10 * cpu_one, "cpu_share": cpu_one, "rss_bytes": 40 * report.MIB}},
         "holding": {"cpu_seconds": 0.02, "cpu_share": 0.002, "rss_bytes": 46 * report.MIB, "sessions": 19},
-        "connect": {"20": {"total": peers._spread([1.2, 1.0, 1.4]), "acceptor": peers._spread([0.01, 0.02])},
-                    "1": {"total": peers._spread([]), "acceptor": peers._spread([])}},
+        "connect": {"20": {"total": peers._spread([1.2, 1.0, 1.4]), "answer": peers._spread([0.01, 0.02])},
+                    "1": {"total": peers._spread([]), "answer": peers._spread([])}},
         "failures": list(failures),
     }  # fmt: skip
 
@@ -582,7 +582,7 @@ def test_the_peers_section_shows_both_acceptors_side_by_side() -> None:
     assert "  20 peers, 19 sessions held" in text
     assert "  RSS of 20 peers over 1: +3.0 MiB (target: within +10 MiB)" in text
     assert "to the 20-peer acceptor, 19 others held    median 1.20 s (min 1.00, max 1.40; n 3)" in text
-    assert "  the acceptor, request to command         median 0.015 s (min 0.010, max 0.020; n 2)" in text
+    assert "  the acceptor, request to response        median 0.015 s (min 0.010, max 0.020; n 2)" in text
     assert "to the 1-peer acceptor" in text and text.rstrip().endswith("== Checks: all passed")
     assert report.check({"peers": _peers(43)}) == []
 
