@@ -15,9 +15,7 @@ one --peers file. What they cost and how fast they answer:
 
 The inviters exit once their sessions run (their command is /bin/true), as a phone's or laptop's plexus
 does: their DHT nodes go, and every search in a network this small waits for the gone ones (docs/
-performance.md, DHT rendezvous), which lengthens both acceptors' sessions alike. Inviters that stayed (a
-`--forward` each) were tried: with 17 or more DHT nodes behind a's one public address, the lab's 3-node DHT
-lost some responses altogether.
+performance.md, DHT rendezvous), which lengthens both acceptors' sessions alike.
 
 Targets: each acceptor idle after listening at most `runs.IDLE_CPU_SHARE` of a core, and the 20-peer one's
 RSS within `RSS_OVER_ONE` of the one-peer one's. The connect times and the held sessions' figures are
