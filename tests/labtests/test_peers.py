@@ -26,8 +26,7 @@ from tests.lab import sessions
 from tests.lab.dht import DhtNetwork
 from tests.lab.lab import Lab
 from tests.lab.services import BYE, TcpTarget
-from tests.lab.sessions import Plexus, Side
-from tests.labtests.test_reconnect import HOLD
+from tests.lab.sessions import HOLD, Plexus, Side
 
 pytestmark = pytest.mark.lab
 LAUNCHED = (HOLD.name,)  # stopped after each test by the `running` fixture (tests/conftest.py)
@@ -250,12 +249,15 @@ def stdio(home: Home, name: str, target: str, data: bytes) -> tuple[int, bytes, 
 
 
 def test_each_peer_reaches_only_the_targets_its_line_allows(home: Home) -> None:
+    """The phone's line allows one echo target, the tablet's the other: each reaches its own; the tablet's
+    stream to the phone's target is refused (exit 16, one line naming the target and where it is allowed),
+    and the acceptor's Rejected event names the tablet."""
     acceptor = home.start()
     code, out, err = stdio(home, "phone", PHONE_TARGET, b"ping\n")
     assert (code, out) == (0, b"ping\n" + BYE), f"{err}\n{acceptor.log()[-3000:]}"
     code, out, err = stdio(home, "tablet", PHONE_TARGET, b"ping\n")
     assert code == ExitCode.TARGET_REFUSED and out == b"", err
-    assert err.count("\n") == 1 and PHONE_TARGET in err, err
+    assert err.count("\n") == 1 and PHONE_TARGET in err and "allow=" in err, err
     refused = [event for event in acceptor.events("rejected") if PHONE_TARGET in event["reason"]]
     assert [event["peer_name"] for event in refused] == ["tablet"], acceptor.events("rejected")
     code, out, err = stdio(home, "tablet", TABLET_TARGET, b"pong\n")
