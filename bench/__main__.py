@@ -7,7 +7,8 @@ OpenVPN (bench/soak.py), streams: TCP through plexus's QUIC beside plain TCP,
 OpenVPN and the raw UDP path (bench/streams.py), the same streams through a TURN relay over UDP, TCP and TLS
 beside the direct path (bench/relay_streams.py), the DHT rendezvous beside the mail (bench/dht.py), a
 stream across a side's moves behind filtering NATs, by mail and on the DHT (bench/resume.py), a relayed
-session's move to a direct path and back (bench/upgrade.py), and
+session's move to a direct path and back (bench/upgrade.py), an acceptor serving 20 peers beside one serving 1
+(bench/peers.py), and
 `plexus --version` and `--help` beside a bare interpreter (bench/startup.py, the one section without a lab).
 Progress goes to stderr, the report to stdout (a plain-text table), and with --json FILE also to that file.
 """
@@ -28,14 +29,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import dht, floor, relay_streams, report, resume, runs, soak, startup, streams, upgrade
+from bench import dht, floor, peers, relay_streams, report, resume, runs, soak, startup, streams, upgrade
 from bench.stats import summarize
 from bench.timeline import PHASES, Timeline, TimelineError
 from tests.lab.lab import Lab, LabError, lab_available
 
 SECTIONS = (
     "connect", "matrix", "relays", "footprint", "soak", "streams", "relay-streams", "dht", "resume",
-    "relay-direct", "startup",
+    "relay-direct", "peers", "startup",
 )  # fmt: skip
 T = TypeVar("T")
 
@@ -64,8 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tries",
         type=_positive(int),
         default=3,
-        help="sessions per pair of NAT modes, per relay transport, per path in relay-streams, in relay-direct"
-        " (default 3)",
+        help="sessions per pair of NAT modes, per relay transport, per path in relay-streams, in"
+        " relay-direct, per acceptor in peers (default 3)",
     )
     parser.add_argument(
         "--cycles", type=_positive(int), default=20, help="reconnect cycles in the soak (default 20)"
@@ -348,6 +349,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["relay_direct"] = upgrade.measure(
                 lab, workdir / "relay-direct", args.relay_mib, args.tries, progress
             )
+        if "peers" in args.sections:
+            results["peers"] = peers.measure(lab, workdir / "peers", args.tries, progress)
     results["bench_seconds"] = round(time.monotonic() - started, 1)
     return results
 

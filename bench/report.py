@@ -5,7 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench import dht, relay_streams, resume, startup, upgrade
+from bench import dht, peers, relay_streams, resume, startup, upgrade
+from bench.runs import IDLE_CPU_SHARE
 from bench.timeline import PHASES
 from plexus import path
 from plexus.rendezvous import Reach
@@ -14,7 +15,6 @@ MIB = 1024 * 1024
 # What the benchmark asserts (check()): loose enough for a loaded 2-core machine, tight enough to catch a
 # return of 2.2's habits (seconds of STUN tests, mail polling) or a busy-waiting acceptor.
 TOTAL_OVER_FLOOR = 2.0  # median time to connect at most this many times its floor
-IDLE_CPU_SHARE = 0.01  # an idle acceptor uses at most this share of one core
 SOAK_RSS_GROWTH = 8 * 1024 * 1024  # the acceptor's memory may grow this much over the soak, no more
 CORNER = "inviter \\ acceptor"
 # The issue's order: from no NAT to the one that defeats punching
@@ -70,6 +70,8 @@ def render(results: dict[str, Any]) -> str:
         lines += resume.render(results["resume"])
     if "relay_direct" in results:
         lines += upgrade.render(results["relay_direct"])
+    if "peers" in results:
+        lines += peers.render(results["peers"])
     if "startup" in results:
         lines += startup.render(results["startup"])
     failures = results.get("failures", [])
@@ -358,6 +360,8 @@ def check(results: dict[str, Any]) -> list[str]:
         failures += resume.check(results["resume"])
     if "relay_direct" in results:
         failures += upgrade.check(results["relay_direct"])
+    if "peers" in results:
+        failures += peers.check(results["peers"])
     if "startup" in results:
         failures += startup.check(results["startup"])
     return failures

@@ -19,6 +19,7 @@ from tests.lab.sessions import Plexus, Side
 
 SESSION_TIMEOUT = 120.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+IDLE_CPU_SHARE = 0.01  # an idle acceptor uses at most this share of one core (the footprint's, the peers')
 
 
 @dataclass(frozen=True)

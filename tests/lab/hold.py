@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A launched command that holds its inner endpoint until stopped, as OpenVPN does.
 
-plexus runs it with its default seven arguments; it binds innerip:innerport, prints one JSON line with its
-arguments and pid, and sleeps until a signal ends it. The reconnect tests count these processes per host.
+plexus runs it with its default seven arguments and, where --exec-args gives one, an eighth word (the peers
+test's %peer%); it binds innerip:innerport, prints one JSON line with its arguments, the eighth word, its pid
+and PLEXUS_PEER, and sleeps until a signal ends it. The reconnect tests count these processes per host.
 """
 
 import json
@@ -14,10 +15,12 @@ import time
 
 def main() -> int:
     names = ("innerip", "innerport", "outerip", "outerport", "peerip", "peerport", "secret")
-    args = dict(zip(names, sys.argv[1:], strict=True))
+    args = dict(zip(names, sys.argv[1:8], strict=True))
+    word = sys.argv[8] if len(sys.argv) > 8 else None
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((args["innerip"], int(args["innerport"])))
-    print(json.dumps({"args": args, "pid": os.getpid()}), flush=True)
+    peer = os.environ.get("PLEXUS_PEER")
+    print(json.dumps({"args": args, "word": word, "pid": os.getpid(), "peer": peer}), flush=True)
     while True:
         time.sleep(3600)
 

@@ -28,6 +28,7 @@ from tests.lab.lab import Account, Lab, stop_process
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "exec"
 HELLO = EXAMPLES / "hello.py"
+HOLD = Path(__file__).resolve().parent / "hold.py"  # a command that holds its inner port until stopped
 EXEC_SH = EXAMPLES / "exec.sh"
 
 

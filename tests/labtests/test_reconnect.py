@@ -26,7 +26,7 @@ from tests.lab.sessions import Plexus, Side
 
 pytestmark = pytest.mark.lab
 
-HOLD = Path(__file__).resolve().parents[1] / "lab" / "hold.py"
+HOLD = sessions.HOLD
 FIXED_PORT = "40000"
 LAUNCHED = (HOLD.name,)  # stopped after each test by the `running` fixture (tests/conftest.py)
 

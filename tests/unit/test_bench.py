@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench import dht, floor, relay_streams, report, resume, startup, streams
+from bench import dht, floor, peers, relay_streams, report, resume, startup, streams
 from bench.stats import quantile, summarize
 from bench.timeline import PHASES, Timeline, TimelineError, timeline
 
@@ -554,4 +554,46 @@ def test_the_resume_section_fails_on_a_slow_median_a_failed_session_or_a_wrong_t
     assert (
         "target mail: a stream resumes within 3 s of a move (median): a's met (1.00 s), b's NOT met (3.30 s)"
         in text
+    )
+
+
+# ---- the peers section (bench/peers.py) --------------------------------------------------------------------
+
+
+def _peers(rss_many: int, cpu_one: float = 0.0, failures: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The section's results: the 1-peer acceptor at 40 MiB, the 20-peer one at `rss_many` MiB."""
+    return {
+        "peers": 20, "idle_seconds": 10.0, "clock_tick_seconds": 0.01,
+        "idle": {"20": {"cpu_seconds": 0.01, "cpu_share": 0.001, "rss_bytes": rss_many * report.MIB},
+                 "1": {"cpu_seconds": 10 * cpu_one, "cpu_share": cpu_one, "rss_bytes": 40 * report.MIB}},
+        "holding": {"cpu_seconds": 0.02, "cpu_share": 0.002, "rss_bytes": 46 * report.MIB, "sessions": 19},
+        "connect": {"20": {"total": peers._spread([1.2, 1.0, 1.4]), "answer": peers._spread([0.01, 0.02])},
+                    "1": {"total": peers._spread([]), "answer": peers._spread([])}},
+        "failures": list(failures),
+    }  # fmt: skip
+
+
+def test_the_peers_section_shows_both_acceptors_side_by_side() -> None:
+    text = report.render({"machine": HOST, "bench_seconds": 1.0, "peers": _peers(43)})
+    assert (
+        "  20 peers, listening                          CPU 0.01 s = 0.100 % of one core, RSS 43.0 MiB"
+        in text
+    )
+    assert "  20 peers, 19 sessions held" in text
+    assert "  RSS of 20 peers over 1: +3.0 MiB (target: within +10 MiB)" in text
+    assert "to the 20-peer acceptor, 19 others held    median 1.20 s (min 1.00, max 1.40; n 3)" in text
+    assert "  the acceptor, request to response        median 0.015 s (min 0.010, max 0.020; n 2)" in text
+    assert "to the 1-peer acceptor" in text and text.rstrip().endswith("== Checks: all passed")
+    assert report.check({"peers": _peers(43)}) == []
+
+
+def test_the_peers_section_fails_on_memory_cpu_or_a_failed_session() -> None:
+    found = _peers(51, cpu_one=0.05, failures=("1 peer(s): inviter exited 18: no response",))
+    assert report.check({"peers": found}) == [
+        "peers: 1 peer(s): inviter exited 18: no response",
+        "peers: the idle 1-peer acceptor used 5.00 % of a core, over 1 %",
+        "peers: the 20-peer acceptor's RSS is 11.0 MiB over the 1-peer one's (target: within +10 MiB)",
+    ]
+    assert "  FAILED: 1 peer(s): inviter exited 18: no response" in report.render(
+        {"machine": HOST, "bench_seconds": 1.0, "peers": found}
     )
