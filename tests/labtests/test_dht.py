@@ -208,7 +208,7 @@ def test_forged_unsigned_replayed_or_misdirected_values_start_nothing(
     acceptor.wait_events("requested")
     time.sleep(1.0)  # time for every value to arrive
     assert len(acceptor.events("requested")) == 1, acceptor.events()  # only the genuine request, once
-    for reason in ("not encrypted to this host", "not the pinned peer", "from now", "replay"):
+    for reason in ("not encrypted to this host", "is not a peer of this host", "from now", "replay"):
         acceptor.wait_rejected(reason)
     assert {event["source"] for event in acceptor.events("rejected")} == {"dht"}
 
