@@ -77,27 +77,26 @@ def reporting(
 ) -> Iterator[tuple[SessionConfig, Callable[[], None] | None]]:
     """The session's config with its sinks: PLEXUS_EVENTS's JSON lines (the lab tests and bench/ read them)
     and, for an acceptor, its status file (`plexus --status`), which is removed when it ends; and for an
-    acceptor what SIGHUP does: read --peers again (its sessions run on) and say so in the status file."""
+    acceptor what SIGHUP does: read --peers again (its sessions run on), reported as a Reloaded event (the
+    status file shows the peers it serves now)."""
     from plexus import events
 
     sinks: list[events.Sink] = []
     if (lines := events.JsonLines.from_environment()) is not None:
         sinks.append(lines)
     status: Status | None = None
-    reload = None
     if accepting:
         from plexus.status import Status
 
-        roster = config_.rendezvous.peers
-        status = Status(config_.rendezvous.host_id, roster)
+        status = Status(config_.rendezvous.host_id, config_.rendezvous.peers)
         sinks.append(status)
+    reported = config_.reporting(events.tee(*sinks)) if sinks else config_
 
-        def reload() -> None:
-            roster.reload()
-            status.write()
+    def reload() -> None:
+        reported.on_event(reported.rendezvous.peers.reload())
 
     try:
-        yield (config_.reporting(events.tee(*sinks)) if sinks else config_), reload
+        yield reported, (reload if accepting else None)
     finally:
         if status is not None:
             status.close()

@@ -96,6 +96,19 @@ class Listening(Event):
 
 
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)
+class Reloaded(Event):
+    """The acceptor read its --peers again (SIGHUP): the peers it serves from now on. Sessions already
+    running go on, whoever they serve. With `error`, the file was not taken: the peers before it are served
+    still."""
+
+    name: ClassVar[str] = "reloaded"
+    peers: tuple[str, ...]
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Discovered(Event):
     """STUN answered: this side's endpoints and its NAT's mapping; or no UDP gets out (mapping "blocked",
     outer 0.0.0.0:0) and a relay over TCP or TLS will carry the session."""

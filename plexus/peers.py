@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from plexus import files, identity, launcher
+from plexus import events, files, identity, launcher
 from plexus.errors import UsageError
 from plexus.targets import Allowed, Target
 
@@ -243,15 +243,15 @@ class Roster:
             judge(peers)
         return peers
 
-    def reload(self) -> None:
+    def reload(self) -> events.Reloaded:
         """Read --peers again; on a fault, say it once and keep the peers in force."""
         try:
             fresh = self._read()
         except UsageError as error:
             log.error("peers not reloaded, still serving %s: %s", ", ".join(self.peers.names), error)
-            return
-        added = [name for name in fresh.names if self.peers.by_name(name) is None]
-        removed = [name for name in self.peers.names if fresh.by_name(name) is None]
+            return events.Reloaded(role="accept", peers=self.peers.names, error=events.one_line(error))
+        added = tuple(name for name in fresh.names if self.peers.by_name(name) is None)
+        removed = tuple(name for name in self.peers.names if fresh.by_name(name) is None)
         self.peers = fresh
         log.info(
             "peers reloaded: %d (added: %s; removed: %s)",
@@ -259,3 +259,4 @@ class Roster:
             ", ".join(added) or "none",
             ", ".join(removed) or "none",
         )
+        return events.Reloaded(role="accept", peers=fresh.names, added=added, removed=removed)

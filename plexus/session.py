@@ -432,6 +432,7 @@ async def _requests(places: list[Rendezvous]) -> AsyncIterator[tuple[Rendezvous,
             arrived.put_nowait((place, invitation))
 
     readers = [asyncio.ensure_future(read(place)) for place in places]
+    getting: asyncio.Future[tuple[Rendezvous, Invitation]] | None = None
     try:
         while True:
             getting = asyncio.ensure_future(arrived.get())
@@ -444,9 +445,10 @@ async def _requests(places: list[Rendezvous]) -> AsyncIterator[tuple[Rendezvous,
                         raise AssertionError("a rendezvous's requests() ended")  # they run forever
             yield getting.result()
     finally:
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+        waiting: list[asyncio.Future[Any]] = [*readers, *([getting] if getting is not None else [])]
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
 
 
 async def _serve(

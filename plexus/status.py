@@ -101,7 +101,7 @@ class Status:
             if after == before:
                 return
             self._sessions[event.peer_name] = after
-        else:
+        elif not isinstance(event, events.Reloaded):  # a reload changed the roster's peers: shown below
             return
         self.write()
 

@@ -788,7 +788,8 @@ class Mediator:
             peer = self._config.peers.peers.by_id(subject) if subject is not None else None
             if peer is None:
                 if strangers and subject not in (None, self._config.host_id) and self._to_me(headers):
-                    name = repr(events.one_line(subject)[:70])
+                    # Its id as it came (digits too: an id is not a puzzle), on one line, escaped by repr.
+                    name = repr(" ".join(subject.split())[:70])
                     self._strangers.knock(name, "mail", f"message UID {item.uid} (passed over)")
                 return None
             if self._config.incoming(peer).matches(headers) and not self._answers_another(item, headers):

@@ -299,6 +299,8 @@ def test_sighup_adds_and_removes_peers_and_the_running_sessions_go_on(home: Home
     held = {name: home.connect(name) for name in ("phone", "tablet", "laptop")}
     home.write_peers("phone", "laptop", "work", "watch")  # tablet goes, the watch comes
     acceptor.process.send_signal(signal.SIGHUP)
+    (event,) = acceptor.wait_events("reloaded")
+    assert (event["added"], event["removed"], event["error"]) == (["watch"], ["tablet"], None), event
     shown = reloaded(home, ("phone", "laptop", "work", "watch"))
     assert " ".join(shown["tablet"][1:]).endswith("no longer in the peers"), shown["tablet"]
     assert acceptor.process.poll() is None
@@ -314,7 +316,8 @@ def test_sighup_adds_and_removes_peers_and_the_running_sessions_go_on(home: Home
     assert len(acceptor.matching("launched", peer_name="tablet")) == 1
     home.peers_file.write_text("not-an-identity\n")
     acceptor.process.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
+    broken = acceptor.wait_events("reloaded", 2)[-1]
+    assert broken["error"] is not None and not broken["added"] and not broken["removed"], broken
     reloaded(home, ("phone", "laptop", "work", "watch"))
     assert acceptor.process.poll() is None
     assert home.connect("watch")["peer"] == "watch"

@@ -528,7 +528,7 @@ async def test_an_acceptor_serves_each_peer_by_mail_and_answers_each_at_its_addr
         [
             arrived(10, mail_from("laptop", "laptop@example.org", 9)),
             arrived(11, mail_from("phone", "peer@example.org", 10, signer=PHONE)),
-            arrived(12, mail_from("tablet", "tablet@example.org", 11)),
+            arrived(12, mail_from("tablet-1234567", "tablet@example.org", 11)),
         ]
     )
     mediator = serving(inbox, Roster.of(LAPTOP, phone))
@@ -540,11 +540,11 @@ async def test_an_acceptor_serves_each_peer_by_mail_and_answers_each_at_its_addr
     assert (from_phone.peer, from_phone.offer.puzzle) == (phone, 10)
     assert from_phone.offer.signer is not None and from_laptop.offer.signer is None
 
-    # A stranger's mail is another host's, maybe: left in the mailbox, logged once.
+    # A stranger's mail is another host's, maybe: left in the mailbox, logged once, its id whole.
     assert sorted(inbox.consumed) == [10, 11]
-    assert caplog.text.count("message UID 12 (passed over) from 'tablet': not a peer of this host") == 1
+    assert caplog.text.count("message UID 12 (passed over) from 'tablet-1234567': not a peer of this host") == 1
     assert [(e.source, e.reason) for e in seen if isinstance(e, events.Rejected)] == [
-        ("mail", "'tablet' is not a peer of this host")
+        ("mail", "'tablet-1234567' is not a peer of this host")
     ]
 
     monkeypatch.setattr(FakeSmtp, "delivered", [], raising=False)

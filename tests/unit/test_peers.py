@@ -166,8 +166,14 @@ def test_reload_adds_and_removes(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     roster = Roster((Peer("desk", id="desk"),), file)
     file.write_text("phone phone\ntablet tablet\n")
     with caplog.at_level(logging.INFO, "plexus.peers"):
-        roster.reload()
+        reloaded = roster.reload()
     assert roster.peers.names == ("desk", "phone", "tablet")
+    assert (reloaded.peers, reloaded.added, reloaded.removed, reloaded.error) == (
+        ("desk", "phone", "tablet"),
+        ("tablet",),
+        ("laptop",),
+        None,
+    )
     assert "peers reloaded: 3 (added: tablet; removed: laptop)" in caplog.text
 
 
@@ -183,8 +189,9 @@ def test_a_broken_file_on_reload_keeps_the_peers(
         file.unlink()
     else:
         file.write_bytes(data)
-    roster.reload()
+    reloaded = roster.reload()
     assert roster.peers is before
+    assert reloaded.peers == ("desk", "laptop") and reloaded.error is not None and not reloaded.added
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith("peers not reloaded, still serving desk, laptop: "), (
         errors

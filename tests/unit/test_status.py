@@ -342,9 +342,9 @@ def test_an_acceptors_events_reach_its_status_file_and_plexus_events(
         config.on_event(events.Requested(role="accept", peer=INVITER, peer_name="phone"))
         assert peer(folder / "status-home.json", "phone")["state"] == "connecting"
         assert reload is not None
-        reload()  # SIGHUP: the peers read again, the file rewritten
+        reload()  # SIGHUP: the peers read again, reported, the file rewritten
         assert peer(folder / "status-home.json", "phone")["state"] == "connecting"
-    assert [line["event"] for line in events.read(tmp_path / "events.jsonl")] == ["requested"]
+    assert [line["event"] for line in events.read(tmp_path / "events.jsonl")] == ["requested", "reloaded"]
     assert not (folder / "status-home.json").exists()  # the acceptor ended
     with cli.reporting(given, accepting=False) as (config, reload):  # an inviter: no status file
         assert reload is None
