@@ -542,7 +542,8 @@ async def test_an_acceptor_serves_each_peer_by_mail_and_answers_each_at_its_addr
 
     # A stranger's mail is another host's, maybe: left in the mailbox, logged once, its id whole.
     assert sorted(inbox.consumed) == [10, 11]
-    assert caplog.text.count("message UID 12 (passed over) from 'tablet-1234567': not a peer of this host") == 1
+    logged = "message UID 12 (passed over) from 'tablet-1234567': not a peer of this host"
+    assert caplog.text.count(logged) == 1
     assert [(e.source, e.reason) for e in seen if isinstance(e, events.Rejected)] == [
         ("mail", "'tablet-1234567' is not a peer of this host")
     ]
