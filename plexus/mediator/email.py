@@ -896,7 +896,8 @@ class Mediator:
             try:
                 uids = list(self._pending)
                 if self._inviting:
-                    shared = self._config.address.lower() == self._config.peer_address.lower()
+                    to = self._config.outgoing(self._only).recipient
+                    shared = self._config.address.lower() == to.lower()
                     uids += await self._earlier_mail(self._request_id if shared else None)
                 if uids:
                     await self._inbox.consume(*uids)
